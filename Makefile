@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv on a
+# fresh machine, so nothing needs to be installed by hand.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench soak clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/station demo --boards 16
+
+lint: $(STAMP)
+	$(BIN)/ruff check station tests benchmarks
+	$(BIN)/mypy station
+
+test: lint
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py --boards 500
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,432 @@
+"""station.toml -> frozen, typed objects, validated at start.
+
+Everything a user can get wrong in the file fails here, before any board is touched,
+with one line naming the file, the key and the reason. Unknown keys are errors too: a
+misspelt key silently ignored is a rig that does something else overnight.
+Relative paths are taken from the config file's folder, so the station can be started
+from anywhere.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+from station.errors import ConfigError
+
+CHIPS = ("esp32", "esp32s3", "esp32c3")
+Chip = Literal["esp32", "esp32s3", "esp32c3"]
+RegistrarKind = Literal["none", "aws-iot", "local-ca"]
+KeySource = Literal["csr", "aws"]
+STAGE_TIMEOUTS = {
+    "connect": 30.0,
+    "identify": 15.0,
+    "register": 180.0,
+    "flash": 900.0,
+    "verify": 120.0,
+    "reset": 15.0,
+}
+# AWS IoT Core's documented default quotas (requests per second) for the calls we make.
+AWS_DEFAULT_TPS = {
+    "CreateCertificateFromCsr": 15.0,
+    "CreateKeysAndCertificate": 10.0,
+    "AttachPolicy": 15.0,
+    "CreateThing": 15.0,
+    "DescribeThing": 350.0,
+    "AttachThingPrincipal": 15.0,
+    "DetachThingPrincipal": 15.0,
+    "ListThingPrincipals": 10.0,
+    "AddThingToThingGroup": 60.0,
+    "UpdateCertificate": 10.0,
+    "DeleteCertificate": 10.0,
+    "DescribeCertificate": 10.0,
+    "DetachPolicy": 15.0,
+}
+
+
+@dataclass(frozen=True)
+class StationSection:
+    name: str = "station"
+    state_dir: Path = Path("state")
+    max_parallel: int = 16
+
+
+@dataclass(frozen=True)
+class PortsSection:
+    watch: tuple[str, ...] = ("/dev/ttyUSB*", "/dev/ttyACM*")
+    baud: int = 921600
+    rescan_interval: float = 2.0
+    slots: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    offset: int
+    file: Path
+
+
+@dataclass(frozen=True)
+class FirmwareSection:
+    chip: Chip
+    flasher_args: Path | None
+    images: tuple[ImageSpec, ...]
+
+
+@dataclass(frozen=True)
+class IdentitySection:
+    thing_name: str = "{mac}"
+
+    def thing_for(self, mac: str, chip: str, station: str) -> str:
+        return self.thing_name.format(mac=mac, MAC=mac.upper(), chip=chip, station=station)
+
+
+@dataclass(frozen=True)
+class WorkerSection:
+    retries: int = 2
+    retry_delay: float = 1.0
+    timeouts: Mapping[str, float] = field(default_factory=lambda: dict(STAGE_TIMEOUTS))
+    drain_timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class AwsSection:
+    region: str = "eu-west-1"
+    endpoint_url: str = ""
+    profile: str = ""
+    policy_name: str = "station-device"
+    policy_document: Path = Path("config/aws-iot-policy.json")
+    thing_type: str = ""
+    thing_group: str = ""
+    key_source: KeySource = "csr"
+    retry_mode: Literal["standard", "adaptive"] = "adaptive"
+    max_attempts: int = 10
+    tps: Mapping[str, float] = field(default_factory=lambda: dict(AWS_DEFAULT_TPS))
+
+
+@dataclass(frozen=True)
+class LocalCaSection:
+    dir: Path = Path("state/ca")
+    endpoint: str = "localhost:8883"
+    validity_days: int = 3650
+
+
+@dataclass(frozen=True)
+class RegistrarSection:
+    kind: RegistrarKind = "none"
+    aws: AwsSection = field(default_factory=AwsSection)
+    local_ca: LocalCaSection = field(default_factory=LocalCaSection)
+
+
+@dataclass(frozen=True)
+class CredentialsSection:
+    out_dir: Path = Path("certs_out")
+    partition: str = "nvs"
+    namespace: str = "station"
+    keep_private_keys: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    station: StationSection
+    ports: PortsSection
+    firmware: FirmwareSection
+    identity: IdentitySection
+    worker: WorkerSection
+    registrar: RegistrarSection
+    credentials: CredentialsSection
+
+    def slot_for(self, location: str | None, port: str) -> str:
+        """The operator's label for a port: by USB location, then by path, else the name."""
+        for key in (location, port):
+            if key and key in self.ports.slots:
+                return self.ports.slots[key]
+        return location or Path(port).name
+
+
+T = TypeVar("T")
+
+
+class _Table:
+    """Reads one TOML table, checking types, and complains about keys nobody read."""
+
+    def __init__(self, file: Path, prefix: str, data: Any) -> None:
+        self.file, self.prefix = file, prefix
+        if not isinstance(data, dict):
+            raise ConfigError(str(file), prefix, "must be a table")
+        self.data: dict[str, Any] = data
+        self.seen: set[str] = set()
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(str(self.file), f"{self.prefix}.{key}" if self.prefix else key, reason)
+
+    def get(self, key: str, kind: type[T] | tuple[type, ...], default: T) -> T:
+        self.seen.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if not ok:
+            names = " or ".join(k.__name__ for k in kinds)
+            raise self.error(key, f"must be {names}, not {type(value).__name__} {value!r}")
+        return cast(T, value)
+
+    def number(self, key: str, default: float, minimum: float = 0.0) -> float:
+        value = float(self.get(key, (int, float), default))
+        if value < minimum:
+            raise self.error(key, f"must be at least {minimum}, not {value}")
+        return value
+
+    def integer(self, key: str, default: int, minimum: int = 0) -> int:
+        value = self.get(key, int, default)
+        if value < minimum:
+            raise self.error(key, f"must be at least {minimum}, not {value}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.get(key, str, default)
+        if value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+    def path(self, key: str, default: Path) -> Path:
+        raw = self.get(key, str, str(default))
+        return self.resolve(raw)
+
+    def resolve(self, raw: str) -> Path:
+        p = Path(raw).expanduser()
+        return p if p.is_absolute() else self.file.parent / p
+
+    def sub(self, key: str) -> _Table:
+        return _Table(self.file, f"{self.prefix}.{key}" if self.prefix else key,
+                      self.get(key, dict, {}))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise self.error(unknown[0], "unknown key (check the spelling; see README)")
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate station.toml; raises ConfigError naming file, key and reason."""
+    file = Path(path)
+    try:
+        with file.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(str(file), None, "no such file (pass --config PATH)") from None
+    except PermissionError:
+        raise ConfigError(str(file), None, "not readable (check its permissions)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(file), None, f"not valid TOML: {e}") from None
+    root = _Table(file.resolve(), "", raw)
+    config = Config(
+        path=root.file,
+        station=_station(root.sub("station")),
+        ports=_ports(root.sub("ports")),
+        firmware=_firmware(root.sub("firmware")),
+        identity=_identity(root.sub("identity")),
+        worker=_worker(root.sub("worker")),
+        registrar=_registrar(root.sub("registrar")),
+        credentials=_credentials(root.sub("credentials")),
+    )
+    root.done()
+    return config
+
+
+def _station(t: _Table) -> StationSection:
+    name = t.get("name", str, "station")
+    if not name.strip():
+        raise t.error("name", "must not be empty")
+    s = StationSection(
+        name=name,
+        state_dir=t.path("state_dir", Path("state")),
+        max_parallel=t.integer("max_parallel", 16, minimum=1),
+    )
+    t.done()
+    return s
+
+
+def _ports(t: _Table) -> PortsSection:
+    watch = t.get("watch", list, ["/dev/ttyUSB*", "/dev/ttyACM*"])
+    if not watch:
+        raise t.error("watch", "must name at least one glob")
+    for pattern in watch:
+        if not isinstance(pattern, str):
+            raise t.error("watch", f"globs must be strings, not {pattern!r}")
+        _check_glob(t, pattern)
+    baud = t.integer("baud", 921600, minimum=9600)
+    if baud > 5_000_000:
+        raise t.error("baud", f"{baud} is beyond any USB-UART bridge (at most 5000000)")
+    slots = t.get("slots", dict, {})
+    for key, label in slots.items():
+        if not isinstance(label, str):
+            raise t.error(f"slots.{key}", f"must be a string label, not {label!r}")
+    p = PortsSection(
+        watch=tuple(str(t.resolve(w)) for w in watch),
+        baud=baud,
+        rescan_interval=t.number("rescan_interval", 2.0, minimum=0.1),
+        slots=dict(slots),
+    )
+    t.done()
+    return p
+
+
+def _check_glob(t: _Table, pattern: str) -> None:
+    folder = Path(pattern).parent
+    if not pattern.strip() or Path(pattern).name in ("", "."):
+        raise t.error("watch", f"{pattern!r} is not a glob of port names")
+    if glob.has_magic(str(folder)):
+        raise t.error("watch", f"{pattern!r}: wildcards are allowed only in the last "
+                               "part (the folder is watched for new ports)")
+    try:
+        re.compile(fnmatch.translate(pattern))
+    except (re.error, ValueError) as e:
+        raise t.error("watch", f"{pattern!r} is not a valid glob: {e}") from None
+
+
+def _firmware(t: _Table) -> FirmwareSection:
+    chip = cast(Chip, t.choice("chip", CHIPS, "esp32"))
+    if "chip" not in t.data:
+        raise t.error("chip", f"is required (one of {', '.join(CHIPS)})")
+    flasher_args: Path | None = None
+    if "flasher_args" in t.data:
+        flasher_args = t.path("flasher_args", Path())
+        _must_be_readable(t, "flasher_args", flasher_args)
+    images: list[ImageSpec] = []
+    for i, entry in enumerate(t.get("images", list, [])):
+        key = f"images[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"offset", "file"}:
+            raise t.error(key, "must be { offset = 0x..., file = \"...\" }")
+        if not isinstance(entry["offset"], int) or isinstance(entry["offset"], bool) \
+                or entry["offset"] < 0:
+            raise t.error(f"{key}.offset", f"must be a non-negative integer, not "
+                                           f"{entry['offset']!r}")
+        if not isinstance(entry["file"], str):
+            raise t.error(f"{key}.file", f"must be a path string, not {entry['file']!r}")
+        file = t.resolve(entry["file"])
+        _must_be_readable(t, f"{key}.file", file)
+        images.append(ImageSpec(offset=entry["offset"], file=file))
+    if flasher_args is None and not images:
+        raise t.error("images", "name the firmware: flasher_args (an ESP-IDF build) or images")
+    if flasher_args is not None and images:
+        raise t.error("images", "give flasher_args or images, not both")
+    f = FirmwareSection(chip=chip, flasher_args=flasher_args, images=tuple(images))
+    t.done()
+    return f
+
+
+def _must_be_readable(t: _Table, key: str, path: Path) -> None:
+    if not path.is_file():
+        raise t.error(key, f"{path}: no such file")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as e:
+        raise t.error(key, f"{path}: cannot be read ({e.strerror})") from None
+
+
+def _identity(t: _Table) -> IdentitySection:
+    template = t.get("thing_name", str, "{mac}")
+    try:
+        sample = template.format(mac="0", MAC="0", chip="esp32", station="s")
+    except (KeyError, IndexError, ValueError) as e:
+        raise t.error("thing_name", f"{template!r}: unknown placeholder {e} "
+                                    "(use {mac}, {MAC}, {chip}, {station})") from None
+    if "{mac}" not in template and "{MAC}" not in template:
+        raise t.error("thing_name", "must contain {mac} so every board gets its own name")
+    if not re.fullmatch(r"[a-zA-Z0-9:_-]+", sample):
+        raise t.error("thing_name", f"{template!r}: AWS IoT thing names allow only "
+                                    "letters, digits, ':', '_' and '-'")
+    i = IdentitySection(thing_name=template)
+    t.done()
+    return i
+
+
+def _worker(t: _Table) -> WorkerSection:
+    timeouts = dict(STAGE_TIMEOUTS)
+    table = t.sub("timeouts")
+    for stage, default in STAGE_TIMEOUTS.items():
+        timeouts[stage] = table.number(stage, default, minimum=0.1)
+    table.done()
+    w = WorkerSection(
+        retries=t.integer("retries", 2),
+        retry_delay=t.number("retry_delay", 1.0),
+        timeouts=timeouts,
+        drain_timeout=t.number("drain_timeout", 120.0),
+    )
+    t.done()
+    return w
+
+
+def _registrar(t: _Table) -> RegistrarSection:
+    kind = cast(RegistrarKind, t.choice("kind", ("none", "aws-iot", "local-ca"), "none"))
+    a = t.sub("aws")
+    tps = dict(AWS_DEFAULT_TPS)
+    tps_table = a.sub("tps")
+    for api, default in AWS_DEFAULT_TPS.items():
+        tps[api] = tps_table.number(api, default, minimum=0.01)
+    tps_table.done()
+    aws = AwsSection(
+        region=a.get("region", str, "eu-west-1"),
+        endpoint_url=a.get("endpoint_url", str, ""),
+        profile=a.get("profile", str, ""),
+        policy_name=a.get("policy_name", str, "station-device"),
+        policy_document=a.path("policy_document", Path("config/aws-iot-policy.json")),
+        thing_type=a.get("thing_type", str, ""),
+        thing_group=a.get("thing_group", str, ""),
+        key_source=cast(KeySource, a.choice("key_source", ("csr", "aws"), "csr")),
+        retry_mode=cast(Literal["standard", "adaptive"],
+                        a.choice("retry_mode", ("standard", "adaptive"), "adaptive")),
+        max_attempts=a.integer("max_attempts", 10, minimum=1),
+        tps=tps,
+    )
+    for secret in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token"):
+        if secret in a.data:
+            raise a.error(secret, "secrets never go in station.toml: use the AWS "
+                                  "credential chain (environment, ~/.aws, instance role) "
+                                  "or a named profile")
+    a.done()
+    if kind == "aws-iot":
+        _check_policy(a, aws.policy_document)
+    c = t.sub("local_ca")
+    local_ca = LocalCaSection(
+        dir=c.path("dir", Path("state/ca")),
+        endpoint=c.get("endpoint", str, "localhost:8883"),
+        validity_days=c.integer("validity_days", 3650, minimum=1),
+    )
+    c.done()
+    r = RegistrarSection(kind=kind, aws=aws, local_ca=local_ca)
+    t.done()
+    return r
+
+
+def _check_policy(t: _Table, path: Path) -> None:
+    _must_be_readable(t, "policy_document", path)
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise t.error("policy_document", f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or "Statement" not in doc:
+        raise t.error("policy_document", f"{path}: not an IAM policy (no Statement)")
+
+
+def _credentials(t: _Table) -> CredentialsSection:
+    c = CredentialsSection(
+        out_dir=t.path("out_dir", Path("certs_out")),
+        partition=t.get("partition", str, "nvs"),
+        namespace=t.get("namespace", str, "station"),
+        keep_private_keys=t.get("keep_private_keys", bool, True),
+    )
+    if not 1 <= len(c.namespace) <= 15:
+        raise t.error("namespace", "NVS namespaces are 1 to 15 characters")
+    t.done()
+    return c

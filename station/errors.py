@@ -1,0 +1,85 @@
+"""One error tree for everything the station can explain to an operator.
+
+Each error carries the context a person needs to act (port, MAC, stage, file, key) and
+says whether retrying could help, so the worker can decide without parsing messages.
+"""
+
+from __future__ import annotations
+
+
+class StationError(Exception):
+    """A failure with a message fit for an operator; `transient` means a retry may help."""
+
+    transient: bool = False
+
+    def __init__(self, message: str, *, transient: bool | None = None) -> None:
+        super().__init__(message)
+        if transient is not None:
+            self.transient = transient
+
+
+class ConfigError(StationError):
+    """station.toml or a file it names is wrong; the message names the file and key."""
+
+    def __init__(self, path: str, key: str | None, reason: str) -> None:
+        where = f"{path}: {key}" if key else path
+        super().__init__(f"{where}: {reason}")
+        self.path = path
+        self.key = key
+        self.reason = reason
+
+
+class FirmwareError(ConfigError):
+    """The firmware bundle cannot be flashed as configured (headers, chip, sizes, overlap)."""
+
+
+class StateDirBusyError(StationError):
+    """Another station process holds the state directory."""
+
+
+class PortError(StationError):
+    """The serial port could not be opened, vanished, or does not answer like an ESP."""
+
+    transient = True
+
+
+class NotAnEspError(PortError):
+    """Something answers on the port, but not the ESP bootloader protocol."""
+
+    transient = False
+
+
+class FlashError(StationError):
+    """Writing or verifying flash failed."""
+
+    transient = True
+
+
+class WrongChipError(FlashError):
+    """The board's chip is not the one the firmware was built for."""
+
+    transient = False
+
+    def __init__(self, found: str, expected: str) -> None:
+        super().__init__(
+            f"board is an {found} but the firmware is built for {expected}; "
+            "plug a matching board or change [firmware] chip"
+        )
+        self.found = found
+        self.expected = expected
+
+
+class VerifyError(FlashError):
+    """The MD5 the board reports does not match the image written."""
+
+
+class RegistrationError(StationError):
+    """The cloud (or the local CA) did not register the board."""
+
+
+class CredentialsError(StationError):
+    """Credentials could not be stored or turned into a partition image."""
+
+
+class LedgerError(StationError):
+    """The ledger database is unusable (locked by another process, corrupt)."""

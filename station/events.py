@@ -1,0 +1,135 @@
+"""The events workers emit; the ledger and the dashboard consume them, never the reverse.
+
+Events are small frozen records. `emit` delivers them durably (the ledger has them
+before the worker goes on); progress goes through `notify`, which is best-effort and
+only feeds the dashboard, because the flash loop produces hundreds per second.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class Stage(enum.StrEnum):
+    """A board's life on its slot. The last four are final."""
+
+    CONNECT = "connect"
+    IDENTIFY = "identify"
+    REGISTER = "register"
+    FLASH = "flash"
+    VERIFY = "verify"
+    RESET = "reset"
+    DONE = "done"
+    FAILED = "failed"
+    REMOVED = "removed"
+    SKIPPED = "skipped"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STAGES
+
+
+FINAL_STAGES = frozenset({Stage.DONE, Stage.FAILED, Stage.REMOVED, Stage.SKIPPED})
+
+
+def _now() -> float:
+    return time.time()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """Common to all events: which job, which port and slot, and when (wall clock)."""
+
+    job_id: str
+    port: str
+    slot: str
+    at: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobStarted(Event):
+    station: str
+    firmware_hash: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageChanged(Event):
+    stage: Stage
+    attempt: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Identified(Event):
+    chip: str
+    mac: str  # 12 lower-case hex digits, no separators
+    thing_name: str
+    flash_size: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Progress(Event):
+    """Bytes of the current write; not journaled."""
+
+    region: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Retrying(Event):
+    stage: Stage
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Throttled(Event):
+    """The cloud asked us to slow down; the board waits, it has not failed."""
+
+    api: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegistrationStep(Event):
+    """A durable breadcrumb of a registration, written before the next cloud call.
+
+    `step` is what has just happened: "key-written", "cert-created", "policy-attached",
+    "thing-created", "cert-attached", "group-added", "cert-activated", "cert-revoked",
+    "cert-deleted". Reconciliation after a crash reads these back from the ledger.
+    """
+
+    mac: str
+    thing_name: str
+    step: str
+    certificate_id: str | None = None
+    certificate_arn: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Registered(Event):
+    thing_name: str
+    certificate_id: str | None
+    registrar: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobFinished(Event):
+    """The board reached a final stage; `timings` are seconds spent per stage."""
+
+    result: Stage
+    error: str | None = None
+    failed_stage: Stage | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class EventSink(Protocol):
+    """Where workers send events; the daemon fans them out to ledger and dashboard."""
+
+    async def emit(self, event: Event) -> None:
+        """Deliver durably: returns once the ledger has recorded the event."""
+
+    def notify(self, event: Event) -> None:
+        """Deliver best-effort (progress); must be called on the event loop thread."""

@@ -1,0 +1,81 @@
+"""The interfaces a board's worker drives: a flasher (the serial edge) and what it writes.
+
+The worker takes these as arguments, so the core never imports esptool, boto3 or the
+terminal; the adapters (flasher.py, registrar/) implement them at the edge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Region:
+    """One image at one flash offset, padded and compressed once, shared by every worker.
+
+    esptool pads every image to 4 bytes before writing and hashes the padded bytes, so
+    the padding happens here, once, and the MD5 matches what the board reports.
+    """
+
+    name: str
+    offset: int
+    data: bytes
+    compressed: bytes = field(repr=False)
+    md5: str
+
+    @classmethod
+    def build(cls, name: str, offset: int, raw: bytes) -> Region:
+        data = raw + b"\xff" * (-len(raw) % 4)
+        return cls(
+            name=name,
+            offset=offset,
+            data=data,
+            compressed=zlib.compress(data, 9),
+            md5=hashlib.md5(data).hexdigest(),
+        )
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.data)
+
+
+@dataclass(frozen=True)
+class BoardIdentity:
+    """What a board says about itself once connected."""
+
+    chip: str  # "esp32", "esp32s3", "esp32c3"
+    mac: str  # 12 lower-case hex digits
+    flash_size: int | None = None  # bytes, when the flash ID is known
+
+
+ProgressFn = Callable[[int, int], None]
+"""(bytes done, bytes total) of the current region; called on the event loop thread."""
+
+
+class BoardSession(Protocol):
+    """An open, synced connection to one board (stub running, baud raised)."""
+
+    async def identify(self) -> BoardIdentity: ...
+
+    async def write(self, region: Region, progress: ProgressFn) -> None:
+        """Write one region; raises FlashError (transient) or PortError."""
+
+    async def verify(self, region: Region) -> None:
+        """Compare the board's MD5 of the region with ours; raises VerifyError."""
+
+    async def reset(self) -> None:
+        """Hard-reset the board so it boots the new firmware."""
+
+    async def close(self) -> None:
+        """Release the port; safe to call twice and from a cancelled worker."""
+
+
+class Flasher(Protocol):
+    """Opens boards; the daemon's only way to reach a serial port."""
+
+    async def open(self, port: str) -> BoardSession:
+        """Connect, sync, load the stub, raise the baud; raises PortError/NotAnEspError."""
