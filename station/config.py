@@ -9,7 +9,6 @@ from anywhere.
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import json
 import re
@@ -287,10 +286,9 @@ def _check_glob(t: _Table, pattern: str) -> None:
     if glob.has_magic(str(folder)):
         raise t.error("watch", f"{pattern!r}: wildcards are allowed only in the last "
                                "part (the folder is watched for new ports)")
-    try:
-        re.compile(fnmatch.translate(pattern))
-    except (re.error, ValueError) as e:
-        raise t.error("watch", f"{pattern!r} is not a valid glob: {e}") from None
+    name = Path(pattern).name
+    if name.count("[") != name.count("]") or re.search(r"\[[^\]]*$", name):
+        raise t.error("watch", f"{pattern!r} is not a valid glob: unclosed '['")
 
 
 def _firmware(t: _Table) -> FirmwareSection:
