@@ -1,0 +1,527 @@
+"""The ledger: a SQLite journal of every board job, and a JSON-lines log of its events.
+
+Why it looks like this:
+- Durability is the point. In the morning every plugged board must have a final row, even
+  after SIGKILL or a power cut, so the database runs in WAL mode with `synchronous=FULL`
+  (the WAL is fsynced at every commit). `NORMAL` survives a killed process but may lose the
+  last commits on power loss, which is exactly the overnight failure we must survive.
+- SQLite calls block, and the event loop must never wait on a disk, so ONE writer thread
+  owns the ONE connection. Everything (writes and reads) is a task on its queue; tasks that
+  queue up while a commit is in flight are committed together (group commit), so 16 boards
+  emitting at once pay one fsync, not sixteen. `record` returns once its commit is done,
+  which is what makes `EventSink.emit` durable.
+- The station never deletes a ledger: a corrupt or locked file is a LedgerError that names
+  the path and says what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import logging
+import os
+import queue
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from station.errors import LedgerError
+from station.events import (
+    Event,
+    Identified,
+    JobFinished,
+    JobStarted,
+    Progress,
+    Registered,
+    RegistrationStep,
+    Stage,
+)
+
+log = logging.getLogger("station.ledger")
+
+T = TypeVar("T")
+SCHEMA_VERSION = 1
+FILENAME = "ledger.sqlite3"
+_BATCH = 256  # tasks committed together at most; bounds a transaction's size
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS jobs (
+        job_id TEXT PRIMARY KEY, station TEXT, port TEXT, slot TEXT, mac TEXT, chip TEXT,
+        thing_name TEXT, firmware_hash TEXT, registrar TEXT, certificate_id TEXT,
+        stage TEXT, result TEXT, failed_stage TEXT, error TEXT,
+        started_at REAL, finished_at REAL, timings TEXT)""",
+    "CREATE INDEX IF NOT EXISTS jobs_mac ON jobs (mac, firmware_hash, result)",
+    "CREATE INDEX IF NOT EXISTS jobs_open ON jobs (result) WHERE result IS NULL",
+    """CREATE TABLE IF NOT EXISTS events (
+        job_id TEXT NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL, stage TEXT,
+        attempt INTEGER, detail TEXT)""",
+    "CREATE INDEX IF NOT EXISTS events_job ON events (job_id)",
+    """CREATE TABLE IF NOT EXISTS registrations (
+        job_id TEXT NOT NULL, port TEXT, slot TEXT, at REAL NOT NULL, mac TEXT NOT NULL,
+        thing_name TEXT NOT NULL, step TEXT NOT NULL, certificate_id TEXT,
+        certificate_arn TEXT)""",
+)
+EXPORT_COLUMNS = ("job_id", "slot", "port", "mac", "chip", "thing_name", "result",
+                  "failed_stage", "error", "started", "finished", "seconds", "certificate_id",
+                  "registrar", "firmware_hash", "station")
+
+
+def iso(at: float | None) -> str:
+    """Seconds since the epoch -> `2026-11-27T02:45:01Z` (UTC, what logs and exports show)."""
+    if at is None:
+        return ""
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def event_fields(event: Event) -> dict[str, Any]:
+    """An event as plain JSON-able data (Stage is a str subclass, so it serialises as is)."""
+    return dataclasses.asdict(event)
+
+
+class _Task:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+
+class Ledger:
+    """The journal of board jobs. Build it with `Ledger.open(state_dir)`; `close()` it."""
+
+    def __init__(self, path: Path, busy_timeout: float, synchronous: str = "FULL") -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
+        self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._closed = False
+        self._busy_timeout = busy_timeout
+        self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+
+    @classmethod
+    def open(cls, state_dir: Path, *, busy_timeout: float = 5.0,
+             synchronous: Literal["FULL", "NORMAL"] = "FULL") -> Ledger:
+        """Open (or create) `state_dir/ledger.sqlite3`; LedgerError if it cannot be used.
+
+        `synchronous="NORMAL"` is for benchmarks only: it may lose commits on power loss.
+        """
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LedgerError(f"{state_dir}: cannot create the state directory "
+                              f"({e.strerror}); check [station] state_dir and its "
+                              "permissions") from e
+        ledger = cls(state_dir / FILENAME, busy_timeout, synchronous)
+        ledger._thread.start()
+        try:
+            ledger._started.result()
+        except BaseException:
+            ledger._thread.join()
+            raise
+        return ledger
+
+    # -- the writer thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as e:
+            self._started.set_exception(e)
+            return
+        self._started.set_result(None)
+        try:
+            stop = False
+            while not stop:
+                first = self._queue.get()
+                if first is None:
+                    break
+                batch = [first]
+                while len(batch) < _BATCH:
+                    try:
+                        task = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if task is None:
+                        stop = True
+                        break
+                    batch.append(task)
+                self._commit(conn, batch)
+        finally:
+            conn.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
+        except sqlite3.Error as e:
+            raise self._error(e) from e
+        try:
+            conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"database disk image is malformed ({check})")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            if row[0] is None:
+                conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] > SCHEMA_VERSION:
+                conn.execute("ROLLBACK")
+                raise LedgerError(f"{self.path}: written by a newer station (schema "
+                                  f"{row[0]} > {SCHEMA_VERSION}); upgrade this station")
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            conn.close()
+            raise self._error(e) from e
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Task]) -> None:
+        """Run a batch in one transaction (a savepoint each), then resolve after COMMIT."""
+        batch = [t for t in batch if t.future.set_running_or_notify_cancel()]
+        outcomes: list[tuple[_Task, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for task in batch:
+                conn.execute("SAVEPOINT task")
+                try:
+                    outcomes.append((task, task.fn(conn), None))
+                except Exception as e:
+                    conn.execute("ROLLBACK TO task")
+                    outcomes.append((task, None, self._error(e) if isinstance(
+                        e, sqlite3.Error) else e))
+                conn.execute("RELEASE task")
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            error = self._error(e)
+            log.error("%s", error)
+            for task in batch:
+                task.future.set_exception(error)
+            return
+        for task, result, exc in outcomes:
+            if exc is None:
+                task.future.set_result(result)
+            else:
+                task.future.set_exception(exc)
+
+    def _error(self, e: BaseException) -> LedgerError:
+        text = str(e)
+        if "locked" in text or "busy" in text:
+            msg = (f"{self.path}: locked by another process ({text}); stop the other "
+                   "station or tool using it, then start again")
+        elif "unable to open" in text or "readonly" in text or "disk I/O" in text:
+            msg = (f"{self.path}: cannot be opened or written ({text}); check that "
+                   f"{self.path.parent} exists, is writable by this user and has free space")
+        elif "not a database" in text or "malformed" in text or "corrupt" in text:
+            msg = (f"{self.path}: corrupt ({text}); move it aside together with its -wal "
+                   f"and -shm files (e.g. mv {self.path} {self.path}.corrupt) and start "
+                   "again; the station never deletes a ledger")
+        else:
+            msg = f"{self.path}: {text}"
+        return LedgerError(msg)
+
+    # -- submitting work ---------------------------------------------------------------
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
+        if self._closed:
+            raise LedgerError(f"{self.path}: the ledger is closed")
+        task = _Task(fn)
+        self._queue.put(task)
+        return task.future
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T], timeout: float = 60.0) -> T:
+        """Blocking: for the CLI, for start-up, and for `asyncio.to_thread`."""
+        return self._submit(fn).result(timeout)
+
+    async def _acall(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.wrap_future(self._submit(fn))
+
+    def close(self) -> None:
+        """Finish queued work, close the connection; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def record(self, event: Event) -> None:
+        """Journal one event; returns once it is committed. Progress is not journaled."""
+        if isinstance(event, Progress):
+            return
+        await self._acall(lambda conn: _write(conn, event))
+
+    def record_sync(self, event: Event) -> None:
+        """`record` for threads without a loop (tests, tools)."""
+        if not isinstance(event, Progress):
+            self._call(lambda conn: _write(conn, event))
+
+    def close_interrupted(self, reason: str) -> list[str]:
+        """At start: give every job without a final result `failed`; returns their ids."""
+        return self._call(lambda conn: _close_interrupted(conn, reason, time.time()))
+
+    async def close_interrupted_async(self, reason: str) -> list[str]:
+        return await self._acall(lambda conn: _close_interrupted(conn, reason, time.time()))
+
+    # -- reads ------------------------------------------------------------------------
+
+    def done_with(self, mac: str, firmware_hash: str) -> bool:
+        """The board was already flashed `done` with this firmware (skip unless --reflash)."""
+        return self._call(lambda conn: _done_with(conn, mac, firmware_hash))
+
+    async def done_with_async(self, mac: str, firmware_hash: str) -> bool:
+        return await self._acall(lambda conn: _done_with(conn, mac, firmware_hash))
+
+    def registration_steps(self) -> list[RegistrationStep]:
+        """Every registration breadcrumb in order, as events, for the registrar's reconcile."""
+        return self._call(_registration_steps)
+
+    async def registration_steps_async(self) -> list[RegistrationStep]:
+        return await self._acall(_registration_steps)
+
+    def jobs(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Jobs oldest first (the last `limit` of them); `timings` decoded to a dict."""
+        return self._call(lambda conn: _jobs(conn, limit))
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        """The journaled events of one job, in order (what happened to a board, and when)."""
+        return self._call(lambda conn: _events(conn, job_id))
+
+    def summary(self) -> dict[str, int]:
+        """Counts by result: done, failed, removed, skipped, in_progress, total."""
+        return self._call(_summary)
+
+    def export(self, fmt: Literal["table", "csv", "json"]) -> str:
+        """All jobs for `station ledger --format`: a rich table as text, CSV or JSON."""
+        rows = [_export_row(job) for job in self.jobs()]
+        if fmt == "json":
+            return json.dumps(rows, indent=2)
+        if fmt == "csv":
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+            return out.getvalue()
+        if fmt == "table":
+            return _table(rows, self.summary())
+        raise ValueError(f"unknown export format {fmt!r} (table, csv or json)")
+
+
+def _write(conn: sqlite3.Connection, event: Event) -> None:
+    fields = event_fields(event)
+    stage = fields.pop("stage", None)
+    attempt = fields.pop("attempt", None)
+    for key in ("job_id", "port", "slot", "at"):
+        fields.pop(key)
+    conn.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
+                  (event.job_id, event.at, type(event).__name__, stage, attempt,
+                   json.dumps(fields, sort_keys=True) if fields else None))
+    if isinstance(event, JobStarted):
+        conn.execute(
+            """INSERT INTO jobs (job_id, station, port, slot, firmware_hash, stage, started_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET
+               station = excluded.station, port = excluded.port, slot = excluded.slot,
+               firmware_hash = excluded.firmware_hash, started_at = excluded.started_at""",
+            (event.job_id, event.station, event.port, event.slot, event.firmware_hash,
+             Stage.CONNECT.value, event.at))
+    elif isinstance(event, Identified):
+        conn.execute("UPDATE jobs SET mac = ?, chip = ?, thing_name = ? WHERE job_id = ?",
+                     (event.mac, event.chip, event.thing_name, event.job_id))
+    elif isinstance(event, Registered):
+        conn.execute("UPDATE jobs SET thing_name = ?, certificate_id = ?, registrar = ? "
+                     "WHERE job_id = ?",
+                     (event.thing_name, event.certificate_id, event.registrar, event.job_id))
+    elif isinstance(event, RegistrationStep):
+        conn.execute("INSERT INTO registrations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     (event.job_id, event.port, event.slot, event.at, event.mac,
+                      event.thing_name, event.step, event.certificate_id,
+                      event.certificate_arn))
+    elif isinstance(event, JobFinished):
+        conn.execute(
+            """UPDATE jobs SET result = ?, error = ?, failed_stage = ?, finished_at = ?,
+               timings = ?, stage = ? WHERE job_id = ?""",
+            (event.result.value, event.error,
+             event.failed_stage.value if event.failed_stage else None, event.at,
+             json.dumps(event.timings), event.result.value, event.job_id))
+    elif stage is not None:  # StageChanged, Retrying: where the job is now
+        conn.execute("UPDATE jobs SET stage = ? WHERE job_id = ? AND result IS NULL",
+                     (stage, event.job_id))
+
+
+def _close_interrupted(conn: sqlite3.Connection, reason: str, now: float) -> list[str]:
+    open_jobs = conn.execute(
+        "SELECT job_id, stage FROM jobs WHERE result IS NULL ORDER BY started_at").fetchall()
+    for job_id, stage in open_jobs:
+        stage = stage or Stage.CONNECT.value
+        error = f"station stopped during {stage}: {reason}"
+        conn.execute("UPDATE jobs SET result = ?, failed_stage = ?, error = ?, "
+                     "finished_at = ? WHERE job_id = ?",
+                     (Stage.FAILED.value, stage, error, now, job_id))
+        conn.execute("INSERT INTO events VALUES (?, ?, 'Interrupted', ?, NULL, ?)",
+                     (job_id, now, stage, json.dumps({"error": error})))
+    return [job_id for job_id, _ in open_jobs]
+
+
+def _done_with(conn: sqlite3.Connection, mac: str, firmware_hash: str) -> bool:
+    row = conn.execute("SELECT 1 FROM jobs WHERE mac = ? AND firmware_hash = ? AND "
+                       "result = ? LIMIT 1", (mac, firmware_hash, Stage.DONE.value))
+    return row.fetchone() is not None
+
+
+def _registration_steps(conn: sqlite3.Connection) -> list[RegistrationStep]:
+    rows = conn.execute("SELECT job_id, port, slot, at, mac, thing_name, step, "
+                        "certificate_id, certificate_arn FROM registrations ORDER BY rowid")
+    return [RegistrationStep(job_id=r[0], port=r[1] or "", slot=r[2] or "", at=r[3], mac=r[4],
+                             thing_name=r[5], step=r[6], certificate_id=r[7],
+                             certificate_arn=r[8]) for r in rows]
+
+
+def _dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor]
+
+
+def _jobs(conn: sqlite3.Connection, limit: int | None) -> list[dict[str, Any]]:
+    rows = _dicts(conn.execute(
+        "SELECT * FROM jobs ORDER BY started_at DESC, rowid DESC LIMIT ?",
+        (-1 if limit is None else limit,)))
+    rows.reverse()
+    for row in rows:
+        row["timings"] = json.loads(row["timings"]) if row["timings"] else {}
+    return rows
+
+
+def _events(conn: sqlite3.Connection, job_id: str) -> list[dict[str, Any]]:
+    rows = _dicts(conn.execute("SELECT * FROM events WHERE job_id = ? ORDER BY rowid",
+                               (job_id,)))
+    for row in rows:
+        row["detail"] = json.loads(row["detail"]) if row["detail"] else {}
+    return rows
+
+
+def _summary(conn: sqlite3.Connection) -> dict[str, int]:
+    counts = {stage.value: 0 for stage in (Stage.DONE, Stage.FAILED, Stage.REMOVED,
+                                           Stage.SKIPPED)}
+    counts["in_progress"] = 0
+    for result, n in conn.execute("SELECT result, count(*) FROM jobs GROUP BY result"):
+        counts[result or "in_progress"] = n
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _export_row(job: dict[str, Any]) -> dict[str, Any]:
+    seconds = None
+    if job["started_at"] is not None and job["finished_at"] is not None:
+        seconds = round(job["finished_at"] - job["started_at"], 1)
+    row = {key: job.get(key) for key in EXPORT_COLUMNS}
+    row.update(started=iso(job["started_at"]), finished=iso(job["finished_at"]),
+               seconds=seconds, result=job["result"] or "in progress")
+    return row
+
+
+def _table(rows: list[dict[str, Any]], summary: dict[str, int]) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="station ledger", caption=", ".join(
+        f"{k.replace('_', ' ')} {v}" for k, v in summary.items()))
+    for column in ("slot", "port", "mac", "thing", "result", "error", "finished", "s"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        error = r["error"] or ""
+        if r["failed_stage"] and r["result"] != Stage.DONE.value:
+            error = f"at {r['failed_stage']}: {error}" if error else f"at {r['failed_stage']}"
+        table.add_row(r["slot"], r["port"], r["mac"] or "", r["thing_name"] or "",
+                      r["result"], error, r["finished"],
+                      "" if r["seconds"] is None else f"{r['seconds']:.1f}")
+    out = io.StringIO()
+    width = max(100, shutil.get_terminal_size((160, 24)).columns)
+    Console(file=out, width=width, color_system=None, force_terminal=False).print(table)
+    return out.getvalue()
+
+
+# -- the JSON-lines event log ---------------------------------------------------------
+
+
+class EventLog:
+    """Every event except mid-region Progress, one JSON object a line, for people and jq.
+
+    Appends go through one thread of their own so the loop never waits on the disk; the
+    ledger is the durable record, so lines are flushed to the OS but not fsynced. The
+    file rotates at `max_bytes` (events.jsonl.1 is the newest old one, `keep` are kept).
+    """
+
+    def __init__(self, path: Path, *, max_bytes: int = 50 * 2**20, keep: int = 5) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="events")
+        self._file: io.TextIOWrapper | None = None
+
+    @staticmethod
+    def wanted(event: Event) -> bool:
+        """Progress only where a region starts or ends; everything else."""
+        return not isinstance(event, Progress) or event.done in (0, event.total)
+
+    @staticmethod
+    def line(event: Event) -> str:
+        data = {"kind": type(event).__name__, "time": iso(event.at), **event_fields(event)}
+        return json.dumps(data, sort_keys=False) + "\n"
+
+    async def record(self, event: Event) -> None:
+        if self.wanted(event):
+            await asyncio.wrap_future(self._executor.submit(self._append, self.line(event)))
+
+    def _append(self, line: str) -> None:
+        try:
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            self._file.write(line)
+            self._file.flush()
+            if self._file.tell() >= self.max_bytes:
+                self._rotate()
+        except OSError as e:  # the log is a convenience: never fail a board over it
+            log.error("%s: cannot write the event log: %s", self.path, e)
+
+    def _rotate(self) -> None:
+        assert self._file is not None
+        self._file.close()
+        self._file = None
+        for n in range(self.keep - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{n}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    async def close(self) -> None:
+        await asyncio.wrap_future(self._executor.submit(self._close_file))
+        self._executor.shutdown(wait=True)
