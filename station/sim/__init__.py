@@ -1,0 +1,43 @@
+"""Virtual ESP32 boards that the real, unmodified esptool flashes over real ptys.
+
+A virtual board is a pseudo-terminal plus an asyncio task that answers the ESP serial
+bootloader protocol as the ROM of an ESP32, ESP32-S3 or ESP32-C3 does, and, after
+esptool uploads its flasher stub, as that stub does. It has a NOR flash model, a
+line-rate model (the baud rate the host sets on the pty, 10 bits per byte), a flash
+timing model, and fault injection. Nothing outside ``station.sim`` may import it
+except the CLI, demo, tests and benchmarks: the station must not be able to tell a
+virtual board from a real one. See ``docs/virtual-boards.md``.
+
+Python API::
+
+    from station.sim import Rig, Faults
+
+    with Rig("/tmp/hub", seed=1, throttle=False, flash_timing=False) as rig:
+        board = rig.plug(chip="esp32")            # -> PluggedBoard
+        # esptool --port board.port write-flash 0x10000 app.bin
+        image = rig.flash(board)                  # bytes of the whole flash
+        rig.unplug(board)                         # link gone, flash dumped
+        bad = rig.plug(chip="esp32c3", faults=Faults(mute=True))
+
+``PluggedBoard`` has ``index``, ``port`` (the by-path symlink), ``pty`` (the slave
+device), ``mac`` ("24:0a:c4:.."), ``chip``, ``dump_path`` and ``faults``.
+
+Command line: ``python -m station.sim --boards 16 --dir /tmp/hub`` (or ``station sim``);
+see :mod:`station.sim.cli`.
+"""
+
+from .chips import CHIP_NAMES, ChipName
+from .faults import Faults, parse_fault_spec, parse_fault_specs
+from .rig import PluggedBoard, Rig, by_path_name, parse_size
+
+__all__ = [
+    "CHIP_NAMES",
+    "ChipName",
+    "Faults",
+    "PluggedBoard",
+    "Rig",
+    "by_path_name",
+    "parse_fault_spec",
+    "parse_fault_specs",
+    "parse_size",
+]

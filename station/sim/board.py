@@ -1,0 +1,432 @@
+"""One virtual board: the ESP serial bootloader protocol, in ROM and in stub mode.
+
+The board is a state machine fed by SLIP frames from its :class:`PtyLink`. Two tasks
+run per host session: a *receiver* that stamps each frame with the time its last byte
+would have crossed the UART, and a *processor* that waits for that time and answers.
+Decoupling them is what lets the stub's overlap work as on hardware: the stub ACKs a
+flash block as soon as it has it, then erases/programs it while the next block is
+still on the wire. The flash is a single resource, "busy until" some loop time; the
+next block's ACK (or any other command) only waits if the flash is still busy. The
+ROM has no such overlap: it erases the whole region at FLASH_BEGIN and programs each
+block before answering.
+
+There is no CPU emulation. The stub that esptool uploads (MEM_BEGIN/MEM_DATA/MEM_END)
+is accepted as bytes; when MEM_END jumps into the uploaded code the board greets with
+"OHAI" and from then on behaves as esptool's stub does (2 status bytes, raw MD5,
+READ_FLASH with acks, erase commands, 16 KB blocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import logging
+import random
+import struct
+import zlib
+from collections.abc import Callable
+
+from . import slip
+from .chips import ChipSpec
+from .faults import Faults
+from .flash import SECTOR, Flash, erase_plan
+from .pty_link import ROM_BAUD, HostClosed, PtyLink
+from .registers import Registers
+
+# Opcodes (esptool loader.py ESP_CMDS)
+FLASH_BEGIN, FLASH_DATA, FLASH_END = 0x02, 0x03, 0x04
+MEM_BEGIN, MEM_END, MEM_DATA = 0x05, 0x06, 0x07
+SYNC, WRITE_REG, READ_REG = 0x08, 0x09, 0x0A
+SPI_SET_PARAMS, SPI_ATTACH, READ_FLASH_SLOW, CHANGE_BAUDRATE = 0x0B, 0x0D, 0x0E, 0x0F
+FLASH_DEFL_BEGIN, FLASH_DEFL_DATA, FLASH_DEFL_END = 0x10, 0x11, 0x12
+SPI_FLASH_MD5, GET_SECURITY_INFO = 0x13, 0x14
+ERASE_FLASH, ERASE_REGION, READ_FLASH, RUN_USER_CODE = 0xD0, 0xD1, 0xD2, 0xD3
+
+SYNC_PAYLOAD = b"\x07\x07\x12\x20" + 32 * b"\x55"
+ROM_SYNC_VALUE = 0x20120707  # any non-zero value: esptool reads 0 as "stub running"
+
+# Error codes: ROM (serial protocol docs) and stub (stub_flasher.h)
+ROM_INVALID_MESSAGE, ROM_FAILED, ROM_BAD_CRC, ROM_DEFLATE_ERROR = 0x05, 0x06, 0x07, 0x0B
+STUB_BAD_DATA_LEN, STUB_BAD_CHECKSUM, STUB_INVALID_COMMAND = 0xC0, 0xC1, 0xC3
+STUB_NOT_IN_FLASH_MODE, STUB_INFLATE_ERROR = 0xC6, 0xC7
+
+GARBAGE = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
+
+log = logging.getLogger(__name__)
+
+
+class Mode(enum.Enum):
+    ROM = "rom"
+    STUB = "stub"
+    APP = "app"  # "running user code": deaf to the protocol until reset
+
+
+class CommandError(Exception):
+    """A command failed; the board answers with status 1 and this reason code."""
+
+    def __init__(self, rom_code: int, stub_code: int) -> None:
+        super().__init__(f"rom={rom_code:#x} stub={stub_code:#x}")
+        self.rom_code = rom_code
+        self.stub_code = stub_code
+
+
+def checksum(data: bytes, seed: int = 0xEF) -> int:
+    """The ROM's XOR checksum, folded with big-int XORs instead of a per-byte loop."""
+    if not data:
+        return seed
+    x = int.from_bytes(data, "little")
+    width = 1 << (len(data) - 1).bit_length()
+    while width > 1:
+        width //= 2
+        x = (x >> (8 * width)) ^ (x & ((1 << (8 * width)) - 1))
+    return (x ^ seed) & 0xFF
+
+
+class _WriteSession:
+    """State between FLASH_(DEFL_)BEGIN and the last block."""
+
+    def __init__(self, offset: int, size: int, block_size: int, compressed: bool,
+                 erased: bool) -> None:
+        self.offset = offset
+        self.end = offset + size
+        self.block_size = block_size
+        self.compressed = compressed
+        self.inflater = zlib.decompressobj() if compressed else None
+        self.write_ptr = offset
+        self.next_seq = 0
+        # The stub erases lazily ahead of its writes; the ROM erased everything already.
+        self.erased_until = -(-self.end // SECTOR) * SECTOR if erased else offset
+
+
+class Board:
+    """Protocol state machine of one virtual ESP board."""
+
+    def __init__(self, spec: ChipSpec, mac: bytes, flash: Flash, link: PtyLink,
+                 faults: Faults | None = None, rng: random.Random | None = None,
+                 on_unplug: Callable[[], None] | None = None) -> None:
+        self.spec = spec
+        self.mac = mac
+        self.flash = flash
+        self.link = link
+        self.faults = faults or Faults()
+        self._rng = rng or random.Random(0)
+        self._on_unplug = on_unplug
+        self.bytes_received = 0
+        self.sessions = 0  # host opens seen, for tests and logs
+        self.log = logging.getLogger(f"{__name__}.{mac.hex(':')}")
+        self._reset()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        """Power-on/reset: ROM download mode, UART at 115200, registers as burned."""
+        self.mode = Mode.ROM
+        self.uart_baud = ROM_BAUD
+        self.regs = Registers(self.spec, self.mac, self.flash.size, self.link.baud)
+        self._decoder = slip.Decoder()
+        self._write: _WriteSession | None = None
+        self._mem: dict[int, bytearray] = {}
+        self._mem_cursor: tuple[int, int] | None = None  # (offset, next seq)
+        self._flash_busy_until = 0.0
+
+    async def run(self) -> None:
+        """Serve host sessions forever; every close of the port resets the board."""
+        while True:
+            await self.link.wait_host_open()
+            self.sessions += 1
+            self._reset()
+            try:
+                await self._session()
+            except HostClosed:
+                self.log.debug("host closed the port: reset to ROM")
+
+    async def _session(self) -> None:
+        frames: asyncio.Queue[tuple[bytes, float] | None] = asyncio.Queue()
+        receiver = asyncio.create_task(self._receive(frames))
+        try:
+            await self._process(frames)
+        finally:
+            receiver.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
+
+    async def _receive(self, frames: asyncio.Queue[tuple[bytes, float] | None]) -> None:
+        try:
+            while True:
+                chunk, start, byte_time = await self.link.read()
+                self.bytes_received += len(chunk)
+                limit = self.faults.unplug_after
+                if limit is not None and self.bytes_received >= limit:
+                    self.log.info("fault: unplugging after %d bytes", self.bytes_received)
+                    if self._on_unplug is not None:
+                        self._on_unplug()
+                    return
+                if self.faults.garbage:
+                    frames.put_nowait((b"", start + len(chunk) * byte_time))
+                    continue
+                for frame, end in self._decoder.feed(chunk):
+                    frames.put_nowait((frame, start + end * byte_time))
+        except HostClosed:
+            frames.put_nowait(None)
+
+    async def _next_frame(self, frames: asyncio.Queue[tuple[bytes, float] | None]) -> bytes:
+        item = await frames.get()
+        if item is None:
+            raise HostClosed
+        frame, arrival = item
+        await self._sleep_until(arrival)
+        return frame
+
+    async def _process(self, frames: asyncio.Queue[tuple[bytes, float] | None]) -> None:
+        while True:
+            frame = await self._next_frame(frames)
+            if self.faults.mute or self.mode is Mode.APP:
+                continue
+            if self.faults.garbage:
+                await self.link.write(GARBAGE)
+                continue
+            await self._handle(frame, frames)
+
+    # -- framing --------------------------------------------------------------------
+
+    async def _sleep_until(self, deadline: float) -> None:
+        delay = deadline - asyncio.get_running_loop().time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def _wait_flash_idle(self) -> None:
+        await self._sleep_until(self._flash_busy_until)
+
+    def _flash_busy_for(self, seconds: float) -> None:
+        now = asyncio.get_running_loop().time()
+        self._flash_busy_until = max(self._flash_busy_until, now) + seconds
+
+    async def _reply(self, op: int, value: int = 0, data: bytes = b"", status: int = 0,
+                     error: int = 0) -> None:
+        # The ROM sends 4 status bytes (2 reserved), the stub 2.
+        tail = bytes([status, error]) if self.mode is Mode.STUB else bytes([status, error, 0, 0])
+        body = data + tail
+        await self.link.write(slip.encode(struct.pack("<BBHI", 1, op, len(body), value) + body))
+
+    async def _handle(self, frame: bytes,
+                      frames: asyncio.Queue[tuple[bytes, float] | None]) -> None:
+        if len(frame) < 8 or frame[0] != 0:
+            return  # not a request (noise, or a stray READ_FLASH ack): ignored, as a ROM does
+        op, size, chk = struct.unpack_from("<BHI", frame, 1)
+        data = frame[8:]
+        if len(data) != size:
+            return
+        if op == SYNC:
+            if data == SYNC_PAYLOAD:
+                value = ROM_SYNC_VALUE if self.mode is Mode.ROM else 0
+                for _ in range(8):
+                    await self._reply(SYNC, value)
+            return
+        try:
+            await self._dispatch(op, data, chk, frames)
+        except CommandError as e:
+            code = e.stub_code if self.mode is Mode.STUB else e.rom_code
+            self.log.debug("command %#04x failed with %#04x", op, code)
+            await self._reply(op, status=1, error=code)
+        except (struct.error, IndexError):
+            self.log.debug("command %#04x malformed", op)
+            await self._reply(op, status=1, error=STUB_BAD_DATA_LEN
+                              if self.mode is Mode.STUB else ROM_INVALID_MESSAGE)
+
+    # -- commands -------------------------------------------------------------------
+
+    async def _dispatch(self, op: int, data: bytes, chk: int,
+                        frames: asyncio.Queue[tuple[bytes, float] | None]) -> None:
+        stub = self.mode is Mode.STUB
+        if op not in (FLASH_DATA, FLASH_DEFL_DATA):
+            await self._wait_flash_idle()  # the stub is single-threaded about flash
+        if op == READ_REG:
+            (addr,) = struct.unpack("<I", data)
+            await self._reply(op, self.regs.read(addr))
+        elif op == WRITE_REG:
+            if len(data) % 16:
+                raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+            delay = 0
+            for pos in range(0, len(data), 16):
+                addr, value, mask, delay_us = struct.unpack_from("<IIII", data, pos)
+                self.regs.write(addr, value, mask)
+                delay += delay_us
+            if delay:
+                await asyncio.sleep(delay / 1e6)
+            await self._reply(op)
+        elif op == MEM_BEGIN:
+            _size, _blocks, _blocksize, offset = struct.unpack("<IIII", data)
+            self._mem_cursor = (offset, 0)
+            await self._reply(op)
+        elif op == MEM_DATA:
+            await self._mem_data(data, chk)
+        elif op == MEM_END:
+            await self._mem_end(data)
+        elif op == SPI_ATTACH:
+            if len(data) != (4 if stub else 8):
+                raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+            await self._reply(op)
+        elif op == SPI_SET_PARAMS:
+            struct.unpack("<IIIIII", data)
+            await self._reply(op)
+        elif op == CHANGE_BAUDRATE:
+            new, _old = struct.unpack("<II", data)
+            await self._reply(op)
+            self.uart_baud = new
+            self.log.debug("baud rate changed to %d", new)
+        elif op in (FLASH_BEGIN, FLASH_DEFL_BEGIN):
+            await self._flash_begin(op, data)
+        elif op in (FLASH_DATA, FLASH_DEFL_DATA):
+            await self._flash_data(op, data, chk)
+        elif op in (FLASH_END, FLASH_DEFL_END):
+            await self._flash_end(op, data)
+        elif op == SPI_FLASH_MD5:
+            addr, size, _, _ = struct.unpack("<IIII", data)
+            if not self.flash.check_range(addr, size):
+                raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
+            await asyncio.sleep(self.flash.timing.read(size))
+            digest = self.flash.md5(addr, size)
+            await self._reply(op, data=digest if stub else digest.hex().encode())
+        elif op == GET_SECURITY_INFO and self.spec.chip_id is not None:
+            await self._reply(op, data=self.spec.security_info())
+        elif op == READ_FLASH_SLOW and not stub:
+            addr, size = struct.unpack("<II", data)
+            if size > 64 or not self.flash.check_range(addr, size):
+                raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
+            await self._reply(op, data=self.flash.read(addr, size).ljust(64, b"\xff"))
+        elif op == ERASE_FLASH and stub:
+            await asyncio.sleep(self.flash.erase_all())
+            await self._reply(op)
+        elif op == ERASE_REGION and stub:
+            addr, size = struct.unpack("<II", data)
+            if addr % SECTOR or size % SECTOR or not self.flash.check_range(addr, size):
+                raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+            await asyncio.sleep(self.flash.erase(addr, size))
+            await self._reply(op)
+        elif op == READ_FLASH and stub:
+            await self._read_flash(data, frames)
+        elif op == RUN_USER_CODE and stub:
+            self.mode = Mode.APP
+        else:
+            raise CommandError(ROM_INVALID_MESSAGE, STUB_INVALID_COMMAND)
+
+    async def _mem_data(self, data: bytes, chk: int) -> None:
+        size, seq, _, _ = struct.unpack_from("<IIII", data)
+        payload = data[16:]
+        if size != len(payload) or self._mem_cursor is None:
+            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+        if checksum(payload) != chk:
+            raise CommandError(ROM_BAD_CRC, STUB_BAD_CHECKSUM)
+        offset, next_seq = self._mem_cursor
+        if seq != next_seq:
+            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+        self._mem.setdefault(offset, bytearray()).extend(payload)
+        self._mem_cursor = (offset, next_seq + 1)
+        await self._reply(MEM_DATA)
+
+    async def _mem_end(self, data: bytes) -> None:
+        no_entry, entry = struct.unpack("<II", data)
+        await self._reply(MEM_END)
+        if no_entry:
+            return
+        in_loaded_code = any(start <= entry < start + len(seg) for start, seg in self._mem.items())
+        if self.mode is Mode.ROM and in_loaded_code:
+            # "Jump" into the uploaded flasher stub: it says hello at the current rate.
+            self.mode = Mode.STUB
+            self._mem.clear()
+            self.log.debug("stub running (entry %#010x)", entry)
+            await self.link.write(slip.encode(b"OHAI"))
+        else:
+            self.mode = Mode.APP  # some other RAM image: runs, and no longer talks SLIP
+
+    async def _flash_begin(self, op: int, data: bytes) -> None:
+        stub = self.mode is Mode.STUB
+        if not stub and len(data) not in self.spec.rom_flash_begin_lens:
+            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+        if stub and len(data) not in (16, 20):
+            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+        size, _blocks, block_size, offset = struct.unpack_from("<IIII", data)
+        if not self.flash.check_range(offset, size):
+            raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
+        compressed = op == FLASH_DEFL_BEGIN
+        if not stub and size:
+            await asyncio.sleep(self.flash.erase(offset, size))  # ROM: erase up front
+        self._write = _WriteSession(offset, size, block_size, compressed, erased=not stub)
+        await self._reply(op)
+
+    async def _flash_data(self, op: int, data: bytes, chk: int) -> None:
+        session = self._write
+        if session is None or session.compressed != (op == FLASH_DEFL_DATA):
+            raise CommandError(ROM_FAILED, STUB_NOT_IN_FLASH_MODE)
+        size, seq, _, _ = struct.unpack_from("<IIII", data)
+        payload = data[16:]
+        if size != len(payload):
+            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+        if checksum(payload) != chk:
+            raise CommandError(ROM_BAD_CRC, STUB_BAD_CHECKSUM)
+        await self._wait_flash_idle()
+        if seq + 1 == session.next_seq:
+            await self._reply(op)  # a retry of a block we already have: the ACK was lost
+            return
+        if seq != session.next_seq:
+            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+        if session.inflater is not None:
+            try:
+                out = session.inflater.decompress(payload)
+            except zlib.error as e:
+                raise CommandError(ROM_DEFLATE_ERROR, STUB_INFLATE_ERROR) from e
+            addr = session.write_ptr
+        else:
+            out = payload
+            addr = session.offset + seq * session.block_size
+        out = out[: max(0, self.flash.size - addr)]
+        session.next_seq += 1
+        session.write_ptr = addr + len(out)
+        if self.mode is Mode.STUB:
+            # ACK on receipt; erase-ahead and programming overlap the next block's transfer.
+            await self._reply(op)
+            self._flash_busy_for(self._erase_ahead(session, addr + len(out))
+                                 + self.flash.program(addr, out))
+        else:
+            await asyncio.sleep(self.flash.program(addr, out))
+            await self._reply(op)
+
+    def _erase_ahead(self, session: _WriteSession, write_end: int) -> float:
+        """Stub: erase the sectors (or 64 KB blocks) the next write needs."""
+        seconds = 0.0
+        region_end = -(-max(session.end, write_end) // SECTOR) * SECTOR
+        for addr, length in erase_plan(session.erased_until, region_end - session.erased_until):
+            if addr >= write_end:
+                break
+            seconds += self.flash.erase(addr, length)
+            session.erased_until = addr + length
+        return seconds
+
+    async def _flash_end(self, op: int, data: bytes) -> None:
+        (stay,) = struct.unpack("<I", data)
+        self._write = None
+        await self._reply(op)
+        if not stay:
+            if self.mode is Mode.STUB:
+                self._reset()  # the stub's "reboot" re-enters the ROM download mode
+            else:
+                self.mode = Mode.APP
+
+    async def _read_flash(self, data: bytes,
+                          frames: asyncio.Queue[tuple[bytes, float] | None]) -> None:
+        offset, length, block_size, in_flight = struct.unpack("<IIII", data)
+        if not self.flash.check_range(offset, length) or block_size == 0 or in_flight == 0:
+            raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
+        await self._reply(READ_FLASH)
+        sent = acked = 0
+        md5 = hashlib.md5()
+        while acked < length:
+            while sent < length and sent - acked < in_flight * block_size:
+                block = self.flash.read(offset + sent, min(block_size, length - sent))
+                md5.update(block)
+                sent += len(block)
+                await self.link.write(slip.encode(block))
+            ack = await self._next_frame(frames)
+            if len(ack) == 4:
+                acked = max(acked, struct.unpack("<I", ack)[0])
+        await self.link.write(slip.encode(md5.digest()))

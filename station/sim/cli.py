@@ -1,0 +1,90 @@
+"""``station sim``: run a rig of virtual boards until SIGINT/SIGTERM.
+
+Prints one JSON line per event on stdout (flushed), e.g.::
+
+    {"event": "plugged", "index": 0, "port": "DIR/pci-...-port0", "pty": "/dev/pts/3",
+     "mac": "24:0a:c4:12:34:56", "chip": "esp32"}
+    {"event": "unplugged", "index": 0, "port": "...", "mac": "...", "reason": "fault",
+     "dump": "DIR/flash-240ac4123456.bin"}
+
+On exit every board is unplugged (its flash dumped to ``DIR/flash-<mac>.bin``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+from .chips import CHIP_NAMES
+from .faults import parse_fault_specs
+from .rig import Rig, parse_size
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the ``sim`` options to ``parser`` (used by ``station sim`` and ``-m``)."""
+    parser.add_argument("--boards", type=int, default=16, help="number of boards (16)")
+    parser.add_argument("--dir", required=True,
+                        help="directory for the by-path symlinks and flash dumps")
+    parser.add_argument("--chip", choices=CHIP_NAMES, default="esp32", help="chip model")
+    parser.add_argument("--seed", type=int, default=0, help="seed for MACs and faults")
+    parser.add_argument("--plug-interval", type=float, default=0.0, metavar="S",
+                        help="seconds between plugging successive boards (0)")
+    parser.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                        help="INDEX:KIND[=VALUE][,...]; kinds: unplug_after=N, mute, "
+                             "corrupt=RATE, slow=FACTOR, garbage (repeatable)")
+    parser.add_argument("--no-throttle", action="store_true",
+                        help="do not model the UART line rate")
+    parser.add_argument("--no-flash-timing", action="store_true",
+                        help="erase/program instantly")
+    parser.add_argument("--flash-size", default="4MB", help="flash size per board (4MB)")
+    parser.add_argument("--log-level", default="WARNING", help="log level on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the rig; returns the process exit code."""
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        faults = parse_fault_specs(args.fault)
+        flash_size = parse_size(args.flash_size)
+    except ValueError as e:
+        print(f"station sim: {e}", file=sys.stderr)
+        return 2
+    if args.boards < 0:
+        print("station sim: --boards must not be negative", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+    print_lock = threading.Lock()
+
+    def emit(event: dict[str, Any]) -> None:
+        with print_lock:
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with Rig(args.dir, seed=args.seed, throttle=not args.no_throttle,
+                 flash_timing=not args.no_flash_timing, on_event=emit) as rig:
+            for index in range(args.boards):
+                if stop.is_set():
+                    break
+                rig.plug(chip=args.chip, flash_size=flash_size, faults=faults.get(index),
+                         index=index)
+                if args.plug_interval > 0 and stop.wait(args.plug_interval):
+                    break
+            while not stop.wait(3600):
+                pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

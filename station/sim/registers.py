@@ -1,0 +1,104 @@
+"""The memory-mapped registers esptool reads and writes over READ_REG/WRITE_REG.
+
+Besides plain storage (eFuses, magic values, anything esptool writes), two pieces of
+hardware are emulated because esptool drives them register by register:
+
+* the SPI0/1 controller's "user command" mode, which esptool uses to send raw SPI
+  flash commands (RDID 0x9F, RDSR 0x05/0x35/0x15, SFDP 0x5A, resets). Writing the USR
+  bit to SPI_CMD runs the command against the flash model; the bit reads back as 0
+  (done) and W0 receives exactly the bits the command clocked in: esptool does not mask
+  8-bit status reads, so stale upper bits would corrupt them;
+* the UART clock divider, which esptool multiplies by the baud rate to guess the
+  crystal: it is derived from the rate the host actually uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .chips import CHIP_DETECT_MAGIC_REG, XTAL_HZ, ChipSpec
+
+SPI_CMD_USR = 1 << 18
+SPI_USR_COMMAND = 1 << 31
+SPI_USR_ADDR = 1 << 30
+SPI_USR_MISO = 1 << 28
+SPI_USR_ADDR_LEN_SHIFT = 26
+
+# GigaDevice GD25Q-series: what most ESP32 modules carry.
+FLASH_MANUFACTURER = 0xC8
+FLASH_MEMORY_TYPE = 0x40
+
+
+def sfdp_table(manufacturer: int) -> bytes:
+    """A minimal JESD216 SFDP area: header, basic parameter header, vendor header.
+
+    esptool reads the "SFDP" signature at 0 to check the flash answers at all, and the
+    byte at 0x10 (second parameter header's ID) to detect XMC chips that need a wake-up
+    sequence; we are not XMC (0x20), so that sequence is skipped, as on a GD chip.
+    """
+    header = b"SFDP" + bytes([0x06, 0x01, 0x01, 0xFF])
+    basic = bytes([0x00, 0x06, 0x01, 0x10, 0x30, 0x00, 0x00, 0xFF])
+    vendor = bytes([manufacturer, 0x00, 0x01, 0x03, 0x70, 0x00, 0x00, 0xFF])
+    return (header + basic + vendor).ljust(0x80, b"\xff")
+
+
+class Registers:
+    """Register file of one board. Reset re-creates it: WRITE_REGs do not survive."""
+
+    def __init__(self, spec: ChipSpec, mac: bytes, flash_size: int,
+                 baud: Callable[[], int]) -> None:
+        self.spec = spec
+        self._baud = baud
+        self._values: dict[int, int] = dict(spec.static_regs)
+        self._values.update(spec.mac_regs(mac))
+        self._capacity_code = flash_size.bit_length() - 1  # 4 MB -> 0x16
+        self._sfdp = sfdp_table(FLASH_MANUFACTURER)
+        self.spi_commands: list[int] = []  # opcodes run, for tests and debugging
+
+    def read(self, addr: int) -> int:
+        if addr == CHIP_DETECT_MAGIC_REG:
+            return self.spec.magic
+        if addr == self.spec.uart_clkdiv_reg:
+            # The ROM runs the UART from the 40 MHz crystal; integer part in bits 19:0.
+            return round(XTAL_HZ / self._baud()) & 0xFFFFF
+        return self._values.get(addr, 0)
+
+    def write(self, addr: int, value: int, mask: int = 0xFFFFFFFF) -> None:
+        old = self.read(addr)
+        new = (old & ~mask | value & mask) & 0xFFFFFFFF
+        spi = self.spec.spi
+        if addr == spi.cmd and new & SPI_CMD_USR:
+            self._run_spi_command()
+            new &= ~SPI_CMD_USR  # the controller clears USR when the command is done
+        self._values[addr] = new
+
+    def _run_spi_command(self) -> None:
+        spi = self.spec.spi
+        usr = self._values.get(spi.base + spi.usr, 0)
+        usr1 = self._values.get(spi.base + spi.usr1, 0)
+        opcode = self._values.get(spi.base + spi.usr2, 0) & 0xFF
+        self.spi_commands.append(opcode)
+        addr = 0
+        if usr & SPI_USR_ADDR:
+            addr_len = ((usr1 >> SPI_USR_ADDR_LEN_SHIFT) & 0x3F) + 1
+            addr = self._values.get(spi.addr, 0)
+            if spi.addr_msb:
+                addr >>= 32 - addr_len
+        if not usr & SPI_USR_MISO:
+            return
+        miso_bits = min((self._values.get(spi.base + spi.miso_dlen, 0) & 0x3FF) + 1, 32)
+        reply = self._flash_reply(opcode, addr, (miso_bits + 7) // 8)
+        word = int.from_bytes(reply, "little") & ((1 << miso_bits) - 1)
+        self._values[spi.base + spi.w0] = word
+
+    def _flash_reply(self, opcode: int, addr: int, nbytes: int) -> bytes:
+        """What the flash chip clocks out for a command (unknown commands: bus high)."""
+        if opcode == 0x9F:  # RDID: manufacturer, memory type, capacity
+            reply = bytes([FLASH_MANUFACTURER, FLASH_MEMORY_TYPE, self._capacity_code])
+        elif opcode in (0x05, 0x35, 0x15):  # RDSR/RDSR2/RDSR3: idle, unprotected
+            reply = b"\x00"
+        elif opcode == 0x5A:  # RDSFDP
+            reply = self._sfdp[addr : addr + nbytes]
+        else:
+            reply = b""
+        return reply.ljust(nbytes, b"\xff")[:nbytes]

@@ -1,0 +1,274 @@
+"""A rig of virtual boards plugged into a "USB hub": one directory of by-path links.
+
+Each plugged board gets a symlink named like a ``/dev/serial/by-path`` entry
+(``pci-0000:00:14.0-usb-0:1.3:1.0-port0``) pointing at its pty, created atomically
+(temporary link, then ``os.rename``) the way udev does, so a directory watcher never
+sees a half-made port. Unplugging removes the link, closes the pty (the host's next
+I/O fails, as with a yanked USB cable) and dumps the flash to ``flash-<mac>.bin``.
+
+:class:`Rig` runs its own asyncio loop in a daemon thread, so synchronous code (tests,
+benchmarks, the CLI) can drive it; every call into the loop has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import random
+import threading
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .board import Board
+from .chips import ChipName, chip_spec
+from .faults import Faults
+from .flash import Flash, FlashTiming
+from .pty_link import PtyLink
+
+ESPRESSIF_OUI = bytes.fromhex("240ac4")
+DEFAULT_FLASH_SIZE = 4 * 1024 * 1024
+CALL_TIMEOUT_S = 30.0
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+EventCallback = Callable[[dict[str, Any]], None]
+
+
+def by_path_name(index: int) -> str:
+    """The by-path style name of hub port ``index`` (0-based)."""
+    return f"pci-0000:00:14.0-usb-0:1.{index + 1}:1.0-port0"
+
+
+def parse_size(text: str) -> int:
+    """Parse a flash size such as ``4MB``, ``512KB`` or ``0x400000``."""
+    t = text.strip().upper()
+    for suffix, factor in (("MB", 1 << 20), ("KB", 1 << 10), ("M", 1 << 20), ("K", 1 << 10)):
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * factor)
+    return int(t, 0)
+
+
+def format_mac(mac: bytes) -> str:
+    return mac.hex(":")
+
+
+class MacAllocator:
+    """Deterministic, unique MACs: Espressif OUI + a NIC part drawn from the seed.
+
+    The NIC part is a multiple of 4, because ESP-IDF derives the Wi-Fi AP, Bluetooth
+    and Ethernet MACs by adding 1..3 to the base MAC.
+    """
+
+    def __init__(self, seed: int, oui: bytes = ESPRESSIF_OUI) -> None:
+        self._rng = random.Random(seed)
+        self._oui = oui
+        self._used: set[bytes] = set()
+
+    def reserve(self, mac: bytes) -> None:
+        if mac in self._used:
+            raise ValueError(f"MAC {format_mac(mac)} is already plugged in this rig")
+        self._used.add(mac)
+
+    def next(self) -> bytes:
+        while True:
+            mac = self._oui + (self._rng.getrandbits(22) * 4).to_bytes(3, "big")
+            if mac not in self._used:
+                self._used.add(mac)
+                return mac
+
+
+@dataclass(frozen=True)
+class PluggedBoard:
+    """What a test or the CLI needs to know about a plugged board."""
+
+    index: int
+    port: str  # the by-path symlink: what the station sees
+    pty: str  # the slave device it points at
+    mac: str  # "24:0a:c4:12:34:56"
+    chip: str
+    dump_path: Path
+    faults: Faults = field(default_factory=Faults)
+
+
+@dataclass
+class _Slot:
+    info: PluggedBoard
+    board: Board
+    link: PtyLink
+    task: asyncio.Task[None]
+
+
+class Rig:
+    """Many virtual boards behind by-path symlinks in ``directory``.
+
+    >>> with Rig(tmp_path, seed=1, throttle=False, flash_timing=False) as rig:
+    ...     b = rig.plug(chip="esp32")
+    ...     # run esptool --port b.port ...
+    ...     image = rig.flash(b)
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], seed: int = 0, throttle: bool = True,
+                 flash_timing: bool = True, on_event: EventCallback | None = None) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.seed = seed
+        self.throttle = throttle
+        self.flash_timing = flash_timing
+        self._on_event = on_event
+        self._macs = MacAllocator(seed)
+        self._slots: dict[int, _Slot] = {}
+        self._unplugged_macs: dict[int, str] = {}
+        self._next_index = 0
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sim-rig",
+                                        daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    # -- public API -----------------------------------------------------------------
+
+    def plug(self, chip: ChipName | str = "esp32", mac: str | bytes | None = None,
+             flash_size: int | str = DEFAULT_FLASH_SIZE, faults: Faults | None = None,
+             index: int | None = None) -> PluggedBoard:
+        """Plug a new board; returns once its by-path link exists."""
+        spec = chip_spec(chip)
+        size = parse_size(flash_size) if isinstance(flash_size, str) else flash_size
+        with self._lock:
+            if index is None:
+                index = self._next_index
+            if index in self._slots:
+                raise ValueError(f"hub port {index} is already in use")
+            self._next_index = max(self._next_index, index + 1)
+            if mac is None:
+                mac_bytes = self._macs.next()
+            else:
+                mac_bytes = bytes.fromhex(mac.replace(":", "")) if isinstance(mac, str) else mac
+                if len(mac_bytes) != 6:
+                    raise ValueError(f"a MAC has 6 bytes, got {mac!r}")
+                self._macs.reserve(mac_bytes)
+        return self._call(self._plug(index, spec.name, mac_bytes, size, faults or Faults()))
+
+    def unplug(self, board: PluggedBoard | int) -> None:
+        """Pull the board out: link removed, pty closed, flash dumped. Idempotent."""
+        index = board if isinstance(board, int) else board.index
+        self._call(self._unplug(index, reason="requested"))
+
+    def flash(self, board: PluggedBoard | int) -> bytes:
+        """A copy of the board's current flash contents."""
+        index = board if isinstance(board, int) else board.index
+        return self._call(self._flash_copy(index))
+
+    def dump(self, board: PluggedBoard | int) -> Path:
+        """Write the board's flash to its dump file now, and return the path."""
+        index = board if isinstance(board, int) else board.index
+        return self._call(self._dump(index))
+
+    def board(self, board: PluggedBoard | int) -> Board:
+        """The live board object (protocol state, counters), for white-box tests."""
+        index = board if isinstance(board, int) else board.index
+        return self._slots[index].board
+
+    @property
+    def boards(self) -> list[PluggedBoard]:
+        """Boards currently plugged, by index."""
+        return [slot.info for _, slot in sorted(self._slots.items())]
+
+    def close(self) -> None:
+        """Unplug every board (dumping flash), then stop the loop thread."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._call(self._unplug_all())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=CALL_TIMEOUT_S)
+            self._loop.close()
+
+    def __enter__(self) -> Rig:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- loop side ------------------------------------------------------------------
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed and not self._thread.is_alive():
+            coro.close()
+            raise RuntimeError("the rig is closed")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout=CALL_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:
+                log.exception("event callback failed")
+
+    async def _plug(self, index: int, chip: ChipName, mac: bytes, size: int,
+                    faults: Faults) -> PluggedBoard:
+        rng = random.Random(self.seed * 1_000_003 + index)
+        link = PtyLink(throttle=self.throttle, corrupt_rate=faults.corrupt, rng=rng)
+        flash = Flash(size, FlashTiming(enabled=self.flash_timing, slow=faults.slow_flash))
+        port = self.directory / by_path_name(index)
+        info = PluggedBoard(index=index, port=str(port), pty=link.slave_path,
+                            mac=format_mac(mac), chip=chip,
+                            dump_path=self.directory / f"flash-{mac.hex()}.bin", faults=faults)
+
+        def fault_unplug() -> None:
+            asyncio.get_running_loop().create_task(self._unplug(index, reason="fault"))
+
+        board = Board(chip_spec(chip), mac, flash, link, faults, rng, on_unplug=fault_unplug)
+        task = asyncio.get_running_loop().create_task(board.run(), name=f"board-{index}")
+        self._slots[index] = _Slot(info, board, link, task)
+        tmp = self.directory / f".{port.name}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(link.slave_path, tmp)
+        os.rename(tmp, port)  # atomic, like udev: watchers see a complete link
+        log.info("plugged %s %s at %s -> %s", chip, info.mac, port, link.slave_path)
+        self._emit({"event": "plugged", "index": index, "port": info.port, "pty": info.pty,
+                    "mac": info.mac, "chip": chip})
+        return info
+
+    async def _unplug(self, index: int, reason: str) -> None:
+        slot = self._slots.pop(index, None)
+        if slot is None:
+            return
+        self._unplugged_macs[index] = slot.info.mac.replace(":", "")
+        slot.task.cancel()
+        await asyncio.gather(slot.task, return_exceptions=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(slot.info.port)
+        slot.link.close()
+        slot.board.flash.dump(slot.info.dump_path)
+        log.info("unplugged %s (%s)", slot.info.mac, reason)
+        self._emit({"event": "unplugged", "index": index, "port": slot.info.port,
+                    "mac": slot.info.mac, "reason": reason, "dump": str(slot.info.dump_path)})
+
+    async def _unplug_all(self) -> None:
+        for index in list(self._slots):
+            await self._unplug(index, reason="shutdown")
+
+    async def _flash_copy(self, index: int) -> bytes:
+        slot = self._slots.get(index)
+        if slot is None:  # unplugged: its flash lives on in the dump file
+            return self.directory.joinpath(f"flash-{self._unplugged_macs[index]}.bin").read_bytes()
+        return bytes(slot.board.flash.data)
+
+    async def _dump(self, index: int) -> Path:
+        slot = self._slots[index]
+        slot.board.flash.dump(slot.info.dump_path)
+        return slot.info.dump_path
