@@ -1,0 +1,366 @@
+"""What the operator sees: a live table of slots, or one log line per event.
+
+The UI reads state, it never owns it: `StationView` is built only from the events the
+workers emit (`view.apply(event)`), and `render(view, now)` is a pure function of that
+state and the time passed in, so tests render it into a fixed-width Console and compare
+text. rich's `Live` redraws from its own thread while the event loop applies events, so
+the view takes a lock in `apply` and Live renders from `view.snapshot()`, a private copy.
+
+Headless (no terminal, `--headless`, systemd): `HeadlessLog` writes `format_event`'s
+line per event; Progress only where a region starts or ends and at each quarter, so a
+night's log stays readable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Protocol
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from station.events import (
+    Event,
+    Identified,
+    JobFinished,
+    JobStarted,
+    Progress,
+    Registered,
+    RegistrationStep,
+    Retrying,
+    Stage,
+    StageChanged,
+    Throttled,
+)
+
+SPEED_WINDOW = 3.0  # seconds of Progress samples behind the speed column
+
+
+class Display(Protocol):
+    """A best-effort consumer (the Bus's `displays`): called on the loop, must not block."""
+
+    def show(self, event: Event) -> None: ...
+
+
+@dataclass
+class BoardRow:
+    """One slot's latest job, as far as events tell; kept after the job ends."""
+
+    slot: str
+    port: str = ""
+    job_id: str = ""
+    chip: str = ""
+    mac: str = ""
+    thing: str = ""
+    stage: Stage = Stage.CONNECT
+    attempt: int = 1
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    failed_stage: Stage | None = None
+    retry_reason: str | None = None
+    throttled: bool = False
+    region: str = ""
+    regions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    prev_done: int | None = None  # the current region's bytes before the last Progress
+    samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
+
+    @property
+    def final(self) -> bool:
+        return self.stage.final
+
+    @property
+    def bytes_done(self) -> int:
+        return sum(done for done, _ in self.regions.values())
+
+    @property
+    def bytes_total(self) -> int:
+        """Of the regions started so far: events do not announce the regions ahead."""
+        return sum(total for _, total in self.regions.values())
+
+    def speed(self) -> float | None:
+        """Bytes per second over the last SPEED_WINDOW seconds of Progress."""
+        if self.final or len(self.samples) < 2:
+            return None
+        (t0, b0), (t1, b1) = self.samples[0], self.samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else None
+
+    def copy(self) -> BoardRow:
+        """Cheap private copy: speed needs only the window's first and last sample."""
+        ends = [self.samples[0], self.samples[-1]] if self.samples else []
+        return dataclasses.replace(self, regions=dict(self.regions),
+                                   samples=deque(ends, maxlen=256))
+
+    def elapsed(self, now: float) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.finished_at if self.finished_at is not None else now) - self.started_at
+
+
+@dataclass
+class StationView:
+    """The station as the events describe it; `apply` on the loop, `snapshot` anywhere."""
+
+    station: str = "station"
+    firmware: str = ""
+    registrar: str = "none"
+    started_at: float = field(default_factory=time.time)
+    rows: dict[str, BoardRow] = field(default_factory=dict)
+    results: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def apply(self, event: Event) -> None:
+        with self._lock:
+            self._apply(event)
+
+    def show(self, event: Event) -> None:
+        """The Display interface: same as `apply`."""
+        self.apply(event)
+
+    def _apply(self, event: Event) -> None:
+        row = self.rows.get(event.slot)
+        if isinstance(event, JobStarted) or row is None:
+            row = BoardRow(slot=event.slot, port=event.port, job_id=event.job_id,
+                           started_at=event.at)
+            self.rows[event.slot] = row
+        elif row.job_id != event.job_id:
+            return  # a late event of the slot's previous job
+        if isinstance(event, StageChanged):
+            row.stage, row.attempt, row.throttled = event.stage, event.attempt, False
+        elif isinstance(event, Identified):
+            row.chip, row.mac, row.thing = event.chip, event.mac, event.thing_name
+        elif isinstance(event, Progress):
+            row.prev_done = row.regions[event.region][0] if event.region in row.regions \
+                else None
+            row.region = event.region
+            row.regions[event.region] = (event.done, event.total)
+            row.samples.append((event.at, row.bytes_done))
+            while row.samples and row.samples[0][0] < event.at - SPEED_WINDOW:
+                row.samples.popleft()
+        elif isinstance(event, Retrying):
+            row.attempt, row.retry_reason = event.attempt, event.reason
+            row.regions.clear()
+            row.samples.clear()
+        elif isinstance(event, Throttled):
+            row.throttled = True
+        elif isinstance(event, Registered):
+            row.thing, row.throttled = event.thing_name, False
+        elif isinstance(event, JobFinished):
+            row.stage, row.error, row.failed_stage = event.result, event.error, \
+                event.failed_stage
+            row.finished_at, row.throttled = event.at, False
+            self.results[event.result.value] += 1
+
+    def snapshot(self) -> StationView:
+        """A private deep copy for another thread to render while events keep coming."""
+        with self._lock:
+            return StationView(station=self.station, firmware=self.firmware,
+                               registrar=self.registrar, started_at=self.started_at,
+                               rows={k: r.copy() for k, r in self.rows.items()},
+                               results=Counter(self.results))
+
+    @property
+    def in_progress(self) -> int:
+        return sum(1 for row in self.rows.values() if not row.final)
+
+
+# -- formatting helpers (pure) ----------------------------------------------------------
+
+
+def iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}"
+        n /= 1000
+    return f"{n:.1f} MB"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else \
+        f"{s // 60}:{s % 60:02d}"
+
+
+def _slot_key(slot: str) -> list[tuple[int, str]]:
+    """A1, A2, A10 in that order (numbers compare as numbers)."""
+    return [(int(p), "") if p.isdigit() else (0, p) for p in re.split(r"(\d+)", slot)]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def result_text(row: BoardRow) -> Text:
+    """The last column: the outcome, or why a board in progress is waiting."""
+    if row.stage == Stage.DONE:
+        return Text("done", style="green")
+    if row.stage == Stage.FAILED:  # the stage column already says "failed"
+        where = f"at {row.failed_stage.value}: " if row.failed_stage else ""
+        return Text(_one_line(f"{where}{row.error or 'no reason given'}"), style="red")
+    if row.stage == Stage.REMOVED:
+        where = f" during {row.failed_stage.value}" if row.failed_stage else ""
+        return Text(f"removed{where}", style="yellow")
+    if row.stage == Stage.SKIPPED:
+        return Text("skipped: already done with this firmware", style="cyan")
+    if row.throttled:
+        return Text("throttled by the cloud, waiting", style="yellow")
+    if row.retry_reason:
+        return Text(_one_line(f"attempt {row.attempt}: {row.retry_reason}"), style="yellow")
+    return Text("")
+
+
+def render(view: StationView, now: float) -> RenderableType:
+    """The whole screen from state alone: `now` comes in, no clock is read here."""
+    table = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False, collapse_padding=True,
+                  title=f"station {view.station}", title_justify="left")
+    table.add_column("slot", no_wrap=True)
+    table.add_column("port", no_wrap=True, overflow="ellipsis", max_width=18)
+    table.add_column("chip", no_wrap=True)
+    table.add_column("MAC / thing", no_wrap=True, overflow="ellipsis", max_width=28)
+    table.add_column("stage", no_wrap=True)
+    table.add_column("progress", no_wrap=True, width=10)
+    table.add_column("bytes", no_wrap=True, justify="right")
+    table.add_column("speed", no_wrap=True, justify="right")
+    table.add_column("elapsed", no_wrap=True, justify="right")
+    table.add_column("result", no_wrap=True, overflow="ellipsis", min_width=24, ratio=1)
+    for slot in sorted(view.rows, key=_slot_key):
+        row = view.rows[slot]
+        total, done = row.bytes_total, row.bytes_done
+        who = row.thing if row.mac in row.thing else f"{row.mac} / {row.thing}"
+        speed = row.speed()
+        table.add_row(
+            row.slot, row.port, row.chip, who,
+            Text(row.stage.value + (f" #{row.attempt}" if row.attempt > 1 else ""),
+                 style="red" if row.stage == Stage.FAILED else ""),
+            ProgressBar(total=total or 100, completed=done if total else 0, width=10),
+            f"{100 * done // total:>3}% {human_bytes(done)}/{human_bytes(total)}" if total else "",
+            f"{human_bytes(speed)}/s" if speed is not None else "",
+            duration(row.elapsed(now)),
+            result_text(row),
+        )
+    return Group(table, footer(view, now))
+
+
+def footer(view: StationView, now: float) -> Text:
+    uptime = max(0.0, now - view.started_at)
+    done = view.results[Stage.DONE.value]
+    per_hour = done * 3600 / uptime if uptime > 0 else 0.0
+    counts = (f"done {done}  failed {view.results[Stage.FAILED.value]}  "
+              f"removed {view.results[Stage.REMOVED.value]}  "
+              f"skipped {view.results[Stage.SKIPPED.value]}  in progress {view.in_progress}")
+    return Text(f"{counts}  |  {per_hour:.1f} boards/h  |  up {duration(uptime)}\n"
+                f"station {view.station}  |  firmware {view.firmware or '-'}  |  "
+                f"registrar {view.registrar}", no_wrap=True, overflow="ellipsis")
+
+
+# -- headless ---------------------------------------------------------------------------
+
+
+def _quarter(done: int, total: int) -> int:
+    return 4 * done // total if total else 0
+
+
+def format_event(event: Event, view: StationView) -> str | None:
+    """One log line for `event`, or None for Progress between quarters.
+
+    Call it after `view.apply(event)`: the row tells where the region was before.
+    """
+    row = view.rows.get(event.slot)
+    if row is not None and row.job_id != event.job_id:
+        row = None
+    mac = event.mac if isinstance(event, Identified | RegistrationStep) else \
+        (row.mac if row and row.mac else "-")
+    head = f"{iso(event.at)} {event.slot} {event.port} {mac}"
+    if isinstance(event, Progress):
+        prev = row.prev_done if row else None
+        if not (prev is None or event.done >= event.total
+                or _quarter(event.done, event.total) > _quarter(prev, event.total)):
+            return None
+        return f"{head} flash {event.region} {event.done}/{event.total} B"
+    if isinstance(event, JobStarted):
+        return f"{head} started job {event.job_id}"
+    if isinstance(event, StageChanged):
+        return f"{head} {event.stage.value}" + (
+            f" (attempt {event.attempt})" if event.attempt > 1 else "")
+    if isinstance(event, Identified):
+        return f"{head} identified {event.chip} as {event.thing_name}"
+    if isinstance(event, Retrying):
+        return f"{head} retrying {event.stage.value} (attempt {event.attempt}): " \
+               f"{_one_line(event.reason)}"
+    if isinstance(event, Throttled):
+        return f"{head} throttled by {event.api}, waiting"
+    if isinstance(event, RegistrationStep):
+        cert = f" {event.certificate_id}" if event.certificate_id else ""
+        return f"{head} registration {event.step}{cert}"
+    if isinstance(event, Registered):
+        return f"{head} registered {event.thing_name} ({event.registrar})"
+    if isinstance(event, JobFinished):
+        took = event.at - row.started_at if row and row.started_at is not None else \
+            sum(event.timings.values())
+        if event.result == Stage.DONE:
+            return f"{head} done in {took:.1f}s"
+        where = event.failed_stage.value if event.failed_stage else "?"
+        if event.result == Stage.FAILED:
+            return f"{head} failed at {where}: {_one_line(event.error or 'no reason given')}"
+        if event.result == Stage.REMOVED:
+            return f"{head} removed during {where}"
+        return f"{head} {event.result.value}"
+    return f"{head} {type(event).__name__}"
+
+
+class HeadlessLog:
+    """Log lines on a stream; put it after `view.apply` in the Bus's displays."""
+
+    def __init__(self, view: StationView, stream: IO[str]) -> None:
+        self.view = view
+        self.stream = stream
+
+    def show(self, event: Event) -> None:
+        line = format_event(event, self.view)
+        if line is not None:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+class LiveDashboard:
+    """rich Live over a StationView: redraws 4 times a second from its own thread."""
+
+    def __init__(self, view: StationView, console: Console | None = None,
+                 refresh_per_second: float = 4) -> None:
+        self.view = view
+        self.live = Live(get_renderable=self.renderable, console=console,
+                         refresh_per_second=refresh_per_second)
+
+    def renderable(self) -> RenderableType:
+        return render(self.view.snapshot(), time.time())
+
+    def start(self) -> None:
+        self.live.start(refresh=True)
+
+    def stop(self) -> None:
+        self.live.stop()
+
+    def __enter__(self) -> LiveDashboard:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
