@@ -140,6 +140,7 @@ class Board:
                 await self._session()
             except HostClosed:
                 self.log.debug("host closed the port: reset to ROM")
+            self._reset()  # closing the port is the only reset a pty can carry
 
     async def _session(self) -> None:
         frames: asyncio.Queue[tuple[bytes, float] | None] = asyncio.Queue()

@@ -48,7 +48,7 @@ def test_identity_commands(fast_rig: Rig, chip: str) -> None:
 def test_python_api_reads_mac(fast_rig: Rig, chip: str) -> None:
     board = fast_rig.plug(chip=chip)
     with detect_chip(board.port, connect_attempts=2) as esp:
-        assert esp.CHIP_NAME == NAMES[chip]
+        assert NAMES[chip] == esp.CHIP_NAME
         assert ":".join(f"{b:02x}" for b in esp.read_mac()) == board.mac
         esp = esp.run_stub()
         assert esp.IS_STUB
