@@ -25,7 +25,6 @@ from typing import IO, Protocol
 from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
@@ -223,8 +222,32 @@ def result_text(row: BoardRow) -> Text:
     if row.throttled:
         return Text("throttled by the cloud, waiting", style="yellow")
     if row.retry_reason:
-        return Text(_one_line(f"attempt {row.attempt}: {row.retry_reason}"), style="yellow")
+        return Text(_one_line(f"attempt {row.attempt} after: {row.retry_reason}"),
+                    style="yellow")
     return Text("")
+
+
+BAR_WIDTH = 10
+
+
+def progress_text(row: BoardRow) -> Text:
+    """The wide last column: a bar and bytes while flashing, the outcome once final.
+
+    One column for both, so a failed row's error gets the width the bar no longer needs.
+    """
+    if row.final:
+        return result_text(row)
+    total, done = row.bytes_total, row.bytes_done
+    text = Text()
+    if total:
+        filled = BAR_WIDTH * done // total
+        text.append("━" * filled, style="green")
+        text.append("─" * (BAR_WIDTH - filled), style="grey37")
+        text.append(f" {100 * done // total:>3}% {human_bytes(done)}/{human_bytes(total)}")
+    note = result_text(row)
+    if note:
+        text.append("  " if total else "").append_text(note)
+    return text
 
 
 def render(view: StationView, now: float) -> RenderableType:
@@ -236,25 +259,20 @@ def render(view: StationView, now: float) -> RenderableType:
     table.add_column("chip", no_wrap=True)
     table.add_column("MAC / thing", no_wrap=True, overflow="ellipsis", max_width=28)
     table.add_column("stage", no_wrap=True)
-    table.add_column("progress", no_wrap=True, width=10)
-    table.add_column("bytes", no_wrap=True, justify="right")
-    table.add_column("speed", no_wrap=True, justify="right")
     table.add_column("elapsed", no_wrap=True, justify="right")
-    table.add_column("result", no_wrap=True, overflow="ellipsis", min_width=24, ratio=1)
+    table.add_column("speed", no_wrap=True, justify="right")
+    table.add_column("progress / result", no_wrap=True, overflow="ellipsis", ratio=1)
     for slot in sorted(view.rows, key=_slot_key):
         row = view.rows[slot]
-        total, done = row.bytes_total, row.bytes_done
         who = row.thing if row.mac in row.thing else f"{row.mac} / {row.thing}"
         speed = row.speed()
         table.add_row(
             row.slot, row.port, row.chip, who,
             Text(row.stage.value + (f" #{row.attempt}" if row.attempt > 1 else ""),
                  style="red" if row.stage == Stage.FAILED else ""),
-            ProgressBar(total=total or 100, completed=done if total else 0, width=10),
-            f"{100 * done // total:>3}% {human_bytes(done)}/{human_bytes(total)}" if total else "",
-            f"{human_bytes(speed)}/s" if speed is not None else "",
             duration(row.elapsed(now)),
-            result_text(row),
+            f"{human_bytes(speed)}/s" if speed is not None else "",
+            progress_text(row),
         )
     return Group(table, footer(view, now))
 
@@ -262,11 +280,12 @@ def render(view: StationView, now: float) -> RenderableType:
 def footer(view: StationView, now: float) -> Text:
     uptime = max(0.0, now - view.started_at)
     done = view.results[Stage.DONE.value]
-    per_hour = done * 3600 / uptime if uptime > 0 else 0.0
+    # Over the first minute a rate is noise.
+    per_hour = f"{done * 3600 / uptime:.1f}" if uptime >= 60 else "-"
     counts = (f"done {done}  failed {view.results[Stage.FAILED.value]}  "
               f"removed {view.results[Stage.REMOVED.value]}  "
               f"skipped {view.results[Stage.SKIPPED.value]}  in progress {view.in_progress}")
-    return Text(f"{counts}  |  {per_hour:.1f} boards/h  |  up {duration(uptime)}\n"
+    return Text(f"{counts}  |  {per_hour} boards/h  |  up {duration(uptime)}\n"
                 f"station {view.station}  |  firmware {view.firmware or '-'}  |  "
                 f"registrar {view.registrar}", no_wrap=True, overflow="ellipsis")
 
