@@ -106,6 +106,7 @@ class Ledger:
         self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._closed = False
+        self._lock = threading.Lock()  # orders submits against close
         self._busy_timeout = busy_timeout
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
 
@@ -159,6 +160,19 @@ class Ledger:
                 self._commit(conn, batch)
         finally:
             conn.close()
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        """If this thread ever dies, nobody may wait forever on a record it will not do."""
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                task = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if task is not None and task.future.set_running_or_notify_cancel():
+                task.future.set_exception(LedgerError(f"{self.path}: the ledger is closed"))
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -240,10 +254,11 @@ class Ledger:
     # -- submitting work ---------------------------------------------------------------
 
     def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
-        if self._closed:
-            raise LedgerError(f"{self.path}: the ledger is closed")
         task = _Task(fn)
-        self._queue.put(task)
+        with self._lock:
+            if self._closed:
+                raise LedgerError(f"{self.path}: the ledger is closed")
+            self._queue.put(task)
         return task.future
 
     def _call(self, fn: Callable[[sqlite3.Connection], T], timeout: float = 60.0) -> T:
@@ -255,10 +270,11 @@ class Ledger:
 
     def close(self) -> None:
         """Finish queued work, close the connection; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(None)
+        with self._lock:
+            if self._closed and not self._thread.is_alive():
+                return
+            self._closed = True
+            self._queue.put(None)
         self._thread.join()
 
     def __enter__(self) -> Ledger:
@@ -340,6 +356,11 @@ def _write(conn: sqlite3.Connection, event: Event) -> None:
     conn.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
                   (event.job_id, event.at, type(event).__name__, stage, attempt,
                    json.dumps(fields, sort_keys=True) if fields else None))
+    if not isinstance(event, RegistrationStep | JobStarted):
+        # A job row even if its JobStarted was never recorded: no final result is lost.
+        conn.execute("INSERT INTO jobs (job_id, port, slot, stage, started_at) VALUES "
+                     "(?, ?, ?, ?, ?) ON CONFLICT (job_id) DO NOTHING",
+                     (event.job_id, event.port, event.slot, Stage.CONNECT.value, event.at))
     if isinstance(event, JobStarted):
         conn.execute(
             """INSERT INTO jobs (job_id, station, port, slot, firmware_hash, stage, started_at)

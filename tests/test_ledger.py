@@ -274,3 +274,12 @@ def test_event_log_writes_lines_and_rotates(tmp_path: Path) -> None:
         line["done"] == line["total"] for line in lines if line["kind"] == "Progress")
     finished = [line for line in lines if line["kind"] == "JobFinished"]
     assert finished and finished[0]["result"] == "done" and finished[0]["time"].endswith("Z")
+
+
+def test_final_result_lands_even_without_its_job_started(ledger: Ledger) -> None:
+    run(ledger.record(JobFinished(job_id="orphan", port="/dev/ttyUSB9", slot="C3",
+                                  result=Stage.FAILED, failed_stage=Stage.CONNECT,
+                                  error="no answer", at=5.0)))
+    [job] = ledger.jobs()
+    assert (job["job_id"], job["slot"], job["result"], job["error"]) == (
+        "orphan", "C3", "failed", "no answer")
