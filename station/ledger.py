@@ -90,10 +90,11 @@ def event_fields(event: Event) -> dict[str, Any]:
 
 
 class _Task:
-    __slots__ = ("fn", "future")
+    __slots__ = ("fn", "future", "write")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], write: bool) -> None:
         self.fn = fn
+        self.write = write
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
 
@@ -185,17 +186,16 @@ class Ledger:
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(f"database disk image is malformed ({check})")
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-            if row[0] is None:
+            version = _schema_version(conn)
+            if version is None:  # new file: the only write an opening does
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA:
+                    conn.execute(statement)
                 conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] > SCHEMA_VERSION:
-                conn.execute("ROLLBACK")
+                conn.execute("COMMIT")
+            elif version > SCHEMA_VERSION:
                 raise LedgerError(f"{self.path}: written by a newer station (schema "
-                                  f"{row[0]} > {SCHEMA_VERSION}); upgrade this station")
-            conn.execute("COMMIT")
+                                  f"{version} > {SCHEMA_VERSION}); upgrade this station")
         except sqlite3.Error as e:
             conn.close()
             raise self._error(e) from e
@@ -205,8 +205,25 @@ class Ledger:
         return conn
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Task]) -> None:
-        """Run a batch in one transaction (a savepoint each), then resolve after COMMIT."""
+        """Writes in one transaction (a savepoint each), resolved after COMMIT; then reads.
+
+        Reads run outside any write transaction: in WAL they see a snapshot and take no
+        write lock, so a long export never holds up the station's records.
+        """
         batch = [t for t in batch if t.future.set_running_or_notify_cancel()]
+        reads = [t for t in batch if not t.write]
+        batch = [t for t in batch if t.write]
+        if batch:
+            self._write_batch(conn, batch)
+        for task in reads:
+            try:
+                task.future.set_result(task.fn(conn))
+            except sqlite3.Error as e:
+                task.future.set_exception(self._error(e))
+            except Exception as e:
+                task.future.set_exception(e)
+
+    def _write_batch(self, conn: sqlite3.Connection, batch: list[_Task]) -> None:
         outcomes: list[tuple[_Task, Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -253,20 +270,21 @@ class Ledger:
 
     # -- submitting work ---------------------------------------------------------------
 
-    def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
-        task = _Task(fn)
+    def _submit(self, fn: Callable[[sqlite3.Connection], T],
+                write: bool) -> concurrent.futures.Future[T]:
+        task = _Task(fn, write)
         with self._lock:
             if self._closed:
                 raise LedgerError(f"{self.path}: the ledger is closed")
             self._queue.put(task)
         return task.future
 
-    def _call(self, fn: Callable[[sqlite3.Connection], T], timeout: float = 60.0) -> T:
+    def _call(self, fn: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
         """Blocking: for the CLI, for start-up, and for `asyncio.to_thread`."""
-        return self._submit(fn).result(timeout)
+        return self._submit(fn, write).result(timeout=120)
 
-    async def _acall(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.wrap_future(self._submit(fn))
+    async def _acall(self, fn: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
+        return await asyncio.wrap_future(self._submit(fn, write))
 
     def close(self) -> None:
         """Finish queued work, close the connection; idempotent."""
@@ -289,19 +307,20 @@ class Ledger:
         """Journal one event; returns once it is committed. Progress is not journaled."""
         if isinstance(event, Progress):
             return
-        await self._acall(lambda conn: _write(conn, event))
+        await self._acall(lambda conn: _write(conn, event), write=True)
 
     def record_sync(self, event: Event) -> None:
         """`record` for threads without a loop (tests, tools)."""
         if not isinstance(event, Progress):
-            self._call(lambda conn: _write(conn, event))
+            self._call(lambda conn: _write(conn, event), write=True)
 
     def close_interrupted(self, reason: str) -> list[str]:
         """At start: give every job without a final result `failed`; returns their ids."""
-        return self._call(lambda conn: _close_interrupted(conn, reason, time.time()))
+        return self._call(lambda conn: _close_interrupted(conn, reason, time.time()), True)
 
     async def close_interrupted_async(self, reason: str) -> list[str]:
-        return await self._acall(lambda conn: _close_interrupted(conn, reason, time.time()))
+        return await self._acall(lambda conn: _close_interrupted(conn, reason, time.time()),
+                                 True)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -345,6 +364,13 @@ class Ledger:
         if fmt == "table":
             return _table(rows, self.summary())
         raise ValueError(f"unknown export format {fmt!r} (table, csv or json)")
+
+
+def _schema_version(conn: sqlite3.Connection) -> int | None:
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'schema_version'").fetchone():
+        version: int | None = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        return version
+    return None
 
 
 def _write(conn: sqlite3.Connection, event: Event) -> None:

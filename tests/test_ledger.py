@@ -283,3 +283,20 @@ def test_final_result_lands_even_without_its_job_started(ledger: Ledger) -> None
     [job] = ledger.jobs()
     assert (job["job_id"], job["slot"], job["result"], job["error"]) == (
         "orphan", "C3", "failed", "no answer")
+
+
+def test_a_reader_works_while_another_connection_holds_the_write_lock(tmp_path: Path) -> None:
+    """`station ledger` during a run: opening an existing ledger and reading never write."""
+    with Ledger.open(tmp_path) as station:
+        three_jobs(station)
+        writer = sqlite3.connect(tmp_path / "ledger.sqlite3", isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+            with Ledger.open(tmp_path, busy_timeout=0.1) as cli:
+                assert "board does not answer" in cli.export("csv")
+                assert cli.done_with("240ac4000001", "fw1")
+            writer.execute("ROLLBACK")
+        finally:
+            writer.close()
+        run(record_all(station, job_events("j4", "A4", "240ac4000004", Stage.DONE)))
+        assert station.summary()["done"] == 2
