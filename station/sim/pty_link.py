@@ -25,6 +25,7 @@ import os
 import random
 import select
 import struct
+from collections import Counter
 
 TCGETS2 = 0x802C542A  # _IOR('T', 0x2A, struct termios2), 44 bytes on Linux
 _TERMIOS2_SIZE = 44
@@ -64,6 +65,9 @@ class PtyLink:
         self._poll = select.poll()
         self._poll.register(self.master, select.POLLIN)
         self._closed = False
+        # Bytes carried per baud rate, both directions: lets benchmarks and tests
+        # predict line time from the traffic a real esptool run actually produced.
+        self.traffic: Counter[int] = Counter()
 
     # -- state --------------------------------------------------------------------
 
@@ -120,9 +124,11 @@ class PtyLink:
             if not chunk:
                 raise HostClosed
             now = loop.time()
+            baud = self.baud()
+            self.traffic[baud] += len(chunk)
             if not self.throttle:
                 return chunk, now, 0.0
-            byte_time = BITS_PER_BYTE / self.baud()
+            byte_time = BITS_PER_BYTE / baud
             start = max(self._rx_free, now)
             self._rx_free = start + len(chunk) * byte_time
             return chunk, start, byte_time
@@ -132,6 +138,7 @@ class PtyLink:
         loop = asyncio.get_running_loop()
         if self.corrupt_rate > 0:
             data = self._corrupt(data)
+        self.traffic[self.baud()] += len(data)
         for pos in range(0, len(data), _WRITE_PIECE if self.throttle else len(data) or 1):
             piece = data[pos : pos + _WRITE_PIECE] if self.throttle else data
             if self.throttle:

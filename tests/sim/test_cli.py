@@ -1,0 +1,82 @@
+"""``python -m station.sim``: JSON events, links, faults, clean exit on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from .conftest import esptool
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def read_events(stream: IO[str], count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """Read ``count`` JSON lines, failing instead of hanging if they do not come."""
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream, selectors.EVENT_READ)
+        while len(events) < count:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"only got {events}"
+            if sel.select(remaining):
+                line = stream.readline()
+                assert line, f"sim exited early after {events}"
+                events.append(json.loads(line))
+    return events
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_runs_until_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    hub = tmp_path / "hub"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "station.sim", "--boards", "3", "--dir", str(hub),
+         "--chip", "esp32c3", "--seed", "5", "--no-throttle", "--no-flash-timing",
+         "--fault", "2:mute", "--flash-size", "2MB"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        plugged = read_events(proc.stdout, 3)
+        assert [e["event"] for e in plugged] == ["plugged"] * 3
+        assert [e["index"] for e in plugged] == [0, 1, 2]
+        assert all(e["chip"] == "esp32c3" and os.readlink(e["port"]) == e["pty"]
+                   for e in plugged)
+        result = esptool(plugged[0]["port"], "flash-id")
+        assert result.returncode == 0, result.output
+        assert plugged[0]["mac"] in result.output and "2MB" in result.output
+        muted = esptool(plugged[2]["port"], "read-mac", pre=("--connect-attempts", "1"))
+        assert muted.returncode != 0
+        proc.send_signal(sig)
+        unplugged = read_events(proc.stdout, 3)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    assert {e["event"] for e in unplugged} == {"unplugged"}
+    for event in plugged:
+        mac = event["mac"].replace(":", "")
+        assert (hub / f"flash-{mac}.bin").stat().st_size == 2 << 20
+        assert not Path(event["port"]).exists()
+
+
+def test_cli_rejects_bad_fault_spec(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "station.sim", "--dir", str(tmp_path), "--fault", "1:explode"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert proc.returncode == 2
+    assert "unknown fault kind 'explode'" in proc.stderr
