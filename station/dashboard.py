@@ -264,7 +264,8 @@ def render(view: StationView, now: float) -> RenderableType:
     table.add_column("progress / result", no_wrap=True, overflow="ellipsis", ratio=1)
     for slot in sorted(view.rows, key=_slot_key):
         row = view.rows[slot]
-        who = row.thing if row.mac in row.thing else f"{row.mac} / {row.thing}"
+        who = row.thing if row.mac in row.thing else \
+            f"{row.mac} / {row.thing}" if row.thing else row.mac
         speed = row.speed()
         table.add_row(
             row.slot, row.port, row.chip, who,

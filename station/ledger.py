@@ -528,6 +528,7 @@ class EventLog:
         self.keep = keep
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="events")
         self._file: io.TextIOWrapper | None = None
+        self._failing = False
 
     @staticmethod
     def wanted(event: Event) -> bool:
@@ -551,8 +552,11 @@ class EventLog:
             self._file.flush()
             if self._file.tell() >= self.max_bytes:
                 self._rotate()
+            self._failing = False
         except OSError as e:  # the log is a convenience: never fail a board over it
-            log.error("%s: cannot write the event log: %s", self.path, e)
+            if not self._failing:  # once per outage, not once per event
+                log.error("%s: cannot write the event log: %s", self.path, e)
+            self._failing = True
 
     def _rotate(self) -> None:
         assert self._file is not None

@@ -300,3 +300,19 @@ def test_a_reader_works_while_another_connection_holds_the_write_lock(tmp_path: 
             writer.close()
         run(record_all(station, job_events("j4", "A4", "240ac4000004", Stage.DONE)))
         assert station.summary()["done"] == 2
+
+
+def test_event_log_that_cannot_write_never_fails_a_board(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    (tmp_path / "events.jsonl").mkdir()  # a directory where the log file should be
+    log = EventLog(tmp_path / "events.jsonl")
+
+    async def write() -> None:
+        for event in job_events("j1", "A1", "240ac4000001", Stage.DONE):
+            await log.record(event)
+        await log.close()
+
+    with caplog.at_level("ERROR", logger="station.ledger"):
+        run(write())
+    assert len(caplog.records) == 1 and "cannot write the event log" in caplog.text
