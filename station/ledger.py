@@ -309,18 +309,9 @@ class Ledger:
             return
         await self._acall(lambda conn: _write(conn, event), write=True)
 
-    def record_sync(self, event: Event) -> None:
-        """`record` for threads without a loop (tests, tools)."""
-        if not isinstance(event, Progress):
-            self._call(lambda conn: _write(conn, event), write=True)
-
     def close_interrupted(self, reason: str) -> list[str]:
         """At start: give every job without a final result `failed`; returns their ids."""
         return self._call(lambda conn: _close_interrupted(conn, reason, time.time()), True)
-
-    async def close_interrupted_async(self, reason: str) -> list[str]:
-        return await self._acall(lambda conn: _close_interrupted(conn, reason, time.time()),
-                                 True)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -407,6 +398,9 @@ def _write(conn: sqlite3.Connection, event: Event) -> None:
                      (event.job_id, event.port, event.slot, event.at, event.mac,
                       event.thing_name, event.step, event.certificate_id,
                       event.certificate_arn))
+        # The job shows its certificate from the moment it exists, not only once done.
+        conn.execute("UPDATE jobs SET certificate_id = coalesce(?, certificate_id) "
+                     "WHERE job_id = ?", (event.certificate_id, event.job_id))
     elif isinstance(event, JobFinished):
         conn.execute(
             """UPDATE jobs SET result = ?, error = ?, failed_stage = ?, finished_at = ?,
