@@ -1,0 +1,439 @@
+"""kind = "aws-iot": register boards with AWS IoT Core, crash-safely and idempotently.
+
+Per board (docs/registration.md has the why of each step):
+
+    key-written     EC P-256 key + CSR made here; the key is on disk before AWS is asked
+    cert-created    CreateCertificateFromCsr(setAsActive=False): INACTIVE; id journaled
+    policy-attached AttachPolicy(policy, certificate)
+    thing-created   DescribeThing, else CreateThing (attributes mac, chip, station, firmware)
+    cert-attached   AttachThingPrincipal
+    group-added     AddThingToThingGroup (if a group is configured)
+    cert-activated  UpdateCertificate(ACTIVE): the only step that makes it usable
+
+Each step is journaled (the ledger has it) before the next call, so after a crash
+`reconcile` knows every certificate the station made and how far it got: an ACTIVE
+certificate always has its thing, its key on disk and its ledger rows; anything short
+of "cert-activated" is revoked and deleted. Things are never deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from station.config import AwsSection
+from station.credentials import (
+    CERTIFICATE_FILE,
+    PRIVATE_KEY_FILE,
+    PUBLIC_KEY_FILE,
+    CredentialStore,
+    RegistrationRecord,
+)
+from station.errors import RegistrationError
+from station.events import RegistrationStep
+from station.registrar.aws_client import AwsError, IotClient
+from station.registrar.base import BoardFacts, DeviceCredentials, Journal, journaled
+from station.registrar.keys import (
+    certificate_key_matches,
+    csr_pem,
+    key_pair_matches,
+    new_key,
+    private_key_pem,
+    public_key_pem,
+)
+from station.registrar.policy import load_policy, same_policy
+
+log = logging.getLogger("station.registrar.aws")
+
+NOT_FOUND = "ResourceNotFoundException"
+ATTRIBUTE_VALUE = re.compile(r"[^a-zA-Z0-9_.,@/:#=\[\]-]")
+ATTRIBUTE_MAX = 800
+DELETE_CONFLICT_TIMEOUT = 30.0
+"""AWS detaches a thing's principal asynchronously; DeleteCertificate may need a retry."""
+
+
+def attribute_value(value: str) -> str:
+    """AWS thing attribute values allow [a-zA-Z0-9_.,@/:#=[]-], at most 800 characters."""
+    return ATTRIBUTE_VALUE.sub("_", value)[:ATTRIBUTE_MAX]
+
+
+def _cert_id(arn: str) -> str:
+    return arn.rsplit("/", 1)[-1]
+
+
+class AwsIotRegistrar:
+    """Registers boards as AWS IoT things with a certificate each."""
+
+    kind = "aws-iot"
+
+    def __init__(self, section: AwsSection, store: CredentialStore, *, station: str,
+                 emit_throttled: Callable[[str], None] | None = None) -> None:
+        self.section = section
+        self.store = store
+        self.station = station
+        self.iot = IotClient(region=section.region, endpoint_url=section.endpoint_url,
+                             profile=section.profile, retry_mode=section.retry_mode,
+                             max_attempts=section.max_attempts, tps=section.tps,
+                             on_throttled=emit_throttled)
+        self.endpoint = ""
+        self.policy_arn = ""
+
+    # -- start ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Credentials, region and endpoint, permissions, policy, thing type and group."""
+        document = load_policy(self.section.policy_document)
+        await self.iot.open()
+        reply = await self.iot.call("DescribeEndpoint", endpointType="iot:Data-ATS")
+        self.endpoint = str(reply["endpointAddress"])
+        await self._probe_permissions()
+        await self._ensure_policy(document, self.section.policy_document)
+        if self.section.thing_type:
+            await self._ensure("DescribeThingType", "CreateThingType", "thingTypeName",
+                               self.section.thing_type)
+        if self.section.thing_group:
+            await self._ensure("DescribeThingGroup", "CreateThingGroup", "thingGroupName",
+                               self.section.thing_group)
+        log.info("AWS IoT ready: endpoint %s, policy %s", self.endpoint,
+                 self.section.policy_name)
+
+    async def _probe_permissions(self) -> None:
+        """Read-only calls on names that do not exist: AccessDenied names a missing action.
+
+        The creating calls cannot be probed without creating something; a missing one
+        fails the first board with the action named.
+        """
+        probe = "station-permission-probe"
+        for api, params in (("DescribeThing", {"thingName": probe}),
+                            ("ListThingPrincipals", {"thingName": probe}),
+                            ("DescribeCertificate", {"certificateId": "0" * 64})):
+            try:
+                await self.iot.call(api, **params)
+            except AwsError as e:
+                if e.code in (NOT_FOUND, "InvalidRequestException"):
+                    continue
+                raise
+
+    async def _ensure_policy(self, document: dict[str, Any], path: Path) -> None:
+        """Create the policy from the document, or check AWS's copy says the same.
+
+        An existing policy with another document is an error, not an update: changing it
+        changes what every device of the fleet may do, which is a decision for a person.
+        """
+        name = self.section.policy_name
+        try:
+            reply = await self.iot.call("GetPolicy", policyName=name)
+        except AwsError as e:
+            if e.code != NOT_FOUND:
+                raise
+        else:
+            if not same_policy(str(reply.get("policyDocument", "")), document):
+                raise RegistrationError(
+                    f"AWS IoT policy {name!r} exists with a document different from {path}; "
+                    f"update it deliberately (aws iot create-policy-version --policy-name "
+                    f"{name} --set-as-default --policy-document file://{path}) or set "
+                    "[registrar.aws] policy_name to a new name")
+            self.policy_arn = str(reply.get("policyArn", ""))
+            return
+        import json
+
+        try:
+            reply = await self.iot.call("CreatePolicy", policyName=name,
+                                        policyDocument=json.dumps(document))
+        except AwsError as e:
+            if e.code == "MalformedPolicyException":
+                raise RegistrationError(f"AWS rejected the policy document {path}: "
+                                        f"{e}") from None
+            if e.code == "ResourceAlreadyExistsException":  # another station, just now
+                return await self._ensure_policy(document, path)
+            raise
+        self.policy_arn = str(reply.get("policyArn", ""))
+        log.info("created AWS IoT policy %s from %s", name, path)
+
+    async def _ensure(self, describe: str, create: str, key: str, name: str) -> None:
+        try:
+            await self.iot.call(describe, **{key: name})
+        except AwsError as e:
+            if e.code != NOT_FOUND:
+                raise
+            try:
+                await self.iot.call(create, **{key: name})
+            except AwsError as e2:
+                if e2.code != "ResourceAlreadyExistsException":
+                    raise
+            log.info("created %s %s", key.removesuffix("Name"), name)
+
+    # -- one board --------------------------------------------------------------------
+
+    async def register(self, board: BoardFacts, journal: Journal) -> DeviceCredentials:
+        if not self.endpoint:
+            raise RegistrationError("AWS IoT registrar used before start()")
+        journal = journaled(journal)
+        thing = board.thing_name
+        record = await self.store.read_record(thing)
+        thing_info = await self._describe_thing(thing)
+        held: tuple[str, str] | None = None
+        retired: set[str] = set()
+        if thing_info is not None:
+            attached = [p for p in await self._principals(thing) if ":cert/" in p]
+            for arn in attached:
+                cid = _cert_id(arn)
+                if held is None and await self._holds(thing, record, cid):
+                    held = (cid, arn)
+                elif self._station_made(record, thing_info, cid):
+                    log.info("%s: replacing certificate %s (the station lacks its key)",
+                             thing, cid[:12])
+                    await self._retire(thing, cid, arn, journal)
+                    retired.add(cid)
+                else:
+                    log.warning("%s: certificate %s was not made by this station; left "
+                                "attached", thing, cid[:12])
+        if record is not None and record.certificate_id and held is None \
+                and record.status != "retired" and record.certificate_id not in retired:
+            # made before a crash but never attached: clean it before making another
+            await self._retire(thing, record.certificate_id, record.certificate_arn, journal)
+        if held is not None:
+            log.info("%s: reusing certificate %s", thing, held[0][:12])
+            return await self._complete(board, held[0], held[1], journal, thing_info)
+        if self.section.key_source == "aws":
+            cid, arn = await self._keys_from_aws(board, record, journal)
+        else:
+            cid, arn = await self._keys_from_csr(board, record, journal)
+        return await self._complete(board, cid, arn, journal, thing_info)
+
+    async def _keys_from_csr(self, board: BoardFacts, record: RegistrationRecord | None,
+                             journal: Journal) -> tuple[str, str]:
+        thing = board.thing_name
+        key = new_key()
+        await self.store.write_key(thing, private_key_pem(key), public_key_pem(key.public_key()))
+        await self._record(board, record, status="pending", certificate_id=None)
+        await journal("key-written", None, None)
+        reply = await self.iot.call("CreateCertificateFromCsr",
+                                    certificateSigningRequest=csr_pem(key, thing),
+                                    setAsActive=False)
+        cid, arn = str(reply["certificateId"]), str(reply["certificateArn"])
+        await journal("cert-created", cid, arn)
+        await self.store.write_certificate(thing, str(reply["certificatePem"]))
+        await self._record(board, record, status="pending", certificate_id=cid,
+                           certificate_arn=arn)
+        return cid, arn
+
+    async def _keys_from_aws(self, board: BoardFacts, record: RegistrationRecord | None,
+                             journal: Journal) -> tuple[str, str]:
+        """The seed's way: AWS makes the key pair (it crosses the network once, over TLS)."""
+        thing = board.thing_name
+        reply = await self.iot.call("CreateKeysAndCertificate", setAsActive=False)
+        cid, arn = str(reply["certificateId"]), str(reply["certificateArn"])
+        await journal("cert-created", cid, arn)
+        pair = reply["keyPair"]
+        await self.store.write_key(thing, str(pair["PrivateKey"]), str(pair["PublicKey"]))
+        await self.store.write_certificate(thing, str(reply["certificatePem"]))
+        await self._record(board, record, status="pending", certificate_id=cid,
+                           certificate_arn=arn)
+        await journal("key-written", cid, arn)
+        return cid, arn
+
+    async def _complete(self, board: BoardFacts, cid: str, arn: str, journal: Journal,
+                        thing_info: dict[str, Any] | None) -> DeviceCredentials:
+        """Policy, thing, attachment, group, then (and only then) ACTIVE."""
+        thing = board.thing_name
+        await self.iot.call("AttachPolicy", policyName=self.section.policy_name, target=arn)
+        await journal("policy-attached", cid, arn)
+        await self._ensure_thing(board, thing_info)
+        await journal("thing-created", cid, arn)
+        await self.iot.call("AttachThingPrincipal", thingName=thing, principal=arn)
+        await journal("cert-attached", cid, arn)
+        if self.section.thing_group:
+            await self.iot.call("AddThingToThingGroup", thingGroupName=self.section.thing_group,
+                                thingName=thing)
+            await journal("group-added", cid, arn)
+        await self.iot.call("UpdateCertificate", certificateId=cid, newStatus="ACTIVE")
+        await journal("cert-activated", cid, arn)
+        record = await self.store.read_record(thing)
+        await self._record(board, record, status="active", certificate_id=cid,
+                           certificate_arn=arn)
+        creds = await self.store.read_credentials(thing)
+        if creds is None:
+            raise RegistrationError(f"{thing}: the credentials in {self.store.folder(thing)} "
+                                    "vanished during registration")
+        return creds
+
+    async def _ensure_thing(self, board: BoardFacts, info: dict[str, Any] | None) -> None:
+        attributes = {
+            "mac": attribute_value(board.identity.mac),
+            "chip": attribute_value(board.identity.chip),
+            "station": attribute_value(self.station),
+            "firmware": attribute_value(board.firmware_hash),
+        }
+        thing = board.thing_name
+        if info is None:
+            params: dict[str, Any] = {"thingName": thing,
+                                      "attributePayload": {"attributes": attributes}}
+            if self.section.thing_type:
+                params["thingTypeName"] = self.section.thing_type
+            try:
+                await self.iot.call("CreateThing", **params)
+                return
+            except AwsError as e:
+                if e.code != "ResourceAlreadyExistsException":
+                    raise
+                info = await self._describe_thing(thing) or {}
+        if any(info.get("attributes", {}).get(k) != v for k, v in attributes.items()):
+            await self.iot.call("UpdateThing", thingName=thing,
+                                attributePayload={"attributes": attributes, "merge": True})
+
+    async def _record(self, board: BoardFacts, record: RegistrationRecord | None, *,
+                      status: str, certificate_id: str | None,
+                      certificate_arn: str | None = None) -> None:
+        history = list(record.history) if record else []
+        if certificate_id and certificate_id not in history:
+            history.append(certificate_id)
+        await self.store.write_record(RegistrationRecord(
+            thing_name=board.thing_name, registrar=self.kind, status=status,
+            certificate_id=certificate_id, certificate_arn=certificate_arn,
+            endpoint=self.endpoint, mac=board.identity.mac, chip=board.identity.chip,
+            key_source=self.section.key_source,
+            created_at=record.created_at if record else time.time(), history=history))
+
+    # -- what is there ----------------------------------------------------------------
+
+    async def _describe_thing(self, thing: str) -> dict[str, Any] | None:
+        try:
+            return await self.iot.call("DescribeThing", thingName=thing)
+        except AwsError as e:
+            if e.code == NOT_FOUND:
+                return None
+            raise
+
+    async def _principals(self, thing: str) -> list[str]:
+        principals: list[str] = []
+        token: str | None = None
+        while True:
+            params: dict[str, Any] = {"thingName": thing}
+            if token:
+                params["nextToken"] = token
+            try:
+                reply = await self.iot.call("ListThingPrincipals", **params)
+            except AwsError as e:
+                if e.code == NOT_FOUND:
+                    return principals
+                raise
+            principals += [str(p) for p in reply.get("principals", [])]
+            token = reply.get("nextToken")
+            if not token:
+                return principals
+
+    async def _holds(self, thing: str, record: RegistrationRecord | None, cid: str) -> bool:
+        """Whether the station holds the key of certificate `cid` (so it can be reused)."""
+        if record is None or record.certificate_id != cid or record.private_key_dropped:
+            return False
+        key = await self.store.read_text(thing, PRIVATE_KEY_FILE)
+        public = await self.store.read_text(thing, PUBLIC_KEY_FILE)
+        cert = await self.store.read_text(thing, CERTIFICATE_FILE)
+        if key is None or public is None or cert is None or not key_pair_matches(key, public):
+            return False
+        if certificate_key_matches(cert, public) is False:
+            return False  # None: moto's CSR certificates carry a key of moto's own
+        try:
+            reply = await self.iot.call("DescribeCertificate", certificateId=cid)
+        except AwsError as e:
+            if e.code == NOT_FOUND:
+                return False
+            raise
+        status = reply.get("certificateDescription", {}).get("status")
+        return status in ("ACTIVE", "INACTIVE")
+
+    def _station_made(self, record: RegistrationRecord | None, thing_info: dict[str, Any],
+                      cid: str) -> bool:
+        """Certificates the station's records name, or any on a thing this station made."""
+        if record is not None and cid in record.history:
+            return True
+        made_by = thing_info.get("attributes", {}).get("station")
+        return bool(made_by) and made_by == attribute_value(self.station)
+
+    # -- clean-up ---------------------------------------------------------------------
+
+    async def _retire(self, thing: str, cid: str, arn: str | None, journal: Journal) -> bool:
+        """Revoke, detach and delete one certificate; False if it was already gone.
+
+        Revoked first, so it is unusable before anything else happens to it."""
+        try:
+            await self.iot.call("UpdateCertificate", certificateId=cid, newStatus="REVOKED")
+        except AwsError as e:
+            if e.code != NOT_FOUND:
+                raise
+            await self._forget(thing, cid)
+            return False
+        await journal("cert-revoked", cid, arn)
+        if arn is None:
+            reply = await self.iot.call("DescribeCertificate", certificateId=cid)
+            arn = str(reply["certificateDescription"]["certificateArn"])
+        await self._ignore_missing("DetachThingPrincipal", thingName=thing, principal=arn)
+        await self._ignore_missing("DetachPolicy", policyName=self.section.policy_name,
+                                   target=arn)
+        deadline = time.monotonic() + DELETE_CONFLICT_TIMEOUT
+        delay = 0.2
+        while True:
+            try:
+                await self.iot.call("DeleteCertificate", certificateId=cid, forceDelete=True)
+                break
+            except AwsError as e:
+                if e.code == NOT_FOUND:
+                    break
+                if e.code != "DeleteConflictException" or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(delay)  # AWS detaches asynchronously: back off, retry
+                delay = min(delay * 2, 5.0)
+        await journal("cert-deleted", cid, arn)
+        await self._forget(thing, cid)
+        return True
+
+    async def _ignore_missing(self, api: str, **params: Any) -> None:
+        try:
+            await self.iot.call(api, **params)
+        except AwsError as e:
+            if e.code not in (NOT_FOUND, "InvalidRequestException"):
+                raise
+
+    async def _forget(self, thing: str, cid: str) -> None:
+        record = await self.store.read_record(thing)
+        if record is not None and record.certificate_id == cid:
+            await self.store.remove_certificate(thing)
+            record.status = "retired"
+            await self.store.write_record(record)
+
+    async def reconcile(self, steps: Sequence[RegistrationStep],
+                        journal_for: Callable[[str, str], Journal]) -> list[str]:
+        """Every certificate the journal shows short of "cert-activated" is revoked and
+        deleted (its thing stays; the board registers again when plugged)."""
+        seen: dict[str, list[RegistrationStep]] = {}
+        for step in steps:
+            if step.certificate_id:
+                seen.setdefault(step.certificate_id, []).append(step)
+        done: list[str] = []
+        for cid, cert_steps in seen.items():
+            names = {s.step for s in cert_steps}
+            if "cert-deleted" in names or "cert-activated" in names:
+                continue
+            last = cert_steps[-1]
+            arn = next((s.certificate_arn for s in cert_steps if s.certificate_arn), None)
+            journal = journaled(journal_for(last.mac, last.thing_name))
+            try:
+                gone = await self._retire(last.thing_name, cid, arn, journal)
+            except AwsError as e:
+                done.append(f"{last.thing_name}: certificate {cid[:12]} left as it is: {e}")
+                continue
+            if gone:
+                done.append(f"{last.thing_name}: certificate {cid[:12]} was interrupted after "
+                            f"{last.step}: revoked and deleted")
+            else:
+                await journal("cert-deleted", cid, arn)  # close its journal: nothing to do
+        return done
+
+    async def close(self) -> None:
+        await self.iot.close()

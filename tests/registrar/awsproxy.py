@@ -1,0 +1,203 @@
+"""Test helpers: a moto server subprocess and a loopback proxy in front of it.
+
+The proxy names each request's IoT operation (from botocore's own service model), counts
+them, and can misbehave like AWS does: answer a share of calls with ThrottlingException,
+deny chosen actions with AccessDeniedException (or any other error), and drop
+`setAsActive` from CreateCertificateFromCsr so moto creates the certificate INACTIVE as
+AWS does (MOTO-NOTES #2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import random
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import botocore.session
+
+START_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """`python -m moto.server` on a free loopback port; yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"moto server did not listen on {port} in {START_TIMEOUT}s")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.05)  # the pause between tries; also notices an exit
+                raise RuntimeError(f"moto server exited with {proc.returncode}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def reset_moto(url: str) -> None:
+    parsed = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=10)
+    try:
+        conn.request("POST", "/moto-api/reset")
+        conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+class _Routes:
+    """(method, path, query) -> IoT operation name, from botocore's model of the API."""
+
+    def __init__(self) -> None:
+        model = botocore.session.get_session().get_service_model("iot")
+        self.routes: list[tuple[str, re.Pattern[str], set[str], int, str]] = []
+        for name in model.operation_names:
+            http_ = model.operation_model(name).http
+            uri = http_["requestUri"]
+            path, _, query = uri.partition("?")
+            literal_query = {q.split("=")[0] for q in query.split("&") if q and "{" not in q}
+            pattern = "^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(path)) + "$"
+            pattern = pattern.replace(r"[^/]+\+", ".+")
+            placeholders = path.count("{")
+            self.routes.append((http_["method"], re.compile(pattern), literal_query,
+                                placeholders, name))
+
+    def name(self, method: str, path: str, query: dict[str, list[str]]) -> str:
+        best: tuple[int, str] | None = None
+        for m, pattern, needed, placeholders, name in self.routes:
+            if m != method or not pattern.match(path) or not needed <= set(query):
+                continue
+            score = placeholders - 10 * len(needed)
+            if best is None or score < best[0]:
+                best = (score, name)
+        return best[1] if best else f"{method} {path}"
+
+
+ROUTES = _Routes()
+
+
+class AwsProxy:
+    """A loopback HTTP proxy to `target`; configure its faults, read `calls`."""
+
+    def __init__(self, target: str, *, throttle_share: float = 0.0, seed: int = 4,
+                 deny: dict[str, str] | None = None, drop_set_as_active: bool = True,
+                 throttle_only: set[str] | None = None) -> None:
+        parsed = urllib.parse.urlsplit(target)
+        self.host, self.port_to = str(parsed.hostname), int(parsed.port or 80)
+        self.throttle_share = throttle_share
+        self.throttle_only = throttle_only
+        self.deny = dict(deny or {})  # operation -> error code
+        self.drop_set_as_active = drop_set_as_active
+        self.calls: Counter[str] = Counter()
+        self.throttled: Counter[str] = Counter()
+        self.order: list[str] = []
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> AwsProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+    def _decide(self, op: str) -> str | None:
+        with self._lock:
+            self.calls[op] += 1
+            self.order.append(op)
+            if op in self.deny:
+                return self.deny[op]
+            eligible = self.throttle_only is None or op in self.throttle_only
+            if eligible and self.throttle_share and self._random.random() < self.throttle_share:
+                self.throttled[op] += 1
+                return "ThrottlingException"
+        return None
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                return None
+
+            def _any(self) -> None:
+                url = urllib.parse.urlsplit(self.path)
+                query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                op = ROUTES.name(self.command, urllib.parse.unquote(url.path), query)
+                fault = proxy._decide(op)
+                if fault is not None:
+                    status = 400 if fault != "AccessDeniedException" else 403
+                    payload = json.dumps({"message": f"injected {fault} for {op}"}).encode()
+                    self.send_response(status)
+                    self.send_header("x-amzn-ErrorType", f"{fault}:")
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                path = self.path
+                if op == "CreateCertificateFromCsr" and proxy.drop_set_as_active:
+                    query.pop("setAsActive", None)
+                    path = url.path + ("?" + urllib.parse.urlencode(query, doseq=True)
+                                       if query else "")
+                conn = http.client.HTTPConnection(proxy.host, proxy.port_to, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items()
+                               if k.lower() not in ("host", "connection")}
+                    conn.request(self.command, path, body=body, headers=headers)
+                    reply = conn.getresponse()
+                    data = reply.read()
+                    self.send_response(reply.status)
+                    for k, v in reply.getheaders():
+                        if k.lower() not in ("transfer-encoding", "connection",
+                                             "content-length", "server", "date"):
+                            self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                finally:
+                    conn.close()
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
+
+        return Handler
