@@ -114,6 +114,7 @@ class Board:
         self._on_unplug = on_unplug
         self.bytes_received = 0
         self.sessions = 0  # host opens seen, for tests and logs
+        self.baud_changes: list[int] = []  # CHANGE_BAUDRATE rates received, ever
         self.log = logging.getLogger(f"{__name__}.{mac.hex(':')}")
         self._reset()
 
@@ -274,6 +275,7 @@ class Board:
             new, _old = struct.unpack("<II", data)
             await self._reply(op)
             self.uart_baud = new
+            self.baud_changes.append(new)
             self.log.debug("baud rate changed to %d", new)
         elif op in (FLASH_BEGIN, FLASH_DEFL_BEGIN):
             await self._flash_begin(op, data)
