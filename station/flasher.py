@@ -1,0 +1,466 @@
+"""The serial edge: esptool's loader driven from one thread per board.
+
+`EsptoolFlasher.open(port)` connects (sync, chip detection, stub, baud change, flash
+attach) and returns an `EsptoolSession`, which implements `parts.BoardSession`.
+
+Why it looks the way it does:
+
+- esptool is blocking. Each session owns a single-thread executor, so 16 boards get 16
+  threads; asyncio's default pool has only min(32, cores + 4) = 6 threads on two cores,
+  and the seventh board would queue behind the others.
+- esptool's logger is one process-wide object. It is replaced (once) by a logger that
+  sends everything to `logging.getLogger("station.flasher")` with the port in the
+  message, so sixteen threads do not print "Connecting...." into the live dashboard.
+  Progress comes from our own write loop instead of `cmds.write_flash`.
+- The write loop sends the data blocks itself. esptool's `command()` formats every packet
+  it sends for its trace log, enabled or not (~11 ms of CPU per 16 KB block, twice), and
+  its checksum loops over each byte in Python: about 25 ms of CPU per block, which at 16
+  boards on two cores is the difference between keeping up with 921600 baud and not.
+  Begin/finish and everything else go through esptool's loader unchanged.
+- Cancellation: `close()` aborts the serial port first (pending and later reads/writes
+  fail at once), so a thread blocked in esptool finishes within milliseconds, then closes
+  the port from that thread (never closing a file descriptor another thread is using).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import serial
+from esp_pylib.logger import EspLog, EspLogBase
+from esptool import reset as esptool_reset
+from esptool.cmds import attach_flash, detect_chip, detect_flash_size, run_stub
+from esptool.loader import DEFAULT_TIMEOUT, ERASE_WRITE_TIMEOUT_PER_MB, MAX_TIMEOUT, timeout_per_mb
+from esptool.util import FatalError, PrintOnce, flash_size_bytes
+
+from station.errors import (
+    FlashError,
+    NotAnEspError,
+    PortError,
+    StationError,
+    VerifyError,
+    WrongChipError,
+)
+from station.firmware import xor_checksum
+from station.parts import BoardIdentity, ProgressFn, Region
+
+log = logging.getLogger("station.flasher")
+T = TypeVar("T")
+
+ROM_BAUD = 115200
+CLOSE_TIMEOUT = 10.0  # an aborted port makes esptool fail in milliseconds; this is a guard
+PROGRESS_INTERVAL = 0.1  # at most ~10 progress callbacks per second per board
+WRITE_BLOCK_ATTEMPTS = 3  # as esptool's flash_block / flash_defl_block
+PACKET_HEADER = struct.Struct("<BBHI")
+BLOCK_HEADER = struct.Struct("<IIII")
+# Connect failures that mean "something answers, but it is not an ESP bootloader".
+NOT_ESP_SIGNS = ("Invalid head of packet", "Invalid SLIP escape", "Unexpected chip",
+                 "Failed to autodetect", "Response doesn't match request")
+
+
+def chip_name(esp: Any) -> str:
+    """esptool's "ESP32-S3" -> our "esp32s3"."""
+    return str(esp.CHIP_NAME).lower().replace("-", "")
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# -- esptool's process-wide logger, routed to logging ------------------------------------
+
+_local = threading.local()
+
+
+def _port_tag() -> str:
+    return getattr(_local, "port", None) or threading.current_thread().name
+
+
+class _EsptoolToLogging(EspLogBase):
+    """Everything esptool says becomes a DEBUG/WARNING record naming the port."""
+
+    def _emit(self, level: int, args: tuple[Any, ...]) -> None:
+        text = " ".join(str(a) for a in args).strip()
+        if text and text.strip(".") and log.isEnabledFor(level):
+            log.log(level, "%s: esptool: %s", _port_tag(), text)
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        self._emit(logging.DEBUG, args)
+
+    def note(self, *args: Any) -> None:
+        self._emit(logging.DEBUG, args)
+
+    def hint(self, *args: Any) -> None:
+        self._emit(logging.DEBUG, args)
+
+    def debug(self, *args: Any) -> None:
+        self._emit(logging.DEBUG, args)
+
+    def warn(self, *args: Any, suggestion: str | None = None) -> None:
+        self._emit(logging.WARNING, args)
+
+    def err(self, *args: Any, suggestion: str | None = None) -> None:
+        self._emit(logging.WARNING, args)
+
+    warning = warn
+    error = err
+
+    def set_verbosity(self, mode: int | str) -> None:
+        pass
+
+    def progress_bar(self, cur_iter: int, total_iters: int, prefix: str = "",
+                     suffix: str = "", bar_length: int = 30) -> None:
+        pass
+
+
+_install_lock = threading.Lock()
+
+
+def quiet_esptool() -> None:
+    """Replace esptool's stdout logger with ours (idempotent, process-wide)."""
+    with _install_lock:
+        if isinstance(EspLog.instance, _EsptoolToLogging):
+            return
+        EspLog.instance = _EsptoolToLogging()
+        # bound to the old logger when esptool was imported; it warns about DTR/RTS
+        esptool_reset.ResetStrategy.print_once = PrintOnce(EspLog.instance.warn)
+
+
+# -- the serial port ----------------------------------------------------------------------
+
+
+class _Port(serial.Serial):
+    """A serial port that can be aborted from another thread.
+
+    After `abort()`, a read or write blocked in select() wakes up and every later one
+    raises at once, so esptool (retries and all) gives up within milliseconds.
+    """
+
+    aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        with contextlib.suppress(Exception):
+            self.cancel_read()
+        with contextlib.suppress(Exception):
+            self.cancel_write()
+
+    def _check(self) -> None:
+        if self.aborted:
+            raise serial.SerialException(f"{self.port}: closed by the station")
+
+    def read(self, size: int = 1) -> bytes:
+        self._check()
+        data: bytes = super().read(size)
+        self._check()
+        return data
+
+    def write(self, data: Any) -> int | None:
+        self._check()
+        return super().write(data)
+
+
+@functools.lru_cache(maxsize=64)
+def _inflated_sizes(compressed: bytes, block: int) -> tuple[int, ...]:
+    """How many flash bytes each compressed block becomes: computed once per image, not
+    once per board (the timeouts and the progress depend on it)."""
+    inflate = zlib.decompressobj()
+    view = memoryview(compressed)
+    return tuple(len(inflate.decompress(view[i:i + block]))
+                 for i in range(0, len(compressed), block))
+
+
+def _defl_block_timeout(esp: Any, inflated: int) -> float:
+    """esptool's `_get_flash_defl_block_timeout`: the stub may erase while it inflates."""
+    size = inflated
+    if esp.IS_STUB:
+        size += (-(-inflated // (32 * 1024)) + 1) * 64 * 1024
+    return float(timeout_per_mb(ERASE_WRITE_TIMEOUT_PER_MB, size))
+
+
+# -- the flasher and its sessions ----------------------------------------------------------
+
+
+class EsptoolFlasher:
+    """Opens boards with esptool; implements `parts.Flasher`.
+
+    `baud`: the rate after the stub runs (the ROM always starts at 115200).
+    `chip`: the chip the firmware is for; a board of another chip still opens (so
+    `identify()` can name it) but gets no stub, and `write()` refuses it.
+    `connect_attempts`: esptool's reset+sync attempts (~0.8 s each when nothing answers).
+    """
+
+    def __init__(self, baud: int = 921600, chip: str | None = None, connect_attempts: int = 4,
+                 trace: bool = False, progress_interval: float = PROGRESS_INTERVAL) -> None:
+        self.baud = baud
+        self.chip = chip
+        self.connect_attempts = connect_attempts
+        self.trace = trace
+        self.progress_interval = progress_interval
+        quiet_esptool()
+
+    async def open(self, port: str) -> EsptoolSession:
+        session = EsptoolSession(port, self)
+        try:
+            await session.call("connect", session.connect_blocking)
+        except BaseException:
+            await asyncio.shield(session.close())
+            raise
+        return session
+
+
+class EsptoolSession:
+    """One open, synced board; every esptool call runs on this session's own thread."""
+
+    def __init__(self, port: str, flasher: EsptoolFlasher) -> None:
+        self.port = port
+        self.flasher = flasher
+        self.name = Path(port).name
+        self.esp: Any = None
+        self.identity: BoardIdentity | None = None
+        self._serial: _Port | None = None
+        self._closed = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"flash-{self.name}",
+                                            initializer=self._init_thread)
+
+    def _init_thread(self) -> None:
+        _local.port = self.port
+
+    # -- plumbing --
+
+    async def call(self, stage: str, fn: Callable[[], T]) -> T:
+        """Run `fn` on the session's thread; esptool and serial errors become ours."""
+        if self._closed:
+            raise PortError(f"{self.port}: the session is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._guarded, stage, fn)
+
+    def _guarded(self, stage: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except StationError:
+            raise
+        except (serial.SerialException, OSError) as e:
+            if self._serial is not None and self._serial.aborted:
+                raise PortError(f"{self.port}: {stage} stopped: the port was closed") from e
+            raise PortError(f"{self.port}: {stage}: the serial port failed ({first_line(e)}); "
+                            "was the board unplugged?") from e
+        except FatalError as e:
+            if self._serial is not None and self._serial.aborted:
+                raise PortError(f"{self.port}: {stage} stopped: the port was closed") from e
+            message = first_line(e)
+            if stage == "connect":
+                if any(sign in str(e) for sign in NOT_ESP_SIGNS):
+                    raise NotAnEspError(f"{self.port}: something answers, but not an ESP "
+                                        f"bootloader ({message})") from e
+                raise PortError(f"{self.port}: no answer from an ESP bootloader ({message}); "
+                                "is the board in download mode?") from e
+            raise FlashError(f"{self.port}: {stage}: {message}") from e
+
+    # -- blocking parts (session thread) --
+
+    def connect_blocking(self) -> None:
+        opts = self.flasher
+        port = _Port()
+        port.port = self.port
+        port.baudrate = ROM_BAUD
+        port.exclusive = True  # two sessions on one port would corrupt each other
+        try:
+            port.open()
+        except serial.SerialException as e:
+            raise PortError(f"{self.port}: cannot open: {first_line(e)}") from e
+        self._serial = port
+        esp = detect_chip(port, ROM_BAUD, trace_enabled=opts.trace,
+                          connect_attempts=opts.connect_attempts)
+        self.esp = esp
+        chip = chip_name(esp)
+        if opts.chip is not None and chip != opts.chip:
+            log.info("%s: %s board, firmware is for %s: not loading the stub", self.port, chip,
+                     opts.chip)
+            return
+        esp = self.esp = run_stub(esp)
+        if opts.baud != ROM_BAUD:
+            esp.change_baud(opts.baud)
+        attach_flash(esp)
+        if not esp.secure_download_mode:
+            size = detect_flash_size(esp)
+            if size is not None:  # as write_flash's flash_size="keep"
+                esp.flash_set_parameters(flash_size_bytes(size))
+        log.debug("%s: connected to %s (stub %s) at %d baud", self.port, chip, esp.IS_STUB,
+                  opts.baud)
+
+    def _identify_blocking(self) -> BoardIdentity:
+        esp = self.esp
+        mac = bytes(esp.read_mac()).hex()
+        size = None
+        if esp.IS_STUB and not esp.secure_download_mode:
+            text = detect_flash_size(esp)
+            size = flash_size_bytes(text) if text else None
+        return BoardIdentity(chip=chip_name(esp), mac=mac, flash_size=size)
+
+    def _command(self, op: int, payload: bytes, chk: int, timeout: float, what: str) -> None:
+        """esptool's check_command for one data packet, minus its per-byte Python work."""
+        esp = self.esp
+        packet = PACKET_HEADER.pack(0, op, len(payload), chk) + payload
+        frame = b"\xc0" + packet.replace(b"\xdb", b"\xdb\xdd").replace(b"\xc0", b"\xdb\xdc") \
+            + b"\xc0"
+        port = esp._port
+        saved = port.timeout
+        port.timeout = min(timeout, MAX_TIMEOUT)
+        try:
+            port.write(frame)
+            for _ in range(100):  # skip stale replies, as esptool's command() does
+                reply = esp.read()
+                if len(reply) < 8:
+                    continue
+                resp, op_ret, _, _ = PACKET_HEADER.unpack_from(reply)
+                if resp == 1 and op_ret == op:
+                    status = reply[8:10]
+                    if len(status) < 2 or status[0] != 0:
+                        raise FatalError.WithResult(f"Failed to {what}", status)
+                    return
+            raise FatalError(f"Failed to {what}: no matching reply")
+        finally:
+            port.timeout = saved
+
+    def _write_blocking(self, region: Region, report: Callable[[int], None]) -> None:
+        esp = self.esp
+        size = len(region.data)
+        block = esp.FLASH_WRITE_SIZE
+        deflate = len(region.compressed) < size and (esp.IS_STUB or esp.CHIP_NAME == "ESP32")
+        started = time.monotonic()
+        done = 0
+        timeout = DEFAULT_TIMEOUT
+        if deflate:
+            # Sizes come from the shared cache: one inflate per image, not per board.
+            sizes = _inflated_sizes(region.compressed, block)
+            esp.flash_defl_begin(size, len(region.compressed), region.offset)
+            view = memoryview(region.compressed)
+            op = esp.ESP_CMDS["FLASH_DEFL_DATA"]
+        else:  # incompressible data goes raw, as write_flash does
+            sizes = tuple(min(block, size - i) for i in range(0, size, block))
+            esp.flash_begin(size, region.offset)
+            view = memoryview(region.data)
+            op = esp.ESP_CMDS["FLASH_DATA"]
+        for seq, inflated in enumerate(sizes):
+            chunk: bytes | memoryview = view[seq * block:(seq + 1) * block]
+            if not deflate and len(chunk) < block:
+                chunk = bytes(chunk) + b"\xff" * (block - len(chunk))  # whole blocks only
+            if deflate and not esp.IS_STUB:
+                timeout = _defl_block_timeout(esp, inflated)
+            payload = BLOCK_HEADER.pack(len(chunk), seq, 0, 0) + chunk
+            chk = xor_checksum(chunk)
+            what = f"write to flash at 0x{region.offset + done:x} (block {seq})"
+            for attempt in range(WRITE_BLOCK_ATTEMPTS, 0, -1):
+                try:
+                    self._command(op, payload, chk, timeout, what)
+                    break
+                except FatalError:
+                    if attempt == 1 or (self._serial is not None and self._serial.aborted):
+                        raise
+                    log.info("%s: %s failed, retrying", self.port, what)
+            if deflate and esp.IS_STUB:
+                # the stub ACKs a block at once and writes it while the next one arrives
+                timeout = _defl_block_timeout(esp, inflated)
+            done += inflated
+            report(done)
+        if esp.IS_STUB:  # wait until the last block is really in flash
+            if deflate:
+                esp.flash_defl_finish(reboot=False, timeout=timeout)
+            else:
+                esp.flash_finish(reboot=False, timeout=timeout)
+        log.debug("%s: wrote %s (%d B, %d B sent) at 0x%x in %.2fs", self.port, region.name,
+                  size, len(region.compressed) if deflate else size, region.offset,
+                  time.monotonic() - started)
+
+    def _verify_blocking(self, region: Region) -> None:
+        md5 = self.esp.flash_md5sum(region.offset, len(region.data))
+        if md5 != region.md5:
+            empty = md5 == _erased_md5(len(region.data))
+            raise VerifyError(f"{self.port}: {region.name} at 0x{region.offset:x}: flash MD5 "
+                              f"{md5} != image MD5 {region.md5}"
+                              + (" (the region is erased: the write did not land)"
+                                 if empty else ""))
+
+    def _reset_blocking(self) -> None:
+        # On a pty, setting DTR/RTS fails with ENOTTY: esptool warns once and goes on.
+        self.esp.hard_reset()
+
+    def _close_blocking(self) -> None:
+        if self._serial is not None:
+            with contextlib.suppress(Exception):
+                self._serial.close()
+
+    # -- BoardSession --
+
+    async def identify(self) -> BoardIdentity:
+        if self.identity is None:
+            self.identity = await self.call("identify", self._identify_blocking)
+        return self.identity
+
+    async def write(self, region: Region, progress: ProgressFn) -> None:
+        if self.flasher.chip is not None and chip_name(self.esp) != self.flasher.chip:
+            raise WrongChipError(chip_name(self.esp), self.flasher.chip)
+        loop = asyncio.get_running_loop()
+        total = len(region.data)
+        interval = self.flasher.progress_interval
+        last = [0.0]
+
+        def deliver(done: int, total: int) -> None:
+            if not self._closed:
+                progress(done, total)
+
+        def report(done: int) -> None:  # session thread
+            now = time.monotonic()
+            if done >= total or now - last[0] >= interval:
+                last[0] = now
+                with contextlib.suppress(RuntimeError):  # the loop is closing
+                    loop.call_soon_threadsafe(deliver, min(done, total), total)
+
+        progress(0, total)
+        await self.call(f"write {region.name}", lambda: self._write_blocking(region, report))
+
+    async def verify(self, region: Region) -> None:
+        await self.call(f"verify {region.name}", lambda: self._verify_blocking(region))
+
+    async def reset(self) -> None:
+        try:
+            await self.call("reset", self._reset_blocking)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Abort the port (a blocked esptool call fails at once), close it, end the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._serial is not None:
+            self._serial.abort()
+        loop = asyncio.get_running_loop()
+        try:
+            job = loop.run_in_executor(self._executor, self._close_blocking)
+            try:
+                await asyncio.wait_for(asyncio.shield(job), CLOSE_TIMEOUT)
+            except TimeoutError:
+                log.warning("%s: esptool did not stop within %.0fs; leaving its thread",
+                            self.port, CLOSE_TIMEOUT)
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _erased_md5(size: int) -> str:
+    return hashlib.md5(b"\xff" * size).hexdigest()
