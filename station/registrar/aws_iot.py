@@ -409,8 +409,9 @@ class AwsIotRegistrar:
 
     async def reconcile(self, steps: Sequence[RegistrationStep],
                         journal_for: Callable[[str, str], Journal]) -> list[str]:
-        """Every certificate the journal shows short of "cert-activated" is revoked and
-        deleted (its thing stays; the board registers again when plugged)."""
+        """Every certificate the journal shows short of "cert-activated" (or whose
+        replacement began) is revoked and deleted; its thing stays, and the board
+        registers again when plugged. Returns one line per certificate it cleaned."""
         seen: dict[str, list[RegistrationStep]] = {}
         for step in steps:
             if step.certificate_id:
@@ -418,8 +419,10 @@ class AwsIotRegistrar:
         done: list[str] = []
         for cid, cert_steps in seen.items():
             names = {s.step for s in cert_steps}
-            if "cert-deleted" in names or "cert-activated" in names:
+            if "cert-deleted" in names:
                 continue
+            if "cert-activated" in names and "cert-revoked" not in names:
+                continue  # complete, and nobody started to replace it
             last = cert_steps[-1]
             arn = next((s.certificate_arn for s in cert_steps if s.certificate_arn), None)
             journal = journaled(journal_for(last.mac, last.thing_name))
