@@ -261,6 +261,9 @@ class Rig:
     async def _unplug_all(self) -> None:
         for index in list(self._slots):
             await self._unplug(index, reason="shutdown")
+        # Let fault-triggered unplugs still in flight finish before the loop stops.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        await asyncio.gather(*others, return_exceptions=True)
 
     async def _flash_copy(self, index: int) -> bytes:
         slot = self._slots.get(index)
