@@ -232,6 +232,7 @@ class EsptoolSession:
         self.esp: Any = None
         self.identity: BoardIdentity | None = None
         self._serial: _Port | None = None
+        self._step = "open"  # how far connect got, for its error message
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"flash-{self.name}",
                                             initializer=self._init_thread)
@@ -263,12 +264,20 @@ class EsptoolSession:
                 raise PortError(f"{self.port}: {stage} stopped: the port was closed") from e
             message = first_line(e)
             if stage == "connect":
-                if any(sign in str(e) for sign in NOT_ESP_SIGNS):
-                    raise NotAnEspError(f"{self.port}: something answers, but not an ESP "
-                                        f"bootloader ({message})") from e
-                raise PortError(f"{self.port}: no answer from an ESP bootloader ({message}); "
-                                "is the board in download mode?") from e
+                raise self._connect_error(e, message) from e
             raise FlashError(f"{self.port}: {stage}: {message}") from e
+
+    def _connect_error(self, e: FatalError, message: str) -> PortError:
+        """Not an ESP only if the sync itself met garbage; after a sync, it is noise."""
+        text = str(e)
+        if self._step == "chip detection" and text.startswith("Failed to connect"):
+            if any(sign in text for sign in NOT_ESP_SIGNS):
+                return NotAnEspError(f"{self.port}: something answers, but not an ESP "
+                                     f"bootloader ({message})")
+            return PortError(f"{self.port}: no answer from an ESP bootloader ({message}); "
+                             "is the board in download mode?")
+        return PortError(f"{self.port}: the board synced, then {self._step} failed "
+                         f"({message})")
 
     # -- blocking parts (session thread) --
 
@@ -283,6 +292,7 @@ class EsptoolSession:
         except serial.SerialException as e:
             raise PortError(f"{self.port}: cannot open: {first_line(e)}") from e
         self._serial = port
+        self._step = "chip detection"
         esp = detect_chip(port, ROM_BAUD, trace_enabled=opts.trace,
                           connect_attempts=opts.connect_attempts)
         self.esp = esp
@@ -291,9 +301,12 @@ class EsptoolSession:
             log.info("%s: %s board, firmware is for %s: not loading the stub", self.port, chip,
                      opts.chip)
             return
+        self._step = "the stub upload"
         esp = self.esp = run_stub(esp)
         if opts.baud != ROM_BAUD:
+            self._step = f"the change to {opts.baud} baud"
             esp.change_baud(opts.baud)
+        self._step = "the flash attach"
         attach_flash(esp)
         if not esp.secure_download_mode:
             size = detect_flash_size(esp)
