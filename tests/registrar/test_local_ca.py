@@ -1,0 +1,185 @@
+"""The local CA: files and modes, reuse, and real TLS client auth against Mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import shutil
+import socket
+import ssl
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from station.config import (
+    Config,
+    CredentialsSection,
+    FirmwareSection,
+    IdentitySection,
+    LocalCaSection,
+    PortsSection,
+    RegistrarSection,
+    StationSection,
+    WorkerSection,
+)
+from station.credentials import PRIVATE_KEY_FILE, CredentialStore
+from station.errors import RegistrationError
+from station.registrar import make_registrar
+from station.registrar.base import DeviceCredentials
+from station.registrar.local_ca import LocalCa, LocalCaRegistrar
+from tests.registrar.awsproxy import free_port
+from tests.registrar.conftest import MemoryJournal, board
+
+TIMEOUT = 10.0
+
+
+def register(ca_dir: Path, out: Path, n: int = 1) -> tuple[LocalCaRegistrar, DeviceCredentials]:
+    registrar = LocalCaRegistrar(LocalCaSection(dir=ca_dir, endpoint="127.0.0.1:8883"),
+                                 CredentialStore(out))
+
+    async def go() -> DeviceCredentials:
+        await registrar.start()
+        facts = board(n)
+        return await registrar.register(facts, MemoryJournal().for_board(facts))
+
+    return registrar, asyncio.run(go())
+
+
+def test_ca_is_created_private_and_reused(tmp_path: Path) -> None:
+    ca_dir = tmp_path / "state" / "ca"
+    registrar, creds = register(ca_dir, tmp_path / "out")
+    assert stat.S_IMODE(ca_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((ca_dir / "ca.key").stat().st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate(creds.certificate_pem.encode())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == creds.thing_name
+    assert creds.ca_pem == (ca_dir / "ca.crt").read_text()
+    assert creds.endpoint == "127.0.0.1:8883"
+    # the same CA next time, and the same certificate for the same board
+    again_registrar, again = register(ca_dir, tmp_path / "out")
+    assert again.certificate_pem == creds.certificate_pem
+    assert again_registrar.ca.pem == registrar.ca.pem
+    # a lost key means a new certificate
+    (tmp_path / "out" / creds.thing_name / PRIVATE_KEY_FILE).unlink()
+    _, third = register(ca_dir, tmp_path / "out")
+    assert third.certificate_pem != creds.certificate_pem
+
+
+def test_half_a_ca_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "ca").mkdir()
+    (tmp_path / "ca" / "ca.crt").write_text("x")
+    with pytest.raises(RegistrationError, match="ca.key does not"):
+        register(tmp_path / "ca", tmp_path / "out")
+
+
+def config(tmp_path: Path, kind: str) -> Config:
+    return Config(path=tmp_path / "station.toml", station=StationSection(),
+                  ports=PortsSection(), firmware=FirmwareSection("esp32", None, ()),
+                  identity=IdentitySection(), worker=WorkerSection(),
+                  registrar=RegistrarSection(kind=kind,  # type: ignore[arg-type]
+                                             local_ca=LocalCaSection(dir=tmp_path / "ca")),
+                  credentials=CredentialsSection(out_dir=tmp_path / "out"))
+
+
+def test_make_registrar_kinds(tmp_path: Path) -> None:
+    store = CredentialStore(tmp_path / "out")
+    none = make_registrar(config(tmp_path, "none"), store)
+    assert none.kind == "none"
+    assert asyncio.run(none.register(board(1), MemoryJournal().for_board(board(1)))) is None
+    assert make_registrar(config(tmp_path, "local-ca"), store).kind == "local-ca"
+    assert make_registrar(config(tmp_path, "aws-iot"), store).kind == "aws-iot"
+
+
+# -- Mosquitto -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def mosquitto(tmp_path: Path, ca: LocalCa) -> Iterator[int]:
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
+                                        if Path("/usr/sbin/mosquitto").exists() else None)
+    if exe is None:
+        pytest.skip("mosquitto is not installed (Debian: apt-get install mosquitto)")
+    cert_pem, key_pem = ca.server_certificate(["127.0.0.1", "localhost"])
+    (tmp_path / "ca.crt").write_text(ca.pem)
+    (tmp_path / "server.crt").write_text(cert_pem)
+    (tmp_path / "server.key").write_text(key_pem)
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"""
+user {getpass.getuser()}
+persistence false
+log_dest stderr
+listener {port} 127.0.0.1
+cafile {tmp_path / 'ca.crt'}
+certfile {tmp_path / 'server.crt'}
+keyfile {tmp_path / 'server.key'}
+require_certificate true
+use_identity_as_username true
+allow_anonymous false
+""")
+    log = (tmp_path / "mosquitto.log").open("wb")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"mosquitto did not listen: {log.name}")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.05)
+                raise RuntimeError(f"mosquitto exited: {(tmp_path / 'mosquitto.log').read_text()}")
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=TIMEOUT)
+        log.close()
+
+
+def mqtt_connect(port: str | int, ca_file: Path, cert: Path, key: Path, client_id: str) -> int:
+    """TLS with client auth, MQTT 3.1.1 CONNECT; returns CONNACK's return code."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    ctx.load_cert_chain(str(cert), str(key))
+    cid = client_id.encode()
+    variable = b"\x00\x04MQTT\x04\x02\x00\x3c"
+    payload = len(cid).to_bytes(2, "big") + cid
+    body = variable + payload
+    packet = b"\x10" + bytes([len(body)]) + body
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=TIMEOUT) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(packet)
+        reply = b""
+        while len(reply) < 4:
+            chunk = tls.recv(4 - len(reply))
+            if not chunk:
+                raise ConnectionError(f"broker closed the connection after {reply!r}")
+            reply += chunk
+    assert reply[0] == 0x20, reply
+    return reply[3]
+
+
+def test_mosquitto_accepts_our_certificate_and_refuses_another_ca(tmp_path: Path) -> None:
+    registrar, creds = register(tmp_path / "ca", tmp_path / "out")
+    folder = tmp_path / "out" / creds.thing_name
+    with mosquitto(tmp_path, registrar.ca) as port:
+        assert mqtt_connect(port, tmp_path / "ca.crt", folder / "certificate.pem.crt",
+                            folder / PRIVATE_KEY_FILE, creds.thing_name) == 0
+        # a certificate from another CA for the same name is refused in the handshake
+        _, foreign = register(tmp_path / "other-ca", tmp_path / "other-out")
+        other = tmp_path / "other-out" / foreign.thing_name
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # "unknown ca"
+            mqtt_connect(port, tmp_path / "ca.crt", other / "certificate.pem.crt",
+                         other / PRIVATE_KEY_FILE, foreign.thing_name)
