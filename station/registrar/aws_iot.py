@@ -195,8 +195,13 @@ class AwsIotRegistrar:
                                 "attached", thing, cid[:12])
         if record is not None and record.certificate_id and held is None \
                 and record.status != "retired" and record.certificate_id not in retired:
-            # made before a crash but never attached: clean it before making another
-            await self._retire(thing, record.certificate_id, record.certificate_arn, journal)
+            # made by an attempt that failed before attaching it (a retry after an error):
+            # finish it if the key is here, else clean it before making another
+            cid, arn = record.certificate_id, record.certificate_arn
+            if arn and await self._holds(thing, record, cid):
+                held = (cid, arn)
+            else:
+                await self._retire(thing, cid, arn, journal)
         if held is not None:
             log.info("%s: reusing certificate %s", thing, held[0][:12])
             return await self._complete(board, held[0], held[1], journal, thing_info)

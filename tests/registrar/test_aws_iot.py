@@ -167,3 +167,33 @@ def test_key_source_aws_writes_the_seed_files(moto: str, iot: Any, tmp_path: Pat
         assert thing_certificates(iot, c.thing_name) == [c.certificate_id]
         assert iot.describe_certificate(certificateId=c.certificate_id)[
             "certificateDescription"]["status"] == "ACTIVE"
+
+
+def test_retry_after_a_failed_attempt_resumes_its_certificate(proxy: AwsProxy, iot: Any,
+                                                              tmp_path: Path) -> None:
+    """A transient failure mid-way (here AttachThingPrincipal) and the worker's retry."""
+    store = CredentialStore(tmp_path)
+    registrar = AwsIotRegistrar(aws_section(proxy.url, max_attempts=1), store,
+                                station="line-1")
+    facts = board(1)
+    journal = MemoryJournal()
+
+    async def go() -> tuple[DeviceCredentials, str]:
+        await registrar.start()
+        try:
+            proxy.deny["AttachThingPrincipal"] = "ServiceUnavailableException"
+            try:
+                await registrar.register(facts, journal.for_board(facts))
+            except Exception as e:  # the failure is what we provoke
+                assert getattr(e, "transient", False), e
+            first = next(s.certificate_id for s in journal.steps if s.step == "cert-created")
+            del proxy.deny["AttachThingPrincipal"]
+            return await registrar.register(facts, journal.for_board(facts)), str(first)
+        finally:
+            await registrar.close()
+
+    creds, first = asyncio.run(go())
+    assert creds.certificate_id == first  # resumed, not remade
+    assert proxy.calls["CreateCertificateFromCsr"] == 1
+    assert thing_certificates(iot, facts.thing_name) == [first]
+    assert [c["status"] for c in certificates(iot)] == ["ACTIVE"]
