@@ -197,11 +197,11 @@ class AwsIotRegistrar:
                 and record.status != "retired" and record.certificate_id not in retired:
             # made by an attempt that failed before attaching it (a retry after an error):
             # finish it if the key is here, else clean it before making another
-            cid, arn = record.certificate_id, record.certificate_arn
-            if arn and await self._holds(thing, record, cid):
-                held = (cid, arn)
+            pending, pending_arn = record.certificate_id, record.certificate_arn
+            if pending_arn and await self._holds(thing, record, pending):
+                held = (pending, pending_arn)
             else:
-                await self._retire(thing, cid, arn, journal)
+                await self._retire(thing, pending, pending_arn, journal)
         if held is not None:
             log.info("%s: reusing certificate %s", thing, held[0][:12])
             return await self._complete(board, held[0], held[1], journal, thing_info)
