@@ -352,6 +352,8 @@ class EsptoolSession:
     def _write_blocking(self, region: Region, report: Callable[[int], None]) -> None:
         esp = self.esp
         size = len(region.data)
+        if size == 0:
+            return
         block = esp.FLASH_WRITE_SIZE
         deflate = len(region.compressed) < size and (esp.IS_STUB or esp.CHIP_NAME == "ESP32")
         started = time.monotonic()

@@ -362,3 +362,33 @@ def _threads_end(timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+@pytest.mark.slow
+def test_sixteen_throttled_boards_keep_up_with_the_line(tmp_path: Path,
+                                                         bundles: dict[str, FirmwareBundle]
+                                                         ) -> None:
+    """At 921600 baud the write is bound by the wire, not by our CPU, even with 16 boards
+    on two cores: each board's write takes about compressed bytes * 10 / baud plus the
+    flash model's erase and program time."""
+    bundle = bundles["esp32"]
+    baud = 921600
+    wire = bundle.compressed_bytes * 10 / baud
+    with Rig(tmp_path / "hub", seed=5, throttle=True, flash_timing=True) as rig:
+        boards = [rig.plug(chip="esp32") for _ in range(16)]
+        flasher = EsptoolFlasher(baud=baud, chip="esp32")
+
+        async def one(port: str) -> float:
+            session = await flasher.open(port)
+            try:
+                started = time.monotonic()
+                await flash_all(session, bundle.regions)
+                return time.monotonic() - started
+            finally:
+                await session.close()
+
+        async def everything() -> list[float]:
+            return await asyncio.gather(*(one(b.port) for b in boards))
+
+        took = run(everything(), timeout=120)
+    assert max(took) < 2 * wire + 3.0, (wire, took)
