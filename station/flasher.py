@@ -331,23 +331,23 @@ class EsptoolSession:
         frame = b"\xc0" + packet.replace(b"\xdb", b"\xdb\xdd").replace(b"\xc0", b"\xdb\xdc") \
             + b"\xc0"
         port = esp._port
-        saved = port.timeout
-        port.timeout = min(timeout, MAX_TIMEOUT)
-        try:
-            port.write(frame)
-            for _ in range(100):  # skip stale replies, as esptool's command() does
-                reply = esp.read()
-                if len(reply) < 8:
-                    continue
-                resp, op_ret, _, _ = PACKET_HEADER.unpack_from(reply)
-                if resp == 1 and op_ret == op:
-                    status = reply[8:10]
-                    if len(status) < 2 or status[0] != 0:
-                        raise FatalError.WithResult(f"Failed to {what}", status)
-                    return
-            raise FatalError(f"Failed to {what}: no matching reply")
-        finally:
-            port.timeout = saved
+        # Setting a timeout reconfigures the tty (tcsetattr): only when it changes, and it
+        # is left as is afterwards (every esptool command sets its own).
+        timeout = min(timeout, MAX_TIMEOUT)
+        if port.timeout != timeout:
+            port.timeout = timeout
+        port.write(frame)
+        for _ in range(100):  # skip stale replies, as esptool's command() does
+            reply = esp.read()
+            if len(reply) < 8:
+                continue
+            resp, op_ret, _, _ = PACKET_HEADER.unpack_from(reply)
+            if resp == 1 and op_ret == op:
+                status = reply[8:10]
+                if len(status) < 2 or status[0] != 0:
+                    raise FatalError.WithResult(f"Failed to {what}", status)
+                return
+        raise FatalError(f"Failed to {what}: no matching reply")
 
     def _write_blocking(self, region: Region, report: Callable[[int], None]) -> None:
         esp = self.esp
