@@ -45,8 +45,8 @@ PRIVATE_KEY_FILE = "private.pem.key"
 PUBLIC_KEY_FILE = "public.pem.key"
 RECORD_FILE = "registration.json"
 
-_fsync = aiofiles.os.wrap(os.fsync)  # type: ignore[attr-defined]
-_chmod = aiofiles.os.wrap(os.chmod)  # type: ignore[attr-defined]
+_fsync = aiofiles.os.wrap(os.fsync)
+_chmod = aiofiles.os.wrap(os.chmod)
 _THING_RE = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _tmp_names = itertools.count()
 
@@ -235,7 +235,7 @@ class CredentialStore:
             raise CredentialsError(f"cannot read {path}: {e.strerror}") from None
 
 
-_open_dir: Callable[[Path], Any] = aiofiles.os.wrap(  # type: ignore[attr-defined]
+_open_dir: Callable[[Path], Any] = aiofiles.os.wrap(
     lambda p: os.open(p, os.O_RDONLY | os.O_DIRECTORY))
 
 
