@@ -47,6 +47,14 @@ AWS_DEFAULT_TPS = {
     "DeleteCertificate": 10.0,
     "DescribeCertificate": 10.0,
     "DetachPolicy": 15.0,
+    "UpdateThing": 15.0,
+    "DescribeEndpoint": 10.0,
+    "GetPolicy": 15.0,
+    "CreatePolicy": 10.0,
+    "DescribeThingGroup": 100.0,
+    "CreateThingGroup": 25.0,
+    "DescribeThingType": 100.0,
+    "CreateThingType": 15.0,
 }
 
 
@@ -104,7 +112,7 @@ class AwsSection:
     thing_type: str = ""
     thing_group: str = ""
     key_source: KeySource = "csr"
-    retry_mode: Literal["standard", "adaptive"] = "adaptive"
+    retry_mode: Literal["standard", "adaptive"] = "standard"
     max_attempts: int = 10
     tps: Mapping[str, float] = field(default_factory=lambda: dict(AWS_DEFAULT_TPS))
 
@@ -383,7 +391,7 @@ def _registrar(t: _Table) -> RegistrarSection:
         thing_group=a.get("thing_group", str, ""),
         key_source=cast(KeySource, a.choice("key_source", ("csr", "aws"), "csr")),
         retry_mode=cast(Literal["standard", "adaptive"],
-                        a.choice("retry_mode", ("standard", "adaptive"), "adaptive")),
+                        a.choice("retry_mode", ("standard", "adaptive"), "standard")),
         max_attempts=a.integer("max_attempts", 10, minimum=1),
         tps=tps,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import functools
 import logging
 import time
@@ -187,8 +188,11 @@ class IotClient:
         self.calls[api] += 1
         action = f"iot:{api}"
         try:
+            # The copied context lets a throttle seen by botocore's retry hook (in the
+            # thread) be reported against the board that made the call.
             result: dict[str, Any] = await self._loop.run_in_executor(
-                self._executor, functools.partial(method, **params))
+                self._executor, functools.partial(contextvars.copy_context().run, method,
+                                                  **params))
             return result
         except botocore.exceptions.ClientError as e:
             error = e.response.get("Error", {})

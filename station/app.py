@@ -1,0 +1,122 @@
+"""Wiring: turn a validated config into a running Station with the real adapters.
+
+The only place that knows which concrete flasher, registrar, ledger and displays the
+station uses; `daemon.Station` itself is handed them. Everything that can be checked
+before a board is touched is checked here (firmware, partition label, state dir, ledger),
+so a mistake in station.toml fails at start, not at the first board.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from station.config import Config
+from station.credentials import CredentialStore, nvs_region
+from station.daemon import Bus, Options, Station, state_dir_lock
+from station.errors import FirmwareError
+from station.events import Event, RegistrationStep, Throttled
+from station.firmware import FirmwareBundle, load_firmware
+from station.flasher import EsptoolFlasher
+from station.ledger import EventLog, Ledger
+from station.parts import BoardIdentity, Region
+from station.registrar import make_registrar
+from station.registrar.base import DeviceCredentials, Registrar
+from station.worker import Plan, current_board
+
+log = logging.getLogger("station.app")
+
+
+def build_plan(config: Config, bundle: FirmwareBundle, registrar_kind: str) -> Plan:
+    """The per-board recipe; the credentials partition is located once, from the table."""
+    credentials_region: Callable[[DeviceCredentials], Region] | None = None
+    if registrar_kind != "none":
+        label = config.credentials.partition
+        try:
+            part = bundle.partition(label)
+        except FirmwareError as e:
+            raise FirmwareError(str(config.path), "credentials.partition", e.reason) from None
+        namespace = config.credentials.namespace
+
+        def credentials_region(creds: DeviceCredentials) -> Region:
+            return nvs_region(creds, part.offset, part.size, namespace)
+
+    def thing_name(identity: BoardIdentity) -> str:
+        return config.identity.thing_for(identity.mac, identity.chip, config.station.name)
+
+    return Plan(chip=config.firmware.chip, regions=bundle.regions,
+                firmware_hash=bundle.sha256, station=config.station.name,
+                thing_name=thing_name, credentials_region=credentials_region)
+
+
+def throttled_reporter(bus: Bus) -> Callable[[str], None]:
+    """Shows a cloud throttle on the row of the board that is waiting for it."""
+    def report(api: str) -> None:
+        board = current_board.get()
+        if board is not None:
+            job_id, port, slot = board
+            bus.notify(Throttled(job_id=job_id, port=port, slot=slot, api=api))
+    return report
+
+
+@dataclass
+class Assembly:
+    """A station and the parts it was built from, for the CLI and tests to inspect."""
+
+    station: Station
+    bundle: FirmwareBundle
+    registrar: Registrar
+    ledger: Ledger
+
+
+@contextlib.asynccontextmanager
+async def assemble(config: Config, options: Options,
+                   displays: Sequence[Callable[[Event], None]] = ()) -> AsyncIterator[Assembly]:
+    """Lock the state dir, open the ledger, load the firmware, build the registrar."""
+    state_dir = config.station.state_dir
+    with state_dir_lock(state_dir):
+        bundle = await asyncio.to_thread(load_firmware, config.firmware)
+        store = CredentialStore(config.credentials.out_dir)
+        bus = Bus()
+        registrar = make_registrar(config, store, throttled_reporter(bus))
+        plan = build_plan(config, bundle, registrar.kind)
+        ledger = Ledger.open(state_dir)
+        events = EventLog(state_dir / "events.jsonl")
+        try:
+            interrupted = ledger.close_interrupted("the station was stopped or crashed")
+            for job in interrupted:
+                log.warning("job %s was interrupted by the last stop; marked failed", job)
+            bus.durable += [ledger.record, events.record]
+            bus.displays += list(displays)
+
+            async def already_done(mac: str, firmware_hash: str) -> bool:
+                return await asyncio.to_thread(ledger.done_with, mac, firmware_hash)
+
+            async def steps() -> Sequence[RegistrationStep]:
+                return await asyncio.to_thread(ledger.registration_steps)
+
+            async def verified(creds: DeviceCredentials) -> None:
+                if not config.credentials.keep_private_keys:
+                    await store.forget_private_key(creds.thing_name)
+
+            station = Station(config=config, plan=plan,
+                              flasher=EsptoolFlasher(baud=config.ports.baud,
+                                                     chip=config.firmware.chip),
+                              registrar=registrar, bus=bus, already_done=already_done,
+                              on_verified=verified, registration_steps=steps,
+                              options=options)
+            yield Assembly(station=station, bundle=bundle, registrar=registrar,
+                           ledger=ledger)
+        finally:
+            await events.close()
+            ledger.close()
+
+
+def default_state_paths(config: Config) -> dict[str, Path]:
+    state = config.station.state_dir
+    return {"ledger": state / "ledger.sqlite3", "events": state / "events.jsonl",
+            "log": state / "station.log"}

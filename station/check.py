@@ -1,0 +1,76 @@
+"""`station check` and `station reconcile`: the station's answers before and after a run.
+
+`check` does everything `run` does at start except watching ports, and says what it
+would do, so a rig can be validated (and the cloud access proven) before boards arrive.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TextIO
+
+from station.config import Config
+from station.credentials import CredentialStore
+from station.daemon import EXIT_OK, reconcile_journal, state_dir_lock
+from station.errors import ConfigError
+from station.firmware import load_firmware
+from station.hotplug import scan
+from station.registrar import make_registrar
+
+
+def _writable(path: Path, key: str, config: Config) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(str(config.path), key, f"{path}: not writable by this user")
+
+
+async def check(config: Config, out: TextIO) -> int:
+    from station.app import build_plan
+
+    print(f"config      {config.path}: ok", file=out)
+    bundle = load_firmware(config.firmware)
+    print(f"firmware    {bundle.describe()}", file=out)
+    for region in bundle.regions:
+        print(f"            0x{region.offset:06x} {region.name} {len(region.data)} B "
+              f"({len(region.compressed)} B compressed)", file=out)
+    registrar = make_registrar(config, CredentialStore(config.credentials.out_dir))
+    plan = build_plan(config, bundle, registrar.kind)
+    if plan.credentials_region is not None:
+        part = bundle.partition(config.credentials.partition)
+        print(f"credentials NVS partition '{part.label}' at 0x{part.offset:x} "
+              f"({part.size} B), namespace '{config.credentials.namespace}'", file=out)
+    _writable(config.station.state_dir, "station.state_dir", config)
+    _writable(config.credentials.out_dir, "credentials.out_dir", config)
+    print(f"state       {config.station.state_dir} (writable)", file=out)
+    try:
+        await registrar.start()
+        print(f"registrar   {registrar.kind}: ready", file=out)
+    finally:
+        await registrar.close()
+    ports = scan(config.ports.watch)
+    print(f"ports       {len(ports)} present now, watching {', '.join(config.ports.watch)} "
+          f"at {config.ports.baud} baud", file=out)
+    print(f"would flash {config.firmware.chip} boards, up to {config.station.max_parallel} "
+          f"at once, things named {config.identity.thing_name!r}", file=out)
+    return EXIT_OK
+
+
+async def reconcile(config: Config, out: TextIO) -> int:
+    """Clean up after a crash without taking boards: the same step `run` does at start."""
+    from station.ledger import Ledger
+
+    with state_dir_lock(config.station.state_dir):
+        ledger = Ledger.open(config.station.state_dir)
+        registrar = make_registrar(config, CredentialStore(config.credentials.out_dir))
+        try:
+            for job in ledger.close_interrupted("the station was stopped or crashed"):
+                print(f"job {job}: interrupted, marked failed", file=out)
+            await registrar.start()
+            steps = ledger.registration_steps()
+            for line in await registrar.reconcile(steps, reconcile_journal(ledger.record)):
+                print(line, file=out)
+        finally:
+            await registrar.close()
+            ledger.close()
+    return EXIT_OK

@@ -1,0 +1,213 @@
+"""The `station` command: run, demo, sim, ports, ledger, check, reconcile.
+
+Exit codes (a contract for scripts, systemd and benchmarks):
+  0  all well (with --exit-after: every one of the N boards ended done or skipped)
+  1  internal error (a bug: please report it with state_dir/station.log)
+  2  configuration or firmware error (the message names the file and key)
+  3  --exit-after: some of the N boards failed or were removed
+  4  another station holds the state_dir
+  5  the registrar could not start (cloud credentials, region, permissions, CA)
+  130 aborted by a second SIGINT/SIGTERM
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from station import __version__
+from station.config import Config, load
+from station.daemon import (
+    EXIT_BUSY,
+    EXIT_CONFIG,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_REGISTRAR,
+    Options,
+)
+from station.errors import (
+    ConfigError,
+    LedgerError,
+    RegistrationError,
+    StateDirBusyError,
+    StationError,
+)
+from station.events import Event
+
+log = logging.getLogger("station")
+
+DEFAULT_CONFIG = "station.toml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_CONFIG
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ConfigError as e:
+        print(f"station: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StateDirBusyError as e:
+        print(f"station: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    except RegistrationError as e:
+        print(f"station: registrar: {e}", file=sys.stderr)
+        return EXIT_REGISTRAR
+    except LedgerError as e:
+        print(f"station: ledger: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StationError as e:
+        print(f"station: {e}", file=sys.stderr)
+        return EXIT_INTERNAL
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="station", description="ESP32 production flashing "
+                                "station: plug boards in, they get registered and flashed.")
+    p.add_argument("--version", action="version", version=f"station {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int],
+                help_text: str, config: bool = True) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help_text, description=help_text)
+        c.set_defaults(handler=handler)
+        if config:
+            c.add_argument("--config", "-c", default=DEFAULT_CONFIG, type=Path,
+                           help=f"station config (default: {DEFAULT_CONFIG})")
+        return c
+
+    run = command("run", _run, "Watch the ports and flash every board that is plugged in.")
+    _run_options(run)
+    demo = command("demo", _demo, "Run the station on virtual boards (no hardware, no cloud).",
+                   config=False)
+    demo.add_argument("--boards", type=int, default=16, help="virtual boards (default 16)")
+    demo.add_argument("--dir", type=Path, default=Path("state/demo"),
+                      help="working folder, emptied first (default state/demo)")
+    demo.add_argument("--headless", action="store_true", help="log lines instead of the table")
+    demo.add_argument("--no-throttle", action="store_true",
+                      help="virtual boards at full speed instead of the serial line rate")
+
+    from station.sim import cli as sim_cli  # the simulator is known to the CLI only
+
+    sim = command("sim", sim_cli.run, "Virtual ESP32 boards on pseudo-terminals.",
+                  config=False)
+    sim_cli.configure_parser(sim)
+    command("ports", _ports, "List the serial ports the config watches, with their slots.")
+    ledger = command("ledger", _ledger, "Export the ledger of boards.")
+    ledger.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    command("check", _check, "Validate config, firmware and cloud access; say what run "
+            "would do.")
+    command("reconcile", _reconcile, "Finish or clean up registrations a crash interrupted.")
+    return p
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--headless", action="store_true",
+                   help="one log line per event instead of the live table")
+    p.add_argument("--exit-after", type=int, metavar="N",
+                   help="take N boards, exit when all N are final (0 if all done, else 3)")
+    p.add_argument("--reflash", action="store_true",
+                   help="flash boards the ledger already has done with this firmware")
+
+
+def _setup_logging(config: Config, headless: bool) -> None:
+    config.station.state_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    file = logging.FileHandler(config.station.state_dir / "station.log")
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(file)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING if headless else logging.ERROR)
+    err.setFormatter(logging.Formatter("station: %(levelname)s: %(message)s"))
+    root.addHandler(err)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    headless = args.headless or not sys.stdout.isatty()
+    _setup_logging(config, headless)
+    options = Options(exit_after=args.exit_after, reflash=args.reflash)
+    return asyncio.run(serve(config, options, headless))
+
+
+async def serve(config: Config, options: Options, headless: bool) -> int:
+    """Build the station from `config` and run it with the live table or log lines."""
+    from station.app import assemble
+    from station.dashboard import HeadlessLog, LiveDashboard, StationView
+
+    view = StationView(station=config.station.name)
+    displays: list[Callable[[Event], None]] = [view.apply]
+    headless_log = HeadlessLog(view, sys.stdout) if headless else None
+    if headless_log is not None:
+        displays.append(headless_log.show)
+    async with assemble(config, options, displays) as built:
+        view.firmware = built.bundle.describe()
+        view.registrar = built.registrar.kind
+        if headless:
+            return await built.station.serve()
+        with LiveDashboard(view):
+            return await built.station.serve()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from station.demo import run_demo
+
+    return run_demo(boards=args.boards, workdir=args.dir, headless=args.headless,
+                    throttle=not args.no_throttle)
+
+
+def _ports(args: argparse.Namespace) -> int:
+    from station.hotplug import scan
+
+    config = load(args.config)
+    ports = scan(config.ports.watch)
+    if not ports:
+        print(f"no ports match {', '.join(config.ports.watch)}")
+        return EXIT_OK
+    for info in ports:
+        slot = config.slot_for(info.location, info.path)
+        print(f"{slot:>8}  {info.path}  ->  {info.target}  (location {info.location or '-'})")
+    return EXIT_OK
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    from station.ledger import Ledger
+
+    config = load(args.config)
+    ledger = Ledger.open(config.station.state_dir)
+    try:
+        print(ledger.export(args.format))
+    finally:
+        ledger.close()
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    from station.check import check
+
+    return asyncio.run(check(load(args.config), sys.stdout))
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from station.check import reconcile
+
+    config = load(args.config)
+    _setup_logging(config, headless=True)
+    return asyncio.run(reconcile(config, sys.stdout))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The supervisor: one worker per plugged port, signals, graceful drain, exit codes.
+
+`Station` owns the port registry and nothing else; the parts it drives (flasher,
+registrar, ledger, displays) are handed in, so tests run the very same supervisor on
+virtual boards and a moto server. A port keeps its finished job until it is unplugged,
+so a failed board stays failed on its slot instead of being flashed in a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from station.config import Config
+from station.errors import StateDirBusyError
+from station.events import Event, JobFinished, RegistrationStep, Stage
+from station.hotplug import PortInfo, PortWatcher
+from station.parts import Flasher
+from station.registrar.base import DeviceCredentials, Journal, Registrar
+from station.worker import (
+    REMOVED,
+    Clock,
+    Parts,
+    Plan,
+    Policy,
+    SystemClock,
+    Worker,
+    no_credentials_hook,
+)
+
+log = logging.getLogger("station.daemon")
+
+ABORTED = "aborted"
+
+# Exit codes: a public contract for scripts, systemd and benchmarks (see README).
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_CONFIG = 2
+EXIT_BOARDS_FAILED = 3
+EXIT_BUSY = 4
+EXIT_REGISTRAR = 5
+EXIT_ABORTED = 130
+
+
+class Bus:
+    """Fans events out: durable consumers (ledger, event log) first, then displays.
+
+    `emit` returns only once every durable consumer has the event, which is what lets a
+    registrar journal a certificate id before its next cloud call.
+    """
+
+    def __init__(self) -> None:
+        self.durable: list[Callable[[Event], Awaitable[None]]] = []
+        self.displays: list[Callable[[Event], None]] = []
+        self.observers: list[Callable[[Event], None]] = []
+
+    async def emit(self, event: Event) -> None:
+        for record in self.durable:
+            await record(event)
+        self.notify(event)
+        for observe in self.observers:
+            observe(event)
+
+    def notify(self, event: Event) -> None:
+        for show in self.displays:
+            try:
+                show(event)
+            except Exception:  # a display bug must never stop a board
+                log.exception("display failed on %s", type(event).__name__)
+
+
+@contextlib.contextmanager
+def state_dir_lock(state_dir: Path) -> Iterator[None]:
+    """Two stations on one state_dir would interleave ledgers and flash twice: refuse."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "station.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise StateDirBusyError(
+                f"{state_dir}: another station (pid {holder}) is using this state_dir; "
+                "stop it, or give this one its own [station] state_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def reconcile_journal(
+    emit: Callable[[Event], Awaitable[None]],
+) -> Callable[[str, str], Journal]:
+    """Journals for the registrar's clean-up of (mac, thing)s outside any board job."""
+    def journal_for(mac: str, thing: str) -> Journal:
+        async def journal(step: str, cert_id: str | None, cert_arn: str | None) -> None:
+            await emit(RegistrationStep(
+                job_id="reconcile", port="", slot="", mac=mac, thing_name=thing, step=step,
+                certificate_id=cert_id, certificate_arn=cert_arn))
+        return journal
+    return journal_for
+
+
+@dataclass
+class Options:
+    exit_after: int | None = None
+    reflash: bool = False
+
+
+@dataclass
+class Station:
+    config: Config
+    plan: Plan
+    flasher: Flasher
+    registrar: Registrar
+    bus: Bus
+    already_done: Callable[[str, str], Awaitable[bool]] | None = None
+    on_verified: Callable[[DeviceCredentials], Awaitable[None]] = no_credentials_hook
+    registration_steps: Callable[[], Awaitable[Sequence[RegistrationStep]]] | None = None
+    options: Options = field(default_factory=Options)
+    clock: Clock = field(default_factory=SystemClock)
+
+    def __post_init__(self) -> None:
+        self._jobs: dict[str, asyncio.Task[Stage | None]] = {}
+        self._started = 0
+        self._results: list[Stage] = []
+        self._accepting = True
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._aborted = False
+        self._slots = asyncio.Semaphore(self.config.station.max_parallel)
+        self.bus.observers.append(self._observe)
+
+    async def serve(self) -> int:
+        """Run until a signal or --exit-after; returns the exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            await self.registrar.start()
+            await self._reconcile()
+            watcher = PortWatcher(self.config.ports.watch, self.config.ports.rescan_interval,
+                                  on_added=self._plugged, on_removed=self._unplugged)
+            await watcher.start()
+            try:
+                await self._stop.wait()
+                await self._drain()
+            finally:
+                await watcher.stop()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.registrar.close()
+        return self._exit_code()
+
+    def stop(self) -> None:
+        """What the first signal does: take no new boards, let in-flight ones finish."""
+        self._accepting = False
+        self._stop.set()
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.warning("%s: finishing boards in flight, taking no new ones "
+                        "(signal again to abort)", signal.Signals(sig).name)
+            self.stop()
+        else:
+            log.warning("%s again: aborting boards in flight", signal.Signals(sig).name)
+            self._abort()
+
+    def _abort(self) -> None:
+        self._aborted = True
+        self.stop()
+        for task in self._jobs.values():
+            task.cancel(ABORTED)
+
+    async def _reconcile(self) -> None:
+        if self.registration_steps is None:
+            return
+        steps = await self.registration_steps()
+        done = await self.registrar.reconcile(steps, reconcile_journal(self.bus.emit))
+        for line in done:
+            log.warning("reconcile: %s", line)
+
+    def _plugged(self, info: PortInfo) -> None:
+        if not self._accepting:
+            log.info("%s: plugged while stopping; not taken", info.path)
+            return
+        if info.path in self._jobs:
+            return
+        self._started += 1
+        if self.options.exit_after is not None and self._started >= self.options.exit_after:
+            self._accepting = False
+        slot = self.config.slot_for(info.location, info.path)
+        job_id = uuid.uuid4().hex[:12]
+        worker = Worker(job_id=job_id, port=info.path, slot=slot, plan=self.plan,
+                        parts=self._parts(),
+                        policy=Policy(retries=self.config.worker.retries,
+                                      retry_delay=self.config.worker.retry_delay,
+                                      timeouts=self.config.worker.timeouts,
+                                      reflash=self.options.reflash))
+        self._jobs[info.path] = asyncio.create_task(self._run(worker), name=f"job {info.path}")
+
+    def _parts(self) -> Parts:
+        return Parts(flasher=self.flasher, registrar=self.registrar, sink=self.bus,
+                     clock=self.clock, already_done=self.already_done,
+                     on_verified=self.on_verified, port_present=os.path.exists)
+
+    async def _run(self, worker: Worker) -> Stage | None:
+        async with self._slots:
+            if self._stop.is_set():
+                return None  # queued behind max_parallel when the stop came: never started
+            return await worker.run()
+
+    def _unplugged(self, info: PortInfo) -> None:
+        task = self._jobs.pop(info.path, None)
+        if task is not None and not task.done():
+            task.cancel(REMOVED)
+
+    def _observe(self, event: Event) -> None:
+        if not isinstance(event, JobFinished):
+            return
+        self._results.append(event.result)
+        limit = self.options.exit_after
+        if limit is not None and len(self._results) >= limit:
+            self.stop()
+
+    async def _drain(self) -> None:
+        running = [t for t in self._jobs.values() if not t.done()]
+        if not running:
+            return
+        log.info("waiting for %d board(s) in flight", len(running))
+        _, pending = await asyncio.wait(running, timeout=self.config.worker.drain_timeout)
+        if pending:
+            log.warning("%d board(s) still busy after %gs: aborting them", len(pending),
+                        self.config.worker.drain_timeout)
+            self._aborted = True
+            for task in pending:
+                task.cancel(ABORTED)
+        await asyncio.gather(*running, return_exceptions=True)
+
+    def _exit_code(self) -> int:
+        if self._aborted:
+            return EXIT_ABORTED
+        if self.options.exit_after is not None:
+            ok = {Stage.DONE, Stage.SKIPPED}
+            if len(self._results) < self.options.exit_after or \
+                    any(r not in ok for r in self._results):
+                return EXIT_BOARDS_FAILED
+        return EXIT_OK

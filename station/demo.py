@@ -1,0 +1,105 @@
+"""`station demo`: the real station on virtual boards, with no hardware and no cloud.
+
+The rig runs in its own process (`python -m station.sim`), exactly as real boards are
+outside the station; the daemon is the unchanged `station run`, pointed at the rig's
+by-path folder with a generated ESP-IDF-like firmware and a local CA. It takes the
+boards it is given and stops when all are final, leaving the ledger, certs_out and the
+boards' flash dumps in the working folder for a look afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from station.config import load
+from station.daemon import Options
+from station.demo_firmware import make_demo_firmware
+
+RIG_STOP_TIMEOUT = 30.0
+
+
+def write_demo_config(workdir: Path, flasher_args: Path, ports_glob: str) -> Path:
+    """A station.toml for the demo: local CA, NVS credentials, the rig's ports."""
+    text = f"""\
+# Written by `station demo`; a working example of a full station.toml.
+[station]
+name = "demo"
+state_dir = "state"
+max_parallel = 16
+
+[ports]
+watch = [{json.dumps(ports_glob)}]
+baud = 921600
+rescan_interval = 1.0
+
+[firmware]
+chip = "esp32"
+flasher_args = {json.dumps(str(flasher_args))}
+
+[identity]
+thing_name = "demo-{{mac}}"
+
+[registrar]
+kind = "local-ca"
+
+[registrar.local_ca]
+dir = "ca"
+endpoint = "mqtt.demo.local:8883"
+
+[credentials]
+out_dir = "certs_out"
+partition = "nvs"
+namespace = "station"
+"""
+    path = workdir / "station.toml"
+    path.write_text(text)
+    return path
+
+
+def run_demo(boards: int, workdir: Path, headless: bool, throttle: bool = True) -> int:
+    from station.cli import _setup_logging, serve
+
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    rig_dir = workdir / "rig"
+    rig_dir.mkdir(parents=True)
+    flasher_args = make_demo_firmware(workdir / "firmware", chip="esp32")
+    config = load(write_demo_config(workdir, flasher_args, str(rig_dir / "ports" / "pci-*")))
+    _setup_logging(config, headless)
+    rig = _start_rig(boards, rig_dir, throttle)
+    try:
+        print(f"station demo: {boards} virtual boards in {rig_dir / 'ports'}; "
+              f"results in {workdir}", flush=True)
+        code = asyncio.run(serve(config, Options(exit_after=boards), headless=headless))
+    finally:
+        _stop_rig(rig)
+    print(f"station demo: done; ledger: station ledger --config {config.path}")
+    return code
+
+
+def _start_rig(boards: int, rig_dir: Path, throttle: bool) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "station.sim", "--boards", str(boards),
+           "--dir", str(rig_dir / "ports"), "--plug-interval", "0.25", "--seed", "7"]
+    if not throttle:
+        cmd.append("--no-throttle")
+    log = (rig_dir / "rig.log").open("wb")
+    try:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    finally:
+        log.close()
+
+
+def _stop_rig(rig: subprocess.Popen[bytes]) -> None:
+    rig.send_signal(signal.SIGINT)
+    try:
+        rig.wait(timeout=RIG_STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        rig.kill()
+        rig.wait(timeout=5)

@@ -1,0 +1,313 @@
+"""One board's life on its slot: connect, identify, register, flash, verify, reset.
+
+This is the core of the station and it is plain async code: it is handed a flasher, a
+registrar, an event sink and a clock, and knows nothing of esptool, boto3, SQLite or the
+terminal. Every stage runs under a timeout; transient failures are retried with the
+reason kept; a board ends in exactly one final stage (done, failed, removed, skipped),
+and that final event is always emitted, even when the worker is cancelled.
+
+Registration runs while the common images are written (it needs only the MAC), so a slow
+cloud is hidden behind the serial line; a registration failure fails the board before
+its credentials partition is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from station.errors import PortError, RegistrationError, StationError, WrongChipError
+from station.events import (
+    EventSink,
+    Identified,
+    JobFinished,
+    JobStarted,
+    Progress,
+    Registered,
+    RegistrationStep,
+    Retrying,
+    Stage,
+    StageChanged,
+)
+from station.parts import BoardIdentity, BoardSession, Flasher, Region
+from station.registrar.base import BoardFacts, DeviceCredentials, Journal, Registrar
+
+log = logging.getLogger("station.worker")
+T = TypeVar("T")
+
+current_board: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar(
+    "current_board", default=None)
+"""(job id, port, slot) of the board a registrar call is for: lets shared clients report
+throttling against the board that waits, without threading it through every call."""
+
+REMOVED = "removed"
+"""The cancel message the daemon uses when a board's port disappears."""
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every board gets; built once at start and shared by all workers."""
+
+    chip: str
+    regions: tuple[Region, ...]
+    firmware_hash: str
+    station: str
+    thing_name: Callable[[BoardIdentity], str]
+    credentials_region: Callable[[DeviceCredentials], Region] | None = None
+    """Builds the per-board data partition; None when the registrar makes no credentials."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    retries: int = 2
+    retry_delay: float = 1.0
+    timeouts: Mapping[str, float] = field(default_factory=dict)
+    reflash: bool = False
+
+    def timeout(self, stage: Stage) -> float | None:
+        return self.timeouts.get(stage.value)
+
+
+async def no_credentials_hook(_credentials: DeviceCredentials) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Parts:
+    flasher: Flasher
+    registrar: Registrar
+    sink: EventSink
+    clock: Clock = field(default_factory=SystemClock)
+    already_done: Callable[[str, str], Awaitable[bool]] | None = None
+    """(mac, firmware hash) -> the ledger has this board done with this firmware."""
+    on_verified: Callable[[DeviceCredentials], Awaitable[None]] = no_credentials_hook
+    """Called once the board holds verified credentials (e.g. drop the private key)."""
+    port_present: Callable[[str], bool] = lambda _port: True
+    """Tells a vanished port (an unplug) from a failing one after a serial error."""
+
+
+class _Removed(Exception):
+    """The port went away under a stage; ends the job as removed, not failed."""
+
+
+@dataclass
+class Worker:
+    """Runs one job: the board that appeared on `port` (shown as `slot`)."""
+
+    job_id: str
+    port: str
+    slot: str
+    plan: Plan
+    parts: Parts
+    policy: Policy
+    timings: dict[str, float] = field(default_factory=dict)
+    _stage: Stage = Stage.CONNECT
+    _registration: asyncio.Task[DeviceCredentials | None] | None = None
+
+    async def run(self) -> Stage:
+        """Take the board to a final stage and emit JobFinished; returns that stage."""
+        sink = self.parts.sink
+        await sink.emit(JobStarted(job_id=self.job_id, port=self.port, slot=self.slot,
+                                   station=self.plan.station,
+                                   firmware_hash=self.plan.firmware_hash))
+        result, error, failed_stage = Stage.DONE, None, None
+        try:
+            result = await self._attempts()
+        except asyncio.CancelledError as e:
+            removed = bool(e.args) and e.args[0] == REMOVED
+            result = Stage.REMOVED if removed else Stage.FAILED
+            error = None if removed else f"aborted during {self._stage.value}"
+            failed_stage = self._stage
+            await self._finish(result, error, failed_stage)
+            raise
+        except _Removed:
+            result, failed_stage = Stage.REMOVED, self._stage
+        except StationError as e:
+            result, error, failed_stage = Stage.FAILED, str(e), self._stage
+        except Exception as e:  # a bug must fail one board, never the station
+            log.exception("%s: unexpected error in %s", self.port, self._stage.value)
+            result, error, failed_stage = Stage.FAILED, f"internal error: {e!r}", self._stage
+        finally:
+            if self._registration is not None and not self._registration.done():
+                self._registration.cancel()
+                with suppress(BaseException):
+                    await self._registration
+        await self._finish(result, error, failed_stage)
+        return result
+
+    async def _finish(self, result: Stage, error: str | None, failed: Stage | None) -> None:
+        event = JobFinished(job_id=self.job_id, port=self.port, slot=self.slot, result=result,
+                            error=error, failed_stage=failed if result != Stage.DONE else None,
+                            timings=dict(self.timings))
+        # The final record must land even if this task is being cancelled.
+        await asyncio.shield(self.parts.sink.emit(event))
+
+    async def _attempts(self) -> Stage:
+        """Whole-session attempts: a serial failure mid-way means reconnecting anyway."""
+        attempt = 1
+        while True:
+            try:
+                return await self._attempt(attempt)
+            except StationError as e:
+                if not self.parts.port_present(self.port):
+                    raise _Removed() from e
+                if not e.transient or attempt > self.policy.retries:
+                    raise
+                await self.parts.sink.emit(Retrying(
+                    job_id=self.job_id, port=self.port, slot=self.slot, stage=self._stage,
+                    attempt=attempt + 1, reason=str(e)))
+                log.info("%s: retrying after %s: %s", self.port, self._stage.value, e)
+                attempt += 1
+                await self.parts.clock.sleep(self.policy.retry_delay)
+
+    async def _attempt(self, attempt: int) -> Stage:
+        session = await self._stage_call(Stage.CONNECT, attempt,
+                                         lambda: self.parts.flasher.open(self.port))
+        try:
+            identity = await self._stage_call(Stage.IDENTIFY, attempt, session.identify)
+            if identity.chip != self.plan.chip:
+                raise WrongChipError(identity.chip, self.plan.chip)
+            thing = self.plan.thing_name(identity)
+            await self.parts.sink.emit(Identified(
+                job_id=self.job_id, port=self.port, slot=self.slot, chip=identity.chip,
+                mac=identity.mac, thing_name=thing, flash_size=identity.flash_size))
+            if await self._already_done(identity):
+                return Stage.SKIPPED
+            if self._registration is None:
+                self._registration = asyncio.create_task(self._register(identity, thing))
+            await self._flash(session, attempt)
+            await self._stage_call(Stage.RESET, attempt, session.reset)
+            return Stage.DONE
+        finally:
+            await asyncio.shield(session.close())
+
+    async def _flash(self, session: BoardSession, attempt: int) -> None:
+        """Common images first (registration runs meanwhile), then the board's own data."""
+        regions = list(self.plan.regions)
+        await self._stage_call(Stage.FLASH, attempt, lambda: self._write(session, regions))
+        credentials = await self._credentials()
+        own: list[Region] = []
+        if credentials is not None and self.plan.credentials_region is not None:
+            own = [self.plan.credentials_region(credentials)]
+            self._stage = Stage.FLASH
+            await self._timed(Stage.FLASH, lambda: self._write(session, own))
+        await self._stage_call(Stage.VERIFY, attempt, lambda: self._verify(session, regions + own))
+        if credentials is not None:
+            await self.parts.on_verified(credentials)
+
+    async def _write(self, session: BoardSession, regions: list[Region]) -> None:
+        for region in regions:
+            if self._registration is not None and self._registration.done():
+                await self._wait_registration()  # a failed registration stops the flash now
+            await session.write(region, self._progress_for(region))
+
+    async def _verify(self, session: BoardSession, regions: list[Region]) -> None:
+        for region in regions:
+            await session.verify(region)
+
+    def _progress_for(self, region: Region) -> Callable[[int, int], None]:
+        def progress(done: int, total: int) -> None:
+            self.parts.sink.notify(Progress(job_id=self.job_id, port=self.port, slot=self.slot,
+                                            region=region.name, done=done, total=total))
+        return progress
+
+    async def _credentials(self) -> DeviceCredentials | None:
+        assert self._registration is not None
+        self._stage = Stage.REGISTER
+        return await self._timed(Stage.REGISTER, lambda: self._wait_registration())
+
+    async def _wait_registration(self) -> DeviceCredentials | None:
+        """The registration's own outcome; its failure is final (it did its own retries)."""
+        assert self._registration is not None
+        try:
+            return await asyncio.shield(self._registration)
+        except StationError as e:
+            raise RegistrationError(str(e), transient=False) from e
+
+    async def _register(self, identity: BoardIdentity, thing: str) -> DeviceCredentials | None:
+        """Runs beside the flash; retried like a stage, but never re-flashes anything."""
+        facts = BoardFacts(identity=identity, thing_name=thing, station=self.plan.station,
+                           firmware_hash=self.plan.firmware_hash)
+        current_board.set((self.job_id, self.port, self.slot))  # this task's own context
+        started = self.parts.clock.monotonic()
+        attempt = 1
+        while True:
+            try:
+                async with asyncio.timeout(self.policy.timeout(Stage.REGISTER)):
+                    credentials = await self.parts.registrar.register(
+                        facts, self._journal(identity.mac, thing))
+                break
+            except TimeoutError:
+                raise RegistrationError(f"registration of {thing} timed out after "
+                                        f"{self.policy.timeout(Stage.REGISTER):g}s") from None
+            except StationError as e:
+                if not e.transient or attempt > self.policy.retries:
+                    raise
+                await self.parts.sink.emit(Retrying(
+                    job_id=self.job_id, port=self.port, slot=self.slot, stage=Stage.REGISTER,
+                    attempt=attempt + 1, reason=str(e)))
+                attempt += 1
+                await self.parts.clock.sleep(self.policy.retry_delay)
+        self.timings["register_cloud"] = self.parts.clock.monotonic() - started
+        await self.parts.sink.emit(Registered(
+            job_id=self.job_id, port=self.port, slot=self.slot, thing_name=thing,
+            certificate_id=credentials.certificate_id if credentials else None,
+            registrar=self.parts.registrar.kind))
+        return credentials
+
+    def _journal(self, mac: str, thing: str) -> Journal:
+        async def journal(step: str, certificate_id: str | None,
+                          certificate_arn: str | None) -> None:
+            await self.parts.sink.emit(RegistrationStep(
+                job_id=self.job_id, port=self.port, slot=self.slot, mac=mac, thing_name=thing,
+                step=step, certificate_id=certificate_id, certificate_arn=certificate_arn))
+        return journal
+
+    async def _already_done(self, identity: BoardIdentity) -> bool:
+        check = self.parts.already_done
+        if self.policy.reflash or check is None:
+            return False
+        return await check(identity.mac, self.plan.firmware_hash)
+
+    def _stage_event(self, stage: Stage, attempt: int) -> StageChanged:
+        self._stage = stage
+        return StageChanged(job_id=self.job_id, port=self.port, slot=self.slot, stage=stage,
+                            attempt=attempt)
+
+    async def _stage_call(self, stage: Stage, attempt: int,
+                          call: Callable[[], Awaitable[T]]) -> T:
+        await self.parts.sink.emit(self._stage_event(stage, attempt))
+        return await self._timed(stage, call)
+
+    async def _timed(self, stage: Stage, call: Callable[[], Awaitable[T]]) -> T:
+        """Run one stage's work under its timeout and add its time to the job's timings."""
+        started = self.parts.clock.monotonic()
+        limit = self.policy.timeout(stage)
+        try:
+            async with asyncio.timeout(limit):
+                return await call()
+        except TimeoutError:
+            raise PortError(f"{stage.value} timed out after {limit:g}s on {self.port}") from None
+        finally:
+            spent = self.parts.clock.monotonic() - started
+            self.timings[stage.value] = self.timings.get(stage.value, 0.0) + spent
