@@ -68,17 +68,24 @@ class MacAllocator:
         self._rng = random.Random(seed)
         self._oui = oui
         self._used: set[bytes] = set()
+        self._plugged: set[bytes] = set()
 
     def reserve(self, mac: bytes) -> None:
-        if mac in self._used:
+        if mac in self._plugged:
             raise ValueError(f"MAC {format_mac(mac)} is already plugged in this rig")
         self._used.add(mac)
+        self._plugged.add(mac)
+
+    def release(self, mac: bytes) -> None:
+        """The board was pulled out: it may be plugged again (never drawn again)."""
+        self._plugged.discard(mac)
 
     def next(self) -> bytes:
         while True:
             mac = self._oui + (self._rng.getrandbits(22) * 4).to_bytes(3, "big")
             if mac not in self._used:
                 self._used.add(mac)
+                self._plugged.add(mac)
                 return mac
 
 
@@ -226,6 +233,9 @@ class Rig:
         info = PluggedBoard(index=index, port=str(port), pty=link.slave_path,
                             mac=format_mac(mac), chip=chip,
                             dump_path=self.directory / f"flash-{mac.hex()}.bin", faults=faults)
+        if info.dump_path.exists():  # the same board plugged again keeps what it held
+            previous = info.dump_path.read_bytes()
+            flash.data[:len(previous)] = previous[:size]
 
         def fault_unplug() -> None:
             asyncio.get_running_loop().create_task(self._unplug(index, reason="fault"))
@@ -254,6 +264,8 @@ class Rig:
             os.unlink(slot.info.port)
         slot.link.close()
         slot.board.flash.dump(slot.info.dump_path)
+        with self._lock:
+            self._macs.release(bytes.fromhex(slot.info.mac.replace(":", "")))
         log.info("unplugged %s (%s)", slot.info.mac, reason)
         self._emit({"event": "unplugged", "index": index, "port": slot.info.port,
                     "mac": slot.info.mac, "reason": reason, "dump": str(slot.info.dump_path)})
