@@ -250,12 +250,18 @@ def progress_text(row: BoardRow) -> Text:
     return text
 
 
+def short_port(port: str, width: int = 18) -> str:
+    """The end of a port's name: what tells sockets apart (`…1.2:1.0-port0`, `ttyUSB3`)."""
+    name = port.rsplit("/", 1)[-1]
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
 def render(view: StationView, now: float) -> RenderableType:
     """The whole screen from state alone: `now` comes in, no clock is read here."""
     table = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False, collapse_padding=True,
                   title=f"station {view.station}", title_justify="left")
     table.add_column("slot", no_wrap=True)
-    table.add_column("port", no_wrap=True, overflow="ellipsis", max_width=18)
+    table.add_column("port", no_wrap=True, max_width=18)
     table.add_column("chip", no_wrap=True)
     table.add_column("MAC / thing", no_wrap=True, overflow="ellipsis", max_width=28)
     table.add_column("stage", no_wrap=True)
@@ -268,7 +274,7 @@ def render(view: StationView, now: float) -> RenderableType:
             f"{row.mac} / {row.thing}" if row.thing else row.mac
         speed = row.speed()
         table.add_row(
-            row.slot, row.port, row.chip, who,
+            row.slot, short_port(row.port), row.chip, who,
             Text(row.stage.value + (f" #{row.attempt}" if row.attempt > 1 else ""),
                  style="red" if row.stage == Stage.FAILED else ""),
             duration(row.elapsed(now)),

@@ -86,7 +86,7 @@ def row_line(lines: list[str], slot: str) -> str:
 def test_render_shows_each_slot_stage_progress_and_errors() -> None:
     lines = rendered_lines(built_view(), now=T0 + 30)
     a1 = row_line(lines, "A1")
-    for text in ("/dev/ttyUSB1", "esp32", "dev-240ac4000001", "flash", "34% 510 kB/1.5 MB",
+    for text in ("ttyUSB1", "esp32", "dev-240ac4000001", "flash", "34% 510 kB/1.5 MB",
                  "240 kB/s", "30.0s"):
         assert text in a1, (text, a1)
     a2 = row_line(lines, "A2")
@@ -229,3 +229,12 @@ def test_rendering_from_another_thread_while_events_arrive() -> None:
         stop.set()
         thread.join(timeout=30)
     assert not thread.is_alive() and not errors and renders > 0
+
+
+def test_long_port_names_keep_their_end_which_names_the_socket() -> None:
+    from station.dashboard import short_port
+
+    assert short_port("/dev/ttyUSB3") == "ttyUSB3"
+    long = "/dev/serial/by-path/pci-0000:00:14.0-usb-0:1.12:1.0-port0"
+    assert short_port(long) == "…-0:1.12:1.0-port0"
+    assert len(short_port(long)) == 18
