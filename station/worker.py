@@ -22,7 +22,13 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from station.errors import PortError, RegistrationError, StationError, WrongChipError
+from station.errors import (
+    FlashError,
+    PortError,
+    RegistrationError,
+    StationError,
+    WrongChipError,
+)
 from station.events import (
     EventSink,
     Identified,
@@ -76,6 +82,11 @@ class Plan:
     credentials_region: Callable[[DeviceCredentials], Region] | None = None
     """Builds the per-board data partition; None when the registrar makes no credentials."""
 
+    @property
+    def flash_end(self) -> int:
+        """The highest byte the common images write."""
+        return max((r.end for r in self.regions), default=0)
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -104,6 +115,10 @@ class Parts:
     """Called once the board holds verified credentials (e.g. drop the private key)."""
     port_present: Callable[[str], bool] = lambda _port: True
     """Tells a vanished port (an unplug) from a failing one after a serial error."""
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MB" if n >= 1 << 20 else f"{n >> 10} KB"
 
 
 class _Removed(Exception):
@@ -187,6 +202,11 @@ class Worker:
             identity = await self._stage_call(Stage.IDENTIFY, attempt, session.identify)
             if identity.chip != self.plan.chip:
                 raise WrongChipError(identity.chip, self.plan.chip)
+            if identity.flash_size and identity.flash_size < self.plan.flash_end:
+                raise FlashError(
+                    f"{self.port}: the board has {_size(identity.flash_size)} of flash but "
+                    f"the firmware reaches 0x{self.plan.flash_end:x}; use boards with more "
+                    "flash or a build for this size", transient=False)
             thing = self.plan.thing_name(identity)
             await self.parts.sink.emit(Identified(
                 job_id=self.job_id, port=self.port, slot=self.slot, chip=identity.chip,

@@ -264,3 +264,15 @@ def test_sigterm_lets_boards_in_flight_finish_and_takes_no_new_board(
     assert sorted(j["port"] for j in jobs) == sorted(b.port for b in first)
     assert [j["result"] for j in jobs] == ["done", "done"]
     assert late.port not in {e.get("port") for e in line.events()}
+
+
+def test_a_board_with_too_little_flash_fails_before_anything_is_written(
+        make_line: Callable[..., Line]) -> None:
+    line = make_line()
+    line.start("--exit-after", "1")
+    small = line.rig.plug(index=0, flash_size="256KB")
+    assert line.wait() == 3
+    (job,) = line.jobs()
+    assert job["result"] == "failed"
+    assert "has 256 KB of flash" in job["error"]
+    assert line.rig.flash(small) == b"\xff" * (256 << 10)
