@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/station demo --boards 16
 
 lint: $(STAMP)
-	$(BIN)/ruff check station tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/mypy station
 
 test: lint
