@@ -78,6 +78,7 @@ class AwsLine:
     bundle: FirmwareBundle
     endpoint: str
     aws: dict[str, Any] = field(default_factory=dict)  # extra [registrar.aws] keys
+    keep_private_keys: bool = True
     env: dict[str, str] = field(default_factory=dict)
 
     _proc: subprocess.Popen[bytes] | None = None
@@ -146,6 +147,7 @@ kind = "aws-iot"
 out_dir = "certs_out"
 partition = "nvs"
 namespace = "station"
+keep_private_keys = {json.dumps(self.keep_private_keys)}
 """
         self.config.write_text(text)
         return self.config

@@ -90,10 +90,10 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
 
 
 def line(tmp_path: Path, rig: Rig, firmware: tuple[Path, FirmwareBundle], endpoint: str,
-         **aws: Any) -> AwsLine:
+         keep_private_keys: bool = True, **aws: Any) -> AwsLine:
     args, bundle = firmware
     return AwsLine(root=tmp_path, rig=rig, firmware=args, bundle=bundle, endpoint=endpoint,
-                   aws=aws)
+                   aws=aws, keep_private_keys=keep_private_keys)
 
 
 # -- checks -----------------------------------------------------------------------------
@@ -115,12 +115,23 @@ def assert_registered(station: AwsLine, aws: Aws, board: PluggedBoard) -> str:
     assert attributes == {"mac": mac_hex(board), "chip": "esp32", "station": STATION,
                           "firmware": station.bundle.sha256}
 
+    flash = station.flash(board)
+    for region in station.bundle.regions:
+        assert flash[region.offset:region.end] == region.data, region.name
+    nvs = station.bundle.partition("nvs")
+    values = read_nvs(flash[nvs.offset:nvs.end])["station"]
+    assert isinstance(values["priv_key"], bytes) and values["priv_key"].endswith(b"\0")
+    key = values["priv_key"][:-1].decode()
+
     folder = station.certs_out / thing
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
-    key = (folder / PRIVATE_KEY_FILE).read_text()
     public = (folder / PUBLIC_KEY_FILE).read_text()
     cert = (folder / CERTIFICATE_FILE).read_text()
-    assert stat.S_IMODE((folder / PRIVATE_KEY_FILE).stat().st_mode) == 0o600
+    if station.keep_private_keys:
+        assert (folder / PRIVATE_KEY_FILE).read_text() == key
+        assert stat.S_IMODE((folder / PRIVATE_KEY_FILE).stat().st_mode) == 0o600
+    else:
+        assert not (folder / PRIVATE_KEY_FILE).exists(), "the key stayed on the station"
     assert key_pair_matches(key, public)
     # moto signs a key of its own for a CSR (MOTO-NOTES #1): the certificate is held to
     # the key only when their types match; it must be the server's certificate.
@@ -129,15 +140,11 @@ def assert_registered(station: AwsLine, aws: Aws, board: PluggedBoard) -> str:
     record = json.loads((folder / RECORD_FILE).read_text())
     assert record["certificate_id"] == cid and record["status"] == "active"
 
-    flash = station.flash(board)
-    for region in station.bundle.regions:
-        assert flash[region.offset:region.end] == region.data, region.name
-    nvs = station.bundle.partition("nvs")
-    values = read_nvs(flash[nvs.offset:nvs.end])["station"]
     assert values["thing_name"] == thing
     assert values["cert"] == cert.encode() + b"\0"
-    assert values["priv_key"] == key.encode() + b"\0"
-    assert isinstance(values["endpoint"], str) and values["endpoint"]
+    # moto makes up a new endpoint per DescribeEndpoint; the station asks once at start
+    assert values["endpoint"] == record["endpoint"]
+    assert str(values["endpoint"]).endswith("-ats.iot.eu-west-1.amazonaws.com")
     return cid
 
 
@@ -207,6 +214,55 @@ def test_a_done_board_plugged_again_keeps_its_certificate(
     assert proxy.calls["CreateCertificateFromCsr"] == 1
 
 
+@pytest.mark.slow
+def test_key_source_aws_writes_the_seeds_three_files_and_a_thing_type(
+        tmp_path: Path, rig: Rig, firmware: tuple[Path, FirmwareBundle], proxy: AwsProxy,
+        aws: Aws) -> None:
+    boards = [rig.plug(chip="esp32") for _ in range(2)]
+    with line(tmp_path, rig, firmware, proxy.url, key_source="aws",
+              thing_type="esp32-devkit") as station:
+        result = station.run(len(boards))
+        assert result.returncode == 0, result
+        for board in boards:
+            assert_registered(station, aws, board)
+            folder = station.certs_out / thing_of(board)
+            # AWS made the key: here the certificate must carry it
+            assert certificate_key_matches((folder / CERTIFICATE_FILE).read_text(),
+                                           (folder / PUBLIC_KEY_FILE).read_text()) is True
+            thing = aws.iot.describe_thing(thingName=thing_of(board))
+            assert thing["thingTypeName"] == "esp32-devkit"
+    assert proxy.calls["CreateKeysAndCertificate"] == len(boards)
+    assert proxy.calls["CreateCertificateFromCsr"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crash", [None, "cert-revoked"])
+def test_without_kept_keys_a_reflashed_board_gets_a_new_certificate(
+        crash: str | None, tmp_path: Path, rig: Rig, firmware: tuple[Path, FirmwareBundle],
+        proxy: AwsProxy, aws: Aws) -> None:
+    """keep_private_keys = false: the station cannot hand the old certificate out again,
+    so it revokes and deletes it and makes a new one (killed mid-way: the restart ends
+    the replacement)."""
+    board = rig.plug(chip="esp32")
+    with line(tmp_path, rig, firmware, proxy.url, keep_private_keys=False) as station:
+        assert station.run(1).returncode == 0
+        old = assert_registered(station, aws, board)
+        board = station.replug(board)
+        if crash:
+            crashed = station.run(1, "--reflash", env={CRASH_ENV: crash})
+            assert crashed.returncode == -signal.SIGKILL, crashed
+            assert_consistent(station, aws, settled=False)
+            assert aws.active() == {}  # revoked: the old certificate is dead already
+            board = station.replug(board)
+        result = station.run(1, "--reflash")
+        assert result.returncode == 0, result
+        new = assert_registered(station, aws, board)
+        assert new != old
+        assert list(aws.certificates()) == [new], "the old certificate was left behind"
+        assert_consistent(station, aws, settled=True)
+        assert station.ledger()[-1]["certificate_id"] == new
+
+
 # -- 3. SIGKILL between registration calls ----------------------------------------------
 
 CSR_STEPS = ["key-written", "cert-created", "policy-attached", "thing-created",
@@ -214,8 +270,9 @@ CSR_STEPS = ["key-written", "cert-created", "policy-attached", "thing-created",
 
 
 def assert_consistent(station: AwsLine, aws: Aws, *, settled: bool) -> None:
-    """No ACTIVE certificate without its thing, key on disk and ledger row; at most one
-    ACTIVE certificate per thing; once `settled`, no thing without its certificate."""
+    """No ACTIVE certificate without its thing, key on disk (or, with keep_private_keys =
+    false, verified on its board) and ledger row; at most one ACTIVE certificate per
+    thing; once `settled`, no thing without its certificate."""
     in_ledger = {row["certificate_id"] for row in station.ledger()}
     certs = aws.certificates()
     for cid, cert in certs.items():
@@ -223,8 +280,12 @@ def assert_consistent(station: AwsLine, aws: Aws, *, settled: bool) -> None:
             continue
         owners = aws.owners(cert["certificateArn"])
         assert len(owners) == 1, f"ACTIVE certificate {cid[:12]} is on things {owners}"
-        assert (station.certs_out / owners[0] / PRIVATE_KEY_FILE).is_file(), \
-            f"ACTIVE certificate {cid[:12]}: no key on disk"
+        folder = station.certs_out / owners[0]
+        if station.keep_private_keys:
+            assert (folder / PRIVATE_KEY_FILE).is_file(), f"{cid[:12]}: no key on disk"
+        else:  # the key went to the board, was verified there, then dropped
+            record = json.loads((folder / RECORD_FILE).read_text())
+            assert record["certificate_id"] == cid and record["private_key_dropped"]
         assert cid in in_ledger, f"ACTIVE certificate {cid[:12]} has no ledger row"
     for thing in aws.things():
         attached = aws.principals(thing)
