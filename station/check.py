@@ -6,6 +6,8 @@ would do, so a rig can be validated (and the cloud access proven) before boards 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import TextIO
@@ -18,11 +20,38 @@ from station.firmware import load_firmware
 from station.hotplug import scan
 from station.registrar import make_registrar
 
+PROBE_BYTES = 4096
+"""What `check` writes (and removes) to prove a folder takes data: about one board's
+certificate files, so a full disk fails here and not at the first board."""
+LOW_SPACE = 1 << 20
 
-def _writable(path: Path, key: str, config: Config) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(str(config.path), key, f"{path}: not writable by this user")
+
+def _writable(path: Path, key: str, config: Config) -> int:
+    """Prove `path` can be created and written (permissions, read-only mount, full disk)
+    by writing a small file there; returns the free bytes."""
+    probe = path / f".station-check.{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"\0" * PROBE_BYTES)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(probe)
+        stat = os.statvfs(path)
+    except OSError as e:
+        reason = "not writable by this user" if e.errno in (errno.EACCES, errno.EPERM) \
+            else e.strerror or str(e)
+        raise ConfigError(str(config.path), key, f"{path}: {reason}") from None
+    return stat.f_bavail * stat.f_frsize
+
+
+def _space(free: int) -> str:
+    if free >= LOW_SPACE:
+        return f"{free / (1 << 20):.0f} MB free"
+    return f"only {free // 1024} KB free: low"
 
 
 async def check(config: Config, out: TextIO) -> int:
@@ -40,9 +69,13 @@ async def check(config: Config, out: TextIO) -> int:
         part = bundle.partition(config.credentials.partition)
         print(f"credentials NVS partition '{part.label}' at 0x{part.offset:x} "
               f"({part.size} B), namespace '{config.credentials.namespace}'", file=out)
-    _writable(config.station.state_dir, "station.state_dir", config)
-    _writable(config.credentials.out_dir, "credentials.out_dir", config)
-    print(f"state       {config.station.state_dir} (writable)", file=out)
+    state_free = _writable(config.station.state_dir, "station.state_dir", config)
+    print(f"state       {config.station.state_dir} (writable, {_space(state_free)})",
+          file=out)
+    if plan.credentials_region is not None:
+        certs_free = _writable(config.credentials.out_dir, "credentials.out_dir", config)
+        print(f"certs_out   {config.credentials.out_dir} (writable, {_space(certs_free)})",
+              file=out)
     try:
         await registrar.start()
         print(f"registrar   {registrar.kind}: ready", file=out)

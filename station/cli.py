@@ -3,10 +3,11 @@
 Exit codes (a contract for scripts, systemd and benchmarks):
   0  all well (with --exit-after: every one of the N boards ended done or skipped)
   1  internal error (a bug: please report it with state_dir/station.log)
-  2  configuration or firmware error (the message names the file and key)
+  2  configuration, firmware or state error (the message names the file and key, or the
+     path: an unknown key, a missing image, a corrupt ledger, a state_dir it cannot write)
   3  --exit-after: some of the N boards failed or were removed
-  4  another station holds the state_dir
-  5  the registrar could not start (cloud credentials, region, permissions, CA)
+  4  another station holds the state_dir (or another process holds its ledger's lock)
+  5  the registrar could not start (cloud credentials, endpoint, permissions, CA)
   130 aborted by a second SIGINT/SIGTERM
 """
 
@@ -31,7 +32,9 @@ from station.daemon import (
 )
 from station.errors import (
     ConfigError,
+    FirmwareError,
     LedgerError,
+    LedgerLockedError,
     RegistrationError,
     StateDirBusyError,
     StationError,
@@ -50,8 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_CONFIG
     handler: Callable[[argparse.Namespace], int] = args.handler
+    # One line on stderr each: what to fix, naming the file and key, port or path.
     try:
         return handler(args)
+    except FirmwareError as e:
+        print(f"station: firmware error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     except ConfigError as e:
         print(f"station: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -61,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RegistrationError as e:
         print(f"station: registrar: {e}", file=sys.stderr)
         return EXIT_REGISTRAR
+    except LedgerLockedError as e:
+        print(f"station: ledger: {e}", file=sys.stderr)
+        return EXIT_BUSY
     except LedgerError as e:
         print(f"station: ledger: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -69,6 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # the state_dir or its log cannot be made: the disk, not a bug
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"station: {where}{e.strerror or e} (check that the folder exists, is "
+              "writable by this user and has free space)", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def _parser() -> argparse.ArgumentParser:

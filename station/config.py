@@ -403,6 +403,8 @@ def _registrar(t: _Table) -> RegistrarSection:
     a.done()
     if kind == "aws-iot":
         _check_policy(a, aws.policy_document)
+        if not aws.endpoint_url:
+            _check_region(a, aws.region)
     c = t.sub("local_ca")
     local_ca = LocalCaSection(
         dir=c.path("dir", Path("state/ca")),
@@ -423,6 +425,25 @@ def _check_policy(t: _Table, path: Path) -> None:
         raise t.error("policy_document", f"{path}: not valid JSON ({e})") from None
     if not isinstance(doc, dict) or "Statement" not in doc:
         raise t.error("policy_document", f"{path}: not an IAM policy (no Statement)")
+
+
+def _check_region(t: _Table, region: str) -> None:
+    """A mistyped region would otherwise surface as a DNS failure after every retry (~25 s
+    of silence, then "cannot reach iot.eu-wset-1..."); botocore knows IoT's regions."""
+    import difflib
+
+    import botocore.session
+
+    session = botocore.session.get_session()
+    known = {r for partition in session.get_available_partitions()
+             for r in session.get_available_regions("iot", partition_name=partition)}
+    if not known or region in known:
+        return
+    close = difflib.get_close_matches(region, sorted(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise t.error("region", f"{region!r} is not an AWS region with IoT Core{hint} (a region "
+                            "newer than this boto3 needs `pip install -U boto3`, or set "
+                            "endpoint_url)")
 
 
 def _credentials(t: _Table) -> CredentialsSection:

@@ -83,3 +83,11 @@ class CredentialsError(StationError):
 
 class LedgerError(StationError):
     """The ledger database is unusable (locked by another process, corrupt)."""
+
+
+class LedgerLockedError(LedgerError):
+    """Another process holds the ledger's write lock past the busy timeout.
+
+    Kin of StateDirBusyError: the fix is to stop the other process, not to edit a file,
+    so the CLI gives it the same exit code.
+    """

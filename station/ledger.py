@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from station.errors import LedgerError
+from station.errors import LedgerError, LedgerLockedError
 from station.events import (
     Event,
     Identified,
@@ -242,7 +242,9 @@ class Ledger:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
             error = self._error(e)
-            log.error("%s", error)
+            # Every caller gets the error and reports it (the CLI on stderr, a worker in
+            # its board's row); station.log keeps the moment without a second stderr line.
+            log.info("commit failed: %s", error)
             for task in batch:
                 task.future.set_exception(error)
             return
@@ -255,11 +257,15 @@ class Ledger:
     def _error(self, e: BaseException) -> LedgerError:
         text = str(e)
         if "locked" in text or "busy" in text:
-            msg = (f"{self.path}: locked by another process ({text}); stop the other "
-                   "station or tool using it, then start again")
-        elif "unable to open" in text or "readonly" in text or "disk I/O" in text:
+            return LedgerLockedError(
+                f"{self.path}: locked by another process ({text}); stop the other station "
+                "or tool using it (e.g. an open sqlite3 shell), then start again")
+        if "unable to open" in text or "readonly" in text or "disk I/O" in text:
             msg = (f"{self.path}: cannot be opened or written ({text}); check that "
                    f"{self.path.parent} exists, is writable by this user and has free space")
+        elif "full" in text:
+            msg = (f"{self.path}: the disk is full ({text}); free space on the disk holding "
+                   f"{self.path.parent}; nothing committed is lost")
         elif "not a database" in text or "malformed" in text or "corrupt" in text:
             msg = (f"{self.path}: corrupt ({text}); move it aside together with its -wal "
                    f"and -shm files (e.g. mv {self.path} {self.path}.corrupt) and start "
