@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import botocore.session
@@ -111,12 +111,14 @@ class AwsProxy:
 
     def __init__(self, target: str, *, throttle_share: float = 0.0, seed: int = 4,
                  deny: dict[str, str] | None = None, drop_set_as_active: bool = True,
-                 throttle_only: set[str] | None = None) -> None:
+                 throttle_only: set[str] | None = None,
+                 deny_if: Callable[[str, str], str | None] | None = None) -> None:
         parsed = urllib.parse.urlsplit(target)
         self.host, self.port_to = str(parsed.hostname), int(parsed.port or 80)
         self.throttle_share = throttle_share
         self.throttle_only = throttle_only
         self.deny = dict(deny or {})  # operation -> error code
+        self.deny_if = deny_if  # (operation, request path) -> error code or None
         self.drop_set_as_active = drop_set_as_active
         self.calls: Counter[str] = Counter()
         self.throttled: Counter[str] = Counter()
@@ -137,12 +139,16 @@ class AwsProxy:
         self._server.server_close()
         self._thread.join(timeout=10)
 
-    def _decide(self, op: str) -> str | None:
+    def _decide(self, op: str, path: str = "") -> str | None:
         with self._lock:
             self.calls[op] += 1
             self.order.append(op)
             if op in self.deny:
                 return self.deny[op]
+            if self.deny_if is not None:
+                fault = self.deny_if(op, path)
+                if fault is not None:
+                    return fault
             eligible = self.throttle_only is None or op in self.throttle_only
             if eligible and self.throttle_share and self._random.random() < self.throttle_share:
                 self.throttled[op] += 1
@@ -164,7 +170,7 @@ class AwsProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 op = ROUTES.name(self.command, urllib.parse.unquote(url.path), query)
-                fault = proxy._decide(op)
+                fault = proxy._decide(op, urllib.parse.unquote(url.path))
                 if fault is not None:
                     status = 400 if fault != "AccessDeniedException" else 403
                     payload = json.dumps({"message": f"injected {fault} for {op}"}).encode()
