@@ -1,0 +1,242 @@
+"""The soak's cloud: a moto server, and a loopback proxy in front of it that misbehaves.
+
+The station talks to the proxy as if it were AWS IoT; the invariant checker talks to
+moto directly. The proxy can:
+
+* answer a share of calls with `ThrottlingException` (HTTP 400), as AWS does past a quota;
+* answer a share with a 5xx: half of them *before* forwarding (AWS refused the call), half
+  *after* (AWS did the work and the reply was lost), which is what makes retries of
+  non-idempotent calls (CreateCertificateFromCsr, CreateThing) interesting;
+* go away: the listening socket is closed, so new connections are refused, and kept-alive
+  connections are dropped at their next request; `up()` listens again on the same port;
+* drop `setAsActive` from CreateCertificateFromCsr, so moto creates the certificate
+  INACTIVE as AWS does (MOTO-NOTES #2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+START_TIMEOUT = 30.0
+UPSTREAM_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def moto_server(log_path: str | None = None) -> Iterator[str]:
+    """`python -m moto.server` on a free loopback port; yields its URL; always stopped."""
+    port = free_port()
+    out: Any = subprocess.DEVNULL
+    if log_path is not None:
+        out = open(log_path, "ab")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"moto server did not listen on {port} in {START_TIMEOUT}s")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.05)  # the pause between tries; also notices an exit
+                raise RuntimeError(f"moto server exited with {proc.returncode}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        if out is not subprocess.DEVNULL:
+            out.close()
+
+
+def operation(method: str, path: str) -> str:
+    """A coarse name for a request (method and first path part), for the counters."""
+    first = path.strip("/").split("/", 1)[0] or "/"
+    return f"{method} /{first}"
+
+
+class FaultyProxy:
+    """A loopback HTTP proxy to `target` with throttling, 5xx and outage faults."""
+
+    def __init__(self, target: str, *, throttle_share: float = 0.0, error_share: float = 0.0,
+                 seed: int = 0, drop_set_as_active: bool = True) -> None:
+        parsed = urllib.parse.urlsplit(target)
+        self.host, self.port_to = str(parsed.hostname), int(parsed.port or 80)
+        self.throttle_share = throttle_share
+        self.error_share = error_share
+        self.drop_set_as_active = drop_set_as_active
+        self.calls: Counter[str] = Counter()
+        self.injected: Counter[str] = Counter()  # throttled, 5xx_before, 5xx_after, dropped
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._down = False
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def __enter__(self) -> FaultyProxy:
+        self.up()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop_listening()
+
+    @property
+    def is_down(self) -> bool:
+        return self._down
+
+    def up(self) -> None:
+        """Listen (again) on the proxy's port."""
+        with self._lock:
+            self._down = False
+        if self._server is not None:
+            return
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # the port is still being released: retry to a deadline
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="soak-aws-proxy",
+                                        daemon=True)
+        self._thread.start()
+
+    def down(self) -> None:
+        """AWS goes away: refuse new connections, drop kept-alive ones at their next call."""
+        with self._lock:
+            self._down = True
+        self._stop_listening()
+
+    def _stop_listening(self) -> None:
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(timeout=10)
+
+    # -- faults ---------------------------------------------------------------------
+
+    def _decide(self, op: str) -> str | None:
+        with self._lock:
+            self.calls[op] += 1
+            if self._down:
+                self.injected["dropped"] += 1
+                return "drop"
+            draw = self._random.random()
+            if draw < self.throttle_share:
+                self.injected["throttled"] += 1
+                return "throttle"
+            if draw < self.throttle_share + self.error_share:
+                kind = "5xx_after" if self._random.random() < 0.5 else "5xx_before"
+                self.injected[kind] += 1
+                return kind
+        return None
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                return None
+
+            def _error(self, status: int, code: str, message: str) -> None:
+                payload = json.dumps({"message": message}).encode()
+                self.send_response(status)
+                self.send_header("x-amzn-ErrorType", f"{code}:")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def _forward(self, path: str, body: bytes) -> tuple[int, list[tuple[str, str]],
+                                                                bytes]:
+                conn = http.client.HTTPConnection(proxy.host, proxy.port_to,
+                                                  timeout=UPSTREAM_TIMEOUT)
+                try:
+                    headers = {k: v for k, v in self.headers.items()
+                               if k.lower() not in ("host", "connection")}
+                    conn.request(self.command, path, body=body, headers=headers)
+                    reply = conn.getresponse()
+                    return reply.status, reply.getheaders(), reply.read()
+                finally:
+                    conn.close()
+
+            def _any(self) -> None:
+                url = urllib.parse.urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                op = operation(self.command, url.path)
+                fault = proxy._decide(op)
+                if fault == "drop":
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if fault == "throttle":
+                    self._error(400, "ThrottlingException", f"injected throttling of {op}")
+                    return
+                if fault == "5xx_before":
+                    self._error(503, "ServiceUnavailableException", f"injected 503 for {op}")
+                    return
+                path = self.path
+                if self.command == "POST" and url.path.rstrip("/") == "/certificates" \
+                        and proxy.drop_set_as_active:
+                    query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+                    query.pop("setAsActive", None)
+                    path = url.path + ("?" + urllib.parse.urlencode(query, doseq=True)
+                                       if query else "")
+                status, headers, data = self._forward(path, body)
+                if fault == "5xx_after":  # AWS did it; the reply is lost on the way back
+                    self._error(500, "InternalFailureException", f"injected 500 for {op}")
+                    return
+                self.send_response(status)
+                for k, v in headers:
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length",
+                                         "server", "date"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
+
+        return Handler
