@@ -109,9 +109,7 @@ class Firmware:
                 {"offset": 0x10000, "file": build / "app.bin"}]
 
 
-@pytest.fixture(scope="module")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> Firmware:
-    root = tmp_path_factory.mktemp("firmware")
+def make_firmware(root: Path) -> Firmware:
     return Firmware(esp32=make_demo_firmware(root / "esp32", app_size=0x4000),
                     esp32s3=make_demo_firmware(root / "esp32s3", chip="esp32s3",
                                                app_size=0x4000))
@@ -229,6 +227,19 @@ class Site:
         assert earlier[0]["mac"] == EARLIER_MAC
 
 
+def quick_rig(site: Site) -> Rig:
+    """Virtual boards without line-rate or flash timing: each board takes ~0.3 s."""
+    return Rig(site.hub, seed=11, throttle=False, flash_timing=False)
+
+
+# The fixtures of every test_bad_inputs_* file (each defines these three the same way).
+
+
+@pytest.fixture(scope="module")
+def firmware(tmp_path_factory: pytest.TempPathFactory) -> Firmware:
+    return make_firmware(tmp_path_factory.mktemp("firmware"))
+
+
 @pytest.fixture
 def site(tmp_path: Path, firmware: Firmware) -> Site:
     return Site(tmp_path, firmware)
@@ -236,8 +247,7 @@ def site(tmp_path: Path, firmware: Firmware) -> Site:
 
 @pytest.fixture
 def rig(site: Site) -> Iterator[Rig]:
-    """Virtual boards without line-rate or flash timing: each board takes ~0.3 s."""
-    with Rig(site.hub, seed=11, throttle=False, flash_timing=False) as r:
+    with quick_rig(site) as r:
         yield r
 
 
