@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ import boto3
 from station.firmware import FirmwareBundle
 from station.registrar.base import CRASH_ENV
 from station.sim import PluggedBoard, Rig
+from tests.registrar.awsproxy import AwsProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = ROOT / "config" / "aws-iot-policy.json"
@@ -298,3 +300,27 @@ def aws_client(url: str) -> Iterator[Aws]:
         yield Aws(client)
     finally:
         client.close()
+
+
+class GatedProxy(AwsProxy):
+    """The proxy, holding the first call of `gate` until the test sets `release`.
+
+    `reached` is set when the call arrives: the station is then waiting on AWS, at a
+    known step of a registration, for as long as the test likes.
+    """
+
+    def __init__(self, target: str, gate: str, **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        self.gate = gate
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def _decide(self, op: str, path: str = "") -> str | None:
+        if op == self.gate and not self.reached.is_set():
+            self.reached.set()
+            self.release.wait(timeout=RUN_TIMEOUT)  # on the proxy's request thread
+        return super()._decide(op, path)
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        super().__exit__(*exc)

@@ -37,6 +37,7 @@ from tests.stationkit import (
     STATION,
     Aws,
     AwsLine,
+    GatedProxy,
     aws_client,
     aws_env,
     mac_hex,
@@ -263,6 +264,31 @@ def test_without_kept_keys_a_reflashed_board_gets_a_new_certificate(
         assert station.ledger()[-1]["certificate_id"] == new
 
 
+@pytest.mark.slow
+def test_a_board_pulled_mid_registration_gets_its_pending_certificate_when_back(
+        tmp_path: Path, rig: Rig, firmware: tuple[Path, FirmwareBundle], moto: str,
+        aws: Aws) -> None:
+    """Unplugged while AWS creates its thing: the call lands after the job ended; the
+    board plugged again finishes that registration instead of making a second one."""
+    board = rig.plug(chip="esp32")
+    with GatedProxy(moto, gate="CreateThing") as proxy, \
+            line(tmp_path, rig, firmware, proxy.url) as station:
+        station.start(2)
+        assert proxy.reached.wait(timeout=120), "no CreateThing"
+        rig.unplug(board)
+        station.wait_for("the job removed", lambda: [
+            e["result"] for e in station.events("JobFinished")] == ["removed"])
+        proxy.release.set()
+        board = rig.plug(chip="esp32", mac=board.mac, index=board.index)
+        result = station.wait()
+        assert result.returncode == 3, result  # one of the two jobs was removed
+        cid = assert_registered(station, aws, board)
+        assert list(aws.certificates()) == [cid]
+        assert_consistent(station, aws, settled=True)
+        assert [r["result"] for r in station.ledger()] == ["removed", "done"]
+    assert proxy.calls["CreateCertificateFromCsr"] == 1
+
+
 # -- 3. SIGKILL between registration calls ----------------------------------------------
 
 CSR_STEPS = ["key-written", "cert-created", "policy-attached", "thing-created",
@@ -295,17 +321,18 @@ def assert_consistent(station: AwsLine, aws: Aws, *, settled: bool) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("step", CSR_STEPS)
+@pytest.mark.parametrize("step,key_source", [(step, "csr") for step in CSR_STEPS] + [
+    ("cert-created", "aws"), ("key-written", "aws")])
 def test_killed_after_a_registration_step_then_restarted(
-        step: str, tmp_path: Path, rig: Rig, firmware: tuple[Path, FirmwareBundle],
-        proxy: AwsProxy, aws: Aws) -> None:
+        step: str, key_source: str, tmp_path: Path, rig: Rig,
+        firmware: tuple[Path, FirmwareBundle], proxy: AwsProxy, aws: Aws) -> None:
     board = rig.plug(chip="esp32")
-    with line(tmp_path, rig, firmware, proxy.url) as station:
+    with line(tmp_path, rig, firmware, proxy.url, key_source=key_source) as station:
         crashed = station.run(1, env={CRASH_ENV: step})
         assert crashed.returncode == -signal.SIGKILL, crashed
         assert_consistent(station, aws, settled=False)  # as the crash left it
         left = aws.certificates()
-        assert len(left) == (0 if step == "key-written" else 1)
+        assert len(left) == (0 if (step, key_source) == ("key-written", "csr") else 1)
 
         board = station.replug(board)
         result = station.run(1)
@@ -315,7 +342,7 @@ def test_killed_after_a_registration_step_then_restarted(
         assert list(aws.certificates()) == [cid], "an interrupted certificate was left"
         if step == "cert-activated":
             assert list(left) == [cid]  # complete before the kill: reused, not replaced
-        elif step != "key-written":
+        elif left:
             assert "revoked and deleted" in result.stderr, result
 
         rows = station.ledger()
