@@ -460,6 +460,19 @@ def test_start_failures_are_one_clear_line(
         assert aws.things() == {} and aws.certificates() == {}
 
 
+def test_check_proves_aws_access_and_says_what_run_would_do(
+        tmp_path: Path, rig: Rig, firmware: tuple[Path, FirmwareBundle], proxy: AwsProxy,
+        aws: Aws) -> None:
+    with line(tmp_path, rig, firmware, proxy.url) as station:
+        result = station.command("check")
+        assert result.returncode == 0, result
+        assert "registrar   aws-iot: ready" in result.stdout
+        assert "NVS partition 'nvs' at 0x9000" in result.stdout
+        assert result.stderr == ""
+        assert proxy.calls["DescribeEndpoint"] == 1
+        assert aws.things() == {} and aws.certificates() == {}
+
+
 # -- 6. one board's registration fails --------------------------------------------------
 
 
