@@ -247,3 +247,22 @@ def test_a_full_certs_out_disk_fails_boards_clearly_and_keeps_what_was_written(
     site.assert_history_kept()
     results = [row["result"] for row in site.ledger() if row["job_id"] != EARLIER_JOB]
     assert sorted(results) == ["done"] * 3 + ["failed"] * 2
+
+
+def test_a_full_state_disk_stops_the_station_at_start_naming_the_ledger(
+        site: Site, rig: Rig) -> None:
+    with small_disk(site.state, "512k"):
+        first = rig.plug(chip="esp32")
+        assert site.run(1).code == EXIT_OK
+        before = site.rows_by_port()
+        fill(site.state)
+        rig.unplug(first)
+        rig.plug(chip="esp32")
+        result = site.run(1)
+        assert result.code == EXIT_CONFIG, result
+        line = result.complaint()
+        ledger = site.state / "ledger.sqlite3"
+        assert f"ledger: {ledger}: cannot be opened or written" in line, result
+        assert "has free space" in line, result
+        (site.state / "filler").unlink()
+        assert site.rows_by_port() == before  # the night before is all there
