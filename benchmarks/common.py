@@ -465,7 +465,7 @@ def target(name: str, value: float | None, limit: float, op: str, unit: str = ""
     """One target row: `value op limit` (op is "<=" or ">=")."""
     met = None if value is None else (value <= limit if op == "<=" else value >= limit)
     return {"target": name, "value": None if value is None else round(value, 3),
-            "limit": f"{op} {limit:g}{unit}", "met": met, "note": note}
+            "limit": f"{op} {round(limit, 3):g}{unit}", "met": met, "note": note}
 
 
 def write_json(result: dict[str, Any], name: str) -> Path:
@@ -543,15 +543,18 @@ class Context:
 
     root: Path
     firmware: Firmware
-    station_runs: dict[tuple[int, str], StationRun] = field(default_factory=dict)
+    station_runs: dict[tuple[int, str, bool], StationRun] = field(default_factory=dict)
     shared: dict[str, Any] = field(default_factory=dict)
 
-    def station(self, boards: int, kind: str = "none", **kwargs: Any) -> StationRun:
-        key = (boards, kind)
+    def station(self, boards: int, kind: str = "none", flash_timing: bool = True,
+                **kwargs: Any) -> StationRun:
+        key = (boards, kind, flash_timing)
         if key not in self.station_runs:
-            print(f"  station run: {boards} board(s), registrar {kind} ...", flush=True)
-            run = run_station(boards, self.firmware, self.root / f"station-{kind}-{boards}",
-                              kind=kind, **kwargs)
+            print(f"  station run: {boards} board(s), registrar {kind}"
+                  f"{'' if flash_timing else ', rig without flash timing'} ...", flush=True)
+            name = f"station-{kind}-{boards}{'' if flash_timing else '-line-only'}"
+            run = run_station(boards, self.firmware, self.root / name, kind=kind,
+                              flash_timing=flash_timing, **kwargs)
             print(f"    {run.wall_s:.2f}s, {run.usage.cpu_s:.2f} CPU-s, "
                   f"{run.usage.max_rss_mb:.0f} MB", flush=True)
             self.station_runs[key] = run
@@ -595,3 +598,13 @@ def print_targets(rows: Sequence[dict[str, Any]]) -> None:
         met = {True: "met", False: "MISSED", None: "n/a"}[r["met"]]
         value = "-" if r["value"] is None else f"{r['value']:g}"
         print(f"  {r['target']:<{width}}  {value:>10}  {r['limit']:<12} {met}")
+
+
+def markdown_targets(rows: Sequence[dict[str, Any]]) -> str:
+    """The targets as a Markdown table (for BENCHMARKS.md)."""
+    lines = ["| target | value | limit | met | note |", "| --- | ---: | --- | --- | --- |"]
+    for r in rows:
+        met = {True: "met", False: "**missed**", None: "n/a"}[r["met"]]
+        value = "-" if r["value"] is None else f"{r['value']:g}"
+        lines.append(f"| {r['target']} | {value} | {r['limit']} | {met} | {r['note']} |")
+    return "\n".join(lines)

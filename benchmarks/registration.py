@@ -164,7 +164,10 @@ def run(ctx: common.Context) -> dict[str, Any]:
         "targets": [common.target("registration adds s/board (150 ms/call)", added,
                                   ADDED_LIMIT_S, "<=", "s",
                                   note=f"cloud {statistics.fmean(cloud):.2f}s/board, "
-                                       "overlapped with the flash")],
+                                       "overlapped with the flash"),
+                    common.target("station peak RSS MB (16 boards, aws-iot)",
+                                  registered.usage.max_rss_mb, 250.0, "<=", " MB",
+                                  note="boto3 included")],
     }
 
 

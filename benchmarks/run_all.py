@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=[n for n, _ in BENCHMARKS],
                         help="run only these")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--markdown", action="store_true",
+                        help="also print the targets as a Markdown table")
     args = parser.parse_args(argv)
     started = time.monotonic()
     result: dict[str, Any] = {"machine": common.machine(), "loadavg_start": common.loadavg(),
@@ -82,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{common.BAUD} Bd, {result['duration_s']:.0f}s):")
     common.print_targets(result["targets"])
     print("projection:", ", ".join(f"{k} {v}" for k, v in result["projection"].items()))
+    if args.markdown:
+        print()
+        print(common.markdown_targets(result["targets"]))
     print(f"written {path}")
     return 0
 
