@@ -65,6 +65,7 @@ namespace = "station"
 def run_demo(boards: int, workdir: Path, headless: bool, throttle: bool = True) -> int:
     from station.cli import _setup_logging, serve
 
+    workdir = workdir.resolve()  # the config's paths are taken from its own folder
     if workdir.exists():
         shutil.rmtree(workdir)
     rig_dir = workdir / "rig"

@@ -1,0 +1,28 @@
+"""`make demo`'s command, run as a new user would: from the repo, with its defaults."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.timeout(240)
+def test_demo_flashes_its_virtual_boards_from_a_relative_folder(tmp_path: Path) -> None:
+    # The default --dir is relative (state/demo): run from a folder as `make demo` does.
+    run = subprocess.run(
+        [sys.executable, "-m", "station", "demo", "--boards", "3", "--headless",
+         "--no-throttle"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=200,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.stdout.count(" done in ") == 3
+    ledger = subprocess.run(
+        [sys.executable, "-m", "station", "ledger", "--config",
+         str(tmp_path / "state" / "demo" / "station.toml"), "--format", "json"],
+        capture_output=True, text=True, timeout=60, check=True)
+    assert [job["result"] for job in json.loads(ledger.stdout)] == ["done"] * 3
