@@ -85,7 +85,7 @@ class SoakConfig:
     seed: int = 1
     workdir: Path = ROOT / "benchmarks" / "results" / "soak-work"
     throttle: bool = True  # serial line rate and flash timing of real boards
-    app_size: int = 400_000
+    app_size: int = 1_000_000  # the demo build's 1.5 MB app makes the 500-board run 50% longer
     fault_share: float = 0.15  # share of boards with a board fault (when per_kind unset)
     faults_per_kind: int | None = None  # exactly this many boards of each board fault
     kill_every: int = 60  # SIGKILL the station every K settled boards (0: never)
@@ -490,7 +490,7 @@ class Soak:
         deadline = time.monotonic() + cfg.deadline_s
         next_kill = cfg.kill_every or None
         restart_at: float | None = time.monotonic()
-        last_rss = 0.0
+        last_rss = last_progress = 0.0
         last_tick = time.monotonic()
         while True:
             now_m = time.monotonic()
@@ -529,6 +529,11 @@ class Soak:
                     restart_at = time.monotonic() + cfg.restart_delay
                     next_kill += cfg.kill_every
             self._operator(rig, log, station, now)
+            if now_m - last_progress >= 30.0:
+                last_progress = now_m
+                print(f"soak: {self.settled} settled, {self.next_board}/{cfg.boards} plugged, "
+                      f"{station.kills} kills, {len(self.violations)} violations so far",
+                      file=sys.stderr, flush=True)
             if self.next_board >= cfg.boards and not self.reseat and \
                     all(r.unplugged_at is not None for r in self.records):
                 return
@@ -631,10 +636,13 @@ class Soak:
               reseat_of: PlugRecord | None = None) -> None:
         faults = faults_for(fault, self.rng, self.cfg.app_size)
         mac = None if reseat_of is None else reseat_of.mac
+        # Taken before the call: the station may see the port (and start its job) before
+        # plug() returns to this thread.
+        plugged_at = time.time()
         plugged = rig.plug(index=index, mac=mac, faults=faults)
         record = PlugRecord(board=board, mac=plugged.mac.replace(":", ""), index=index,
                             port=plugged.port, fault=fault, faults=faults,
-                            plugged_at=time.time(), reseat=reseat_of is not None)
+                            plugged_at=plugged_at, reseat=reseat_of is not None)
         if fault is not None:
             record.hit_by.add(fault)
             self.faults[fault] += 1
@@ -765,12 +773,23 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _no_sigint_traceback() -> Iterator[None]:
+def _stop_cleanly() -> Iterator[None]:
+    """SIGINT or SIGTERM unwind the harness, so the station, moto and the tmpfs go too.
+
+    (A job started with `&` from a script ignores SIGINT; SIGTERM is what `kill` sends.)
+    """
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     except KeyboardInterrupt:
         print("soak: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -801,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
                      kill_every=args.kill_every, aws_throttle=args.aws_throttle,
                      aws_errors=args.aws_errors, outage_s=args.outage_s,
                      disk_full_s=args.disk_full_s)
-    with _no_sigint_traceback():
+    with _stop_cleanly():
         report = run_soak(cfg)
     out = args.out or results / f"soak-{args.boards}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -158,11 +158,14 @@ def test_rss_growth_is_measured_within_one_process() -> None:
     assert check_rss(flat)[0] == []
     violations, summary = check_rss(leaky)
     assert [v.kind for v in violations] == ["rss"]
-    assert summary["baseline_at_board"] == 50
-    # a restart (new pid) is not growth
+    assert summary["longest_lived"]["baseline_at_board"] == 50
+    # a restart (new pid) is not growth; growth inside a later process is
     restarted = [RssSample(0, 3, n, 80_000) for n in range(60)] + \
         [RssSample(0, 4, n, 120_000) for n in range(60, 120)]
     assert check_rss(restarted)[0] == []
+    late_leak = [RssSample(0, 5, n, 80_000) for n in range(60)] + \
+        [RssSample(0, 6, n, 80_000 + (n - 60) * 600) for n in range(60, 120)]
+    assert [v.subject for v in check_rss(late_leak)[0]] == ["6"]
 
 
 def test_registration_rows_name_every_certificate_in_the_ledger(
