@@ -74,7 +74,7 @@ _SCHEMA = (
 )
 EXPORT_COLUMNS = ("job_id", "slot", "port", "mac", "chip", "thing_name", "result",
                   "failed_stage", "error", "started", "finished", "seconds", "certificate_id",
-                  "registrar", "firmware_hash", "station")
+                  "registrar", "firmware_hash", "station", "timings")
 
 
 def iso(at: float | None) -> str:
@@ -356,7 +356,7 @@ class Ledger:
             out = io.StringIO()
             writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(_flat_timings(row) for row in rows)
             return out.getvalue()
         if fmt == "table":
             return _table(rows, self.summary())
@@ -486,8 +486,14 @@ def _export_row(job: dict[str, Any]) -> dict[str, Any]:
         seconds = round(job["finished_at"] - job["started_at"], 1)
     row = {key: job.get(key) for key in EXPORT_COLUMNS}
     row.update(started=iso(job["started_at"]), finished=iso(job["finished_at"]),
-               seconds=seconds, result=job["result"] or "in progress")
+               seconds=seconds, result=job["result"] or "in progress",
+               timings=job["timings"] or {})
     return row
+
+
+def _flat_timings(row: dict[str, Any]) -> dict[str, Any]:
+    """CSV has no nesting: seconds per stage as `connect=0.91 flash=11.20 ...`."""
+    return {**row, "timings": " ".join(f"{k}={v:.2f}" for k, v in row["timings"].items())}
 
 
 def _table(rows: list[dict[str, Any]], summary: dict[str, int]) -> str:

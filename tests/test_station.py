@@ -185,6 +185,9 @@ def test_sixteen_boards_plugged_at_staggered_times_are_all_flashed(
     jobs = line.jobs()
     assert [j["result"] for j in jobs] == ["done"] * 16
     assert {j["mac"] for j in jobs} == {mac_hex(b) for b in boards}
+    for job in jobs:  # seconds per stage, for the operator and the benchmarks
+        assert {"connect", "identify", "flash", "verify", "reset"} <= set(job["timings"])
+        assert job["timings"]["flash"] > 0
     for board in boards:
         line.assert_flashed(board, f"t-{mac_hex(board)}")
 
