@@ -152,6 +152,7 @@ class Station:
             watcher = PortWatcher(self.config.ports.watch, self.config.ports.rescan_interval,
                                   on_added=self._plugged, on_removed=self._unplugged)
             await watcher.start()
+            log.info("ready: watching %s", ", ".join(self.config.ports.watch))
             try:
                 await self._stop.wait()
                 await self._drain()
