@@ -322,6 +322,12 @@ def check_rss(samples: Sequence[RssSample], limit_mb: float = RSS_LIMIT_MB,
     processes = []
     for pid, mine in by_pid.items():
         first, last = mine[0], mine[-1]
+        if last.boards_final - first.boards_final < warm_up:
+            # e.g. a start that failed while AWS was away: it never got past its imports
+            processes.append({"pid": pid, "boards": [first.boards_final, last.boards_final],
+                              "last_mb": round(last.rss_kb / 1024, 1),
+                              "note": f"fewer than {warm_up} boards: not judged"})
+            continue
         if first.boards_final <= from_board <= last.boards_final - warm_up:
             baseline_at = from_board
         else:
@@ -342,7 +348,8 @@ def check_rss(samples: Sequence[RssSample], limit_mb: float = RSS_LIMIT_MB,
         return [], {"note": "no samples"}
     longest = max(processes, key=lambda p: p["boards"][1] - p["boards"][0])
     summary = {"limit_mb": limit_mb,
-               "max_growth_mb": max(p["growth_mb"] for p in processes),
+               "max_growth_mb": max((p["growth_mb"] for p in processes if "growth_mb" in p),
+                                    default=None),
                "max_mb": round(max(s.rss_kb for s in samples) / 1024, 1),
                "longest_lived": longest, "processes": processes}
     return out, summary

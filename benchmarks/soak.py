@@ -95,7 +95,7 @@ class SoakConfig:
     outage_s: float = 60.0
     disk_full_at: float = 0.7  # certs_out fills up when this share is settled
     disk_full_s: float = 20.0
-    restart_delay: float = 1.0  # systemd RestartSec
+    restart_delay: float = 5.0  # RestartSec of config/station.service
     swap_s: float = 0.5  # an operator's hand: a slot stays empty at least this long
     retries: int = 2
     timeouts: dict[str, float] = field(default_factory=lambda: {

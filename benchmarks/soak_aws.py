@@ -82,6 +82,16 @@ def operation(method: str, path: str) -> str:
     return f"{method} /{first}"
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away mid-reply (a SIGKILLed station) is not news."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 class FaultyProxy:
     """A loopback HTTP proxy to `target` with throttling, 5xx and outage faults."""
 
@@ -99,7 +109,7 @@ class FaultyProxy:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._down = False
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------
@@ -124,13 +134,12 @@ class FaultyProxy:
         deadline = time.monotonic() + 10
         while True:
             try:
-                server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+                server = _Server(("127.0.0.1", self.port), self._handler())
                 break
             except OSError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)  # the port is still being released: retry to a deadline
-        server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="soak-aws-proxy",
                                         daemon=True)

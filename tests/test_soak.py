@@ -166,6 +166,11 @@ def test_rss_growth_is_measured_within_one_process() -> None:
     late_leak = [RssSample(0, 5, n, 80_000) for n in range(60)] + \
         [RssSample(0, 6, n, 80_000 + (n - 60) * 600) for n in range(60, 120)]
     assert [v.subject for v in check_rss(late_leak)[0]] == ["6"]
+    # a start that never got past its imports (AWS away) is listed, not judged
+    failed_start = [RssSample(0, 7, 60, 500), RssSample(1, 7, 60, 70_000)]
+    violations, summary = check_rss(flat + failed_start)
+    assert violations == []
+    assert "not judged" in summary["processes"][-1]["note"]
 
 
 def test_registration_rows_name_every_certificate_in_the_ledger(
