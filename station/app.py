@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from station.check import writable_folder
 from station.config import Config
 from station.credentials import CredentialStore, nvs_region
 from station.daemon import Bus, Options, Station, state_dir_lock
@@ -84,6 +85,9 @@ async def assemble(config: Config, options: Options,
         bus = Bus()
         registrar = make_registrar(config, store, throttled_reporter(bus))
         plan = build_plan(config, bundle, registrar.kind)
+        if registrar.kind != "none":  # fail now, not at every board's credentials
+            await asyncio.to_thread(writable_folder, config.credentials.out_dir,
+                                    "credentials.out_dir", config)
         ledger = Ledger.open(state_dir)
         events = EventLog(state_dir / "events.jsonl")
         try:

@@ -26,7 +26,7 @@ certificate files, so a full disk fails here and not at the first board."""
 LOW_SPACE = 1 << 20
 
 
-def _writable(path: Path, key: str, config: Config) -> int:
+def writable_folder(path: Path, key: str, config: Config) -> int:
     """Prove `path` can be created and written (permissions, read-only mount, full disk)
     by writing a small file there; returns the free bytes."""
     probe = path / f".station-check.{os.getpid()}"
@@ -69,11 +69,11 @@ async def check(config: Config, out: TextIO) -> int:
         part = bundle.partition(config.credentials.partition)
         print(f"credentials NVS partition '{part.label}' at 0x{part.offset:x} "
               f"({part.size} B), namespace '{config.credentials.namespace}'", file=out)
-    state_free = _writable(config.station.state_dir, "station.state_dir", config)
+    state_free = writable_folder(config.station.state_dir, "station.state_dir", config)
     print(f"state       {config.station.state_dir} (writable, {_space(state_free)})",
           file=out)
     if plan.credentials_region is not None:
-        certs_free = _writable(config.credentials.out_dir, "credentials.out_dir", config)
+        certs_free = writable_folder(config.credentials.out_dir, "credentials.out_dir", config)
         print(f"certs_out   {config.credentials.out_dir} (writable, {_space(certs_free)})",
               file=out)
     try:

@@ -221,7 +221,15 @@ class Station:
         async with self._slots:
             if self._stop.is_set():
                 return None  # queued behind max_parallel when the stop came: never started
-            return await worker.run()
+            try:
+                return await worker.run()
+            except Exception:
+                # The worker could not even record its end (the ledger failed): the board
+                # still counts as final, or --exit-after would wait for it forever.
+                log.exception("%s: job %s ended without its final record", worker.port,
+                              worker.job_id)
+                self._final(Stage.FAILED)
+                return Stage.FAILED
 
     def _unplugged(self, info: PortInfo) -> None:
         task = self._jobs.pop(info.path, None)
@@ -229,9 +237,11 @@ class Station:
             task.cancel(REMOVED)
 
     def _observe(self, event: Event) -> None:
-        if not isinstance(event, JobFinished):
-            return
-        self._results.append(event.result)
+        if isinstance(event, JobFinished):
+            self._final(event.result)
+
+    def _final(self, result: Stage) -> None:
+        self._results.append(result)
         limit = self.options.exit_after
         if limit is not None and len(self._results) >= limit:
             self.stop()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
@@ -174,6 +175,18 @@ class _Port(serial.Serial):
 
 
 @functools.lru_cache(maxsize=64)
+def _open_error(port: str, e: serial.SerialException) -> PortError:
+    """What to do about a port that will not open: a retry cannot fix permissions."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return PortError(f"{port}: cannot open: permission denied; run the station as a "
+                         "user in the 'dialout' group (see config/udev-notes.md)",
+                         transient=False)
+    if "exclusively lock" in str(e):
+        return PortError(f"{port}: cannot open: another program holds the port (a serial "
+                         "monitor, ModemManager: see config/udev-notes.md)")
+    return PortError(f"{port}: cannot open: {first_line(e)}")
+
+
 def _inflated_sizes(compressed: bytes, block: int) -> tuple[int, ...]:
     """How many flash bytes each compressed block becomes: computed once per image, not
     once per board (the timeouts and the progress depend on it)."""
@@ -290,7 +303,7 @@ class EsptoolSession:
         try:
             port.open()
         except serial.SerialException as e:
-            raise PortError(f"{self.port}: cannot open: {first_line(e)}") from e
+            raise _open_error(self.port, e) from e
         self._serial = port
         self._step = "chip detection"
         esp = detect_chip(port, ROM_BAUD, trace_enabled=opts.trace,

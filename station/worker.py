@@ -141,22 +141,22 @@ class Worker:
 
     async def run(self) -> Stage:
         """Take the board to a final stage and emit JobFinished; returns that stage."""
-        sink = self.parts.sink
-        await sink.emit(JobStarted(job_id=self.job_id, port=self.port, slot=self.slot,
-                                   station=self.plan.station,
-                                   firmware_hash=self.plan.firmware_hash))
         result, error, failed_stage = Stage.DONE, None, None
         try:
+            await self.parts.sink.emit(JobStarted(
+                job_id=self.job_id, port=self.port, slot=self.slot, station=self.plan.station,
+                firmware_hash=self.plan.firmware_hash))
             result = await self._attempts()
         except asyncio.CancelledError as e:
             removed = bool(e.args) and e.args[0] == REMOVED
             result = Stage.REMOVED if removed else Stage.FAILED
-            error = None if removed else f"aborted during {self._stage.value}"
+            error = f"{'unplugged' if removed else 'aborted'} during {self._stage.value}"
             failed_stage = self._stage
             await self._finish(result, error, failed_stage)
             raise
         except _Removed:
             result, failed_stage = Stage.REMOVED, self._stage
+            error = f"unplugged during {self._stage.value}"
         except StationError as e:
             result, error, failed_stage = Stage.FAILED, str(e), self._stage
         except Exception as e:  # a bug must fail one board, never the station
@@ -262,6 +262,7 @@ class Worker:
         try:
             return await asyncio.shield(self._registration)
         except StationError as e:
+            self._stage = Stage.REGISTER  # noticed between two writes, but it is this stage's
             raise RegistrationError(str(e), transient=False) from e
 
     async def _register(self, identity: BoardIdentity, thing: str) -> DeviceCredentials | None:
