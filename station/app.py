@@ -20,10 +20,11 @@ from station.config import Config
 from station.credentials import CredentialStore, nvs_region
 from station.daemon import Bus, Options, Station, state_dir_lock
 from station.errors import FirmwareError
+from station.eventlog import EventLog
 from station.events import Event, RegistrationStep, Throttled
 from station.firmware import FirmwareBundle, load_firmware
 from station.flasher import EsptoolFlasher
-from station.ledger import EventLog, Ledger
+from station.ledger import Ledger
 from station.parts import BoardIdentity, Region
 from station.registrar import make_registrar
 from station.registrar.base import DeviceCredentials, Registrar

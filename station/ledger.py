@@ -1,4 +1,4 @@
-"""The ledger: a SQLite journal of every board job, and a JSON-lines log of its events.
+"""The ledger: a SQLite journal of every board job and its events.
 
 Why it looks like this:
 - Durability is the point. In the morning every plugged board must have a final row, even
@@ -20,22 +20,20 @@ import asyncio
 import concurrent.futures
 import contextlib
 import csv
-import dataclasses
 import io
 import json
 import logging
-import os
 import queue
 import shutil
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from station.errors import LedgerError, LedgerLockedError
+from station.eventlog import event_fields, iso
 from station.events import (
     Event,
     Identified,
@@ -75,18 +73,6 @@ _SCHEMA = (
 EXPORT_COLUMNS = ("job_id", "slot", "port", "mac", "chip", "thing_name", "result",
                   "failed_stage", "error", "started", "finished", "seconds", "certificate_id",
                   "registrar", "firmware_hash", "station", "timings")
-
-
-def iso(at: float | None) -> str:
-    """Seconds since the epoch -> `2026-11-27T02:45:01Z` (UTC, what logs and exports show)."""
-    if at is None:
-        return ""
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def event_fields(event: Event) -> dict[str, Any]:
-    """An event as plain JSON-able data (Stage is a str subclass, so it serialises as is)."""
-    return dataclasses.asdict(event)
 
 
 class _Task:
@@ -515,70 +501,3 @@ def _table(rows: list[dict[str, Any]], summary: dict[str, int]) -> str:
     width = max(100, shutil.get_terminal_size((160, 24)).columns)
     Console(file=out, width=width, color_system=None, force_terminal=False).print(table)
     return out.getvalue()
-
-
-# -- the JSON-lines event log ---------------------------------------------------------
-
-
-class EventLog:
-    """Every event except mid-region Progress, one JSON object a line, for people and jq.
-
-    Appends go through one thread of their own so the loop never waits on the disk; the
-    ledger is the durable record, so lines are flushed to the OS but not fsynced. The
-    file rotates at `max_bytes` (events.jsonl.1 is the newest old one, `keep` are kept).
-    """
-
-    def __init__(self, path: Path, *, max_bytes: int = 50 * 2**20, keep: int = 5) -> None:
-        self.path = path
-        self.max_bytes = max_bytes
-        self.keep = keep
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="events")
-        self._file: io.TextIOWrapper | None = None
-        self._failing = False
-
-    @staticmethod
-    def wanted(event: Event) -> bool:
-        """Progress only where a region starts or ends; everything else."""
-        return not isinstance(event, Progress) or event.done in (0, event.total)
-
-    @staticmethod
-    def line(event: Event) -> str:
-        data = {"kind": type(event).__name__, "time": iso(event.at), **event_fields(event)}
-        return json.dumps(data, sort_keys=False) + "\n"
-
-    async def record(self, event: Event) -> None:
-        if self.wanted(event):
-            await asyncio.wrap_future(self._executor.submit(self._append, self.line(event)))
-
-    def _append(self, line: str) -> None:
-        try:
-            if self._file is None:
-                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-            self._file.write(line)
-            self._file.flush()
-            if self._file.tell() >= self.max_bytes:
-                self._rotate()
-            self._failing = False
-        except OSError as e:  # the log is a convenience: never fail a board over it
-            if not self._failing:  # once per outage, not once per event
-                log.error("%s: cannot write the event log: %s", self.path, e)
-            self._failing = True
-
-    def _rotate(self) -> None:
-        assert self._file is not None
-        self._file.close()
-        self._file = None
-        for n in range(self.keep - 1, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{n}")
-            if older.exists():
-                os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
-        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-
-    def _close_file(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    async def close(self) -> None:
-        await asyncio.wrap_future(self._executor.submit(self._close_file))
-        self._executor.shutdown(wait=True)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import pytest
 
 from station.errors import LedgerError
+from station.eventlog import EventLog
 from station.events import (
     Event,
     Identified,
@@ -31,7 +32,7 @@ from station.events import (
     Stage,
     StageChanged,
 )
-from station.ledger import EventLog, Ledger
+from station.ledger import Ledger
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
