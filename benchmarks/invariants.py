@@ -8,6 +8,7 @@ proxy). Each broken promise is one `Violation`; the soak passes only with none.
 Checks:
   unaccounted    a plugged board (MAC, or port and time for boards that never identify)
                  with no final ledger row; a job row still without a result at the end
+  phantom        a done board in the ledger whose MAC no plugged board has (misread)
   flash          a done board whose dump lacks an image at its offset
   nvs            a done board whose NVS partition (offset from the firmware's partition
                  table, decoded with station.nvs.read_nvs) does not hold its own thing
@@ -366,7 +367,14 @@ def check_all(*, ledger: Path, dumps: Path, certs_out: Path, bundle: FirmwareBun
     done = done_boards(jobs)
     violations = list(stuck)
     violations += check_accounted(plugs, jobs)
+    plugged = {p.mac for p in plugs}
     for mac, job in sorted(done.items()):
+        if plugs and mac not in plugged:
+            violations.append(Violation("phantom", mac, f"done in the ledger as "
+                                                        f"{job['thing_name']}, but no board "
+                                                        "with this MAC was plugged (a misread "
+                                                        "MAC?)"))
+            continue
         violations += check_done_board(mac, job, dumps, bundle, partition, namespace,
                                        certs_out, aws)
     if aws is not None:

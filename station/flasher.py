@@ -330,7 +330,14 @@ class EsptoolSession:
 
     def _identify_blocking(self) -> BoardIdentity:
         esp = self.esp
+        # A READ_REG reply carries no checksum and esptool drops the ESP32's MAC CRC: one
+        # flipped bit on a noisy line names another board, which would then be registered
+        # and flashed as that thing (the soak saw it). Two reads must agree.
         mac = bytes(esp.read_mac()).hex()
+        again = bytes(esp.read_mac()).hex()
+        if mac != again:
+            raise PortError(f"{self.port}: the MAC read back as {mac}, then as {again}: the "
+                            "serial line garbles replies (check the cable and the hub)")
         size = None
         if esp.IS_STUB and not esp.secure_download_mode:
             text = detect_flash_size(esp)

@@ -392,3 +392,29 @@ def test_sixteen_throttled_boards_keep_up_with_the_line(tmp_path: Path,
 
         took = run(everything(), timeout=120)
     assert max(took) < 2 * wire + 3.0, (wire, took)
+
+
+def test_a_mac_misread_on_a_noisy_line_is_a_transient_error_not_another_board() -> None:
+    from station.errors import PortError
+    from station.flasher import EsptoolFlasher
+
+    class Noisy:  # READ_REG replies have no checksum: a flipped bit is another MAC
+        IS_STUB = False
+        secure_download_mode = False
+        CHIP_NAME = "ESP32"
+
+        def __init__(self) -> None:
+            self.reads = [b"\x24\x0a\xc4\x7e\x0e\xb0", b"\x24\x0a\xc4\x7e\x0a\xb0"]
+
+        def read_mac(self) -> tuple[int, ...]:
+            return tuple(self.reads.pop(0))
+
+    session = EsptoolSession("/dev/ttyNOISY", EsptoolFlasher(baud=921600, chip="esp32"))
+    try:
+        session.esp = Noisy()
+        with pytest.raises(PortError, match="MAC read back as 240ac47e0eb0, then as "
+                                            "240ac47e0ab0") as caught:
+            session._identify_blocking()
+        assert caught.value.transient
+    finally:
+        run(session.close())

@@ -127,6 +127,7 @@ def test_the_checker_finds_what_a_bad_night_would_leave(
     assert ("certs-out", "soak-stray") in kinds, found
     assert ("certs-out", done[2]["mac"]) in kinds, found
     assert ("unaccounted", "240ac4ffffff") in kinds, found
+    assert ("phantom", done[0]["mac"]) in kinds, found  # only the ghost was "plugged"
 
 
 def test_the_checker_finds_active_certificates_nobody_holds(tmp_path: Path) -> None:
