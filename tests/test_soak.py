@@ -101,7 +101,7 @@ def test_the_checker_finds_what_a_bad_night_would_leave(
     shutil.copytree(work / "rig", dumps, symlinks=True)
     jobs = read_jobs(work / "state" / "ledger.sqlite3")
     done = [j for j in jobs if j["result"] == "done"]
-    assert len(done) >= 3
+    assert len(done) >= 4
     assert _audit(work, dumps, certs_out, []) == []  # the soak's own outputs are clean
 
     # a done board whose app image lost a byte, one whose NVS holds another's thing name,
@@ -120,14 +120,17 @@ def test_the_checker_finds_what_a_bad_night_would_leave(
     (certs_out / "soak-stray").mkdir()
     shutil.rmtree(certs_out / done[2]["thing_name"])
     ghost = Plug(mac="240ac4ffffff", port="/nowhere", plugged_at=0.0, unplugged_at=1.0)
-    found = _audit(work, dumps, certs_out, [ghost])
+    # every board the ledger knows was plugged, but for done[3]: a MAC misread as another
+    plugs = [Plug(j["mac"], j["port"], j["started_at"], j["finished_at"]) for j in jobs
+             if j["mac"] and j["mac"] != done[3]["mac"]]
+    found = _audit(work, dumps, certs_out, [*plugs, ghost])
     kinds = {(f.split(":")[0], f.split(":")[1]) for f in found}
     assert ("flash", done[0]["mac"]) in kinds, found
     assert ("nvs", done[1]["mac"]) in kinds, found
     assert ("certs-out", "soak-stray") in kinds, found
     assert ("certs-out", done[2]["mac"]) in kinds, found
     assert ("unaccounted", "240ac4ffffff") in kinds, found
-    assert ("phantom", done[0]["mac"]) in kinds, found  # only the ghost was "plugged"
+    assert ("phantom", done[3]["mac"]) in kinds, found
 
 
 def test_the_checker_finds_active_certificates_nobody_holds(tmp_path: Path) -> None:
