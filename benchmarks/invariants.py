@@ -16,6 +16,8 @@ Checks:
                  thing) and private key (= certs_out, pair of public.pem.key)
   thing-certs    a done board's thing with zero or several ACTIVE certificates
   orphan-cert    an ACTIVE certificate with no thing, no key on disk or no ledger row
+  unheld-cert    an ACTIVE certificate that no board holds: its journal does not end with
+                 the worker's "on-board" (credentials verified on the flash)
   certs-out      a certs_out folder with no ledger row, or a done board (aws-iot)
                  with no certs_out folder
   stuck          a slot stuck past its stage timeouts (from the harness's observations)
@@ -258,6 +260,10 @@ def check_aws(aws: AwsView, registrations: Sequence[dict[str, Any]],
               certs_out: Path) -> list[Violation]:
     out: list[Violation] = []
     activated = {r["certificate_id"] for r in registrations if r["step"] == "cert-activated"}
+    owner: dict[str, str] = {}  # certificate id -> its last ownership step
+    for r in registrations:
+        if r["step"] in ("cert-activated", "on-board", "cert-deactivated"):
+            owner[r["certificate_id"]] = r["step"]
     for cid, cert in aws.certificates.items():
         if cert["status"] != "ACTIVE":
             continue
@@ -278,6 +284,9 @@ def check_aws(aws: AwsView, registrations: Sequence[dict[str, Any]],
         if cid not in activated:
             out.append(Violation("orphan-cert", cid, "ACTIVE with no cert-activated row in "
                                                      "the ledger"))
+        elif owner.get(cid) != "on-board":
+            out.append(Violation("unheld-cert", cid, f"ACTIVE, but its journal ends with "
+                                                     f"{owner.get(cid)}, not on-board"))
     return out
 
 
@@ -386,9 +395,8 @@ def check_all(*, ledger: Path, dumps: Path, certs_out: Path, bundle: FirmwareBun
                              "registration_rows": len(registrations), "rss": rss_summary}
     if aws is not None:
         facts["aws"] = aws.counts()
-        # Not a violation: a board that failed after its registration (unplugged mid-flash,
-        # full disk) keeps an ACTIVE certificate whose key and record the station holds,
-        # and gets it back when plugged again. Counted so the report shows it.
+        # A board that failed after its registration (unplugged mid-flash, full disk) has
+        # its certificate parked INACTIVE (unheld-cert above otherwise); counted here.
         facts["aws"]["active_of_boards_not_done"] = sum(
             1 for mac, job in final_jobs_by_mac(jobs).items() if mac not in done
             and job["thing_name"] and aws.active_of(job["thing_name"]))

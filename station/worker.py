@@ -117,6 +117,21 @@ class Parts:
     """Tells a vanished port (an unplug) from a failing one after a serial error."""
 
 
+async def _to_the_end(work: Awaitable[None]) -> None:
+    """Run `work` to completion even if this task is cancelled meanwhile: a board's final
+    record must land. A cancel that arrived is delivered once the work is done."""
+    task = asyncio.ensure_future(work)
+    interrupted = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            interrupted = True
+    task.result()
+    if interrupted:
+        raise asyncio.CancelledError()
+
+
 def _size(n: int) -> str:
     return f"{n >> 20} MB" if n >= 1 << 20 else f"{n >> 10} KB"
 
@@ -138,44 +153,58 @@ class Worker:
     timings: dict[str, float] = field(default_factory=dict)
     _stage: Stage = Stage.CONNECT
     _registration: asyncio.Task[DeviceCredentials | None] | None = None
+    _registered_as: tuple[str, str] = ("", "")  # (mac, thing) the registration is for
+    _on_board: bool = False  # the board's flash holds its verified credentials
 
     async def run(self) -> Stage:
         """Take the board to a final stage and emit JobFinished; returns that stage."""
-        result, error, failed_stage = Stage.DONE, None, None
+        cancelled: asyncio.CancelledError | None = None
+        error: str | None = None
         try:
             await self.parts.sink.emit(JobStarted(
                 job_id=self.job_id, port=self.port, slot=self.slot, station=self.plan.station,
                 firmware_hash=self.plan.firmware_hash))
             result = await self._attempts()
         except asyncio.CancelledError as e:
+            cancelled = e
             removed = bool(e.args) and e.args[0] == REMOVED
             result = Stage.REMOVED if removed else Stage.FAILED
             error = f"{'unplugged' if removed else 'aborted'} during {self._stage.value}"
-            failed_stage = self._stage
-            await self._finish(result, error, failed_stage)
-            raise
         except _Removed:
-            result, failed_stage = Stage.REMOVED, self._stage
-            error = f"unplugged during {self._stage.value}"
+            result, error = Stage.REMOVED, f"unplugged during {self._stage.value}"
         except StationError as e:
-            result, error, failed_stage = Stage.FAILED, str(e), self._stage
+            result, error = Stage.FAILED, str(e)
         except Exception as e:  # a bug must fail one board, never the station
             log.exception("%s: unexpected error in %s", self.port, self._stage.value)
-            result, error, failed_stage = Stage.FAILED, f"internal error: {e!r}", self._stage
-        finally:
-            if self._registration is not None and not self._registration.done():
-                self._registration.cancel()
-                with suppress(BaseException):
-                    await self._registration
-        await self._finish(result, error, failed_stage)
+            result, error = Stage.FAILED, f"internal error: {e!r}"
+        await _to_the_end(self._wrap_up(result, error))
+        if cancelled is not None:
+            raise cancelled
         return result
 
-    async def _finish(self, result: Stage, error: str | None, failed: Stage | None) -> None:
-        event = JobFinished(job_id=self.job_id, port=self.port, slot=self.slot, result=result,
-                            error=error, failed_stage=failed if result != Stage.DONE else None,
-                            timings=dict(self.timings))
-        # The final record must land even if this task is being cancelled.
-        await asyncio.shield(self.parts.sink.emit(event))
+    async def _wrap_up(self, result: Stage, error: str | None) -> None:
+        """Stop the registration, release credentials the board never got, record the end."""
+        task = self._registration
+        if task is not None and not task.done():
+            task.cancel()
+            with suppress(BaseException):
+                await task
+        await self._release_unused_credentials()
+        await self.parts.sink.emit(JobFinished(
+            job_id=self.job_id, port=self.port, slot=self.slot, result=result, error=error,
+            failed_stage=self._stage if result != Stage.DONE else None,
+            timings=dict(self.timings)))
+
+    async def _release_unused_credentials(self) -> None:
+        """Registered, but the board never got its credentials: no ACTIVE certificate may
+        be left that no board holds (registering again when it returns re-activates it)."""
+        task = self._registration
+        if self._on_board or task is None or task.cancelled() or task.exception() is not None:
+            return
+        credentials = task.result()
+        if credentials is not None:
+            mac, thing = self._registered_as
+            await self.parts.registrar.release(credentials, self._journal(mac, thing))
 
     async def _attempts(self) -> Stage:
         """Whole-session attempts: a serial failure mid-way means reconnecting anyway."""
@@ -214,6 +243,7 @@ class Worker:
             if await self._already_done(identity):
                 return Stage.SKIPPED
             if self._registration is None:
+                self._registered_as = (identity.mac, thing)
                 self._registration = asyncio.create_task(self._register(identity, thing))
             await self._flash(session, attempt)
             await self._stage_call(Stage.RESET, attempt, session.reset)
@@ -233,6 +263,10 @@ class Worker:
             await self._timed(Stage.FLASH, lambda: self._write(session, own))
         await self._stage_call(Stage.VERIFY, attempt, lambda: self._verify(session, regions + own))
         if credentials is not None:
+            mac, thing = self._registered_as
+            await self._journal(mac, thing)("on-board", credentials.certificate_id,
+                                            credentials.certificate_arn)
+            self._on_board = True
             await self.parts.on_verified(credentials)
 
     async def _write(self, session: BoardSession, regions: list[Region]) -> None:

@@ -30,7 +30,7 @@ from station.firmware import FirmwareBundle, load_firmware
 from station.nvs import read_nvs
 from station.registrar.base import CRASH_ENV
 from station.registrar.keys import certificate_key_matches, key_pair_matches
-from station.sim import PluggedBoard, Rig
+from station.sim import Faults, PluggedBoard, Rig
 from tests.registrar.awsproxy import AwsProxy, moto_server, reset_moto
 from tests.stationkit import (
     GROUP,
@@ -509,3 +509,54 @@ def test_a_failed_registration_fails_that_board_before_its_credentials(
         cleaned = station.command("reconcile")
         assert cleaned.returncode == 0 and "revoked and deleted" in cleaned.stdout, cleaned
         assert len(aws.certificates()) == len(boards) - 1
+
+
+# -- no ACTIVE certificate that no board holds -------------------------------------------
+
+
+def test_a_board_pulled_after_registering_leaves_its_certificate_inactive_until_back(
+        tmp_path: Path, firmware: tuple[Path, FirmwareBundle], proxy: AwsProxy,
+        aws: Aws) -> None:
+    """Registered while its images are still being written, then pulled: the certificate
+    it never received is made INACTIVE at once; plugged again, the same one is used."""
+    with Rig(tmp_path / "hub", seed=5, throttle=False, flash_timing=True) as slow_rig:
+        board = slow_rig.plug(chip="esp32", faults=Faults(slow_flash=20))
+        with line(tmp_path, slow_rig, firmware, proxy.url) as station:
+            station.start(2)
+            station.wait_for("the registration", lambda: bool(station.events("Registered")))
+            slow_rig.unplug(board)
+            station.wait_for("the job removed", lambda: [
+                e["result"] for e in station.events("JobFinished")] == ["removed"])
+            (cid,) = aws.certificates()
+            assert aws.certificates()[cid]["status"] == "INACTIVE"
+            assert aws.principals(thing_of(board)) == [cid]  # still its thing's
+            assert_consistent(station, aws, settled=True)
+
+            board = slow_rig.plug(chip="esp32", mac=board.mac, index=board.index)
+            result = station.wait()
+            assert result.returncode == 3, result  # one of the two jobs was removed
+            assert assert_registered(station, aws, board) == cid
+            assert list(aws.certificates()) == [cid]
+
+
+@pytest.mark.slow
+def test_reconcile_parks_a_certificate_activated_but_never_put_on_its_board(
+        tmp_path: Path, rig: Rig, firmware: tuple[Path, FirmwareBundle], proxy: AwsProxy,
+        aws: Aws) -> None:
+    board = rig.plug(chip="esp32")
+    with line(tmp_path, rig, firmware, proxy.url) as station:
+        crashed = station.run(1, env={CRASH_ENV: "cert-activated"})
+        assert crashed.returncode == -signal.SIGKILL, crashed
+        (cid,) = aws.active()  # killed between activation and the flash
+
+        reconciled = station.command("reconcile")
+        assert reconciled.returncode == 0, reconciled
+        assert "never put on its board: inactive until the board comes back" in \
+            reconciled.stdout, reconciled
+        assert aws.certificates()[cid]["status"] == "INACTIVE"
+        assert aws.principals(thing_of(board)) == [cid]
+
+        board = station.replug(board)
+        assert station.run(1).returncode == 0
+        assert assert_registered(station, aws, board) == cid
+        assert list(aws.certificates()) == [cid]

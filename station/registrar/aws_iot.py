@@ -259,13 +259,19 @@ class AwsIotRegistrar:
             await journal("group-added", cid, arn)
         await self.iot.call("UpdateCertificate", certificateId=cid, newStatus="ACTIVE")
         await journal("cert-activated", cid, arn)
-        record = await self.store.read_record(thing)
-        await self._record(board, record, status="active", certificate_id=cid,
-                           certificate_arn=arn)
-        creds = await self.store.read_credentials(thing)
-        if creds is None:
-            raise RegistrationError(f"{thing}: the credentials in {self.store.folder(thing)} "
-                                    "vanished during registration")
+        try:
+            record = await self.store.read_record(thing)
+            await self._record(board, record, status="active", certificate_id=cid,
+                               certificate_arn=arn)
+            creds = await self.store.read_credentials(thing)
+            if creds is None:
+                raise RegistrationError(f"{thing}: the credentials in "
+                                        f"{self.store.folder(thing)} vanished during "
+                                        "registration")
+        except BaseException:
+            # Active, but it will never reach the board (a full disk, say): park it.
+            await asyncio.shield(self.release(_naming(thing, cid, arn), journal))
+            raise
         return creds
 
     async def _ensure_thing(self, board: BoardFacts, info: dict[str, Any] | None) -> None:
@@ -426,11 +432,17 @@ class AwsIotRegistrar:
             names = {s.step for s in cert_steps}
             if "cert-deleted" in names:
                 continue
-            if "cert-activated" in names and "cert-revoked" not in names:
-                continue  # complete, and nobody started to replace it
             last = cert_steps[-1]
             arn = next((s.certificate_arn for s in cert_steps if s.certificate_arn), None)
             journal = journaled(journal_for(last.mac, last.thing_name))
+            if "cert-activated" in names and "cert-revoked" not in names:
+                # Complete, and nobody started to replace it. Still ACTIVE but never put
+                # on its board (the station died between the two): park it INACTIVE.
+                if _last_of(cert_steps, OWNERSHIP_STEPS) == "cert-activated":
+                    await self.release(_naming(last.thing_name, cid, arn), journal)
+                    done.append(f"{last.thing_name}: certificate {cid[:12]} was never put on "
+                                "its board: inactive until the board comes back")
+                continue
             try:
                 gone = await self._retire(last.thing_name, cid, arn, journal)
             except AwsError as e:
@@ -443,5 +455,36 @@ class AwsIotRegistrar:
                 await journal("cert-deleted", cid, arn)  # close its journal: nothing to do
         return done
 
+    async def release(self, credentials: DeviceCredentials, journal: Journal) -> None:
+        """No ACTIVE certificate without its board: a board that ended without its
+        credentials leaves them INACTIVE (still attached; its key stays on the station, so
+        the board reuses the certificate when it comes back)."""
+        cid = credentials.certificate_id
+        if cid is None:
+            return
+        try:
+            await self.iot.call("UpdateCertificate", certificateId=cid, newStatus="INACTIVE")
+        except (AwsError, RegistrationError) as e:
+            log.warning("%s: certificate %s stays ACTIVE for now (%s); the next start "
+                        "deactivates it", credentials.thing_name, cid[:12], e)
+            return
+        await journaled(journal)("cert-deactivated", cid, credentials.certificate_arn)
+
     async def close(self) -> None:
         await self.iot.close()
+
+
+OWNERSHIP_STEPS = frozenset({"cert-activated", "on-board", "cert-deactivated"})
+"""The steps that say who can use a certificate: AWS (activated), its board (on-board,
+journaled by the worker once the credentials verify on the flash), nobody (deactivated)."""
+
+
+def _naming(thing: str, cid: str, arn: str | None) -> DeviceCredentials:
+    """Just enough of a board's credentials to name the certificate to release."""
+    return DeviceCredentials(thing_name=thing, certificate_pem="", private_key_pem="",
+                             public_key_pem="", endpoint="", certificate_id=cid,
+                             certificate_arn=arn)
+
+
+def _last_of(steps: Sequence[RegistrationStep], names: frozenset[str]) -> str | None:
+    return next((s.step for s in reversed(steps) if s.step in names), None)

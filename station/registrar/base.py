@@ -63,6 +63,10 @@ class Registrar(Protocol):
         [str, str], Journal]) -> list[str]:
         """Finish or clean up registrations a crash interrupted; returns what it did."""
 
+    async def release(self, credentials: DeviceCredentials, journal: Journal) -> None:
+        """The board ended without these credentials: make them unusable until it comes
+        back (register() then makes them usable again). Never raises."""
+
     async def close(self) -> None: ...
 
 
@@ -80,6 +84,9 @@ class NoRegistrar:
     async def reconcile(self, steps: Sequence[RegistrationStep], journal_for: Callable[
             [str, str], Journal]) -> list[str]:
         return []
+
+    async def release(self, credentials: DeviceCredentials, journal: Journal) -> None:
+        return None
 
     async def close(self) -> None:
         return None

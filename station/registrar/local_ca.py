@@ -261,5 +261,9 @@ class LocalCaRegistrar:
         """Nothing to clean: a local certificate is usable only by who holds its key."""
         return []
 
+    async def release(self, credentials: DeviceCredentials, journal: Journal) -> None:
+        """Nothing to do: its key never left the station (the board reuses it on return)."""
+        return None
+
     async def close(self) -> None:
         return None

@@ -22,8 +22,10 @@ async def main(mode: str, url: str, out: str, journal_path: str, n: int,
     try:
         if mode == "register":
             facts = board(n)
-            creds = await registrar.register(facts, journal.journal_for(
-                facts.identity.mac, facts.thing_name))
+            record = journal.journal_for(facts.identity.mac, facts.thing_name)
+            creds = await registrar.register(facts, record)
+            # what the worker journals once the credentials verify on the board's flash
+            await record("on-board", creds.certificate_id, creds.certificate_arn)
             print(f"registered {creds.thing_name} {creds.certificate_id}")
         else:
             for line in await registrar.reconcile(journal.steps(), journal.journal_for):
