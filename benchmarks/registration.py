@@ -10,117 +10,18 @@ when the flash ends (`register` in the timings). Run alone:
 
 from __future__ import annotations
 
-import contextlib
-import http.client
-import socket
 import statistics
 import sys
-import threading
-import time
-import urllib.parse
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import common
+from soak_aws import FaultyProxy, moto_server
 
 BOARDS = 16
 LATENCY_S = 0.150
 ADDED_LIMIT_S = 0.5
 MOTO_START_TIMEOUT = 60.0
 FORWARD_TIMEOUT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def moto_server(procs: common.Processes) -> Iterator[str]:
-    """`python -m moto.server` on a free loopback port; yields its URL."""
-    port = free_port()
-    proc = procs.start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                        str(port)])
-    deadline = time.monotonic() + MOTO_START_TIMEOUT
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"moto server did not listen within {MOTO_START_TIMEOUT:.0f}s")
-        time.sleep(0.1)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        common.stop(proc, timeout=10)
-
-
-class LatencyProxy:
-    """A loopback HTTP proxy that holds every request `latency` seconds, then forwards."""
-
-    def __init__(self, target: str, latency: float) -> None:
-        parsed = urllib.parse.urlsplit(target)
-        self.host, self.port_to = str(parsed.hostname), int(parsed.port or 80)
-        self.latency = latency
-        self.calls = 0
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> LatencyProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                return None
-
-            def _any(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                with proxy._lock:
-                    proxy.calls += 1
-                time.sleep(proxy.latency)
-                conn = http.client.HTTPConnection(proxy.host, proxy.port_to,
-                                                  timeout=FORWARD_TIMEOUT)
-                try:
-                    headers = {k: v for k, v in self.headers.items()
-                               if k.lower() not in ("host", "connection")}
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    reply = conn.getresponse()
-                    data = reply.read()
-                    self.send_response(reply.status)
-                    for k, v in reply.getheaders():
-                        if k.lower() not in ("transfer-encoding", "connection",
-                                             "content-length", "server", "date"):
-                            self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                finally:
-                    conn.close()
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
-
-        return Handler
 
 
 def aws_env(root: Any) -> dict[str, str]:
@@ -137,13 +38,12 @@ def aws_env(root: Any) -> dict[str, str]:
 
 def run(ctx: common.Context) -> dict[str, Any]:
     baseline = ctx.station(BOARDS)
-    with common.Processes() as procs, moto_server(procs) as moto, \
-            LatencyProxy(moto, LATENCY_S) as proxy:
+    with moto_server() as moto, FaultyProxy(moto, latency=LATENCY_S) as proxy:
         aws = {"region": "eu-west-1", "endpoint_url": proxy.url,
                "policy_document": str(common.ROOT / "config" / "aws-iot-policy.json"),
                "retry_mode": "standard", "max_attempts": 10}
         registered = ctx.station(BOARDS, "aws-iot", aws=aws, env=aws_env(ctx.root))
-        calls = proxy.calls
+        calls = sum(proxy.calls.values())
     base = statistics.fmean(baseline.per_board())
     with_reg = statistics.fmean(registered.per_board())
     nvs = common.nvs_compressed_bytes(ctx.firmware)

@@ -9,6 +9,7 @@ moto directly. The proxy can:
   non-idempotent calls (CreateCertificateFromCsr, CreateThing) interesting;
 * go away: the listening socket is closed, so new connections are refused, and kept-alive
   connections are dropped at their next request; `up()` listens again on the same port;
+* add a fixed latency to every call (the registration benchmark's far-away cloud);
 * drop `setAsActive` from CreateCertificateFromCsr, so moto creates the certificate
   INACTIVE as AWS does (MOTO-NOTES #2).
 """
@@ -96,12 +97,13 @@ class FaultyProxy:
     """A loopback HTTP proxy to `target` with throttling, 5xx and outage faults."""
 
     def __init__(self, target: str, *, throttle_share: float = 0.0, error_share: float = 0.0,
-                 seed: int = 0, drop_set_as_active: bool = True) -> None:
+                 seed: int = 0, drop_set_as_active: bool = True, latency: float = 0.0) -> None:
         parsed = urllib.parse.urlsplit(target)
         self.host, self.port_to = str(parsed.hostname), int(parsed.port or 80)
         self.throttle_share = throttle_share
         self.error_share = error_share
         self.drop_set_as_active = drop_set_as_active
+        self.latency = latency  # seconds added to every call, as a far-away region would
         self.calls: Counter[str] = Counter()
         self.injected: Counter[str] = Counter()  # throttled, 5xx_before, 5xx_after, dropped
         self._random = random.Random(seed)
@@ -214,6 +216,8 @@ class FaultyProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 op = operation(self.command, url.path)
+                if proxy.latency:
+                    time.sleep(proxy.latency)  # the modelled round trip, not a wait for state
                 fault = proxy._decide(op)
                 if fault == "drop":
                     self.close_connection = True

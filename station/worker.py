@@ -192,7 +192,7 @@ class Worker:
         await self._release_unused_credentials()
         await self.parts.sink.emit(JobFinished(
             job_id=self.job_id, port=self.port, slot=self.slot, result=result, error=error,
-            failed_stage=self._stage if result != Stage.DONE else None,
+            failed_stage=self._stage if result in (Stage.FAILED, Stage.REMOVED) else None,
             timings=dict(self.timings)))
 
     async def _release_unused_credentials(self) -> None:
