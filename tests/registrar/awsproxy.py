@@ -1,4 +1,5 @@
-"""Test helpers: a moto server subprocess and a loopback proxy in front of it.
+"""Test helpers: a loopback proxy in front of a moto server (the server itself is the
+soak's `moto_server`, re-exported here).
 
 The proxy names each request's IoT operation (from botocore's own service model), counts
 them, and can misbehave like AWS does: answer a share of calls with ThrottlingException,
@@ -9,61 +10,21 @@ AWS does (MOTO-NOTES #2).
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import random
 import re
-import socket
-import subprocess
-import sys
 import threading
-import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import botocore.session
 
-START_TIMEOUT = 30.0
+from benchmarks.soak_aws import free_port, moto_server
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """`python -m moto.server` on a free loopback port; yields its URL."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"moto server did not listen on {port} in {START_TIMEOUT}s")
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.05)  # the pause between tries; also notices an exit
-                raise RuntimeError(f"moto server exited with {proc.returncode}")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
+__all__ = ["AwsProxy", "free_port", "moto_server", "reset_moto"]
 
 def reset_moto(url: str) -> None:
     parsed = urllib.parse.urlsplit(url)
