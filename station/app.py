@@ -13,7 +13,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from station.check import writable_folder
 from station.config import Config
@@ -67,12 +66,11 @@ def throttled_reporter(bus: Bus) -> Callable[[str], None]:
 
 @dataclass
 class Assembly:
-    """A station and the parts it was built from, for the CLI and tests to inspect."""
+    """A station and what the CLI shows of the parts it was built from."""
 
     station: Station
     bundle: FirmwareBundle
     registrar: Registrar
-    ledger: Ledger
 
 
 @contextlib.asynccontextmanager
@@ -114,14 +112,8 @@ async def assemble(config: Config, options: Options,
                               registrar=registrar, bus=bus, already_done=already_done,
                               on_verified=verified, registration_steps=steps,
                               options=options)
-            yield Assembly(station=station, bundle=bundle, registrar=registrar,
-                           ledger=ledger)
+            yield Assembly(station=station, bundle=bundle, registrar=registrar)
         finally:
             await events.close()
             ledger.close()
 
-
-def default_state_paths(config: Config) -> dict[str, Path]:
-    state = config.station.state_dir
-    return {"ledger": state / "ledger.sqlite3", "events": state / "events.jsonl",
-            "log": state / "station.log"}
