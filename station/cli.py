@@ -47,6 +47,18 @@ log = logging.getLogger("station")
 DEFAULT_CONFIG = "station.toml"
 
 
+ERROR_EXITS: tuple[tuple[type[StationError], str, int], ...] = (
+    # most specific first: (error, what the line starts with, exit code)
+    (FirmwareError, "firmware error: ", EXIT_CONFIG),
+    (ConfigError, "config error: ", EXIT_CONFIG),
+    (StateDirBusyError, "", EXIT_BUSY),
+    (RegistrationError, "registrar: ", EXIT_REGISTRAR),
+    (LedgerLockedError, "ledger: ", EXIT_BUSY),
+    (LedgerError, "ledger: ", EXIT_CONFIG),
+    (StationError, "", EXIT_INTERNAL),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -57,27 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One line on stderr each: what to fix, naming the file and key, port or path.
     try:
         return handler(args)
-    except FirmwareError as e:
-        print(f"station: firmware error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except ConfigError as e:
-        print(f"station: config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except StateDirBusyError as e:
-        print(f"station: {e}", file=sys.stderr)
-        return EXIT_BUSY
-    except RegistrationError as e:
-        print(f"station: registrar: {e}", file=sys.stderr)
-        return EXIT_REGISTRAR
-    except LedgerLockedError as e:
-        print(f"station: ledger: {e}", file=sys.stderr)
-        return EXIT_BUSY
-    except LedgerError as e:
-        print(f"station: ledger: {e}", file=sys.stderr)
-        return EXIT_CONFIG
     except StationError as e:
-        print(f"station: {e}", file=sys.stderr)
-        return EXIT_INTERNAL
+        prefix, code = next((p, c) for kind, p, c in ERROR_EXITS if isinstance(e, kind))
+        print(f"station: {prefix}{e}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `station ledger | head`: the reader had enough
