@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from station import __version__
+from station.cliargs import positive
 from station.config import Config, load
 from station.daemon import (
     EXIT_BUSY,
@@ -104,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     _run_options(run)
     demo = command("demo", _demo, "Run the station on virtual boards (no hardware, no cloud).",
                    config=False)
-    demo.add_argument("--boards", type=int, default=16, help="virtual boards (default 16)")
+    demo.add_argument("--boards", type=positive, default=16, help="virtual boards (default 16)")
     demo.add_argument("--dir", type=Path, default=Path("state/demo"),
                       help="working folder, emptied first (default state/demo)")
     demo.add_argument("--headless", action="store_true", help="log lines instead of the table")
@@ -128,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--headless", action="store_true",
                    help="one log line per event instead of the live table")
-    p.add_argument("--exit-after", type=int, metavar="N",
+    p.add_argument("--exit-after", type=positive, metavar="N",
                    help="take N boards, exit when all N are final (0 if all done, else 3)")
     p.add_argument("--reflash", action="store_true",
                    help="flash boards the ledger already has done with this firmware")

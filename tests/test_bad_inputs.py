@@ -498,3 +498,42 @@ def test_a_second_station_on_the_same_state_dir_exits_4_and_the_first_carries_on
     assert {rows[b.port]["result"] for b in (first_board, second_board)} == {"done"}
     assert len(rows) == 2  # the refused station recorded nothing
     site.assert_history_kept()
+
+
+# -- counts on the command line ------------------------------------------------------------
+
+BAD_COUNTS = {
+    "run --exit-after 0": (("run", "--headless", "--exit-after", "0"),
+                           "argument --exit-after: must be at least 1, not 0"),
+    "run --exit-after -1": (("run", "--headless", "--exit-after", "-1"),
+                            "argument --exit-after: must be at least 1, not -1"),
+    "run --exit-after two": (("run", "--headless", "--exit-after", "two"),
+                             "argument --exit-after: must be a whole number, not 'two'"),
+    "demo --boards 0": (("demo", "--headless", "--boards", "0"),
+                        "argument --boards: must be at least 1, not 0"),
+    "demo --boards -3": (("demo", "--headless", "--boards=-3"),
+                         "argument --boards: must be at least 1, not -3"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_COUNTS))
+def test_a_bad_count_on_the_command_line_is_refused_before_anything_starts(
+        site: Site, case: str) -> None:
+    site.seed_ledger()
+    before = sha256(site.state / "ledger.sqlite3")
+    workdir = site.root / "demo-work"
+    workdir.mkdir()
+    (workdir / "keep.txt").write_text("an operator's file")  # demo empties its --dir
+    args, expected = BAD_COUNTS[case]
+    if args[0] == "run":
+        args = (*args, "--config", str(site.write()))
+    else:
+        args = (*args, "--dir", str(workdir))
+    # A station that wrongly started would wait for boards: the timeout fails the test.
+    result = site.cli(*args, config=False, timeout=20.0)
+    assert result.code == EXIT_CONFIG, result
+    assert expected in result.stderr.splitlines()[-1], result
+    assert result.stdout == "", result
+    assert sha256(site.state / "ledger.sqlite3") == before
+    assert [p.name for p in workdir.iterdir()] == ["keep.txt"]
+    site.assert_history_kept()
