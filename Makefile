@@ -20,8 +20,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy station
 
+# The suite runs in parallel (most tests wait on virtual serial lines, not on the CPU);
+# the few that time the virtual line against its model run alone afterwards.
+TEST_WORKERS ?= 3
+
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) -m "not timing"
+	$(BIN)/pytest -m timing
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

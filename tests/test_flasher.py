@@ -365,6 +365,7 @@ def _threads_end(timeout: float = 5.0) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_sixteen_throttled_boards_keep_up_with_the_line(tmp_path: Path,
                                                          bundles: dict[str, FirmwareBundle]
                                                          ) -> None:

@@ -186,7 +186,8 @@ def test_sigkill_loses_nothing_committed_and_the_cut_job_is_closed(tmp_path: Pat
             "JobStarted", "StageChanged", "Interrupted"]
 
 
-def test_exports_show_what_a_user_checks(ledger: Ledger) -> None:
+def test_exports_show_what_a_user_checks(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "160")  # a wide terminal: cells unwrapped, as under xdist
     three_jobs(ledger)
     table = ledger.export("table")
     for text in ("240ac4000001", "done", "failed", "board does not answer", "at connect",
