@@ -45,11 +45,12 @@ def svg(fig: Figure, prefix: str) -> str:
     plt.close(fig)
     text = out.getvalue()
     text = text[text.index("<svg"):]
+    text = re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.S)  # RDF, creator URL
     return re.sub(r'(id="|href="#|url\(#)', lambda m: f"{m.group(1)}{prefix}-", text)
 
 
-def _hhmm(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).strftime("%H:%M")
+def _clock(at: float, seconds: bool) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%H:%M:%S" if seconds else "%H:%M")
 
 
 def timeline(stats: Stats) -> str:
@@ -64,13 +65,14 @@ def timeline(stats: Stats) -> str:
         ax.bar(x, failed, bottom=done, color=RED, label="failed")
         ax.bar(x, removed, bottom=[d + f for d, f in zip(done, failed, strict=True)],
                color=AMBER, label="removed")
-        step = max(1, len(starts) // 12)
-        ax.set_xticks(list(x)[::step], [_hhmm(t) for t in starts][::step])
         width = stats.bucket_s
-        per = "hour" if width == 3600 else f"{width // 60} min"
+        step = max(1, len(starts) // 12)
+        ax.set_xticks(list(x)[::step], [_clock(t, width < 60) for t in starts][::step])
+        per = "hour" if width == 3600 else f"{width // 60} min" if width >= 60 else \
+            f"{width} s"
         ax.set_ylabel(f"boards per {per}")
-        ax.set_xlabel("end of the board (UTC)")
-        ax.legend(loc="upper left", frameon=False, ncols=3)
+        ax.set_xlabel("bar: boards that ended in it, from the time under it (UTC)")
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False, ncols=3)
         return svg(fig, "timeline")
 
 

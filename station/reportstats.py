@@ -23,7 +23,7 @@ from station.reportdata import FlagRow, JobRow, ReportSource, RunRow, Window
 
 STAGES = [s.value for s in (Stage.CONNECT, Stage.IDENTIFY, Stage.REGISTER, Stage.FLASH,
                             Stage.VERIFY, Stage.RESET)]
-BUCKETS = (60, 300, 600, 900, 1800, 3600)  # timeline bar widths, seconds
+BUCKETS = (10, 30, 60, 300, 600, 900, 1800, 3600)  # timeline bar widths, seconds
 MAX_BARS = 48
 
 
@@ -135,7 +135,10 @@ def compute(source: ReportSource, window: Window) -> Stats:
 
     stats = Stats(window=window, source=source.describe(), summary=s, flags=flags)
     _timeline(stats, ended)
-    for stage in STAGES:
+    # the worker's stages in their order, then other timings (register_cloud: the
+    # registration, which runs beside the flash)
+    keys = {k for j in jobs if j.result == "done" for k in j.timings}
+    for stage in [*STAGES, *sorted(keys - set(STAGES))]:
         times = [j.timings[stage] for j in jobs if j.result == "done" and stage in j.timings]
         if times:
             stats.stage_times[stage] = times
