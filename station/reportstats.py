@@ -154,7 +154,9 @@ def _timeline(stats: Stats, ended: list[JobRow]) -> None:
     if s.first_start is None or s.last_end is None:
         return
     span = max(s.last_end - s.first_start, 1.0)
-    stats.bucket_s = next((b for b in BUCKETS if span / b <= MAX_BARS), BUCKETS[-1])
+    # a night is read by the hour; a short run gets bars short enough to show its shape
+    stats.bucket_s = 3600 if span >= 4 * 3600 else \
+        next((b for b in BUCKETS if span / b <= MAX_BARS), BUCKETS[-1])
     width = stats.bucket_s
     buckets: dict[float, list[int]] = {}
     start = s.first_start // width * width
