@@ -90,9 +90,9 @@ def stage_times(stats: Stats) -> str:
 
 def failures_by_stage(stats: Stats) -> str:
     with plt.rc_context(_RC):
-        fig, ax = plt.subplots(figsize=(4.4, 2.6))
         items = sorted(stats.failures_by_stage.items(), key=lambda kv: -kv[1])
-        ax.barh([k for k, _ in items], [v for _, v in items], color=RED)
+        fig, ax = plt.subplots(figsize=(4.4, 0.9 + 0.35 * len(items)))
+        ax.barh([k for k, _ in items], [v for _, v in items], color=RED, height=0.6)
         ax.invert_yaxis()
         ax.set_xlabel("boards failed")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -126,6 +126,11 @@ def _m(slot: str) -> re.Match[str]:
     return m
 
 
+def _dark(colour: Any) -> bool:
+    r, g, b = matplotlib.colors.to_rgb(colour)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.45  # relative luminance
+
+
 def slot_map(stats: Stats) -> str:
     cells = hub_layout([s.slot for s in stats.slots])
     rows = max(r for r, _ in cells.values()) + 1
@@ -142,10 +147,12 @@ def slot_map(stats: Stats) -> str:
                                    linewidth=3 if slot.flagged else 1))
             label = slot.slot if len(slot.slot) <= 12 else "…" + slot.slot[-11:]
             figure = "-" if y is None else f"{y:.0f}%"
-            ax.text(c + 0.5, -r - 0.3, label + (" !" if slot.flagged else ""),
+            ink = "white" if _dark(colour) else "black"
+            ax.text(c + 0.5, -r - 0.3, label + (" !" if slot.flagged else ""), color=ink,
                     ha="center", va="center", fontsize=7.5, weight="bold")
-            ax.text(c + 0.5, -r - 0.55, figure, ha="center", va="center", fontsize=10)
-            ax.text(c + 0.5, -r - 0.8, f"{slot.done}/{slot.done + slot.failed}",
+            ax.text(c + 0.5, -r - 0.55, figure, ha="center", va="center", fontsize=10,
+                    color=ink)
+            ax.text(c + 0.5, -r - 0.8, f"{slot.done}/{slot.done + slot.failed}", color=ink,
                     ha="center", va="center", fontsize=7)
         ax.set_xlim(0, cols)
         ax.set_ylim(-rows, 0)

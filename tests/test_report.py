@@ -248,7 +248,7 @@ def test_the_report_opens_in_a_browser_without_errors(night: Path) -> None:
     assert text.count("<svg") == 4  # timeline, stages, failures, slot map
 
     shot = night.parent / "report.png"
-    taken = browse(out, f"--screenshot={shot}", "--window-size=1100,2600",
+    taken = browse(out, f"--screenshot={shot}", "--window-size=1100,3300",
                    "--hide-scrollbars")
     assert shot.exists() and shot.stat().st_size > 20_000, taken.stderr[-3000:]
     print(f"\nscreenshot of the report: {shot}")
