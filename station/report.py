@@ -201,7 +201,8 @@ def render_md(stats: Stats, generated: float) -> str:
            f"made {stamp(generated)}\n"]
     if stats.empty:
         out.append(f"**{empty_text(stats)}**\n")
-    out.append(_md_table(("", ""), [(label, value) for _, label, value in summary_rows(stats)]))
+    out.append(_md_table(("figure", "value"),
+                         [(label, value) for _, label, value in summary_rows(stats)]))
     if stats.stage_times:
         out.append("\n## Time per stage\n\n" + _md_table(
             ("stage", "boards", "median s", "90th pct s", "max s"), list(stage_rows(stats))))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from station.sim import Faults, PluggedBoard, Rig
+from station.sim import Faults, PluggedBoard, Rig, by_path_name
 
 POLL = 0.1
 """Seconds between two looks at the ledger and the log (a polling interval)."""
@@ -78,7 +78,7 @@ class Operator:
         for index, hub in self.hubs.items():
             if index in self.holding:
                 continue
-            port = self.rig.directory / f"pci-0000:00:14.0-usb-0:1.{index + 1}:1.0-port0"
+            port = self.rig.directory / by_path_name(index)
             if hub.board is not None and finished.get(str(port), 0) >= hub.plugged:
                 self.rig.unplug(hub.board)
                 hub.board = None
