@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html.parser
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -251,7 +252,12 @@ def test_the_report_opens_in_a_browser_without_errors(night: Path) -> None:
     taken = browse(out, f"--screenshot={shot}", "--window-size=1100,3300",
                    "--hide-scrollbars")
     assert shot.exists() and shot.stat().st_size > 20_000, taken.stderr[-3000:]
-    print(f"\nscreenshot of the report: {shot}")
+    keep = os.environ.get("STATION_ARTIFACTS")  # pytest prunes old tmp dirs: copy it out
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(shot, Path(keep) / "report.png")
+        shutil.copy2(out, Path(keep) / "report.html")
+    print(f"\nscreenshot of the report: {shot}" + (f" (copied to {keep})" if keep else ""))
     dom = browse(out, "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-3000:]
     page = parse(dom.stdout)  # what the browser built, not the file

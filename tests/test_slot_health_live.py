@@ -152,6 +152,10 @@ retries = 0
         assert footer == [f"! slot {SLOT} PARKED: {HINT} (3 in a row)  |  press c to clear "
                           f"it, or station slot clear {SLOT}"], "\n".join(screen)
         print("\n".join(["", "the dashboard with A6 parked:", *screen]))
+        keep = os.environ.get("STATION_ARTIFACTS")  # pytest prunes old tmp dirs
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            (Path(keep) / "dashboard-parked.txt").write_text("\n".join(screen) + "\n")
 
         # 3. the dashboard's key clears it: the waiting board is taken at once
         tmux("send-keys", "-t", "line", "c")
