@@ -3,8 +3,9 @@
 Why it looks like this: rich's Live owns the screen and redraws from its own thread, and
 the event loop must never block on a read. So stdin goes into cbreak mode (keys arrive
 one by one, no echo, Ctrl-C still a signal) and the loop reads it with `add_reader`
-only when there is a byte. Only when stdin is a terminal: under systemd, in a pipe or
-with `--headless` there are no keys, and nothing is changed. The terminal's settings
+only when there is a byte. Only when stdin is a terminal and the station is its
+foreground job: under systemd, in a pipe, in the background or with `--headless` there
+are no keys, and nothing is changed. The terminal's settings
 are put back on exit, whatever happened.
 """
 
@@ -25,7 +26,9 @@ def read_keys(actions: Mapping[str, Callable[[], object]]) -> Iterator[bool]:
     Yields whether keys are read at all (stdin is a terminal)."""
     try:
         fd = sys.stdin.fileno()
-        interactive = os.isatty(fd)
+        # in the foreground only: `station run &` changing the terminal would be stopped
+        # by SIGTTOU, and the keys belong to the shell then anyway
+        interactive = os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp()
     except (OSError, ValueError):  # closed or replaced stdin
         interactive = False
     if not interactive:
