@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ from station.ledger import Ledger
 from station.parts import BoardIdentity, Region
 from station.registrar import make_registrar
 from station.registrar.base import DeviceCredentials, Registrar
+from station.slothealth import SlotHealth
+from station.slotpark import SlotGuard
 from station.worker import Plan, current_board
 
 log = logging.getLogger("station.app")
@@ -71,6 +74,7 @@ class Assembly:
     station: Station
     bundle: FirmwareBundle
     registrar: Registrar
+    guard: SlotGuard
 
 
 @contextlib.asynccontextmanager
@@ -93,8 +97,12 @@ async def assemble(config: Config, options: Options,
             interrupted = ledger.close_interrupted("the station was stopped or crashed")
             for job in interrupted:
                 log.warning("job %s was interrupted by the last stop; marked failed", job)
-            bus.durable += [ledger.record, events.record]
-            bus.displays += list(displays)
+            guard = SlotGuard(SlotHealth(config.ports.health, config.station.name,
+                                         park=config.ports.park_unhealthy),
+                              emit=bus.emit, open_flags=ledger.open_flags_async,
+                              show=bus.notify)
+            bus.durable += [ledger.record, events.record, guard.record]
+            bus.displays += [*displays, ledger.note]
 
             async def already_done(mac: str, firmware_hash: str) -> bool:
                 return await asyncio.to_thread(ledger.done_with, mac, firmware_hash)
@@ -111,8 +119,19 @@ async def assemble(config: Config, options: Options,
                                                      chip=config.firmware.chip),
                               registrar=registrar, bus=bus, already_done=already_done,
                               on_verified=verified, registration_steps=steps,
-                              options=options)
-            yield Assembly(station=station, bundle=bundle, registrar=registrar)
+                              options=options, parked=guard.parked)
+            guard.on_cleared.append(station.slot_cleared)
+            await guard.restore()
+            run_id = await asyncio.to_thread(ledger.run_started, config.station.name,
+                                             os.getpid())
+            watch = asyncio.create_task(guard.watch(), name="slot flags")
+            try:
+                yield Assembly(station=station, bundle=bundle, registrar=registrar,
+                               guard=guard)
+            finally:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+                await asyncio.to_thread(ledger.run_stopped, run_id)
         finally:
             await events.close()
             ledger.close()

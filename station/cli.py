@@ -123,6 +123,20 @@ def _parser() -> argparse.ArgumentParser:
     command("check", _check, "Validate config, firmware and cloud access; say what run "
             "would do.")
     command("reconcile", _reconcile, "Finish or clean up registrations a crash interrupted.")
+    slot = command("slot", _slot, "List flagged (unhealthy) slots, or clear one.")
+    slot.add_argument("action", choices=("list", "clear"))
+    slot.add_argument("slot", nargs="?", help="the slot to clear, as the dashboard names it")
+    report = command("report", _report, "Write the night report (HTML with charts, or "
+                     "Markdown) from the ledger.")
+    report.add_argument("--since", metavar="TIME", type=_time,
+                        help="from TIME (UTC: 2026-12-01T18:00, or 12h / 90m / 2d ago); "
+                        "default: the first board")
+    report.add_argument("--until", metavar="TIME", type=_time,
+                        help="until TIME (same forms); default: now")
+    report.add_argument("--station", metavar="NAME", help="only this station's boards")
+    report.add_argument("--format", choices=("html", "md"), default="html")
+    report.add_argument("--out", "-o", type=Path, metavar="FILE",
+                        help="write here (default: report.html / report.md; - for stdout)")
     return p
 
 
@@ -173,7 +187,10 @@ async def serve(config: Config, options: Options, headless: bool) -> int:
         view.registrar = built.registrar.kind
         if headless:
             return await built.station.serve()
-        with LiveDashboard(view):
+        from station.keys import read_keys
+
+        with read_keys({"c": built.guard.clear_first}) as keys, LiveDashboard(view):
+            view.clear_key = "c" if keys else ""
             return await built.station.serve()
 
 
@@ -222,6 +239,32 @@ def _reconcile(args: argparse.Namespace) -> int:
     config = load(args.config)
     _setup_logging(config, headless=True)
     return asyncio.run(reconcile(config, sys.stdout))
+
+
+def _slot(args: argparse.Namespace) -> int:
+    from station.ledger import Ledger
+    from station.slotpark import slot_command
+
+    config = load(args.config)
+    ledger = Ledger.open(config.station.state_dir)
+    try:
+        return slot_command(ledger, args.action, args.slot, sys.stdout)
+    finally:
+        ledger.close()
+
+
+def _time(text: str) -> float:
+    from station.report import parse_time
+
+    return parse_time(text)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from station.report import report_command
+
+    return report_command(load(args.config), since=args.since, until=args.until,
+                          station=args.station, fmt=args.format, out=args.out,
+                          stdout=sys.stdout)
 
 
 if __name__ == "__main__":

@@ -66,11 +66,23 @@ class StationSection:
 
 
 @dataclass(frozen=True)
+class HealthSection:
+    """When a slot is flagged (station/slothealth.py): failures at one stage on its last
+    boards. 0 turns a rule off."""
+
+    consecutive: int = 3
+    window: int = 6
+    failures_in_window: int = 4
+
+
+@dataclass(frozen=True)
 class PortsSection:
     watch: tuple[str, ...] = ("/dev/ttyUSB*", "/dev/ttyACM*")
     baud: int = 921600
     rescan_interval: float = 2.0
     slots: Mapping[str, str] = field(default_factory=dict)
+    park_unhealthy: bool = False
+    health: HealthSection = field(default_factory=HealthSection)
 
 
 @dataclass(frozen=True)
@@ -282,9 +294,22 @@ def _ports(t: _Table) -> PortsSection:
         baud=baud,
         rescan_interval=t.number("rescan_interval", 2.0, minimum=0.1),
         slots=dict(slots),
+        park_unhealthy=t.get("park_unhealthy", bool, False),
+        health=_health(t.sub("health")),
     )
     t.done()
     return p
+
+
+def _health(t: _Table) -> HealthSection:
+    h = HealthSection(consecutive=t.integer("consecutive", 3),
+                      window=t.integer("window", 6),
+                      failures_in_window=t.integer("failures_in_window", 4))
+    if h.failures_in_window > h.window:
+        raise t.error("failures_in_window", f"{h.failures_in_window} failures cannot fit in "
+                                            f"a window of {h.window} boards")
+    t.done()
+    return h
 
 
 def _check_glob(t: _Table, pattern: str) -> None:

@@ -129,6 +129,8 @@ class Station:
     registration_steps: Callable[[], Awaitable[Sequence[RegistrationStep]]] | None = None
     options: Options = field(default_factory=Options)
     clock: Clock = field(default_factory=SystemClock)
+    parked: Callable[[str], bool] = lambda _slot: False
+    """A flagged slot with `[ports] park_unhealthy` (station/slotpark.py): take no board."""
 
     def __post_init__(self) -> None:
         self._jobs: dict[str, asyncio.Task[Stage | None]] = {}
@@ -139,6 +141,7 @@ class Station:
         self._signals = 0
         self._aborted = False
         self._slots = asyncio.Semaphore(self.config.station.max_parallel)
+        self._waiting: dict[str, PortInfo] = {}  # plugged into a parked slot
         self.bus.observers.append(self._observe)
 
     async def serve(self) -> int:
@@ -199,6 +202,12 @@ class Station:
             return
         if info.path in self._jobs:
             return
+        if self.parked(self.config.slot_for(info.location, info.path)):
+            if info.path not in self._waiting:
+                log.warning("%s: slot parked (flagged unhealthy); the board waits until the "
+                            "slot is cleared", info.path)
+            self._waiting[info.path] = info
+            return
         self._started += 1
         if self.options.exit_after is not None and self._started >= self.options.exit_after:
             self._accepting = False
@@ -231,7 +240,15 @@ class Station:
                 self._final(Stage.FAILED)
                 return Stage.FAILED
 
+    def slot_cleared(self, slot: str) -> None:
+        """A parked slot was cleared: start the boards that wait in it."""
+        for path, info in list(self._waiting.items()):
+            if self.config.slot_for(info.location, info.path) == slot:
+                del self._waiting[path]
+                self._plugged(info)
+
     def _unplugged(self, info: PortInfo) -> None:
+        self._waiting.pop(info.path, None)
         task = self._jobs.pop(info.path, None)
         if task is not None and not task.done():
             task.cancel(REMOVED)

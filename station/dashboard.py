@@ -37,6 +37,8 @@ from station.events import (
     Registered,
     RegistrationStep,
     Retrying,
+    SlotCleared,
+    SlotFlagged,
     Stage,
     StageChanged,
     Throttled,
@@ -116,6 +118,8 @@ class StationView:
     started_at: float = field(default_factory=time.time)
     rows: dict[str, BoardRow] = field(default_factory=dict)
     results: Counter[str] = field(default_factory=Counter)
+    flags: dict[str, SlotFlagged] = field(default_factory=dict)  # slot health, by slot
+    clear_key: str = ""  # the key that clears the footer's flag, when keys are read
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def apply(self, event: Event) -> None:
@@ -127,6 +131,12 @@ class StationView:
         self.apply(event)
 
     def _apply(self, event: Event) -> None:
+        if isinstance(event, SlotFlagged | SlotCleared):  # about the slot, not its job
+            if isinstance(event, SlotFlagged):
+                self.flags[event.slot] = event
+            else:
+                self.flags.pop(event.slot, None)
+            return
         row = self.rows.get(event.slot)
         if isinstance(event, JobStarted) or row is None:
             row = BoardRow(slot=event.slot, port=event.port, job_id=event.job_id,
@@ -166,7 +176,8 @@ class StationView:
             return StationView(station=self.station, firmware=self.firmware,
                                registrar=self.registrar, started_at=self.started_at,
                                rows={k: r.copy() for k, r in self.rows.items()},
-                               results=Counter(self.results))
+                               results=Counter(self.results), flags=dict(self.flags),
+                               clear_key=self.clear_key)
 
     @property
     def in_progress(self) -> int:
@@ -273,15 +284,38 @@ def render(view: StationView, now: float) -> RenderableType:
         who = row.thing if row.mac in row.thing else \
             f"{row.mac} / {row.thing}" if row.thing else row.mac
         speed = row.speed()
+        flag = view.flags.get(slot)
+        result = progress_text(row)
+        if flag is not None:  # the slot's pattern first: the board's own error follows
+            result = Text(f"{flag_word(flag)}: {flag.hint} ({flag.reason})  ",
+                          style="bold red").append_text(result)
         table.add_row(
-            row.slot, short_port(row.port), row.chip, who,
+            Text(f"{row.slot} !", style="bold red") if flag else row.slot,
+            short_port(row.port), row.chip, who,
             Text(row.stage.value + (f" #{row.attempt}" if row.attempt > 1 else ""),
                  style="red" if row.stage == Stage.FAILED else ""),
             duration(row.elapsed(now)),
             f"{human_bytes(speed)}/s" if speed is not None else "",
-            progress_text(row),
+            result,
         )
     return Group(table, footer(view, now))
+
+
+def flag_word(flag: SlotFlagged) -> str:
+    return "PARKED" if flag.parked else "FLAGGED"
+
+
+def flag_line(view: StationView) -> Text | None:
+    """The footer's first line while a slot is flagged: the oldest flag, how to clear it."""
+    if not view.flags:
+        return None
+    first, *others = sorted(view.flags.values(), key=lambda f: f.at)
+    how = f"press {view.clear_key} to clear it, or " if view.clear_key else ""
+    text = Text(f"! slot {first.slot} {flag_word(first)}: {first.hint} ({first.reason})  |  "
+                f"{how}station slot clear {first.slot}", style="bold red")
+    if others:
+        text.append(f"  |  also flagged: {', '.join(f.slot for f in others)}")
+    return text
 
 
 def footer(view: StationView, now: float) -> Text:
@@ -292,9 +326,12 @@ def footer(view: StationView, now: float) -> Text:
     counts = (f"done {done}  failed {view.results[Stage.FAILED.value]}  "
               f"removed {view.results[Stage.REMOVED.value]}  "
               f"skipped {view.results[Stage.SKIPPED.value]}  in progress {view.in_progress}")
-    return Text(f"{counts}  |  {per_hour} boards/h  |  up {duration(uptime)}\n"
+    text = Text(f"{counts}  |  {per_hour} boards/h  |  up {duration(uptime)}\n"
                 f"station {view.station}  |  firmware {view.firmware or '-'}  |  "
                 f"registrar {view.registrar}", no_wrap=True, overflow="ellipsis")
+    flagged = flag_line(view)
+    return text if flagged is None else Text("\n", no_wrap=True, overflow="ellipsis").join(
+        [flagged, text])
 
 
 # -- headless ---------------------------------------------------------------------------
@@ -338,6 +375,12 @@ def format_event(event: Event, view: StationView) -> str | None:
         return f"{head} registration {event.step}{cert}"
     if isinstance(event, Registered):
         return f"{head} registered {event.thing_name} ({event.registrar})"
+    if isinstance(event, SlotFlagged):
+        parked = f"; parked until cleared (station slot clear {event.slot})" \
+            if event.parked else ""
+        return f"{head} slot flagged ({event.reason}): {event.hint}{parked}"
+    if isinstance(event, SlotCleared):
+        return f"{head} slot cleared ({event.by})"
     if isinstance(event, JobFinished):
         took = event.at - row.started_at if row and row.started_at is not None else \
             sum(event.timings.values())

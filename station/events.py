@@ -133,3 +133,30 @@ class EventSink(Protocol):
 
     def notify(self, event: Event) -> None:
         """Deliver best-effort (progress); must be called on the event loop thread."""
+
+
+# -- slot health (station/slothealth.py): about a slot, not one board -------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlotFlagged(Event):
+    """A slot's boards keep failing at one stage: a cable, hub port or bridge, not a board.
+
+    `job_id` is the job whose end crossed the threshold; `reason` says which rule ("3 in a
+    row", "4 of the last 6"); `parked` is true when no new job starts on the slot until an
+    operator clears it.
+    """
+
+    station: str
+    stage: Stage
+    reason: str
+    hint: str
+    parked: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlotCleared(Event):
+    """The flag is gone: `by` is "dashboard", "cli" or "recovered" (a board done on it)."""
+
+    station: str
+    by: str

@@ -42,13 +42,25 @@ from station.events import (
     Progress,
     Registered,
     RegistrationStep,
+    SlotCleared,
+    SlotFlagged,
     Stage,
+    Throttled,
+)
+from station.ledgerslots import (
+    SCHEMA_2,
+    all_flags,
+    close_flag,
+    open_flags,
+    run_started,
+    run_stopped,
+    write_slot_event,
 )
 
 log = logging.getLogger("station.ledger")
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: slot_flags and runs (station/ledgerslots.py)
 FILENAME = "ledger.sqlite3"
 _BATCH = 256  # tasks committed together at most; bounds a transaction's size
 
@@ -69,6 +81,7 @@ _SCHEMA = (
         job_id TEXT NOT NULL, port TEXT, slot TEXT, at REAL NOT NULL, mac TEXT NOT NULL,
         thing_name TEXT NOT NULL, step TEXT NOT NULL, certificate_id TEXT,
         certificate_arn TEXT)""",
+    *SCHEMA_2,
 )
 EXPORT_COLUMNS = ("job_id", "slot", "port", "mac", "chip", "thing_name", "result",
                   "failed_stage", "error", "started", "finished", "seconds", "certificate_id",
@@ -173,7 +186,7 @@ class Ledger:
             if check != "ok":
                 raise sqlite3.DatabaseError(f"database disk image is malformed ({check})")
             version = _schema_version(conn)
-            if version is None:  # new file: the only write an opening does
+            if version is None:  # a new file (the other write an opening may do: migrate)
                 conn.execute("BEGIN IMMEDIATE")
                 for statement in _SCHEMA:
                     conn.execute(statement)
@@ -182,6 +195,12 @@ class Ledger:
             elif version > SCHEMA_VERSION:
                 raise LedgerError(f"{self.path}: written by a newer station (schema "
                                   f"{version} > {SCHEMA_VERSION}); upgrade this station")
+            elif version < 2:  # schema 1 -> 2 adds tables only: old rows stay as they are
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in SCHEMA_2:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_version VALUES (2)")
+                conn.execute("COMMIT")
         except sqlite3.Error as e:
             conn.close()
             raise self._error(e) from e
@@ -301,6 +320,33 @@ class Ledger:
             return
         await self._acall(lambda conn: _write(conn, event), write=True)
 
+    def note(self, event: Event) -> None:
+        """A display consumer: journal a Throttled event (notified, not emitted) without
+        waiting for it, so the morning report can count the cloud's throttles."""
+        if isinstance(event, Throttled):
+            self._submit(lambda conn: _write(conn, event), write=True)
+
+    def clear_flag(self, slot: str, by: str) -> bool:
+        """Clear `slot`'s open flag (`station slot clear`); False if it had none."""
+        return self._call(lambda conn: close_flag(conn, slot, by, time.time()), True)
+
+    def open_flags(self) -> list[SlotFlagged]:
+        """The flags nobody has cleared yet, oldest first."""
+        return self._call(open_flags)
+
+    async def open_flags_async(self) -> list[SlotFlagged]:
+        return await self._acall(open_flags)
+
+    def flags(self) -> list[dict[str, Any]]:
+        """Every flag ever raised, cleared or not, oldest first."""
+        return self._call(all_flags)
+
+    def run_started(self, station: str, pid: int) -> int:
+        return self._call(lambda conn: run_started(conn, station, pid, time.time()), True)
+
+    def run_stopped(self, run_id: int) -> None:
+        self._call(lambda conn: run_stopped(conn, run_id, time.time()), True)
+
     def close_interrupted(self, reason: str) -> list[str]:
         """At start: give every job without a final result `failed`; returns their ids."""
         return self._call(lambda conn: _close_interrupted(conn, reason, time.time()), True)
@@ -357,6 +403,9 @@ def _schema_version(conn: sqlite3.Connection) -> int | None:
 
 
 def _write(conn: sqlite3.Connection, event: Event) -> None:
+    if isinstance(event, SlotFlagged | SlotCleared):  # about a slot, not a job
+        write_slot_event(conn, event)
+        return
     fields = event_fields(event)
     stage = fields.pop("stage", None)
     attempt = fields.pop("attempt", None)

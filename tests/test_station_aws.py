@@ -406,6 +406,11 @@ def test_a_throttling_server_costs_retries_not_boards(
     assert total - throttled <= 8 * BOARDS + 10, proxy.calls
     assert total <= 2 * (total - throttled), proxy.calls
     assert "throttled by" in result.stdout
+    # the night report counts what the operator saw: each wait is journaled
+    report = station.command("report", "--format", "md", "--out", "-")
+    assert report.returncode == 0, report
+    waits = result.stdout.count(" throttled by ")
+    assert f"| registrar throttles | {waits} |" in report.stdout, report.stdout[:1500]
 
 
 # -- 5. start failures: one clear line and the documented exit code ---------------------

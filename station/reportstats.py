@@ -1,0 +1,181 @@
+"""The night report's numbers, from the rows of any ReportSource; no SQL, no drawing.
+
+Why it looks like this: the HTML, the Markdown and every chart show the same figures, so
+they are computed once here, as plain data, from the rows station/reportdata.py returns
+(local or central ledger alike). The definitions are the ones the report prints:
+- yield = done / (done + failed): boards that ran to an end on the line. Removed (a hand
+  pulled the board) and skipped (already done) say nothing about the process.
+- boards per hour = done boards / hours from the first board's start to the last
+  board's end: the line's pace while it worked, not diluted by an idle evening.
+- time per board = end - start of the boards done; its median is robust to the odd
+  board that waited a minute for the cloud.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+
+from station.events import Stage
+from station.reportdata import FlagRow, JobRow, ReportSource, RunRow, Window
+
+STAGES = [s.value for s in (Stage.CONNECT, Stage.IDENTIFY, Stage.REGISTER, Stage.FLASH,
+                            Stage.VERIFY, Stage.RESET)]
+BUCKETS = (10, 30, 60, 300, 600, 900, 1800, 3600)  # timeline bar widths, seconds
+MAX_BARS = 48
+
+
+@dataclass
+class Summary:
+    boards: int = 0
+    done: int = 0
+    failed: int = 0
+    removed: int = 0
+    skipped: int = 0
+    in_progress: int = 0
+    yield_pct: float | None = None
+    boards_per_hour: float | None = None
+    median_seconds: float | None = None
+    throttles: int = 0
+    starts: int = 0
+    restarts: int = 0
+    unclean_restarts: int = 0
+    first_start: float | None = None
+    last_end: float | None = None
+
+
+@dataclass
+class SlotStats:
+    slot: str
+    done: int = 0
+    failed: int = 0
+    removed: int = 0
+    skipped: int = 0
+    flagged: bool = False
+
+    @property
+    def boards(self) -> int:
+        return self.done + self.failed + self.removed + self.skipped
+
+    @property
+    def yield_pct(self) -> float | None:
+        ended = self.done + self.failed
+        return 100.0 * self.done / ended if ended else None
+
+
+@dataclass
+class Stats:
+    window: Window
+    source: str
+    summary: Summary
+    bucket_s: int = 3600
+    timeline: list[tuple[float, int, int, int]] = field(default_factory=list)
+    """(bucket start, done, failed, removed) by when boards ended."""
+    stage_times: dict[str, list[float]] = field(default_factory=dict)
+    failures_by_stage: Counter[str] = field(default_factory=Counter)
+    failures_by_reason: list[tuple[str, int]] = field(default_factory=list)
+    slots: list[SlotStats] = field(default_factory=list)
+    flags: list[FlagRow] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return self.summary.boards == 0
+
+
+def reason_of(error: str | None) -> str:
+    """An error as a reason to group by: without the port's path, one line, short."""
+    text = " ".join((error or "no reason given").split())
+    text = re.sub(r"(?<![\w.])/\S+?: ", "", text)  # "/dev/serial/by-path/…: " prefixes
+    return text if len(text) <= 120 else text[:119] + "…"
+
+
+def _restarts(runs: list[RunRow], window: Window) -> tuple[int, int, int]:
+    """(starts in the window, of them restarts, of them after a run with no stop)."""
+    starts = restarts = unclean = 0
+    previous: dict[str, RunRow] = {}
+    for run in runs:
+        before = previous.get(run.station)
+        previous[run.station] = run
+        inside = (window.since is None or run.started_at >= window.since) and \
+            (window.until is None or run.started_at < window.until)
+        if not inside:
+            continue
+        starts += 1
+        if before is not None:
+            restarts += 1
+            unclean += before.stopped_at is None
+    return starts, restarts, unclean
+
+
+def compute(source: ReportSource, window: Window) -> Stats:
+    jobs = source.jobs(window)
+    flags = source.flags(window)
+    s = Summary(boards=len(jobs))
+    results = Counter(j.result or "in_progress" for j in jobs)
+    s.done, s.failed = results["done"], results["failed"]
+    s.removed, s.skipped, s.in_progress = results["removed"], results["skipped"], \
+        results["in_progress"]
+    if s.done + s.failed:
+        s.yield_pct = 100.0 * s.done / (s.done + s.failed)
+    ended = [j for j in jobs if j.finished_at is not None]
+    if jobs:
+        s.first_start = min(j.started_at for j in jobs)
+    if ended:
+        s.last_end = max(j.finished_at for j in ended if j.finished_at is not None)
+    if s.first_start is not None and s.last_end is not None and s.last_end > s.first_start:
+        s.boards_per_hour = s.done * 3600.0 / (s.last_end - s.first_start)
+    durations = [j.finished_at - j.started_at for j in jobs
+                 if j.result == "done" and j.finished_at is not None]
+    if durations:
+        s.median_seconds = statistics.median(durations)
+    s.throttles = source.throttles(window)
+    s.starts, s.restarts, s.unclean_restarts = _restarts(source.runs(window), window)
+
+    stats = Stats(window=window, source=source.describe(), summary=s, flags=flags)
+    _timeline(stats, ended)
+    # the worker's stages in their order, then other timings (register_cloud: the
+    # registration, which runs beside the flash)
+    keys = {k for j in jobs if j.result == "done" for k in j.timings}
+    for stage in [*STAGES, *sorted(keys - set(STAGES))]:
+        times = [j.timings[stage] for j in jobs if j.result == "done" and stage in j.timings]
+        if times:
+            stats.stage_times[stage] = times
+    failed = [j for j in jobs if j.result == "failed"]
+    stats.failures_by_stage = Counter(j.failed_stage or "unknown" for j in failed)
+    stats.failures_by_reason = Counter(reason_of(j.error) for j in failed).most_common()
+    stats.slots = _slots(jobs, flags)
+    return stats
+
+
+def _timeline(stats: Stats, ended: list[JobRow]) -> None:
+    s = stats.summary
+    if s.first_start is None or s.last_end is None:
+        return
+    span = max(s.last_end - s.first_start, 1.0)
+    # a night is read by the hour; a short run gets bars short enough to show its shape
+    stats.bucket_s = 3600 if span >= 4 * 3600 else \
+        next((b for b in BUCKETS if span / b <= MAX_BARS), BUCKETS[-1])
+    width = stats.bucket_s
+    buckets: dict[float, list[int]] = {}
+    start = s.first_start // width * width
+    for k in range(int((s.last_end - start) // width) + 1):
+        buckets[start + k * width] = [0, 0, 0]
+    column = {"done": 0, "failed": 1, "removed": 2}
+    for job in ended:
+        assert job.finished_at is not None
+        if job.result in column:
+            buckets[job.finished_at // width * width][column[job.result]] += 1
+    stats.timeline = [(t, c[0], c[1], c[2]) for t, c in sorted(buckets.items())]
+
+
+def _slots(jobs: list[JobRow], flags: list[FlagRow]) -> list[SlotStats]:
+    by_slot: dict[str, SlotStats] = {}
+    for job in jobs:
+        slot = by_slot.setdefault(job.slot, SlotStats(job.slot))
+        if job.result in ("done", "failed", "removed", "skipped"):
+            setattr(slot, job.result, getattr(slot, job.result) + 1)
+    for flag in flags:
+        by_slot.setdefault(flag.slot, SlotStats(flag.slot)).flagged = True
+    return list(by_slot.values())
