@@ -31,7 +31,8 @@ from benchmarks.soak_aws import moto_server
 from station.config import load
 from station.firmware import load_firmware
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+# A night in miniature: its faults land at times, so it runs alone (marker timing)
+pytestmark = [pytest.mark.slow, pytest.mark.timing, pytest.mark.timeout(420)]
 
 
 @pytest.fixture(scope="module")

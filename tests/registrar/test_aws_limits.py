@@ -69,6 +69,7 @@ def test_throttling_that_never_ends_is_a_transient_error(proxy: AwsProxy,
     assert info.value.transient
 
 
+@pytest.mark.timing  # "waited more than 1 s" needs the boards to arrive together
 def test_limiter_makes_boards_wait_and_says_so(proxy: AwsProxy, tmp_path: Path) -> None:
     seen: list[str] = []
     tps = dict(AWS_DEFAULT_TPS, CreateCertificateFromCsr=6.0)
