@@ -83,6 +83,7 @@ def flash_once(hub: Path, app_path: Path, flash_timing: bool,
                 rig.board(board).flash_wait_s)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_blank_board_is_line_bound_and_preloaded_pays_erases(tmp_path: Path) -> None:
     rng = random.Random(11)
