@@ -40,7 +40,7 @@ from .faults import Faults
 from .flash import SECTOR, Flash
 from .pty_link import ROM_BAUD, HostClosed, PtyLink
 from .registers import Registers
-from .stub_model import StubModel, StubWriter, stub_writer
+from .stub_model import StubModel, StubWriter, identify_stub, stub_writer
 
 GARBAGE = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
 
@@ -87,6 +87,7 @@ class Board:
         self.stub_model = stub_model
         self.writers: list[StubWriter] = []  # every stub write session, for tests
         self.flash_wait_s = 0.0  # replies held back by stub flash work, ever
+        self.stub_uploaded: StubModel | None = None  # which of esptool's stubs ran last
         self.bytes_received = 0
         self.sessions = 0  # host opens seen, for tests and logs
         self.baud_changes: list[int] = []  # P.CHANGE_BAUDRATE rates received, ever
@@ -379,6 +380,11 @@ class Board:
         if self.mode is Mode.ROM and in_loaded_code:
             # "Jump" into the uploaded flasher stub: it says hello at the current rate.
             self.mode = Mode.STUB
+            self.stub_uploaded = identify_stub({a: bytes(d) for a, d in self._mem.items()})
+            if self.stub_uploaded not in (None, self.stub_model):
+                self.log.warning("esptool uploaded the %s stub to a board modelling the %s "
+                                 "stub: its flash timing follows the %s one",
+                                 self.stub_uploaded, self.stub_model, self.stub_model)
             self._mem.clear()
             self.log.debug("stub running (entry %#010x)", entry)
             await self.link.write(slip.encode(b"OHAI"))
