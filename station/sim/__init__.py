@@ -1,7 +1,7 @@
 """Virtual ESP32 boards that the real, unmodified esptool flashes over real ptys.
 
 A virtual board is a pseudo-terminal plus an asyncio task that answers the ESP serial
-bootloader protocol as the ROM of an ESP32, ESP32-S3 or ESP32-C3 does, and, after
+bootloader protocol as the ROM of any ESP32-family chip esptool 5.6 knows does, and, after
 esptool uploads its flasher stub, as that stub does. It has a NOR flash model, a
 line-rate model (the baud rate the host sets on the pty, 10 bits per byte), a flash
 timing model, and fault injection. Nothing outside ``station.sim`` may import it
@@ -18,25 +18,36 @@ Python API::
         image = rig.flash(board)                  # bytes of the whole flash
         rig.unplug(board)                         # link gone, flash dumped
         bad = rig.plug(chip="esp32c3", faults=Faults(mute=True))
+        native = rig.plug(chip="esp32s3", usb="jtag")  # re-enumerates on resets
+        old = rig.plug(chip="esp32c6", preloaded=True)  # old firmware: pays erases
 
 ``PluggedBoard`` has ``index``, ``port`` (the by-path symlink), ``pty`` (the slave
-device), ``mac`` ("24:0a:c4:.."), ``chip``, ``dump_path`` and ``faults``.
+device), ``mac`` ("24:0a:c4:.."), ``chip``, ``dump_path``, ``faults``, ``usb``,
+``bridge``, ``vid_pid``, ``max_baud``, ``preloaded`` and ``stub_model``; ``Rig`` also
+has ``info``, ``replug``, ``resets``, ``reset_count`` and ``reenumerations``.
 
 Command line: ``python -m station.sim --boards 16 --dir /tmp/hub`` (or ``station sim``);
 see :mod:`station.sim.cli`.
 """
 
-from .chips import CHIP_NAMES, ChipName
+from .bridge import BRIDGES
+from .chips import CHIP_NAMES, ChipName, parse_chip_list
 from .faults import Faults, parse_fault_spec, parse_fault_specs
 from .rig import PluggedBoard, Rig, by_path_name, parse_size
+from .stub_model import STUB_MODELS
+from .usb import USB_KINDS
 
 __all__ = [
+    "BRIDGES",
     "CHIP_NAMES",
     "ChipName",
     "Faults",
     "PluggedBoard",
     "Rig",
+    "STUB_MODELS",
+    "USB_KINDS",
     "by_path_name",
+    "parse_chip_list",
     "parse_fault_spec",
     "parse_fault_specs",
     "parse_size",

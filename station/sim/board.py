@@ -12,44 +12,35 @@ block before answering.
 
 There is no CPU emulation. The stub that esptool uploads (MEM_BEGIN/MEM_DATA/MEM_END)
 is accepted as bytes; when MEM_END jumps into the uploaded code the board greets with
-"OHAI" and from then on behaves as esptool's stub does (2 status bytes, raw MD5,
-READ_FLASH with acks, erase commands, 16 KB blocks).
+"OHAI" and from then on behaves as esptool's stubs do (2 status bytes, raw MD5,
+READ_FLASH with acks, erase commands, 16 KB blocks); when it erases and programs
+follows the chosen stub model (:mod:`.stub_model`).
+
+The board also notices the resets it can see (the RTC watchdog armed through
+WRITE_REG; the host closing the port after writing flash) and reports them, so the rig
+can count them and re-enumerate native-USB boards (:mod:`.usb`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import logging
 import random
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from . import protocol as P
 from . import slip
 from .chips import ChipSpec
 from .faults import Faults
-from .flash import SECTOR, Flash, erase_plan
+from .flash import SECTOR, Flash
 from .pty_link import ROM_BAUD, HostClosed, PtyLink
 from .registers import Registers
-
-# Opcodes (esptool loader.py ESP_CMDS)
-FLASH_BEGIN, FLASH_DATA, FLASH_END = 0x02, 0x03, 0x04
-MEM_BEGIN, MEM_END, MEM_DATA = 0x05, 0x06, 0x07
-SYNC, WRITE_REG, READ_REG = 0x08, 0x09, 0x0A
-SPI_SET_PARAMS, SPI_ATTACH, READ_FLASH_SLOW, CHANGE_BAUDRATE = 0x0B, 0x0D, 0x0E, 0x0F
-FLASH_DEFL_BEGIN, FLASH_DEFL_DATA, FLASH_DEFL_END = 0x10, 0x11, 0x12
-SPI_FLASH_MD5, GET_SECURITY_INFO = 0x13, 0x14
-ERASE_FLASH, ERASE_REGION, READ_FLASH, RUN_USER_CODE = 0xD0, 0xD1, 0xD2, 0xD3
-
-SYNC_PAYLOAD = b"\x07\x07\x12\x20" + 32 * b"\x55"
-ROM_SYNC_VALUE = 0x20120707  # any non-zero value: esptool reads 0 as "stub running"
-
-# Error codes: ROM (serial protocol docs) and stub (stub_flasher.h)
-ROM_INVALID_MESSAGE, ROM_FAILED, ROM_BAD_CRC, ROM_DEFLATE_ERROR = 0x05, 0x06, 0x07, 0x0B
-STUB_BAD_DATA_LEN, STUB_BAD_CHECKSUM, STUB_INVALID_COMMAND = 0xC0, 0xC1, 0xC3
-STUB_NOT_IN_FLASH_MODE, STUB_INFLATE_ERROR = 0xC6, 0xC7
+from .stub_model import StubModel, StubWriter, identify_stub, stub_writer
 
 GARBAGE = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
 
@@ -62,32 +53,11 @@ class Mode(enum.Enum):
     APP = "app"  # "running user code": deaf to the protocol until reset
 
 
-class CommandError(Exception):
-    """A command failed; the board answers with status 1 and this reason code."""
-
-    def __init__(self, rom_code: int, stub_code: int) -> None:
-        super().__init__(f"rom={rom_code:#x} stub={stub_code:#x}")
-        self.rom_code = rom_code
-        self.stub_code = stub_code
-
-
-def checksum(data: bytes, seed: int = 0xEF) -> int:
-    """The ROM's XOR checksum, folded with big-int XORs instead of a per-byte loop."""
-    if not data:
-        return seed
-    x = int.from_bytes(data, "little")
-    width = 1 << (len(data) - 1).bit_length()
-    while width > 1:
-        width //= 2
-        x = (x >> (8 * width)) ^ (x & ((1 << (8 * width)) - 1))
-    return (x ^ seed) & 0xFF
-
-
 class _WriteSession:
     """State between FLASH_(DEFL_)BEGIN and the last block."""
 
     def __init__(self, offset: int, size: int, block_size: int, compressed: bool,
-                 erased: bool) -> None:
+                 writer: StubWriter | None) -> None:
         self.offset = offset
         self.end = offset + size
         self.block_size = block_size
@@ -95,8 +65,7 @@ class _WriteSession:
         self.inflater = zlib.decompressobj() if compressed else None
         self.write_ptr = offset
         self.next_seq = 0
-        # The stub erases lazily ahead of its writes; the ROM erased everything already.
-        self.erased_until = -(-self.end // SECTOR) * SECTOR if erased else offset
+        self.writer = writer  # the stub's erase/program schedule; None: the ROM's
 
 
 class Board:
@@ -104,7 +73,9 @@ class Board:
 
     def __init__(self, spec: ChipSpec, mac: bytes, flash: Flash, link: PtyLink,
                  faults: Faults | None = None, rng: random.Random | None = None,
-                 on_unplug: Callable[[], None] | None = None) -> None:
+                 on_unplug: Callable[[], None] | None = None,
+                 on_reset: Callable[[str], Awaitable[None]] | None = None,
+                 stub_model: StubModel = "flasher") -> None:
         self.spec = spec
         self.mac = mac
         self.flash = flash
@@ -112,9 +83,18 @@ class Board:
         self.faults = faults or Faults()
         self._rng = rng or random.Random(0)
         self._on_unplug = on_unplug
+        self._on_reset = on_reset
+        self.stub_model = stub_model
+        self.writers: list[StubWriter] = []  # every stub write session, for tests
+        self.flash_wait_s = 0.0  # replies held back by stub flash work, ever
+        self.stub_uploaded: StubModel | None = None  # which of esptool's stubs ran last
         self.bytes_received = 0
         self.sessions = 0  # host opens seen, for tests and logs
-        self.baud_changes: list[int] = []  # CHANGE_BAUDRATE rates received, ever
+        self.baud_changes: list[int] = []  # P.CHANGE_BAUDRATE rates received, ever
+        self.ram_loads: list[tuple[int, int]] = []  # (address, bytes) per P.MEM_BEGIN, ever
+        self.resets: list[str] = []  # kinds of the resets the board saw ("watchdog", ...)
+        self._session_task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self.log = logging.getLogger(f"{__name__}.{mac.hex(':')}")
         self._reset()
 
@@ -122,6 +102,8 @@ class Board:
 
     def _reset(self) -> None:
         """Power-on/reset: ROM download mode, UART at 115200, registers as burned."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()  # a reset stops the RTC watchdog too
         self.mode = Mode.ROM
         self.uart_baud = ROM_BAUD
         self.regs = Registers(self.spec, self.mac, self.flash.size, self.link.baud)
@@ -130,20 +112,68 @@ class Board:
         self._mem: dict[int, bytearray] = {}
         self._mem_cursor: tuple[int, int] | None = None  # (offset, next seq)
         self._flash_busy_until = 0.0
+        self._wrote_flash = False  # this session changed flash: closing it is a reset
+        self._watchdog = None
+        self._watchdog_fired = False
 
     async def run(self) -> None:
-        """Serve host sessions forever; every close of the port resets the board."""
+        """Serve host sessions forever; every close of the port resets the board.
+
+        Resets the board can *see* are reported to ``on_reset`` (the rig counts them
+        and re-enumerates native-USB boards): the RTC watchdog firing, and the host
+        closing the port after a session that wrote flash (esptool's default
+        ``--after hard-reset`` pulses RTS, which a pty cannot carry; the close that
+        follows is the only trace of it). Every other close also returns the board to
+        the ROM, silently: the next session must find download mode.
+        """
         while True:
             await self.link.wait_host_open()
             self.sessions += 1
             self._reset()
+            kind: str | None = None
+            session = asyncio.create_task(self._session())
             try:
-                await self._session()
+                await session
             except HostClosed:
                 self.log.debug("host closed the port: reset to ROM")
-            self._reset()  # closing the port is the only reset a pty can carry
+                kind = "host-close" if self._wrote_flash else None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not self._watchdog_fired or (task is not None and task.cancelling()):
+                    session.cancel()
+                    raise
+                kind = "watchdog"
+            finally:
+                if self._watchdog is not None:
+                    self._watchdog.cancel()
+            self._reset()
+            if kind is not None:
+                await self._reset_seen(kind)
+
+    async def _reset_seen(self, kind: str) -> None:
+        self.resets.append(kind)
+        self.log.debug("reset (%s)", kind)
+        if self._on_reset is not None:
+            await self._on_reset(kind)  # native USB: the link is replaced in here
+        if kind == "watchdog" and self.link.host_is_open():
+            # A bridge board's port stays open across the reset; the chip boots its
+            # app and no longer speaks the protocol until the host closes the port.
+            self.mode = Mode.APP
+            with contextlib.suppress(HostClosed):
+                await self._session()
+            self._reset()
+
+    def _arm_watchdog(self, seconds: float) -> None:
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_later(seconds, self._fire_watchdog)
+
+    def _fire_watchdog(self) -> None:
+        self._watchdog_fired = True
+        if self._session_task is not None:
+            self._session_task.cancel()
 
     async def _session(self) -> None:
+        self._session_task = asyncio.current_task()
         frames: asyncio.Queue[tuple[bytes, float] | None] = asyncio.Queue()
         receiver = asyncio.create_task(self._receive(frames))
         try:
@@ -197,57 +227,66 @@ class Board:
             await asyncio.sleep(delay)
 
     async def _wait_flash_idle(self) -> None:
-        await self._sleep_until(self._flash_busy_until)
+        delay = self._flash_busy_until - asyncio.get_running_loop().time()
+        if delay > 0:
+            self.flash_wait_s += delay  # time the host waited on the flash, not the line
+            await asyncio.sleep(delay)
 
-    def _flash_busy_for(self, seconds: float) -> None:
-        now = asyncio.get_running_loop().time()
-        self._flash_busy_until = max(self._flash_busy_until, now) + seconds
+    def _busy_until(self, when: float) -> None:
+        self._flash_busy_until = max(self._flash_busy_until, when)
 
     async def _reply(self, op: int, value: int = 0, data: bytes = b"", status: int = 0,
                      error: int = 0) -> None:
-        # The ROM sends 4 status bytes (2 reserved), the stub 2.
-        tail = bytes([status, error]) if self.mode is Mode.STUB else bytes([status, error, 0, 0])
+        # The ROM sends 4 status bytes (2 reserved), the stub 2: the legacy stub
+        # (status, error); esp-flasher-stub a big-endian 16-bit code, error << 8
+        # (its commands.h), which esptool's error table decodes as 0xC000...
+        if self.mode is not Mode.STUB:
+            tail = bytes([status, error, 0, 0])
+        elif self.stub_model == "flasher":
+            tail = bytes([error, 0]) if status else b"\x00\x00"
+        else:
+            tail = bytes([status, error])
         body = data + tail
         await self.link.write(slip.encode(struct.pack("<BBHI", 1, op, len(body), value) + body))
 
     async def _handle(self, frame: bytes,
                       frames: asyncio.Queue[tuple[bytes, float] | None]) -> None:
         if len(frame) < 8 or frame[0] != 0:
-            return  # not a request (noise, or a stray READ_FLASH ack): ignored, as a ROM does
+            return  # not a request (noise, or a stray P.READ_FLASH ack): ignored, as a ROM does
         op, size, chk = struct.unpack_from("<BHI", frame, 1)
         data = frame[8:]
         if len(data) != size:
             return
-        if op == SYNC:
-            if data == SYNC_PAYLOAD:
-                value = ROM_SYNC_VALUE if self.mode is Mode.ROM else 0
+        if op == P.SYNC:
+            if data == P.SYNC_PAYLOAD:
+                value = P.ROM_SYNC_VALUE if self.mode is Mode.ROM else 0
                 for _ in range(8):
-                    await self._reply(SYNC, value)
+                    await self._reply(P.SYNC, value)
             return
         try:
             await self._dispatch(op, data, chk, frames)
-        except CommandError as e:
+        except P.CommandError as e:
             code = e.stub_code if self.mode is Mode.STUB else e.rom_code
             self.log.debug("command %#04x failed with %#04x", op, code)
             await self._reply(op, status=1, error=code)
         except (struct.error, IndexError):
             self.log.debug("command %#04x malformed", op)
-            await self._reply(op, status=1, error=STUB_BAD_DATA_LEN
-                              if self.mode is Mode.STUB else ROM_INVALID_MESSAGE)
+            await self._reply(op, status=1, error=P.STUB_BAD_DATA_LEN
+                              if self.mode is Mode.STUB else P.ROM_INVALID_MESSAGE)
 
     # -- commands -------------------------------------------------------------------
 
     async def _dispatch(self, op: int, data: bytes, chk: int,
                         frames: asyncio.Queue[tuple[bytes, float] | None]) -> None:
         stub = self.mode is Mode.STUB
-        if op not in (FLASH_DATA, FLASH_DEFL_DATA):
+        if op not in (P.FLASH_DATA, P.FLASH_DEFL_DATA):
             await self._wait_flash_idle()  # the stub is single-threaded about flash
-        if op == READ_REG:
+        if op == P.READ_REG:
             (addr,) = struct.unpack("<I", data)
             await self._reply(op, self.regs.read(addr))
-        elif op == WRITE_REG:
+        elif op == P.WRITE_REG:
             if len(data) % 16:
-                raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+                raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
             delay = 0
             for pos in range(0, len(data), 16):
                 addr, value, mask, delay_us = struct.unpack_from("<IIII", data, pos)
@@ -256,86 +295,96 @@ class Board:
             if delay:
                 await asyncio.sleep(delay / 1e6)
             await self._reply(op)
-        elif op == MEM_BEGIN:
-            _size, _blocks, _blocksize, offset = struct.unpack("<IIII", data)
+            if self.regs.watchdog_timeout is not None:
+                self._arm_watchdog(self.regs.watchdog_timeout)
+        elif op == P.MEM_BEGIN:
+            size, _blocks, _blocksize, offset = struct.unpack("<IIII", data)
             self._mem_cursor = (offset, 0)
+            self.ram_loads.append((offset, size))
             await self._reply(op)
-        elif op == MEM_DATA:
+        elif op == P.MEM_DATA:
             await self._mem_data(data, chk)
-        elif op == MEM_END:
+        elif op == P.MEM_END:
             await self._mem_end(data)
-        elif op == SPI_ATTACH:
+        elif op == P.SPI_ATTACH:
             if len(data) != (4 if stub else 8):
-                raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+                raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
             await self._reply(op)
-        elif op == SPI_SET_PARAMS:
+        elif op == P.SPI_SET_PARAMS:
             struct.unpack("<IIIIII", data)
             await self._reply(op)
-        elif op == CHANGE_BAUDRATE:
+        elif op == P.CHANGE_BAUDRATE:
             new, _old = struct.unpack("<II", data)
             await self._reply(op)
             self.uart_baud = new
             self.baud_changes.append(new)
             self.log.debug("baud rate changed to %d", new)
-        elif op in (FLASH_BEGIN, FLASH_DEFL_BEGIN):
+        elif op in (P.FLASH_BEGIN, P.FLASH_DEFL_BEGIN):
             await self._flash_begin(op, data)
-        elif op in (FLASH_DATA, FLASH_DEFL_DATA):
+        elif op in (P.FLASH_DATA, P.FLASH_DEFL_DATA):
             await self._flash_data(op, data, chk)
-        elif op in (FLASH_END, FLASH_DEFL_END):
+        elif op in (P.FLASH_END, P.FLASH_DEFL_END):
             await self._flash_end(op, data)
-        elif op == SPI_FLASH_MD5:
+        elif op == P.SPI_FLASH_MD5:
             addr, size, _, _ = struct.unpack("<IIII", data)
             if not self.flash.check_range(addr, size):
-                raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
+                raise P.CommandError(P.ROM_FAILED, P.STUB_BAD_DATA_LEN)
             await asyncio.sleep(self.flash.timing.read(size))
             digest = self.flash.md5(addr, size)
             await self._reply(op, data=digest if stub else digest.hex().encode())
-        elif op == GET_SECURITY_INFO and self.spec.chip_id is not None:
+        elif op == P.GET_SECURITY_INFO and self.spec.security_info_len:
             await self._reply(op, data=self.spec.security_info())
-        elif op == READ_FLASH_SLOW and not stub:
+        elif op == P.READ_FLASH_SLOW and not stub:
             addr, size = struct.unpack("<II", data)
             if size > 64 or not self.flash.check_range(addr, size):
-                raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
+                raise P.CommandError(P.ROM_FAILED, P.STUB_BAD_DATA_LEN)
             await self._reply(op, data=self.flash.read(addr, size).ljust(64, b"\xff"))
-        elif op == ERASE_FLASH and stub:
+        elif op == P.ERASE_FLASH and stub:
+            self._wrote_flash = True
             await asyncio.sleep(self.flash.erase_all())
             await self._reply(op)
-        elif op == ERASE_REGION and stub:
+        elif op == P.ERASE_REGION and stub:
             addr, size = struct.unpack("<II", data)
             if addr % SECTOR or size % SECTOR or not self.flash.check_range(addr, size):
-                raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+                raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
+            self._wrote_flash = True
             await asyncio.sleep(self.flash.erase(addr, size))
             await self._reply(op)
-        elif op == READ_FLASH and stub:
+        elif op == P.READ_FLASH and stub:
             await self._read_flash(data, frames)
-        elif op == RUN_USER_CODE and stub:
+        elif op == P.RUN_USER_CODE and stub:
             self.mode = Mode.APP
         else:
-            raise CommandError(ROM_INVALID_MESSAGE, STUB_INVALID_COMMAND)
+            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_INVALID_COMMAND)
 
     async def _mem_data(self, data: bytes, chk: int) -> None:
         size, seq, _, _ = struct.unpack_from("<IIII", data)
         payload = data[16:]
         if size != len(payload) or self._mem_cursor is None:
-            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
-        if checksum(payload) != chk:
-            raise CommandError(ROM_BAD_CRC, STUB_BAD_CHECKSUM)
+            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
+        if P.checksum(payload) != chk:
+            raise P.CommandError(P.ROM_BAD_CRC, P.STUB_BAD_CHECKSUM)
         offset, next_seq = self._mem_cursor
         if seq != next_seq:
-            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
         self._mem.setdefault(offset, bytearray()).extend(payload)
         self._mem_cursor = (offset, next_seq + 1)
-        await self._reply(MEM_DATA)
+        await self._reply(P.MEM_DATA)
 
     async def _mem_end(self, data: bytes) -> None:
         no_entry, entry = struct.unpack("<II", data)
-        await self._reply(MEM_END)
+        await self._reply(P.MEM_END)
         if no_entry:
             return
         in_loaded_code = any(start <= entry < start + len(seg) for start, seg in self._mem.items())
         if self.mode is Mode.ROM and in_loaded_code:
             # "Jump" into the uploaded flasher stub: it says hello at the current rate.
             self.mode = Mode.STUB
+            self.stub_uploaded = identify_stub({a: bytes(d) for a, d in self._mem.items()})
+            if self.stub_uploaded not in (None, self.stub_model):
+                self.log.warning("esptool uploaded the %s stub to a board modelling the %s "
+                                 "stub: its flash timing follows the %s one",
+                                 self.stub_uploaded, self.stub_model, self.stub_model)
             self._mem.clear()
             self.log.debug("stub running (entry %#010x)", entry)
             await self.link.write(slip.encode(b"OHAI"))
@@ -345,39 +394,46 @@ class Board:
     async def _flash_begin(self, op: int, data: bytes) -> None:
         stub = self.mode is Mode.STUB
         if not stub and len(data) not in self.spec.rom_flash_begin_lens:
-            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
         if stub and len(data) not in (16, 20):
-            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
         size, _blocks, block_size, offset = struct.unpack_from("<IIII", data)
         if not self.flash.check_range(offset, size):
-            raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
-        compressed = op == FLASH_DEFL_BEGIN
+            raise P.CommandError(P.ROM_FAILED, P.STUB_BAD_DATA_LEN)
+        compressed = op == P.FLASH_DEFL_BEGIN
+        self._wrote_flash = self._wrote_flash or size > 0
+        writer = None
         if not stub and size:
             await asyncio.sleep(self.flash.erase(offset, size))  # ROM: erase up front
-        self._write = _WriteSession(offset, size, block_size, compressed, erased=not stub)
+        elif stub:
+            writer = stub_writer(self.stub_model, self.flash, offset, size)
+            self.writers.append(writer)
+            now = asyncio.get_running_loop().time()
+            await self._sleep_until(writer.begin(now))
+        self._write = _WriteSession(offset, size, block_size, compressed, writer)
         await self._reply(op)
 
     async def _flash_data(self, op: int, data: bytes, chk: int) -> None:
         session = self._write
-        if session is None or session.compressed != (op == FLASH_DEFL_DATA):
-            raise CommandError(ROM_FAILED, STUB_NOT_IN_FLASH_MODE)
+        if session is None or session.compressed != (op == P.FLASH_DEFL_DATA):
+            raise P.CommandError(P.ROM_FAILED, P.STUB_NOT_IN_FLASH_MODE)
         size, seq, _, _ = struct.unpack_from("<IIII", data)
         payload = data[16:]
         if size != len(payload):
-            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
-        if checksum(payload) != chk:
-            raise CommandError(ROM_BAD_CRC, STUB_BAD_CHECKSUM)
+            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
+        if P.checksum(payload) != chk:
+            raise P.CommandError(P.ROM_BAD_CRC, P.STUB_BAD_CHECKSUM)
         await self._wait_flash_idle()
         if seq + 1 == session.next_seq:
             await self._reply(op)  # a retry of a block we already have: the ACK was lost
             return
         if seq != session.next_seq:
-            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
         if session.inflater is not None:
             try:
                 out = session.inflater.decompress(payload)
             except zlib.error as e:
-                raise CommandError(ROM_DEFLATE_ERROR, STUB_INFLATE_ERROR) from e
+                raise P.CommandError(P.ROM_DEFLATE_ERROR, P.STUB_INFLATE_ERROR) from e
             addr = session.write_ptr
         else:
             out = payload
@@ -385,25 +441,14 @@ class Board:
         out = out[: max(0, self.flash.size - addr)]
         session.next_seq += 1
         session.write_ptr = addr + len(out)
-        if self.mode is Mode.STUB:
-            # ACK on receipt; erase-ahead and programming overlap the next block's transfer.
+        if session.writer is not None:
+            # ACK on receipt; erasing and programming overlap the next block's transfer.
             await self._reply(op)
-            self._flash_busy_for(self._erase_ahead(session, addr + len(out))
-                                 + self.flash.program(addr, out))
+            start = max(asyncio.get_running_loop().time(), self._flash_busy_until)
+            self._busy_until(session.writer.write(start, addr, out, session.compressed))
         else:
             await asyncio.sleep(self.flash.program(addr, out))
             await self._reply(op)
-
-    def _erase_ahead(self, session: _WriteSession, write_end: int) -> float:
-        """Stub: erase the sectors (or 64 KB blocks) the next write needs."""
-        seconds = 0.0
-        region_end = -(-max(session.end, write_end) // SECTOR) * SECTOR
-        for addr, length in erase_plan(session.erased_until, region_end - session.erased_until):
-            if addr >= write_end:
-                break
-            seconds += self.flash.erase(addr, length)
-            session.erased_until = addr + length
-        return seconds
 
     async def _flash_end(self, op: int, data: bytes) -> None:
         (stay,) = struct.unpack("<I", data)
@@ -411,7 +456,9 @@ class Board:
         await self._reply(op)
         if not stay:
             if self.mode is Mode.STUB:
-                self._reset()  # the stub's "reboot" re-enters the ROM download mode
+                # The stub's "reboot" re-enters the ROM download mode: esptool's
+                # --after no-reset. Closing the port afterwards is not a reset.
+                self._reset()
             else:
                 self.mode = Mode.APP
 
@@ -419,8 +466,8 @@ class Board:
                           frames: asyncio.Queue[tuple[bytes, float] | None]) -> None:
         offset, length, block_size, in_flight = struct.unpack("<IIII", data)
         if not self.flash.check_range(offset, length) or block_size == 0 or in_flight == 0:
-            raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
-        await self._reply(READ_FLASH)
+            raise P.CommandError(P.ROM_FAILED, P.STUB_BAD_DATA_LEN)
+        await self._reply(P.READ_FLASH)
         sent = acked = 0
         md5 = hashlib.md5()
         while acked < length:

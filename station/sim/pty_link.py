@@ -1,4 +1,4 @@
-"""A pseudo-terminal standing in for a USB-UART bridge, with a line-rate model.
+"""A pseudo-terminal standing in for a board's USB serial port, with a line-rate model.
 
 The host (esptool, the station) opens the slave side like any serial port; the board
 owns the master side. Three Linux pty facts shape this module:
@@ -13,6 +13,9 @@ owns the master side. Three Linux pty facts shape this module:
 * We do not keep a slave fd open ourselves: that would hide the host's close. Instead,
   while nobody has the slave open, the master is polled every few milliseconds rather
   than registered with the event loop (which would spin on the permanent POLLHUP).
+
+A bridge's baud limit (``max_baud``, see :mod:`station.sim.bridge`) is applied here: above
+it, what crosses the link in either direction is garbled.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import random
 import select
 import struct
 from collections import Counter
+
+from .bridge import garble
 
 TCGETS2 = 0x802C542A  # _IOR('T', 0x2A, struct termios2), 44 bytes on Linux
 _TERMIOS2_SIZE = 44
@@ -51,13 +56,17 @@ class PtyLink:
     """Master side of one pty, with throttled, non-blocking reads and writes."""
 
     def __init__(self, throttle: bool = True, corrupt_rate: float = 0.0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, max_baud: int | None = None,
+                 usb_bytes_per_s: float | None = None) -> None:
         self.master, slave = os.openpty()
         self.slave_path = os.ttyname(slave)
         os.close(slave)
         os.set_blocking(self.master, False)
         self.throttle = throttle
         self.corrupt_rate = corrupt_rate
+        self.max_baud = max_baud  # a bridge above this rate garbles both directions
+        # Native USB ignores the baud rate: its throughput is the USB device's own.
+        self.usb_bytes_per_s = usb_bytes_per_s
         self._rng = rng or random.Random(0)
         self._next_corrupt = self._draw_corrupt_gap()
         self._rx_free = 0.0  # when the host->board line is next idle
@@ -80,6 +89,15 @@ class PtyLink:
             return ROM_BAUD
         (speed,) = struct.unpack_from("<I", buf, _OSPEED_OFFSET)
         return speed or ROM_BAUD
+
+    def _byte_time(self, baud: int) -> float:
+        if self.usb_bytes_per_s is not None:
+            return 1 / self.usb_bytes_per_s
+        return BITS_PER_BYTE / baud
+
+    def over_limit(self, baud: int) -> bool:
+        """True when the host drives the bridge faster than it can clock."""
+        return self.max_baud is not None and baud > self.max_baud
 
     def host_is_open(self) -> bool:
         """True while some process has the slave open (no POLLHUP on the master)."""
@@ -126,9 +144,11 @@ class PtyLink:
             now = loop.time()
             baud = self.baud()
             self.traffic[baud] += len(chunk)
+            if self.over_limit(baud):
+                chunk = garble(chunk)
             if not self.throttle:
                 return chunk, now, 0.0
-            byte_time = BITS_PER_BYTE / baud
+            byte_time = self._byte_time(baud)
             start = max(self._rx_free, now)
             self._rx_free = start + len(chunk) * byte_time
             return chunk, start, byte_time
@@ -139,12 +159,14 @@ class PtyLink:
         if self.corrupt_rate > 0:
             data = self._corrupt(data)
         self.traffic[self.baud()] += len(data)
+        if self.over_limit(self.baud()):
+            data = garble(data)
         for pos in range(0, len(data), _WRITE_PIECE if self.throttle else len(data) or 1):
             piece = data[pos : pos + _WRITE_PIECE] if self.throttle else data
             if self.throttle:
                 now = loop.time()
                 start = max(self._tx_free, now)
-                self._tx_free = start + line_time(len(piece), self.baud())
+                self._tx_free = start + len(piece) * self._byte_time(self.baud())
                 if self._tx_free > now:
                     await asyncio.sleep(self._tx_free - now)
             await self._write_all(loop, piece)
