@@ -513,6 +513,9 @@ BAD_COUNTS = {
                         "argument --boards: must be at least 1, not 0"),
     "demo --boards -3": (("demo", "--headless", "--boards=-3"),
                          "argument --boards: must be at least 1, not -3"),
+    "sim --boards 0": (("sim", "--boards", "0"), "argument --boards: must be at least 1, not 0"),
+    "sim --plug-interval -1": (("sim", "--boards", "2", "--plug-interval=-1"),
+                               "argument --plug-interval: must be 0 seconds or more, not -1"),
 }
 
 

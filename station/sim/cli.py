@@ -24,6 +24,8 @@ import threading
 from types import FrameType
 from typing import Any
 
+from station.cliargs import positive, seconds
+
 from .bridge import BRIDGES, DEFAULT_BRIDGE
 from .chips import CHIP_NAMES, chip_spec, parse_chip_list
 from .faults import parse_fault_specs
@@ -34,7 +36,7 @@ from .usb import parse_gap, usb_link
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``sim`` options to ``parser`` (used by ``station sim`` and ``-m``)."""
-    parser.add_argument("--boards", type=int, default=16, help="number of boards (16)")
+    parser.add_argument("--boards", type=positive, default=16, help="number of boards (16)")
     parser.add_argument("--dir", required=True,
                         help="directory for the by-path symlinks and flash dumps")
     parser.add_argument("--chip", default="esp32", metavar="CHIP[,CHIP...]",
@@ -55,7 +57,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="whose flash schedule the stub follows: esp-flasher-stub "
                              "(esptool 5.6's default) or the legacy esptool stub (flasher)")
     parser.add_argument("--seed", type=int, default=0, help="seed for MACs and faults")
-    parser.add_argument("--plug-interval", type=float, default=0.0, metavar="S",
+    parser.add_argument("--plug-interval", type=seconds, default=0.0, metavar="S",
                         help="seconds between plugging successive boards (0)")
     parser.add_argument("--fault", action="append", default=[], metavar="SPEC",
                         help="INDEX:KIND[=VALUE][,...]; kinds: unplug_after=N, mute, "
@@ -86,9 +88,6 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"board {index}: {e}") from None
     except ValueError as e:
         print(f"station sim: {e}", file=sys.stderr)
-        return 2
-    if args.boards < 0:
-        print("station sim: --boards must not be negative", file=sys.stderr)
         return 2
 
     stop = threading.Event()

@@ -60,6 +60,7 @@ def test_corrupting_board_never_hangs_esptool(fast_rig: Rig) -> None:
     assert all(isinstance(o.returncode, int) for o in outcomes)
 
 
+@pytest.mark.timing  # compares two wall-clock durations
 def test_slow_flash_takes_longer(tmp_path: Path) -> None:
     """slow=FACTOR scales the erase the ROM does up front at FLASH_BEGIN."""
     images = make_images(tmp_path, "esp32c3", app_size=256 * 1024)

@@ -84,6 +84,7 @@ def flash_once(hub: Path, app_path: Path, flash_timing: bool,
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.timeout(180)
 def test_blank_board_is_line_bound_and_preloaded_pays_erases(tmp_path: Path) -> None:
     rng = random.Random(11)

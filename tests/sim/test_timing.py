@@ -106,6 +106,7 @@ def flash_app(tmp_path: Path, app_path: Path, throttle: bool) -> tuple[float, fl
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.timeout(900)
 def test_throttled_1mb_write_matches_model(tmp_path: Path) -> None:
     rng = random.Random(11)
