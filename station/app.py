@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from station.check import writable_folder
 from station.config import Config
@@ -28,6 +29,10 @@ from station.parts import BoardIdentity, Region
 from station.registrar import make_registrar
 from station.registrar.base import DeviceCredentials, Registrar
 from station.worker import Plan, current_board
+
+if TYPE_CHECKING:
+    from station.metrics import StationMetrics
+    from station.replicator import Replicator
 
 log = logging.getLogger("station.app")
 
@@ -71,6 +76,8 @@ class Assembly:
     station: Station
     bundle: FirmwareBundle
     registrar: Registrar
+    replicator: Replicator | None = None
+    metrics: StationMetrics | None = None
 
 
 @contextlib.asynccontextmanager
@@ -112,8 +119,57 @@ async def assemble(config: Config, options: Options,
                               registrar=registrar, bus=bus, already_done=already_done,
                               on_verified=verified, registration_steps=steps,
                               options=options)
-            yield Assembly(station=station, bundle=bundle, registrar=registrar)
+            async with central_and_metrics(config, ledger, bus, registrar) as (rep, met):
+                if rep is not None:
+                    from station.fleet import FleetLookup
+
+                    fleet = FleetLookup(config.ledger.central, config.station.name,
+                                        healthy=lambda: rep.status().state == "up")
+                    station.known_board = fleet.known
+                try:
+                    yield Assembly(station=station, bundle=bundle, registrar=registrar,
+                                   replicator=rep, metrics=met)
+                finally:
+                    if rep is not None:
+                        await asyncio.to_thread(fleet.close)
         finally:
             await events.close()
             ledger.close()
+
+
+@contextlib.asynccontextmanager
+async def central_and_metrics(config: Config, ledger: Ledger, bus: Bus, registrar: Registrar,
+                              ) -> AsyncIterator[tuple[Replicator | None,
+                                                       StationMetrics | None]]:
+    """[ledger] central: the replicator (PostgreSQL refusing us fails the start, PostgreSQL
+    away only warns); [metrics] listen: the Prometheus endpoint. Both are consumers."""
+    replicator: Replicator | None = None
+    metrics: StationMetrics | None = None
+    try:
+        if config.ledger.central:
+            from station.replicator import Replicator
+
+            replicator = Replicator(ledger.path, config.station.name, config.ledger.central,
+                                    batch=config.ledger.batch,
+                                    connect_timeout=config.ledger.connect_timeout)
+            warning = await asyncio.to_thread(replicator.connect_at_start)
+            if warning:
+                log.warning("%s", warning)
+            bus.observers.append(replicator.observe)
+            replicator.start()
+        if config.metrics.listen:
+            from station.metrics import StationMetrics
+
+            iot = getattr(registrar, "iot", None)
+            metrics = StationMetrics(
+                replication=replicator.status if replicator is not None else None,
+                aws=(lambda: (iot.calls, iot.throttles)) if iot is not None else None)
+            metrics.serve(config.metrics.listen, config.metrics.address, str(config.path))
+            bus.displays.append(metrics.show)
+        yield replicator, metrics
+    finally:
+        if metrics is not None:
+            metrics.close()
+        if replicator is not None:
+            await asyncio.to_thread(replicator.stop)
 

@@ -133,3 +133,14 @@ class EventSink(Protocol):
 
     def notify(self, event: Event) -> None:
         """Deliver best-effort (progress); must be called on the event loop thread."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class KnownBoard(Event):
+    """The central ledger says another station already provisioned this board."""
+
+    station: str
+    finished_at: float
+    thing_name: str | None
+    note: str  # "provisioned by line-2 on 2026-11-27 22:04 UTC"
+    policy: str  # [identity] on_known_board: "reflash", "skip" or "fail"
