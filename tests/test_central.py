@@ -94,3 +94,72 @@ def test_two_stations_write_to_one_postgresql(make_line: Callable[..., CentralLi
     assert history["jobs"][0]["result"] == "done"
     text = b.command("board", boards_a[0].mac)
     assert "line-a" in text.stdout and mac_hex(boards_a[0]) in text.stdout
+
+
+OUTAGE_S = 60.0
+
+
+@pytest.mark.slow
+def test_postgresql_away_for_a_minute_then_a_station_killed_while_shipping(
+        make_line: Callable[..., CentralLine], pg: Cluster) -> None:  # noqa: F811
+    import time
+
+    import psycopg
+
+    from tests.pgkit import PASSWORD, SUPERUSER
+
+    line = make_line("line-a", ledger_extra="batch = 5")
+    db = line.central.rsplit("/", 1)[-1]
+    line.start()
+    for i in range(3):
+        line.rig.plug(index=i)
+    line.until("3 boards final", lambda: line.finished() == 3)
+    line.until("the central ledger to catch up", lambda: (line.try_scrape() or {}).get(
+        "station_central_pending_events") == 0)
+
+    pg.stop()
+    down_at = time.monotonic()
+    for i in range(3, 8):
+        line.rig.plug(index=i)
+    # no board waits on PostgreSQL: they finish as fast as without it
+    line.until("5 boards final with PostgreSQL down", lambda: line.finished() == 8,
+               timeout=45)
+    assert time.monotonic() - down_at < OUTAGE_S
+    line.until("the warning", lambda: "cannot reach PostgreSQL" in line.output(), timeout=20)
+    during = line.scrape()
+    assert during["station_central_up"] == 0
+    assert during["station_central_pending_events"] > 0
+    assert during["station_central_lag_seconds"] > 0
+    time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))  # the outage itself
+    pg.start()
+
+    # Hold the station's row so its catch-up transaction waits mid-way, then SIGKILL it.
+    with psycopg.connect(pg.url(db, SUPERUSER), password=PASSWORD) as blocker:
+        blocker.execute("SELECT * FROM stations WHERE station = 'line-a' FOR UPDATE")
+
+        def shipping_blocked() -> bool:
+            rows = pg.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                          "'station line-a' AND wait_event_type = 'Lock'", database=db)
+            return int(rows[0][0]) > 0  # type: ignore[call-overload]
+
+        line.until("the catch-up to be mid-transaction", shipping_blocked, timeout=40)
+        line.kill()
+        blocker.rollback()
+    local_total = local_events(line.state)
+    shipped = pg_count(pg, line.central, "SELECT count(*) FROM events")
+    assert 0 < shipped < local_total  # the killed transaction left nothing half-shipped
+
+    line.start()  # as systemd would
+    line.until("the lag back to zero", lambda: (s := line.try_scrape()) is not None and
+               s["station_central_pending_events"] == 0 and
+               s["station_central_lag_seconds"] == 0 and s["station_central_up"] == 1,
+               timeout=60)
+    assert line.stop() == 0
+    assert pg_count(pg, line.central, "SELECT count(*) FROM events") == local_events(line.state)
+    assert pg_count(pg, line.central, "SELECT count(DISTINCT seq) FROM events") == \
+        local_events(line.state)
+    local = {j["job_id"]: j for j in line.local_jobs()}
+    fleet = {j["job_id"]: j for j in line.central_jobs()}
+    assert local == fleet
+    # the restarted station saw the 8 boards still plugged and skipped them (done already)
+    assert Counter(j["result"] for j in local.values()) == {"done": 8, "skipped": 8}
