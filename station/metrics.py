@@ -84,13 +84,15 @@ class StationMetrics:
                                  "row on each slot (0 after a done board)", ["slot"],
                                  registry=r)
         self.last_done = Gauge("station_last_board_done_timestamp_seconds", "When the last "
-                               "board was done (Unix time)", registry=r)
+                               "board was done, or the station started (Unix time)",
+                               registry=r)
         self.ledger_write = Histogram("station_ledger_write_seconds", "Seconds from an event "
                                       "to its durable ledger commit", buckets=WRITE_BUCKETS,
                                       registry=r)
         self.started = Gauge("station_start_timestamp_seconds", "When this station process "
                              "started (Unix time)", registry=r)
         self.started.set(time.time())
+        self.last_done.set(time.time())  # "nothing done for 10 min" counts from the start
         if process:
             ProcessCollector(registry=r)  # process_resident_memory_bytes, ..._cpu_seconds
         r.register(_PulledMetrics(replication, aws))
