@@ -10,7 +10,6 @@ metrics endpoint and the station's own output.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -146,7 +145,8 @@ listen = "127.0.0.1:{self.metrics_port}"
 
     # -- reading back ------------------------------------------------------------------
 
-    def command(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def command(self, *args: str,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "station", *args, "--config", str(self.config)],
             capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False,
@@ -203,4 +203,4 @@ def env_without_password() -> dict[str, str]:
     return {k: v for k, v in pg_env().items() if k != "PGPASSWORD"}
 
 
-__all__ = ["CentralLine", "mac_hex", "parse_metrics", "local_events", "os"]
+__all__ = ["CentralLine", "mac_hex", "parse_metrics", "local_events"]
