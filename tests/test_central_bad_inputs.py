@@ -111,6 +111,8 @@ def test_postgresql_unreachable_at_start_the_station_runs_and_buffers(
     out = line.output()
     assert "station: WARNING: [ledger] central 127.0.0.1:" in out
     assert "the station runs and buffers in its local ledger" in out
+    # named failure case of on_known_board: not asked, the board is treated as new
+    assert "central ledger not reachable; [identity] on_known_board not applied" in out
     assert [j["result"] for j in line.local_jobs()] == ["done", "done"]
     assert not (line.state / "central.json").exists()  # nothing was shipped
 
