@@ -142,10 +142,15 @@ class Replicator:
     def _run(self) -> None:
         backoff = 1.0
         retry_at = 0.0
+        last_try = False  # at a stop: one more connection attempt, to ship what is left
         while True:
             stopping = self._stopping.is_set()
-            if stopping and (self._conn is None or time.monotonic() > self._flush_until):
+            if stopping and time.monotonic() > self._flush_until:
                 break
+            if stopping and self._conn is None:
+                if last_try:
+                    break
+                last_try, retry_at = True, 0.0
             if self._conn is None and time.monotonic() >= retry_at:
                 try:
                     self._connect()
