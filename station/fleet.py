@@ -48,7 +48,7 @@ class FleetLookup:
             return None
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.timeout + 1):
+            async with asyncio.timeout(self.timeout):
                 found = await loop.run_in_executor(self._executor, self._query, mac)
         except (TimeoutError, CentralError, psycopg.Error) as e:
             self._warn(f"{mac}: central ledger did not answer ({e}); [identity] "

@@ -19,7 +19,7 @@ Why it looks like this:
   while PostgreSQL cannot be asked.
 - The local event's rowid is its id: the ledger only appends and never deletes, so
   rowids are dense and stable (the station never VACUUMs its ledger).
-- Reconnects back off from 1 s to 15 s; a refusal (wrong password, schema newer, a
+- Reconnects back off from 1 s to 5 s; a refusal (wrong password, schema newer, a
   name clash) retries every 30 s in case a person fixes it, and says so once.
 """
 
@@ -45,7 +45,7 @@ log = logging.getLogger("station.replicator")
 
 IDLE = 1.0
 """Seconds between looks at the ledger when nothing woke the replicator."""
-BACKOFF_MAX = 15.0
+BACKOFF_MAX = 5.0
 REFUSED_RETRY = 30.0
 STOP_FLUSH = 10.0
 """At a graceful stop, how long the replicator may keep shipping what is left."""
