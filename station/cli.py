@@ -182,6 +182,9 @@ async def serve(config: Config, options: Options, headless: bool) -> int:
     async with assemble(config, options, displays) as built:
         view.firmware = built.bundle.describe()
         view.registrar = built.registrar.kind
+        if built.replicator is not None:  # the footer's replication line
+            status = built.replicator.status
+            view.central = lambda now: (status().line(now), status().healthy)
         if headless:
             return await built.station.serve()
         with LiveDashboard(view):
