@@ -43,13 +43,16 @@ def cluster() -> Cluster:
     if bindir is None:
         pytest.skip("no PostgreSQL server binaries (pg_ctl, initdb) on PATH or in "
                     "/usr/lib/postgresql/*/bin; .ci/run installs the `postgresql` package")
-    made = Cluster(bindir)
-    try:
-        made.init()
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
-        made.destroy()
-        _failure = f"could not start a PostgreSQL server from {bindir}: {e}"
-        pytest.fail(_failure)
+    for attempt in range(3):  # a free port may be taken between the look and the bind
+        made = Cluster(bindir)
+        try:
+            made.init()
+            break
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            made.destroy()
+            if attempt == 2:
+                _failure = f"could not start a PostgreSQL server from {bindir}: {e}"
+                pytest.fail(_failure)
     atexit.register(made.destroy)
     _cluster = made
     return made
