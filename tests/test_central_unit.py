@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from station import central
-from station.errors import CentralError
+from station.errors import CentralError, ConfigError
 from station.events import Identified, JobFinished, JobStarted, RegistrationStep, Stage
 from station.ledger import Ledger
 from station.replicator import Replicator
@@ -97,3 +97,41 @@ def test_since_and_mac_parsing() -> None:
     assert central.normalise_mac("240ac4-123456") == "240ac4123456"
     with pytest.raises(CentralError, match="not a MAC address"):
         central.normalise_mac("24:0a:c4:12:34")
+
+
+@pytest.mark.parametrize(("toml", "says"), [
+    ('[identity]\non_known_board = "ignore"', "identity.on_known_board: must be one of "
+     "reflash, skip, fail, not 'ignore'"),
+    ('[metrics]\nlisten = "9464"', "metrics.listen: '9464' is not host:port"),
+    ('[metrics]\nlisten = "localhost:99999"', "metrics.listen: 'localhost:99999' is not"),
+    ('[ledger]\ncentral = "postgresql://s@h/db"\nbatch = 0', "ledger.batch: must be at least 1"),
+    ('[ledger]\ncentral = "postgresql:///db"', "ledger.central: names no host"),
+    ('[ledger]\ncentrall = "x"', "ledger.centrall: unknown key"),
+])
+def test_config_errors_name_the_key(tmp_path: Path, toml: str, says: str) -> None:
+    from station.config import load
+
+    image = tmp_path / "app.bin"
+    image.write_bytes(b"\xe9" + b"\0" * 31)
+    path = tmp_path / "station.toml"
+    path.write_text(f'[firmware]\nchip = "esp32"\nimages = [{{ offset = 0x10000, file = '
+                    f'"{image}" }}]\n{toml}\n')
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert f"{path}: {says}" in str(caught.value)
+
+
+def test_config_takes_the_central_keys(tmp_path: Path) -> None:
+    from station.config import load
+
+    image = tmp_path / "app.bin"
+    image.write_bytes(b"\xe9" + b"\0" * 31)
+    path = tmp_path / "station.toml"
+    path.write_text(f'[firmware]\nchip = "esp32"\nimages = [{{ offset = 0x10000, file = '
+                    f'"{image}" }}]\n[identity]\non_known_board = "skip"\n[ledger]\n'
+                    'central = "service=factory"\nbatch = 50\n[metrics]\n'
+                    'listen = "0.0.0.0:9464"\n')
+    config = load(path)
+    assert config.identity.on_known_board == "skip"
+    assert (config.ledger.central, config.ledger.batch) == ("service=factory", 50)
+    assert config.metrics.address == ("0.0.0.0", 9464)
