@@ -117,6 +117,21 @@ def connect(conninfo: str, timeout: float, *, application: str = "station") -> p
                                       f"({text.removeprefix('connection failed: ')})") from None
 
 
+def as_error(e: psycopg.Error, where: str) -> CentralError:
+    """A failure after connecting: a lost connection (buffer and retry) or the server
+    refusing something (a person must act: privileges, a full disk, a foreign schema)."""
+    text = _one_line(e.diag.message_primary or str(e))
+    state = e.sqlstate or ""
+    if not state or state.startswith(("08", "57P")):  # connection exception, shutdown
+        return CentralUnreachableError(f"[ledger] central {where}: lost the connection "
+                                       f"({text})")
+    hint = ""
+    if state == "42501":
+        hint = ("; the station's role needs CREATE on the database's public schema (e.g. "
+                "make it the database's owner), or create the schema once as its owner")
+    return CentralError(f"[ledger] central {where}: {text} (SQLSTATE {state}){hint}")
+
+
 def migrate(conn: psycopg.Connection, station: str) -> int:
     """Create or upgrade the schema to SCHEMA_VERSION; returns the version found before.
 

@@ -96,6 +96,8 @@ async def check(config: Config, out: TextIO) -> int:
 def check_central(config: Config) -> str:
     """What `run` does at start with [ledger] central: connect and migrate. A refusal
     raises CentralError (the same line `run` prints); unreachable is only a warning."""
+    import psycopg
+
     from station import central
     from station.errors import CentralUnreachableError
 
@@ -107,6 +109,8 @@ def check_central(config: Config) -> str:
     try:
         found = central.migrate(conn, config.station.name)
         shipped = central.shipped_seq(conn, config.station.name)
+    except psycopg.Error as e:
+        raise central.as_error(e, central.describe(config.ledger.central)) from None
     finally:
         conn.close()
     made = "created" if found == 0 else f"schema {found}"

@@ -172,9 +172,10 @@ class Replicator:
                     shipped = self._ship_once()
                 except psycopg.Error as e:
                     self._close_pg()
-                    self._down("unreachable", CentralUnreachableError(
-                        f"lost the connection ({_reason(e)})"))
-                    retry_at = time.monotonic() + backoff
+                    error = central.as_error(e, self._status.where)
+                    refused = not isinstance(error, CentralUnreachableError)
+                    self._down("refused" if refused else "unreachable", error)
+                    retry_at = time.monotonic() + (REFUSED_RETRY if refused else backoff)
                 except CentralError as e:
                     self._close_pg()
                     self._down("refused", e)
@@ -200,8 +201,11 @@ class Replicator:
         conn = central.connect(self.conninfo, self.connect_timeout,
                                application=f"station {self.station}")
         try:
-            central.migrate(conn, self.station)
-            cursor = central.shipped_seq(conn, self.station)
+            try:
+                central.migrate(conn, self.station)
+                cursor = central.shipped_seq(conn, self.station)
+            except psycopg.Error as e:
+                raise central.as_error(e, self._status.where) from None
             local_end = self._local_end()
             if cursor > local_end:
                 raise CentralError(
@@ -327,6 +331,10 @@ def _duration(seconds: float) -> str:
 
 
 def _reason(error: BaseException) -> str:
+    """The message without the `[ledger] central WHERE:` head the footer already shows."""
     text = " ".join(str(error).split())
-    return text.split("cannot reach PostgreSQL (", 1)[-1].rstrip(")") if \
-        "cannot reach PostgreSQL (" in text else text
+    if text.startswith("[ledger] central ") and ": " in text:
+        text = text.split(": ", 1)[1]
+    if text.startswith("cannot reach PostgreSQL ("):
+        text = text.removeprefix("cannot reach PostgreSQL (").removesuffix(")")
+    return text

@@ -135,3 +135,13 @@ def _text(view: StationView, now: float) -> str:
     console = Console(width=200, color_system=None, force_terminal=True, record=True)
     console.print(render(view.snapshot(), now))
     return " ".join(console.export_text().split())
+
+
+def test_a_role_that_may_not_create_the_schema_is_one_line(
+        tmp_path: Path, firmware: Path, rig: Rig, pg: Cluster) -> None:  # noqa: F811
+    pg.sql("CREATE DATABASE not_ours")  # owned by the admin: the station may only connect
+    line = line_for(tmp_path, firmware, rig, pg.url("not_ours"))
+    text = one_line(line)
+    assert text.startswith("station: central ledger: [ledger] central 127.0.0.1:"), text
+    assert "permission denied for schema public (SQLSTATE 42501)" in text
+    assert "the station's role needs CREATE" in text
