@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -82,7 +83,7 @@ class ReplicationStatus:
             return f"{head}: stopped, {waiting}"
         down = _duration(now - self.since) if self.since is not None else "?"
         word = "UNREACHABLE" if self.state == "unreachable" else "REFUSED"
-        return f"{head} {word} for {down}: {self.reason}; buffering locally, {waiting}"
+        return f"{head} {word} for {down}, buffering locally: {waiting} ({self.reason})"
 
 
 class Replicator:
@@ -337,4 +338,7 @@ def _reason(error: BaseException) -> str:
         text = text.split(": ", 1)[1]
     if text.startswith("cannot reach PostgreSQL ("):
         text = text.removeprefix("cannot reach PostgreSQL (").removesuffix(")")
-    return text
+    # libpq's wording around the reason: the footer has the host and no room to spare
+    text = re.sub(r'connection to server at "[^"]*"(, port \d+)? failed: ', "", text)
+    return text.replace(" Is the server running on that host and accepting TCP/IP "
+                        "connections?", "")

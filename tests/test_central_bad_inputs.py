@@ -127,8 +127,8 @@ def test_the_dashboard_footer_shows_the_lag_and_warns_when_postgresql_is_away() 
     assert "central db:5432/factory: 12 event(s) waiting, lag 3s" in _text(view, now)
     status = ReplicationStatus(where="db:5432/factory", state="unreachable", pending=340,
                                lag_s=125, reason="Connection refused", since=now - 130)
-    assert ("central db:5432/factory UNREACHABLE for 2:10: Connection refused; buffering "
-            "locally, 340 event(s) waiting, lag 2:05") in _text(view, now)
+    assert ("central db:5432/factory UNREACHABLE for 2:10, buffering locally: 340 event(s) "
+            "waiting, lag 2:05 (Connection refused)") in _text(view, now)
 
 
 def _text(view: StationView, now: float) -> str:
@@ -145,3 +145,51 @@ def test_a_role_that_may_not_create_the_schema_is_one_line(
     assert text.startswith("station: central ledger: [ledger] central 127.0.0.1:"), text
     assert "permission denied for schema public (SQLSTATE 42501)" in text
     assert "the station's role needs CREATE" in text
+
+
+def test_the_live_dashboard_warns_when_postgresql_is_unreachable(
+        tmp_path: Path, firmware: Path, rig: Rig) -> None:
+    """The real `station run` on a terminal (a pty): its footer says PostgreSQL is away."""
+    import fcntl
+    import os
+    import pty
+    import re
+    import select
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    line = line_for(tmp_path, firmware, rig, f"postgresql://station@127.0.0.1:{free_port()}/f")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "station", "run", "--config",
+                             str(line.config), "--exit-after", "1"], stdin=slave, stdout=slave,
+                            stderr=slave, env={**line.env, "TERM": "xterm", "COLUMNS": "200"},
+                            cwd=line.root)
+    os.close(slave)
+    rig.plug(index=0)
+    screen = b""
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the station exited and closed the terminal
+                    break
+                if not chunk:
+                    break
+                screen += chunk
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(timeout=30) == 0, screen[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        os.close(master)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+    assert "central 127.0.0.1:" in text and "UNREACHABLE for" in text, text[-3000:]
+    assert "buffering locally" in text
