@@ -125,6 +125,9 @@ def as_error(e: psycopg.Error, where: str) -> CentralError:
     if not state or state.startswith(("08", "57P")):  # connection exception, shutdown
         return CentralUnreachableError(f"[ledger] central {where}: lost the connection "
                                        f"({text})")
+    if state == "57014":  # statement_timeout, or cancelled at a stop
+        return CentralUnreachableError(f"[ledger] central {where}: PostgreSQL did not "
+                                       f"answer in time ({text})")
     hint = ""
     if state == "42501":
         hint = ("; the station's role needs CREATE on the database's public schema (e.g. "

@@ -50,6 +50,8 @@ BACKOFF_MAX = 5.0
 REFUSED_RETRY = 30.0
 STOP_FLUSH = 10.0
 """At a graceful stop, how long the replicator may keep shipping what is left."""
+STATEMENT_TIMEOUT = 60.0
+"""A PostgreSQL that takes longer than this for one batch is taken as not answering."""
 CURSOR_FILE = "central.json"
 
 State = Literal["starting", "up", "unreachable", "refused", "stopped"]
@@ -135,7 +137,13 @@ class Replicator:
         self._stopping.set()
         self._wake.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=flush + self.connect_timeout + 5)
+            self._thread.join(timeout=flush)
+        conn = self._conn
+        if self._thread.is_alive() and conn is not None:
+            with contextlib.suppress(Exception):
+                conn.cancel()  # a stuck statement must not hold the station's exit
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.connect_timeout + 2)
         self._close()
 
     # -- the thread -------------------------------------------------------------------
@@ -202,6 +210,8 @@ class Replicator:
         conn = central.connect(self.conninfo, self.connect_timeout,
                                application=f"station {self.station}")
         try:
+            conn.execute(f"SET statement_timeout = {int(STATEMENT_TIMEOUT * 1000)}")
+            conn.commit()
             try:
                 central.migrate(conn, self.station)
                 cursor = central.shipped_seq(conn, self.station)

@@ -25,7 +25,7 @@ import pytest
 from station.demo_firmware import make_demo_firmware
 from station.sim import PluggedBoard, Rig
 from tests.centralkit import CentralLine, mac_hex
-from tests.pgkit import central_db, pg, pg_env  # noqa: F401  (fixtures)
+from tests.pgkit import Cluster, central_db, pg, pg_env  # noqa: F401  (fixtures)
 from tests.registrar.awsproxy import AwsProxy, moto_server, reset_moto
 from tests.stationkit import POLICY, REGION, aws_client, aws_env
 
@@ -168,3 +168,32 @@ def test_a_board_reworked_on_another_station_keeps_its_thing_and_gets_a_held_cer
         assert reconcile.returncode == 0, reconcile.stderr
         assert old[:12] not in reconcile.stdout
         assert aws.certificates()[old]["status"] == "INACTIVE"
+
+
+def test_a_central_ledger_that_does_not_answer_holds_no_board(
+        make_line: Callable[..., CentralLine], pg: Cluster) -> None:  # noqa: F811
+    """PostgreSQL up but stuck (a lock held on `jobs`): the lookup gives up after ~2 s,
+    the board goes on as a new one, and the log says the policy was not applied."""
+    import time
+
+    import psycopg
+
+    from tests.pgkit import PASSWORD, SUPERUSER
+
+    a, b = make_line("line-a"), make_line("line-b")
+    code, _, board = run_one(a)
+    assert code == 0
+    policy(b, "fail")
+    db = b.central.rsplit("/", 1)[-1]
+    with psycopg.connect(pg.url(db, SUPERUSER), password=PASSWORD) as blocker:
+        blocker.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        code, job, _ = run_one(b, mac=board.mac)
+        took = time.monotonic() - started
+        blocker.rollback()
+    assert code == 0 and job["result"] == "done", b.output()[-3000:]
+    assert job["thing_name"] == f"line-b-{mac_hex(board)}"  # not known: its own thing
+    assert "central ledger did not answer" in b.output()
+    assert "on_known_board not applied (treated as a new board)" in b.output()
+    assert job["seconds"] < 8, job  # the board waited ~2 s for the lookup at most
+    assert took < 25  # the stop's last flush gave up on the stuck PostgreSQL
