@@ -77,7 +77,6 @@ class Assembly:
     bundle: FirmwareBundle
     registrar: Registrar
     replicator: Replicator | None = None
-    metrics: StationMetrics | None = None
 
 
 @contextlib.asynccontextmanager
@@ -119,7 +118,7 @@ async def assemble(config: Config, options: Options,
                               registrar=registrar, bus=bus, already_done=already_done,
                               on_verified=verified, registration_steps=steps,
                               options=options)
-            async with central_and_metrics(config, ledger, bus, registrar) as (rep, met):
+            async with central_and_metrics(config, ledger, bus, registrar) as rep:
                 if rep is not None:
                     from station.fleet import FleetLookup
 
@@ -128,7 +127,7 @@ async def assemble(config: Config, options: Options,
                     station.known_board = fleet.known
                 try:
                     yield Assembly(station=station, bundle=bundle, registrar=registrar,
-                                   replicator=rep, metrics=met)
+                                   replicator=rep)
                 finally:
                     if rep is not None:
                         await asyncio.to_thread(fleet.close)
@@ -139,8 +138,7 @@ async def assemble(config: Config, options: Options,
 
 @contextlib.asynccontextmanager
 async def central_and_metrics(config: Config, ledger: Ledger, bus: Bus, registrar: Registrar,
-                              ) -> AsyncIterator[tuple[Replicator | None,
-                                                       StationMetrics | None]]:
+                              ) -> AsyncIterator[Replicator | None]:
     """[ledger] central: the replicator (PostgreSQL refusing us fails the start, PostgreSQL
     away only warns); [metrics] listen: the Prometheus endpoint. Both are consumers."""
     replicator: Replicator | None = None
@@ -166,7 +164,7 @@ async def central_and_metrics(config: Config, ledger: Ledger, bus: Bus, registra
                 aws=(lambda: (iot.calls, iot.throttles)) if iot is not None else None)
             metrics.serve(config.metrics.listen, config.metrics.address, str(config.path))
             bus.displays.append(metrics.show)
-        yield replicator, metrics
+        yield replicator
     finally:
         if metrics is not None:
             metrics.close()

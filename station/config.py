@@ -515,7 +515,7 @@ def _check_conninfo(t: _Table, central: str) -> None:
     except Error as e:
         raise t.error("central", f"not a PostgreSQL URL or conninfo: "
                                  f"{' '.join(str(e).split())}") from None
-    if "password" in params:
+    if "password" in params or "sslpassword" in params:
         raise t.error("central", PASSWORD_HELP)
     port = str(params.get("port", "5432"))
     if not all(p.isdigit() and 0 < int(p) < 65536 for p in port.split(",")):
