@@ -28,6 +28,7 @@ from benchmarks.invariants import (
 )
 from benchmarks.soak import SIM_FAULTS, SoakConfig, run_soak
 from benchmarks.soak_aws import moto_server
+from benchmarks.soak_pg import find_bindir
 from station.config import load
 from station.firmware import load_firmware
 
@@ -72,8 +73,11 @@ def test_small_soak_injected_every_kind_of_fault(soak: tuple[dict[str, Any], Pat
     assert report["restarts"]["unexpected_exits"] == []
     assert injected.get("aws_outage") == 1
     # the central PostgreSQL went away and the checker held it to the ledger afterwards
-    assert injected.get("pg_outage") == 1, report["notes"]
-    assert report["central"]["events"] > 0 and report["central"]["jobs"] >= 32
+    if find_bindir() is not None:
+        assert injected.get("pg_outage") == 1, report["notes"]
+        assert report["central"]["events"] > 0 and report["central"]["jobs"] >= 32
+    else:  # said in the report, not skipped silently
+        assert any("central ledger not soaked" in n for n in report["notes"])
     assert injected.get("aws_throttled", 0) > 0
     assert injected.get("aws_5xx_before", 0) + injected.get("aws_5xx_after", 0) > 0
     if os.geteuid() == 0:
