@@ -104,10 +104,6 @@ def test_postgresql_away_for_a_minute_then_a_station_killed_while_shipping(
         make_line: Callable[..., CentralLine], pg: Cluster) -> None:  # noqa: F811
     import time
 
-    import psycopg
-
-    from tests.pgkit import PASSWORD, SUPERUSER
-
     line = make_line("line-a", ledger_extra="batch = 5")
     db = line.central.rsplit("/", 1)[-1]
     line.start()
@@ -117,6 +113,10 @@ def test_postgresql_away_for_a_minute_then_a_station_killed_while_shipping(
     line.until("the central ledger to catch up", lambda: (line.try_scrape() or {}).get(
         "station_central_pending_events") == 0)
 
+    # The station's row stays locked through the outage (a prepared transaction outlives
+    # a restart), so the catch-up transaction will wait mid-way: the SIGKILL lands there.
+    pg.sql("BEGIN; SELECT * FROM stations WHERE station = 'line-a' FOR UPDATE; "
+           "PREPARE TRANSACTION 'hold'", database=db)
     pg.stop()
     down_at = time.monotonic()
     for i in range(3, 8):
@@ -133,18 +133,14 @@ def test_postgresql_away_for_a_minute_then_a_station_killed_while_shipping(
     time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))  # the outage itself
     pg.start()
 
-    # Hold the station's row so its catch-up transaction waits mid-way, then SIGKILL it.
-    with psycopg.connect(pg.url(db, SUPERUSER), password=PASSWORD) as blocker:
-        blocker.execute("SELECT * FROM stations WHERE station = 'line-a' FOR UPDATE")
+    def shipping_blocked() -> bool:
+        rows = pg.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                      "'station line-a' AND wait_event_type = 'Lock'", database=db)
+        return int(rows[0][0]) > 0  # type: ignore[call-overload]
 
-        def shipping_blocked() -> bool:
-            rows = pg.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-                          "'station line-a' AND wait_event_type = 'Lock'", database=db)
-            return int(rows[0][0]) > 0  # type: ignore[call-overload]
-
-        line.until("the catch-up to be mid-transaction", shipping_blocked, timeout=40)
-        line.kill()
-        blocker.rollback()
+    line.until("the catch-up to be mid-transaction", shipping_blocked, timeout=40)
+    line.kill()  # SIGKILL while shipping
+    pg.sql("ROLLBACK PREPARED 'hold'", database=db)
     local_total = local_events(line.state)
     shipped = pg_count(pg, line.central, "SELECT count(*) FROM events")
     assert 0 < shipped < local_total  # the killed transaction left nothing half-shipped
