@@ -89,7 +89,8 @@ class Cluster:
             conf.write(f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
                        f"unix_socket_directories = '{self.root}'\nfsync = off\n"
                        "synchronous_commit = off\nfull_page_writes = off\n"
-                       "max_connections = 200\nshared_buffers = 32MB\nmax_prepared_transactions = 10\n")
+                       "max_connections = 200\nshared_buffers = 32MB\n"
+                       "max_prepared_transactions = 10\n")
         self.start()
         self.sql(f"CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'")
 

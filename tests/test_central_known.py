@@ -144,8 +144,22 @@ def test_a_board_reworked_on_another_station_keeps_its_thing_and_gets_a_held_cer
         old = job_a["certificate_id"]
         assert aws.principals(thing) == [old]
 
-        code, job_b, _ = run_one(b, mac=board.mac)
-        assert code == 0 and job_b["result"] == "done", b.output()[-3000:]
+        b.start()  # without --exit-after: its metrics are scraped after the board
+        moved = b.rig.plug(index=0, mac=board.mac)
+        b.until("the reworked board final", lambda: b.finished() == 1)
+        scrape = b.scrape()
+        assert b.stop() == 0
+        b.rig.unplug(moved)
+        job_b = b.local_jobs()[-1]
+        assert job_b["result"] == "done", b.output()[-3000:]
+        # the AWS calls of the rework, as the metrics count them (per API, no MAC)
+        calls = {k.split('"')[1]: v for k, v in scrape.items()
+                 if k.startswith("station_aws_calls_total")}
+        assert calls["CreateCertificateFromCsr"] == 1
+        assert calls["UpdateCertificate"] == 2  # the old one INACTIVE, the new one ACTIVE
+        assert calls["DetachThingPrincipal"] == 1
+        assert "CreateThing" not in calls
+        assert scrape['station_boards_total{failed_stage="",result="done"}'] == 1
         assert job_b["thing_name"] == thing
         assert set(aws.things()) == {thing}  # no second thing
         new = job_b["certificate_id"]
