@@ -22,6 +22,8 @@ Checks:
                  with no certs_out folder
   stuck          a slot stuck past its stage timeouts (from the harness's observations)
   rss            the station's RSS growing more than the limit within one process
+  central        the central PostgreSQL differs from the local ledger (an event missing
+                 or twice, a job row unlike the local one, the cursor short of the end)
 """
 
 from __future__ import annotations
@@ -401,3 +403,58 @@ def check_all(*, ledger: Path, dumps: Path, certs_out: Path, bundle: FirmwareBun
             1 for mac, job in final_jobs_by_mac(jobs).items() if mac not in done
             and job["thing_name"] and aws.active_of(job["thing_name"]))
     return violations, facts
+
+
+# -- the central ledger (issue 12) ------------------------------------------------------
+
+
+def check_central(ledger: Path, conninfo: str, station: str, password: str) -> tuple[
+        list[Violation], dict[str, Any]]:
+    """`central`: the central PostgreSQL holds exactly the local ledger: every event once
+    (same seq, kind, job), every job row equal to the local one, the cursor at the end."""
+    import psycopg
+
+    conn_local = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=30)
+    try:
+        local_events = conn_local.execute(
+            "SELECT rowid, job_id, kind FROM events ORDER BY rowid").fetchall()
+        conn_local.row_factory = sqlite3.Row
+        local_jobs = {r["job_id"]: dict(r) for r in conn_local.execute("SELECT * FROM jobs")}
+    finally:
+        conn_local.close()
+    out: list[Violation] = []
+    with psycopg.connect(conninfo, password=password, connect_timeout=10) as conn:
+        remote_events = conn.execute("SELECT seq, job_id, kind FROM events WHERE station = %s "
+                                     "ORDER BY seq", (station,)).fetchall()
+        rows = conn.execute("SELECT job_id, mac, result, failed_stage, error, thing_name, "
+                            "certificate_id, extract(epoch FROM finished_at) FROM jobs "
+                            "WHERE station = %s", (station,)).fetchall()
+        cursor = conn.execute("SELECT shipped_seq FROM stations WHERE station = %s",
+                              (station,)).fetchone()
+    remote = {tuple(e) for e in remote_events}
+    local = {tuple(e) for e in local_events}
+    for seq, job, kind in sorted(local - remote)[:20]:
+        out.append(Violation("central", job, f"event #{seq} {kind} is not in PostgreSQL"))
+    for seq, job, kind in sorted(remote - local)[:20]:
+        out.append(Violation("central", job, f"PostgreSQL has event #{seq} {kind} the "
+                                             "ledger does not"))
+    if len(remote_events) != len(remote):
+        out.append(Violation("central", station, "PostgreSQL holds an event twice"))
+    remote_jobs = {r[0]: r for r in rows}
+    for job_id, job in local_jobs.items():
+        r = remote_jobs.get(job_id)
+        mine = (job_id, job["mac"], job["result"], job["failed_stage"], job["error"],
+                job["thing_name"], job["certificate_id"])
+        if r is None or tuple(r[:7]) != mine or (job["finished_at"] is not None and (
+                r[7] is None or abs(float(r[7]) - job["finished_at"]) > 1e-3)):
+            out.append(Violation("central", job["mac"] or job_id,
+                                 f"job {job_id}: PostgreSQL has {r and tuple(r[:7])}, the "
+                                 f"ledger {mine}"))
+    for job_id in set(remote_jobs) - set(local_jobs):
+        out.append(Violation("central", job_id, "job in PostgreSQL, not in the ledger"))
+    end = max((e[0] for e in local_events), default=0)
+    if cursor is None or int(cursor[0]) != end:
+        out.append(Violation("central", station, f"cursor {cursor and cursor[0]} but the "
+                                                 f"ledger ends at #{end}"))
+    return out, {"events": len(remote_events), "jobs": len(remote_jobs),
+                 "shipped_seq": cursor and int(cursor[0])}

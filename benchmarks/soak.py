@@ -13,7 +13,11 @@ What runs where:
   plugging a new one (new MAC, from the seed); a board that fell out (unplug fault) is
   re-seated once, without the fault;
 * certs_out is a small tmpfs the harness fills up for a while (benchmarks/soak_disk.py);
-* every K boards the station is SIGKILLed and started again, as systemd would.
+* every K boards the station is SIGKILLed and started again, as systemd would;
+* the station ships its ledger to a central PostgreSQL (benchmarks/soak_pg.py: the
+  distro's server in a throw-away cluster), which the harness stops for a while
+  (`pg_outage_s`) as it does AWS; at the end the checker holds PostgreSQL to the local
+  ledger, event by event and job by job.
 
 How the harness knows a board is final: it polls the ledger (read-only SQLite; WAL lets
 it read while the station writes) for the job on the board's port since it was plugged.
@@ -61,6 +65,7 @@ from benchmarks.invariants import (  # noqa: E402
 )
 from benchmarks.soak_aws import FaultyProxy, moto_server  # noqa: E402
 from benchmarks.soak_disk import FullableDisk  # noqa: E402
+from benchmarks.soak_pg import PASSWORD, Cluster, find_bindir  # noqa: E402
 from station.config import load  # noqa: E402
 from station.demo_firmware import make_demo_firmware  # noqa: E402
 from station.firmware import load_firmware  # noqa: E402
@@ -95,6 +100,9 @@ class SoakConfig:
     outage_s: float = 60.0
     disk_full_at: float = 0.7  # certs_out fills up when this share is settled
     disk_full_s: float = 20.0
+    central: bool = True  # ship to a central PostgreSQL (skipped with a note if none)
+    pg_outage_at: float = 0.5  # PostgreSQL goes away when this share is settled
+    pg_outage_s: float = 60.0
     restart_delay: float = 5.0  # RestartSec of config/station.service
     swap_s: float = 0.5  # an operator's hand: a slot stays empty at least this long
     retries: int = 2
@@ -270,7 +278,8 @@ class LedgerPoll:
             conn.close()
 
 
-def write_config(cfg: SoakConfig, flasher_args: Path, proxy_url: str) -> Path:
+def write_config(cfg: SoakConfig, flasher_args: Path, proxy_url: str,
+                 central: str = "") -> Path:
     timeouts = "\n".join(f"{k} = {v}" for k, v in cfg.timeouts.items())
     text = f"""\
 # Written by benchmarks/soak.py
@@ -315,6 +324,8 @@ out_dir = "certs_out"
 partition = "nvs"
 namespace = "station"
 """
+    if central:
+        text += f'\n[ledger]\ncentral = "{central}"\n'
     path = cfg.workdir / "station.toml"
     path.write_text(text)
     return path
@@ -402,6 +413,7 @@ class Soak:
         self.rig_events: list[dict[str, Any]] = []
         self.windows: dict[str, dict[str, Any]] = {}
         self.notes: list[str] = []
+        self.pg: Cluster | None = None
 
     @property
     def settled(self) -> int:
@@ -425,16 +437,18 @@ class Soak:
             proxy = stack.enter_context(FaultyProxy(
                 url, throttle_share=cfg.aws_throttle, error_share=cfg.aws_errors,
                 seed=cfg.seed))
-            config_path = write_config(cfg, flasher_args, proxy.url)
+            central = self._start_pg(stack)
+            config_path = write_config(cfg, flasher_args, proxy.url, central)
             config = load(config_path)
             bundle = load_firmware(config.firmware)
             station = StationProcess(config_path, cfg.workdir / "state",
-                                     aws_env(cfg.workdir))
+                                     {**aws_env(cfg.workdir), "PGPASSWORD": PASSWORD})
             stack.callback(self._ensure_stopped, station)
             rig = stack.enter_context(Rig(cfg.workdir / "rig", seed=cfg.seed,
                                           throttle=cfg.throttle, flash_timing=cfg.throttle,
                                           on_event=self.rig_events.append))
             self._loop(station, rig, proxy, disk)
+            self._end_pg_outage(station)
             code = station.stop()
             if code != 0:
                 self.violations.append(Violation("exit", "station",
@@ -456,12 +470,54 @@ class Soak:
                     iot=iot, stuck=self.violations, rss=self.rss)
             finally:
                 iot.close()
+            if self.pg is not None:
+                from benchmarks.invariants import check_central
+
+                more, facts["central"] = check_central(
+                    cfg.workdir / "state" / "ledger.sqlite3", central, "soak", PASSWORD)
+                found += more
             self.faults.update({f"aws_{k}": v for k, v in proxy.injected.items()
                                 if k != "dropped"})
             self.windows.setdefault("aws_outage", {})["calls_dropped"] = \
                 proxy.injected.get("dropped", 0)
             self.windows.setdefault("disk_full", {})["fills"] = disk.fills
             return self._report(started, station, found, facts)
+
+    def _start_pg(self, stack: contextlib.ExitStack) -> str:
+        """The central PostgreSQL, or "" with a note if this machine has no server."""
+        bindir = find_bindir() if self.cfg.central else None
+        if bindir is None:
+            if self.cfg.central:
+                self.notes.append("central ledger not soaked: no PostgreSQL server binaries")
+            return ""
+        self.pg = Cluster(bindir)
+        stack.callback(self.pg.destroy)
+        self.pg.init()
+        self.pg.sql("CREATE DATABASE factory OWNER station")
+        return self.pg.url("factory")
+
+    def _end_pg_outage(self, station: StationProcess) -> None:
+        """PostgreSQL back if its outage is still on; then the station must catch up."""
+        if self.pg is None:
+            return
+        w = self.windows.get("pg_outage", {})
+        if "start" in w and "end" not in w:
+            self.pg.start()
+            w["end"] = time.time()
+            w["seconds"] = round(w["end"] - w["start"], 1)
+        ledger = self.cfg.workdir / "state" / "ledger.sqlite3"
+        deadline = time.monotonic() + 60.0
+        started = time.monotonic()
+        while time.monotonic() < deadline and station.alive():
+            local = _count_events(ledger, None)
+            shipped = self.pg.sql("SELECT coalesce(max(shipped_seq), 0) FROM stations",
+                                  database="factory")[0][0]
+            if shipped == local:
+                w["caught_up_after_end_s"] = round(time.monotonic() - started, 1)
+                return
+            time.sleep(POLL)  # the polling interval of a deadline-bound wait
+        self.violations.append(Violation("central", "soak", "the central ledger did not "
+                                         "catch up within 60 s after the run"))
 
     def _save_and_unmount(self, disk: FullableDisk) -> None:
         """Keep certs_out for a look afterwards (the tmpfs goes with the unmount)."""
@@ -543,26 +599,35 @@ class Soak:
         cfg = self.cfg
         progress = self.settled / max(1, cfg.boards)
         for name, at, length in (("aws_outage", cfg.outage_at, cfg.outage_s),
-                                 ("disk_full", cfg.disk_full_at, cfg.disk_full_s)):
-            if length <= 0 or (name == "disk_full" and not disk.mounted):
+                                 ("disk_full", cfg.disk_full_at, cfg.disk_full_s),
+                                 ("pg_outage", cfg.pg_outage_at, cfg.pg_outage_s)):
+            if length <= 0 or (name == "disk_full" and not disk.mounted) or \
+                    (name == "pg_outage" and self.pg is None):
                 continue
             w = self.windows.setdefault(name, {})
             if "start" not in w and progress >= at:
                 w["start"] = now
                 if name == "aws_outage":
                     proxy.down()
+                elif name == "pg_outage":
+                    assert self.pg is not None
+                    self.pg.stop()
                 else:
                     w["bytes_filled"] = disk.fill()
                 self.faults[name] += 1
             if "start" in w and "end" not in w:
                 for r in self.records:
-                    if r.settled_at is None:
+                    # a PostgreSQL outage must not touch any board: not an excuse either
+                    if r.settled_at is None and name != "pg_outage":
                         r.hit_by.add(name)
                 if now - w["start"] >= length:
                     w["end"] = now
                     w["seconds"] = round(now - w["start"], 1)
                     if name == "aws_outage":
                         proxy.up()
+                    elif name == "pg_outage":
+                        assert self.pg is not None
+                        self.pg.start()
                     else:
                         disk.free()
 
@@ -721,6 +786,7 @@ class Soak:
             "rss_mb_curve": curve,
             "ledger": {"jobs": facts.get("jobs"), "registration_rows":
                        facts.get("registration_rows")},
+            "central": facts.get("central", {}),
             "aws": facts.get("aws", {}),
             "notes": self.notes,
         }
@@ -733,9 +799,11 @@ def _port_name(index: int) -> str:
     return by_path_name(index)
 
 
-def _count_events(ledger: Path, kind: str) -> int:
+def _count_events(ledger: Path, kind: str | None) -> int:
     conn = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=30)
     try:
+        if kind is None:
+            return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
         return int(conn.execute("SELECT count(*) FROM events WHERE kind = ?",
                                 (kind,)).fetchone()[0])
     finally:
@@ -811,6 +879,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aws-errors", type=float, default=d.aws_errors)
     p.add_argument("--outage-s", type=float, default=d.outage_s)
     p.add_argument("--disk-full-s", type=float, default=d.disk_full_s)
+    p.add_argument("--pg-outage-s", type=float, default=d.pg_outage_s,
+                   help="seconds the central PostgreSQL is stopped (0: never)")
+    p.add_argument("--no-central", action="store_true", help="no central PostgreSQL")
     args = p.parse_args(argv)
     results = ROOT / "benchmarks" / "results"
     cfg = SoakConfig(boards=args.boards, slots=args.slots, seed=args.seed,
@@ -819,7 +890,8 @@ def main(argv: list[str] | None = None) -> int:
                      fault_share=args.fault_share, faults_per_kind=args.faults_per_kind,
                      kill_every=args.kill_every, aws_throttle=args.aws_throttle,
                      aws_errors=args.aws_errors, outage_s=args.outage_s,
-                     disk_full_s=args.disk_full_s)
+                     disk_full_s=args.disk_full_s, pg_outage_s=args.pg_outage_s,
+                     central=not args.no_central)
     with _stop_cleanly():
         report = run_soak(cfg)
     out = args.out or results / f"soak-{args.boards}.json"

@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from station.check import writable_folder
 from station.config import Config
@@ -31,6 +32,10 @@ from station.registrar.base import DeviceCredentials, Registrar
 from station.slothealth import SlotHealth
 from station.slotpark import SlotGuard
 from station.worker import Plan, current_board
+
+if TYPE_CHECKING:
+    from station.metrics import StationMetrics
+    from station.replicator import Replicator
 
 log = logging.getLogger("station.app")
 
@@ -75,6 +80,7 @@ class Assembly:
     bundle: FirmwareBundle
     registrar: Registrar
     guard: SlotGuard
+    replicator: Replicator | None = None
 
 
 @contextlib.asynccontextmanager
@@ -126,8 +132,19 @@ async def assemble(config: Config, options: Options,
                                              os.getpid())
             watch = asyncio.create_task(guard.watch(), name="slot flags")
             try:
-                yield Assembly(station=station, bundle=bundle, registrar=registrar,
-                               guard=guard)
+                async with central_and_metrics(config, ledger, bus, registrar) as rep:
+                    if rep is not None:
+                        from station.fleet import FleetLookup
+
+                        fleet = FleetLookup(config.ledger.central, config.station.name,
+                                            healthy=lambda: rep.status().state == "up")
+                        station.known_board = fleet.known
+                    try:
+                        yield Assembly(station=station, bundle=bundle, registrar=registrar,
+                                       guard=guard, replicator=rep)
+                    finally:
+                        if rep is not None:
+                            await asyncio.to_thread(fleet.close)
             finally:
                 watch.cancel()
                 await asyncio.gather(watch, return_exceptions=True)
@@ -135,4 +152,40 @@ async def assemble(config: Config, options: Options,
         finally:
             await events.close()
             ledger.close()
+
+
+@contextlib.asynccontextmanager
+async def central_and_metrics(config: Config, ledger: Ledger, bus: Bus, registrar: Registrar,
+                              ) -> AsyncIterator[Replicator | None]:
+    """[ledger] central: the replicator (PostgreSQL refusing us fails the start, PostgreSQL
+    away only warns); [metrics] listen: the Prometheus endpoint. Both are consumers."""
+    replicator: Replicator | None = None
+    metrics: StationMetrics | None = None
+    try:
+        if config.ledger.central:
+            from station.replicator import Replicator
+
+            replicator = Replicator(ledger.path, config.station.name, config.ledger.central,
+                                    batch=config.ledger.batch,
+                                    connect_timeout=config.ledger.connect_timeout)
+            warning = await asyncio.to_thread(replicator.connect_at_start)
+            if warning:
+                log.warning("%s", warning)
+            bus.observers.append(replicator.observe)
+            replicator.start()
+        if config.metrics.listen:
+            from station.metrics import StationMetrics
+
+            iot = getattr(registrar, "iot", None)
+            metrics = StationMetrics(
+                replication=replicator.status if replicator is not None else None,
+                aws=(lambda: (iot.calls, iot.throttles)) if iot is not None else None)
+            metrics.serve(config.metrics.listen, config.metrics.address, str(config.path))
+            bus.displays.append(metrics.show)
+        yield replicator
+    finally:
+        if metrics is not None:
+            metrics.close()
+        if replicator is not None:
+            await asyncio.to_thread(replicator.stop)
 

@@ -81,12 +81,44 @@ async def check(config: Config, out: TextIO) -> int:
         print(f"registrar   {registrar.kind}: ready", file=out)
     finally:
         await registrar.close()
+    if config.ledger.central:
+        print(f"central     {check_central(config)}", file=out)
+    if config.metrics.listen:
+        print(f"metrics     http://{config.metrics.listen}/metrics (Prometheus)", file=out)
     ports = scan(config.ports.watch)
     print(f"ports       {len(ports)} present now, watching {', '.join(config.ports.watch)} "
           f"at {config.ports.baud} baud", file=out)
     print(f"would flash {config.firmware.chip} boards, up to {config.station.max_parallel} "
           f"at once, things named {config.identity.thing_name!r}", file=out)
     return EXIT_OK
+
+
+def check_central(config: Config) -> str:
+    """What `run` does at start with [ledger] central: connect and migrate. A refusal
+    raises CentralError (the same line `run` prints); unreachable is only a warning."""
+    import psycopg
+
+    from station import central
+    from station.errors import CentralUnreachableError
+
+    try:
+        conn = central.connect(config.ledger.central, config.ledger.connect_timeout,
+                               application="station check")
+    except CentralUnreachableError as e:
+        return f"WARNING: {e}; run would buffer in the local ledger and ship later"
+    try:
+        found = central.migrate(conn, config.station.name)
+        shipped = central.shipped_seq(conn, config.station.name)
+    except psycopg.Error as e:
+        raise central.as_error(e, central.describe(config.ledger.central)) from None
+    finally:
+        conn.close()
+    made = "created" if found == 0 else f"schema {found}"
+    if found and found < central.SCHEMA_VERSION:
+        made = f"migrated from schema {found}"
+    return (f"{central.describe(config.ledger.central)}: ready ({made}, version "
+            f"{central.SCHEMA_VERSION}); station {config.station.name!r} has shipped "
+            f"up to event #{shipped}")
 
 
 async def reconcile(config: Config, out: TextIO) -> int:

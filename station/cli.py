@@ -33,6 +33,7 @@ from station.daemon import (
     Options,
 )
 from station.errors import (
+    CentralError,
     ConfigError,
     FirmwareError,
     LedgerError,
@@ -56,6 +57,7 @@ ERROR_EXITS: tuple[tuple[type[StationError], str, int], ...] = (
     (RegistrationError, "registrar: ", EXIT_REGISTRAR),
     (LedgerLockedError, "ledger: ", EXIT_BUSY),
     (LedgerError, "ledger: ", EXIT_CONFIG),
+    (CentralError, "central ledger: ", EXIT_CONFIG),
     (StationError, "", EXIT_INTERNAL),
 )
 
@@ -120,6 +122,16 @@ def _parser() -> argparse.ArgumentParser:
     command("ports", _ports, "List the serial ports the config watches, with their slots.")
     ledger = command("ledger", _ledger, "Export the ledger of boards.")
     ledger.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    ledger.add_argument("--central", action="store_true",
+                        help="read the central PostgreSQL ledger ([ledger] central): every "
+                        "station's boards")
+    ledger.add_argument("--station", metavar="NAME", help="with --central: one station only")
+    ledger.add_argument("--since", metavar="WHEN", help="with --central: jobs started since "
+                        "a duration ago (30m, 24h, 7d) or a date (2026-11-27T22:00)")
+    board = command("board", _board, "One board's whole history across stations, from the "
+                    "central ledger.")
+    board.add_argument("mac", metavar="MAC", help="the board's MAC (24:0a:c4:... or 240ac4...)")
+    board.add_argument("--format", choices=("table", "csv", "json"), default="table")
     command("check", _check, "Validate config, firmware and cloud access; say what run "
             "would do.")
     command("reconcile", _reconcile, "Finish or clean up registrations a crash interrupted.")
@@ -185,6 +197,9 @@ async def serve(config: Config, options: Options, headless: bool) -> int:
     async with assemble(config, options, displays) as built:
         view.firmware = built.bundle.describe()
         view.registrar = built.registrar.kind
+        if built.replicator is not None:  # the footer's replication line
+            status = built.replicator.status
+            view.central = lambda now: (status().line(now), status().healthy)
         if headless:
             return await built.station.serve()
         from station.keys import read_keys
@@ -215,10 +230,34 @@ def _ports(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _central(config: Config) -> str:
+    if not config.ledger.central:
+        raise ConfigError(str(config.path), "ledger.central", "not set: name the central "
+                          "PostgreSQL (postgresql://user@host/database) to read the fleet")
+    return config.ledger.central
+
+
+def _board(args: argparse.Namespace) -> int:
+    from station.fleetview import export_board
+
+    config = load(args.config)
+    print(export_board(_central(config), args.mac, args.format), end="")
+    return EXIT_OK
+
+
 def _ledger(args: argparse.Namespace) -> int:
     from station.ledger import Ledger
 
     config = load(args.config)
+    if args.central:
+        from station.fleetview import export_jobs
+
+        print(export_jobs(_central(config), args.format, station=args.station,
+                          since=args.since), end="" if args.format != "json" else "\n")
+        return EXIT_OK
+    if args.station or args.since:
+        raise ConfigError(str(config.path), None, "--station and --since need --central "
+                          "(the local ledger holds this station only)")
     ledger = Ledger.open(config.station.state_dir)
     try:
         print(ledger.export(args.format))

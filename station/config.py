@@ -24,6 +24,7 @@ CHIPS = ("esp32", "esp32s3", "esp32c3")
 Chip = Literal["esp32", "esp32s3", "esp32c3"]
 RegistrarKind = Literal["none", "aws-iot", "local-ca"]
 KeySource = Literal["csr", "aws"]
+OnKnownBoard = Literal["reflash", "skip", "fail"]
 STAGE_TIMEOUTS = {
     "connect": 30.0,
     "identify": 15.0,
@@ -101,6 +102,8 @@ class FirmwareSection:
 @dataclass(frozen=True)
 class IdentitySection:
     thing_name: str = "{mac}"
+    on_known_board: OnKnownBoard = "reflash"
+    """What to do with a board the central ledger has done by another station."""
 
     def thing_for(self, mac: str, chip: str, station: str) -> str:
         return self.thing_name.format(mac=mac, MAC=mac.upper(), chip=chip, station=station)
@@ -152,6 +155,25 @@ class CredentialsSection:
 
 
 @dataclass(frozen=True)
+class LedgerSection:
+    central: str = ""
+    """libpq URL or conninfo of the central PostgreSQL ("" = none); never a password."""
+    batch: int = 500
+    connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    listen: str = ""
+    """host:port of the Prometheus endpoint ("" = none)."""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     station: StationSection
@@ -161,6 +183,8 @@ class Config:
     worker: WorkerSection
     registrar: RegistrarSection
     credentials: CredentialsSection
+    ledger: LedgerSection = field(default_factory=LedgerSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
 
     def slot_for(self, location: str | None, port: str) -> str:
         """The operator's label for a port: by USB location, then by path, else the name."""
@@ -256,6 +280,8 @@ def load(path: str | Path) -> Config:
         worker=_worker(root.sub("worker")),
         registrar=_registrar(root.sub("registrar")),
         credentials=_credentials(root.sub("credentials")),
+        ledger=_ledger(root.sub("ledger")),
+        metrics=_metrics(root.sub("metrics")),
     )
     root.done()
     return config
@@ -377,7 +403,8 @@ def _identity(t: _Table) -> IdentitySection:
     if not re.fullmatch(r"[a-zA-Z0-9:_-]+", sample):
         raise t.error("thing_name", f"{template!r}: AWS IoT thing names allow only "
                                     "letters, digits, ':', '_' and '-'")
-    i = IdentitySection(thing_name=template)
+    i = IdentitySection(thing_name=template, on_known_board=cast(OnKnownBoard, t.choice(
+        "on_known_board", ("reflash", "skip", "fail"), "reflash")))
     t.done()
     return i
 
@@ -482,3 +509,53 @@ def _credentials(t: _Table) -> CredentialsSection:
         raise t.error("namespace", "NVS namespaces are 1 to 15 characters")
     t.done()
     return c
+
+
+# -- [ledger] and [metrics] (issue 12: central ledger, Prometheus) ------------------------
+
+PASSWORD_HELP = ("passwords never go in station.toml: set PGPASSWORD in the station's "
+                 "environment, or use ~/.pgpass or a libpq service file (service=NAME)")
+
+
+def _ledger(t: _Table) -> LedgerSection:
+    central = t.get("central", str, "").strip()
+    if central:
+        _check_conninfo(t, central)
+    section = LedgerSection(central=central, batch=t.integer("batch", 500, minimum=1),
+                            connect_timeout=t.number("connect_timeout", 5.0, minimum=0.5))
+    t.done()
+    return section
+
+
+def _check_conninfo(t: _Table, central: str) -> None:
+    """A libpq URL (postgresql://user@host:port/db) or conninfo (service=factory)."""
+    from psycopg import Error
+    from psycopg.conninfo import conninfo_to_dict
+
+    if "://" in central and not central.startswith(("postgresql://", "postgres://")):
+        raise t.error("central", f"{central.split('://')[0]}:// is not PostgreSQL: use "
+                                 "postgresql://user@host:port/database or service=NAME")
+    try:
+        params = conninfo_to_dict(central)
+    except Error as e:
+        raise t.error("central", f"not a PostgreSQL URL or conninfo: "
+                                 f"{' '.join(str(e).split())}") from None
+    if "password" in params or "sslpassword" in params:
+        raise t.error("central", PASSWORD_HELP)
+    port = str(params.get("port", "5432"))
+    if not all(p.isdigit() and 0 < int(p) < 65536 for p in port.split(",")):
+        raise t.error("central", f"port {port!r} is not a TCP port number")
+    if not params.get("host") and not params.get("service") and "hostaddr" not in params:
+        raise t.error("central", "names no host (postgresql://user@HOST/database) or "
+                                 "service (service=NAME)")
+
+
+def _metrics(t: _Table) -> MetricsSection:
+    listen = t.get("listen", str, "").strip()
+    section = MetricsSection(listen=listen)
+    if listen:
+        host, _, port = listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise t.error("listen", f"{listen!r} is not host:port (e.g. \"127.0.0.1:9464\")")
+    t.done()
+    return section

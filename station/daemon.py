@@ -23,7 +23,7 @@ from station.config import Config
 from station.errors import StateDirBusyError
 from station.events import Event, JobFinished, RegistrationStep, Stage
 from station.hotplug import PortInfo, PortWatcher
-from station.parts import Flasher
+from station.parts import Flasher, KnownBoardLookup
 from station.registrar.base import DeviceCredentials, Journal, Registrar
 from station.worker import (
     REMOVED,
@@ -131,6 +131,7 @@ class Station:
     clock: Clock = field(default_factory=SystemClock)
     parked: Callable[[str], bool] = lambda _slot: False
     """A flagged slot with `[ports] park_unhealthy` (station/slotpark.py): take no board."""
+    known_board: KnownBoardLookup | None = None
 
     def __post_init__(self) -> None:
         self._jobs: dict[str, asyncio.Task[Stage | None]] = {}
@@ -218,13 +219,15 @@ class Station:
                         policy=Policy(retries=self.config.worker.retries,
                                       retry_delay=self.config.worker.retry_delay,
                                       timeouts=self.config.worker.timeouts,
-                                      reflash=self.options.reflash))
+                                      reflash=self.options.reflash,
+                                      on_known_board=self.config.identity.on_known_board))
         self._jobs[info.path] = asyncio.create_task(self._run(worker), name=f"job {info.path}")
 
     def _parts(self) -> Parts:
         return Parts(flasher=self.flasher, registrar=self.registrar, sink=self.bus,
                      clock=self.clock, already_done=self.already_done,
-                     on_verified=self.on_verified, port_present=os.path.exists)
+                     on_verified=self.on_verified, port_present=os.path.exists,
+                     known_board=self.known_board)
 
     async def _run(self, worker: Worker) -> Stage | None:
         async with self._slots:

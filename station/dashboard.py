@@ -18,6 +18,7 @@ import re
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Protocol
@@ -33,6 +34,7 @@ from station.events import (
     Identified,
     JobFinished,
     JobStarted,
+    KnownBoard,
     Progress,
     Registered,
     RegistrationStep,
@@ -71,6 +73,7 @@ class BoardRow:
     failed_stage: Stage | None = None
     retry_reason: str | None = None
     throttled: bool = False
+    known: str = ""  # "provisioned by line-2 on ..." (the central ledger)
     region: str = ""
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
     prev_done: int | None = None  # the current region's bytes before the last Progress
@@ -120,6 +123,9 @@ class StationView:
     results: Counter[str] = field(default_factory=Counter)
     flags: dict[str, SlotFlagged] = field(default_factory=dict)  # slot health, by slot
     clear_key: str = ""  # the key that clears the footer's flag, when keys are read
+    central: Callable[[float], tuple[str, bool]] | None = None
+    """The central ledger's footer line and whether all is well; read at snapshot time."""
+    central_line: tuple[str, bool] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def apply(self, event: Event) -> None:
@@ -162,6 +168,8 @@ class StationView:
             row.samples.clear()
         elif isinstance(event, Throttled):
             row.throttled = True
+        elif isinstance(event, KnownBoard):
+            row.known = event.note
         elif isinstance(event, Registered):
             row.thing, row.throttled = event.thing_name, False
         elif isinstance(event, JobFinished):
@@ -172,12 +180,13 @@ class StationView:
 
     def snapshot(self) -> StationView:
         """A private deep copy for another thread to render while events keep coming."""
+        line = self.central(time.time()) if self.central is not None else self.central_line
         with self._lock:
             return StationView(station=self.station, firmware=self.firmware,
                                registrar=self.registrar, started_at=self.started_at,
                                rows={k: r.copy() for k, r in self.rows.items()},
                                results=Counter(self.results), flags=dict(self.flags),
-                               clear_key=self.clear_key)
+                               clear_key=self.clear_key, central_line=line)
 
     @property
     def in_progress(self) -> int:
@@ -229,7 +238,8 @@ def result_text(row: BoardRow) -> Text:
         where = f" during {row.failed_stage.value}" if row.failed_stage else ""
         return Text(f"removed{where}", style="yellow")
     if row.stage == Stage.SKIPPED:
-        return Text("skipped: already done with this firmware", style="cyan")
+        return Text(_one_line(f"skipped: {row.error or 'already done with this firmware'}"),
+                    style="cyan")
     if row.throttled:
         return Text("throttled by the cloud, waiting", style="yellow")
     if row.retry_reason:
@@ -256,6 +266,8 @@ def progress_text(row: BoardRow) -> Text:
         text.append("─" * (BAR_WIDTH - filled), style="grey37")
         text.append(f" {100 * done // total:>3}% {human_bytes(done)}/{human_bytes(total)}")
     note = result_text(row)
+    if row.known:
+        note = Text(row.known, style="cyan") + (Text("; ") + note if note else Text(""))
     if note:
         text.append("  " if total else "").append_text(note)
     return text
@@ -329,6 +341,9 @@ def footer(view: StationView, now: float) -> Text:
     text = Text(f"{counts}  |  {per_hour} boards/h  |  up {duration(uptime)}\n"
                 f"station {view.station}  |  firmware {view.firmware or '-'}  |  "
                 f"registrar {view.registrar}", no_wrap=True, overflow="ellipsis")
+    if view.central_line is not None:  # replication lag, or why the central ledger waits
+        line, ok = view.central_line
+        text.append("\n").append(line, style="" if ok else "bold yellow")
     flagged = flag_line(view)
     return text if flagged is None else Text("\n", no_wrap=True, overflow="ellipsis").join(
         [flagged, text])
@@ -370,6 +385,8 @@ def format_event(event: Event, view: StationView) -> str | None:
                f"{_one_line(event.reason)}"
     if isinstance(event, Throttled):
         return f"{head} throttled by {event.api}, waiting"
+    if isinstance(event, KnownBoard):
+        return f"{head} {event.note} (on_known_board = {event.policy})"
     if isinstance(event, RegistrationStep):
         cert = f" {event.certificate_id}" if event.certificate_id else ""
         return f"{head} registration {event.step}{cert}"

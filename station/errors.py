@@ -91,3 +91,19 @@ class LedgerLockedError(LedgerError):
     Kin of StateDirBusyError: the fix is to stop the other process, not to edit a file,
     so the CLI gives it the same exit code.
     """
+
+
+class CentralError(StationError):
+    """The central ledger (PostgreSQL) refused the station: credentials, database, schema.
+
+    Fatal at start (a person must act); boards never wait on it once the station runs."""
+
+
+class CentralUnreachableError(CentralError):
+    """PostgreSQL cannot be reached now; the station buffers in its local ledger."""
+
+    transient = True
+
+
+class KnownBoardError(StationError):
+    """[identity] on_known_board = "fail" and another station provisioned the board."""

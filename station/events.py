@@ -160,3 +160,17 @@ class SlotCleared(Event):
 
     station: str
     by: str
+
+
+# -- the central ledger (station/fleet.py) ---------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class KnownBoard(Event):
+    """The central ledger says another station already provisioned this board."""
+
+    station: str
+    finished_at: float
+    thing_name: str | None
+    note: str  # "provisioned by line-2 on 2026-11-27 22:04 UTC"
+    policy: str  # [identity] on_known_board: "reflash", "skip" or "fail"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -79,3 +79,25 @@ class Flasher(Protocol):
 
     async def open(self, port: str) -> BoardSession:
         """Connect, sync, load the stub, raise the baud; raises PortError/NotAnEspError."""
+
+
+@dataclass(frozen=True)
+class BoardHistory:
+    """The board's latest `done` job on another station (from the central ledger)."""
+
+    station: str
+    finished_at: float
+    thing_name: str | None = None
+    certificate_id: str | None = None
+    firmware_hash: str | None = None
+
+    def describe(self) -> str:
+        import time
+
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.finished_at))
+        return f"provisioned by {self.station} on {when}"
+
+
+KnownBoardLookup = Callable[[str], Awaitable[BoardHistory | None]]
+"""mac -> the board's history on other stations, or None (unknown, or not asked: the
+central ledger is not configured or not reachable; a board never waits on it)."""

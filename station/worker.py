@@ -24,6 +24,7 @@ from typing import Protocol, TypeVar
 
 from station.errors import (
     FlashError,
+    KnownBoardError,
     PortError,
     RegistrationError,
     StationError,
@@ -34,6 +35,7 @@ from station.events import (
     Identified,
     JobFinished,
     JobStarted,
+    KnownBoard,
     Progress,
     Registered,
     RegistrationStep,
@@ -41,7 +43,14 @@ from station.events import (
     Stage,
     StageChanged,
 )
-from station.parts import BoardIdentity, BoardSession, Flasher, Region
+from station.parts import (
+    BoardHistory,
+    BoardIdentity,
+    BoardSession,
+    Flasher,
+    KnownBoardLookup,
+    Region,
+)
 from station.registrar.base import BoardFacts, DeviceCredentials, Journal, Registrar
 
 log = logging.getLogger("station.worker")
@@ -94,6 +103,8 @@ class Policy:
     retry_delay: float = 1.0
     timeouts: Mapping[str, float] = field(default_factory=dict)
     reflash: bool = False
+    on_known_board: str = "reflash"
+    """A board another station provisioned: "reflash" (as its thing), "skip" or "fail"."""
 
     def timeout(self, stage: Stage) -> float | None:
         return self.timeouts.get(stage.value)
@@ -115,6 +126,8 @@ class Parts:
     """Called once the board holds verified credentials (e.g. drop the private key)."""
     port_present: Callable[[str], bool] = lambda _port: True
     """Tells a vanished port (an unplug) from a failing one after a serial error."""
+    known_board: KnownBoardLookup | None = None
+    """mac -> the board's history on other stations (the central ledger), if any."""
 
 
 async def _to_the_end(work: Awaitable[None]) -> None:
@@ -155,6 +168,9 @@ class Worker:
     _registration: asyncio.Task[DeviceCredentials | None] | None = None
     _registered_as: tuple[str, str] = ("", "")  # (mac, thing) the registration is for
     _on_board: bool = False  # the board's flash holds its verified credentials
+    _known: BoardHistory | None = None  # another station's done job for this board
+    _asked: bool = False  # the central ledger was asked (once per job)
+    _note: str | None = None  # why the board was skipped, for its final record
 
     async def run(self) -> Stage:
         """Take the board to a final stage and emit JobFinished; returns that stage."""
@@ -165,6 +181,7 @@ class Worker:
                 job_id=self.job_id, port=self.port, slot=self.slot, station=self.plan.station,
                 firmware_hash=self.plan.firmware_hash))
             result = await self._attempts()
+            error = self._note if result == Stage.SKIPPED else None
         except asyncio.CancelledError as e:
             cancelled = e
             removed = bool(e.args) and e.args[0] == REMOVED
@@ -237,11 +254,21 @@ class Worker:
                     f"the firmware reaches 0x{self.plan.flash_end:x}; use boards with more "
                     "flash or a build for this size", transient=False)
             thing = self.plan.thing_name(identity)
+            known = await self._known_elsewhere(identity)
+            if known is not None and known.thing_name and self.policy.on_known_board == \
+                    "reflash":
+                thing = known.thing_name  # reworked here: it stays the thing it was
             await self.parts.sink.emit(Identified(
                 job_id=self.job_id, port=self.port, slot=self.slot, chip=identity.chip,
                 mac=identity.mac, thing_name=thing, flash_size=identity.flash_size))
             if await self._already_done(identity):
                 return Stage.SKIPPED
+            if known is not None and self.policy.on_known_board == "skip":
+                self._note = f"{known.describe()} ([identity] on_known_board = \"skip\")"
+                return Stage.SKIPPED
+            if known is not None and self.policy.on_known_board == "fail":
+                raise KnownBoardError(f"{known.describe()}; not flashed because [identity] "
+                                      "on_known_board = \"fail\"")
             if self._registration is None:
                 self._registered_as = (identity.mac, thing)
                 self._registration = asyncio.create_task(self._register(identity, thing))
@@ -337,6 +364,21 @@ class Worker:
                 job_id=self.job_id, port=self.port, slot=self.slot, mac=mac, thing_name=thing,
                 step=step, certificate_id=certificate_id, certificate_arn=certificate_arn))
         return journal
+
+    async def _known_elsewhere(self, identity: BoardIdentity) -> BoardHistory | None:
+        """Ask the central ledger once per job; record what it said on the board's row."""
+        lookup = self.parts.known_board
+        if lookup is None or self._asked:
+            return self._known
+        self._asked = True
+        self._known = await lookup(identity.mac)
+        if self._known is not None:
+            await self.parts.sink.emit(KnownBoard(
+                job_id=self.job_id, port=self.port, slot=self.slot,
+                station=self._known.station, finished_at=self._known.finished_at,
+                thing_name=self._known.thing_name, note=self._known.describe(),
+                policy=self.policy.on_known_board))
+        return self._known
 
     async def _already_done(self, identity: BoardIdentity) -> bool:
         check = self.parts.already_done

@@ -28,6 +28,7 @@ from benchmarks.invariants import (
 )
 from benchmarks.soak import SIM_FAULTS, SoakConfig, run_soak
 from benchmarks.soak_aws import moto_server
+from benchmarks.soak_pg import find_bindir
 from station.config import load
 from station.firmware import load_firmware
 
@@ -40,6 +41,7 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path
     work = tmp_path_factory.mktemp("soak") / "work"
     cfg = SoakConfig(boards=32, faults_per_kind=2, kill_every=16, throttle=False,
                      outage_at=0.3, outage_s=6.0, disk_full_at=0.6, disk_full_s=3.0,
+                     pg_outage_at=0.45, pg_outage_s=8.0,
                      workdir=work, seed=3, deadline_s=360.0)
     report = run_soak(cfg)
     (work.parent / "report.json").write_text(json.dumps(report, indent=2))
@@ -71,6 +73,12 @@ def test_small_soak_injected_every_kind_of_fault(soak: tuple[dict[str, Any], Pat
     assert report["restarts"]["sigkill"] == 1
     assert report["restarts"]["unexpected_exits"] == []
     assert injected.get("aws_outage") == 1
+    # the central PostgreSQL went away and the checker held it to the ledger afterwards
+    if find_bindir() is not None:
+        assert injected.get("pg_outage") == 1, report["notes"]
+        assert report["central"]["events"] > 0 and report["central"]["jobs"] >= 32
+    else:  # said in the report, not skipped silently
+        assert any("central ledger not soaked" in n for n in report["notes"])
     assert injected.get("aws_throttled", 0) > 0
     assert injected.get("aws_5xx_before", 0) + injected.get("aws_5xx_after", 0) > 0
     if os.geteuid() == 0:

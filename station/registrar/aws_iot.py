@@ -190,6 +190,8 @@ class AwsIotRegistrar:
                              thing, cid[:12])
                     await self._retire(thing, cid, arn, journal)
                     retired.add(cid)
+                elif self._fleet_made(thing_info):
+                    await self._supersede(thing, thing_info, cid, arn, journal)
                 else:
                     log.warning("%s: certificate %s was not made by this station; left "
                                 "attached", thing, cid[:12])
@@ -367,6 +369,26 @@ class AwsIotRegistrar:
         made_by = thing_info.get("attributes", {}).get("station")
         return bool(made_by) and made_by == attribute_value(self.station)
 
+    def _fleet_made(self, thing_info: dict[str, Any]) -> bool:
+        """A thing another station of the fleet made (its `station` attribute): a board
+        reworked here. Its certificate's key is on that station and the board's old
+        flash, never here."""
+        made_by = thing_info.get("attributes", {}).get("station")
+        return bool(made_by) and made_by != attribute_value(self.station)
+
+    async def _supersede(self, thing: str, thing_info: dict[str, Any], cid: str, arn: str,
+                         journal: Journal) -> None:
+        """Rework of another station's board: its certificate is deactivated and detached
+        (not deleted: it is that station's record), then journaled as "cert-superseded";
+        the board gets a new certificate whose key this station holds. Redone if a crash
+        comes before the journal: both calls are idempotent."""
+        made_by = thing_info.get("attributes", {}).get("station")
+        log.info("%s: certificate %s of station %s deactivated and detached (board reworked "
+                 "here)", thing, cid[:12], made_by)
+        await self.iot.call("UpdateCertificate", certificateId=cid, newStatus="INACTIVE")
+        await self._ignore_missing("DetachThingPrincipal", thingName=thing, principal=arn)
+        await journal("cert-superseded", cid, arn)
+
     # -- clean-up ---------------------------------------------------------------------
 
     async def _retire(self, thing: str, cid: str, arn: str | None, journal: Journal) -> bool:
@@ -430,8 +452,8 @@ class AwsIotRegistrar:
         done: list[str] = []
         for cid, cert_steps in seen.items():
             names = {s.step for s in cert_steps}
-            if "cert-deleted" in names:
-                continue
+            if "cert-deleted" in names or names <= {"cert-superseded"}:
+                continue  # gone, or another station's certificate this one put aside
             last = cert_steps[-1]
             arn = next((s.certificate_arn for s in cert_steps if s.certificate_arn), None)
             journal = journaled(journal_for(last.mac, last.thing_name))

@@ -1,0 +1,121 @@
+"""`station ledger --central` and `station board MAC`: the fleet as the central ledger has it.
+
+Why it looks like this: the rows come from PostgreSQL (station/central.py) in the shape
+of the local ledger's jobs plus their station, so the exports are the local ones with a
+station column: the same CSV and JSON columns (EXPORT_COLUMNS already holds `station`),
+a table that leads with the station. Reading needs only a connection, never the state
+dir: a supervisor's laptop with the URL and a password can run it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from typing import Any, Literal
+
+from station import central
+from station.eventlog import iso
+from station.ledger import EXPORT_COLUMNS
+
+Format = Literal["table", "csv", "json"]
+
+
+def _export_row(job: dict[str, Any]) -> dict[str, Any]:
+    seconds = None
+    if job["started_at"] is not None and job["finished_at"] is not None:
+        seconds = round(job["finished_at"] - job["started_at"], 1)
+    row = {key: job.get(key) for key in EXPORT_COLUMNS}
+    row.update(started=iso(job["started_at"]), finished=iso(job["finished_at"]),
+               seconds=seconds, result=job["result"] or "in progress",
+               timings=job["timings"] or {})
+    return row
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "timings": " ".join(
+            f"{k}={v:.2f}" for k, v in row["timings"].items())})
+    return out.getvalue()
+
+
+def _console_text(renderable: Any) -> str:
+    from rich.console import Console
+
+    out = io.StringIO()
+    width = max(100, shutil.get_terminal_size((160, 24)).columns)
+    Console(file=out, width=width, color_system=None, force_terminal=False).print(renderable)
+    return out.getvalue()
+
+
+def _jobs_table(title: str, rows: list[dict[str, Any]]) -> Any:
+    from collections import Counter
+
+    from rich.table import Table
+
+    counts = Counter(r["result"] for r in rows)
+    per_station = Counter(r["station"] for r in rows)
+    caption = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + \
+        f", total {len(rows)}; " + ", ".join(f"{s} {n}" for s, n in sorted(per_station.items()))
+    table = Table(title=title, caption=caption)
+    for column in ("station", "slot", "mac", "thing", "result", "error", "finished", "s"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        error = r["error"] or ""
+        if r["failed_stage"] and r["result"] != "done":
+            error = f"at {r['failed_stage']}: {error}" if error else f"at {r['failed_stage']}"
+        table.add_row(r["station"], r["slot"], r["mac"] or "", r["thing_name"] or "",
+                      r["result"], error, r["finished"],
+                      "" if r["seconds"] is None else f"{r['seconds']:.1f}")
+    return table
+
+
+def export_jobs(conninfo: str, fmt: Format, *, station: str | None = None,
+                since: str | None = None, timeout: float = 10.0) -> str:
+    after = central.parse_since(since) if since else None
+    conn = central.connect(conninfo, timeout, application="station ledger --central")
+    try:
+        rows = [_export_row(j) for j in central.jobs(conn, station=station, since=after)]
+    finally:
+        conn.close()
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        return _csv(rows)
+    where = central.describe(conninfo)
+    return _console_text(_jobs_table(f"central ledger {where}", rows))
+
+
+def export_board(conninfo: str, mac_text: str, fmt: Format, timeout: float = 10.0) -> str:
+    """One board's history on every station: its jobs, then its certificate steps."""
+    mac = central.normalise_mac(mac_text)
+    conn = central.connect(conninfo, timeout, application="station board")
+    try:
+        history = central.board(conn, mac)
+    finally:
+        conn.close()
+    jobs = [_export_row(j) for j in history["jobs"]]
+    steps = [{**s, "at": iso(s["at"])} for s in history["registrations"]]
+    if fmt == "json":
+        return json.dumps({"mac": mac, "jobs": jobs, "registrations": steps}, indent=2)
+    if fmt == "csv":
+        return _csv(jobs)
+    if not jobs and not steps:
+        return f"board {mac}: not in the central ledger {central.describe(conninfo)}\n"
+    from rich.console import Group
+    from rich.table import Table
+
+    parts: list[Any] = [_jobs_table(f"board {mac}", jobs)]
+    if steps:
+        reg = Table(title="registration steps")
+        for column in ("at", "station", "thing", "step", "certificate"):
+            reg.add_column(column, overflow="fold")
+        for s in steps:
+            reg.add_row(s["at"], s["station"], s["thing_name"] or "", s["step"],
+                        (s["certificate_id"] or "")[:16])
+        parts.append(reg)
+    return _console_text(Group(*parts))
