@@ -168,7 +168,7 @@ async def serve(config: Config, options: Options, headless: bool) -> int:
     if headless_log is not None:
         displays.append(headless_log.show)
     async with assemble(config, options, displays) as built:
-        view.firmware = built.bundle.describe()
+        view.firmware = "; ".join(b.describe() for b in built.bundles)
         view.registrar = built.registrar.kind
         if headless:
             return await built.station.serve()

@@ -29,7 +29,7 @@ from station.worker import (
     REMOVED,
     Clock,
     Parts,
-    Plan,
+    Plans,
     Policy,
     SystemClock,
     Worker,
@@ -120,7 +120,7 @@ class Options:
 @dataclass
 class Station:
     config: Config
-    plan: Plan
+    plans: Plans
     flasher: Flasher
     registrar: Registrar
     bus: Bus
@@ -204,7 +204,7 @@ class Station:
             self._accepting = False
         slot = self.config.slot_for(info.location, info.path)
         job_id = uuid.uuid4().hex[:12]
-        worker = Worker(job_id=job_id, port=info.path, slot=slot, plan=self.plan,
+        worker = Worker(job_id=job_id, port=info.path, slot=slot, plans=self.plans,
                         parts=self._parts(),
                         policy=Policy(retries=self.config.worker.retries,
                                       retry_delay=self.config.worker.retry_delay,

@@ -211,15 +211,16 @@ class EsptoolFlasher:
     """Opens boards with esptool; implements `parts.Flasher`.
 
     `baud`: the rate after the stub runs (the ROM always starts at 115200).
-    `chip`: the chip the firmware is for; a board of another chip still opens (so
-    `identify()` can name it) but gets no stub, and `write()` refuses it.
+    `chip` / `chips`: the chip(s) the station has firmware for; a board of another chip
+    still opens (so `identify()` can name it) but gets no stub, and `write()` refuses it.
     `connect_attempts`: esptool's reset+sync attempts (~0.8 s each when nothing answers).
     """
 
     def __init__(self, baud: int = 921600, chip: str | None = None, connect_attempts: int = 4,
-                 trace: bool = False, progress_interval: float = PROGRESS_INTERVAL) -> None:
+                 trace: bool = False, progress_interval: float = PROGRESS_INTERVAL,
+                 chips: tuple[str, ...] = ()) -> None:
         self.baud = baud
-        self.chip = chip
+        self.chips = chips or ((chip,) if chip else ())
         self.connect_attempts = connect_attempts
         self.trace = trace
         self.progress_interval = progress_interval
@@ -310,9 +311,9 @@ class EsptoolSession:
                           connect_attempts=opts.connect_attempts)
         self.esp = esp
         chip = chip_name(esp)
-        if opts.chip is not None and chip != opts.chip:
+        if opts.chips and chip not in opts.chips:
             log.info("%s: %s board, firmware is for %s: not loading the stub", self.port, chip,
-                     opts.chip)
+                     ", ".join(opts.chips))
             return
         self._step = "the stub upload"
         esp = self.esp = run_stub(esp)
@@ -447,8 +448,8 @@ class EsptoolSession:
         return self.identity
 
     async def write(self, region: Region, progress: ProgressFn) -> None:
-        if self.flasher.chip is not None and chip_name(self.esp) != self.flasher.chip:
-            raise WrongChipError(chip_name(self.esp), self.flasher.chip)
+        if self.flasher.chips and chip_name(self.esp) not in self.flasher.chips:
+            raise WrongChipError(chip_name(self.esp), self.flasher.chips)
         loop = asyncio.get_running_loop()
         total = len(region.data)
         interval = self.flasher.progress_interval

@@ -89,6 +89,39 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class Plans:
+    """The plan for each chip the station has firmware for: the worker picks one by the
+    chip it finds on the board. One plan is the single-product line of old."""
+
+    by_chip: Mapping[str, Plan]
+
+    def __post_init__(self) -> None:
+        if not self.by_chip:
+            raise ValueError("a station needs at least one plan")
+
+    @classmethod
+    def one(cls, plan: Plan) -> Plans:
+        return cls({plan.chip: plan})
+
+    @property
+    def station(self) -> str:
+        return next(iter(self.by_chip.values())).station
+
+    @property
+    def firmware_hash(self) -> str:
+        """Known before the board is: with one firmware only (else set at identify)."""
+        plans = list(self.by_chip.values())
+        return plans[0].firmware_hash if len(plans) == 1 else ""
+
+    def pick(self, chip: str) -> Plan:
+        """The plan for `chip`; a board no firmware is for fails before any write."""
+        plan = self.by_chip.get(chip)
+        if plan is None:
+            raise WrongChipError(chip, tuple(self.by_chip))
+        return plan
+
+
+@dataclass(frozen=True)
 class Policy:
     retries: int = 2
     retry_delay: float = 1.0
@@ -147,7 +180,7 @@ class Worker:
     job_id: str
     port: str
     slot: str
-    plan: Plan
+    plans: Plans
     parts: Parts
     policy: Policy
     timings: dict[str, float] = field(default_factory=dict)
@@ -155,6 +188,12 @@ class Worker:
     _registration: asyncio.Task[DeviceCredentials | None] | None = None
     _registered_as: tuple[str, str] = ("", "")  # (mac, thing) the registration is for
     _on_board: bool = False  # the board's flash holds its verified credentials
+    _plan: Plan | None = None  # the board's, once its chip is known
+
+    @property
+    def plan(self) -> Plan:
+        assert self._plan is not None, "no plan before the board is identified"
+        return self._plan
 
     async def run(self) -> Stage:
         """Take the board to a final stage and emit JobFinished; returns that stage."""
@@ -162,8 +201,8 @@ class Worker:
         error: str | None = None
         try:
             await self.parts.sink.emit(JobStarted(
-                job_id=self.job_id, port=self.port, slot=self.slot, station=self.plan.station,
-                firmware_hash=self.plan.firmware_hash))
+                job_id=self.job_id, port=self.port, slot=self.slot, station=self.plans.station,
+                firmware_hash=self.plans.firmware_hash))
             result = await self._attempts()
         except asyncio.CancelledError as e:
             cancelled = e
@@ -229,8 +268,7 @@ class Worker:
                                          lambda: self.parts.flasher.open(self.port))
         try:
             identity = await self._stage_call(Stage.IDENTIFY, attempt, session.identify)
-            if identity.chip != self.plan.chip:
-                raise WrongChipError(identity.chip, self.plan.chip)
+            self._plan = self.plans.pick(identity.chip)
             if identity.flash_size and identity.flash_size < self.plan.flash_end:
                 raise FlashError(
                     f"{self.port}: the board has {_size(identity.flash_size)} of flash but "
@@ -239,7 +277,8 @@ class Worker:
             thing = self.plan.thing_name(identity)
             await self.parts.sink.emit(Identified(
                 job_id=self.job_id, port=self.port, slot=self.slot, chip=identity.chip,
-                mac=identity.mac, thing_name=thing, flash_size=identity.flash_size))
+                mac=identity.mac, thing_name=thing, flash_size=identity.flash_size,
+                firmware_hash=self.plan.firmware_hash))
             if await self._already_done(identity):
                 return Stage.SKIPPED
             if self._registration is None:
