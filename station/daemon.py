@@ -21,10 +21,12 @@ from pathlib import Path
 
 from station.config import Config
 from station.errors import StateDirBusyError
-from station.events import Event, JobFinished, RegistrationStep, Stage
+from station.events import Event, Identified, JobFinished, RegistrationStep, Stage, StageChanged
 from station.hotplug import PortInfo, PortWatcher
 from station.parts import Flasher
+from station.reenumeration import Reenumerations
 from station.registrar.base import DeviceCredentials, Journal, Registrar
+from station.usbport import native_usb
 from station.worker import (
     REMOVED,
     Clock,
@@ -140,6 +142,11 @@ class Station:
         self._aborted = False
         self._slots = asyncio.Semaphore(self.config.station.max_parallel)
         self.bus.observers.append(self._observe)
+        # The same-board rule for ports that re-enumerate after our reset (reenumeration.py)
+        self._reenumerations: Reenumerations[asyncio.Task[Stage | None]] = \
+            Reenumerations(self.config.ports.reenumerate_window)
+        self._by_job: dict[str, tuple[str, asyncio.Task[Stage | None]]] = {}  # id -> key, task
+        self._macs: dict[str, str] = {}  # job id -> MAC, once identified
 
     async def serve(self) -> int:
         """Run until a signal or --exit-after; returns the exit code."""
@@ -199,6 +206,8 @@ class Station:
             return
         if info.path in self._jobs:
             return
+        if self._same_board_back(info):
+            return
         self._started += 1
         if self.options.exit_after is not None and self._started >= self.options.exit_after:
             self._accepting = False
@@ -210,7 +219,26 @@ class Station:
                                       retry_delay=self.config.worker.retry_delay,
                                       timeouts=self.config.worker.timeouts,
                                       reflash=self.options.reflash))
-        self._jobs[info.path] = asyncio.create_task(self._run(worker), name=f"job {info.path}")
+        task = asyncio.create_task(self._run(worker), name=f"job {info.path}")
+        self._jobs[info.path] = task
+        self._by_job[job_id] = (self._usb_key(info), task)
+        task.add_done_callback(lambda _t: self._macs.pop(job_id, None))
+
+    @staticmethod
+    def _usb_key(info: PortInfo) -> str:
+        return info.location or info.path
+
+    def _same_board_back(self, info: PortInfo) -> bool:
+        """A board the station reset, back at its USB location: it keeps its job."""
+        native = native_usb(info.target)
+        task = self._reenumerations.returned(self._usb_key(info),
+                                             native.mac if native else None)
+        if task is None:
+            return False
+        self._jobs[info.path] = task
+        log.info("%s: the board the station reset came back at %s (re-enumerated): same "
+                 "board, no new job", info.path, self._usb_key(info))
+        return True
 
     def _parts(self) -> Parts:
         return Parts(flasher=self.flasher, registrar=self.registrar, sink=self.bus,
@@ -233,12 +261,28 @@ class Station:
 
     def _unplugged(self, info: PortInfo) -> None:
         task = self._jobs.pop(info.path, None)
+        if self._reenumerations.vanished(self._usb_key(info), task):
+            log.info("%s: gone after the station reset it; same board if it comes back at "
+                     "%s within %gs", info.path, self._usb_key(info),
+                     self.config.ports.reenumerate_window)
+            return  # a reset in progress ends on its own: a vanished port is its proof
         if task is not None and not task.done():
             task.cancel(REMOVED)
 
     def _observe(self, event: Event) -> None:
         if isinstance(event, JobFinished):
             self._final(event.result)
+        where = self._by_job.get(event.job_id)
+        if where is None:
+            return
+        key, task = where
+        if isinstance(event, Identified):
+            self._macs[event.job_id] = event.mac
+        elif isinstance(event, StageChanged) and event.stage == Stage.RESET:
+            self._reenumerations.resetting(key, task, self._macs.get(event.job_id))
+        elif isinstance(event, JobFinished):
+            self._reenumerations.ended(key, task)
+            del self._by_job[event.job_id]
 
     def _final(self, result: Stage) -> None:
         self._results.append(result)
@@ -247,7 +291,8 @@ class Station:
             self.stop()
 
     async def _drain(self) -> None:
-        running = [t for t in self._jobs.values() if not t.done()]
+        running = [t for t in {*self._jobs.values(), *self._reenumerations.away()}
+                   if not t.done()]
         if not running:
             return
         log.info("waiting for %d board(s) in flight", len(running))

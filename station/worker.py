@@ -285,10 +285,21 @@ class Worker:
                 self._registered_as = (identity.mac, thing)
                 self._registration = asyncio.create_task(self._register(identity, thing))
             await self._flash(session, attempt)
-            await self._stage_call(Stage.RESET, attempt, session.reset)
+            await self._reset(session, attempt)
             return Stage.DONE
         finally:
             await asyncio.shield(session.close())
+
+    async def _reset(self, session: BoardSession, attempt: int) -> None:
+        """A board that vanishes while being reset was reset: native-USB boards drop off
+        the bus when they restart, and its flash is verified by now either way."""
+        try:
+            await self._stage_call(Stage.RESET, attempt, session.reset)
+        except StationError as e:
+            if self.parts.port_present(self.port):
+                raise
+            log.info("%s: the port went away during the reset (%s): the board restarted",
+                     self.port, e)
 
     async def _flash(self, session: BoardSession, attempt: int) -> None:
         """Common images first (registration runs meanwhile), then the board's own data."""
