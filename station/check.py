@@ -16,6 +16,7 @@ from station.config import Config
 from station.credentials import CredentialStore
 from station.daemon import EXIT_OK, reconcile_journal, state_dir_lock
 from station.errors import ConfigError
+from station.hostcheck import HOST_ROOT_ENV, findings
 from station.hotplug import scan
 from station.registrar import make_registrar
 
@@ -86,6 +87,11 @@ async def check(config: Config, out: TextIO) -> int:
     ports = scan(config.ports.watch)
     print(f"ports       {len(ports)} present now, watching {', '.join(config.ports.watch)} "
           f"at {config.ports.baud} baud", file=out)
+    host = findings(Path(os.environ.get(HOST_ROOT_ENV) or "/"), [p.path for p in ports])
+    for finding in host:  # warnings: a rig may work without them, but rarely well
+        print(f"host        warning: {finding}", file=out)
+    if not host:
+        print("host        ok: ModemManager, brltty, tty group, USB hubs", file=out)
     print(f"would flash {', '.join(plans.by_chip)} boards, up to {config.station.max_parallel} "
           f"at once, things named {config.identity.thing_name!r}", file=out)
     return EXIT_OK
