@@ -1,7 +1,7 @@
 """Virtual ESP32 boards that the real, unmodified esptool flashes over real ptys.
 
 A virtual board is a pseudo-terminal plus an asyncio task that answers the ESP serial
-bootloader protocol as the ROM of an ESP32, ESP32-S3 or ESP32-C3 does, and, after
+bootloader protocol as the ROM of any ESP32-family chip esptool 5.6 knows does, and, after
 esptool uploads its flasher stub, as that stub does. It has a NOR flash model, a
 line-rate model (the baud rate the host sets on the pty, 10 bits per byte), a flash
 timing model, and fault injection. Nothing outside ``station.sim`` may import it
@@ -26,7 +26,7 @@ Command line: ``python -m station.sim --boards 16 --dir /tmp/hub`` (or ``station
 see :mod:`station.sim.cli`.
 """
 
-from .chips import CHIP_NAMES, ChipName
+from .chips import CHIP_NAMES, ChipName, parse_chip_list
 from .faults import Faults, parse_fault_spec, parse_fault_specs
 from .rig import PluggedBoard, Rig, by_path_name, parse_size
 
@@ -37,6 +37,7 @@ __all__ = [
     "PluggedBoard",
     "Rig",
     "by_path_name",
+    "parse_chip_list",
     "parse_fault_spec",
     "parse_fault_specs",
     "parse_size",

@@ -115,6 +115,7 @@ class Board:
         self.bytes_received = 0
         self.sessions = 0  # host opens seen, for tests and logs
         self.baud_changes: list[int] = []  # CHANGE_BAUDRATE rates received, ever
+        self.ram_loads: list[tuple[int, int]] = []  # (address, bytes) per MEM_BEGIN, ever
         self.log = logging.getLogger(f"{__name__}.{mac.hex(':')}")
         self._reset()
 
@@ -257,8 +258,9 @@ class Board:
                 await asyncio.sleep(delay / 1e6)
             await self._reply(op)
         elif op == MEM_BEGIN:
-            _size, _blocks, _blocksize, offset = struct.unpack("<IIII", data)
+            size, _blocks, _blocksize, offset = struct.unpack("<IIII", data)
             self._mem_cursor = (offset, 0)
+            self.ram_loads.append((offset, size))
             await self._reply(op)
         elif op == MEM_DATA:
             await self._mem_data(data, chk)
@@ -290,7 +292,7 @@ class Board:
             await asyncio.sleep(self.flash.timing.read(size))
             digest = self.flash.md5(addr, size)
             await self._reply(op, data=digest if stub else digest.hex().encode())
-        elif op == GET_SECURITY_INFO and self.spec.chip_id is not None:
+        elif op == GET_SECURITY_INFO and self.spec.security_info_len:
             await self._reply(op, data=self.spec.security_info())
         elif op == READ_FLASH_SLOW and not stub:
             addr, size = struct.unpack("<II", data)

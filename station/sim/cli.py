@@ -21,7 +21,7 @@ import threading
 from types import FrameType
 from typing import Any
 
-from .chips import CHIP_NAMES
+from .chips import CHIP_NAMES, parse_chip_list
 from .faults import parse_fault_specs
 from .rig import Rig, parse_size
 
@@ -31,7 +31,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boards", type=int, default=16, help="number of boards (16)")
     parser.add_argument("--dir", required=True,
                         help="directory for the by-path symlinks and flash dumps")
-    parser.add_argument("--chip", choices=CHIP_NAMES, default="esp32", help="chip model")
+    parser.add_argument("--chip", default="esp32", metavar="CHIP[,CHIP...]",
+                        help="chip model, or a comma-separated list that plugged boards "
+                             f"cycle through (esp32); any of: {', '.join(CHIP_NAMES)}")
     parser.add_argument("--seed", type=int, default=0, help="seed for MACs and faults")
     parser.add_argument("--plug-interval", type=float, default=0.0, metavar="S",
                         help="seconds between plugging successive boards (0)")
@@ -53,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         faults = parse_fault_specs(args.fault)
         flash_size = parse_size(args.flash_size)
+        chips = parse_chip_list(args.chip)
     except ValueError as e:
         print(f"station sim: {e}", file=sys.stderr)
         return 2
@@ -78,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
             for index in range(args.boards):
                 if stop.is_set():
                     break
-                rig.plug(chip=args.chip, flash_size=flash_size, faults=faults.get(index),
-                         index=index)
+                rig.plug(chip=chips[index % len(chips)], flash_size=flash_size,
+                         faults=faults.get(index), index=index)
                 if args.plug_interval > 0 and stop.wait(args.plug_interval):
                     break
             while not stop.wait(3600):

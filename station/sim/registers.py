@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .chips import CHIP_DETECT_MAGIC_REG, XTAL_HZ, ChipSpec
+from .chips import CHIP_DETECT_MAGIC_REG, RTC_SLOW_CLK_HZ, WDT_EN, ChipSpec
 
 SPI_CMD_USR = 1 << 18
 SPI_USR_COMMAND = 1 << 31
@@ -49,18 +49,21 @@ class Registers:
                  baud: Callable[[], int]) -> None:
         self.spec = spec
         self._baud = baud
-        self._values: dict[int, int] = dict(spec.static_regs)
-        self._values.update(spec.mac_regs(mac))
+        self._values: dict[int, int] = spec.registers(mac)
         self._capacity_code = flash_size.bit_length() - 1  # 4 MB -> 0x16
         self._sfdp = sfdp_table(FLASH_MANUFACTURER)
         self.spi_commands: list[int] = []  # opcodes run, for tests and debugging
+        # Seconds until the RTC watchdog resets the chip, once something armed it.
+        self.watchdog_timeout: float | None = None
 
     def read(self, addr: int) -> int:
         if addr == CHIP_DETECT_MAGIC_REG:
             return self.spec.magic
         if addr == self.spec.uart_clkdiv_reg:
-            # The ROM runs the UART from the 40 MHz crystal; integer part in bits 19:0.
-            return round(XTAL_HZ / self._baud()) & 0xFFFFF
+            # The ROM runs the UART from the crystal (times XTAL_CLK_DIVIDER, as esptool
+            # divides it back out); integer part in bits 19:0.
+            clock = self.spec.xtal_hz * self.spec.xtal_divider
+            return round(clock / self._baud()) & 0xFFFFF
         return self._values.get(addr, 0)
 
     def write(self, addr: int, value: int, mask: int = 0xFFFFFFFF) -> None:
@@ -70,6 +73,12 @@ class Registers:
         if addr == spi.cmd and new & SPI_CMD_USR:
             self._run_spi_command()
             new &= ~SPI_CMD_USR  # the controller clears USR when the command is done
+        wdt = self.spec.watchdog
+        if wdt is not None and addr == wdt.config0 and new & WDT_EN \
+                and self._values.get(wdt.wprotect) == wdt.wkey:
+            # Enabled while unlocked: it fires after WDTCONFIG1 slow-clock cycles.
+            cycles = self._values.get(wdt.config1, 0) or 1
+            self.watchdog_timeout = cycles / RTC_SLOW_CLK_HZ
         self._values[addr] = new
 
     def _run_spi_command(self) -> None:
@@ -86,7 +95,8 @@ class Registers:
                 addr >>= 32 - addr_len
         if not usr & SPI_USR_MISO:
             return
-        miso_bits = min((self._values.get(spi.base + spi.miso_dlen, 0) & 0x3FF) + 1, 32)
+        dlen = self._values.get(spi.base + spi.miso_dlen, 0) if spi.miso_dlen is not None else 0
+        miso_bits = min((dlen & 0x3FF) + 1, 32)
         reply = self._flash_reply(opcode, addr, (miso_bits + 7) // 8)
         word = int.from_bytes(reply, "little") & ((1 << miso_bits) - 1)
         self._values[spi.base + spi.w0] = word

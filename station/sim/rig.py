@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .board import Board
-from .chips import ChipName, chip_spec
+from .chips import chip_spec
 from .faults import Faults
 from .flash import Flash, FlashTiming
 from .pty_link import PtyLink
@@ -140,7 +140,7 @@ class Rig:
 
     # -- public API -----------------------------------------------------------------
 
-    def plug(self, chip: ChipName | str = "esp32", mac: str | bytes | None = None,
+    def plug(self, chip: str = "esp32", mac: str | bytes | None = None,
              flash_size: int | str = DEFAULT_FLASH_SIZE, faults: Faults | None = None,
              index: int | None = None) -> PluggedBoard:
         """Plug a new board; returns once its by-path link exists."""
@@ -224,7 +224,7 @@ class Rig:
             except Exception:
                 log.exception("event callback failed")
 
-    async def _plug(self, index: int, chip: ChipName, mac: bytes, size: int,
+    async def _plug(self, index: int, chip: str, mac: bytes, size: int,
                     faults: Faults) -> PluggedBoard:
         rng = random.Random(self.seed * 1_000_003 + index)
         link = PtyLink(throttle=self.throttle, corrupt_rate=faults.corrupt, rng=rng)
