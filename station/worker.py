@@ -104,8 +104,13 @@ class Plans:
         return cls({plan.chip: plan})
 
     @property
+    def any(self) -> Plan:
+        """One of the plans, for what they share (station name, thing names)."""
+        return next(iter(self.by_chip.values()))
+
+    @property
     def station(self) -> str:
-        return next(iter(self.by_chip.values())).station
+        return self.any.station
 
     @property
     def firmware_hash(self) -> str:
@@ -268,17 +273,18 @@ class Worker:
                                          lambda: self.parts.flasher.open(self.port))
         try:
             identity = await self._stage_call(Stage.IDENTIFY, attempt, session.identify)
+            plan = self.plans.by_chip.get(identity.chip)
+            thing = (plan or self.plans.any).thing_name(identity)
+            await self.parts.sink.emit(Identified(  # who it is, even if it cannot be served
+                job_id=self.job_id, port=self.port, slot=self.slot, chip=identity.chip,
+                mac=identity.mac, thing_name=thing, flash_size=identity.flash_size,
+                firmware_hash=plan.firmware_hash if plan else None))
             self._plan = self.plans.pick(identity.chip)
             if identity.flash_size and identity.flash_size < self.plan.flash_end:
                 raise FlashError(
                     f"{self.port}: the board has {_size(identity.flash_size)} of flash but "
                     f"the firmware reaches 0x{self.plan.flash_end:x}; use boards with more "
                     "flash or a build for this size", transient=False)
-            thing = self.plan.thing_name(identity)
-            await self.parts.sink.emit(Identified(
-                job_id=self.job_id, port=self.port, slot=self.slot, chip=identity.chip,
-                mac=identity.mac, thing_name=thing, flash_size=identity.flash_size,
-                firmware_hash=self.plan.firmware_hash))
             if await self._already_done(identity):
                 return Stage.SKIPPED
             if self._registration is None:
