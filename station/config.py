@@ -328,7 +328,7 @@ def _firmwares(root: _Table) -> tuple[FirmwareSection, ...]:
     found: dict[str, str] = {}
     sections = []
     for i, entry in enumerate(entries):
-        section = _firmware(_Table(root.file, f"firmware[{i}]", entry), key=f"firmware[{i}]")
+        section = _firmware(_Table(root.file, f"firmware[{i}]", entry), prefix=f"firmware[{i}]")
         if section.chip in found:
             raise ConfigError(str(root.file), f"firmware[{i}].chip",
                               f"{section.chip} already has {found[section.chip]}: one "
@@ -338,7 +338,7 @@ def _firmwares(root: _Table) -> tuple[FirmwareSection, ...]:
     return tuple(sections)
 
 
-def _firmware(t: _Table, key: str = "firmware") -> FirmwareSection:
+def _firmware(t: _Table, prefix: str = "firmware") -> FirmwareSection:
     if "chip" not in t.data:
         raise t.error("chip", f"is required (one of {', '.join(CHIPS)})")
     chip = t.get("chip", str, "")
@@ -367,7 +367,7 @@ def _firmware(t: _Table, key: str = "firmware") -> FirmwareSection:
         raise t.error("images", "name the firmware: flasher_args (an ESP-IDF build) or images")
     if flasher_args is not None and images:
         raise t.error("images", "give flasher_args or images, not both")
-    f = FirmwareSection(chip=chip, flasher_args=flasher_args, images=tuple(images), key=key)
+    f = FirmwareSection(chip=chip, flasher_args=flasher_args, images=tuple(images), key=prefix)
     t.done()
     return f
 
