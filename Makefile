@@ -20,8 +20,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy station
 
+# Tests marked `parallel` mostly wait on the clock: they run beside the rest, not after.
 test: lint
-	$(BIN)/pytest
+	@$(BIN)/pytest -m parallel -p no:cacheprovider > .pytest-parallel.log 2>&1 & p=$$!; \
+	$(BIN)/pytest -m "not parallel"; s=$$?; wait $$p; t=$$?; \
+	echo "--- tests marked parallel:"; tail -n 5 .pytest-parallel.log; \
+	[ $$t -eq 0 ] || cat .pytest-parallel.log; [ $$s -eq 0 ] && [ $$t -eq 0 ]
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
