@@ -19,13 +19,14 @@ READ_FLASH with acks, erase commands, 16 KB blocks).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import logging
 import random
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from . import slip
 from .chips import ChipSpec
@@ -104,7 +105,8 @@ class Board:
 
     def __init__(self, spec: ChipSpec, mac: bytes, flash: Flash, link: PtyLink,
                  faults: Faults | None = None, rng: random.Random | None = None,
-                 on_unplug: Callable[[], None] | None = None) -> None:
+                 on_unplug: Callable[[], None] | None = None,
+                 on_reset: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.spec = spec
         self.mac = mac
         self.flash = flash
@@ -112,10 +114,14 @@ class Board:
         self.faults = faults or Faults()
         self._rng = rng or random.Random(0)
         self._on_unplug = on_unplug
+        self._on_reset = on_reset
         self.bytes_received = 0
         self.sessions = 0  # host opens seen, for tests and logs
         self.baud_changes: list[int] = []  # CHANGE_BAUDRATE rates received, ever
         self.ram_loads: list[tuple[int, int]] = []  # (address, bytes) per MEM_BEGIN, ever
+        self.resets: list[str] = []  # kinds of the resets the board saw ("watchdog", ...)
+        self._session_task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self.log = logging.getLogger(f"{__name__}.{mac.hex(':')}")
         self._reset()
 
@@ -123,6 +129,8 @@ class Board:
 
     def _reset(self) -> None:
         """Power-on/reset: ROM download mode, UART at 115200, registers as burned."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()  # a reset stops the RTC watchdog too
         self.mode = Mode.ROM
         self.uart_baud = ROM_BAUD
         self.regs = Registers(self.spec, self.mac, self.flash.size, self.link.baud)
@@ -131,20 +139,68 @@ class Board:
         self._mem: dict[int, bytearray] = {}
         self._mem_cursor: tuple[int, int] | None = None  # (offset, next seq)
         self._flash_busy_until = 0.0
+        self._wrote_flash = False  # this session changed flash: closing it is a reset
+        self._watchdog = None
+        self._watchdog_fired = False
 
     async def run(self) -> None:
-        """Serve host sessions forever; every close of the port resets the board."""
+        """Serve host sessions forever; every close of the port resets the board.
+
+        Resets the board can *see* are reported to ``on_reset`` (the rig counts them
+        and re-enumerates native-USB boards): the RTC watchdog firing, and the host
+        closing the port after a session that wrote flash (esptool's default
+        ``--after hard-reset`` pulses RTS, which a pty cannot carry; the close that
+        follows is the only trace of it). Every other close also returns the board to
+        the ROM, silently: the next session must find download mode.
+        """
         while True:
             await self.link.wait_host_open()
             self.sessions += 1
             self._reset()
+            kind: str | None = None
+            session = asyncio.create_task(self._session())
             try:
-                await self._session()
+                await session
             except HostClosed:
                 self.log.debug("host closed the port: reset to ROM")
-            self._reset()  # closing the port is the only reset a pty can carry
+                kind = "host-close" if self._wrote_flash else None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not self._watchdog_fired or (task is not None and task.cancelling()):
+                    session.cancel()
+                    raise
+                kind = "watchdog"
+            finally:
+                if self._watchdog is not None:
+                    self._watchdog.cancel()
+            self._reset()
+            if kind is not None:
+                await self._reset_seen(kind)
+
+    async def _reset_seen(self, kind: str) -> None:
+        self.resets.append(kind)
+        self.log.debug("reset (%s)", kind)
+        if self._on_reset is not None:
+            await self._on_reset(kind)  # native USB: the link is replaced in here
+        if kind == "watchdog" and self.link.host_is_open():
+            # A bridge board's port stays open across the reset; the chip boots its
+            # app and no longer speaks the protocol until the host closes the port.
+            self.mode = Mode.APP
+            with contextlib.suppress(HostClosed):
+                await self._session()
+            self._reset()
+
+    def _arm_watchdog(self, seconds: float) -> None:
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_later(seconds, self._fire_watchdog)
+
+    def _fire_watchdog(self) -> None:
+        self._watchdog_fired = True
+        if self._session_task is not None:
+            self._session_task.cancel()
 
     async def _session(self) -> None:
+        self._session_task = asyncio.current_task()
         frames: asyncio.Queue[tuple[bytes, float] | None] = asyncio.Queue()
         receiver = asyncio.create_task(self._receive(frames))
         try:
@@ -257,6 +313,8 @@ class Board:
             if delay:
                 await asyncio.sleep(delay / 1e6)
             await self._reply(op)
+            if self.regs.watchdog_timeout is not None:
+                self._arm_watchdog(self.regs.watchdog_timeout)
         elif op == MEM_BEGIN:
             size, _blocks, _blocksize, offset = struct.unpack("<IIII", data)
             self._mem_cursor = (offset, 0)
@@ -300,12 +358,14 @@ class Board:
                 raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
             await self._reply(op, data=self.flash.read(addr, size).ljust(64, b"\xff"))
         elif op == ERASE_FLASH and stub:
+            self._wrote_flash = True
             await asyncio.sleep(self.flash.erase_all())
             await self._reply(op)
         elif op == ERASE_REGION and stub:
             addr, size = struct.unpack("<II", data)
             if addr % SECTOR or size % SECTOR or not self.flash.check_range(addr, size):
                 raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+            self._wrote_flash = True
             await asyncio.sleep(self.flash.erase(addr, size))
             await self._reply(op)
         elif op == READ_FLASH and stub:
@@ -354,6 +414,7 @@ class Board:
         if not self.flash.check_range(offset, size):
             raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
         compressed = op == FLASH_DEFL_BEGIN
+        self._wrote_flash = self._wrote_flash or size > 0
         if not stub and size:
             await asyncio.sleep(self.flash.erase(offset, size))  # ROM: erase up front
         self._write = _WriteSession(offset, size, block_size, compressed, erased=not stub)
@@ -413,7 +474,9 @@ class Board:
         await self._reply(op)
         if not stay:
             if self.mode is Mode.STUB:
-                self._reset()  # the stub's "reboot" re-enters the ROM download mode
+                # The stub's "reboot" re-enters the ROM download mode: esptool's
+                # --after no-reset. Closing the port afterwards is not a reset.
+                self._reset()
             else:
                 self.mode = Mode.APP
 

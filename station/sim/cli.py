@@ -3,9 +3,12 @@
 Prints one JSON line per event on stdout (flushed), e.g.::
 
     {"event": "plugged", "index": 0, "port": "DIR/pci-...-port0", "pty": "/dev/pts/3",
-     "mac": "24:0a:c4:12:34:56", "chip": "esp32"}
+     "mac": "24:0a:c4:12:34:56", "chip": "esp32", "usb": "bridge", ...}
     {"event": "unplugged", "index": 0, "port": "...", "mac": "...", "reason": "fault",
      "dump": "DIR/flash-240ac4123456.bin"}
+
+plus ``reset``, ``disconnected`` and ``reenumerated`` for resets a board sees; see
+docs/virtual-boards.md for every field.
 
 On exit every board is unplugged (its flash dumped to ``DIR/flash-<mac>.bin``).
 """
@@ -21,9 +24,11 @@ import threading
 from types import FrameType
 from typing import Any
 
-from .chips import CHIP_NAMES, parse_chip_list
+from .bridge import BRIDGES, DEFAULT_BRIDGE
+from .chips import CHIP_NAMES, chip_spec, parse_chip_list
 from .faults import parse_fault_specs
 from .rig import Rig, parse_size
+from .usb import parse_gap, usb_link
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +39,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chip", default="esp32", metavar="CHIP[,CHIP...]",
                         help="chip model, or a comma-separated list that plugged boards "
                              f"cycle through (esp32); any of: {', '.join(CHIP_NAMES)}")
+    parser.add_argument("--usb", default="bridge", metavar="KIND[,KIND...]",
+                        help="how boards hang off the hub: bridge (a USB-UART bridge), jtag "
+                             "(USB-Serial/JTAG) or otg; a comma-separated list cycles (bridge)")
+    parser.add_argument("--bridge", default=DEFAULT_BRIDGE, choices=sorted(BRIDGES),
+                        help=f"bridge chip of bridge boards, sets its highest baud "
+                             f"({DEFAULT_BRIDGE})")
+    parser.add_argument("--reenumerate-gap", default="0.2-2", metavar="S|MIN-MAX",
+                        help="seconds a native-USB board is off the bus after a reset: fixed, "
+                             "or drawn from the seed in a range (0.2-2)")
     parser.add_argument("--seed", type=int, default=0, help="seed for MACs and faults")
     parser.add_argument("--plug-interval", type=float, default=0.0, metavar="S",
                         help="seconds between plugging successive boards (0)")
@@ -56,6 +70,14 @@ def run(args: argparse.Namespace) -> int:
         faults = parse_fault_specs(args.fault)
         flash_size = parse_size(args.flash_size)
         chips = parse_chip_list(args.chip)
+        usbs = [u.strip() for u in args.usb.split(",") if u.strip()] or ["bridge"]
+        gap = parse_gap(args.reenumerate_gap)
+        for index in range(max(args.boards, 0)):  # every board's kind checked up front
+            chip, usb = chips[index % len(chips)], usbs[index % len(usbs)]
+            try:
+                usb_link(chip_spec(chip), usb, args.bridge if usb == "bridge" else None)
+            except ValueError as e:
+                raise ValueError(f"board {index}: {e}") from None
     except ValueError as e:
         print(f"station sim: {e}", file=sys.stderr)
         return 2
@@ -77,12 +99,15 @@ def run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with Rig(args.dir, seed=args.seed, throttle=not args.no_throttle,
-                 flash_timing=not args.no_flash_timing, on_event=emit) as rig:
+                 flash_timing=not args.no_flash_timing, on_event=emit,
+                 reenumerate_gap=gap) as rig:
             for index in range(args.boards):
                 if stop.is_set():
                     break
+                usb = usbs[index % len(usbs)]
                 rig.plug(chip=chips[index % len(chips)], flash_size=flash_size,
-                         faults=faults.get(index), index=index)
+                         faults=faults.get(index), index=index, usb=usb,
+                         bridge=args.bridge if usb == "bridge" else None)
                 if args.plug_interval > 0 and stop.wait(args.plug_interval):
                     break
             while not stop.wait(3600):

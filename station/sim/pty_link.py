@@ -1,4 +1,4 @@
-"""A pseudo-terminal standing in for a USB-UART bridge, with a line-rate model.
+"""A pseudo-terminal standing in for a board's USB serial port, with a line-rate model.
 
 The host (esptool, the station) opens the slave side like any serial port; the board
 owns the master side. Three Linux pty facts shape this module:
@@ -13,6 +13,9 @@ owns the master side. Three Linux pty facts shape this module:
 * We do not keep a slave fd open ourselves: that would hide the host's close. Instead,
   while nobody has the slave open, the master is polled every few milliseconds rather
   than registered with the event loop (which would spin on the permanent POLLHUP).
+
+A bridge's baud limit (``max_baud``, see :mod:`station.sim.bridge`) is applied here: above
+it, what crosses the link in either direction is garbled.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import random
 import select
 import struct
 from collections import Counter
+
+from .bridge import garble
 
 TCGETS2 = 0x802C542A  # _IOR('T', 0x2A, struct termios2), 44 bytes on Linux
 _TERMIOS2_SIZE = 44
@@ -51,13 +56,14 @@ class PtyLink:
     """Master side of one pty, with throttled, non-blocking reads and writes."""
 
     def __init__(self, throttle: bool = True, corrupt_rate: float = 0.0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, max_baud: int | None = None) -> None:
         self.master, slave = os.openpty()
         self.slave_path = os.ttyname(slave)
         os.close(slave)
         os.set_blocking(self.master, False)
         self.throttle = throttle
         self.corrupt_rate = corrupt_rate
+        self.max_baud = max_baud  # a bridge above this rate garbles both directions
         self._rng = rng or random.Random(0)
         self._next_corrupt = self._draw_corrupt_gap()
         self._rx_free = 0.0  # when the host->board line is next idle
@@ -80,6 +86,10 @@ class PtyLink:
             return ROM_BAUD
         (speed,) = struct.unpack_from("<I", buf, _OSPEED_OFFSET)
         return speed or ROM_BAUD
+
+    def over_limit(self, baud: int) -> bool:
+        """True when the host drives the bridge faster than it can clock."""
+        return self.max_baud is not None and baud > self.max_baud
 
     def host_is_open(self) -> bool:
         """True while some process has the slave open (no POLLHUP on the master)."""
@@ -126,6 +136,8 @@ class PtyLink:
             now = loop.time()
             baud = self.baud()
             self.traffic[baud] += len(chunk)
+            if self.over_limit(baud):
+                chunk = garble(chunk)
             if not self.throttle:
                 return chunk, now, 0.0
             byte_time = BITS_PER_BYTE / baud
@@ -139,6 +151,8 @@ class PtyLink:
         if self.corrupt_rate > 0:
             data = self._corrupt(data)
         self.traffic[self.baud()] += len(data)
+        if self.over_limit(self.baud()):
+            data = garble(data)
         for pos in range(0, len(data), _WRITE_PIECE if self.throttle else len(data) or 1):
             piece = data[pos : pos + _WRITE_PIECE] if self.throttle else data
             if self.throttle:

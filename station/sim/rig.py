@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -25,10 +26,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .board import Board
+from .bridge import DEFAULT_BRIDGE
 from .chips import chip_spec
 from .faults import Faults
 from .flash import Flash, FlashTiming
 from .pty_link import PtyLink
+from .usb import DEFAULT_REENUMERATE_GAP, UsbLink, draw_gap, usb_link
 
 ESPRESSIF_OUI = bytes.fromhex("240ac4")
 DEFAULT_FLASH_SIZE = 4 * 1024 * 1024
@@ -100,6 +103,10 @@ class PluggedBoard:
     chip: str
     dump_path: Path
     faults: Faults = field(default_factory=Faults)
+    usb: str = "bridge"  # "bridge" | "jtag" | "otg"
+    bridge: str | None = DEFAULT_BRIDGE  # bridge chip, None on native USB
+    vid_pid: str = "10c4:ea60"  # what the host would see in download mode
+    max_baud: int | None = None  # highest baud the bridge carries; None: native
 
 
 @dataclass
@@ -108,6 +115,10 @@ class _Slot:
     board: Board
     link: PtyLink
     task: asyncio.Task[None]
+    usb: UsbLink
+    gap: float | tuple[float, float]
+    gap_rng: random.Random
+    reenumerations: int = 0
 
 
 class Rig:
@@ -120,8 +131,11 @@ class Rig:
     """
 
     def __init__(self, directory: str | os.PathLike[str], seed: int = 0, throttle: bool = True,
-                 flash_timing: bool = True, on_event: EventCallback | None = None) -> None:
+                 flash_timing: bool = True, on_event: EventCallback | None = None,
+                 reenumerate_gap: float | tuple[float, float] = DEFAULT_REENUMERATE_GAP
+                 ) -> None:
         self.directory = Path(directory)
+        self.reenumerate_gap = reenumerate_gap
         self.directory.mkdir(parents=True, exist_ok=True)
         self.seed = seed
         self.throttle = throttle
@@ -142,9 +156,19 @@ class Rig:
 
     def plug(self, chip: str = "esp32", mac: str | bytes | None = None,
              flash_size: int | str = DEFAULT_FLASH_SIZE, faults: Faults | None = None,
-             index: int | None = None) -> PluggedBoard:
-        """Plug a new board; returns once its by-path link exists."""
+             index: int | None = None, usb: str = "bridge", bridge: str | None = None,
+             reenumerate_gap: float | tuple[float, float] | None = None) -> PluggedBoard:
+        """Plug a new board; returns once its by-path link exists.
+
+        ``usb`` is how it hangs off the hub: "bridge" (a USB-UART bridge, kind
+        ``bridge``, default cp2102n), "jtag" (the chip's USB-Serial/JTAG) or "otg".
+        Native boards (jtag, otg) re-enumerate after every reset they see, off the bus
+        for ``reenumerate_gap`` seconds (a number, or a (low, high) range drawn from
+        the seed; default: the rig's).
+        """
         spec = chip_spec(chip)
+        link_kind = usb_link(spec, usb, bridge)
+        gap = self.reenumerate_gap if reenumerate_gap is None else reenumerate_gap
         size = parse_size(flash_size) if isinstance(flash_size, str) else flash_size
         with self._lock:
             if index is None:
@@ -159,7 +183,8 @@ class Rig:
                 if len(mac_bytes) != 6:
                     raise ValueError(f"a MAC has 6 bytes, got {mac!r}")
                 self._macs.reserve(mac_bytes)
-        return self._call(self._plug(index, spec.name, mac_bytes, size, faults or Faults()))
+        return self._call(self._plug(index, spec.name, mac_bytes, size, faults or Faults(),
+                                     link_kind, gap))
 
     def unplug(self, board: PluggedBoard | int) -> None:
         """Pull the board out: link removed, pty closed, flash dumped. Idempotent."""
@@ -175,6 +200,42 @@ class Rig:
         """Write the board's flash to its dump file now, and return the path."""
         index = board if isinstance(board, int) else board.index
         return self._call(self._dump(index))
+
+    def replug(self, board: PluggedBoard | int) -> PluggedBoard:
+        """Pull the board out and plug it back into the same hub port.
+
+        A physical unplug: ``unplugged`` then ``plugged`` events, a new pty, the same
+        MAC, chip, USB kind and flash contents (from the dump). Works on any board, a
+        native one included (unlike a reset, which only re-enumerates it).
+        """
+        info = self.info(board)
+        self.unplug(info)
+        return self.plug(chip=info.chip, mac=info.mac, flash_size=len(self.flash(info)),
+                         faults=info.faults, index=info.index, usb=info.usb,
+                         bridge=info.bridge)
+
+    def info(self, board: PluggedBoard | int) -> PluggedBoard:
+        """The board as it is now (``pty`` changes when a native board re-enumerates)."""
+        index = board if isinstance(board, int) else board.index
+        slot = self._slots.get(index)
+        if slot is None:
+            if isinstance(board, PluggedBoard):
+                return board
+            raise KeyError(f"no board was plugged at hub port {index}")
+        return slot.info
+
+    def resets(self, board: PluggedBoard | int) -> list[str]:
+        """Kinds of the resets the board saw since it was plugged, in order."""
+        return list(self.board(board).resets)
+
+    def reset_count(self, board: PluggedBoard | int) -> int:
+        """How many resets the board saw since it was plugged (watchdog, host-close)."""
+        return len(self.board(board).resets)
+
+    def reenumerations(self, board: PluggedBoard | int) -> int:
+        """How many times a native board came back on the bus since it was plugged."""
+        index = board if isinstance(board, int) else board.index
+        return self._slots[index].reenumerations
 
     def board(self, board: PluggedBoard | int) -> Board:
         """The live board object (protocol state, counters), for white-box tests."""
@@ -224,15 +285,17 @@ class Rig:
             except Exception:
                 log.exception("event callback failed")
 
-    async def _plug(self, index: int, chip: str, mac: bytes, size: int,
-                    faults: Faults) -> PluggedBoard:
+    async def _plug(self, index: int, chip: str, mac: bytes, size: int, faults: Faults,
+                    usb: UsbLink, gap: float | tuple[float, float]) -> PluggedBoard:
         rng = random.Random(self.seed * 1_000_003 + index)
-        link = PtyLink(throttle=self.throttle, corrupt_rate=faults.corrupt, rng=rng)
+        link = self._new_link(faults, rng, usb)
         flash = Flash(size, FlashTiming(enabled=self.flash_timing, slow=faults.slow_flash))
         port = self.directory / by_path_name(index)
         info = PluggedBoard(index=index, port=str(port), pty=link.slave_path,
                             mac=format_mac(mac), chip=chip,
-                            dump_path=self.directory / f"flash-{mac.hex()}.bin", faults=faults)
+                            dump_path=self.directory / f"flash-{mac.hex()}.bin", faults=faults,
+                            usb=usb.kind, bridge=usb.bridge.name if usb.bridge else None,
+                            vid_pid=str(usb.describe()["vid_pid"]), max_baud=usb.max_baud)
         if info.dump_path.exists():  # the same board plugged again keeps what it held
             previous = info.dump_path.read_bytes()
             flash.data[:len(previous)] = previous[:size]
@@ -240,18 +303,65 @@ class Rig:
         def fault_unplug() -> None:
             asyncio.get_running_loop().create_task(self._unplug(index, reason="fault"))
 
-        board = Board(chip_spec(chip), mac, flash, link, faults, rng, on_unplug=fault_unplug)
+        async def on_reset(kind: str) -> None:
+            await self._board_reset(index, kind)
+
+        board = Board(chip_spec(chip), mac, flash, link, faults, rng, on_unplug=fault_unplug,
+                      on_reset=on_reset)
         task = asyncio.get_running_loop().create_task(board.run(), name=f"board-{index}")
-        self._slots[index] = _Slot(info, board, link, task)
+        gap_rng = random.Random(f"usb-gap-{self.seed}-{index}")
+        self._slots[index] = _Slot(info, board, link, task, usb, gap, gap_rng)
+        self._link_port(port, link.slave_path)
+        log.info("plugged %s %s at %s -> %s", chip, info.mac, port, link.slave_path)
+        self._emit({"event": "plugged", "index": index, "port": info.port, "pty": info.pty,
+                    "mac": info.mac, "chip": chip, **usb.describe()})
+        return info
+
+    def _new_link(self, faults: Faults, rng: random.Random, usb: UsbLink) -> PtyLink:
+        return PtyLink(throttle=self.throttle, corrupt_rate=faults.corrupt, rng=rng,
+                       max_baud=usb.max_baud)
+
+    def _link_port(self, port: Path, target: str) -> None:
         tmp = self.directory / f".{port.name}.tmp"
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        os.symlink(link.slave_path, tmp)
+        os.symlink(target, tmp)
         os.rename(tmp, port)  # atomic, like udev: watchers see a complete link
-        log.info("plugged %s %s at %s -> %s", chip, info.mac, port, link.slave_path)
-        self._emit({"event": "plugged", "index": index, "port": info.port, "pty": info.pty,
-                    "mac": info.mac, "chip": chip})
-        return info
+
+    async def _board_reset(self, index: int, kind: str) -> None:
+        """A board saw a reset: count it; a native-USB board drops off and comes back."""
+        slot = self._slots[index]
+        info = slot.info
+        self._emit({"event": "reset", "index": index, "port": info.port, "mac": info.mac,
+                    "kind": kind, "count": len(slot.board.resets), "usb": slot.usb.kind})
+        if not slot.usb.native:
+            return
+        # The USB device is gone: the node and its by-path link vanish, the host's
+        # next I/O on the old node fails.
+        # The new node is allocated before the old one is released, so the kernel
+        # cannot hand out the same pty number: a re-enumerated board is a new node.
+        rng = random.Random(self.seed * 1_000_003 + index + 7919 * (slot.reenumerations + 1))
+        link = self._new_link(info.faults, rng, slot.usb)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(info.port)
+        slot.link.close()
+        gap = draw_gap(slot.gap, slot.gap_rng)
+        self._emit({"event": "disconnected", "index": index, "port": info.port,
+                    "mac": info.mac, "pty": info.pty, "gap": round(gap, 3)})
+        try:
+            await asyncio.sleep(gap)
+        except asyncio.CancelledError:
+            link.close()  # unplugged while off the bus
+            raise
+        slot.link = slot.board.link = link
+        slot.reenumerations += 1
+        slot.info = dataclasses.replace(info, pty=link.slave_path)
+        self._link_port(Path(info.port), link.slave_path)
+        log.info("re-enumerated %s at %s -> %s", info.mac, info.port, link.slave_path)
+        self._emit({"event": "reenumerated", "index": index, "port": info.port,
+                    "mac": info.mac, "pty": link.slave_path, "old_pty": info.pty,
+                    "vid_pid": slot.usb.describe()["app_vid_pid"],
+                    "count": slot.reenumerations})
 
     async def _unplug(self, index: int, reason: str) -> None:
         slot = self._slots.pop(index, None)

@@ -19,20 +19,33 @@ from .conftest import esptool
 pytestmark = pytest.mark.timeout(120)
 
 
+_pending: dict[int, bytes] = {}  # bytes read past the last full line, per pipe
+
+
 def read_events(stream: IO[str], count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
-    """Read ``count`` JSON lines, failing instead of hanging if they do not come."""
+    """Read ``count`` JSON lines, failing instead of hanging if they do not come.
+
+    Reads the pipe's fd directly: lines that arrive together must not sit in a Python
+    buffer that ``select`` cannot see.
+    """
+    fd = stream.fileno()
     events: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     with selectors.DefaultSelector() as sel:
-        sel.register(stream, selectors.EVENT_READ)
-        while len(events) < count:
+        sel.register(fd, selectors.EVENT_READ)
+        while True:
+            while b"\n" in _pending.get(fd, b"") and len(events) < count:
+                line, _, rest = _pending[fd].partition(b"\n")
+                _pending[fd] = rest
+                events.append(json.loads(line))
+            if len(events) == count:
+                return events
             remaining = deadline - time.monotonic()
             assert remaining > 0, f"only got {events}"
             if sel.select(remaining):
-                line = stream.readline()
-                assert line, f"sim exited early after {events}"
-                events.append(json.loads(line))
-    return events
+                chunk = os.read(fd, 65536)
+                assert chunk, f"sim exited early after {events}"
+                _pending[fd] = _pending.get(fd, b"") + chunk
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -80,3 +93,45 @@ def test_cli_rejects_bad_fault_spec(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "unknown fault kind 'explode'" in proc.stderr
+
+
+def test_cli_mixed_chips_and_native_usb(tmp_path: Path) -> None:
+    hub = tmp_path / "hub"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "station.sim", "--boards", "3", "--dir", str(hub),
+         "--chip", "esp32s3,esp32c6,esp32p4", "--usb", "jtag,jtag,otg", "--no-throttle",
+         "--no-flash-timing", "--reenumerate-gap", "0.1-0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        plugged = read_events(proc.stdout, 3)
+        assert [e["chip"] for e in plugged] == ["esp32s3", "esp32c6", "esp32p4"]
+        assert [e["vid_pid"] for e in plugged] == ["303a:1001", "303a:1001", "303a:0012"]
+        result = esptool(plugged[1]["port"], "--after", "watchdog-reset", "read-mac")
+        assert result.returncode == 0, result.output  # the C6's esptool falls back: no reset
+        result = esptool(plugged[0]["port"], "--after", "watchdog-reset", "read-mac")
+        assert result.returncode == 0, result.output
+        reset, gone, back = read_events(proc.stdout, 3)
+        assert (reset["event"], reset["kind"], reset["index"]) == ("reset", "watchdog", 0)
+        assert gone["event"] == "disconnected" and 0.1 <= gone["gap"] <= 0.2
+        assert back["event"] == "reenumerated" and os.readlink(back["port"]) == back["pty"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_cli_rejects_a_usb_kind_the_chip_lacks(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "station.sim", "--dir", str(tmp_path), "--boards", "2",
+         "--chip", "esp32s3,esp32", "--usb", "jtag"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert proc.returncode == 2
+    assert "board 1: esp32 has no USB-Serial/JTAG" in proc.stderr
