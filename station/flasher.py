@@ -300,7 +300,7 @@ class EsptoolSession:
         if self._baud_unconfirmed:  # esptool's change_baud does not check the bridge follows
             return PortError(f"{self.port}: no reply after switching to {self.flasher.baud} "
                              "baud: the port's adapter may not support it (set [ports] baud "
-                             f"lower) ({message})")
+                             f"lower) ({message})", transient=False)  # again would fail alike
         return PortError(f"{self.port}: the board synced, then {self._step} failed "
                          f"({message})")
 

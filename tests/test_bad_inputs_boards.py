@@ -87,7 +87,7 @@ sys.stdin.read()  # until the test closes our stdin
 def _held_by_modemmanager(rig: Rig, stack: contextlib.ExitStack) -> PluggedBoard:
     """ModemManager probing a new native-USB ttyACM port: a process of that name (Python
     started through a link called ModemManager, so /proc says so) holds it locked."""
-    board = rig.plug(chip="esp32s3")
+    board = rig.plug(chip="esp32s3", usb="jtag")
     exe = rig.directory.parent / "mm" / "ModemManager"
     exe.parent.mkdir(exist_ok=True)
     if not exe.exists():
