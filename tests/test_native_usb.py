@@ -178,3 +178,27 @@ def test_a_native_usb_port_is_reset_by_esptools_watchdog_where_the_chip_has_one(
             time.sleep(0.05)  # polling interval of a deadline-bound wait
         assert rig.resets(board) == kinds
         assert rig.flash(board)[region.offset:region.end] == region.data
+
+
+def test_a_done_board_plugged_again_after_the_window_is_skipped_without_a_reset(
+        line: Line) -> None:
+    line.start()
+    board = line.rig.plug(chip="esp32c3", usb="jtag", index=0, reenumerate_gap=0.2)
+    line.until("the board done", lambda: [e["result"] for e in finished(line)] == ["done"])
+    done_at = time.monotonic()
+    line.until("it is back from its reset", lambda: line.rig.reenumerations(board) >= 1)
+    # past the window, a pull and a plug is a re-plug: a new job, which finds it done
+    line.until("the window to pass", lambda: time.monotonic() - done_at > 5.5, timeout=30)
+    log = line.state / "station.log"
+    removals = log.read_text().count(f"port removed: {board.port}")
+    line.rig.unplug(board)
+    # a link re-made onto a reused pty could look unchanged: see the pull first
+    line.until("the pull to be seen",
+               lambda: log.read_text().count(f"port removed: {board.port}") > removals)
+    again = line.rig.plug(chip="esp32c3", usb="jtag", index=0, mac=board.mac,
+                          reenumerate_gap=0.2)
+    line.until("the second job", lambda: len(finished(line)) == 2)
+    stop(line)
+    assert [j["result"] for j in line.jobs()] == ["done", "skipped"]
+    assert line.rig.reset_count(again) == 0  # never reset again: no re-enumeration loop
+    assert line.rig.reenumerations(again) == 0
