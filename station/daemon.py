@@ -24,6 +24,7 @@ from station.errors import StateDirBusyError
 from station.events import Event, Identified, JobFinished, RegistrationStep, Stage, StageChanged
 from station.hotplug import PortInfo, PortWatcher
 from station.parts import Flasher
+from station.plan import Plans
 from station.reenumeration import Reenumerations
 from station.registrar.base import DeviceCredentials, Journal, Registrar
 from station.usbport import bridge_vid, native_usb
@@ -31,7 +32,6 @@ from station.worker import (
     REMOVED,
     Clock,
     Parts,
-    Plans,
     Policy,
     SystemClock,
     Worker,
@@ -190,7 +190,7 @@ class Station:
     def _abort(self) -> None:
         self._aborted = True
         self.stop()
-        for task in self._jobs.values():
+        for task in {*self._jobs.values(), *self._reenumerations.away()}:
             task.cancel(ABORTED)
 
     async def _reconcile(self) -> None:
