@@ -254,3 +254,49 @@ def test_a_done_board_known_by_its_usb_serial_number_is_skipped_without_a_connec
         assert (ident["mac"], ident["chip"]) == (mac, "esp32c3")
         assert rig.board(again).sessions == 0  # the port was never opened
         assert rig.resets(again) == []
+
+
+def test_boards_that_vanish_during_their_watchdog_reset_are_done_once(
+        tmp_path: Path, builds: dict[str, Path]) -> None:
+    # In process, to stand in for sysfs: these ports are 303a:1001, so the station resets
+    # them with esptool's watchdog reset and the board drops off the bus while the reset
+    # stage still runs (esptool waits 0.5 s after arming the watchdog).
+    jtag = NativeUsb(kind="jtag", vid=0x303A, pid=0x1001, serial_number=None)
+    config = load_config(write_config(tmp_path, builds))
+    gone: dict[str, float] = {}  # port -> wall time it dropped off the bus
+
+    def seen(event: dict[str, Any]) -> None:
+        if event["event"] == "disconnected":
+            gone.setdefault(event["port"], time.time())
+
+    events = tmp_path / "state" / "events.jsonl"
+
+    def finished_jobs() -> list[dict[str, Any]]:
+        lines = events.read_text().splitlines() if events.exists() else []
+        return [e for e in map(json.loads, lines) if e["kind"] == "JobFinished"]
+
+    with Rig(tmp_path / "rig", seed=12, throttle=False, flash_timing=False,
+             reenumerate_gap=(0.2, 0.6), on_event=seen) as rig:
+        boards = [rig.plug(chip="esp32s3", usb="jtag", index=i) for i in range(4)]
+
+        async def run() -> None:
+            async with assemble(config, Options()) as built:
+                built.station.flasher = EsptoolFlasher(
+                    baud=921600, chips=tuple(built.station.plans.by_chip),
+                    native=lambda _port: jtag)
+                serving = asyncio.create_task(built.station.serve())
+                deadline = time.monotonic() + 120
+                while not (len(finished_jobs()) == 4 and
+                           all(rig.reenumerations(b) >= 1 for b in boards)):
+                    assert time.monotonic() < deadline, "boards not done and back"
+                    await asyncio.sleep(0.05)  # polling interval of a deadline-bound wait
+                built.station.stop()
+                assert await serving == 0
+
+        asyncio.run(run())
+        jobs = finished_jobs()
+        assert sorted(j["result"] for j in jobs) == ["done"] * 4, jobs
+        for job in jobs:  # the port went while the job was still in its reset stage
+            assert gone[job["port"]] < job["at"], job
+        for board in boards:
+            assert rig.resets(board) == ["watchdog"]
