@@ -41,6 +41,7 @@ BRLTTY_PATHS = ("usr/bin/brltty", "bin/brltty", "usr/sbin/brltty", "sbin/brltty"
 _MM_IGNORE = re.compile(r'ENV\{ID_MM_DEVICE_IGNORE\}\s*\+?=\s*"1"')
 _VENDOR = re.compile(r'ATTRS?\{idVendor\}\s*==\s*"([0-9a-fA-F]{4})"')
 _PRODUCT = re.compile(r"ATTRS?\{idProduct\}\s*==")
+_LOCATION = re.compile(r"ENV\{ID_PATH\}|DEVPATH|KERNELS")  # a rule by the hub's ports
 
 
 @dataclass(frozen=True)
@@ -106,14 +107,15 @@ def _rule_lines(root: Path) -> Iterable[str]:
 
 
 def _mm_ignored_vendors(root: Path) -> set[str] | None:
-    """Vendors a rule tells ModemManager to ignore; None: a rule ignores every device it
-    matches without naming a vendor (e.g. by the hub's ID_PATH), which covers them all."""
+    """Vendors a rule tells ModemManager to ignore; None: a rule ignores every device at
+    some USB location (the hub's ID_PATH), which covers the rig's boards whatever they
+    are. Rules by anything else (an interface class, one product) leave vendors probed."""
     vendors: set[str] = set()
     for line in _rule_lines(root):
         if not _MM_IGNORE.search(line) or _PRODUCT.search(line):
             continue  # a rule for one product leaves the vendor's other products probed
         found = _VENDOR.findall(line)
-        if not found:
+        if not found and _LOCATION.search(line):
             return None
         vendors |= {v.lower() for v in found}
     return vendors

@@ -33,7 +33,8 @@ def modemmanager(root: Path) -> None:
     # ModemManager's own filter, product by product: it leaves the vendors probed
     put(root, "usr/lib/udev/rules.d/77-mm-usb-device-blacklist.rules",
         'ATTRS{idVendor}=="0403", ATTRS{idProduct}=="6001", ENV{ID_MM_DEVICE_IGNORE}="1"\n'
-        'ENV{ID_MM_DEVICE_IGNORE}=="1", GOTO="mm_end"\n')
+        'ENV{ID_MM_DEVICE_IGNORE}=="1", GOTO="mm_end"\n'
+        'ATTRS{bInterfaceClass}=="e0", ENV{ID_MM_DEVICE_IGNORE}="1"\n')
 
 
 def hub(root: Path, name: str, protocol: str) -> None:
