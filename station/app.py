@@ -67,10 +67,6 @@ def build_plans(config: Config, bundles: Sequence[FirmwareBundle], registrar_kin
     return Plans({b.chip: build_plan(config, b, registrar_kind) for b in bundles})
 
 
-def describe(bundles: Sequence[FirmwareBundle]) -> str:
-    return "; ".join(b.describe() for b in bundles)
-
-
 def throttled_reporter(bus: Bus) -> Callable[[str], None]:
     """Shows a cloud throttle on the row of the board that is waiting for it."""
     def report(api: str) -> None:

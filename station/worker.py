@@ -96,10 +96,10 @@ class Parts:
     on_verified: Callable[[DeviceCredentials], Awaitable[None]] = no_credentials_hook
     """Called once the board holds verified credentials (e.g. drop the private key)."""
     port_present: Callable[[str], bool] = lambda _port: True
+    """Tells a vanished port (an unplug) from a failing one after a serial error."""
     port_mac: Callable[[str], str | None] = lambda _port: None
     """The board's MAC if the host knows it without opening the port (a USB-Serial/JTAG's
     serial number): a board done with this firmware is then skipped untouched."""
-    """Tells a vanished port (an unplug) from a failing one after a serial error."""
 
 
 async def _to_the_end(work: Awaitable[None]) -> None:
