@@ -277,7 +277,10 @@ def parse_image(data: bytes) -> ImageInfo:
         image = ESP32FirmwareImage(f)
     except FatalError as e:  # "End of file reading segment 0x..., length ..."
         raise ValueError(f"truncated: {e}") from None
-    except (TypeError, struct.error):  # esptool's ord(f.read(1)) at the end of the file
+    except struct.error:  # esptool unpacks a segment header it could not read in full
+        raise ValueError("truncated: a segment header lies past the end of the file") \
+            from None
+    except TypeError:  # esptool's ord(f.read(1)) at the end of the file
         raise ValueError("truncated: no checksum byte after the segments") from None
     except RuntimeError as e:  # an append_digest byte that is neither 0 nor 1
         raise ValueError(f"corrupt extended header: {e.args[0] % e.args[1:]}") from None
