@@ -185,6 +185,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _ports(args: argparse.Namespace) -> int:
     from station.hotplug import scan
+    from station.usbport import native_usb
 
     config = load(args.config)
     ports = scan(config.ports.watch)
@@ -193,7 +194,12 @@ def _ports(args: argparse.Namespace) -> int:
         return EXIT_OK
     for info in ports:
         slot = config.slot_for(info.location, info.path)
-        print(f"{slot:>8}  {info.path}  ->  {info.target}  (location {info.location or '-'})")
+        native = native_usb(info.target)  # the chip's own USB: it re-enumerates on reset
+        kind = "" if native is None else \
+            f", native USB {native.kind} {native.vid:04x}:{native.pid:04x}" + \
+            (f" MAC {native.mac}" if native.mac else "")
+        print(f"{slot:>8}  {info.path}  ->  {info.target}  (location {info.location or '-'}"
+              f"{kind})")
     return EXIT_OK
 
 
