@@ -27,11 +27,12 @@ from station.firmware import FirmwareBundle, load_firmware
 from station.flasher import EsptoolFlasher
 from station.ledger import Ledger
 from station.parts import BoardIdentity, Region
+from station.plan import Plan, Plans
 from station.registrar import make_registrar
 from station.registrar.base import DeviceCredentials, Registrar
 from station.slothealth import SlotHealth
 from station.slotpark import SlotGuard
-from station.worker import Plan, current_board
+from station.worker import current_board
 
 if TYPE_CHECKING:
     from station.metrics import StationMetrics
@@ -48,7 +49,9 @@ def build_plan(config: Config, bundle: FirmwareBundle, registrar_kind: str) -> P
         try:
             part = bundle.partition(label)
         except FirmwareError as e:
-            raise FirmwareError(str(config.path), "credentials.partition", e.reason) from None
+            which = "" if len(config.firmwares) == 1 else f" in the {bundle.chip} firmware"
+            raise FirmwareError(str(config.path), "credentials.partition",
+                                e.reason + which) from None
         namespace = config.credentials.namespace
 
         def credentials_region(creds: DeviceCredentials) -> Region:
@@ -57,9 +60,19 @@ def build_plan(config: Config, bundle: FirmwareBundle, registrar_kind: str) -> P
     def thing_name(identity: BoardIdentity) -> str:
         return config.identity.thing_for(identity.mac, identity.chip, config.station.name)
 
-    return Plan(chip=config.firmware.chip, regions=bundle.regions,
+    return Plan(chip=bundle.chip, regions=bundle.regions,
                 firmware_hash=bundle.sha256, station=config.station.name,
                 thing_name=thing_name, credentials_region=credentials_region)
+
+
+def load_bundles(config: Config) -> tuple[FirmwareBundle, ...]:
+    """Every firmware of the station, each validated as a single one is."""
+    return tuple(load_firmware(section) for section in config.firmwares)
+
+
+def build_plans(config: Config, bundles: Sequence[FirmwareBundle], registrar_kind: str) -> Plans:
+    """One plan per chip: the worker picks the board's by the chip it finds."""
+    return Plans({b.chip: build_plan(config, b, registrar_kind) for b in bundles})
 
 
 def throttled_reporter(bus: Bus) -> Callable[[str], None]:
@@ -77,10 +90,11 @@ class Assembly:
     """A station and what the CLI shows of the parts it was built from."""
 
     station: Station
-    bundle: FirmwareBundle
+    bundle: FirmwareBundle  # the first firmware
     registrar: Registrar
     guard: SlotGuard
     replicator: Replicator | None = None
+    bundles: tuple[FirmwareBundle, ...] = ()
 
 
 @contextlib.asynccontextmanager
@@ -89,11 +103,11 @@ async def assemble(config: Config, options: Options,
     """Lock the state dir, open the ledger, load the firmware, build the registrar."""
     state_dir = config.station.state_dir
     with state_dir_lock(state_dir):
-        bundle = await asyncio.to_thread(load_firmware, config.firmware)
+        bundles = await asyncio.to_thread(load_bundles, config)
         store = CredentialStore(config.credentials.out_dir)
         bus = Bus()
         registrar = make_registrar(config, store, throttled_reporter(bus))
-        plan = build_plan(config, bundle, registrar.kind)
+        plans = build_plans(config, bundles, registrar.kind)
         if registrar.kind != "none":  # fail now, not at every board's credentials
             await asyncio.to_thread(writable_folder, config.credentials.out_dir,
                                     "credentials.out_dir", config)
@@ -120,9 +134,9 @@ async def assemble(config: Config, options: Options,
                 if not config.credentials.keep_private_keys:
                     await store.forget_private_key(creds.thing_name)
 
-            station = Station(config=config, plan=plan,
+            station = Station(config=config, plans=plans,
                               flasher=EsptoolFlasher(baud=config.ports.baud,
-                                                     chip=config.firmware.chip),
+                                                     chips=tuple(plans.by_chip)),
                               registrar=registrar, bus=bus, already_done=already_done,
                               on_verified=verified, registration_steps=steps,
                               options=options, parked=guard.parked)
@@ -140,8 +154,8 @@ async def assemble(config: Config, options: Options,
                                             healthy=lambda: rep.status().state == "up")
                         station.known_board = fleet.known
                     try:
-                        yield Assembly(station=station, bundle=bundle, registrar=registrar,
-                                       guard=guard, replicator=rep)
+                        yield Assembly(station=station, bundle=bundles[0], registrar=registrar,
+                                       guard=guard, replicator=rep, bundles=bundles)
                     finally:
                         if rep is not None:
                             await asyncio.to_thread(fleet.close)

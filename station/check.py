@@ -16,7 +16,7 @@ from station.config import Config
 from station.credentials import CredentialStore
 from station.daemon import EXIT_OK, reconcile_journal, state_dir_lock
 from station.errors import ConfigError
-from station.firmware import load_firmware
+from station.hostcheck import HOST_ROOT_ENV, findings
 from station.hotplug import scan
 from station.registrar import make_registrar
 
@@ -55,24 +55,27 @@ def _space(free: int) -> str:
 
 
 async def check(config: Config, out: TextIO) -> int:
-    from station.app import build_plan
+    from station.app import build_plans, load_bundles
 
     print(f"config      {config.path}: ok", file=out)
-    bundle = load_firmware(config.firmware)
-    print(f"firmware    {bundle.describe()}", file=out)
-    for region in bundle.regions:
-        print(f"            0x{region.offset:06x} {region.name} {len(region.data)} B "
-              f"({len(region.compressed)} B compressed)", file=out)
+    bundles = load_bundles(config)
+    for bundle in bundles:
+        print(f"firmware    {bundle.describe()}", file=out)
+        for region in bundle.regions:
+            print(f"            0x{region.offset:06x} {region.name} {len(region.data)} B "
+                  f"({len(region.compressed)} B compressed)", file=out)
     registrar = make_registrar(config, CredentialStore(config.credentials.out_dir))
-    plan = build_plan(config, bundle, registrar.kind)
-    if plan.credentials_region is not None:
+    plans = build_plans(config, bundles, registrar.kind)
+    registers = any(p.credentials_region is not None for p in plans.by_chip.values())
+    for bundle in bundles if registers else ():
         part = bundle.partition(config.credentials.partition)
         print(f"credentials NVS partition '{part.label}' at 0x{part.offset:x} "
-              f"({part.size} B), namespace '{config.credentials.namespace}'", file=out)
+              f"({part.size} B) of the {bundle.chip} firmware, namespace "
+              f"'{config.credentials.namespace}'", file=out)
     state_free = writable_folder(config.station.state_dir, "station.state_dir", config)
     print(f"state       {config.station.state_dir} (writable, {_space(state_free)})",
           file=out)
-    if plan.credentials_region is not None:
+    if registers:
         certs_free = writable_folder(config.credentials.out_dir, "credentials.out_dir", config)
         print(f"certs_out   {config.credentials.out_dir} (writable, {_space(certs_free)})",
               file=out)
@@ -88,7 +91,12 @@ async def check(config: Config, out: TextIO) -> int:
     ports = scan(config.ports.watch)
     print(f"ports       {len(ports)} present now, watching {', '.join(config.ports.watch)} "
           f"at {config.ports.baud} baud", file=out)
-    print(f"would flash {config.firmware.chip} boards, up to {config.station.max_parallel} "
+    host = findings(Path(os.environ.get(HOST_ROOT_ENV) or "/"), [p.path for p in ports])
+    for finding in host:  # warnings: a rig may work without them, but rarely well
+        print(f"host        warning: {finding}", file=out)
+    if not host:
+        print("host        ok: ModemManager, brltty, tty group, USB hubs", file=out)
+    print(f"would flash {', '.join(plans.by_chip)} boards, up to {config.station.max_parallel} "
           f"at once, things named {config.identity.thing_name!r}", file=out)
     return EXIT_OK
 

@@ -195,7 +195,7 @@ async def serve(config: Config, options: Options, headless: bool) -> int:
     if headless_log is not None:
         displays.append(headless_log.show)
     async with assemble(config, options, displays) as built:
-        view.firmware = built.bundle.describe()
+        view.firmware = "; ".join(b.describe() for b in built.bundles)
         view.registrar = built.registrar.kind
         if built.replicator is not None:  # the footer's replication line
             status = built.replicator.status
@@ -218,6 +218,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _ports(args: argparse.Namespace) -> int:
     from station.hotplug import scan
+    from station.usbport import native_usb
 
     config = load(args.config)
     ports = scan(config.ports.watch)
@@ -226,7 +227,12 @@ def _ports(args: argparse.Namespace) -> int:
         return EXIT_OK
     for info in ports:
         slot = config.slot_for(info.location, info.path)
-        print(f"{slot:>8}  {info.path}  ->  {info.target}  (location {info.location or '-'})")
+        native = native_usb(info.target)  # the chip's own USB: it re-enumerates on reset
+        kind = "" if native is None else \
+            f", native USB {native.kind} {native.vid:04x}:{native.pid:04x}" + \
+            (f" MAC {native.mac}" if native.mac else "")
+        print(f"{slot:>8}  {info.path}  ->  {info.target}  (location {info.location or '-'}"
+              f"{kind})")
     return EXIT_OK
 
 

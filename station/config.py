@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
+from station import chips
 from station.errors import ConfigError
 
-CHIPS = ("esp32", "esp32s3", "esp32c3")
-Chip = Literal["esp32", "esp32s3", "esp32c3"]
+CHIPS = chips.supported()  # every ESP32-family chip of the pinned esptool
+Chip = str  # one of CHIPS: esptool's spelling, "esp32s3"
 RegistrarKind = Literal["none", "aws-iot", "local-ca"]
 KeySource = Literal["csr", "aws"]
 OnKnownBoard = Literal["reflash", "skip", "fail"]
@@ -84,6 +85,9 @@ class PortsSection:
     slots: Mapping[str, str] = field(default_factory=dict)
     park_unhealthy: bool = False
     health: HealthSection = field(default_factory=HealthSection)
+    reenumerate_window: float = 5.0
+    """Seconds within which a port the station reset may vanish and come back at the same
+    USB location as the same board (station/reenumeration.py); 0 turns the rule off."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class FirmwareSection:
     chip: Chip
     flasher_args: Path | None
     images: tuple[ImageSpec, ...]
+    key: str = "firmware"  # "firmware[1]" for the second [[firmware]] entry, for messages
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,13 @@ class Config:
     credentials: CredentialsSection
     ledger: LedgerSection = field(default_factory=LedgerSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    firmwares: tuple[FirmwareSection, ...] = ()
+    """One per chip with [[firmware]]; `firmware` is the first (the only one with a
+    single [firmware] table)."""
+
+    def __post_init__(self) -> None:
+        if not self.firmwares:
+            object.__setattr__(self, "firmwares", (self.firmware,))
 
     def slot_for(self, location: str | None, port: str) -> str:
         """The operator's label for a port: by USB location, then by path, else the name."""
@@ -271,17 +283,19 @@ def load(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(file), None, f"not valid TOML: {e}") from None
     root = _Table(file.resolve(), "", raw)
+    firmwares = _firmwares(root)
     config = Config(
         path=root.file,
         station=_station(root.sub("station")),
         ports=_ports(root.sub("ports")),
-        firmware=_firmware(root.sub("firmware")),
+        firmware=firmwares[0],
         identity=_identity(root.sub("identity")),
         worker=_worker(root.sub("worker")),
         registrar=_registrar(root.sub("registrar")),
         credentials=_credentials(root.sub("credentials")),
         ledger=_ledger(root.sub("ledger")),
         metrics=_metrics(root.sub("metrics")),
+        firmwares=firmwares,
     )
     root.done()
     return config
@@ -322,7 +336,11 @@ def _ports(t: _Table) -> PortsSection:
         slots=dict(slots),
         park_unhealthy=t.get("park_unhealthy", bool, False),
         health=_health(t.sub("health")),
+        reenumerate_window=t.number("reenumerate_window", 5.0),
     )
+    if p.reenumerate_window > 120:
+        raise t.error("reenumerate_window", f"{p.reenumerate_window:g} s is longer than any "
+                                            "USB re-enumeration (0.2-2 s); at most 120")
     t.done()
     return p
 
@@ -350,10 +368,34 @@ def _check_glob(t: _Table, pattern: str) -> None:
         raise t.error("watch", f"{pattern!r} is not a valid glob: unclosed '['")
 
 
-def _firmware(t: _Table) -> FirmwareSection:
-    chip = cast(Chip, t.choice("chip", CHIPS, "esp32"))
+def _firmwares(root: _Table) -> tuple[FirmwareSection, ...]:
+    """A single [firmware] table, or [[firmware]] entries: one per chip."""
+    root.seen.add("firmware")
+    entries = root.data.get("firmware")
+    if not isinstance(entries, list):
+        return (_firmware(root.sub("firmware")),)
+    if not entries:
+        raise root.error("firmware", "[[firmware]] needs at least one entry")
+    found: dict[str, str] = {}
+    sections = []
+    for i, entry in enumerate(entries):
+        section = _firmware(_Table(root.file, f"firmware[{i}]", entry), prefix=f"firmware[{i}]")
+        if section.chip in found:
+            raise ConfigError(str(root.file), f"firmware[{i}].chip",
+                              f"{section.chip} already has {found[section.chip]}: one "
+                              "firmware per chip")
+        found[section.chip] = f"firmware[{i}]"
+        sections.append(section)
+    return tuple(sections)
+
+
+def _firmware(t: _Table, prefix: str = "firmware") -> FirmwareSection:
     if "chip" not in t.data:
         raise t.error("chip", f"is required (one of {', '.join(CHIPS)})")
+    chip = t.get("chip", str, "")
+    reason = chips.unsupported_reason(chip)
+    if reason:
+        raise t.error("chip", reason)
     flasher_args: Path | None = None
     if "flasher_args" in t.data:
         flasher_args = t.path("flasher_args", Path())
@@ -376,7 +418,7 @@ def _firmware(t: _Table) -> FirmwareSection:
         raise t.error("images", "name the firmware: flasher_args (an ESP-IDF build) or images")
     if flasher_args is not None and images:
         raise t.error("images", "give flasher_args or images, not both")
-    f = FirmwareSection(chip=chip, flasher_args=flasher_args, images=tuple(images))
+    f = FirmwareSection(chip=chip, flasher_args=flasher_args, images=tuple(images), key=prefix)
     t.done()
     return f
 

@@ -21,15 +21,17 @@ from pathlib import Path
 
 from station.config import Config
 from station.errors import StateDirBusyError
-from station.events import Event, JobFinished, RegistrationStep, Stage
+from station.events import Event, Identified, JobFinished, RegistrationStep, Stage, StageChanged
 from station.hotplug import PortInfo, PortWatcher
 from station.parts import Flasher, KnownBoardLookup
+from station.plan import Plans
+from station.reenumeration import Reenumerations
 from station.registrar.base import DeviceCredentials, Journal, Registrar
+from station.usbport import bridge_vid, native_usb
 from station.worker import (
     REMOVED,
     Clock,
     Parts,
-    Plan,
     Policy,
     SystemClock,
     Worker,
@@ -111,6 +113,11 @@ def reconcile_journal(
     return journal_for
 
 
+def _port_mac(port: str) -> str | None:
+    native = native_usb(port)
+    return native.mac if native is not None else None
+
+
 @dataclass
 class Options:
     exit_after: int | None = None
@@ -120,7 +127,7 @@ class Options:
 @dataclass
 class Station:
     config: Config
-    plan: Plan
+    plans: Plans
     flasher: Flasher
     registrar: Registrar
     bus: Bus
@@ -132,6 +139,8 @@ class Station:
     parked: Callable[[str], bool] = lambda _slot: False
     """A flagged slot with `[ports] park_unhealthy` (station/slotpark.py): take no board."""
     known_board: KnownBoardLookup | None = None
+    port_mac: Callable[[str], str | None] = field(default=lambda port: _port_mac(port))
+    """A port's MAC known without opening it (usbport: a USB-Serial/JTAG's serial number)."""
 
     def __post_init__(self) -> None:
         self._jobs: dict[str, asyncio.Task[Stage | None]] = {}
@@ -144,6 +153,12 @@ class Station:
         self._slots = asyncio.Semaphore(self.config.station.max_parallel)
         self._waiting: dict[str, PortInfo] = {}  # plugged into a parked slot
         self.bus.observers.append(self._observe)
+        # The same-board rule for ports that re-enumerate after our reset (reenumeration.py)
+        self._reenumerations: Reenumerations[asyncio.Task[Stage | None]] = \
+            Reenumerations(self.config.ports.reenumerate_window)
+        self._by_job: dict[str, tuple[str, asyncio.Task[Stage | None]]] = {}  # id -> key, task
+        self._bridges: set[str] = set()  # jobs on a USB-UART bridge: no re-enumeration
+        self._macs: dict[str, str] = {}  # job id -> MAC, once identified
 
     async def serve(self) -> int:
         """Run until a signal or --exit-after; returns the exit code."""
@@ -186,7 +201,7 @@ class Station:
     def _abort(self) -> None:
         self._aborted = True
         self.stop()
-        for task in self._jobs.values():
+        for task in {*self._jobs.values(), *self._reenumerations.away()}:
             task.cancel(ABORTED)
 
     async def _reconcile(self) -> None:
@@ -203,6 +218,8 @@ class Station:
             return
         if info.path in self._jobs:
             return
+        if self._same_board_back(info):
+            return
         if self.parked(self.config.slot_for(info.location, info.path)):
             if info.path not in self._waiting:
                 log.warning("%s: slot parked (flagged unhealthy); the board waits until the "
@@ -214,20 +231,44 @@ class Station:
             self._accepting = False
         slot = self.config.slot_for(info.location, info.path)
         job_id = uuid.uuid4().hex[:12]
-        worker = Worker(job_id=job_id, port=info.path, slot=slot, plan=self.plan,
+        worker = Worker(job_id=job_id, port=info.path, slot=slot, plans=self.plans,
                         parts=self._parts(),
                         policy=Policy(retries=self.config.worker.retries,
                                       retry_delay=self.config.worker.retry_delay,
                                       timeouts=self.config.worker.timeouts,
                                       reflash=self.options.reflash,
                                       on_known_board=self.config.identity.on_known_board))
-        self._jobs[info.path] = asyncio.create_task(self._run(worker), name=f"job {info.path}")
+        task = asyncio.create_task(self._run(worker), name=f"job {info.path}")
+        self._jobs[info.path] = task
+        self._by_job[job_id] = (self._usb_key(info), task)
+        if bridge_vid(info.target) is not None:  # it keeps its port through a chip reset:
+            self._bridges.add(job_id)  # a vanish after the reset is a hand, never the reset
+
+        def forget(_task: asyncio.Task[Stage | None]) -> None:
+            self._macs.pop(job_id, None)
+            self._bridges.discard(job_id)
+
+        task.add_done_callback(forget)
+
+    @staticmethod
+    def _usb_key(info: PortInfo) -> str:
+        return info.location or info.path
+
+    def _same_board_back(self, info: PortInfo) -> bool:
+        """A board the station reset, back at its USB location: it keeps its job."""
+        task = self._reenumerations.returned(self._usb_key(info), self.port_mac(info.target))
+        if task is None:
+            return False
+        self._jobs[info.path] = task
+        log.info("%s: the board the station reset came back at %s (re-enumerated): same "
+                 "board, no new job", info.path, self._usb_key(info))
+        return True
 
     def _parts(self) -> Parts:
         return Parts(flasher=self.flasher, registrar=self.registrar, sink=self.bus,
                      clock=self.clock, already_done=self.already_done,
                      on_verified=self.on_verified, port_present=os.path.exists,
-                     known_board=self.known_board)
+                     known_board=self.known_board, port_mac=self.port_mac)
 
     async def _run(self, worker: Worker) -> Stage | None:
         async with self._slots:
@@ -253,12 +294,29 @@ class Station:
     def _unplugged(self, info: PortInfo) -> None:
         self._waiting.pop(info.path, None)
         task = self._jobs.pop(info.path, None)
+        if self._reenumerations.vanished(self._usb_key(info), task):
+            log.info("%s: gone after the station reset it; same board if it comes back at "
+                     "%s within %gs", info.path, self._usb_key(info),
+                     self.config.ports.reenumerate_window)
+            return  # a reset in progress ends on its own: a vanished port is its proof
         if task is not None and not task.done():
             task.cancel(REMOVED)
 
     def _observe(self, event: Event) -> None:
         if isinstance(event, JobFinished):
             self._final(event.result)
+        where = self._by_job.get(event.job_id)
+        if where is None:
+            return
+        key, task = where
+        if isinstance(event, Identified):
+            self._macs[event.job_id] = event.mac
+        elif isinstance(event, StageChanged) and event.stage == Stage.RESET and \
+                event.job_id not in self._bridges:
+            self._reenumerations.resetting(key, task, self._macs.get(event.job_id))
+        elif isinstance(event, JobFinished):
+            self._reenumerations.ended(key, task)
+            del self._by_job[event.job_id]
 
     def _final(self, result: Stage) -> None:
         self._results.append(result)
@@ -267,7 +325,8 @@ class Station:
             self.stop()
 
     async def _drain(self) -> None:
-        running = [t for t in self._jobs.values() if not t.done()]
+        running = [t for t in {*self._jobs.values(), *self._reenumerations.away()}
+                   if not t.done()]
         if not running:
             return
         log.info("waiting for %d board(s) in flight", len(running))

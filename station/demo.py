@@ -2,7 +2,8 @@
 
 The rig runs in its own process (`python -m station.sim`), exactly as real boards are
 outside the station; the daemon is the unchanged `station run`, pointed at the rig's
-by-path folder with a generated ESP-IDF-like firmware and a local CA. It takes the
+by-path folder with a generated ESP-IDF-like firmware for each chip on the rig (a mixed
+rig: one `[[firmware]]` entry per chip) and a local CA. It takes the
 boards it is given and stops when all are final, leaving the ledger, certs_out and the
 boards' flash dumps in the working folder for a look afterwards.
 """
@@ -22,10 +23,21 @@ from station.daemon import Options
 from station.demo_firmware import make_demo_firmware
 
 RIG_STOP_TIMEOUT = 30.0
+DEMO_CHIPS = ("esp32", "esp32s3", "esp32c3")  # the rig's boards cycle through these
 
 
-def write_demo_config(workdir: Path, flasher_args: Path, ports_glob: str) -> Path:
-    """A station.toml for the demo: local CA, NVS credentials, the rig's ports."""
+def write_demo_config(workdir: Path, flasher_args: Path | dict[str, Path],
+                      ports_glob: str) -> Path:
+    """A station.toml for the demo: local CA, NVS credentials, the rig's ports; one
+    [firmware] table, or a [[firmware]] entry per chip given {chip: flasher_args}."""
+    builds = flasher_args if isinstance(flasher_args, dict) else {"esp32": flasher_args}
+    if len(builds) == 1:
+        ((chip, args),) = builds.items()
+        firmware = f"[firmware]\nchip = \"{chip}\"\nflasher_args = {json.dumps(str(args))}\n"
+    else:
+        firmware = "".join(f"[[firmware]]\nchip = \"{chip}\"\n"
+                           f"flasher_args = {json.dumps(str(args))}\n\n"
+                           for chip, args in builds.items()).rstrip() + "\n"
     text = f"""\
 # Written by `station demo`; a working example of a full station.toml.
 [station]
@@ -38,10 +50,7 @@ watch = [{json.dumps(ports_glob)}]
 baud = 921600
 rescan_interval = 1.0
 
-[firmware]
-chip = "esp32"
-flasher_args = {json.dumps(str(flasher_args))}
-
+{firmware}
 [identity]
 thing_name = "demo-{{mac}}"
 
@@ -70,8 +79,9 @@ def run_demo(boards: int, workdir: Path, headless: bool, throttle: bool = True) 
         shutil.rmtree(workdir)
     rig_dir = workdir / "rig"
     rig_dir.mkdir(parents=True)
-    flasher_args = make_demo_firmware(workdir / "firmware", chip="esp32")
-    config = load(write_demo_config(workdir, flasher_args, str(rig_dir / "ports" / "pci-*")))
+    builds = {chip: make_demo_firmware(workdir / "firmware" / chip, chip=chip)
+              for chip in DEMO_CHIPS}
+    config = load(write_demo_config(workdir, builds, str(rig_dir / "ports" / "pci-*")))
     _setup_logging(config, headless)
     rig = _start_rig(boards, rig_dir, throttle)
     try:
@@ -86,7 +96,8 @@ def run_demo(boards: int, workdir: Path, headless: bool, throttle: bool = True) 
 
 def _start_rig(boards: int, rig_dir: Path, throttle: bool) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "station.sim", "--boards", str(boards),
-           "--dir", str(rig_dir / "ports"), "--plug-interval", "0.25", "--seed", "7"]
+           "--dir", str(rig_dir / "ports"), "--plug-interval", "0.25", "--seed", "7",
+           "--chip", ",".join(DEMO_CHIPS)]
     if not throttle:
         cmd.append("--no-throttle")
     log = (rig_dir / "rig.log").open("wb")

@@ -17,9 +17,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from esptool.targets import CHIP_DEFS
+
+from station import chips
 from station.firmware import (
-    BOOTLOADER_OFFSET,
-    CHIP_IDS,
     EXTENDED_HEADER,
     IMAGE_HEADER,
     PARTITION_ENTRY,
@@ -63,6 +64,25 @@ LAYOUTS = {
                                              (0x403CE710, 0x16A8)), 0x403CC71A,
                            0x3C020020, 0x3FC8B000, 0x40380000, 0x42000020, 0x40380080),
 }
+
+
+def layout(chip: str) -> _ChipLayout:
+    """The hand-made layouts above, else one derived from esptool's memory map of the chip
+    (flash-mapped segments at the start of its IROM/DROM windows, RAM segments in its
+    DRAM/IRAM): not a real build's addresses, but where the chip maps such segments."""
+    if chip in LAYOUTS:
+        return LAYOUTS[chip]
+    chips.facts(chip)  # KeyError for a chip esptool does not know
+    rom = CHIP_DEFS[chip]
+    ram = {name: start for start, _, name in rom.MEMORY_MAP}
+    freq = next((f for f in ("80m", "40m") if f in rom.FLASH_FREQUENCY),
+                next(iter(rom.FLASH_FREQUENCY)))
+    dram, iram = ram.get("DRAM", 0x40800000), ram.get("IRAM", 0x40800000)
+    boot_dram, boot_iram = dram + 0x40000, iram + 0x48000
+    return _ChipLayout(rom.FLASH_FREQUENCY[freq], freq, 99,
+                       ((boot_dram, 0x1000), (boot_iram, 0x3000), (boot_iram + 0x4000, 0xE00)),
+                       boot_iram + 0x10, rom.DROM_MAP_START + 0x20, dram + 0x10000,
+                       iram + 0x8000, rom.IROM_MAP_START + 0x20, iram + 0x8080)
 
 _WORDS = (
     "wifi", "esp_netif", "tcpip_adapter", "nvs_flash", "event", "loop", "task", "heap",
@@ -117,10 +137,11 @@ def _app_desc(rng: random.Random, chip: str) -> bytes:
 def esp_image(chip: str, entry: int, segments: list[tuple[int, bytes]],
               flash_size_code: int = 2) -> bytes:
     """An ESP image: header, extended header, segments, checksum, appended SHA256."""
-    layout = LAYOUTS[chip]
+    chip_layout = layout(chip)
     out = bytearray(IMAGE_HEADER.pack(0xE9, len(segments), 2,  # 2: DIO
-                                      (flash_size_code << 4) | layout.flash_freq, entry))
-    out += EXTENDED_HEADER.pack(0xEE, 0, 0, 0, CHIP_IDS[chip], 0, 0, layout.max_rev_full,
+                                      (flash_size_code << 4) | chip_layout.flash_freq, entry))
+    out += EXTENDED_HEADER.pack(0xEE, 0, 0, 0, chips.facts(chip).image_chip_id, 0, 0,
+                                chip_layout.max_rev_full,
                                 b"\0" * 4, 1)
     state = 0xEF
     for addr, data in segments:
@@ -143,15 +164,15 @@ def partition_table(rows: list[tuple[str, int, int, int, int]]) -> bytes:
 def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500_000,
                        seed: int = 1) -> Path:
     """Write a demo ESP-IDF build into `out_dir`; returns its flasher_args.json."""
-    if chip not in LAYOUTS:
-        raise ValueError(f"unknown chip {chip!r} (one of {', '.join(LAYOUTS)})")
+    if chip not in chips.supported():
+        raise ValueError(f"unknown chip {chip!r} (one of {', '.join(chips.supported())})")
     if not 0x4000 <= app_size <= FLASH_SIZE - APP_OFFSET:
         raise ValueError(f"app_size {app_size} must be within 16 KB..{FLASH_SIZE - APP_OFFSET}")
-    layout = LAYOUTS[chip]
+    chip_layout = layout(chip)
     rng = random.Random(f"station-demo:{chip}:{seed}")
 
-    boot = esp_image(chip, layout.boot_entry,
-                     [(addr, _code(rng, size)) for addr, size in layout.boot_segments])
+    boot = esp_image(chip, chip_layout.boot_entry,
+                     [(addr, _code(rng, size)) for addr, size in chip_layout.boot_segments])
 
     overhead = IMAGE_HEADER.size + EXTENDED_HEADER.size + 4 * SEGMENT_HEADER.size + 16 + 32
     body = app_size - overhead
@@ -159,11 +180,11 @@ def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500
     dram = min(0x2000, body // 20) & ~3
     iram = min(0xC000, body // 8) & ~3
     irom = (body - drom - dram - iram) & ~3
-    app = esp_image(chip, layout.app_entry, [
-        (layout.drom, _app_desc(rng, chip) + _text(rng, drom - 256)),
-        (layout.dram, _code(rng, dram)),
-        (layout.iram, _code(rng, iram)),
-        (layout.irom, _code(rng, irom)),
+    app = esp_image(chip, chip_layout.app_entry, [
+        (chip_layout.drom, _app_desc(rng, chip) + _text(rng, drom - 256)),
+        (chip_layout.dram, _code(rng, dram)),
+        (chip_layout.iram, _code(rng, iram)),
+        (chip_layout.irom, _code(rng, irom)),
     ])
     factory = max(0x100000, -(-len(app) // 0x10000) * 0x10000)
     table = partition_table([("nvs", 1, 0x02, 0x9000, 0x6000),
@@ -171,19 +192,20 @@ def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500
                              ("factory", 0, 0x00, APP_OFFSET, factory)])
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {BOOTLOADER_OFFSET[chip]: ("bootloader/bootloader.bin", boot),
+    boot_at = chips.facts(chip).bootloader_offset
+    files = {boot_at: ("bootloader/bootloader.bin", boot),
              PARTITION_TABLE_OFFSET: ("partition_table/partition-table.bin", table),
              APP_OFFSET: ("app.bin", app)}
     for name, data in files.values():
         (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (out_dir / name).write_bytes(data)
 
-    settings = {"flash_mode": "dio", "flash_size": "4MB", "flash_freq": layout.freq_name}
-    role = {BOOTLOADER_OFFSET[chip]: "bootloader", PARTITION_TABLE_OFFSET: "partition-table",
+    settings = {"flash_mode": "dio", "flash_size": "4MB", "flash_freq": chip_layout.freq_name}
+    role = {boot_at: "bootloader", PARTITION_TABLE_OFFSET: "partition-table",
             APP_OFFSET: "app"}
     doc = {
         "write_flash_args": ["--flash_mode", "dio", "--flash_size", "4MB",
-                             "--flash_freq", layout.freq_name],
+                             "--flash_freq", chip_layout.freq_name],
         "flash_settings": settings,
         "flash_files": {f"0x{off:x}": name for off, (name, _) in sorted(files.items())},
         **{role[off]: {"offset": f"0x{off:x}", "file": name, "encrypted": "false"}

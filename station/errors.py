@@ -60,13 +60,18 @@ class WrongChipError(FlashError):
 
     transient = False
 
-    def __init__(self, found: str, expected: str) -> None:
-        super().__init__(
-            f"board is an {found} but the firmware is built for {expected}; "
-            "plug a matching board or change [firmware] chip"
-        )
+    def __init__(self, found: str, expected: str | tuple[str, ...]) -> None:
+        have = (expected,) if isinstance(expected, str) else expected
+        if len(have) == 1:
+            message = (f"board is an {found} but the firmware is built for {have[0]}; "
+                       "plug a matching board or change [firmware] chip")
+        else:
+            message = (f"board is an {found} but this station has firmware only for "
+                       f"{', '.join(have)}; plug a matching board or add a [[firmware]] "
+                       f"entry for {found}")
+        super().__init__(message)
         self.found = found
-        self.expected = expected
+        self.expected = have
 
 
 class VerifyError(FlashError):

@@ -67,6 +67,7 @@ class Identified(Event):
     mac: str  # 12 lower-case hex digits, no separators
     thing_name: str
     flash_size: int | None = None
+    firmware_hash: str | None = None  # the firmware picked for this chip
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,30 +8,33 @@ padded and compressed once, then shared read-only by every worker.
 
 Every problem is a `FirmwareError(file, key, reason)`: one line naming the file and the
 config key, e.g. ``app.bin: firmware.images[2].file: built for esp32s3 ...``.
+
+Chip facts (image chip id, bootloader offset, flash-size codes) come from esptool's target
+classes through `station.chips`, and image headers and segments are read by esptool's own
+`bin_image` parser; the checksum and the appended SHA256 are checked here, with messages
+that say which part of the file is wrong (and without esptool's per-byte Python loop).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from esptool.bin_image import ESP32FirmwareImage
+from esptool.util import FatalError
+
+from station import chips
 from station.config import FirmwareSection
 from station.errors import FirmwareError
 from station.parts import Region
 
 ESP_IMAGE_MAGIC = 0xE9
 CHECKSUM_SEED = 0xEF
-CHIP_IDS = {"esp32": 0, "esp32c3": 5, "esp32s3": 9}  # extended header, esptool IMAGE_CHIP_ID
-CHIP_BY_ID = {v: k for k, v in CHIP_IDS.items()} | {2: "esp32s2", 12: "esp32c2", 13: "esp32c6",
-                                                     16: "esp32h2", 18: "esp32p4"}
-BOOTLOADER_OFFSET = {"esp32": 0x1000, "esp32s3": 0x0, "esp32c3": 0x0}
-# Header byte 3, high nibble (esptool's FLASH_SIZES for these chips).
-FLASH_SIZE_CODES = {0: 1 << 20, 1: 2 << 20, 2: 4 << 20, 3: 8 << 20, 4: 16 << 20,
-                    5: 32 << 20, 6: 64 << 20, 7: 128 << 20}
 DEFAULT_FLASH_SIZE = 4 << 20
 SECTOR = 0x1000  # the stub erases whole 4 KB sectors, so images may not share one
 PARTITION_MAGIC = b"\xaa\x50"
@@ -168,10 +171,10 @@ def load_firmware(section: FirmwareSection, flash_size_hint: int | None = None) 
     chip = section.chip
     declared: int | None = None
     if section.flasher_args is not None:
-        images, declared, source = _from_flasher_args(section.flasher_args, chip)
+        images, declared, source = _from_flasher_args(section.flasher_args, chip, section.key)
     else:
-        images = [_Image(spec.offset, spec.file, f"firmware.images[{i}].file",
-                         f"firmware.images[{i}].offset")
+        images = [_Image(spec.offset, spec.file, f"{section.key}.images[{i}].file",
+                         f"{section.key}.images[{i}].offset")
                   for i, spec in enumerate(section.images)]
         source = str(section.images[0].file) if section.images else "firmware"
     for img in images:
@@ -184,7 +187,7 @@ def load_firmware(section: FirmwareSection, flash_size_hint: int | None = None) 
             img.role = "partition-table"
             partitions = _parse_partitions(img)
     for img in images:
-        _classify(img, chip, partitions)
+        _classify(img, chip, partitions, section.key)
     if declared is None:
         boot = next((i for i in images if i.role == "bootloader" and i.info), None)
         declared = boot.info.flash_size if boot and boot.info else None
@@ -209,14 +212,15 @@ def _name(img: _Image, apps: int) -> str:
     return img.file.name
 
 
-def _from_flasher_args(path: Path, chip: str) -> tuple[list[_Image], int | None, str]:
+def _from_flasher_args(path: Path, chip: str,
+                       prefix: str = "firmware") -> tuple[list[_Image], int | None, str]:
     where = str(path)
     try:
         doc: Any = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FirmwareError(where, "firmware.flasher_args", "no such file") from None
+        raise FirmwareError(where, f"{prefix}.flasher_args", "no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FirmwareError(where, "firmware.flasher_args", f"not a flasher_args.json: {e}") \
+        raise FirmwareError(where, f"{prefix}.flasher_args", f"not a flasher_args.json: {e}") \
             from None
     if not isinstance(doc, dict) or not isinstance(doc.get("flash_files"), dict) \
             or not doc["flash_files"]:
@@ -226,7 +230,7 @@ def _from_flasher_args(path: Path, chip: str) -> tuple[list[_Image], int | None,
     built_for = extra.get("chip") if isinstance(extra, dict) else None
     if built_for is not None and built_for != chip:
         raise FirmwareError(where, "extra_esptool_args.chip",
-                            f"the build is for {built_for}, but [firmware] chip is {chip}")
+                            f"the build is for {built_for}, but {_chip_key(prefix)} is {chip}")
     declared = None
     settings = doc.get("flash_settings", {})
     if isinstance(settings, dict) and isinstance(settings.get("flash_size"), str):
@@ -256,51 +260,63 @@ def _read(img: _Image) -> None:
 
 
 def parse_image(data: bytes) -> ImageInfo:
-    """Walk an ESP image's header and segments; ValueError says what is wrong."""
+    """Read an ESP image with esptool's parser; ValueError says what is wrong.
+
+    esptool reads the header, the extended header and the segments; the checksum (the
+    ROM refuses an image whose XOR checksum is wrong) and the appended SHA256 are checked
+    here, so a corrupt file is named before any board gets it.
+    """
     if len(data) < IMAGE_HEADER.size + EXTENDED_HEADER.size:
         raise ValueError(f"too short for an ESP image header ({len(data)} bytes)")
-    magic, count, mode, size_freq, entry = IMAGE_HEADER.unpack_from(data, 0)
-    if magic != ESP_IMAGE_MAGIC:
-        raise ValueError(f"not an ESP image: first byte is 0x{magic:02x}, expected 0xe9")
-    ext = EXTENDED_HEADER.unpack_from(data, IMAGE_HEADER.size)
-    chip_id, hash_appended = ext[4], ext[9]
-    if count == 0 or count > 16:
-        raise ValueError(f"implausible segment count {count} in the image header")
-    pos = IMAGE_HEADER.size + EXTENDED_HEADER.size
+    if data[0] != ESP_IMAGE_MAGIC:
+        raise ValueError(f"not an ESP image: first byte is 0x{data[0]:02x}, expected 0xe9")
+    if data[1] == 0 or data[1] > 16:
+        raise ValueError(f"implausible segment count {data[1]} in the image header")
+    f = io.BytesIO(data)
+    try:
+        image = ESP32FirmwareImage(f)
+    except FatalError as e:  # "End of file reading segment 0x..., length ..."
+        raise ValueError(f"truncated: {e}") from None
+    except struct.error:  # esptool unpacks a segment header it could not read in full
+        raise ValueError("truncated: a segment header lies past the end of the file") \
+            from None
+    except TypeError:  # esptool's ord(f.read(1)) at the end of the file
+        raise ValueError("truncated: no checksum byte after the segments") from None
+    except RuntimeError as e:  # an append_digest byte that is neither 0 nor 1
+        raise ValueError(f"corrupt extended header: {e.args[0] % e.args[1:]}") from None
     state = CHECKSUM_SEED
-    for n in range(count):
-        if pos + SEGMENT_HEADER.size > len(data):
-            raise ValueError(f"truncated: segment {n} header lies past the end of the file")
-        _, length = SEGMENT_HEADER.unpack_from(data, pos)
-        pos += SEGMENT_HEADER.size
-        if pos + length > len(data):
-            raise ValueError(f"truncated: segment {n} ({length} bytes) runs past the end")
-        state = xor_checksum(memoryview(data)[pos:pos + length], state)
-        pos += length
-    pos += 15 - pos % 16  # the checksum byte ends a 16-byte block
-    if pos >= len(data):
-        raise ValueError("truncated: no checksum byte after the segments")
-    if data[pos] != state:
-        raise ValueError(f"checksum mismatch (header says 0x{data[pos]:02x}, "
+    for segment in image.segments:
+        state = xor_checksum(segment.data, state)
+    if image.checksum != state:
+        raise ValueError(f"checksum mismatch (header says 0x{image.checksum:02x}, "
                          f"segments give 0x{state:02x}): the file is corrupt")
-    pos += 1
-    if hash_appended == 1:
-        if pos + 32 > len(data):
+    length = f.tell() if image.data_length is None else image.data_length
+    if image.append_digest:
+        if len(image.stored_digest) < 32:
             raise ValueError("truncated: the appended SHA256 is missing")
-        if hashlib.sha256(data[:pos]).digest() != data[pos:pos + 32]:
+        if image.stored_digest != image.calc_digest:
             raise ValueError("the appended SHA256 does not match: the file is corrupt")
-        pos += 32
-    return ImageInfo(chip_id=chip_id, segments=count, flash_mode=mode,
-                     flash_size=FLASH_SIZE_CODES.get(size_freq >> 4), entry=entry, length=pos)
+        length += 32
+    size_code = image.flash_size_freq & 0xF0
+    known = {code: size for c in chips.supported()
+             for code, size in chips.facts(c).flash_sizes.items()}
+    return ImageInfo(chip_id=image.chip_id, segments=len(image.segments),
+                     flash_mode=image.flash_mode, flash_size=known.get(size_code),
+                     entry=image.entrypoint, length=length)
 
 
-def _classify(img: _Image, chip: str, partitions: tuple[Partition, ...]) -> None:
+def _chip_key(prefix: str) -> str:
+    return "[firmware] chip" if prefix == "firmware" else f"{prefix}.chip"
+
+
+def _classify(img: _Image, chip: str, partitions: tuple[Partition, ...],
+              prefix: str = "firmware") -> None:
     """Decide what an image is; bootloaders and apps must be valid images for `chip`."""
     if img.role == "partition-table":
         return
     app_offsets = {p.offset for p in partitions if p.type == 0}
     table_at = min((p.offset for p in partitions), default=0x8000)
-    boot_at = BOOTLOADER_OFFSET[chip]
+    boot_at = chips.facts(chip).bootloader_offset
     must_be_image = img.offset == boot_at or img.offset in app_offsets
     if not must_be_image and img.raw[0] != ESP_IMAGE_MAGIC:
         return  # a data image (NVS, SPIFFS, ...): no header to check
@@ -308,10 +324,10 @@ def _classify(img: _Image, chip: str, partitions: tuple[Partition, ...]) -> None
         img.info = parse_image(img.raw)
     except ValueError as e:
         raise img.error(str(e)) from None
-    if img.info.chip_id != CHIP_IDS[chip]:
-        found = CHIP_BY_ID.get(img.info.chip_id, f"chip id {img.info.chip_id}")
+    if img.info.chip_id != chips.facts(chip).image_chip_id:
+        found = chips.by_image_id(img.info.chip_id) or f"chip id {img.info.chip_id}"
         raise img.error(f"built for {found} (image chip id {img.info.chip_id}), "
-                        f"but [firmware] chip is {chip}")
+                        f"but {_chip_key(prefix)} is {chip}")
     if img.offset < min(table_at, 0x8000):
         img.role = "bootloader"
         if img.offset != boot_at:

@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 import serial
 from esp_pylib.logger import EspLog, EspLogBase
 from esptool import reset as esptool_reset
-from esptool.cmds import attach_flash, detect_chip, detect_flash_size, run_stub
+from esptool.cmds import attach_flash, detect_chip, detect_flash_size, reset_chip, run_stub
 from esptool.loader import DEFAULT_TIMEOUT, ERASE_WRITE_TIMEOUT_PER_MB, MAX_TIMEOUT, timeout_per_mb
 from esptool.util import FatalError, PrintOnce, flash_size_bytes
 
@@ -56,6 +56,7 @@ from station.errors import (
 )
 from station.firmware import xor_checksum
 from station.parts import BoardIdentity, ProgressFn, Region
+from station.usbport import NativeUsb, holders, native_usb
 
 log = logging.getLogger("station.flasher")
 T = TypeVar("T")
@@ -182,8 +183,10 @@ def _open_error(port: str, e: serial.SerialException) -> PortError:
                          "user in the 'dialout' group (see config/udev-notes.md)",
                          transient=False)
     if "exclusively lock" in str(e):
-        return PortError(f"{port}: cannot open: another program holds the port (a serial "
-                         "monitor, ModemManager: see config/udev-notes.md)")
+        who = ", ".join(holders(port)) or "a serial monitor, or ModemManager probing it"
+        return PortError(f"{port}: cannot open: another program holds the port ({who}); "
+                         "stop it, and keep ModemManager off the rig's ports with a udev rule "
+                         "setting ENV{ID_MM_DEVICE_IGNORE}=\"1\" (see config/udev-notes.md)")
     return PortError(f"{port}: cannot open: {first_line(e)}")
 
 
@@ -211,15 +214,18 @@ class EsptoolFlasher:
     """Opens boards with esptool; implements `parts.Flasher`.
 
     `baud`: the rate after the stub runs (the ROM always starts at 115200).
-    `chip`: the chip the firmware is for; a board of another chip still opens (so
-    `identify()` can name it) but gets no stub, and `write()` refuses it.
+    `chip` / `chips`: the chip(s) the station has firmware for; a board of another chip
+    still opens (so `identify()` can name it) but gets no stub, and `write()` refuses it.
     `connect_attempts`: esptool's reset+sync attempts (~0.8 s each when nothing answers).
     """
 
     def __init__(self, baud: int = 921600, chip: str | None = None, connect_attempts: int = 4,
-                 trace: bool = False, progress_interval: float = PROGRESS_INTERVAL) -> None:
+                 trace: bool = False, progress_interval: float = PROGRESS_INTERVAL,
+                 chips: tuple[str, ...] = (),
+                 native: Callable[[str], NativeUsb | None] = native_usb) -> None:
         self.baud = baud
-        self.chip = chip
+        self.native = native  # sysfs VID:PID (usbport.py); tests may stand in for sysfs
+        self.chips = chips or ((chip,) if chip else ())
         self.connect_attempts = connect_attempts
         self.trace = trace
         self.progress_interval = progress_interval
@@ -246,6 +252,8 @@ class EsptoolSession:
         self.identity: BoardIdentity | None = None
         self._serial: _Port | None = None
         self._step = "open"  # how far connect got, for its error message
+        self._baud_unconfirmed = False  # changed the baud, no reply at the new one yet
+        self.native: NativeUsb | None = None
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"flash-{self.name}",
                                             initializer=self._init_thread)
@@ -289,6 +297,10 @@ class EsptoolSession:
                                      f"bootloader ({message})")
             return PortError(f"{self.port}: no answer from an ESP bootloader ({message}); "
                              "is the board in download mode?")
+        if self._baud_unconfirmed:  # esptool's change_baud does not check the bridge follows
+            return PortError(f"{self.port}: no reply after switching to {self.flasher.baud} "
+                             "baud: the port's adapter may not support it (set [ports] baud "
+                             f"lower) ({message})", transient=False)  # again would fail alike
         return PortError(f"{self.port}: the board synced, then {self._step} failed "
                          f"({message})")
 
@@ -305,22 +317,25 @@ class EsptoolSession:
         except serial.SerialException as e:
             raise _open_error(self.port, e) from e
         self._serial = port
+        self.native = opts.native(self.port)
         self._step = "chip detection"
         esp = detect_chip(port, ROM_BAUD, trace_enabled=opts.trace,
                           connect_attempts=opts.connect_attempts)
         self.esp = esp
         chip = chip_name(esp)
-        if opts.chip is not None and chip != opts.chip:
+        if opts.chips and chip not in opts.chips:
             log.info("%s: %s board, firmware is for %s: not loading the stub", self.port, chip,
-                     opts.chip)
+                     ", ".join(opts.chips))
             return
         self._step = "the stub upload"
         esp = self.esp = run_stub(esp)
         if opts.baud != ROM_BAUD:
             self._step = f"the change to {opts.baud} baud"
             esp.change_baud(opts.baud)
+            self._baud_unconfirmed = True
         self._step = "the flash attach"
         attach_flash(esp)
+        self._baud_unconfirmed = False
         if not esp.secure_download_mode:
             size = detect_flash_size(esp)
             if size is not None:  # as write_flash's flash_size="keep"
@@ -431,6 +446,14 @@ class EsptoolSession:
                                  if empty else ""))
 
     def _reset_blocking(self) -> None:
+        if self.native is not None:
+            # The chip's own USB: esptool's watchdog reset restarts it fully (also after
+            # BOOT was held), and falls back to the hard reset on chips without one. The
+            # port then drops off the bus and re-enumerates (reenumeration.py).
+            log.debug("%s: native USB (%s %04x:%04x): watchdog reset", self.port,
+                      self.native.kind, self.native.vid, self.native.pid)
+            reset_chip(self.esp, "watchdog-reset")
+            return
         # On a pty, setting DTR/RTS fails with ENOTTY: esptool warns once and goes on.
         self.esp.hard_reset()
 
@@ -447,8 +470,8 @@ class EsptoolSession:
         return self.identity
 
     async def write(self, region: Region, progress: ProgressFn) -> None:
-        if self.flasher.chip is not None and chip_name(self.esp) != self.flasher.chip:
-            raise WrongChipError(chip_name(self.esp), self.flasher.chip)
+        if self.flasher.chips and chip_name(self.esp) not in self.flasher.chips:
+            raise WrongChipError(chip_name(self.esp), self.flasher.chips)
         loop = asyncio.get_running_loop()
         total = len(region.data)
         interval = self.flasher.progress_interval

@@ -428,8 +428,11 @@ def _write(conn: sqlite3.Connection, event: Event) -> None:
             (event.job_id, event.station, event.port, event.slot, event.firmware_hash,
              Stage.CONNECT.value, event.at))
     elif isinstance(event, Identified):
-        conn.execute("UPDATE jobs SET mac = ?, chip = ?, thing_name = ? WHERE job_id = ?",
-                     (event.mac, event.chip, event.thing_name, event.job_id))
+        # With several firmwares, the one picked for this chip is known only now.
+        conn.execute("UPDATE jobs SET mac = ?, chip = ?, thing_name = ?, "
+                     "firmware_hash = COALESCE(?, firmware_hash) WHERE job_id = ?",
+                     (event.mac, event.chip, event.thing_name, event.firmware_hash,
+                      event.job_id))
     elif isinstance(event, Registered):
         conn.execute("UPDATE jobs SET thing_name = ?, certificate_id = ?, registrar = ? "
                      "WHERE job_id = ?",

@@ -28,7 +28,6 @@ from station.errors import (
     PortError,
     RegistrationError,
     StationError,
-    WrongChipError,
 )
 from station.events import (
     EventSink,
@@ -51,6 +50,7 @@ from station.parts import (
     KnownBoardLookup,
     Region,
 )
+from station.plan import Plan, Plans
 from station.registrar.base import BoardFacts, DeviceCredentials, Journal, Registrar
 
 log = logging.getLogger("station.worker")
@@ -77,24 +77,6 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What every board gets; built once at start and shared by all workers."""
-
-    chip: str
-    regions: tuple[Region, ...]
-    firmware_hash: str
-    station: str
-    thing_name: Callable[[BoardIdentity], str]
-    credentials_region: Callable[[DeviceCredentials], Region] | None = None
-    """Builds the per-board data partition; None when the registrar makes no credentials."""
-
-    @property
-    def flash_end(self) -> int:
-        """The highest byte the common images write."""
-        return max((r.end for r in self.regions), default=0)
 
 
 @dataclass(frozen=True)
@@ -128,6 +110,9 @@ class Parts:
     """Tells a vanished port (an unplug) from a failing one after a serial error."""
     known_board: KnownBoardLookup | None = None
     """mac -> the board's history on other stations (the central ledger), if any."""
+    port_mac: Callable[[str], str | None] = lambda _port: None
+    """The board's MAC if the host knows it without opening the port (a USB-Serial/JTAG's
+    serial number): a board done with this firmware is then skipped untouched."""
 
 
 async def _to_the_end(work: Awaitable[None]) -> None:
@@ -160,7 +145,7 @@ class Worker:
     job_id: str
     port: str
     slot: str
-    plan: Plan
+    plans: Plans
     parts: Parts
     policy: Policy
     timings: dict[str, float] = field(default_factory=dict)
@@ -171,6 +156,12 @@ class Worker:
     _known: BoardHistory | None = None  # another station's done job for this board
     _asked: bool = False  # the central ledger was asked (once per job)
     _note: str | None = None  # why the board was skipped, for its final record
+    _plan: Plan | None = None  # the board's, once its chip is known
+
+    @property
+    def plan(self) -> Plan:
+        assert self._plan is not None, "no plan before the board is identified"
+        return self._plan
 
     async def run(self) -> Stage:
         """Take the board to a final stage and emit JobFinished; returns that stage."""
@@ -178,8 +169,8 @@ class Worker:
         error: str | None = None
         try:
             await self.parts.sink.emit(JobStarted(
-                job_id=self.job_id, port=self.port, slot=self.slot, station=self.plan.station,
-                firmware_hash=self.plan.firmware_hash))
+                job_id=self.job_id, port=self.port, slot=self.slot, station=self.plans.station,
+                firmware_hash=self.plans.firmware_hash))
             result = await self._attempts()
             error = self._note if result == Stage.SKIPPED else None
         except asyncio.CancelledError as e:
@@ -225,6 +216,8 @@ class Worker:
 
     async def _attempts(self) -> Stage:
         """Whole-session attempts: a serial failure mid-way means reconnecting anyway."""
+        if await self._done_untouched():
+            return Stage.SKIPPED
         attempt = 1
         while True:
             try:
@@ -246,21 +239,22 @@ class Worker:
                                          lambda: self.parts.flasher.open(self.port))
         try:
             identity = await self._stage_call(Stage.IDENTIFY, attempt, session.identify)
-            if identity.chip != self.plan.chip:
-                raise WrongChipError(identity.chip, self.plan.chip)
+            plan = self.plans.by_chip.get(identity.chip)
+            thing = (plan or self.plans.any).thing_name(identity)
+            known = await self._known_elsewhere(identity)
+            if known is not None and known.thing_name and self.policy.on_known_board == \
+                    "reflash":
+                thing = known.thing_name  # reworked here: it stays the thing it was
+            await self.parts.sink.emit(Identified(  # who it is, even if it cannot be served
+                job_id=self.job_id, port=self.port, slot=self.slot, chip=identity.chip,
+                mac=identity.mac, thing_name=thing, flash_size=identity.flash_size,
+                firmware_hash=plan.firmware_hash if plan else None))
+            self._plan = self.plans.pick(identity.chip)
             if identity.flash_size and identity.flash_size < self.plan.flash_end:
                 raise FlashError(
                     f"{self.port}: the board has {_size(identity.flash_size)} of flash but "
                     f"the firmware reaches 0x{self.plan.flash_end:x}; use boards with more "
                     "flash or a build for this size", transient=False)
-            thing = self.plan.thing_name(identity)
-            known = await self._known_elsewhere(identity)
-            if known is not None and known.thing_name and self.policy.on_known_board == \
-                    "reflash":
-                thing = known.thing_name  # reworked here: it stays the thing it was
-            await self.parts.sink.emit(Identified(
-                job_id=self.job_id, port=self.port, slot=self.slot, chip=identity.chip,
-                mac=identity.mac, thing_name=thing, flash_size=identity.flash_size))
             if await self._already_done(identity):
                 return Stage.SKIPPED
             if known is not None and self.policy.on_known_board == "skip":
@@ -273,10 +267,21 @@ class Worker:
                 self._registered_as = (identity.mac, thing)
                 self._registration = asyncio.create_task(self._register(identity, thing))
             await self._flash(session, attempt)
-            await self._stage_call(Stage.RESET, attempt, session.reset)
+            await self._reset(session, attempt)
             return Stage.DONE
         finally:
             await asyncio.shield(session.close())
+
+    async def _reset(self, session: BoardSession, attempt: int) -> None:
+        """A board that vanishes while being reset was reset: native-USB boards drop off
+        the bus when they restart, and its flash is verified by now either way."""
+        try:
+            await self._stage_call(Stage.RESET, attempt, session.reset)
+        except StationError as e:
+            if self.parts.port_present(self.port):
+                raise
+            log.info("%s: the port went away during the reset (%s): the board restarted",
+                     self.port, e)
 
     async def _flash(self, session: BoardSession, attempt: int) -> None:
         """Common images first (registration runs meanwhile), then the board's own data."""
@@ -379,6 +384,25 @@ class Worker:
                 thing_name=self._known.thing_name, note=self._known.describe(),
                 policy=self.policy.on_known_board))
         return self._known
+    async def _done_untouched(self) -> bool:
+        """A board the host names by its MAC and the ledger has done: not even connected.
+        Connecting resets a native-USB chip into its bootloader, and it may re-enumerate:
+        a done board must not be reset again (issue #9's skip-reset-re-enumerate loop)."""
+        check, mac = self.parts.already_done, self.parts.port_mac(self.port)
+        if mac is None or check is None or self.policy.reflash:
+            return False
+        for plan in self.plans.by_chip.values():
+            if await check(mac, plan.firmware_hash):
+                self._plan = plan
+                await self.parts.sink.emit(self._stage_event(Stage.IDENTIFY, 1))
+                await self.parts.sink.emit(Identified(
+                    job_id=self.job_id, port=self.port, slot=self.slot, chip=plan.chip,
+                    mac=mac, thing_name=plan.thing_name(BoardIdentity(plan.chip, mac)),
+                    firmware_hash=plan.firmware_hash))
+                log.info("%s: %s is done with this firmware (known by its USB serial "
+                         "number): skipped without opening the port", self.port, mac)
+                return True
+        return False
 
     async def _already_done(self, identity: BoardIdentity) -> bool:
         check = self.parts.already_done

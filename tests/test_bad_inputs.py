@@ -400,6 +400,13 @@ CONFIG_CASES: dict[str, tuple[Any, list[str]]] = {
     "invalid policy JSON": (_bad_policy,
                             ["config error", "station.toml: registrar.aws.policy_document:",
                              "policy.json: not valid JSON"]),
+    "chip is an ESP8266": (lambda s: s.set("firmware", "chip", "esp8266"),
+                           ["config error", "station.toml: firmware.chip: 'esp8266' is not "
+                            "supported", "(one of esp32, esp32s2, esp32s3, esp32c3, "]),
+    "chip mistyped": (lambda s: s.set("firmware", "chip", "esp32-c6"),
+                      ["config error", "station.toml: firmware.chip: 'esp32-c6' is not an "
+                       "ESP32-family chip esptool knows; did you mean 'esp32c6'?",
+                       "esp32h2, esp32h21, esp32p4"]),
     "config file missing": (lambda s: None, ["station.toml: no such file (pass --config PATH)"]),
     "state_dir cannot be made": (_state_dir_under_a_file,
                                  ["state-file/state", "Not a directory"]),

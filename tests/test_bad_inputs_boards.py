@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -73,6 +74,45 @@ def _held_by_another_program(rig: Rig, stack: contextlib.ExitStack) -> PluggedBo
     return board
 
 
+HOLD_PORT = """\
+import serial, sys
+port = serial.Serial()
+port.port, port.exclusive = sys.argv[1], True
+port.open()
+print("held", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def _held_by_modemmanager(rig: Rig, stack: contextlib.ExitStack) -> PluggedBoard:
+    """ModemManager probing a new native-USB ttyACM port: a process of that name (Python
+    started through a link called ModemManager, so /proc says so) holds it locked."""
+    board = rig.plug(chip="esp32s3", usb="jtag")
+    exe = rig.directory.parent / "mm" / "ModemManager"
+    exe.parent.mkdir(exist_ok=True)
+    if not exe.exists():
+        os.symlink(sys.executable, exe)
+    # the link hides the venv from the interpreter: hand it our import path
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    mm = subprocess.Popen([str(exe), "-c", HOLD_PORT, board.port], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True, env=env)
+
+    def release() -> None:
+        assert mm.stdin is not None and mm.stdout is not None
+        mm.stdin.close()
+        mm.wait(timeout=CLI_TIMEOUT)
+        mm.stdout.close()
+
+    stack.callback(release)
+    assert mm.stdout is not None and mm.stdout.readline() == "held\n"
+    return board
+
+
+def _bridge_above_its_baud(rig: Rig, stack: contextlib.ExitStack) -> PluggedBoard:
+    """A CH340 bridge (reliable up to 460800) at the station's default 921600 baud."""
+    return rig.plug(chip="esp32", usb="bridge", bridge="ch340")
+
+
 def _stale_node(rig: Rig, stack: contextlib.ExitStack) -> str:
     """A device node whose driver is gone: open() fails with ENXIO."""
     node = rig.directory.parent / "stale-tty"
@@ -102,6 +142,14 @@ PORT_CASES: dict[str, tuple[Callable[[Rig, contextlib.ExitStack], PluggedBoard |
                                ["cannot open", "permission denied", "'dialout' group"]),
     "port held by another program": (_held_by_another_program, "failed", "connect",
                                      ["cannot open", "another program holds the port"]),
+    "native-USB port held by ModemManager": (
+        _held_by_modemmanager, "failed", "connect",
+        ["cannot open", "another program holds the port (ModemManager (pid ",
+         'a udev rule setting ENV{ID_MM_DEVICE_IGNORE}="1" (see config/udev-notes.md)']),
+    "bridge above its highest baud": (
+        _bridge_above_its_baud, "failed", "connect",
+        ["no reply after switching to 921600 baud: the port's adapter may not support it "
+         "(set [ports] baud lower)"]),
     "port node without a device": (_stale_node, "failed", "connect",
                                    ["cannot open", "No such device or address"]),
     "not an ESP": (_not_an_esp, "failed", "connect",

@@ -81,7 +81,8 @@ def test_the_shipped_station_toml_is_valid_apart_from_the_firmware_build() -> No
          "ports.watch", "only in the last part"),
         (('watch = ["/dev/ttyUSB*", "/dev/ttyACM*"]', 'watch = ["/dev/tty[USB*"]'),
          "ports.watch", "not a valid glob"),
-        (('chip = "esp32"', 'chip = "esp8266"'), "firmware.chip", "must be one of"),
+        (('chip = "esp32"', 'chip = "esp8266"'), "firmware.chip", "is not supported: ESP8266"),
+        (('chip = "esp32"', 'chip = "esp32s4"'), "firmware.chip", "did you mean 'esp32s3'"),
         (('thing_name = "{mac}"', 'thing_name = "board"'), "identity.thing_name",
          "{mac}"),
         (('thing_name = "{mac}"', 'thing_name = "{serial}"'), "identity.thing_name",
@@ -126,3 +127,61 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
         load(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load(write(tmp_path, "[station\n"))
+
+
+SINGLE = """[firmware]
+chip = "esp32"
+images = [{ offset = 0x1000, file = "boot.bin" }, { offset = 0x10000, file = "app.bin" }]
+"""
+MULTI = """[[firmware]]
+chip = "esp32"
+images = [{ offset = 0x1000, file = "boot.bin" }, { offset = 0x10000, file = "app.bin" }]
+
+[[firmware]]
+chip = "esp32c6"
+images = [{ offset = 0x0, file = "boot.bin" }, { offset = 0x10000, file = "app.bin" }]
+"""
+
+
+def test_firmware_for_several_chips_and_a_single_table_still_loads(rig: Path) -> None:
+    single = load(write(rig, GOOD))
+    assert [(f.chip, f.key) for f in single.firmwares] == [("esp32", "firmware")]
+    assert single.firmware is single.firmwares[0]
+    assert single.ports.reenumerate_window == 5.0
+    multi = load(write(rig, GOOD.replace(SINGLE, MULTI)))
+    assert [(f.chip, f.key) for f in multi.firmwares] == [("esp32", "firmware[0]"),
+                                                          ("esp32c6", "firmware[1]")]
+    assert multi.firmware.chip == "esp32"
+
+
+@pytest.mark.parametrize(("firmware", "key", "words"), [
+    (MULTI.replace('"esp32c6"', '"esp32"'), "firmware[1].chip",
+     "esp32 already has firmware[0]: one firmware per chip"),
+    (MULTI.replace('"esp32c6"', '"esp32c7"'), "firmware[1].chip", "did you mean 'esp32c6'"),
+    (MULTI.replace('file = "app.bin" }]\n', 'file = "ap.bin" }]\n'), "firmware[0].images[1].file",
+     "ap.bin: no such file"),
+    (MULTI.replace('chip = "esp32c6"\n', 'chip = "esp32c6"\nchips = 2\n'), "firmware[1].chips",
+     "unknown key"),
+    ("firmware = []\n", "firmware", "at least one entry"),
+])
+def test_each_firmware_entry_is_checked_as_one_table_is(rig: Path, firmware: str, key: str,
+                                                        words: str) -> None:
+    text = GOOD.replace(SINGLE, firmware)
+    if firmware.startswith("firmware ="):  # a top-level key: before the first table
+        text = firmware + GOOD.replace(SINGLE, "")
+    path = write(rig, text)
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert err.value.key == key, err.value
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize(("value", "words"), [("-1", "at least 0"), ("600", "at most 120"),
+                                               ('"5s"', "must be int or float")])
+def test_the_reenumerate_window_is_validated(rig: Path, value: str, words: str) -> None:
+    text = GOOD.replace("baud = 921600\n", f"baud = 921600\nreenumerate_window = {value}\n")
+    path = write(rig, text)
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert err.value.key == "ports.reenumerate_window"
+    assert words in str(err.value)

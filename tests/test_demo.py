@@ -25,4 +25,7 @@ def test_demo_flashes_its_virtual_boards_from_a_relative_folder(tmp_path: Path) 
         [sys.executable, "-m", "station", "ledger", "--config",
          str(tmp_path / "state" / "demo" / "station.toml"), "--format", "json"],
         capture_output=True, text=True, timeout=60, check=True)
-    assert [job["result"] for job in json.loads(ledger.stdout)] == ["done"] * 3
+    jobs = json.loads(ledger.stdout)
+    assert [job["result"] for job in jobs] == ["done"] * 3
+    # a mixed rig: one board of each chip the demo holds firmware for ([[firmware]])
+    assert sorted(job["chip"] for job in jobs) == ["esp32", "esp32c3", "esp32s3"]
