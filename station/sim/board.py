@@ -31,9 +31,10 @@ from collections.abc import Awaitable, Callable
 from . import slip
 from .chips import ChipSpec
 from .faults import Faults
-from .flash import SECTOR, Flash, erase_plan
+from .flash import SECTOR, Flash
 from .pty_link import ROM_BAUD, HostClosed, PtyLink
 from .registers import Registers
+from .stub_model import StubModel, StubWriter, stub_writer
 
 # Opcodes (esptool loader.py ESP_CMDS)
 FLASH_BEGIN, FLASH_DATA, FLASH_END = 0x02, 0x03, 0x04
@@ -88,7 +89,7 @@ class _WriteSession:
     """State between FLASH_(DEFL_)BEGIN and the last block."""
 
     def __init__(self, offset: int, size: int, block_size: int, compressed: bool,
-                 erased: bool) -> None:
+                 writer: StubWriter | None) -> None:
         self.offset = offset
         self.end = offset + size
         self.block_size = block_size
@@ -96,8 +97,7 @@ class _WriteSession:
         self.inflater = zlib.decompressobj() if compressed else None
         self.write_ptr = offset
         self.next_seq = 0
-        # The stub erases lazily ahead of its writes; the ROM erased everything already.
-        self.erased_until = -(-self.end // SECTOR) * SECTOR if erased else offset
+        self.writer = writer  # the stub's erase/program schedule; None: the ROM's
 
 
 class Board:
@@ -106,7 +106,8 @@ class Board:
     def __init__(self, spec: ChipSpec, mac: bytes, flash: Flash, link: PtyLink,
                  faults: Faults | None = None, rng: random.Random | None = None,
                  on_unplug: Callable[[], None] | None = None,
-                 on_reset: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 on_reset: Callable[[str], Awaitable[None]] | None = None,
+                 stub_model: StubModel = "flasher") -> None:
         self.spec = spec
         self.mac = mac
         self.flash = flash
@@ -115,6 +116,8 @@ class Board:
         self._rng = rng or random.Random(0)
         self._on_unplug = on_unplug
         self._on_reset = on_reset
+        self.stub_model = stub_model
+        self.writers: list[StubWriter] = []  # every stub write session, for tests
         self.bytes_received = 0
         self.sessions = 0  # host opens seen, for tests and logs
         self.baud_changes: list[int] = []  # CHANGE_BAUDRATE rates received, ever
@@ -256,14 +259,20 @@ class Board:
     async def _wait_flash_idle(self) -> None:
         await self._sleep_until(self._flash_busy_until)
 
-    def _flash_busy_for(self, seconds: float) -> None:
-        now = asyncio.get_running_loop().time()
-        self._flash_busy_until = max(self._flash_busy_until, now) + seconds
+    def _busy_until(self, when: float) -> None:
+        self._flash_busy_until = max(self._flash_busy_until, when)
 
     async def _reply(self, op: int, value: int = 0, data: bytes = b"", status: int = 0,
                      error: int = 0) -> None:
-        # The ROM sends 4 status bytes (2 reserved), the stub 2.
-        tail = bytes([status, error]) if self.mode is Mode.STUB else bytes([status, error, 0, 0])
+        # The ROM sends 4 status bytes (2 reserved), the stub 2: the legacy stub
+        # (status, error); esp-flasher-stub a big-endian 16-bit code, error << 8
+        # (its commands.h), which esptool's error table decodes as 0xC000...
+        if self.mode is not Mode.STUB:
+            tail = bytes([status, error, 0, 0])
+        elif self.stub_model == "flasher":
+            tail = bytes([error, 0]) if status else b"\x00\x00"
+        else:
+            tail = bytes([status, error])
         body = data + tail
         await self.link.write(slip.encode(struct.pack("<BBHI", 1, op, len(body), value) + body))
 
@@ -415,9 +424,15 @@ class Board:
             raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
         compressed = op == FLASH_DEFL_BEGIN
         self._wrote_flash = self._wrote_flash or size > 0
+        writer = None
         if not stub and size:
             await asyncio.sleep(self.flash.erase(offset, size))  # ROM: erase up front
-        self._write = _WriteSession(offset, size, block_size, compressed, erased=not stub)
+        elif stub:
+            writer = stub_writer(self.stub_model, self.flash, offset, size)
+            self.writers.append(writer)
+            now = asyncio.get_running_loop().time()
+            await self._sleep_until(writer.begin(now))
+        self._write = _WriteSession(offset, size, block_size, compressed, writer)
         await self._reply(op)
 
     async def _flash_data(self, op: int, data: bytes, chk: int) -> None:
@@ -448,25 +463,14 @@ class Board:
         out = out[: max(0, self.flash.size - addr)]
         session.next_seq += 1
         session.write_ptr = addr + len(out)
-        if self.mode is Mode.STUB:
-            # ACK on receipt; erase-ahead and programming overlap the next block's transfer.
+        if session.writer is not None:
+            # ACK on receipt; erasing and programming overlap the next block's transfer.
             await self._reply(op)
-            self._flash_busy_for(self._erase_ahead(session, addr + len(out))
-                                 + self.flash.program(addr, out))
+            start = max(asyncio.get_running_loop().time(), self._flash_busy_until)
+            self._busy_until(session.writer.write(start, addr, out, session.compressed))
         else:
             await asyncio.sleep(self.flash.program(addr, out))
             await self._reply(op)
-
-    def _erase_ahead(self, session: _WriteSession, write_end: int) -> float:
-        """Stub: erase the sectors (or 64 KB blocks) the next write needs."""
-        seconds = 0.0
-        region_end = -(-max(session.end, write_end) // SECTOR) * SECTOR
-        for addr, length in erase_plan(session.erased_until, region_end - session.erased_until):
-            if addr >= write_end:
-                break
-            seconds += self.flash.erase(addr, length)
-            session.erased_until = addr + length
-        return seconds
 
     async def _flash_end(self, op: int, data: bytes) -> None:
         (stay,) = struct.unpack("<I", data)

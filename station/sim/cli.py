@@ -28,6 +28,7 @@ from .bridge import BRIDGES, DEFAULT_BRIDGE
 from .chips import CHIP_NAMES, chip_spec, parse_chip_list
 from .faults import parse_fault_specs
 from .rig import Rig, parse_size
+from .stub_model import STUB_MODELS
 from .usb import parse_gap, usb_link
 
 
@@ -48,6 +49,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reenumerate-gap", default="0.2-2", metavar="S|MIN-MAX",
                         help="seconds a native-USB board is off the bus after a reset: fixed, "
                              "or drawn from the seed in a range (0.2-2)")
+    parser.add_argument("--preloaded", action="store_true",
+                        help="boards carry old firmware (non-blank flash the stub must erase)")
+    parser.add_argument("--stub-model", default="flasher", choices=STUB_MODELS,
+                        help="whose flash schedule the stub follows: esp-flasher-stub "
+                             "(esptool 5.6's default) or the legacy esptool stub (flasher)")
     parser.add_argument("--seed", type=int, default=0, help="seed for MACs and faults")
     parser.add_argument("--plug-interval", type=float, default=0.0, metavar="S",
                         help="seconds between plugging successive boards (0)")
@@ -100,14 +106,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         with Rig(args.dir, seed=args.seed, throttle=not args.no_throttle,
                  flash_timing=not args.no_flash_timing, on_event=emit,
-                 reenumerate_gap=gap) as rig:
+                 reenumerate_gap=gap, stub_model=args.stub_model) as rig:
             for index in range(args.boards):
                 if stop.is_set():
                     break
                 usb = usbs[index % len(usbs)]
                 rig.plug(chip=chips[index % len(chips)], flash_size=flash_size,
                          faults=faults.get(index), index=index, usb=usb,
-                         bridge=args.bridge if usb == "bridge" else None)
+                         bridge=args.bridge if usb == "bridge" else None,
+                         preloaded=args.preloaded)
                 if args.plug_interval > 0 and stop.wait(args.plug_interval):
                     break
             while not stop.wait(3600):

@@ -31,11 +31,13 @@ from .chips import chip_spec
 from .faults import Faults
 from .flash import Flash, FlashTiming
 from .pty_link import PtyLink
+from .stub_model import StubModel, parse_stub_model
 from .usb import DEFAULT_REENUMERATE_GAP, UsbLink, draw_gap, usb_link
 
 ESPRESSIF_OUI = bytes.fromhex("240ac4")
 DEFAULT_FLASH_SIZE = 4 * 1024 * 1024
 CALL_TIMEOUT_S = 30.0
+PRELOADED_SIZE = 2 * 1024 * 1024  # how much old firmware a preloaded board carries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,6 +109,8 @@ class PluggedBoard:
     bridge: str | None = DEFAULT_BRIDGE  # bridge chip, None on native USB
     vid_pid: str = "10c4:ea60"  # what the host would see in download mode
     max_baud: int | None = None  # highest baud the bridge carries; None: native
+    preloaded: bool = False  # came with old firmware (non-blank flash)
+    stub_model: str = "flasher"  # whose flash schedule the stub follows
 
 
 @dataclass
@@ -132,9 +136,10 @@ class Rig:
 
     def __init__(self, directory: str | os.PathLike[str], seed: int = 0, throttle: bool = True,
                  flash_timing: bool = True, on_event: EventCallback | None = None,
-                 reenumerate_gap: float | tuple[float, float] = DEFAULT_REENUMERATE_GAP
-                 ) -> None:
+                 reenumerate_gap: float | tuple[float, float] = DEFAULT_REENUMERATE_GAP,
+                 stub_model: StubModel = "flasher") -> None:
         self.directory = Path(directory)
+        self.stub_model = parse_stub_model(stub_model)
         self.reenumerate_gap = reenumerate_gap
         self.directory.mkdir(parents=True, exist_ok=True)
         self.seed = seed
@@ -157,18 +162,23 @@ class Rig:
     def plug(self, chip: str = "esp32", mac: str | bytes | None = None,
              flash_size: int | str = DEFAULT_FLASH_SIZE, faults: Faults | None = None,
              index: int | None = None, usb: str = "bridge", bridge: str | None = None,
-             reenumerate_gap: float | tuple[float, float] | None = None) -> PluggedBoard:
+             reenumerate_gap: float | tuple[float, float] | None = None,
+             preloaded: bool = False, stub_model: StubModel | None = None) -> PluggedBoard:
         """Plug a new board; returns once its by-path link exists.
 
         ``usb`` is how it hangs off the hub: "bridge" (a USB-UART bridge, kind
         ``bridge``, default cp2102n), "jtag" (the chip's USB-Serial/JTAG) or "otg".
         Native boards (jtag, otg) re-enumerate after every reset they see, off the bus
         for ``reenumerate_gap`` seconds (a number, or a (low, high) range drawn from
-        the seed; default: the rig's).
+        the seed; default: the rig's). A new board's flash is blank (0xFF), as from
+        the factory; ``preloaded=True`` gives it old firmware (seeded pseudo-random
+        bytes in the first 2 MB), which the flasher stub must erase. ``stub_model``
+        ("flasher", "legacy"; default: the rig's) picks the stub's flash schedule.
         """
         spec = chip_spec(chip)
         link_kind = usb_link(spec, usb, bridge)
         gap = self.reenumerate_gap if reenumerate_gap is None else reenumerate_gap
+        model = self.stub_model if stub_model is None else parse_stub_model(stub_model)
         size = parse_size(flash_size) if isinstance(flash_size, str) else flash_size
         with self._lock:
             if index is None:
@@ -184,7 +194,7 @@ class Rig:
                     raise ValueError(f"a MAC has 6 bytes, got {mac!r}")
                 self._macs.reserve(mac_bytes)
         return self._call(self._plug(index, spec.name, mac_bytes, size, faults or Faults(),
-                                     link_kind, gap))
+                                     link_kind, gap, preloaded, model))
 
     def unplug(self, board: PluggedBoard | int) -> None:
         """Pull the board out: link removed, pty closed, flash dumped. Idempotent."""
@@ -212,7 +222,7 @@ class Rig:
         self.unplug(info)
         return self.plug(chip=info.chip, mac=info.mac, flash_size=len(self.flash(info)),
                          faults=info.faults, index=info.index, usb=info.usb,
-                         bridge=info.bridge)
+                         bridge=info.bridge, stub_model=parse_stub_model(info.stub_model))
 
     def info(self, board: PluggedBoard | int) -> PluggedBoard:
         """The board as it is now (``pty`` changes when a native board re-enumerates)."""
@@ -286,7 +296,8 @@ class Rig:
                 log.exception("event callback failed")
 
     async def _plug(self, index: int, chip: str, mac: bytes, size: int, faults: Faults,
-                    usb: UsbLink, gap: float | tuple[float, float]) -> PluggedBoard:
+                    usb: UsbLink, gap: float | tuple[float, float], preloaded: bool,
+                    stub_model: StubModel) -> PluggedBoard:
         rng = random.Random(self.seed * 1_000_003 + index)
         link = self._new_link(faults, rng, usb)
         flash = Flash(size, FlashTiming(enabled=self.flash_timing, slow=faults.slow_flash))
@@ -295,7 +306,11 @@ class Rig:
                             mac=format_mac(mac), chip=chip,
                             dump_path=self.directory / f"flash-{mac.hex()}.bin", faults=faults,
                             usb=usb.kind, bridge=usb.bridge.name if usb.bridge else None,
-                            vid_pid=str(usb.describe()["vid_pid"]), max_baud=usb.max_baud)
+                            vid_pid=str(usb.describe()["vid_pid"]), max_baud=usb.max_baud,
+                            preloaded=preloaded, stub_model=stub_model)
+        if preloaded:
+            old = min(size, PRELOADED_SIZE)
+            flash.data[:old] = random.Random(f"preloaded-{self.seed}-{mac.hex()}").randbytes(old)
         if info.dump_path.exists():  # the same board plugged again keeps what it held
             previous = info.dump_path.read_bytes()
             flash.data[:len(previous)] = previous[:size]
@@ -307,14 +322,15 @@ class Rig:
             await self._board_reset(index, kind)
 
         board = Board(chip_spec(chip), mac, flash, link, faults, rng, on_unplug=fault_unplug,
-                      on_reset=on_reset)
+                      on_reset=on_reset, stub_model=stub_model)
         task = asyncio.get_running_loop().create_task(board.run(), name=f"board-{index}")
         gap_rng = random.Random(f"usb-gap-{self.seed}-{index}")
         self._slots[index] = _Slot(info, board, link, task, usb, gap, gap_rng)
         self._link_port(port, link.slave_path)
         log.info("plugged %s %s at %s -> %s", chip, info.mac, port, link.slave_path)
         self._emit({"event": "plugged", "index": index, "port": info.port, "pty": info.pty,
-                    "mac": info.mac, "chip": chip, **usb.describe()})
+                    "mac": info.mac, "chip": chip, **usb.describe(), "preloaded": preloaded,
+                    "stub_model": stub_model})
         return info
 
     def _new_link(self, faults: Faults, rng: random.Random, usb: UsbLink) -> PtyLink:
