@@ -39,6 +39,7 @@ from station.events import (
     Identified,
     JobFinished,
     JobStarted,
+    LineRate,
     Progress,
     Registered,
     RegistrationStep,
@@ -48,7 +49,7 @@ from station.events import (
 log = logging.getLogger("station.ledger")
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FILENAME = "ledger.sqlite3"
 _BATCH = 256  # tasks committed together at most; bounds a transaction's size
 
@@ -70,9 +71,15 @@ _SCHEMA = (
         thing_name TEXT NOT NULL, step TEXT NOT NULL, certificate_id TEXT,
         certificate_arn TEXT)""",
 )
+# Schema changes since version 1, applied in order to older ledgers when they are opened.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # the line rate a board ran at, and every step down the ladder (station/baud.py)
+    2: ("ALTER TABLE jobs ADD COLUMN baud INTEGER",
+        "ALTER TABLE jobs ADD COLUMN baud_steps TEXT"),
+}
 EXPORT_COLUMNS = ("job_id", "slot", "port", "mac", "chip", "thing_name", "result",
                   "failed_stage", "error", "started", "finished", "seconds", "certificate_id",
-                  "registrar", "firmware_hash", "station", "timings")
+                  "registrar", "firmware_hash", "station", "timings", "baud", "baud_steps")
 
 
 class _Task:
@@ -177,7 +184,11 @@ class Ledger:
                 conn.execute("BEGIN IMMEDIATE")
                 for statement in _SCHEMA:
                     conn.execute(statement)
-                conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+                _migrate(conn, 1)
+                conn.execute("COMMIT")
+            elif version < SCHEMA_VERSION:  # an older station's ledger: add what it lacks
+                conn.execute("BEGIN IMMEDIATE")
+                _migrate(conn, version)
                 conn.execute("COMMIT")
             elif version > SCHEMA_VERSION:
                 raise LedgerError(f"{self.path}: written by a newer station (schema "
@@ -356,6 +367,22 @@ def _schema_version(conn: sqlite3.Connection) -> int | None:
     return None
 
 
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in _MIGRATIONS.get(step, ()):
+            conn.execute(statement)
+    conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+
+
+def _line_rate_note(event: LineRate) -> str | None:
+    """One entry of a job's baud_steps: a step down, or a start at the slot's lower rate."""
+    if event.stepped_from is not None:
+        return f"{event.stepped_from}->{event.baud}: {event.reason or 'line failed'}"
+    if event.remembered:
+        return f"started at {event.baud}: {event.reason or 'the slot stepped down before'}"
+    return None
+
+
 def _write(conn: sqlite3.Connection, event: Event) -> None:
     fields = event_fields(event)
     stage = fields.pop("stage", None)
@@ -403,6 +430,11 @@ def _write(conn: sqlite3.Connection, event: Event) -> None:
             (event.result.value, event.error,
              event.failed_stage.value if event.failed_stage else None, event.at,
              json.dumps(event.timings), event.result.value, event.job_id))
+    elif isinstance(event, LineRate):
+        note = _line_rate_note(event)
+        conn.execute("UPDATE jobs SET baud = ?, baud_steps = CASE WHEN ? IS NULL THEN "
+                     "baud_steps ELSE coalesce(baud_steps || '; ', '') || ? END "
+                     "WHERE job_id = ?", (event.baud, note, note, event.job_id))
     elif stage is not None:  # StageChanged, Retrying: where the job is now
         conn.execute("UPDATE jobs SET stage = ? WHERE job_id = ? AND result IS NULL",
                      (stage, event.job_id))

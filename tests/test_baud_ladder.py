@@ -1,0 +1,106 @@
+"""The baud ladder through `station run`, real esptool and virtual bridge boards (issue #11).
+
+A CP2102 clocks 921600 at most; driven at 2 Mbaud the virtual bridge garbles every byte
+in both directions (station/sim/bridge.py), as the real one does. The station must step
+down (2000000 -> 1500000 -> 921600), finish the board `done`, name the rates and reasons
+in the ledger and the log, and start the slot's next board at the rate it stepped down
+to. A board that answers at 115200 only after the reset (a mute line at every higher
+rate) ends where the ladder ends, and a bridge that carries the rate is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from station.daemon import EXIT_OK
+from station.sim import Rig
+from tests.test_bad_inputs import RUN_TIMEOUT, Firmware, Site, make_firmware
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def firmware(tmp_path_factory: pytest.TempPathFactory) -> Firmware:
+    return make_firmware(tmp_path_factory.mktemp("firmware"))
+
+
+@pytest.fixture
+def site(tmp_path: Path, firmware: Firmware) -> Site:
+    return Site(tmp_path, firmware)
+
+
+@pytest.fixture
+def rig(site: Site) -> Iterator[Rig]:
+    # throttle=False: the bridge still garbles above its rate; only the wire time goes
+    with Rig(site.hub, seed=21, throttle=False, flash_timing=False) as r:
+        yield r
+
+
+def events(site: Site) -> list[dict[str, Any]]:
+    path = site.state / "events.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def wait_for(proc: subprocess.Popen[bytes], what: str, check: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert proc.poll() is None, f"station exited ({proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.05)  # polling interval of a deadline-bound wait
+
+
+def test_a_cp2102_at_2_mbaud_steps_down_finishes_and_its_slot_remembers(
+        site: Site, rig: Rig) -> None:
+    site.set("ports", "baud", 2_000_000)
+    site.set("ports", "reenumerate_window", 0)  # the next board on the slot is a new one
+    site.write()
+    slow = rig.plug(chip="esp32", usb="bridge", bridge="cp2102", index=0)
+    fast = rig.plug(chip="esp32", usb="bridge", bridge="cp2102n", index=1)
+    out = (site.root / "station.out").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "station", "run", "--headless",
+                             "--exit-after", "3", "--config", str(site.config)],
+                            cwd=site.root, stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    try:
+        def finished() -> list[dict[str, Any]]:
+            return [e for e in events(site) if e["kind"] == "JobFinished"]
+
+        wait_for(proc, "the first two boards", lambda: len(finished()) >= 2)
+        rig.unplug(slow)
+        wait_for(proc, "the unplug", lambda: not Path(slow.port).exists())
+        again = rig.plug(chip="esp32", usb="bridge", bridge="cp2102", index=0)
+        assert proc.wait(timeout=RUN_TIMEOUT) == EXIT_OK, (site.root / "station.out").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out.close()
+    log = (site.root / "station.out").read_text()
+    rows = site.ledger()
+    first, second = [r for r in rows if r["port"] == slow.port]
+    other = next(r for r in rows if r["port"] == fast.port)
+    assert [first["result"], second["result"], other["result"]] == ["done"] * 3, rows
+    assert first["mac"] == slow.mac.replace(":", "") and second["mac"] == again.mac.replace(":", "")
+
+    # the CP2102: two steps, each with its reason; ends at the bridge's 921600
+    assert first["baud"] == 921600, first
+    steps = first["baud_steps"].split("; ")
+    assert [s.split(":")[0] for s in steps] == ["2000000->1500000", "1500000->921600"], steps
+    assert all("no reply after the change to" in s and "baud (" in s for s in steps), steps
+    assert "stepped down 2000000 -> 1500000 baud" in log and "-> 921600 baud" in log
+    # its slot's next board starts at 921600: no step, and the row says why
+    assert second["baud"] == 921600 and second["baud_steps"].startswith(
+        "started at 921600: slot "), second
+    # the CP2102N carries 2 Mbaud: untouched
+    assert other["baud"] == 2_000_000 and other["baud_steps"] is None, other
+    # the sim saw it: the CP2102's second board was asked for 921600 only
+    assert rig.board(again).baud_changes == [921600]
