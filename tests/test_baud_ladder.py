@@ -4,8 +4,8 @@ A CP2102 clocks 921600 at most; driven at 2 Mbaud the virtual bridge garbles eve
 in both directions (station/sim/bridge.py), as the real one does. The station must step
 down (2000000 -> 1500000 -> 921600), finish the board `done`, name the rates and reasons
 in the ledger and the log, and start the slot's next board at the rate it stepped down
-to. A board that answers at 115200 only after the reset (a mute line at every higher
-rate) ends where the ladder ends, and a bridge that carries the rate is never touched.
+to. A CH340 (reliable to 460800) takes one step more: before the ladder, a bridge above
+its rate failed the board at once. A bridge that carries the rate is never touched.
 """
 
 from __future__ import annotations
@@ -66,16 +66,17 @@ def test_a_cp2102_at_2_mbaud_steps_down_finishes_and_its_slot_remembers(
     site.write()
     slow = rig.plug(chip="esp32", usb="bridge", bridge="cp2102", index=0)
     fast = rig.plug(chip="esp32", usb="bridge", bridge="cp2102n", index=1)
+    ch340 = rig.plug(chip="esp32", usb="bridge", bridge="ch340", index=2)
     out = (site.root / "station.out").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "station", "run", "--headless",
-                             "--exit-after", "3", "--config", str(site.config)],
+                             "--exit-after", "4", "--config", str(site.config)],
                             cwd=site.root, stdout=out, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
     try:
         def finished() -> list[dict[str, Any]]:
             return [e for e in events(site) if e["kind"] == "JobFinished"]
 
-        wait_for(proc, "the first two boards", lambda: len(finished()) >= 2)
+        wait_for(proc, "the first three boards", lambda: len(finished()) >= 3)
         rig.unplug(slow)
         wait_for(proc, "the unplug", lambda: not Path(slow.port).exists())
         again = rig.plug(chip="esp32", usb="bridge", bridge="cp2102", index=0)
@@ -88,7 +89,8 @@ def test_a_cp2102_at_2_mbaud_steps_down_finishes_and_its_slot_remembers(
     rows = site.ledger()
     first, second = [r for r in rows if r["port"] == slow.port]
     other = next(r for r in rows if r["port"] == fast.port)
-    assert [first["result"], second["result"], other["result"]] == ["done"] * 3, rows
+    cheap = next(r for r in rows if r["port"] == ch340.port)
+    assert [r["result"] for r in (first, second, other, cheap)] == ["done"] * 4, rows
     assert first["mac"] == slow.mac.replace(":", "") and second["mac"] == again.mac.replace(":", "")
 
     # the CP2102: two steps, each with its reason; ends at the bridge's 921600
@@ -102,5 +104,7 @@ def test_a_cp2102_at_2_mbaud_steps_down_finishes_and_its_slot_remembers(
         "started at 921600: slot "), second
     # the CP2102N carries 2 Mbaud: untouched
     assert other["baud"] == 2_000_000 and other["baud_steps"] is None, other
+    # the CH340 (460800 at most) goes one step further, and is done too
+    assert cheap["baud"] == 460800 and cheap["baud_steps"].count("->") == 3, cheap
     # the sim saw it: the CP2102's second board was asked for 921600 only
     assert rig.board(again).baud_changes == [921600]
