@@ -18,9 +18,13 @@ Python API::
         image = rig.flash(board)                  # bytes of the whole flash
         rig.unplug(board)                         # link gone, flash dumped
         bad = rig.plug(chip="esp32c3", faults=Faults(mute=True))
+        native = rig.plug(chip="esp32s3", usb="jtag")  # re-enumerates on resets
+        old = rig.plug(chip="esp32c6", preloaded=True)  # old firmware: pays erases
 
 ``PluggedBoard`` has ``index``, ``port`` (the by-path symlink), ``pty`` (the slave
-device), ``mac`` ("24:0a:c4:.."), ``chip``, ``dump_path`` and ``faults``.
+device), ``mac`` ("24:0a:c4:.."), ``chip``, ``dump_path``, ``faults``, ``usb``,
+``bridge``, ``vid_pid``, ``max_baud``, ``preloaded`` and ``stub_model``; ``Rig`` also
+has ``info``, ``replug``, ``resets``, ``reset_count`` and ``reenumerations``.
 
 Command line: ``python -m station.sim --boards 16 --dir /tmp/hub`` (or ``station sim``);
 see :mod:`station.sim.cli`.

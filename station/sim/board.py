@@ -118,6 +118,7 @@ class Board:
         self._on_reset = on_reset
         self.stub_model = stub_model
         self.writers: list[StubWriter] = []  # every stub write session, for tests
+        self.flash_wait_s = 0.0  # replies held back by stub flash work, ever
         self.bytes_received = 0
         self.sessions = 0  # host opens seen, for tests and logs
         self.baud_changes: list[int] = []  # CHANGE_BAUDRATE rates received, ever
@@ -257,7 +258,10 @@ class Board:
             await asyncio.sleep(delay)
 
     async def _wait_flash_idle(self) -> None:
-        await self._sleep_until(self._flash_busy_until)
+        delay = self._flash_busy_until - asyncio.get_running_loop().time()
+        if delay > 0:
+            self.flash_wait_s += delay  # time the host waited on the flash, not the line
+            await asyncio.sleep(delay)
 
     def _busy_until(self, when: float) -> None:
         self._flash_busy_until = max(self._flash_busy_until, when)

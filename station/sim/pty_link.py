@@ -56,7 +56,8 @@ class PtyLink:
     """Master side of one pty, with throttled, non-blocking reads and writes."""
 
     def __init__(self, throttle: bool = True, corrupt_rate: float = 0.0,
-                 rng: random.Random | None = None, max_baud: int | None = None) -> None:
+                 rng: random.Random | None = None, max_baud: int | None = None,
+                 usb_bytes_per_s: float | None = None) -> None:
         self.master, slave = os.openpty()
         self.slave_path = os.ttyname(slave)
         os.close(slave)
@@ -64,6 +65,8 @@ class PtyLink:
         self.throttle = throttle
         self.corrupt_rate = corrupt_rate
         self.max_baud = max_baud  # a bridge above this rate garbles both directions
+        # Native USB ignores the baud rate: its throughput is the USB device's own.
+        self.usb_bytes_per_s = usb_bytes_per_s
         self._rng = rng or random.Random(0)
         self._next_corrupt = self._draw_corrupt_gap()
         self._rx_free = 0.0  # when the host->board line is next idle
@@ -86,6 +89,11 @@ class PtyLink:
             return ROM_BAUD
         (speed,) = struct.unpack_from("<I", buf, _OSPEED_OFFSET)
         return speed or ROM_BAUD
+
+    def _byte_time(self, baud: int) -> float:
+        if self.usb_bytes_per_s is not None:
+            return 1 / self.usb_bytes_per_s
+        return BITS_PER_BYTE / baud
 
     def over_limit(self, baud: int) -> bool:
         """True when the host drives the bridge faster than it can clock."""
@@ -140,7 +148,7 @@ class PtyLink:
                 chunk = garble(chunk)
             if not self.throttle:
                 return chunk, now, 0.0
-            byte_time = BITS_PER_BYTE / baud
+            byte_time = self._byte_time(baud)
             start = max(self._rx_free, now)
             self._rx_free = start + len(chunk) * byte_time
             return chunk, start, byte_time
@@ -158,7 +166,7 @@ class PtyLink:
             if self.throttle:
                 now = loop.time()
                 start = max(self._tx_free, now)
-                self._tx_free = start + line_time(len(piece), self.baud())
+                self._tx_free = start + len(piece) * self._byte_time(self.baud())
                 if self._tx_free > now:
                     await asyncio.sleep(self._tx_free - now)
             await self._write_all(loop, piece)

@@ -335,7 +335,7 @@ class Rig:
 
     def _new_link(self, faults: Faults, rng: random.Random, usb: UsbLink) -> PtyLink:
         return PtyLink(throttle=self.throttle, corrupt_rate=faults.corrupt, rng=rng,
-                       max_baud=usb.max_baud)
+                       max_baud=usb.max_baud, usb_bytes_per_s=usb.bytes_per_s)
 
     def _link_port(self, port: Path, target: str) -> None:
         tmp = self.directory / f".{port.name}.tmp"

@@ -34,6 +34,9 @@ USB_KINDS: tuple[UsbKind, ...] = ("bridge", "jtag", "otg")
 
 # ESP-IDF's TinyUSB CDC app enumerates as 303a:4001 (REAL-RIGS.md, esptool PR #980).
 TINYUSB_CDC_PID = 0x4001
+# Native USB ignores the baud rate; USB-Serial/JTAG moves ~1.4 Mbit/s with the stub
+# (esptool#779, REAL-RIGS.md). USB-OTG CDC is full speed too: the same figure is used.
+NATIVE_USB_BYTES_PER_S = 1.4e6 / 8
 # A native device is gone this long after a reset before it enumerates again.
 DEFAULT_REENUMERATE_GAP = (0.2, 2.0)
 
@@ -56,6 +59,11 @@ class UsbLink:
     def native(self) -> bool:
         """The chip is the USB device: its resets re-enumerate the port."""
         return self.kind != "bridge"
+
+    @property
+    def bytes_per_s(self) -> float | None:
+        """Throughput independent of the baud rate (native USB); None: the UART's."""
+        return NATIVE_USB_BYTES_PER_S if self.native else None
 
     @property
     def max_baud(self) -> int | None:

@@ -1,4 +1,7 @@
-"""Line-rate and flash timing: a throttled 1 MB write takes what the model predicts.
+"""Legacy stub model: a throttled 1 MB write takes what the model predicts.
+
+(The legacy esptool stub, ``stub_model="legacy"``; esp-flasher-stub, esptool 5.6's
+default, is covered by test_stub_timing.py.)
 
 The prediction is computed here, independently of the simulator's code, from the bytes
 esptool really sends (its own zlib level-9 stream, cut into 16 KB stub blocks, SLIP
@@ -90,7 +93,7 @@ def wrote_seconds(result: EsptoolResult, size: int) -> float:
 def flash_app(tmp_path: Path, app_path: Path, throttle: bool) -> tuple[float, float, int]:
     """One real esptool write at 460800; returns (total s, write s, line-model s of traffic)."""
     with Rig(tmp_path / f"hub-{throttle}", seed=1, throttle=throttle,
-             flash_timing=throttle) as rig:
+             flash_timing=throttle, stub_model="legacy") as rig:
         board = rig.plug(chip="esp32")
         start = time.monotonic()
         result = esptool(board.port, "--baud", str(BAUD), "write-flash", hex(APP_OFFSET),

@@ -161,3 +161,21 @@ def test_bridge_above_its_highest_baud_garbles(rig: Rig, app: Path) -> None:
     assert rig.flash(board)[0x10000:0x11000] == b"\xff" * 0x1000
     ok = esptool(board.port, "--baud", "460800", "write-flash", "0x10000", str(app))
     assert ok.returncode == 0, ok.output
+
+
+def test_native_usb_ignores_the_baud_rate(tmp_path: Path) -> None:
+    """USB-Serial/JTAG moves ~1.4 Mbit/s whatever baud the host sets (esptool#779)."""
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(32 * 1024))  # incompressible: sent raw, 32 KB on the wire
+    with Rig(tmp_path / "timed", seed=4, throttle=True, flash_timing=False) as rig:
+        native = rig.plug(chip="esp32c3", usb="jtag")
+        bridged = rig.plug(chip="esp32c3")
+        took = {}
+        for board in (native, bridged):
+            start = time.monotonic()
+            result = esptool(board.port, "write-flash", "0x10000", str(big))  # at 115200
+            took[board.usb] = time.monotonic() - start
+            assert result.returncode == 0, result.output
+    # 32 KB at 115200 is 2.8 s of wire alone; over native USB 0.2 s
+    assert took["bridge"] > 2.8
+    assert took["jtag"] < took["bridge"] / 2
