@@ -283,6 +283,10 @@ max_parallel = {cfg.slots}
 watch = [{json.dumps(str(cfg.workdir / 'rig' / 'pci-*'))}]
 baud = 921600
 rescan_interval = 0.5
+# Bridge boards only, and the operator swaps a board 0.5 s after its final row: on a
+# pty the station cannot see the bridge's USB vendor id (it would on a real rig), so the
+# same-board rule for ports that re-enumerate after a reset is off for this line.
+reenumerate_window = 0
 
 [firmware]
 chip = "esp32"

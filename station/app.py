@@ -26,9 +26,10 @@ from station.firmware import FirmwareBundle, load_firmware
 from station.flasher import EsptoolFlasher
 from station.ledger import Ledger
 from station.parts import BoardIdentity, Region
+from station.plan import Plan, Plans
 from station.registrar import make_registrar
 from station.registrar.base import DeviceCredentials, Registrar
-from station.worker import Plan, Plans, current_board
+from station.worker import current_board
 
 log = logging.getLogger("station.app")
 

@@ -24,14 +24,14 @@ from station.errors import StateDirBusyError
 from station.events import Event, Identified, JobFinished, RegistrationStep, Stage, StageChanged
 from station.hotplug import PortInfo, PortWatcher
 from station.parts import Flasher
+from station.plan import Plans
 from station.reenumeration import Reenumerations
 from station.registrar.base import DeviceCredentials, Journal, Registrar
-from station.usbport import native_usb
+from station.usbport import bridge_vid, native_usb
 from station.worker import (
     REMOVED,
     Clock,
     Parts,
-    Plans,
     Policy,
     SystemClock,
     Worker,
@@ -146,6 +146,7 @@ class Station:
         self._reenumerations: Reenumerations[asyncio.Task[Stage | None]] = \
             Reenumerations(self.config.ports.reenumerate_window)
         self._by_job: dict[str, tuple[str, asyncio.Task[Stage | None]]] = {}  # id -> key, task
+        self._bridges: set[str] = set()  # jobs on a USB-UART bridge: no re-enumeration
         self._macs: dict[str, str] = {}  # job id -> MAC, once identified
 
     async def serve(self) -> int:
@@ -189,7 +190,7 @@ class Station:
     def _abort(self) -> None:
         self._aborted = True
         self.stop()
-        for task in self._jobs.values():
+        for task in {*self._jobs.values(), *self._reenumerations.away()}:
             task.cancel(ABORTED)
 
     async def _reconcile(self) -> None:
@@ -222,7 +223,14 @@ class Station:
         task = asyncio.create_task(self._run(worker), name=f"job {info.path}")
         self._jobs[info.path] = task
         self._by_job[job_id] = (self._usb_key(info), task)
-        task.add_done_callback(lambda _t: self._macs.pop(job_id, None))
+        if bridge_vid(info.target) is not None:  # it keeps its port through a chip reset:
+            self._bridges.add(job_id)  # a vanish after the reset is a hand, never the reset
+
+        def forget(_task: asyncio.Task[Stage | None]) -> None:
+            self._macs.pop(job_id, None)
+            self._bridges.discard(job_id)
+
+        task.add_done_callback(forget)
 
     @staticmethod
     def _usb_key(info: PortInfo) -> str:
@@ -278,7 +286,8 @@ class Station:
         key, task = where
         if isinstance(event, Identified):
             self._macs[event.job_id] = event.mac
-        elif isinstance(event, StageChanged) and event.stage == Stage.RESET:
+        elif isinstance(event, StageChanged) and event.stage == Stage.RESET and \
+                event.job_id not in self._bridges:
             self._reenumerations.resetting(key, task, self._macs.get(event.job_id))
         elif isinstance(event, JobFinished):
             self._reenumerations.ended(key, task)

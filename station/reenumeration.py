@@ -21,9 +21,14 @@ be pulled by a hand right after its reset too, so the rule cannot hang on "nativ
 - anything else (another MAC, later than the window, a port that was never reset by
   us) is a re-plug and gets a new job, as before.
 
-What this cannot tell: a different bridge board swapped into the same socket within
-the window is taken for the first (nothing names it before a connect); the window is
-short (5 s by default) for that reason.
+A port the host knows as a USB-UART bridge (a USB vendor id that is not Espressif's) is
+left out: the bridge stays on the bus through the chip's reset, so its port vanishing is
+always a hand pulling the board, and the next board in that socket must get its job.
+
+What this cannot tell: on a port with no USB facts (a pty, an RFC 2217 port) and no MAC
+to read, a different board swapped into the same socket within the window is taken for
+the first (nothing names it before a connect); the window is short (5 s by default) for
+that reason, and a line of bridge boards on such ports sets `reenumerate_window = 0`.
 
 The tracker is plain bookkeeping on the event loop thread with an injectable clock; the
 daemon feeds it from the events workers emit and from the port watcher.

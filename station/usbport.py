@@ -62,6 +62,17 @@ def classify(info: Any) -> NativeUsb | None:
                      serial_number=getattr(info, "serial_number", None))
 
 
+def bridge_vid(port: str) -> int | None:
+    """The USB vendor id of `port` if it is a USB-UART bridge (a USB device that is not
+    Espressif's): the bridge stays on the bus through every chip reset. None for native
+    USB and for ports without USB (pty, RFC 2217), which may re-enumerate for all we know."""
+    try:
+        vid = SysFS(os.path.realpath(port)).vid
+    except Exception:  # the device vanished mid-read
+        return None
+    return vid if isinstance(vid, int) and vid != ESPRESSIF_VID else None
+
+
 def native_usb(port: str) -> NativeUsb | None:
     """The native-USB facts of `port` (a device node or a link to one), from sysfs."""
     try:

@@ -128,6 +128,9 @@ max_parallel = 16
 [ports]
 watch = [{json.dumps(str(self.rig.directory / "pci-*"))}]
 rescan_interval = 0.5
+# bridge boards re-plugged right after done: on a pty the station cannot see the bridge
+# (a real one has a USB vendor id), so the rule for re-enumerating ports is off
+reenumerate_window = 0
 
 [firmware]
 chip = "esp32"

@@ -10,6 +10,8 @@ its flash untouched.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,3 +108,19 @@ def test_a_mixed_rig_gets_each_chip_its_own_firmware(tmp_path: Path, rig: Rig,
                             f"[[firmware]] entry for {NO_FIRMWARE}")
     assert rig.flash(odd) == b"\xff" * len(rig.flash(odd))  # nothing written
     assert not (tmp_path / "certs_out" / job["thing_name"]).exists()  # nor registered
+
+
+def test_station_check_names_every_firmware_and_its_credentials_partition(
+        tmp_path: Path, builds: dict[str, Path]) -> None:
+    config = write_config(tmp_path, builds)
+    run = subprocess.run([sys.executable, "-m", "station", "check", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    firmware = [line for line in lines if line.startswith("firmware ")]
+    assert [line.split()[1] for line in firmware] == list(CHIPS)
+    for chip in CHIPS:
+        offset = chips.facts(chip).bootloader_offset
+        assert any(f"0x{offset:06x} bootloader" in line for line in lines), chip
+        assert any(f"of the {chip} firmware" in line for line in lines), chip
+    assert f"would flash {', '.join(CHIPS)} boards" in run.stdout
