@@ -28,6 +28,7 @@ test: lint
 	[ $$t -eq 0 ] || cat .pytest-parallel.log; [ $$s -eq 0 ] && [ $$t -eq 0 ]
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'  # esp-batch-flash, a peer the baud matrix runs
 	$(BIN)/python benchmarks/run_all.py
 
 soak: $(STAMP)
