@@ -259,7 +259,8 @@ class EsptoolFlasher:
         quiet_esptool()
 
     async def open(self, port: str) -> EsptoolSession:
-        session = EsptoolSession(port, self)
+        # on the loop, in the worker's context: the board's slot is known here only
+        session = EsptoolSession(port, self, self.keys(port))
         try:
             await session.call("connect", session.connect_blocking)
         except BaseException:
@@ -271,8 +272,10 @@ class EsptoolFlasher:
 class EsptoolSession:
     """One open, synced board; every esptool call runs on this session's own thread."""
 
-    def __init__(self, port: str, flasher: EsptoolFlasher) -> None:
+    def __init__(self, port: str, flasher: EsptoolFlasher,
+                 keys: tuple[str, ...] = ()) -> None:
         self.port = port
+        self.keys = keys or (port,)
         self.flasher = flasher
         self.name = Path(port).name
         self.esp: Any = None
@@ -351,10 +354,9 @@ class EsptoolSession:
         opts = self.flasher
         self.native = opts.native(self.port)
         adapter = opts.adapter(self.port)
-        keys = opts.keys(self.port)
-        self._slot = keys[0] if keys else self.port
+        self._slot = self.keys[0]
         self._adapter_name = adapter.describe()
-        rate, why = opts.line.rate_for(adapter, keys)
+        rate, why = opts.line.rate_for(adapter, self.keys)
         earlier = None
         if self.native is not None:  # the chip's own USB ignores the baud rate
             rate, self._adapter_name = None, f"native USB {self.native.kind}"

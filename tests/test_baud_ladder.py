@@ -108,3 +108,44 @@ def test_a_cp2102_at_2_mbaud_steps_down_finishes_and_its_slot_remembers(
     assert cheap["baud"] == 460800 and cheap["baud_steps"].count("->") == 3, cheap
     # the sim saw it: the CP2102's second board was asked for 921600 only
     assert rig.board(again).baud_changes == [921600]
+
+
+def test_auto_on_a_mixed_rig_loses_no_board(site: Site, rig: Rig) -> None:
+    """CP2102, CP2102N and native USB-Serial/JTAG boards with `baud = "auto"`. A pty has
+    no USB device, so every port is an unknown adapter to the station: `other` starts
+    them at 3 Mbaud, the ladder finds the CP2102's rate, and a slot given its own rate
+    ([ports.baud_by_port], by its label) gets exactly that."""
+    site.set("ports", "baud", "auto")
+    site.set("ports", "reenumerate_window", 5.0)
+    site.set("ports.baud_by_adapter", "other", 3_000_000)
+    boards = {"cp2102": rig.plug(chip="esp32", usb="bridge", bridge="cp2102", index=0),
+              "cp2102n": rig.plug(chip="esp32", usb="bridge", bridge="cp2102n", index=1),
+              "jtag": rig.plug(chip="esp32s3", usb="jtag", index=2),
+              "capped": rig.plug(chip="esp32", usb="bridge", bridge="cp2102n", index=3)}
+    site.sections.pop("firmware")
+    site.write()
+    site.config.write_text(site.config.read_text() + f"""
+[ports.slots]
+{json.dumps(boards["capped"].port)} = "C4"
+[ports.baud_by_port]
+C4 = 460800
+[[firmware]]
+chip = "esp32"
+flasher_args = {json.dumps(str(site.firmware.esp32))}
+[[firmware]]
+chip = "esp32s3"
+flasher_args = {json.dumps(str(site.firmware.esp32s3))}
+""")
+    proc = subprocess.run([sys.executable, "-m", "station", "run", "--headless",
+                           "--exit-after", "4", "--config", str(site.config)],
+                          cwd=site.root, capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT, check=False)
+    assert proc.returncode == EXIT_OK, proc.stdout[-3000:] + proc.stderr[-3000:]
+    export = site.cli("ledger", "--format", "json", "--config", str(site.config),
+                      config=False)  # (site.ledger() would write its own config back)
+    rows = {r["port"]: r for r in json.loads(export.stdout)}
+    got = {kind: (rows[b.port]["result"], rows[b.port]["baud"],
+                  (rows[b.port]["baud_steps"] or "").count("->"))
+           for kind, b in boards.items()}
+    assert got == {"cp2102": ("done", 921_600, 3), "cp2102n": ("done", 3_000_000, 0),
+                   "jtag": ("done", 3_000_000, 0), "capped": ("done", 460_800, 0)}, got
