@@ -80,6 +80,12 @@ PROGRESS_INTERVAL = 0.1  # at most ~10 progress callbacks per second per board
 WRITE_BLOCK_ATTEMPTS = 3  # as esptool's flash_block / flash_defl_block
 PROBE_TIMEOUT = 0.5  # a register read after a baud change takes milliseconds when it works
 RECONNECT_PAUSE = 0.1  # after closing a port before reopening it: a pty's only reset
+# Chips whose esp-flasher-stub keeps the UART as the ROM left it (src/main.c raises clocks
+# and resets the divider to the ROM's init rate only on ESP32, -S2, -S3, -P4, -S31, -H21,
+# -H4, -C6; transport.c attaches to the ROM-initialised UART): on these the ROM changes
+# the rate first and the stub travels at it. Elsewhere the stub goes at 115200.
+FAST_STUB_CHIPS = frozenset({"esp32c2", "esp32c3", "esp32c5", "esp32c61", "esp32h2"})
+_fast_stub_failed: set[str] = set()  # chips whose stub did not start at a fast rate
 PACKET_HEADER = struct.Struct("<BBHI")
 BLOCK_HEADER = struct.Struct("<IIII")
 # Connect failures that mean "something answers, but it is not an ESP bootloader".
@@ -374,6 +380,9 @@ class EsptoolSession:
             try:
                 self.rate = self._connect_at(rate)
                 return
+            except _StubAtRateFailed:
+                self._reopen()  # the fallback: as on every other chip, stub at 115200
+                continue
             except FatalError as e:
                 # only a failure after the baud change is the line's (before it, 115200)
                 lower = self._line_failed(rate, e, self._step) if self._baud_unconfirmed \
@@ -431,16 +440,24 @@ class EsptoolSession:
             log.info("%s: %s board, firmware is for %s: not loading the stub", self.port, chip,
                      ", ".join(opts.chips))
             return ROM_BAUD if rate is not None else None
+        changed = rate is not None and rate != ROM_BAUD
         self._step = "the stub upload"
-        esp = self.esp = run_stub(esp)
-        if rate is not None and rate != ROM_BAUD:
-            self._step = f"the change to {rate} baud"
-            esp.change_baud(rate)
-            self._baud_unconfirmed = True
-            self.rate = rate
-            # esptool does not check that the bridge followed: one register read, with a
-            # timeout a working line never needs, tells a garbling line in milliseconds.
-            esp.read_reg(esp.EFUSE_RD_REG_BASE, timeout=PROBE_TIMEOUT)
+        if changed and chip in FAST_STUB_CHIPS and chip not in _fast_stub_failed:
+            assert rate is not None
+            self._change_and_probe(rate)  # on the ROM: the stub then travels at `rate`
+            self._step = "the stub upload"
+            try:
+                esp = self.esp = run_stub(esp)
+            except FatalError as e:
+                log.warning("%s: the %s stub did not start at %d baud (%s); loading it at "
+                            "%d from now on", self.port, chip, rate, first_line(e), ROM_BAUD)
+                _fast_stub_failed.add(chip)
+                raise _StubAtRateFailed() from e
+        else:
+            esp = self.esp = run_stub(esp)
+            if changed:
+                assert rate is not None
+                self._change_and_probe(rate)
         self._step = "the flash attach"
         attach_flash(esp)
         self._baud_unconfirmed = False
@@ -451,6 +468,15 @@ class EsptoolSession:
         log.debug("%s: connected to %s (stub %s) at %s baud", self.port, chip, esp.IS_STUB,
                   rate)
         return rate
+
+    def _change_and_probe(self, rate: int) -> None:
+        self._step = f"the change to {rate} baud"
+        self.esp.change_baud(rate)
+        self._baud_unconfirmed = True
+        self.rate = rate
+        # esptool does not check that the bridge followed: one register read, with a
+        # timeout a working line never needs, tells a garbling line in milliseconds.
+        self.esp.read_reg(self.esp.EFUSE_RD_REG_BASE, timeout=PROBE_TIMEOUT)
 
     def _identify_blocking(self) -> BoardIdentity:
         esp = self.esp
@@ -641,6 +667,10 @@ class EsptoolSession:
                             self.port, CLOSE_TIMEOUT)
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _StubAtRateFailed(Exception):
+    """The stub did not start at the fast rate: connect again, stub at 115200."""
 
 
 @functools.lru_cache(maxsize=16)
