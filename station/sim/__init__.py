@@ -30,16 +30,22 @@ Command line: ``python -m station.sim --boards 16 --dir /tmp/hub`` (or ``station
 see :mod:`station.sim.cli`.
 """
 
+from .bridge import BRIDGES
 from .chips import CHIP_NAMES, ChipName, parse_chip_list
 from .faults import Faults, parse_fault_spec, parse_fault_specs
 from .rig import PluggedBoard, Rig, by_path_name, parse_size
+from .stub_model import STUB_MODELS
+from .usb import USB_KINDS
 
 __all__ = [
+    "BRIDGES",
     "CHIP_NAMES",
     "ChipName",
     "Faults",
     "PluggedBoard",
     "Rig",
+    "STUB_MODELS",
+    "USB_KINDS",
     "by_path_name",
     "parse_chip_list",
     "parse_fault_spec",

@@ -12,8 +12,13 @@ block before answering.
 
 There is no CPU emulation. The stub that esptool uploads (MEM_BEGIN/MEM_DATA/MEM_END)
 is accepted as bytes; when MEM_END jumps into the uploaded code the board greets with
-"OHAI" and from then on behaves as esptool's stub does (2 status bytes, raw MD5,
-READ_FLASH with acks, erase commands, 16 KB blocks).
+"OHAI" and from then on behaves as esptool's stubs do (2 status bytes, raw MD5,
+READ_FLASH with acks, erase commands, 16 KB blocks); when it erases and programs
+follows the chosen stub model (:mod:`.stub_model`).
+
+The board also notices the resets it can see (the RTC watchdog armed through
+WRITE_REG; the host closing the port after writing flash) and reports them, so the rig
+can count them and re-enumerate native-USB boards (:mod:`.usb`).
 """
 
 from __future__ import annotations
@@ -28,30 +33,14 @@ import struct
 import zlib
 from collections.abc import Awaitable, Callable
 
+from . import protocol as P
 from . import slip
 from .chips import ChipSpec
 from .faults import Faults
 from .flash import SECTOR, Flash
 from .pty_link import ROM_BAUD, HostClosed, PtyLink
 from .registers import Registers
-from .stub_model import StubModel, StubWriter, stub_writer
-
-# Opcodes (esptool loader.py ESP_CMDS)
-FLASH_BEGIN, FLASH_DATA, FLASH_END = 0x02, 0x03, 0x04
-MEM_BEGIN, MEM_END, MEM_DATA = 0x05, 0x06, 0x07
-SYNC, WRITE_REG, READ_REG = 0x08, 0x09, 0x0A
-SPI_SET_PARAMS, SPI_ATTACH, READ_FLASH_SLOW, CHANGE_BAUDRATE = 0x0B, 0x0D, 0x0E, 0x0F
-FLASH_DEFL_BEGIN, FLASH_DEFL_DATA, FLASH_DEFL_END = 0x10, 0x11, 0x12
-SPI_FLASH_MD5, GET_SECURITY_INFO = 0x13, 0x14
-ERASE_FLASH, ERASE_REGION, READ_FLASH, RUN_USER_CODE = 0xD0, 0xD1, 0xD2, 0xD3
-
-SYNC_PAYLOAD = b"\x07\x07\x12\x20" + 32 * b"\x55"
-ROM_SYNC_VALUE = 0x20120707  # any non-zero value: esptool reads 0 as "stub running"
-
-# Error codes: ROM (serial protocol docs) and stub (stub_flasher.h)
-ROM_INVALID_MESSAGE, ROM_FAILED, ROM_BAD_CRC, ROM_DEFLATE_ERROR = 0x05, 0x06, 0x07, 0x0B
-STUB_BAD_DATA_LEN, STUB_BAD_CHECKSUM, STUB_INVALID_COMMAND = 0xC0, 0xC1, 0xC3
-STUB_NOT_IN_FLASH_MODE, STUB_INFLATE_ERROR = 0xC6, 0xC7
+from .stub_model import StubModel, StubWriter, identify_stub, stub_writer
 
 GARBAGE = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
 
@@ -62,27 +51,6 @@ class Mode(enum.Enum):
     ROM = "rom"
     STUB = "stub"
     APP = "app"  # "running user code": deaf to the protocol until reset
-
-
-class CommandError(Exception):
-    """A command failed; the board answers with status 1 and this reason code."""
-
-    def __init__(self, rom_code: int, stub_code: int) -> None:
-        super().__init__(f"rom={rom_code:#x} stub={stub_code:#x}")
-        self.rom_code = rom_code
-        self.stub_code = stub_code
-
-
-def checksum(data: bytes, seed: int = 0xEF) -> int:
-    """The ROM's XOR checksum, folded with big-int XORs instead of a per-byte loop."""
-    if not data:
-        return seed
-    x = int.from_bytes(data, "little")
-    width = 1 << (len(data) - 1).bit_length()
-    while width > 1:
-        width //= 2
-        x = (x >> (8 * width)) ^ (x & ((1 << (8 * width)) - 1))
-    return (x ^ seed) & 0xFF
 
 
 class _WriteSession:
@@ -119,10 +87,11 @@ class Board:
         self.stub_model = stub_model
         self.writers: list[StubWriter] = []  # every stub write session, for tests
         self.flash_wait_s = 0.0  # replies held back by stub flash work, ever
+        self.stub_uploaded: StubModel | None = None  # which of esptool's stubs ran last
         self.bytes_received = 0
         self.sessions = 0  # host opens seen, for tests and logs
-        self.baud_changes: list[int] = []  # CHANGE_BAUDRATE rates received, ever
-        self.ram_loads: list[tuple[int, int]] = []  # (address, bytes) per MEM_BEGIN, ever
+        self.baud_changes: list[int] = []  # P.CHANGE_BAUDRATE rates received, ever
+        self.ram_loads: list[tuple[int, int]] = []  # (address, bytes) per P.MEM_BEGIN, ever
         self.resets: list[str] = []  # kinds of the resets the board saw ("watchdog", ...)
         self._session_task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -283,41 +252,41 @@ class Board:
     async def _handle(self, frame: bytes,
                       frames: asyncio.Queue[tuple[bytes, float] | None]) -> None:
         if len(frame) < 8 or frame[0] != 0:
-            return  # not a request (noise, or a stray READ_FLASH ack): ignored, as a ROM does
+            return  # not a request (noise, or a stray P.READ_FLASH ack): ignored, as a ROM does
         op, size, chk = struct.unpack_from("<BHI", frame, 1)
         data = frame[8:]
         if len(data) != size:
             return
-        if op == SYNC:
-            if data == SYNC_PAYLOAD:
-                value = ROM_SYNC_VALUE if self.mode is Mode.ROM else 0
+        if op == P.SYNC:
+            if data == P.SYNC_PAYLOAD:
+                value = P.ROM_SYNC_VALUE if self.mode is Mode.ROM else 0
                 for _ in range(8):
-                    await self._reply(SYNC, value)
+                    await self._reply(P.SYNC, value)
             return
         try:
             await self._dispatch(op, data, chk, frames)
-        except CommandError as e:
+        except P.CommandError as e:
             code = e.stub_code if self.mode is Mode.STUB else e.rom_code
             self.log.debug("command %#04x failed with %#04x", op, code)
             await self._reply(op, status=1, error=code)
         except (struct.error, IndexError):
             self.log.debug("command %#04x malformed", op)
-            await self._reply(op, status=1, error=STUB_BAD_DATA_LEN
-                              if self.mode is Mode.STUB else ROM_INVALID_MESSAGE)
+            await self._reply(op, status=1, error=P.STUB_BAD_DATA_LEN
+                              if self.mode is Mode.STUB else P.ROM_INVALID_MESSAGE)
 
     # -- commands -------------------------------------------------------------------
 
     async def _dispatch(self, op: int, data: bytes, chk: int,
                         frames: asyncio.Queue[tuple[bytes, float] | None]) -> None:
         stub = self.mode is Mode.STUB
-        if op not in (FLASH_DATA, FLASH_DEFL_DATA):
+        if op not in (P.FLASH_DATA, P.FLASH_DEFL_DATA):
             await self._wait_flash_idle()  # the stub is single-threaded about flash
-        if op == READ_REG:
+        if op == P.READ_REG:
             (addr,) = struct.unpack("<I", data)
             await self._reply(op, self.regs.read(addr))
-        elif op == WRITE_REG:
+        elif op == P.WRITE_REG:
             if len(data) % 16:
-                raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+                raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
             delay = 0
             for pos in range(0, len(data), 16):
                 addr, value, mask, delay_us = struct.unpack_from("<IIII", data, pos)
@@ -328,89 +297,94 @@ class Board:
             await self._reply(op)
             if self.regs.watchdog_timeout is not None:
                 self._arm_watchdog(self.regs.watchdog_timeout)
-        elif op == MEM_BEGIN:
+        elif op == P.MEM_BEGIN:
             size, _blocks, _blocksize, offset = struct.unpack("<IIII", data)
             self._mem_cursor = (offset, 0)
             self.ram_loads.append((offset, size))
             await self._reply(op)
-        elif op == MEM_DATA:
+        elif op == P.MEM_DATA:
             await self._mem_data(data, chk)
-        elif op == MEM_END:
+        elif op == P.MEM_END:
             await self._mem_end(data)
-        elif op == SPI_ATTACH:
+        elif op == P.SPI_ATTACH:
             if len(data) != (4 if stub else 8):
-                raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+                raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
             await self._reply(op)
-        elif op == SPI_SET_PARAMS:
+        elif op == P.SPI_SET_PARAMS:
             struct.unpack("<IIIIII", data)
             await self._reply(op)
-        elif op == CHANGE_BAUDRATE:
+        elif op == P.CHANGE_BAUDRATE:
             new, _old = struct.unpack("<II", data)
             await self._reply(op)
             self.uart_baud = new
             self.baud_changes.append(new)
             self.log.debug("baud rate changed to %d", new)
-        elif op in (FLASH_BEGIN, FLASH_DEFL_BEGIN):
+        elif op in (P.FLASH_BEGIN, P.FLASH_DEFL_BEGIN):
             await self._flash_begin(op, data)
-        elif op in (FLASH_DATA, FLASH_DEFL_DATA):
+        elif op in (P.FLASH_DATA, P.FLASH_DEFL_DATA):
             await self._flash_data(op, data, chk)
-        elif op in (FLASH_END, FLASH_DEFL_END):
+        elif op in (P.FLASH_END, P.FLASH_DEFL_END):
             await self._flash_end(op, data)
-        elif op == SPI_FLASH_MD5:
+        elif op == P.SPI_FLASH_MD5:
             addr, size, _, _ = struct.unpack("<IIII", data)
             if not self.flash.check_range(addr, size):
-                raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
+                raise P.CommandError(P.ROM_FAILED, P.STUB_BAD_DATA_LEN)
             await asyncio.sleep(self.flash.timing.read(size))
             digest = self.flash.md5(addr, size)
             await self._reply(op, data=digest if stub else digest.hex().encode())
-        elif op == GET_SECURITY_INFO and self.spec.security_info_len:
+        elif op == P.GET_SECURITY_INFO and self.spec.security_info_len:
             await self._reply(op, data=self.spec.security_info())
-        elif op == READ_FLASH_SLOW and not stub:
+        elif op == P.READ_FLASH_SLOW and not stub:
             addr, size = struct.unpack("<II", data)
             if size > 64 or not self.flash.check_range(addr, size):
-                raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
+                raise P.CommandError(P.ROM_FAILED, P.STUB_BAD_DATA_LEN)
             await self._reply(op, data=self.flash.read(addr, size).ljust(64, b"\xff"))
-        elif op == ERASE_FLASH and stub:
+        elif op == P.ERASE_FLASH and stub:
             self._wrote_flash = True
             await asyncio.sleep(self.flash.erase_all())
             await self._reply(op)
-        elif op == ERASE_REGION and stub:
+        elif op == P.ERASE_REGION and stub:
             addr, size = struct.unpack("<II", data)
             if addr % SECTOR or size % SECTOR or not self.flash.check_range(addr, size):
-                raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+                raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
             self._wrote_flash = True
             await asyncio.sleep(self.flash.erase(addr, size))
             await self._reply(op)
-        elif op == READ_FLASH and stub:
+        elif op == P.READ_FLASH and stub:
             await self._read_flash(data, frames)
-        elif op == RUN_USER_CODE and stub:
+        elif op == P.RUN_USER_CODE and stub:
             self.mode = Mode.APP
         else:
-            raise CommandError(ROM_INVALID_MESSAGE, STUB_INVALID_COMMAND)
+            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_INVALID_COMMAND)
 
     async def _mem_data(self, data: bytes, chk: int) -> None:
         size, seq, _, _ = struct.unpack_from("<IIII", data)
         payload = data[16:]
         if size != len(payload) or self._mem_cursor is None:
-            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
-        if checksum(payload) != chk:
-            raise CommandError(ROM_BAD_CRC, STUB_BAD_CHECKSUM)
+            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
+        if P.checksum(payload) != chk:
+            raise P.CommandError(P.ROM_BAD_CRC, P.STUB_BAD_CHECKSUM)
         offset, next_seq = self._mem_cursor
         if seq != next_seq:
-            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
         self._mem.setdefault(offset, bytearray()).extend(payload)
         self._mem_cursor = (offset, next_seq + 1)
-        await self._reply(MEM_DATA)
+        await self._reply(P.MEM_DATA)
 
     async def _mem_end(self, data: bytes) -> None:
         no_entry, entry = struct.unpack("<II", data)
-        await self._reply(MEM_END)
+        await self._reply(P.MEM_END)
         if no_entry:
             return
         in_loaded_code = any(start <= entry < start + len(seg) for start, seg in self._mem.items())
         if self.mode is Mode.ROM and in_loaded_code:
             # "Jump" into the uploaded flasher stub: it says hello at the current rate.
             self.mode = Mode.STUB
+            self.stub_uploaded = identify_stub({a: bytes(d) for a, d in self._mem.items()})
+            if self.stub_uploaded not in (None, self.stub_model):
+                self.log.warning("esptool uploaded the %s stub to a board modelling the %s "
+                                 "stub: its flash timing follows the %s one",
+                                 self.stub_uploaded, self.stub_model, self.stub_model)
             self._mem.clear()
             self.log.debug("stub running (entry %#010x)", entry)
             await self.link.write(slip.encode(b"OHAI"))
@@ -420,13 +394,13 @@ class Board:
     async def _flash_begin(self, op: int, data: bytes) -> None:
         stub = self.mode is Mode.STUB
         if not stub and len(data) not in self.spec.rom_flash_begin_lens:
-            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
         if stub and len(data) not in (16, 20):
-            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
         size, _blocks, block_size, offset = struct.unpack_from("<IIII", data)
         if not self.flash.check_range(offset, size):
-            raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
-        compressed = op == FLASH_DEFL_BEGIN
+            raise P.CommandError(P.ROM_FAILED, P.STUB_BAD_DATA_LEN)
+        compressed = op == P.FLASH_DEFL_BEGIN
         self._wrote_flash = self._wrote_flash or size > 0
         writer = None
         if not stub and size:
@@ -441,25 +415,25 @@ class Board:
 
     async def _flash_data(self, op: int, data: bytes, chk: int) -> None:
         session = self._write
-        if session is None or session.compressed != (op == FLASH_DEFL_DATA):
-            raise CommandError(ROM_FAILED, STUB_NOT_IN_FLASH_MODE)
+        if session is None or session.compressed != (op == P.FLASH_DEFL_DATA):
+            raise P.CommandError(P.ROM_FAILED, P.STUB_NOT_IN_FLASH_MODE)
         size, seq, _, _ = struct.unpack_from("<IIII", data)
         payload = data[16:]
         if size != len(payload):
-            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
-        if checksum(payload) != chk:
-            raise CommandError(ROM_BAD_CRC, STUB_BAD_CHECKSUM)
+            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
+        if P.checksum(payload) != chk:
+            raise P.CommandError(P.ROM_BAD_CRC, P.STUB_BAD_CHECKSUM)
         await self._wait_flash_idle()
         if seq + 1 == session.next_seq:
             await self._reply(op)  # a retry of a block we already have: the ACK was lost
             return
         if seq != session.next_seq:
-            raise CommandError(ROM_INVALID_MESSAGE, STUB_BAD_DATA_LEN)
+            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
         if session.inflater is not None:
             try:
                 out = session.inflater.decompress(payload)
             except zlib.error as e:
-                raise CommandError(ROM_DEFLATE_ERROR, STUB_INFLATE_ERROR) from e
+                raise P.CommandError(P.ROM_DEFLATE_ERROR, P.STUB_INFLATE_ERROR) from e
             addr = session.write_ptr
         else:
             out = payload
@@ -492,8 +466,8 @@ class Board:
                           frames: asyncio.Queue[tuple[bytes, float] | None]) -> None:
         offset, length, block_size, in_flight = struct.unpack("<IIII", data)
         if not self.flash.check_range(offset, length) or block_size == 0 or in_flight == 0:
-            raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
-        await self._reply(READ_FLASH)
+            raise P.CommandError(P.ROM_FAILED, P.STUB_BAD_DATA_LEN)
+        await self._reply(P.READ_FLASH)
         sent = acked = 0
         md5 = hashlib.md5()
         while acked < length:

@@ -12,6 +12,9 @@ for more faults on one board. INDEX is the board's 0-based plug index. Kinds:
 ``slow=FACTOR``     flash operations take FACTOR times longer (alias ``slow_flash``)
 ``garbage``         answers with text that is not SLIP (alias ``not_esp``): a serial
                     device that is not an ESP in download mode
+``busy``            another program holds the port with an exclusive lock (as
+                    pyserial's ``exclusive=True`` takes it: a serial monitor, a
+                    second station), so esptool cannot open it (alias ``held``)
 ==================  =============================================================
 
 Example: ``--fault 3:unplug_after=200000 --fault 5:mute --fault 7:corrupt=0.001``.
@@ -32,6 +35,7 @@ class Faults:
     corrupt: float = 0.0
     slow_flash: float = 1.0
     garbage: bool = False
+    busy: bool = False
 
     def describe(self) -> str:
         """The spec form (without index), e.g. ``mute,corrupt=0.001``; ``""`` if healthy."""
@@ -46,11 +50,13 @@ class Faults:
             parts.append(f"slow={self.slow_flash:g}")
         if self.garbage:
             parts.append("garbage")
+        if self.busy:
+            parts.append("busy")
         return ",".join(parts)
 
 
-_ALIASES = {"slow_flash": "slow", "not_esp": "garbage"}
-_FLAGS = {"mute", "garbage"}
+_ALIASES = {"slow_flash": "slow", "not_esp": "garbage", "held": "busy"}
+_FLAGS = {"mute", "garbage", "busy"}
 _VALUED = {"unplug_after", "corrupt", "slow"}
 
 

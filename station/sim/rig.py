@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import random
@@ -123,6 +124,7 @@ class _Slot:
     gap: float | tuple[float, float]
     gap_rng: random.Random
     reenumerations: int = 0
+    holder: int | None = None  # fd of the "other program" holding a busy port
 
 
 class Rig:
@@ -326,6 +328,7 @@ class Rig:
         task = asyncio.get_running_loop().create_task(board.run(), name=f"board-{index}")
         gap_rng = random.Random(f"usb-gap-{self.seed}-{index}")
         self._slots[index] = _Slot(info, board, link, task, usb, gap, gap_rng)
+        self._hold_if_busy(self._slots[index])
         self._link_port(port, link.slave_path)
         log.info("plugged %s %s at %s -> %s", chip, info.mac, port, link.slave_path)
         self._emit({"event": "plugged", "index": index, "port": info.port, "pty": info.pty,
@@ -336,6 +339,20 @@ class Rig:
     def _new_link(self, faults: Faults, rng: random.Random, usb: UsbLink) -> PtyLink:
         return PtyLink(throttle=self.throttle, corrupt_rate=faults.corrupt, rng=rng,
                        max_baud=usb.max_baud, usb_bytes_per_s=usb.bytes_per_s)
+
+    def _hold_if_busy(self, slot: _Slot) -> None:
+        """Fault ``busy``: open the port and take the exclusive lock pyserial uses."""
+        self._release(slot)
+        if slot.info.faults.busy:
+            fd = os.open(slot.link.slave_path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            slot.holder = fd
+
+    @staticmethod
+    def _release(slot: _Slot) -> None:
+        if slot.holder is not None:
+            os.close(slot.holder)
+            slot.holder = None
 
     def _link_port(self, port: Path, target: str) -> None:
         tmp = self.directory / f".{port.name}.tmp"
@@ -371,6 +388,7 @@ class Rig:
             raise
         slot.link = slot.board.link = link
         slot.reenumerations += 1
+        self._hold_if_busy(slot)  # whoever held the old node grabs the new one too
         slot.info = dataclasses.replace(info, pty=link.slave_path)
         self._link_port(Path(info.port), link.slave_path)
         log.info("re-enumerated %s at %s -> %s", info.mac, info.port, link.slave_path)
@@ -386,6 +404,7 @@ class Rig:
         self._unplugged_macs[index] = slot.info.mac.replace(":", "")
         slot.task.cancel()
         await asyncio.gather(slot.task, return_exceptions=True)
+        self._release(slot)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(slot.info.port)
         slot.link.close()

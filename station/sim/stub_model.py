@@ -26,7 +26,13 @@ faster than any UART delivers).
 
 from __future__ import annotations
 
+import base64
+import json
+from functools import cache
+from pathlib import Path
 from typing import Literal, Protocol
+
+from esptool.loader import StubFlasher
 
 from .flash import BLOCK, SECTOR, Flash, erase_plan
 
@@ -126,3 +132,28 @@ def parse_stub_model(text: str) -> StubModel:
         if text == model:
             return model
     raise ValueError(f"unknown stub model {text!r}; choose one of {', '.join(STUB_MODELS)}")
+
+
+# esptool's stub directories: "2" is esp-flasher-stub, "1" the legacy stub.
+_STUB_DIRS: dict[str, StubModel] = {"2": "flasher", "1": "legacy"}
+
+
+@cache
+def _known_stubs() -> dict[tuple[int, bytes], StubModel]:
+    """(text_start, text) of every stub JSON esptool ships, and which stub it is."""
+    known: dict[tuple[int, bytes], StubModel] = {}
+    for subdir, model in _STUB_DIRS.items():
+        for path in sorted(Path(StubFlasher.STUB_DIR, subdir).glob("*.json")):
+            stub = json.loads(path.read_text())
+            known[(stub["text_start"], base64.b64decode(stub["text"]))] = model
+    return known
+
+
+def identify_stub(segments: dict[int, bytes]) -> StubModel | None:
+    """Which of esptool's stubs was uploaded (RAM segments by address), if either."""
+    known = _known_stubs()
+    for start, data in segments.items():
+        model = known.get((start, bytes(data)))
+        if model is not None:
+            return model
+    return None

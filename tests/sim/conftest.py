@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -23,12 +24,12 @@ class EsptoolResult:
 
 
 def esptool(port: str, *args: str, timeout: float = ESPTOOL_TIMEOUT_S,
-            pre: tuple[str, ...] = ()) -> EsptoolResult:
-    """Run the real esptool in a subprocess against ``port``."""
+            pre: tuple[str, ...] = (), env: dict[str, str] | None = None) -> EsptoolResult:
+    """Run the real esptool in a subprocess against ``port`` (``env``: extra variables)."""
     proc = subprocess.run(
         [sys.executable, "-m", "esptool", "--port", port, *pre, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
-        check=False,
+        check=False, env={**os.environ, **env} if env else None,
     )
     return EsptoolResult(proc.returncode, proc.stdout)
 

@@ -66,6 +66,7 @@ def test_chip_identity_flash_id_and_stub_write(tmp_path: Path, fast_rig: Rig, ch
     else:
         assert "Stub flasher running." in read_mac.output
         assert live.ram_loads == loads
+        assert live.stub_uploaded == "flasher"  # esp-flasher-stub, esptool 5.6's default
 
     flash_id = esptool(board.port, "flash-id")
     assert flash_id.returncode == 0, flash_id.output
@@ -84,3 +85,11 @@ def test_chip_identity_flash_id_and_stub_write(tmp_path: Path, fast_rig: Rig, ch
     assert flash[offset : offset + len(image)] == image
     assert flash[:offset] == b"\xff" * offset
     assert spec.bootloader_offset == spec.rom_class.BOOTLOADER_FLASH_OFFSET
+
+
+def test_board_knows_which_stub_esptool_uploaded(fast_rig: Rig) -> None:
+    board = fast_rig.plug(chip="esp32s3")
+    legacy = esptool(board.port, "read-mac", env={"ESPTOOL_STUB_VERSION": "1"})
+    assert legacy.returncode == 0, legacy.output
+    assert "deprecated legacy stub" in legacy.output
+    assert fast_rig.board(board).stub_uploaded == "legacy"

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from station.sim import Faults, Rig
+from station.sim import Faults, Rig, parse_fault_spec
 
 from .conftest import esptool, make_images
 
@@ -74,3 +74,13 @@ def test_slow_flash_takes_longer(tmp_path: Path) -> None:
             assert result.returncode == 0, result.output
     # 256 KB: 4 block erases (0.6 s) + 1024 pages (0.72 s) = 1.32 s, x4 = 5.3 s
     assert took[4.0] - took[1.0] > 3.0, took
+
+
+def test_busy_port_cannot_be_opened_by_esptool(fast_rig: Rig) -> None:
+    board = fast_rig.plug(chip="esp32c6", usb="jtag", faults=parse_fault_spec("0:busy")[1])
+    result = esptool(board.port, "read-mac", pre=("--connect-attempts", "1"), timeout=30)
+    assert result.returncode != 0
+    assert "Could not exclusively lock port" in result.output
+    fast_rig.unplug(board)
+    again = fast_rig.plug(chip="esp32c6", mac=board.mac, index=board.index)
+    assert esptool(again.port, "read-mac").returncode == 0

@@ -9,9 +9,9 @@ import pytest
 from esptool.loader import ESPLoader
 
 from station.sim import Faults, parse_fault_spec, parse_fault_specs, parse_size
-from station.sim.board import checksum
 from station.sim.chips import CHIP_NAMES, chip_spec, mac_crc8, probe
 from station.sim.flash import BLOCK, SECTOR, Flash, FlashTiming, erase_plan
+from station.sim.protocol import checksum
 from station.sim.rig import MacAllocator
 from station.sim.slip import Decoder, encode
 
