@@ -129,7 +129,8 @@ def next_lower(rate: int) -> int | None:
 
 LINE_SIGNS = ("Timed out", "timed out", "Invalid head of packet", "Invalid SLIP escape",
               "Packet content transfer stopped", "No serial data received", "checksum",
-              "Checksum", "no matching reply", "Response doesn't match request")
+              "Checksum", "no matching reply", "Response doesn't match request",
+              "No more data to read")
 """esptool failure texts that point at the serial line rather than the chip or flash."""
 
 

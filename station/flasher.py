@@ -35,6 +35,7 @@ import errno
 import functools
 import hashlib
 import logging
+import os
 import struct
 import threading
 import time
@@ -397,8 +398,8 @@ class EsptoolSession:
         fault, or the ladder is at its end. Records the step and the slot remembers it."""
         if rate is None or (self._serial is not None and self._serial.aborted):
             return None
-        if not points_at_line(str(e)):
-            return None
+        if not points_at_line(str(e)) or not os.path.exists(self.port):
+            return None  # not the line's fault, or the board was pulled: nothing to remember
         lower = next_lower(rate)
         if lower is None:
             return None
@@ -557,6 +558,9 @@ class EsptoolSession:
                     if attempt == 1 or (self._serial is not None and self._serial.aborted):
                         raise
                     log.info("%s: %s failed, retrying", self.port, what)
+                    # a SLIP error ends esptool's reader generator (every later read says
+                    # "No more data to read"); flush_input drops the junk and starts anew
+                    esp.flush_input()
             if deflate and esp.IS_STUB:
                 # the stub ACKs a block at once and writes it while the next one arrives
                 timeout = _defl_block_timeout(esp, inflated)
