@@ -113,6 +113,11 @@ def reconcile_journal(
     return journal_for
 
 
+def _port_mac(port: str) -> str | None:
+    native = native_usb(port)
+    return native.mac if native is not None else None
+
+
 @dataclass
 class Options:
     exit_after: int | None = None
@@ -131,6 +136,8 @@ class Station:
     registration_steps: Callable[[], Awaitable[Sequence[RegistrationStep]]] | None = None
     options: Options = field(default_factory=Options)
     clock: Clock = field(default_factory=SystemClock)
+    port_mac: Callable[[str], str | None] = field(default=lambda port: _port_mac(port))
+    """A port's MAC known without opening it (usbport: a USB-Serial/JTAG's serial number)."""
 
     def __post_init__(self) -> None:
         self._jobs: dict[str, asyncio.Task[Stage | None]] = {}
@@ -238,9 +245,7 @@ class Station:
 
     def _same_board_back(self, info: PortInfo) -> bool:
         """A board the station reset, back at its USB location: it keeps its job."""
-        native = native_usb(info.target)
-        task = self._reenumerations.returned(self._usb_key(info),
-                                             native.mac if native else None)
+        task = self._reenumerations.returned(self._usb_key(info), self.port_mac(info.target))
         if task is None:
             return False
         self._jobs[info.path] = task
@@ -251,7 +256,8 @@ class Station:
     def _parts(self) -> Parts:
         return Parts(flasher=self.flasher, registrar=self.registrar, sink=self.bus,
                      clock=self.clock, already_done=self.already_done,
-                     on_verified=self.on_verified, port_present=os.path.exists)
+                     on_verified=self.on_verified, port_present=os.path.exists,
+                     port_mac=self.port_mac)
 
     async def _run(self, worker: Worker) -> Stage | None:
         async with self._slots:

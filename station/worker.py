@@ -96,6 +96,9 @@ class Parts:
     on_verified: Callable[[DeviceCredentials], Awaitable[None]] = no_credentials_hook
     """Called once the board holds verified credentials (e.g. drop the private key)."""
     port_present: Callable[[str], bool] = lambda _port: True
+    port_mac: Callable[[str], str | None] = lambda _port: None
+    """The board's MAC if the host knows it without opening the port (a USB-Serial/JTAG's
+    serial number): a board done with this firmware is then skipped untouched."""
     """Tells a vanished port (an unplug) from a failing one after a serial error."""
 
 
@@ -197,6 +200,8 @@ class Worker:
 
     async def _attempts(self) -> Stage:
         """Whole-session attempts: a serial failure mid-way means reconnecting anyway."""
+        if await self._done_untouched():
+            return Stage.SKIPPED
         attempt = 1
         while True:
             try:
@@ -338,6 +343,26 @@ class Worker:
                 job_id=self.job_id, port=self.port, slot=self.slot, mac=mac, thing_name=thing,
                 step=step, certificate_id=certificate_id, certificate_arn=certificate_arn))
         return journal
+
+    async def _done_untouched(self) -> bool:
+        """A board the host names by its MAC and the ledger has done: not even connected.
+        Connecting resets a native-USB chip into its bootloader, and it may re-enumerate:
+        a done board must not be reset again (issue #9's skip-reset-re-enumerate loop)."""
+        check, mac = self.parts.already_done, self.parts.port_mac(self.port)
+        if mac is None or check is None or self.policy.reflash:
+            return False
+        for plan in self.plans.by_chip.values():
+            if await check(mac, plan.firmware_hash):
+                self._plan = plan
+                await self.parts.sink.emit(self._stage_event(Stage.IDENTIFY, 1))
+                await self.parts.sink.emit(Identified(
+                    job_id=self.job_id, port=self.port, slot=self.slot, chip=plan.chip,
+                    mac=mac, thing_name=plan.thing_name(BoardIdentity(plan.chip, mac)),
+                    firmware_hash=plan.firmware_hash))
+                log.info("%s: %s is done with this firmware (known by its USB serial "
+                         "number): skipped without opening the port", self.port, mac)
+                return True
+        return False
 
     async def _already_done(self, identity: BoardIdentity) -> bool:
         check = self.parts.already_done

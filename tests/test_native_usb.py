@@ -15,17 +15,19 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from station.app import assemble
+from station.daemon import Options
 from station.demo_firmware import make_demo_firmware
 from station.firmware import load_firmware
 from station.flasher import EsptoolFlasher
 from station.parts import Region
-from station.sim import Faults, Rig
+from station.sim import Faults, PluggedBoard, Rig
 from station.usbport import NativeUsb
 from tests.test_station import Line, load_config
 
@@ -44,7 +46,7 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             for i, chip in enumerate(dict.fromkeys(JTAG_CHIPS + OTG_CHIPS))}
 
 
-def write_config(root: Path, builds: dict[str, Path]) -> Path:
+def write_config(root: Path, builds: dict[str, Path], window: float = 5.0) -> Path:
     entries = "".join(f'[[firmware]]\nchip = "{chip}"\nflasher_args = {json.dumps(str(p))}\n\n'
                       for chip, p in builds.items())
     config = root / "station.toml"
@@ -55,7 +57,7 @@ state_dir = "state"
 [ports]
 watch = ["{root / 'rig' / 'pci-*'}"]
 rescan_interval = 0.2
-reenumerate_window = 5.0
+reenumerate_window = {window}
 {entries}[identity]
 thing_name = "t-{{mac}}"
 [registrar]
@@ -182,13 +184,15 @@ def test_a_native_usb_port_is_reset_by_esptools_watchdog_where_the_chip_has_one(
 
 def test_a_done_board_plugged_again_after_the_window_is_skipped_without_a_reset(
         line: Line) -> None:
+    text = line.config.read_text()  # a short window: this test waits it out
+    line.config.write_text(text.replace("reenumerate_window = 5.0", "reenumerate_window = 1.0"))
     line.start()
     board = line.rig.plug(chip="esp32c3", usb="jtag", index=0, reenumerate_gap=0.2)
     line.until("the board done", lambda: [e["result"] for e in finished(line)] == ["done"])
     done_at = time.monotonic()
     line.until("it is back from its reset", lambda: line.rig.reenumerations(board) >= 1)
     # past the window, a pull and a plug is a re-plug: a new job, which finds it done
-    line.until("the window to pass", lambda: time.monotonic() - done_at > 5.5, timeout=30)
+    line.until("the window to pass", lambda: time.monotonic() - done_at > 1.5, timeout=30)
     log = line.state / "station.log"
     removals = log.read_text().count(f"port removed: {board.port}")
     line.rig.unplug(board)
@@ -202,3 +206,99 @@ def test_a_done_board_plugged_again_after_the_window_is_skipped_without_a_reset(
     assert [j["result"] for j in line.jobs()] == ["done", "skipped"]
     assert line.rig.reset_count(again) == 0  # never reset again: no re-enumeration loop
     assert line.rig.reenumerations(again) == 0
+
+
+def test_a_done_board_known_by_its_usb_serial_number_is_skipped_without_a_connect(
+        tmp_path: Path, builds: dict[str, Path]) -> None:
+    # In process, to stand in for sysfs: a real USB-Serial/JTAG port reports the chip's
+    # MAC as its serial number; a pty reports nothing. The rest is the real station.
+    config = load_config(write_config(tmp_path, builds, window=0.5))
+    with Rig(tmp_path / "rig", seed=8, throttle=False, flash_timing=False,
+             reenumerate_gap=0.2) as rig:
+        board = rig.plug(chip="esp32c3", usb="jtag", index=0)
+        mac = board.mac.replace(":", "")
+        events = tmp_path / "state" / "events.jsonl"
+
+        def logged(kind: str) -> list[dict[str, Any]]:
+            lines = events.read_text().splitlines() if events.exists() else []
+            return [e for e in map(json.loads, lines) if e["kind"] == kind]
+
+        async def until(what: str, check: Callable[[], bool]) -> None:
+            deadline = time.monotonic() + 60
+            while not check():
+                assert time.monotonic() < deadline, f"no {what}"
+                await asyncio.sleep(0.05)  # polling interval of a deadline-bound wait
+
+        async def run() -> PluggedBoard:
+            async with assemble(config, Options()) as built:
+                built.station.port_mac = lambda _port: mac
+                serving = asyncio.create_task(built.station.serve())
+                await until("done", lambda: len(logged("JobFinished")) == 1)
+                await until("re-enumeration", lambda: rig.reenumerations(board) >= 1)
+                await asyncio.sleep(1.0)  # past the 0.5 s window: the next plug is a re-plug
+                rig.unplug(board)
+                # the station's own port table: a link re-made onto a reused pty could
+                # look unchanged if the station had not seen it gone
+                await until("the station to see the pull",
+                            lambda: board.port not in built.station._jobs)
+                again = rig.plug(chip="esp32c3", usb="jtag", index=0, mac=board.mac)
+                await until("the second job", lambda: len(logged("JobFinished")) == 2)
+                built.station.stop()
+                assert await serving == 0
+                return again
+
+        again = asyncio.run(run())
+        first, second = logged("JobFinished")
+        assert (first["result"], second["result"]) == ("done", "skipped")
+        stages = [e["stage"] for e in logged("StageChanged") if e["job_id"] == second["job_id"]]
+        assert stages == ["identify"]  # never connected
+        (ident,) = [e for e in logged("Identified") if e["job_id"] == second["job_id"]]
+        assert (ident["mac"], ident["chip"]) == (mac, "esp32c3")
+        assert rig.board(again).sessions == 0  # the port was never opened
+        assert rig.resets(again) == []
+
+
+def test_boards_that_vanish_during_their_watchdog_reset_are_done_once(
+        tmp_path: Path, builds: dict[str, Path]) -> None:
+    # In process, to stand in for sysfs: these ports are 303a:1001, so the station resets
+    # them with esptool's watchdog reset and the board drops off the bus while the reset
+    # stage still runs (esptool waits 0.5 s after arming the watchdog).
+    jtag = NativeUsb(kind="jtag", vid=0x303A, pid=0x1001, serial_number=None)
+    config = load_config(write_config(tmp_path, builds))
+    gone: dict[str, float] = {}  # port -> wall time it dropped off the bus
+
+    def seen(event: dict[str, Any]) -> None:
+        if event["event"] == "disconnected":
+            gone.setdefault(event["port"], time.time())
+
+    events = tmp_path / "state" / "events.jsonl"
+
+    def finished_jobs() -> list[dict[str, Any]]:
+        lines = events.read_text().splitlines() if events.exists() else []
+        return [e for e in map(json.loads, lines) if e["kind"] == "JobFinished"]
+
+    with Rig(tmp_path / "rig", seed=12, throttle=False, flash_timing=False,
+             reenumerate_gap=(0.2, 0.6), on_event=seen) as rig:
+        boards = [rig.plug(chip="esp32s3", usb="jtag", index=i) for i in range(4)]
+
+        async def run() -> None:
+            async with assemble(config, Options()) as built:
+                built.station.flasher = EsptoolFlasher(
+                    baud=921600, chips=tuple(built.station.plans.by_chip),
+                    native=lambda _port: jtag)
+                serving = asyncio.create_task(built.station.serve())
+                deadline = time.monotonic() + 120
+                while not (len(finished_jobs()) == 4 and
+                           all(rig.reenumerations(b) >= 1 for b in boards)):
+                    assert time.monotonic() < deadline, "boards not done and back"
+                    await asyncio.sleep(0.05)  # polling interval of a deadline-bound wait
+                built.station.stop()
+                assert await serving == 0
+
+        asyncio.run(run())
+        jobs = finished_jobs()
+        assert sorted(j["result"] for j in jobs) == ["done"] * 4, jobs
+        for job in jobs:  # the port went while the job was still in its reset stage
+            assert gone[job["port"]] < job["at"], job
+        for board in boards:
+            assert rig.resets(board) == ["watchdog"]
