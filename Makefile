@@ -29,6 +29,7 @@ test: lint
 	$(BIN)/pytest -m timing
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'  # esp-batch-flash, a peer the baud matrix runs
 	$(BIN)/python benchmarks/run_all.py
 
 soak: $(STAMP)

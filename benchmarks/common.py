@@ -156,7 +156,7 @@ def nvs_compressed_bytes(firmware: Firmware) -> int:
 
 
 def write_config(workdir: Path, firmware: Firmware, ports_glob: str, kind: str = "none",
-                 aws: dict[str, Any] | None = None) -> Path:
+                 aws: dict[str, Any] | None = None, baud: int | str = BAUD) -> Path:
     """A station.toml like `station demo` writes, with the registrar under test."""
     registrar = f'[registrar]\nkind = "{kind}"\n'
     if aws:
@@ -171,7 +171,7 @@ max_parallel = 16
 
 [ports]
 watch = [{json.dumps(ports_glob)}]
-baud = {BAUD}
+baud = {json.dumps(baud)}
 rescan_interval = 1.0
 
 [firmware]
@@ -280,7 +280,7 @@ class Rig:
 
     def __init__(self, procs: Processes, boards: int, directory: Path, seed: int = 1,
                  plug_interval: float = 0.0, throttle: bool = True,
-                 flash_timing: bool = True) -> None:
+                 flash_timing: bool = True, extra_args: Sequence[str] = ()) -> None:
         self.boards = boards
         self.directory = directory
         cmd = [sys.executable, "-m", "station.sim", "--boards", str(boards), "--dir",
@@ -289,6 +289,7 @@ class Rig:
             cmd.append("--no-throttle")
         if not flash_timing:
             cmd.append("--no-flash-timing")
+        cmd += list(extra_args)  # e.g. --bridge cp2102, --usb jtag, --chip esp32s3
         self.plugged: list[dict[str, Any]] = []
         self._all = threading.Event()
         self.proc = procs.start(cmd, stdout_pipe=True)
@@ -401,20 +402,21 @@ class StationRun:
 
 def run_station(boards: int, firmware: Firmware, workdir: Path, kind: str = "none",
                 aws: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                timeout: float = 300.0, seed: int = 1, flash_timing: bool = True
-                ) -> StationRun:
+                timeout: float = 300.0, seed: int = 1, flash_timing: bool = True,
+                baud: int = BAUD, rig_args: Sequence[str] = ()) -> StationRun:
     """Start the station, wait until it watches, plug `boards` boards, wait for all."""
     if workdir.exists():
         shutil.rmtree(workdir)
     ports = workdir / "ports"
     ports.mkdir(parents=True)
-    config = write_config(workdir, firmware, str(ports / "pci-*"), kind, aws)
+    config = write_config(workdir, firmware, str(ports / "pci-*"), kind, aws, baud=baud)
     cmd = [sys.executable, "-m", "station", "run", "--config", str(config), "--exit-after",
            str(boards), "--headless"]
     with Processes() as procs:
         station = procs.start(cmd, workdir / "station.out", env=env, cwd=workdir)
         wait_watching(station)
-        rig = Rig(procs, boards, ports, seed=seed, flash_timing=flash_timing)
+        rig = Rig(procs, boards, ports, seed=seed, flash_timing=flash_timing,
+                  extra_args=rig_args)
         try:
             rig.wait_plugged()
             usage = wait_usage(station, timeout)
@@ -440,9 +442,9 @@ def run_station(boards: int, firmware: Firmware, workdir: Path, kind: str = "non
 # -- esptool CLI ------------------------------------------------------------------------
 
 
-def esptool_cmd(port: str, firmware: Firmware) -> list[str]:
+def esptool_cmd(port: str, firmware: Firmware, baud: int = BAUD) -> list[str]:
     return [sys.executable, "-m", "esptool", "--chip", CHIP, "--port", port, "--baud",
-            str(BAUD), "--before", "default-reset", "--after", "hard-reset", "write-flash",
+            str(baud), "--before", "default-reset", "--after", "hard-reset", "write-flash",
             *firmware.write_flash_args()]
 
 
@@ -543,18 +545,20 @@ class Context:
 
     root: Path
     firmware: Firmware
-    station_runs: dict[tuple[int, str, bool], StationRun] = field(default_factory=dict)
+    station_runs: dict[tuple[Any, ...], StationRun] = field(default_factory=dict)
     shared: dict[str, Any] = field(default_factory=dict)
 
     def station(self, boards: int, kind: str = "none", flash_timing: bool = True,
-                **kwargs: Any) -> StationRun:
-        key = (boards, kind, flash_timing)
+                baud: int = BAUD, **kwargs: Any) -> StationRun:
+        key = (boards, kind, flash_timing, baud, tuple(kwargs.get("rig_args", ())))
         if key not in self.station_runs:
-            print(f"  station run: {boards} board(s), registrar {kind}"
+            at = "" if baud == BAUD else f" at {baud} Bd"
+            print(f"  station run: {boards} board(s), registrar {kind}{at}"
                   f"{'' if flash_timing else ', rig without flash timing'} ...", flush=True)
-            name = f"station-{kind}-{boards}{'' if flash_timing else '-line-only'}"
+            name = f"station-{kind}-{boards}{'' if flash_timing else '-line-only'}" \
+                f"{'' if baud == BAUD else f'-{baud}'}"
             run = run_station(boards, self.firmware, self.root / name, kind=kind,
-                              flash_timing=flash_timing, **kwargs)
+                              flash_timing=flash_timing, baud=baud, **kwargs)
             print(f"    {run.wall_s:.2f}s, {run.usage.cpu_s:.2f} CPU-s, "
                   f"{run.usage.max_rss_mb:.0f} MB", flush=True)
             self.station_runs[key] = run

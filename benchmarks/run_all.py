@@ -1,6 +1,6 @@
 """`make bench`: every benchmark in one session, one table, one JSON.
 
-Runs scaling, efficiency, peers, host and registration sharing the firmware and the
+Runs scaling, efficiency, peers, host, registration and the baud matrix sharing the firmware and the
 station runs (the 16-board run serves four of them), projects boards per hour for 16
 ports, prints the targets table and writes benchmarks/results/latest.json (copy it to
 benchmarks/latest-results.json to publish the figures).
@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import baud
 import common
 import efficiency
 import host
@@ -27,6 +28,7 @@ BENCHMARKS: tuple[tuple[str, Callable[[common.Context], dict[str, Any]]], ...] =
     ("peers", peers.run),
     ("host", host.run),
     ("registration", registration.run),
+    ("baud", baud.run),  # issue #11: the baud matrix, esp-batch-flash, the mixed rig
 )
 PORTS = 16
 

@@ -12,17 +12,18 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from station.baud import RateNote, SlotMemory
 from station.check import writable_folder
 from station.config import Config
 from station.credentials import CredentialStore, nvs_region
 from station.daemon import Bus, Options, Station, state_dir_lock
 from station.errors import FirmwareError
 from station.eventlog import EventLog
-from station.events import Event, RegistrationStep, Throttled
+from station.events import Event, LineRate, RegistrationStep, Throttled
 from station.firmware import FirmwareBundle, load_firmware
 from station.flasher import EsptoolFlasher
 from station.ledger import Ledger
@@ -85,6 +86,24 @@ def throttled_reporter(bus: Bus) -> Callable[[str], None]:
     return report
 
 
+def board_keys(port: str) -> tuple[str, ...]:
+    """What names a port for [ports.baud_by_port] and the slots' memory: slot first."""
+    board = current_board.get()
+    return (board[2], port) if board is not None else (port,)
+
+
+def rate_reporter(bus: Bus) -> Callable[[RateNote], Awaitable[None]]:
+    """The flasher's line rates and step-downs, as LineRate events of the board's job."""
+    async def report(note: RateNote) -> None:
+        board = current_board.get()
+        if board is not None:
+            job_id, port, slot = board
+            await bus.emit(LineRate(job_id=job_id, port=port, slot=slot, baud=note.baud,
+                                    adapter=note.adapter, stepped_from=note.stepped_from,
+                                    reason=note.reason, remembered=note.remembered))
+    return report
+
+
 @dataclass
 class Assembly:
     """A station and what the CLI shows of the parts it was built from."""
@@ -135,7 +154,9 @@ async def assemble(config: Config, options: Options,
                     await store.forget_private_key(creds.thing_name)
 
             station = Station(config=config, plans=plans,
-                              flasher=EsptoolFlasher(baud=config.ports.baud,
+                              flasher=EsptoolFlasher(line=config.ports.line,
+                                                     memory=SlotMemory(), keys=board_keys,
+                                                     on_rate=rate_reporter(bus),
                                                      chips=tuple(plans.by_chip)),
                               registrar=registrar, bus=bus, already_done=already_done,
                               on_verified=verified, registration_steps=steps,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 from station import chips
+from station.baud import MAX_BRIDGE_BAUD, ROM_BAUD, BaudSettings, adapter_key_error
 from station.errors import ConfigError
 
 CHIPS = chips.supported()  # every ESP32-family chip of the pinned esptool
@@ -80,7 +81,7 @@ class HealthSection:
 @dataclass(frozen=True)
 class PortsSection:
     watch: tuple[str, ...] = ("/dev/ttyUSB*", "/dev/ttyACM*")
-    baud: int = 921600
+    baud: int | Literal["auto"] = 921600
     rescan_interval: float = 2.0
     slots: Mapping[str, str] = field(default_factory=dict)
     park_unhealthy: bool = False
@@ -88,6 +89,16 @@ class PortsSection:
     reenumerate_window: float = 5.0
     """Seconds within which a port the station reset may vanish and come back at the same
     USB location as the same board (station/reenumeration.py); 0 turns the rule off."""
+    max_baud: int | None = None
+    baud_by_adapter: Mapping[str, int] = field(default_factory=dict)
+    baud_by_port: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def line(self) -> BaudSettings:
+        """The line-rate settings (station/baud.py): rate per port and the ladder's cap."""
+        return BaudSettings(baud=None if self.baud == "auto" else int(self.baud),
+                            max_baud=self.max_baud, by_adapter=self.baud_by_adapter,
+                            by_port=self.baud_by_port)
 
 
 @dataclass(frozen=True)
@@ -322,9 +333,7 @@ def _ports(t: _Table) -> PortsSection:
         if not isinstance(pattern, str):
             raise t.error("watch", f"globs must be strings, not {pattern!r}")
         _check_glob(t, pattern)
-    baud = t.integer("baud", 921600, minimum=9600)
-    if baud > 5_000_000:
-        raise t.error("baud", f"{baud} is beyond any USB-UART bridge (at most 5000000)")
+    baud, max_baud, by_adapter, by_port = _line_rates(t)
     slots = t.get("slots", dict, {})
     for key, label in slots.items():
         if not isinstance(label, str):
@@ -337,6 +346,7 @@ def _ports(t: _Table) -> PortsSection:
         park_unhealthy=t.get("park_unhealthy", bool, False),
         health=_health(t.sub("health")),
         reenumerate_window=t.number("reenumerate_window", 5.0),
+        max_baud=max_baud, baud_by_adapter=by_adapter, baud_by_port=by_port,
     )
     if p.reenumerate_window > 120:
         raise t.error("reenumerate_window", f"{p.reenumerate_window:g} s is longer than any "
@@ -354,6 +364,43 @@ def _health(t: _Table) -> HealthSection:
                                             f"a window of {h.window} boards")
     t.done()
     return h
+def _rate(t: _Table, key: str, value: object) -> int:
+    """A baud rate a USB-UART bridge can run: 9600 up to the fastest bridge's."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise t.error(key, f"must be an int baud rate, not {value!r}")
+    if value < 9600 or value > MAX_BRIDGE_BAUD:
+        raise t.error(key, f"{value} is beyond any USB-UART bridge (9600 to "
+                           f"{MAX_BRIDGE_BAUD})")
+    return value
+
+
+def _line_rates(t: _Table) -> tuple[int | Literal["auto"], int | None, dict[str, int],
+                                    dict[str, int]]:
+    """[ports] baud (an int or "auto"), max_baud, [ports.baud_by_adapter], baud_by_port."""
+    raw = t.get("baud", (int, str), 921600)
+    baud: int | Literal["auto"] = "auto"
+    if isinstance(raw, str):
+        if raw != "auto":
+            raise t.error("baud", f'must be an int baud rate or "auto", not {raw!r}')
+    else:
+        baud = _rate(t, "baud", raw)
+    max_baud = None
+    if "max_baud" in t.data:
+        max_baud = t.get("max_baud", int, 0)
+        if max_baud < ROM_BAUD or max_baud > MAX_BRIDGE_BAUD:
+            raise t.error("max_baud", f"{max_baud} is outside what a bridge runs ({ROM_BAUD} "
+                                      f"to {MAX_BRIDGE_BAUD})")
+        if isinstance(baud, int) and baud > max_baud:
+            raise t.error("baud", f"{baud} is above [ports] max_baud ({max_baud})")
+    by_adapter: dict[str, int] = {}
+    for key, value in t.get("baud_by_adapter", dict, {}).items():
+        reason = adapter_key_error(key)
+        if reason is not None:
+            raise t.error(f"baud_by_adapter.{key}", reason)
+        by_adapter[key.lower()] = _rate(t, f"baud_by_adapter.{key}", value)
+    by_port = {key: _rate(t, f"baud_by_port.{key}", value)
+               for key, value in t.get("baud_by_port", dict, {}).items()}
+    return baud, max_baud, by_adapter, by_port
 
 
 def _check_glob(t: _Table, pattern: str) -> None:

@@ -35,6 +35,7 @@ from station.events import (
     JobFinished,
     JobStarted,
     KnownBoard,
+    LineRate,
     Progress,
     Registered,
     RegistrationStep,
@@ -78,6 +79,8 @@ class BoardRow:
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
     prev_done: int | None = None  # the current region's bytes before the last Progress
     samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
+    line: LineRate | None = None  # the latest rate (station/baud.py)
+    stepped: list[str] = field(default_factory=list)  # "2000000->921600: why", this job
 
     @property
     def final(self) -> bool:
@@ -103,7 +106,7 @@ class BoardRow:
         """Cheap private copy: speed needs only the window's first and last sample."""
         ends = [self.samples[0], self.samples[-1]] if self.samples else []
         return dataclasses.replace(self, regions=dict(self.regions),
-                                   samples=deque(ends, maxlen=256))
+                                   samples=deque(ends, maxlen=256), stepped=list(self.stepped))
 
     def elapsed(self, now: float) -> float | None:
         if self.started_at is None:
@@ -170,6 +173,10 @@ class StationView:
             row.throttled = True
         elif isinstance(event, KnownBoard):
             row.known = event.note
+        elif isinstance(event, LineRate):
+            row.line = event
+            if event.stepped_from is not None:
+                row.stepped.append(f"{event.stepped_from}->{event.baud}: {event.reason}")
         elif isinstance(event, Registered):
             row.thing, row.throttled = event.thing_name, False
         elif isinstance(event, JobFinished):
@@ -245,7 +252,24 @@ def result_text(row: BoardRow) -> Text:
     if row.retry_reason:
         return Text(_one_line(f"attempt {row.attempt} after: {row.retry_reason}"),
                     style="yellow")
+    if row.stepped:
+        return Text(_one_line(f"stepped down {row.stepped[-1]}"), style="yellow")
     return Text("")
+
+
+def baud_text(row: BoardRow) -> Text:
+    """The line rate; "↓" once this board stepped down, "slot↓" when it started at the
+    lower rate its slot stepped down to on an earlier board (until a restart)."""
+    line = row.line
+    if line is None:
+        return Text("")
+    if line.baud is None:
+        return Text("usb")
+    if row.stepped:
+        return Text(f"{line.baud} ↓", style="yellow")
+    if line.remembered:
+        return Text(f"{line.baud} slot↓", style="yellow")
+    return Text(str(line.baud))
 
 
 BAR_WIDTH = 10
@@ -290,6 +314,7 @@ def render(view: StationView, now: float) -> RenderableType:
     table.add_column("stage", no_wrap=True)
     table.add_column("elapsed", no_wrap=True, justify="right")
     table.add_column("speed", no_wrap=True, justify="right")
+    table.add_column("baud", no_wrap=True, justify="right")
     table.add_column("progress / result", no_wrap=True, overflow="ellipsis", ratio=1)
     for slot in sorted(view.rows, key=_slot_key):
         row = view.rows[slot]
@@ -308,6 +333,7 @@ def render(view: StationView, now: float) -> RenderableType:
                  style="red" if row.stage == Stage.FAILED else ""),
             duration(row.elapsed(now)),
             f"{human_bytes(speed)}/s" if speed is not None else "",
+            baud_text(row),
             result,
         )
     return Group(table, footer(view, now))
@@ -387,6 +413,13 @@ def format_event(event: Event, view: StationView) -> str | None:
         return f"{head} throttled by {event.api}, waiting"
     if isinstance(event, KnownBoard):
         return f"{head} {event.note} (on_known_board = {event.policy})"
+    if isinstance(event, LineRate):
+        if event.stepped_from is not None:
+            return f"{head} stepped down {event.stepped_from} -> {event.baud} baud: " \
+                   f"{_one_line(event.reason or '')}"
+        rate = "baud unchanged (native USB)" if event.baud is None else f"{event.baud} baud"
+        why = f", {_one_line(event.reason)}" if event.remembered and event.reason else ""
+        return f"{head} line {rate} ({event.adapter}{why})"
     if isinstance(event, RegistrationStep):
         cert = f" {event.certificate_id}" if event.certificate_id else ""
         return f"{head} registration {event.step}{cert}"

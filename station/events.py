@@ -117,6 +117,18 @@ class Registered(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class LineRate(Event):
+    """The serial rate a board runs at (station/baud.py): once connected, and at every
+    step down the ladder, with the failure that forced it."""
+
+    baud: int | None  # None: native USB, the baud rate does not apply
+    adapter: str  # "cp2102n", "10c4:ea60", "native USB 303a:1001", "unknown adapter"
+    stepped_from: int | None = None  # set on a step down
+    reason: str | None = None  # why it stepped down
+    remembered: bool = False  # started lower: this slot stepped down on an earlier board
+
+
+@dataclass(frozen=True, kw_only=True)
 class JobFinished(Event):
     """The board reached a final stage; `timings` are seconds spent per stage."""
 

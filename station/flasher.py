@@ -17,6 +17,11 @@ Why it looks the way it does:
   its checksum loops over each byte in Python: about 25 ms of CPU per block, which at 16
   boards on two cores is the difference between keeping up with 921600 baud and not.
   Begin/finish and everything else go through esptool's loader unchanged.
+- The line rate is tried, not trusted (station/baud.py): esptool's `change_baud` does
+  not check that the bridge followed, so a register read with a short timeout follows
+  every change; a line failure there or in a block write closes the port (a real board
+  is reset by the next connect, a pty by the close), reconnects one ladder rate lower
+  and goes on. Each step is a `RateNote`, reported after the thread's call returns.
 - Cancellation: `close()` aborts the serial port first (pending and later reads/writes
   fail at once), so a thread blocked in esptool finishes within milliseconds, then closes
   the port from that thread (never closing a file descriptor another thread is using).
@@ -30,11 +35,12 @@ import errno
 import functools
 import hashlib
 import logging
+import os
 import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +52,14 @@ from esptool.cmds import attach_flash, detect_chip, detect_flash_size, reset_chi
 from esptool.loader import DEFAULT_TIMEOUT, ERASE_WRITE_TIMEOUT_PER_MB, MAX_TIMEOUT, timeout_per_mb
 from esptool.util import FatalError, PrintOnce, flash_size_bytes
 
+from station.baud import (
+    BaudSettings,
+    RateNote,
+    SlotMemory,
+    Step,
+    next_lower,
+    points_at_line,
+)
 from station.errors import (
     FlashError,
     NotAnEspError,
@@ -56,7 +70,7 @@ from station.errors import (
 )
 from station.firmware import xor_checksum
 from station.parts import BoardIdentity, ProgressFn, Region
-from station.usbport import NativeUsb, holders, native_usb
+from station.usbport import Adapter, NativeUsb, holders, native_usb, usb_adapter
 
 log = logging.getLogger("station.flasher")
 T = TypeVar("T")
@@ -65,6 +79,14 @@ ROM_BAUD = 115200
 CLOSE_TIMEOUT = 10.0  # an aborted port makes esptool fail in milliseconds; this is a guard
 PROGRESS_INTERVAL = 0.1  # at most ~10 progress callbacks per second per board
 WRITE_BLOCK_ATTEMPTS = 3  # as esptool's flash_block / flash_defl_block
+PROBE_TIMEOUT = 0.5  # a register read after a baud change takes milliseconds when it works
+RECONNECT_PAUSE = 0.1  # after closing a port before reopening it: a pty's only reset
+# Chips whose esp-flasher-stub keeps the UART as the ROM left it (src/main.c raises clocks
+# and resets the divider to the ROM's init rate only on ESP32, -S2, -S3, -P4, -S31, -H21,
+# -H4, -C6; transport.c attaches to the ROM-initialised UART): on these the ROM changes
+# the rate first and the stub travels at it. Elsewhere the stub goes at 115200.
+FAST_STUB_CHIPS = frozenset({"esp32c2", "esp32c3", "esp32c5", "esp32c61", "esp32h2"})
+_fast_stub_failed: set[str] = set()  # chips whose stub did not start at a fast rate
 PACKET_HEADER = struct.Struct("<BBHI")
 BLOCK_HEADER = struct.Struct("<IIII")
 # Connect failures that mean "something answers, but it is not an ESP bootloader".
@@ -213,7 +235,10 @@ def _defl_block_timeout(esp: Any, inflated: int) -> float:
 class EsptoolFlasher:
     """Opens boards with esptool; implements `parts.Flasher`.
 
-    `baud`: the rate after the stub runs (the ROM always starts at 115200).
+    `baud`: the rate after the stub runs (the ROM always starts at 115200); `line`, when
+    given, decides it per port instead (station/baud.py), and `memory` keeps the slots'
+    step-downs. `keys(port)` names the port for [ports.baud_by_port] and the memory
+    (slot first); `on_rate` receives every RateNote, on the event loop.
     `chip` / `chips`: the chip(s) the station has firmware for; a board of another chip
     still opens (so `identify()` can name it) but gets no stub, and `write()` refuses it.
     `connect_attempts`: esptool's reset+sync attempts (~0.8 s each when nothing answers).
@@ -222,8 +247,17 @@ class EsptoolFlasher:
     def __init__(self, baud: int = 921600, chip: str | None = None, connect_attempts: int = 4,
                  trace: bool = False, progress_interval: float = PROGRESS_INTERVAL,
                  chips: tuple[str, ...] = (),
-                 native: Callable[[str], NativeUsb | None] = native_usb) -> None:
+                 native: Callable[[str], NativeUsb | None] = native_usb,
+                 line: BaudSettings | None = None, memory: SlotMemory | None = None,
+                 adapter: Callable[[str], Adapter] = usb_adapter,
+                 keys: Callable[[str], tuple[str, ...]] = lambda port: (port,),
+                 on_rate: Callable[[RateNote], Awaitable[None]] | None = None) -> None:
         self.baud = baud
+        self.line = line if line is not None else BaudSettings(baud=baud)
+        self.memory = memory if memory is not None else SlotMemory()
+        self.adapter = adapter  # sysfs VID:PID and product (usbport.py)
+        self.keys = keys
+        self.on_rate = on_rate
         self.native = native  # sysfs VID:PID (usbport.py); tests may stand in for sysfs
         self.chips = chips or ((chip,) if chip else ())
         self.connect_attempts = connect_attempts
@@ -232,7 +266,8 @@ class EsptoolFlasher:
         quiet_esptool()
 
     async def open(self, port: str) -> EsptoolSession:
-        session = EsptoolSession(port, self)
+        # on the loop, in the worker's context: the board's slot is known here only
+        session = EsptoolSession(port, self, self.keys(port))
         try:
             await session.call("connect", session.connect_blocking)
         except BaseException:
@@ -244,8 +279,10 @@ class EsptoolFlasher:
 class EsptoolSession:
     """One open, synced board; every esptool call runs on this session's own thread."""
 
-    def __init__(self, port: str, flasher: EsptoolFlasher) -> None:
+    def __init__(self, port: str, flasher: EsptoolFlasher,
+                 keys: tuple[str, ...] = ()) -> None:
         self.port = port
+        self.keys = keys or (port,)
         self.flasher = flasher
         self.name = Path(port).name
         self.esp: Any = None
@@ -253,6 +290,10 @@ class EsptoolSession:
         self._serial: _Port | None = None
         self._step = "open"  # how far connect got, for its error message
         self._baud_unconfirmed = False  # changed the baud, no reply at the new one yet
+        self.rate: int | None = None  # the line rate in use; None: native USB
+        self._slot = port
+        self._adapter_name = ""
+        self._notes: list[RateNote] = []  # to report once the thread's call returns
         self.native: NativeUsb | None = None
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"flash-{self.name}",
@@ -268,7 +309,16 @@ class EsptoolSession:
         if self._closed:
             raise PortError(f"{self.port}: the session is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._guarded, stage, fn)
+        try:
+            return await loop.run_in_executor(self._executor, self._guarded, stage, fn)
+        finally:
+            await self._report_rates()
+
+    async def _report_rates(self) -> None:
+        notes, self._notes = self._notes, []
+        if self.flasher.on_rate is not None:
+            for note in notes:
+                await self.flasher.on_rate(note)
 
     def _guarded(self, stage: str, fn: Callable[[], T]) -> T:
         try:
@@ -298,7 +348,7 @@ class EsptoolSession:
             return PortError(f"{self.port}: no answer from an ESP bootloader ({message}); "
                              "is the board in download mode?")
         if self._baud_unconfirmed:  # esptool's change_baud does not check the bridge follows
-            return PortError(f"{self.port}: no reply after switching to {self.flasher.baud} "
+            return PortError(f"{self.port}: no reply after switching to {self.rate} "
                              "baud: the port's adapter may not support it (set [ports] baud "
                              f"lower) ({message})", transient=False)  # again would fail alike
         return PortError(f"{self.port}: the board synced, then {self._step} failed "
@@ -307,6 +357,71 @@ class EsptoolSession:
     # -- blocking parts (session thread) --
 
     def connect_blocking(self) -> None:
+        """Connect at the port's rate (baud.py), stepping down while the line fails."""
+        opts = self.flasher
+        self.native = opts.native(self.port)
+        adapter = opts.adapter(self.port)
+        self._slot = self.keys[0]
+        self._adapter_name = adapter.describe()
+        rate, why = opts.line.rate_for(adapter, self.keys)
+        earlier = None
+        if self.native is not None:  # the chip's own USB ignores the baud rate
+            rate, self._adapter_name = None, f"native USB {self.native.kind}"
+        elif rate is not None:
+            rate, earlier = opts.memory.limit(self._slot, rate)
+        self._connect_laddered(rate)
+        self._notes.append(RateNote(
+            baud=self.rate, adapter=self._adapter_name, remembered=earlier is not None,
+            reason=(f"slot {earlier.slot} stepped down {earlier.from_baud}->{earlier.to_baud} "
+                    f"earlier ({earlier.reason})") if earlier is not None else None))
+        log.debug("%s: line rate %s (%s)", self.port, self.rate, why)
+
+    def _connect_laddered(self, rate: int | None) -> None:
+        while True:
+            try:
+                self.rate = self._connect_at(rate)
+                return
+            except _StubAtRateFailed:
+                self._reopen()  # the fallback: as on every other chip, stub at 115200
+                continue
+            except FatalError as e:
+                # only a failure after the baud change is the line's (before it, 115200)
+                lower = self._line_failed(rate, e, self._step) if self._baud_unconfirmed \
+                    else None
+                if lower is None:
+                    raise
+                self._reopen()
+                rate = lower
+
+    def _line_failed(self, rate: int | None, e: FatalError, where: str) -> int | None:
+        """The next rate down after a line failure at `rate`, or None: not the line's
+        fault, or the ladder is at its end. Records the step and the slot remembers it."""
+        if rate is None or (self._serial is not None and self._serial.aborted):
+            return None
+        if not points_at_line(str(e)) or not os.path.exists(self.port):
+            return None  # not the line's fault, or the board was pulled: nothing to remember
+        lower = next_lower(rate)
+        if lower is None:
+            return None
+        what = f"no reply after {where}" if where.startswith("the change") else \
+            f"{where} failed at {rate} baud"
+        reason = f"{what} ({first_line(e)})"
+        step = Step(slot=self._slot, from_baud=rate, to_baud=lower, reason=reason)
+        self.flasher.memory.remember(step)
+        self._notes.append(RateNote(baud=lower, adapter=self._adapter_name, stepped_from=rate,
+                                    reason=reason))
+        log.warning("%s: %s; stepping down to %d baud", self.port, reason, lower)
+        return lower
+
+    def _reopen(self) -> None:
+        """Close the port and start over in the ROM: the next connect resets a real board
+        (DTR/RTS); on a pty the close itself is the reset, so it must be seen first."""
+        self._close_blocking()
+        self._serial, self.esp, self._baud_unconfirmed = None, None, False
+        time.sleep(RECONNECT_PAUSE)
+
+    def _connect_at(self, rate: int | None) -> int | None:
+        """Connect, load the stub and change to `rate`; returns the rate in use."""
         opts = self.flasher
         port = _Port()
         port.port = self.port
@@ -317,7 +432,6 @@ class EsptoolSession:
         except serial.SerialException as e:
             raise _open_error(self.port, e) from e
         self._serial = port
-        self.native = opts.native(self.port)
         self._step = "chip detection"
         esp = detect_chip(port, ROM_BAUD, trace_enabled=opts.trace,
                           connect_attempts=opts.connect_attempts)
@@ -326,13 +440,25 @@ class EsptoolSession:
         if opts.chips and chip not in opts.chips:
             log.info("%s: %s board, firmware is for %s: not loading the stub", self.port, chip,
                      ", ".join(opts.chips))
-            return
+            return ROM_BAUD if rate is not None else None
+        changed = rate is not None and rate != ROM_BAUD
         self._step = "the stub upload"
-        esp = self.esp = run_stub(esp)
-        if opts.baud != ROM_BAUD:
-            self._step = f"the change to {opts.baud} baud"
-            esp.change_baud(opts.baud)
-            self._baud_unconfirmed = True
+        if changed and chip in FAST_STUB_CHIPS and chip not in _fast_stub_failed:
+            assert rate is not None
+            self._change_and_probe(rate)  # on the ROM: the stub then travels at `rate`
+            self._step = "the stub upload"
+            try:
+                esp = self.esp = run_stub(esp)
+            except FatalError as e:
+                log.warning("%s: the %s stub did not start at %d baud (%s); loading it at "
+                            "%d from now on", self.port, chip, rate, first_line(e), ROM_BAUD)
+                _fast_stub_failed.add(chip)
+                raise _StubAtRateFailed() from e
+        else:
+            esp = self.esp = run_stub(esp)
+            if changed:
+                assert rate is not None
+                self._change_and_probe(rate)
         self._step = "the flash attach"
         attach_flash(esp)
         self._baud_unconfirmed = False
@@ -340,8 +466,18 @@ class EsptoolSession:
             size = detect_flash_size(esp)
             if size is not None:  # as write_flash's flash_size="keep"
                 esp.flash_set_parameters(flash_size_bytes(size))
-        log.debug("%s: connected to %s (stub %s) at %d baud", self.port, chip, esp.IS_STUB,
-                  opts.baud)
+        log.debug("%s: connected to %s (stub %s) at %s baud", self.port, chip, esp.IS_STUB,
+                  rate)
+        return rate
+
+    def _change_and_probe(self, rate: int) -> None:
+        self._step = f"the change to {rate} baud"
+        self.esp.change_baud(rate)
+        self._baud_unconfirmed = True
+        self.rate = rate
+        # esptool does not check that the bridge followed: one register read, with a
+        # timeout a working line never needs, tells a garbling line in milliseconds.
+        self.esp.read_reg(self.esp.EFUSE_RD_REG_BASE, timeout=PROBE_TIMEOUT)
 
     def _identify_blocking(self) -> BoardIdentity:
         esp = self.esp
@@ -422,6 +558,9 @@ class EsptoolSession:
                     if attempt == 1 or (self._serial is not None and self._serial.aborted):
                         raise
                     log.info("%s: %s failed, retrying", self.port, what)
+                    # a SLIP error ends esptool's reader generator (every later read says
+                    # "No more data to read"); flush_input drops the junk and starts anew
+                    esp.flush_input()
             if deflate and esp.IS_STUB:
                 # the stub ACKs a block at once and writes it while the next one arrives
                 timeout = _defl_block_timeout(esp, inflated)
@@ -435,6 +574,21 @@ class EsptoolSession:
         log.debug("%s: wrote %s (%d B, %d B sent) at 0x%x in %.2fs", self.port, region.name,
                   size, len(region.compressed) if deflate else size, region.offset,
                   time.monotonic() - started)
+
+    def _write_laddered(self, region: Region, report: Callable[[int], None]) -> None:
+        """A write whose blocks fail on the line reconnects one rate lower and starts the
+        region again (the stub's erase state is gone with the reset)."""
+        while True:
+            try:
+                self._write_blocking(region, report)
+                return
+            except FatalError as e:
+                lower = self._line_failed(self.rate, e, f"write {region.name}")
+                if lower is None:
+                    raise
+                self._reopen()
+                self._connect_laddered(lower)
+                report(0)
 
     def _verify_blocking(self, region: Region) -> None:
         md5 = self.esp.flash_md5sum(region.offset, len(region.data))
@@ -489,7 +643,7 @@ class EsptoolSession:
                     loop.call_soon_threadsafe(deliver, min(done, total), total)
 
         progress(0, total)
-        await self.call(f"write {region.name}", lambda: self._write_blocking(region, report))
+        await self.call(f"write {region.name}", lambda: self._write_laddered(region, report))
 
     async def verify(self, region: Region) -> None:
         await self.call(f"verify {region.name}", lambda: self._verify_blocking(region))
@@ -517,6 +671,10 @@ class EsptoolSession:
                             self.port, CLOSE_TIMEOUT)
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _StubAtRateFailed(Exception):
+    """The stub did not start at the fast rate: connect again, stub at 115200."""
 
 
 @functools.lru_cache(maxsize=16)

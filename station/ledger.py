@@ -39,6 +39,7 @@ from station.events import (
     Identified,
     JobFinished,
     JobStarted,
+    LineRate,
     Progress,
     Registered,
     RegistrationStep,
@@ -60,7 +61,7 @@ from station.ledgerslots import (
 log = logging.getLogger("station.ledger")
 
 T = TypeVar("T")
-SCHEMA_VERSION = 2  # 2: slot_flags and runs (station/ledgerslots.py)
+SCHEMA_VERSION = 3  # 2: slot_flags and runs (station/ledgerslots.py); 3: line rates
 FILENAME = "ledger.sqlite3"
 _BATCH = 256  # tasks committed together at most; bounds a transaction's size
 
@@ -81,11 +82,19 @@ _SCHEMA = (
         job_id TEXT NOT NULL, port TEXT, slot TEXT, at REAL NOT NULL, mac TEXT NOT NULL,
         thing_name TEXT NOT NULL, step TEXT NOT NULL, certificate_id TEXT,
         certificate_arn TEXT)""",
-    *SCHEMA_2,
 )
+# Schema changes since version 1, applied in order to older ledgers when they are opened
+# (and to a new one after _SCHEMA): tables and columns are only ever added, so the rows
+# of an older station stay as they are.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: SCHEMA_2,  # slot flags and station runs (station/ledgerslots.py)
+    # the line rate a board ran at, and every step down the ladder (station/baud.py)
+    3: ("ALTER TABLE jobs ADD COLUMN baud INTEGER",
+        "ALTER TABLE jobs ADD COLUMN baud_steps TEXT"),
+}
 EXPORT_COLUMNS = ("job_id", "slot", "port", "mac", "chip", "thing_name", "result",
                   "failed_stage", "error", "started", "finished", "seconds", "certificate_id",
-                  "registrar", "firmware_hash", "station", "timings")
+                  "registrar", "firmware_hash", "station", "timings", "baud", "baud_steps")
 
 
 class _Task:
@@ -190,17 +199,15 @@ class Ledger:
                 conn.execute("BEGIN IMMEDIATE")
                 for statement in _SCHEMA:
                     conn.execute(statement)
-                conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+                _migrate(conn, 1)
+                conn.execute("COMMIT")
+            elif version < SCHEMA_VERSION:  # an older station's ledger: add what it lacks
+                conn.execute("BEGIN IMMEDIATE")
+                _migrate(conn, version)
                 conn.execute("COMMIT")
             elif version > SCHEMA_VERSION:
                 raise LedgerError(f"{self.path}: written by a newer station (schema "
                                   f"{version} > {SCHEMA_VERSION}); upgrade this station")
-            elif version < 2:  # schema 1 -> 2 adds tables only: old rows stay as they are
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in SCHEMA_2:
-                    conn.execute(statement)
-                conn.execute("INSERT INTO schema_version VALUES (2)")
-                conn.execute("COMMIT")
         except sqlite3.Error as e:
             conn.close()
             raise self._error(e) from e
@@ -402,6 +409,22 @@ def _schema_version(conn: sqlite3.Connection) -> int | None:
     return None
 
 
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in _MIGRATIONS.get(step, ()):
+            conn.execute(statement)
+    conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+
+
+def _line_rate_note(event: LineRate) -> str | None:
+    """One entry of a job's baud_steps: a step down, or a start at the slot's lower rate."""
+    if event.stepped_from is not None:
+        return f"{event.stepped_from}->{event.baud}: {event.reason or 'line failed'}"
+    if event.remembered:
+        return f"started at {event.baud}: {event.reason or 'the slot stepped down before'}"
+    return None
+
+
 def _write(conn: sqlite3.Connection, event: Event) -> None:
     if isinstance(event, SlotFlagged | SlotCleared):  # about a slot, not a job
         write_slot_event(conn, event)
@@ -452,6 +475,11 @@ def _write(conn: sqlite3.Connection, event: Event) -> None:
             (event.result.value, event.error,
              event.failed_stage.value if event.failed_stage else None, event.at,
              json.dumps(event.timings), event.result.value, event.job_id))
+    elif isinstance(event, LineRate):
+        note = _line_rate_note(event)
+        conn.execute("UPDATE jobs SET baud = ?, baud_steps = CASE WHEN ? IS NULL THEN "
+                     "baud_steps ELSE coalesce(baud_steps || '; ', '') || ? END "
+                     "WHERE job_id = ?", (event.baud, note, note, event.job_id))
     elif stage is not None:  # StageChanged, Retrying: where the job is now
         conn.execute("UPDATE jobs SET stage = ? WHERE job_id = ? AND result IS NULL",
                      (stage, event.job_id))

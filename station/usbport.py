@@ -27,6 +27,9 @@ from typing import Any, Literal
 from esp_pylib.constants import ESPRESSIF_VID, USB_JTAG_SERIAL_PID
 from serial.tools.list_ports_linux import SysFS
 
+from station.baud import UNKNOWN, Adapter
+from station.baud import classify as classify_adapter
+
 NativeKind = Literal["jtag", "otg"]
 _MAC = re.compile(r"^[0-9a-f]{12}$")
 
@@ -76,6 +79,15 @@ def native_usb(port: str) -> NativeUsb | None:
         return classify(SysFS(os.path.realpath(port)))
     except Exception:  # the device vanished mid-read: sysfs is half there
         return None
+
+
+def usb_adapter(port: str) -> Adapter:
+    """The USB-UART bridge (or native USB) behind `port`, from the same sysfs info:
+    VID:PID and product string (station/baud.py names it). A pty: unknown."""
+    try:
+        return classify_adapter(SysFS(os.path.realpath(port)))
+    except Exception:  # the device vanished mid-read: sysfs is half there
+        return UNKNOWN
 
 
 def holders(port: str) -> list[str]:

@@ -167,6 +167,7 @@ class Worker:
         """Take the board to a final stage and emit JobFinished; returns that stage."""
         cancelled: asyncio.CancelledError | None = None
         error: str | None = None
+        current_board.set((self.job_id, self.port, self.slot))  # for the edges' reports
         try:
             await self.parts.sink.emit(JobStarted(
                 job_id=self.job_id, port=self.port, slot=self.slot, station=self.plans.station,

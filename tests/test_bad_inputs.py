@@ -370,8 +370,25 @@ CONFIG_CASES: dict[str, tuple[Any, list[str]]] = {
     # case: (how to break it, what the one stderr line must contain)
     "unknown key": (lambda s: s.set("worker", "retrys", 3),
                     ["config error", "station.toml: worker.retrys: unknown key"]),
-    "wrong type": (lambda s: s.set("ports", "baud", "fast"),
-                   ["config error", "station.toml: ports.baud: must be int, not str 'fast'"]),
+    "wrong type": (lambda s: s.set("worker", "retries", "3"),
+                   ["config error", "station.toml: worker.retries: must be int, not str '3'"]),
+    "baud neither a rate nor auto": (
+        lambda s: s.set("ports", "baud", "fast"),
+        ["config error", "station.toml: ports.baud: must be an int baud rate or \"auto\", "
+         "not 'fast'"]),
+    "max_baud below the ROM's rate": (
+        lambda s: s.set("ports", "max_baud", 57600),
+        ["config error", "station.toml: ports.max_baud: 57600 is outside what a bridge runs "
+         "(115200 to 6000000)"]),
+    "max_baud above any bridge": (
+        lambda s: s.set("ports", "max_baud", 12_000_000),
+        ["config error", "station.toml: ports.max_baud: 12000000 is outside what a bridge "
+         "runs (115200 to 6000000)"]),
+    "adapter key neither VID:PID nor a known name": (
+        lambda s: s.set("ports.baud_by_adapter", "cp2012", 921600),
+        ["config error", "station.toml: ports.baud_by_adapter.cp2012: neither a VID:PID like "
+         "\"10c4:ea60\" nor a known adapter (cp2102, cp2104, cp2102n, ch340, ch343, ch9102, "
+         "ft232r, or other)"]),
     "missing firmware": (lambda s: _firmware_images(s, app=s.root / "nope" / "app.bin"),
                          ["station.toml: firmware.images[2].file:", "nope/app.bin: no such file"]),
     "missing flasher_args": (lambda s: s.set("firmware", "flasher_args", s.root / "build.json"),

@@ -108,11 +108,6 @@ def _held_by_modemmanager(rig: Rig, stack: contextlib.ExitStack) -> PluggedBoard
     return board
 
 
-def _bridge_above_its_baud(rig: Rig, stack: contextlib.ExitStack) -> PluggedBoard:
-    """A CH340 bridge (reliable up to 460800) at the station's default 921600 baud."""
-    return rig.plug(chip="esp32", usb="bridge", bridge="ch340")
-
-
 def _stale_node(rig: Rig, stack: contextlib.ExitStack) -> str:
     """A device node whose driver is gone: open() fails with ENXIO."""
     node = rig.directory.parent / "stale-tty"
@@ -146,10 +141,6 @@ PORT_CASES: dict[str, tuple[Callable[[Rig, contextlib.ExitStack], PluggedBoard |
         _held_by_modemmanager, "failed", "connect",
         ["cannot open", "another program holds the port (ModemManager (pid ",
          'a udev rule setting ENV{ID_MM_DEVICE_IGNORE}="1" (see config/udev-notes.md)']),
-    "bridge above its highest baud": (
-        _bridge_above_its_baud, "failed", "connect",
-        ["no reply after switching to 921600 baud: the port's adapter may not support it "
-         "(set [ports] baud lower)"]),
     "port node without a device": (_stale_node, "failed", "connect",
                                    ["cannot open", "No such device or address"]),
     "not an ESP": (_not_an_esp, "failed", "connect",

@@ -73,7 +73,7 @@ def test_the_shipped_station_toml_is_valid_apart_from_the_firmware_build() -> No
     [
         (("baud = 921600", "baud = 921600\nbuad = 1"), "ports.buad", "unknown key"),
         (("[identity]", "[identitty]"), "identitty", "unknown key"),
-        (("baud = 921600", 'baud = "fast"'), "ports.baud", "must be int"),
+        (("baud = 921600", 'baud = "fast"'), "ports.baud", 'must be an int baud rate or "auto"'),
         (("max_parallel = 16", "max_parallel = 0"), "station.max_parallel", "at least 1"),
         (('file = "app.bin"', 'file = "missing.bin"'), "firmware.images[1].file",
          "no such file"),
