@@ -17,7 +17,7 @@ from station.config import HealthSection, load
 from station.dashboard import StationView, format_event, render
 from station.errors import ConfigError
 from station.events import JobFinished, JobStarted, SlotCleared, SlotFlagged, Stage
-from station.ledger import Ledger
+from station.ledger import SCHEMA_VERSION, Ledger
 from station.slothealth import SlotHealth
 from station.slotpark import SlotGuard, slot_command
 
@@ -254,5 +254,5 @@ def test_a_schema_1_ledger_is_migrated_and_keeps_its_rows(tmp_path: Path) -> Non
         asyncio.run(ledger.record(flag()))
         assert [f.slot for f in ledger.open_flags()] == ["A3"]
     conn = sqlite3.connect(tmp_path / "ledger.sqlite3")
-    assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (2,)
+    assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (SCHEMA_VERSION,)
     conn.close()
