@@ -47,6 +47,7 @@ state_dir = "state"
 [ports]
 watch = ["{rig}/pci-*"]
 rescan_interval = 0.2
+reenumerate_window = 0  # boards swapped right after done on ptys (no VID:PID): new boards
 {extra}
 [ports.slots]
 {slots}

@@ -117,6 +117,7 @@ state_dir = "state"
 [ports]
 watch = ["{rig_dir}/pci-*"]
 rescan_interval = 0.2
+reenumerate_window = 0  # boards swapped right after done on ptys (no VID:PID): new boards
 park_unhealthy = true
 [ports.health]
 consecutive = 3
