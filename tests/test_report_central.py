@@ -34,7 +34,7 @@ from station.reportdata import SqliteLedgerSource, Window
 from station.sim import Faults, Rig
 from tests.centralkit import CentralLine
 from tests.pgkit import PASSWORD, Cluster, central_db, pg  # noqa: F401  (fixtures)
-from tests.test_report import parse
+from tests.test_report import browse, parse
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -158,6 +158,11 @@ def test_the_central_report_is_both_stations_local_ledgers(
     assert {r[0]: int(r[1]) for r in page.tables["failstage"]} == \
         dict(Counter(j[3] for j in jobs if j[2] == "failed"))
     assert "ledger central 127.0.0.1:" in out.read_text()
+    shot = a.root / "central-report.png"  # what a person sees: kept beside the test's files
+    taken = browse(out, f"--screenshot={shot}", "--window-size=1100,2600", "--hide-scrollbars")
+    assert shot.exists() and shot.stat().st_size > 20_000, taken.stderr[-3000:]
+    assert [line for line in taken.stderr.splitlines()
+            if "CONSOLE" in line or "Failed to load" in line] == []
 
     md = report(b, "--central", "--format", "md", "--out", "-")
     assert md.returncode == 0, md.stderr
@@ -194,8 +199,9 @@ def test_an_empty_central_ledger_and_the_one_line_errors(
         line.central = central_db.replace(f":{pg.port}/", ":1/")
         assert line.central != central_db
         line.write_config()
-        down = report(line, "--central", "--format", "md", "--out", "-")
-        assert down.returncode == 2
+        target = tmp_path / "down.html"
+        down = report(line, "--central", "--out", str(target))
+        assert down.returncode == 2 and not target.exists()
         [text] = down.stderr.splitlines()
         assert text.startswith("station: central ledger: [ledger] central 127.0.0.1:1/"), text
         assert "cannot reach PostgreSQL" in text
