@@ -152,7 +152,8 @@ def compute(source: ReportSource, window: Window) -> Stats:
     failed = [j for j in jobs if j.result == "failed"]
     stats.failures_by_stage = Counter(j.failed_stage or "unknown" for j in failed)
     stats.failures_by_reason = Counter(reason_of(j.error) for j in failed).most_common()
-    stats.stations = {j.station for j in jobs} | {f.station for f in flags}
+    stats.stations = {j.station for j in jobs if j.station} | \
+        {f.station for f in flags if f.station}  # "": a job whose start was not recorded
     stats.slots = _slots(stats, jobs, flags)
     return stats
 

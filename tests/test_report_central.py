@@ -25,7 +25,7 @@ import pytest
 
 from station import central
 from station.demo_firmware import make_demo_firmware
-from station.events import JobFinished, JobStarted, SlotFlagged, Stage
+from station.events import JobFinished, JobStarted, SlotFlagged, Stage, Throttled
 from station.ledger import Ledger
 from station.replicator import Replicator
 from station.report import make_report
@@ -221,7 +221,8 @@ def test_an_empty_central_ledger_and_the_one_line_errors(
 
 
 def fill(state: Path) -> None:
-    """Two runs (the first killed), two jobs, a flag: a ledger kept before schema 2."""
+    """Two runs (the first killed), two jobs, two throttles, a flag: a ledger kept by a
+    station while the central ledger was of schema 1."""
     with Ledger.open(state) as ledger:
         ledger.run_started("line-1", 100)  # killed: no stop
         run = ledger.run_started("line-1", 101)
@@ -237,6 +238,8 @@ def fill(state: Path) -> None:
                     at=start + 31.25,
                     failed_stage=Stage.VERIFY if result is Stage.FAILED else None,
                     error="verify failed" if result is Stage.FAILED else None))
+            for _ in range(2):  # job0 waited twice for the cloud
+                ledger.note(Throttled(job_id="job0", port="p", slot="A1", api="CreateThing"))
             await ledger.record(SlotFlagged(job_id="job1", port="p", slot="A1",
                                             station="line-1", stage=Stage.VERIFY,
                                             reason="1 in a row", hint="check power",
@@ -282,6 +285,11 @@ def test_a_schema_1_central_ledger_upgrades_and_gets_the_flags_and_runs(
         same_figures(there, here)
 
     same_report()
+    with CentralSource(central_db, 5) as fleet:
+        assert fleet.throttles(Window()) == 2
+        assert fleet.throttles(Window(station="line-2")) == 0
+        [killed, stopped] = fleet.runs(Window())
+        assert killed.stopped_at is None and stopped.stopped_at is not None
     with Ledger.open(tmp_path) as ledger:  # the operator clears the flag later
         assert ledger.clear_flag("A1", by="cli")
     assert rep._ship_once() == 1
