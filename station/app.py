@@ -180,10 +180,15 @@ async def assemble(config: Config, options: Options,
                     finally:
                         if rep is not None:
                             await asyncio.to_thread(fleet.close)
+                        # before the replicator's last flush: the central ledger knows
+                        # this stop was clean (the report counts unclean restarts)
+                        await asyncio.to_thread(ledger.run_stopped, run_id)
+                        run_id = 0
             finally:
                 watch.cancel()
                 await asyncio.gather(watch, return_exceptions=True)
-                await asyncio.to_thread(ledger.run_stopped, run_id)
+                if run_id:  # the central ledger's start failed
+                    await asyncio.to_thread(ledger.run_stopped, run_id)
         finally:
             await events.close()
             ledger.close()

@@ -37,7 +37,7 @@ from psycopg.rows import dict_row
 from station.errors import CentralError, CentralUnreachableError
 from station.parts import BoardHistory
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: slot_flags and runs (station/centralslots.py)
 LOCK_ID = 0x5747_4E01  # pg_advisory_xact_lock key for migrations ("STN" + 1)
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -71,6 +71,18 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             certificate_id text, certificate_arn text, PRIMARY KEY (station, seq))""",
         "CREATE INDEX registrations_mac ON registrations (mac, at)",
         "CREATE INDEX registrations_certificate ON registrations (certificate_id)",
+    ),
+    2: (  # the local ledger's slot_flags and runs, keyed by the local rowid
+        """CREATE TABLE slot_flags (
+            station text NOT NULL, flag_id bigint NOT NULL, slot text NOT NULL, port text,
+            job_id text, flagged_at timestamptz NOT NULL, stage text NOT NULL, reason text,
+            hint text, parked boolean NOT NULL, cleared_at timestamptz, cleared_by text,
+            PRIMARY KEY (station, flag_id))""",
+        "CREATE INDEX slot_flags_at ON slot_flags (flagged_at)",
+        """CREATE TABLE runs (
+            station text NOT NULL, run_id bigint NOT NULL, pid integer,
+            started_at timestamptz NOT NULL, stopped_at timestamptz,
+            PRIMARY KEY (station, run_id))""",
     ),
 }
 

@@ -146,6 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--until", metavar="TIME", type=_time,
                         help="until TIME (same forms); default: now")
     report.add_argument("--station", metavar="NAME", help="only this station's boards")
+    report.add_argument("--central", action="store_true",
+                        help="read the central PostgreSQL ledger ([ledger] central): every "
+                        "station, or one with --station")
     report.add_argument("--format", choices=("html", "md"), default="html")
     report.add_argument("--out", "-o", type=Path, metavar="FILE",
                         help="write here (default: report.html / report.md; - for stdout)")
@@ -307,9 +310,11 @@ def _time(text: str) -> float:
 def _report(args: argparse.Namespace) -> int:
     from station.report import report_command
 
-    return report_command(load(args.config), since=args.since, until=args.until,
+    config = load(args.config)
+    return report_command(config, since=args.since, until=args.until,
                           station=args.station, fmt=args.format, out=args.out,
-                          stdout=sys.stdout)
+                          stdout=sys.stdout,
+                          central=_central(config) if args.central else None)
 
 
 if __name__ == "__main__":

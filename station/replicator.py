@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import psycopg
 
-from station import central
+from station import central, centralslots
 from station.errors import CentralError, CentralUnreachableError
 from station.events import Event
 
@@ -104,6 +104,7 @@ class Replicator:
         self._thread = threading.Thread(target=self._run, name="replicator", daemon=True)
         self._conn: psycopg.Connection | None = None
         self._cursor = self._saved_cursor()
+        self._slots = centralslots.Shipped()  # flags and runs PostgreSQL holds
         self._local: sqlite3.Connection | None = None
         self._flush_until = 0.0
 
@@ -215,6 +216,7 @@ class Replicator:
             try:
                 central.migrate(conn, self.station)
                 cursor = central.shipped_seq(conn, self.station)
+                slots = centralslots.shipped(conn, self.station)
             except psycopg.Error as e:
                 raise central.as_error(e, self._status.where) from None
             local_end = self._local_end()
@@ -228,7 +230,7 @@ class Replicator:
             conn.close()
             raise
         was_down = self._status.state in ("unreachable", "refused")
-        self._conn, self._cursor = conn, cursor
+        self._conn, self._cursor, self._slots = conn, cursor, slots
         if was_down:
             log.warning("central ledger %s: reachable again; catching up from #%d",
                         self._status.where, cursor)
@@ -273,15 +275,18 @@ class Replicator:
         return central.Batch(events=events, jobs=jobs)
 
     def _ship_once(self) -> int:
+        """Ship a batch of events, then the slot flags and runs that changed; how many."""
         assert self._conn is not None
         batch = self._read()
-        if batch is None:
-            return 0
-        central.ship(self._conn, self.station, batch)
-        self._cursor = batch.last_seq
-        self._save_cursor()
-        self._set(shipped=self._status.shipped + len(batch.events))
-        return len(batch.events)
+        if batch is not None:
+            central.ship(self._conn, self.station, batch)
+            self._cursor = batch.last_seq
+            self._save_cursor()
+            self._set(shipped=self._status.shipped + len(batch.events))
+        changes = centralslots.read(self._local_db(), self._slots)
+        if changes:
+            centralslots.ship(self._conn, self.station, changes, self._slots)
+        return (len(batch.events) if batch is not None else 0) + len(changes)
 
     def _refresh(self) -> None:
         """Pending events and the age of the oldest, from the local ledger."""

@@ -110,7 +110,7 @@ def slot_rows(stats: Stats) -> list[tuple[str, ...]]:
 
 
 def flag_rows(stats: Stats) -> list[tuple[str, ...]]:
-    return [(f.slot, stamp(f.flagged_at), f.stage, f.reason, f.hint,
+    return [(stats.slot_name(f.station, f.slot), stamp(f.flagged_at), f.stage, f.reason, f.hint,
              "parked" if f.parked else "flagged",
              f"{stamp(f.cleared_at)} ({f.cleared_by})" if f.cleared_at else "still flagged")
             for f in stats.flags]
@@ -237,10 +237,17 @@ def make_report(source: ReportSource, window: Window, fmt: str,
 
 def report_command(config: Config, *, since: float | None, until: float | None,
                    station: str | None, fmt: str, out: Path | None,
-                   stdout: IO[str] = sys.stdout) -> int:
+                   stdout: IO[str] = sys.stdout, central: str | None = None) -> int:
+    """`central`: the [ledger] central conninfo to read instead of the local ledger."""
     window = Window(since=since, until=until, station=station)
-    source = SqliteLedgerSource(config.station.state_dir / FILENAME)
-    text = make_report(source, window, fmt)
+    if central:
+        from station.reportcentral import CentralSource
+
+        with CentralSource(central, config.ledger.connect_timeout) as fleet:
+            text = make_report(fleet, window, fmt)
+    else:
+        text = make_report(SqliteLedgerSource(config.station.state_dir / FILENAME), window,
+                           fmt)
     target = out or Path(f"report.{fmt}")
     if str(target) == "-":
         stdout.write(text)

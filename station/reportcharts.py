@@ -131,21 +131,49 @@ def _dark(colour: Any) -> bool:
     return 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.45  # relative luminance
 
 
+def _map_cells(stats: Stats) -> tuple[dict[str, tuple[float, int, str]],
+                                      list[tuple[float, str]]]:
+    """slot -> (row, column, label); and the station titles (row, name) when a report
+    holds several stations: one hub map each, one under the other."""
+    if len(stats.stations) <= 1:
+        cells = hub_layout([s.slot for s in stats.slots])
+        return {s: (float(r), c, s) for s, (r, c) in cells.items()}, []
+    out: dict[str, tuple[float, int, str]] = {}
+    titles: list[tuple[float, str]] = []
+    top = 0.0
+    for station in sorted(stats.stations):
+        names = {s.slot: s.slot.removeprefix(f"{station}/") for s in stats.slots
+                 if s.slot.startswith(f"{station}/")}
+        if not names:
+            continue
+        titles.append((top, station))
+        top += 0.35
+        cells = hub_layout(list(names.values()))
+        for name, bare in names.items():
+            r, c = cells[bare]
+            out[name] = (top + r, c, bare)
+        top += max(r for r, _ in cells.values()) + 1
+    return out, titles
+
+
 def slot_map(stats: Stats) -> str:
-    cells = hub_layout([s.slot for s in stats.slots])
-    rows = max(r for r, _ in cells.values()) + 1
-    cols = max(c for _, c in cells.values()) + 1
+    cells, titles = _map_cells(stats)
+    rows = max(r for r, _, _ in cells.values()) + 1
+    cols = max(c for _, c, _ in cells.values()) + 1
     cmap = matplotlib.colormaps["RdYlGn"]
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(min(9.0, 1.15 * cols + 0.4), 0.95 * rows + 0.3))
+        for top, station in titles:
+            ax.text(0.04, -top - 0.2, station, ha="left", va="center", fontsize=9,
+                    weight="bold")
         for slot in stats.slots:
-            r, c = cells[slot.slot]
+            r, c, label = cells[slot.slot]
             y = slot.yield_pct
             colour = GREY if y is None else cmap(max(0.0, (y - 50.0) / 50.0))
             ax.add_patch(Rectangle((c + 0.04, -r - 0.96), 0.92, 0.92, facecolor=colour,
                                    edgecolor=RED if slot.flagged else "white",
                                    linewidth=3 if slot.flagged else 1))
-            label = slot.slot if len(slot.slot) <= 12 else "…" + slot.slot[-11:]
+            label = label if len(label) <= 12 else "…" + label[-11:]
             figure = "-" if y is None else f"{y:.0f}%"
             ink = "white" if _dark(colour) else "black"
             ax.text(c + 0.5, -r - 0.3, label + (" !" if slot.flagged else ""), color=ink,

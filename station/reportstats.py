@@ -79,9 +79,16 @@ class Stats:
     slots: list[SlotStats] = field(default_factory=list)
     flags: list[FlagRow] = field(default_factory=list)
 
+    stations: set[str] = field(default_factory=set)
+
     @property
     def empty(self) -> bool:
         return self.summary.boards == 0
+
+    def slot_name(self, station: str, slot: str) -> str:
+        """A slot as the report names it: `line-2/A3` once several stations are in it
+        (the central ledger), since A3 of one station is not A3 of another."""
+        return f"{station}/{slot}" if len(self.stations) > 1 else slot
 
 
 def reason_of(error: str | None) -> str:
@@ -145,7 +152,9 @@ def compute(source: ReportSource, window: Window) -> Stats:
     failed = [j for j in jobs if j.result == "failed"]
     stats.failures_by_stage = Counter(j.failed_stage or "unknown" for j in failed)
     stats.failures_by_reason = Counter(reason_of(j.error) for j in failed).most_common()
-    stats.slots = _slots(jobs, flags)
+    stats.stations = {j.station for j in jobs if j.station} | \
+        {f.station for f in flags if f.station}  # "": a job whose start was not recorded
+    stats.slots = _slots(stats, jobs, flags)
     return stats
 
 
@@ -170,12 +179,14 @@ def _timeline(stats: Stats, ended: list[JobRow]) -> None:
     stats.timeline = [(t, c[0], c[1], c[2]) for t, c in sorted(buckets.items())]
 
 
-def _slots(jobs: list[JobRow], flags: list[FlagRow]) -> list[SlotStats]:
+def _slots(stats: Stats, jobs: list[JobRow], flags: list[FlagRow]) -> list[SlotStats]:
     by_slot: dict[str, SlotStats] = {}
     for job in jobs:
-        slot = by_slot.setdefault(job.slot, SlotStats(job.slot))
+        name = stats.slot_name(job.station, job.slot)
+        slot = by_slot.setdefault(name, SlotStats(name))
         if job.result in ("done", "failed", "removed", "skipped"):
             setattr(slot, job.result, getattr(slot, job.result) + 1)
     for flag in flags:
-        by_slot.setdefault(flag.slot, SlotStats(flag.slot)).flagged = True
+        name = stats.slot_name(flag.station, flag.slot)
+        by_slot.setdefault(name, SlotStats(name)).flagged = True
     return list(by_slot.values())
