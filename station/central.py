@@ -37,7 +37,7 @@ from psycopg.rows import dict_row
 from station.errors import CentralError, CentralUnreachableError
 from station.parts import BoardHistory
 
-SCHEMA_VERSION = 2  # 2: slot_flags and runs (station/centralslots.py)
+SCHEMA_VERSION = 3  # 2: slot_flags and runs (station/centralslots.py); 3: line rates
 LOCK_ID = 0x5747_4E01  # pg_advisory_xact_lock key for migrations ("STN" + 1)
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -84,11 +84,15 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             started_at timestamptz NOT NULL, stopped_at timestamptz,
             PRIMARY KEY (station, run_id))""",
     ),
+    3: (  # the line rate each board ran at and its step-downs (station/baud.py)
+        "ALTER TABLE jobs ADD COLUMN baud integer",
+        "ALTER TABLE jobs ADD COLUMN baud_steps text",
+    ),
 }
 
 JOB_COLUMNS = ("job_id", "port", "slot", "mac", "chip", "thing_name", "firmware_hash",
                "registrar", "certificate_id", "stage", "result", "failed_stage", "error",
-               "started_at", "finished_at", "timings")
+               "started_at", "finished_at", "timings", "baud", "baud_steps")
 """The local ledger's job columns that are shipped (station is the row's own key)."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from station import central
 from station.dashboard import StationView, render
 from station.demo_firmware import make_demo_firmware
 from station.replicator import ReplicationStatus
@@ -88,12 +89,13 @@ def test_a_schema_newer_than_the_station_is_one_line(tmp_path: Path, firmware: P
     line = line_for(tmp_path, firmware, rig, central_db)
     ok = line.command("check")
     assert ok.returncode == 0, ok.stderr
-    assert "ready (created, version 2)" in ok.stdout
+    assert f"ready (created, version {central.SCHEMA_VERSION})" in ok.stdout
     pg.sql("INSERT INTO station_schema (version, applied_by) VALUES (7, 'line-from-2027')",
            database=central_db.rsplit("/", 1)[-1])
     text = one_line(line)
     assert text.startswith("station: central ledger: [ledger] central 127.0.0.1:"), text
-    assert "its schema is version 7, newer than this station's 2; upgrade this station" in text
+    assert ("its schema is version 7, newer than this station's "
+            f"{central.SCHEMA_VERSION}; upgrade this station") in text
 
 
 def test_postgresql_unreachable_at_start_the_station_runs_and_buffers(
