@@ -12,6 +12,7 @@ rule must hold for any port, which is what these tests show.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -130,7 +131,16 @@ def test_a_native_board_pulled_during_its_flash_gets_a_second_job(line: Line) ->
     other = line.rig.plug(chip="esp32c3", usb="jtag", index=1)
     line.until("the pull to be seen",
                lambda: any(e["result"] == "removed" for e in finished(line)))
-    again = line.rig.plug(chip="esp32s3", usb="jtag", index=0, mac=pulled.mac)
+    replugged: list[PluggedBoard] = []
+
+    def replug() -> bool:  # the rig frees the MAC once the pulled board's flash is dumped,
+        with contextlib.suppress(ValueError):  # a moment after the station sees it vanish
+            replugged.append(line.rig.plug(chip="esp32s3", usb="jtag", index=0,
+                                           mac=pulled.mac))
+        return bool(replugged)
+
+    line.until("the pulled board plugged again", replug)
+    again = replugged[0]
     line.until("both boards done",
                lambda: sum(e["result"] == "done" for e in finished(line)) == 2, timeout=120)
     line.until("the re-plugged board back from its reset",
