@@ -9,7 +9,6 @@ dir: a supervisor's laptop with the URL and a password can run it.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import shutil
@@ -17,30 +16,9 @@ from typing import Any, Literal
 
 from station import central
 from station.eventlog import iso
-from station.ledger import EXPORT_COLUMNS
+from station.ledger import export_csv, export_row
 
 Format = Literal["table", "csv", "json"]
-
-
-def _export_row(job: dict[str, Any]) -> dict[str, Any]:
-    seconds = None
-    if job["started_at"] is not None and job["finished_at"] is not None:
-        seconds = round(job["finished_at"] - job["started_at"], 1)
-    row = {key: job.get(key) for key in EXPORT_COLUMNS}
-    row.update(started=iso(job["started_at"]), finished=iso(job["finished_at"]),
-               seconds=seconds, result=job["result"] or "in progress",
-               timings=job["timings"] or {})
-    return row
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({**row, "timings": " ".join(
-            f"{k}={v:.2f}" for k, v in row["timings"].items())})
-    return out.getvalue()
 
 
 def _console_text(renderable: Any) -> str:
@@ -79,13 +57,13 @@ def export_jobs(conninfo: str, fmt: Format, *, station: str | None = None,
     after = central.parse_since(since) if since else None
     conn = central.connect(conninfo, timeout, application="station ledger --central")
     try:
-        rows = [_export_row(j) for j in central.jobs(conn, station=station, since=after)]
+        rows = [export_row(j) for j in central.jobs(conn, station=station, since=after)]
     finally:
         conn.close()
     if fmt == "json":
         return json.dumps(rows, indent=2)
     if fmt == "csv":
-        return _csv(rows)
+        return export_csv(rows)
     where = central.describe(conninfo)
     return _console_text(_jobs_table(f"central ledger {where}", rows))
 
@@ -98,12 +76,12 @@ def export_board(conninfo: str, mac_text: str, fmt: Format, timeout: float = 10.
         history = central.board(conn, mac)
     finally:
         conn.close()
-    jobs = [_export_row(j) for j in history["jobs"]]
+    jobs = [export_row(j) for j in history["jobs"]]
     steps = [{**s, "at": iso(s["at"])} for s in history["registrations"]]
     if fmt == "json":
         return json.dumps({"mac": mac, "jobs": jobs, "registrations": steps}, indent=2)
     if fmt == "csv":
-        return _csv(jobs)
+        return export_csv(jobs)
     if not jobs and not steps:
         return f"board {mac}: not in the central ledger {central.describe(conninfo)}\n"
     from rich.console import Group

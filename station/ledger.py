@@ -388,15 +388,11 @@ class Ledger:
 
     def export(self, fmt: Literal["table", "csv", "json"]) -> str:
         """All jobs for `station ledger --format`: a rich table as text, CSV or JSON."""
-        rows = [_export_row(job) for job in self.jobs()]
+        rows = [export_row(job) for job in self.jobs()]
         if fmt == "json":
             return json.dumps(rows, indent=2)
         if fmt == "csv":
-            out = io.StringIO()
-            writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(_flat_timings(row) for row in rows)
-            return out.getvalue()
+            return export_csv(rows)
         if fmt == "table":
             return _table(rows, self.summary())
         raise ValueError(f"unknown export format {fmt!r} (table, csv or json)")
@@ -546,7 +542,8 @@ def _summary(conn: sqlite3.Connection) -> dict[str, int]:
     return counts
 
 
-def _export_row(job: dict[str, Any]) -> dict[str, Any]:
+def export_row(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as `station ledger` exports it (also the central ledger's, fleetview.py)."""
     seconds = None
     if job["started_at"] is not None and job["finished_at"] is not None:
         seconds = round(job["finished_at"] - job["started_at"], 1)
@@ -557,9 +554,14 @@ def _export_row(job: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _flat_timings(row: dict[str, Any]) -> dict[str, Any]:
-    """CSV has no nesting: seconds per stage as `connect=0.91 flash=11.20 ...`."""
-    return {**row, "timings": " ".join(f"{k}={v:.2f}" for k, v in row["timings"].items())}
+def export_csv(rows: list[dict[str, Any]]) -> str:
+    """Exported rows as CSV; it has no nesting: seconds per stage as `connect=0.91 ...`."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({**row, "timings": " ".join(f"{k}={v:.2f}" for k, v in
+                                                row["timings"].items())} for row in rows)
+    return out.getvalue()
 
 
 def _table(rows: list[dict[str, Any]], summary: dict[str, int]) -> str:
