@@ -31,6 +31,7 @@ from station.parts import BoardIdentity, Region
 from station.plan import Plan, Plans
 from station.registrar import make_registrar
 from station.registrar.base import DeviceCredentials, Registrar
+from station.remoteports import RemotePorts
 from station.slothealth import SlotHealth
 from station.slotpark import SlotGuard
 from station.worker import current_board
@@ -153,14 +154,18 @@ async def assemble(config: Config, options: Options,
                 if not config.credentials.keep_private_keys:
                     await store.forget_private_key(creds.thing_name)
 
+            remote = RemotePorts(config.ports.remote, show=bus.notify,
+                                 slot_for=lambda url: config.slot_for(url, url)) \
+                if config.ports.remote else None
             station = Station(config=config, plans=plans,
                               flasher=EsptoolFlasher(line=config.ports.line,
                                                      memory=SlotMemory(), keys=board_keys,
                                                      on_rate=rate_reporter(bus),
-                                                     chips=tuple(plans.by_chip)),
+                                                     chips=tuple(plans.by_chip),
+                                                     links=remote),
                               registrar=registrar, bus=bus, already_done=already_done,
                               on_verified=verified, registration_steps=steps,
-                              options=options, parked=guard.parked)
+                              options=options, parked=guard.parked, remote=remote)
             guard.on_cleared.append(station.slot_cleared)
             await guard.restore()
             run_id = await asyncio.to_thread(ledger.run_started, config.station.name,

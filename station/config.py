@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar, cast
 from station import chips
 from station.baud import MAX_BRIDGE_BAUD, ROM_BAUD, BaudSettings, adapter_key_error
 from station.errors import ConfigError
+from station.remoteurl import remote_url_problem
 
 CHIPS = chips.supported()  # every ESP32-family chip of the pinned esptool
 Chip = str  # one of CHIPS: esptool's spelling, "esp32s3"
@@ -92,6 +93,8 @@ class PortsSection:
     max_baud: int | None = None
     baud_by_adapter: Mapping[str, int] = field(default_factory=dict)
     baud_by_port: Mapping[str, int] = field(default_factory=dict)
+    remote: tuple[str, ...] = ()
+    """`rfc2217://host:port` ports on hub hosts (station/remoteports.py)."""
 
     @property
     def line(self) -> BaudSettings:
@@ -347,12 +350,25 @@ def _ports(t: _Table) -> PortsSection:
         health=_health(t.sub("health")),
         reenumerate_window=t.number("reenumerate_window", 5.0),
         max_baud=max_baud, baud_by_adapter=by_adapter, baud_by_port=by_port,
+        remote=_remote_ports(t),
     )
     if p.reenumerate_window > 120:
         raise t.error("reenumerate_window", f"{p.reenumerate_window:g} s is longer than any "
                                             "USB re-enumeration (0.2-2 s); at most 120")
     t.done()
     return p
+
+
+def _remote_ports(t: _Table) -> tuple[str, ...]:
+    """[ports] remote: `rfc2217://host:port` URLs, each once (a URL is its slot key)."""
+    urls = t.get("remote", list, [])
+    for url in urls:
+        problem = remote_url_problem(url)
+        if problem is not None:
+            raise t.error("remote", problem)
+    if len(set(urls)) != len(urls):
+        raise t.error("remote", "lists a URL twice")
+    return tuple(urls)
 
 
 def _health(t: _Table) -> HealthSection:

@@ -31,6 +31,7 @@ from rich.text import Text
 
 from station.events import (
     Event,
+    HubStatus,
     Identified,
     JobFinished,
     JobStarted,
@@ -129,6 +130,7 @@ class StationView:
     central: Callable[[float], tuple[str, bool]] | None = None
     """The central ledger's footer line and whether all is well; read at snapshot time."""
     central_line: tuple[str, bool] | None = None
+    hubs: dict[str, HubStatus] = field(default_factory=dict)  # remote ports, by URL
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def apply(self, event: Event) -> None:
@@ -140,6 +142,9 @@ class StationView:
         self.apply(event)
 
     def _apply(self, event: Event) -> None:
+        if isinstance(event, HubStatus):  # about a hub connection, not a job
+            self.hubs[event.port] = event
+            return
         if isinstance(event, SlotFlagged | SlotCleared):  # about the slot, not its job
             if isinstance(event, SlotFlagged):
                 self.flags[event.slot] = event
@@ -193,7 +198,8 @@ class StationView:
                                registrar=self.registrar, started_at=self.started_at,
                                rows={k: r.copy() for k, r in self.rows.items()},
                                results=Counter(self.results), flags=dict(self.flags),
-                               clear_key=self.clear_key, central_line=line)
+                               clear_key=self.clear_key, central_line=line,
+                               hubs=dict(self.hubs))
 
     @property
     def in_progress(self) -> int:
@@ -370,6 +376,10 @@ def footer(view: StationView, now: float) -> Text:
     if view.central_line is not None:  # replication lag, or why the central ledger waits
         line, ok = view.central_line
         text.append("\n").append(line, style="" if ok else "bold yellow")
+    for hub in view.hubs.values():  # a dead hub host: its boards cannot even be seen
+        if hub.state == "down":
+            text.append(f"\nhub {hub.port} ({hub.slot}) unreachable: {hub.detail}",
+                        style="bold yellow")
     flagged = flag_line(view)
     return text if flagged is None else Text("\n", no_wrap=True, overflow="ellipsis").join(
         [flagged, text])
@@ -387,6 +397,9 @@ def format_event(event: Event, view: StationView) -> str | None:
 
     Call it after `view.apply(event)`: the row tells where the region was before.
     """
+    if isinstance(event, HubStatus):
+        return f"hub {event.port}: {event.state}" + (f" ({event.detail})" if event.detail
+                                                      else "")
     row = view.rows.get(event.slot)
     if row is not None and row.job_id != event.job_id:
         row = None

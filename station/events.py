@@ -187,3 +187,16 @@ class KnownBoard(Event):
     thing_name: str | None
     note: str  # "provisioned by line-2 on 2026-11-27 22:04 UTC"
     policy: str  # [identity] on_known_board: "reflash", "skip" or "fail"
+
+
+# -- remote ports (station/remoteports.py): about a hub connection, not one board -------
+
+
+@dataclass(frozen=True, kw_only=True)
+class HubStatus(Event):
+    """A remote port's hub host: `state` "present" (accepting), "probing" (the connection
+    closed; looking again) or "down" (unreachable; `detail` says why and when it retries).
+    Notified, not emitted: the dashboard shows it; no job has it (`job_id` "")."""
+
+    state: str
+    detail: str

@@ -51,6 +51,7 @@ from esptool import reset as esptool_reset
 from esptool.cmds import attach_flash, detect_chip, detect_flash_size, reset_chip, run_stub
 from esptool.loader import DEFAULT_TIMEOUT, ERASE_WRITE_TIMEOUT_PER_MB, MAX_TIMEOUT, timeout_per_mb
 from esptool.util import FatalError, PrintOnce, flash_size_bytes
+from serial import rfc2217
 
 from station.baud import (
     BaudSettings,
@@ -70,6 +71,7 @@ from station.errors import (
 )
 from station.firmware import xor_checksum
 from station.parts import BoardIdentity, ProgressFn, Region
+from station.remoteurl import RemoteLinks, is_remote
 from station.usbport import Adapter, NativeUsb, holders, native_usb, usb_adapter
 
 log = logging.getLogger("station.flasher")
@@ -166,21 +168,24 @@ def quiet_esptool() -> None:
 # -- the serial port ----------------------------------------------------------------------
 
 
-class _Port(serial.Serial):
+class _Abortable:
     """A serial port that can be aborted from another thread.
 
     After `abort()`, a read or write blocked in select() wakes up and every later one
     raises at once, so esptool (retries and all) gives up within milliseconds.
     """
 
+    port: str | None
+
     aborted = False
 
     def abort(self) -> None:
         self.aborted = True
-        with contextlib.suppress(Exception):
-            self.cancel_read()
-        with contextlib.suppress(Exception):
-            self.cancel_write()
+        # a local port wakes a blocked select(); pyserial's RFC 2217 client has no
+        # cancel (its reads wait on a queue for at most the timeout): AttributeError
+        for cancel in ("cancel_read", "cancel_write"):
+            with contextlib.suppress(Exception):
+                getattr(self, cancel)()
 
     def _check(self) -> None:
         if self.aborted:
@@ -188,13 +193,22 @@ class _Port(serial.Serial):
 
     def read(self, size: int = 1) -> bytes:
         self._check()
-        data: bytes = super().read(size)
+        data: bytes = super().read(size)  # type: ignore[misc]
         self._check()
         return data
 
     def write(self, data: Any) -> int | None:
         self._check()
-        return super().write(data)
+        return super().write(data)  # type: ignore[misc]
+
+
+class _Port(_Abortable, serial.Serial):
+    """A local port (a device node)."""
+
+
+class _RemotePort(_Abortable, rfc2217.Serial):
+    """An `rfc2217://host:port` port (remoteports.py): pyserial's RFC 2217 client, which
+    esptool resets with its classic sequence (every DTR/RTS change is a round trip)."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -251,8 +265,10 @@ class EsptoolFlasher:
                  line: BaudSettings | None = None, memory: SlotMemory | None = None,
                  adapter: Callable[[str], Adapter] = usb_adapter,
                  keys: Callable[[str], tuple[str, ...]] = lambda port: (port,),
-                 on_rate: Callable[[RateNote], Awaitable[None]] | None = None) -> None:
+                 on_rate: Callable[[RateNote], Awaitable[None]] | None = None,
+                 links: RemoteLinks | None = None) -> None:
         self.baud = baud
+        self.links = links  # remote ports' connections between sessions (remoteports.py)
         self.line = line if line is not None else BaudSettings(baud=baud)
         self.memory = memory if memory is not None else SlotMemory()
         self.adapter = adapter  # sysfs VID:PID and product (usbport.py)
@@ -287,7 +303,7 @@ class EsptoolSession:
         self.name = Path(port).name
         self.esp: Any = None
         self.identity: BoardIdentity | None = None
-        self._serial: _Port | None = None
+        self._serial: _Port | _RemotePort | None = None
         self._step = "open"  # how far connect got, for its error message
         self._baud_unconfirmed = False  # changed the baud, no reply at the new one yet
         self.rate: int | None = None  # the line rate in use; None: native USB
@@ -328,15 +344,55 @@ class EsptoolSession:
         except (serial.SerialException, OSError) as e:
             if self._serial is not None and self._serial.aborted:
                 raise PortError(f"{self.port}: {stage} stopped: the port was closed") from e
+            if self._remote_lost():
+                raise PortError(f"{self.port}: {stage}: the hub closed the connection "
+                                f"({first_line(e)})") from e
             raise PortError(f"{self.port}: {stage}: the serial port failed ({first_line(e)}); "
                             "was the board unplugged?") from e
         except FatalError as e:
             if self._serial is not None and self._serial.aborted:
                 raise PortError(f"{self.port}: {stage} stopped: the port was closed") from e
+            if self._remote_lost():
+                raise PortError(f"{self.port}: {stage}: the hub closed the connection "
+                                f"({first_line(e)})") from e
             message = first_line(e)
             if stage == "connect":
                 raise self._connect_error(e, message) from e
             raise FlashError(f"{self.port}: {stage}: {message}") from e
+
+    def _remote_lost(self) -> bool:
+        """A remote port whose connection died: the hub host or its board is gone."""
+        links = self.flasher.links
+        return links is not None and self._serial is not None and is_remote(self.port) \
+            and links.link_failed(self.port, self._serial)
+
+    def _open_port(self) -> _Port | _RemotePort:
+        """The port opened at the ROM's rate; a remote port reuses the connection its
+        last session left open (closing it would make the relay reset the board)."""
+        links = self.flasher.links
+        if is_remote(self.port):
+            held = links.take(self.port) if links is not None else None
+            if isinstance(held, _RemotePort):
+                held.aborted = False
+                held.timeout = DEFAULT_TIMEOUT
+                held.baudrate = ROM_BAUD
+                return held
+            remote = _RemotePort()
+            remote.port, remote.baudrate = self.port, ROM_BAUD
+            try:
+                remote.open()
+            except serial.SerialException as e:
+                raise PortError(f"{self.port}: cannot open: {first_line(e)}") from e
+            return remote
+        port = _Port()
+        port.port = self.port
+        port.baudrate = ROM_BAUD
+        port.exclusive = True  # two sessions on one port would corrupt each other
+        try:
+            port.open()
+        except serial.SerialException as e:
+            raise _open_error(self.port, e) from e
+        return port
 
     def _connect_error(self, e: FatalError, message: str) -> PortError:
         """Not an ESP only if the sync itself met garbage; after a sync, it is noise."""
@@ -423,14 +479,7 @@ class EsptoolSession:
     def _connect_at(self, rate: int | None) -> int | None:
         """Connect, load the stub and change to `rate`; returns the rate in use."""
         opts = self.flasher
-        port = _Port()
-        port.port = self.port
-        port.baudrate = ROM_BAUD
-        port.exclusive = True  # two sessions on one port would corrupt each other
-        try:
-            port.open()
-        except serial.SerialException as e:
-            raise _open_error(self.port, e) from e
+        port = self._open_port()
         self._serial = port
         self._step = "chip detection"
         esp = detect_chip(port, ROM_BAUD, trace_enabled=opts.trace,
@@ -612,6 +661,11 @@ class EsptoolSession:
         self.esp.hard_reset()
 
     def _close_blocking(self) -> None:
+        links = self.flasher.links
+        if isinstance(self._serial, _RemotePort) and links is not None:
+            self._serial.aborted = False  # the keeper reads it from now on
+            links.keep(self.port, self._serial)
+            return
         if self._serial is not None:
             with contextlib.suppress(Exception):
                 self._serial.close()
