@@ -208,7 +208,26 @@ class _Port(_Abortable, serial.Serial):
 
 class _RemotePort(_Abortable, rfc2217.Serial):
     """An `rfc2217://host:port` port (remoteports.py): pyserial's RFC 2217 client, which
-    esptool resets with its classic sequence (every DTR/RTS change is a round trip)."""
+    esptool resets with its classic sequence (every DTR/RTS change is a round trip).
+
+    esptool sets the port's timeout before most commands, and pyserial's client answers
+    every setter with a full renegotiation (baud, data bits, parity, stop bits, flow
+    control: five round trips, ~0.25 s with its 50 ms answer polling), though its reads
+    take the timeout from a local queue: a 2-second `flash-id` took 20 s. Only a change of
+    a line setting goes to the far end here."""
+
+    _line: tuple[object, ...] | None = None
+
+    def open(self) -> None:
+        self._line = None
+        super().open()
+
+    def _reconfigure_port(self) -> None:
+        line = (self._baudrate, self._bytesize, self._parity, self._stopbits,
+                self._xonxoff, self._rtscts)
+        if line != self._line or self._write_timeout is not None:  # pyserial refuses a
+            super()._reconfigure_port()  # write timeout there, and esptool relies on that
+            self._line = line
 
 
 @functools.lru_cache(maxsize=64)

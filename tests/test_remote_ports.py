@@ -8,14 +8,33 @@ local ports.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from station.daemon import EXIT_OK
 from station.sim import Rig
-from tests.test_bad_inputs import Site, firmware, rig, site  # noqa: F401 (fixtures)
+from tests.remotekit import Relay
+from tests.test_bad_inputs import Background, Firmware, Site, make_firmware, quick_rig
 
 pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def firmware(tmp_path_factory: pytest.TempPathFactory) -> Firmware:
+    return make_firmware(tmp_path_factory.mktemp("firmware"))
+
+
+@pytest.fixture
+def site(tmp_path: Path, firmware: Firmware) -> Site:
+    return Site(tmp_path, firmware)
+
+
+@pytest.fixture
+def rig(site: Site) -> Iterator[Rig]:
+    with quick_rig(site) as r:
+        yield r
 
 
 def closed_url() -> str:
@@ -40,3 +59,31 @@ def test_an_unreachable_hub_host_shows_and_local_ports_keep_flashing(site: Site,
     rows = site.rows_by_port()
     assert sorted(rows) == sorted(b.port for b in boards), rows
     assert {row["result"] for row in rows.values()} == {"done"}, rows
+
+
+def test_boards_over_rfc2217_are_done_and_their_connections_stay_open(site: Site,
+                                                                       rig: Rig) -> None:
+    boards = [rig.plug(chip="esp32") for _ in range(2)]
+    relays = [Relay(b.pty) for b in boards]
+    try:
+        site.set("ports", "watch", [str(site.hub / "none-*")])
+        site.set("ports", "remote", [r.url for r in relays])
+        site.set("ports", "slots", {f'"{relays[0].url}"': "H1", f'"{relays[1].url}"': "H2"})
+        station = Background(site)
+        try:
+            done = {station.wait_line(" done in ", timeout=60).split()[1] for _ in boards}
+            # the station holds each connection after its job: the relay still serves it
+            held = [bool(r._clients) for r in relays]
+        finally:
+            result = station.stop()
+        assert result.code == EXIT_OK, result
+        assert done == {"H1", "H2"}, result
+        assert held == [True, True], result
+        rows = site.rows_by_port()
+        assert sorted(rows) == sorted(r.url for r in relays), rows
+        assert {row["result"] for row in rows.values()} == {"done"}, rows
+        # one presence probe, one connection for the job, held since: never reopened
+        assert [r.connections for r in relays] == [2, 2]
+    finally:
+        for relay in relays:
+            relay.close()
