@@ -87,3 +87,32 @@ def test_boards_over_rfc2217_are_done_and_their_connections_stay_open(site: Site
     finally:
         for relay in relays:
             relay.close()
+
+
+def test_a_hub_host_dropping_mid_flash_ends_that_board_removed_only(site: Site) -> None:
+    # real line rate and flash timing: the flash lasts long enough to be cut
+    with Rig(site.hub, seed=12) as rig:
+        boards = [rig.plug(chip="esp32") for _ in range(2)]
+        relays = [Relay(b.pty) for b in boards]
+        try:
+            site.set("ports", "watch", [str(site.hub / "none-*")])
+            site.set("ports", "remote", [r.url for r in relays])
+            site.set("ports", "slots", {f'"{relays[0].url}"': "H1",
+                                        f'"{relays[1].url}"': "H2"})
+            station = Background(site)
+            try:
+                station.wait_line(" H1 ", " flash bootloader 0/", timeout=60)
+                relays[0].close()  # the hub host goes away
+                removed = station.wait_line(" H1 ", " removed during ", timeout=60)
+                station.wait_line(" H2 ", " done in ", timeout=60)
+            finally:
+                result = station.stop()
+        finally:
+            for relay in relays:
+                relay.close()
+    assert result.code == EXIT_OK, result
+    assert "removed during flash" in removed, result
+    rows = site.rows_by_port()
+    assert rows[relays[0].url]["result"] == "removed", rows
+    assert rows[relays[1].url]["result"] == "done", rows
+    assert f"hub {relays[0].url}: down" in result.stdout, result  # and seen as down since
