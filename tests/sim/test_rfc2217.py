@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import serial
 
 from station.sim import Faults, Rig
 
 from . import boot_images as bi
 from .conftest import esptool
+from .test_cli import read_events
 
 
 @pytest.fixture
@@ -101,3 +105,35 @@ def test_plugged_event_announces_the_url(tmp_path: Path) -> None:
     assert plugged["rfc2217"] == board.rfc2217
     assert plugged["reset_circuit"] == "auto"
     assert plugged["app_line"] == "SELFTEST: FAIL"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pyserial's rfc2217 client
+def test_cli_serves_rfc2217_and_takes_button_presses(tmp_path: Path) -> None:
+    fifo = tmp_path / "control"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "station.sim", "--boards", "2", "--dir", str(tmp_path / "hub"),
+         "--no-throttle", "--no-flash-timing", "--rfc2217", "0", "--reset-circuit", "none,auto",
+         "--board-app-line", "1=SELFTEST: FAIL", "--control", str(fifo)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        plugged = read_events(proc.stdout, 2)  # type: ignore[arg-type]
+        assert [e["reset_circuit"] for e in plugged] == ["none", "auto"]
+        assert [e["app_line"] for e in plugged] == [None, "SELFTEST: FAIL"]
+        url = plugged[0]["rfc2217"]
+        assert url.startswith("rfc2217://127.0.0.1:")
+        with serial.serial_for_url(url, baudrate=115200, timeout=5) as port:
+            port.dtr = port.rts = False  # no circuit: the lines do nothing
+            with fifo.open("w") as control:
+                control.write("press_boot_en 0\npress_boot_en 7\n")
+            events = read_events(proc.stdout, 3)  # type: ignore[arg-type]
+            resets = [e for e in events if e["event"] == "reset"]
+            assert [(e["index"], e["kind"]) for e in resets] == [(0, "en")]
+            done = [e for e in events if e["event"] == "control"]
+            assert done[0] == {"event": "control", "command": "press_boot_en 0", "ok": True}
+            assert done[1]["ok"] is False and "7" in done[1]["error"]
+            banner = port.read_until(b"waiting for download\r\n")
+            assert b"rst:0x1 (POWERON_RESET),boot:0x3 (DOWNLOAD_BOOT" in banner
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
