@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from station.baud import RateNote, SlotMemory
+from station.bootcheck import BootCheck
 from station.check import writable_folder
 from station.config import Config
 from station.credentials import CredentialStore, nvs_region
@@ -62,9 +63,12 @@ def build_plan(config: Config, bundle: FirmwareBundle, registrar_kind: str) -> P
     def thing_name(identity: BoardIdentity) -> str:
         return config.identity.thing_for(identity.mac, identity.chip, config.station.name)
 
+    verify = config.verify
+    boot = None if verify.boot == "off" else \
+        BootCheck.for_bundle(bundle, verify.boot, verify.marker, verify.boot_timeout)
     return Plan(chip=bundle.chip, regions=bundle.regions,
                 firmware_hash=bundle.sha256, station=config.station.name,
-                thing_name=thing_name, credentials_region=credentials_region)
+                thing_name=thing_name, credentials_region=credentials_region, boot=boot)
 
 
 def load_bundles(config: Config) -> tuple[FirmwareBundle, ...]:

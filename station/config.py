@@ -193,6 +193,16 @@ class MetricsSection:
 
 
 @dataclass(frozen=True)
+class VerifySection:
+    """[verify]: the boot check after the reset (station/bootcheck.py)."""
+
+    boot: Literal["off", "rom", "app"] = "off"
+    marker: str | None = None
+    """A regex the app must print after its app_init lines (e.g. "SELFTEST: PASS")."""
+    boot_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     station: StationSection
@@ -204,6 +214,7 @@ class Config:
     credentials: CredentialsSection
     ledger: LedgerSection = field(default_factory=LedgerSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    verify: VerifySection = field(default_factory=VerifySection)
     firmwares: tuple[FirmwareSection, ...] = ()
     """One per chip with [[firmware]]; `firmware` is the first (the only one with a
     single [firmware] table)."""
@@ -309,6 +320,7 @@ def load(path: str | Path) -> Config:
         credentials=_credentials(root.sub("credentials")),
         ledger=_ledger(root.sub("ledger")),
         metrics=_metrics(root.sub("metrics")),
+        verify=_verify(root.sub("verify")),
         firmwares=firmwares,
     )
     root.done()
@@ -357,6 +369,24 @@ def _ports(t: _Table) -> PortsSection:
                                             "USB re-enumeration (0.2-2 s); at most 120")
     t.done()
     return p
+
+
+def _verify(t: _Table) -> VerifySection:
+    boot = t.get("boot", str, "off")
+    if boot not in ("off", "rom", "app"):
+        raise t.error("boot", f"must be \"off\", \"rom\" or \"app\", not {boot!r}")
+    marker = t.get("marker", str, "") or None
+    if marker is not None:
+        try:
+            re.compile(marker)
+        except re.error as e:
+            raise t.error("marker", f"{marker!r} is not a valid regex ({e})") from None
+        if boot != "app":
+            raise t.error("marker", "the app prints it: needs [verify] boot = \"app\"")
+    v = VerifySection(boot=cast(Literal["off", "rom", "app"], boot), marker=marker,
+                      boot_timeout=t.number("boot_timeout", 10.0, minimum=0.5))
+    t.done()
+    return v
 
 
 def _remote_ports(t: _Table) -> tuple[str, ...]:

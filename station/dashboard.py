@@ -30,6 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from station.events import (
+    BootChecked,
     Event,
     HubStatus,
     Identified,
@@ -76,6 +77,7 @@ class BoardRow:
     retry_reason: str | None = None
     throttled: bool = False
     known: str = ""  # "provisioned by line-2 on ..." (the central ledger)
+    booted: str = ""  # "blinky 2.0.1": what the board said it runs ([verify] boot)
     region: str = ""
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
     prev_done: int | None = None  # the current region's bytes before the last Progress
@@ -178,6 +180,8 @@ class StationView:
             row.throttled = True
         elif isinstance(event, KnownBoard):
             row.known = event.note
+        elif isinstance(event, BootChecked):
+            row.booted = " ".join(p for p in (event.project, event.version) if p)
         elif isinstance(event, LineRate):
             row.line = event
             if event.stepped_from is not None:
@@ -243,7 +247,7 @@ def _one_line(text: str) -> str:
 def result_text(row: BoardRow) -> Text:
     """The last column: the outcome, or why a board in progress is waiting."""
     if row.stage == Stage.DONE:
-        return Text("done", style="green")
+        return Text("done" + (f", booted {row.booted}" if row.booted else ""), style="green")
     if row.stage == Stage.FAILED:  # the stage column already says "failed"
         where = f"at {row.failed_stage.value}: " if row.failed_stage else ""
         return Text(_one_line(f"{where}{row.error or 'no reason given'}"), style="red")
@@ -412,6 +416,10 @@ def format_event(event: Event, view: StationView) -> str | None:
                 or _quarter(event.done, event.total) > _quarter(prev, event.total)):
             return None
         return f"{head} flash {event.region} {event.done}/{event.total} B"
+    if isinstance(event, BootChecked):
+        said = " ".join(p for p in (event.project, event.version) if p) or "nothing we know"
+        return f"{head} boot check {event.result}: booted {said}" + (
+            f" ({event.detail})" if event.detail else "")
     if isinstance(event, JobStarted):
         return f"{head} started job {event.job_id}"
     if isinstance(event, StageChanged):

@@ -22,6 +22,7 @@ class Stage(enum.StrEnum):
     FLASH = "flash"
     VERIFY = "verify"
     RESET = "reset"
+    BOOT = "boot"  # [verify] boot: the boot story read after the reset (bootcheck.py)
     DONE = "done"
     FAILED = "failed"
     REMOVED = "removed"
@@ -126,6 +127,18 @@ class LineRate(Event):
     stepped_from: int | None = None  # set on a step down
     reason: str | None = None  # why it stepped down
     remembered: bool = False  # started lower: this slot stepped down on an earlier board
+
+
+@dataclass(frozen=True, kw_only=True)
+class BootChecked(Event):
+    """The boot check's verdict: `result` "ok" or "failed"; what the board said it runs;
+    `detail` what was expected and printed; `tail` the last console lines."""
+
+    result: str
+    project: str | None
+    version: str | None
+    detail: str
+    tail: str
 
 
 @dataclass(frozen=True, kw_only=True)

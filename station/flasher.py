@@ -78,6 +78,7 @@ log = logging.getLogger("station.flasher")
 T = TypeVar("T")
 
 ROM_BAUD = 115200
+CONSOLE_READ_TIMEOUT = 0.1  # one console read: how late the boot check sees a deadline
 CLOSE_TIMEOUT = 10.0  # an aborted port makes esptool fail in milliseconds; this is a guard
 PROGRESS_INTERVAL = 0.1  # at most ~10 progress callbacks per second per board
 WRITE_BLOCK_ATTEMPTS = 3  # as esptool's flash_block / flash_defl_block
@@ -667,7 +668,12 @@ class EsptoolSession:
                               + (" (the region is erased: the write did not land)"
                                  if empty else ""))
 
-    def _reset_blocking(self) -> None:
+    def _reset_blocking(self, capture: bool = False) -> None:
+        if capture and self.native is None and self._serial is not None:
+            # The story is told once, from the reset on: the port must already be at the
+            # console's rate and open (its input queue holds what comes while the worker
+            # turns to console()). A baud change moves no modem line, so it resets nothing.
+            self._serial.baudrate = ROM_BAUD
         if self.native is not None:
             # The chip's own USB: esptool's watchdog reset restarts it fully (also after
             # BOOT was held), and falls back to the hard reset on chips without one. The
@@ -721,11 +727,30 @@ class EsptoolSession:
     async def verify(self, region: Region) -> None:
         await self.call(f"verify {region.name}", lambda: self._verify_blocking(region))
 
-    async def reset(self) -> None:
+    async def reset(self, capture: bool = False) -> None:
         try:
-            await self.call("reset", self._reset_blocking)
+            await self.call("reset", lambda: self._reset_blocking(capture))
         finally:
-            await self.close()
+            if not capture:
+                await self.close()
+
+    async def console(self, timeout: float, enough: Callable[[str], bool]) -> str:
+        return await self.call("boot", lambda: self._console_blocking(timeout, enough))
+
+    def _console_blocking(self, timeout: float, enough: Callable[[str], bool]) -> str:
+        """Read the console until `enough(text)` or the deadline; the text as read."""
+        port = self._serial
+        if port is None or self.native is not None:  # native USB: the port re-enumerates
+            return ""
+        deadline = time.monotonic() + timeout
+        port.timeout = CONSOLE_READ_TIMEOUT
+        data = bytearray()
+        while time.monotonic() < deadline:
+            data += port.read(max(1, port.in_waiting))
+            text = data.decode("ascii", "replace")
+            if enough(text):
+                return text
+        return data.decode("ascii", "replace")
 
     async def close(self) -> None:
         """Abort the port (a blocked esptool call fails at once), close it, end the thread."""
