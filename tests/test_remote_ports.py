@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from station.daemon import EXIT_OK
+from station.daemon import EXIT_BOARDS_FAILED, EXIT_OK
 from station.sim import Rig
 from tests.remotekit import Relay
 from tests.test_bad_inputs import Background, Firmware, Site, make_firmware, quick_rig
@@ -116,3 +116,29 @@ def test_a_hub_host_dropping_mid_flash_ends_that_board_removed_only(site: Site) 
     assert rows[relays[0].url]["result"] == "removed", rows
     assert rows[relays[1].url]["result"] == "done", rows
     assert f"hub {relays[0].url}: down" in result.stdout, result  # and seen as down since
+
+
+def test_boards_over_rfc2217_boot_what_they_were_given_and_a_missing_marker_fails(
+        site: Site) -> None:
+    with Rig(site.hub, seed=13, throttle=False, flash_timing=False, rfc2217_base=0) as rig:
+        good = [rig.plug(chip="esp32", app_line="SELFTEST: PASS") for _ in range(2)]
+        bad = rig.plug(chip="esp32", app_line="SELFTEST: FAIL (adc out of range)")
+        boards = [*good, bad]
+        urls = [b.rfc2217 for b in boards]
+        site.set("ports", "watch", [str(site.hub / "none-*")])
+        site.set("ports", "remote", urls)
+        site.set("verify", "boot", "app").set("verify", "marker", "SELFTEST: PASS")
+        result = site.run(len(boards))
+    assert result.code == EXIT_BOARDS_FAILED, result
+    rows = site.rows_by_port()
+    for board in good:
+        row = rows[board.rfc2217]
+        assert (row["result"], row["boot"]) == ("done", "ok"), row
+        assert (row["booted_project"], row["booted_version"]) == ("station-demo-esp32",
+                                                                  "1.0.0"), row
+        assert "app_init: ELF file SHA256:" in row["boot_log"], row
+    row = rows[bad.rfc2217]
+    assert (row["result"], row["failed_stage"], row["boot"]) == ("failed", "boot", "failed")
+    assert "expected the marker /SELFTEST: PASS/" in row["error"], row
+    assert "SELFTEST: FAIL (adc out of range)" in row["error"], row
+    assert "SELFTEST: FAIL (adc out of range)" in row["boot_log"], row
