@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from station.daemon import EXIT_BOARDS_FAILED, EXIT_OK
+from station.demo_firmware import partition_table
 from station.sim import Rig
 from tests.remotekit import Relay
 from tests.test_bad_inputs import Background, Firmware, Site, make_firmware, quick_rig
@@ -142,3 +143,28 @@ def test_boards_over_rfc2217_boot_what_they_were_given_and_a_missing_marker_fail
     assert "expected the marker /SELFTEST: PASS/" in row["error"], row
     assert "SELFTEST: FAIL (adc out of range)" in row["error"], row
     assert "SELFTEST: FAIL (adc out of range)" in row["boot_log"], row
+
+
+def test_a_partition_table_pointing_elsewhere_verifies_then_fails_the_boot_check(
+        site: Site) -> None:
+    table = site.root / "partition-table.bin"
+    table.write_bytes(partition_table([("nvs", 1, 0x02, 0x9000, 0x6000),
+                                       ("phy_init", 1, 0x01, 0xF000, 0x1000),
+                                       ("factory", 0, 0x00, 0x20000, 0x100000)]))
+    images = site.firmware.images()
+    images[1]["file"] = table  # the app is still written at 0x10000
+    site.set("firmware", "flasher_args", None).set("firmware", "images", images)
+    with Rig(site.hub, seed=14, throttle=False, flash_timing=False, rfc2217_base=0) as rig:
+        board = rig.plug(chip="esp32")
+        site.set("ports", "watch", [str(site.hub / "none-*")])
+        site.set("ports", "remote", [board.rfc2217])
+        site.set("verify", "boot", "app").set("verify", "boot_timeout", 3.0)
+        result = site.run(1)
+    assert result.code == EXIT_BOARDS_FAILED, result
+    row = site.rows_by_port()[board.rfc2217]
+    assert (row["result"], row["failed_stage"], row["boot"]) == ("failed", "boot", "failed")
+    assert "verify" in row["timings"], row  # the MD5s matched: the flash is as written
+    assert 'expected "Loaded app from partition at offset 0x20000"' in row["error"], row
+    # the board's own words, quoted: its bootloader found nothing at our table's app offset
+    assert "No bootable app partitions in the partition table" in row["error"], row
+    assert "image at 0x20000 has invalid magic byte" in row["boot_log"], row
