@@ -24,7 +24,7 @@ from station.credentials import CredentialStore, nvs_region
 from station.daemon import Bus, Options, Station, state_dir_lock
 from station.errors import FirmwareError
 from station.eventlog import EventLog
-from station.events import Event, LineRate, RegistrationStep, Throttled
+from station.events import ButtonsNeeded, Event, LineRate, RegistrationStep, Throttled
 from station.firmware import FirmwareBundle, load_firmware
 from station.flasher import EsptoolFlasher
 from station.ledger import Ledger
@@ -109,6 +109,16 @@ def rate_reporter(bus: Bus) -> Callable[[RateNote], Awaitable[None]]:
     return report
 
 
+def buttons_reporter(bus: Bus) -> Callable[[str, bool], None]:
+    """The flasher's "press BOOT + EN" (and its end), for the board's row."""
+    def report(port: str, waiting: bool) -> None:
+        board = current_board.get()
+        if board is not None:
+            job_id, port, slot = board
+            bus.notify(ButtonsNeeded(job_id=job_id, port=port, slot=slot, waiting=waiting))
+    return report
+
+
 @dataclass
 class Assembly:
     """A station and what the CLI shows of the parts it was built from."""
@@ -166,7 +176,10 @@ async def assemble(config: Config, options: Options,
                                                      memory=SlotMemory(), keys=board_keys,
                                                      on_rate=rate_reporter(bus),
                                                      chips=tuple(plans.by_chip),
-                                                     links=remote),
+                                                     links=remote,
+                                                     on_buttons=buttons_reporter(bus),
+                                                     buttons_timeout=config.ports
+                                                     .buttons_timeout),
                               registrar=registrar, bus=bus, already_done=already_done,
                               on_verified=verified, registration_steps=steps,
                               options=options, parked=guard.parked, remote=remote)

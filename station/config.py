@@ -94,6 +94,8 @@ class PortsSection:
     baud_by_adapter: Mapping[str, int] = field(default_factory=dict)
     baud_by_port: Mapping[str, int] = field(default_factory=dict)
     remote: tuple[str, ...] = ()
+    buttons_timeout: float = 120.0
+    """Seconds a board without auto-reset waits for BOOT + EN (flasher.py)."""
     """`rfc2217://host:port` ports on hub hosts (station/remoteports.py)."""
 
     @property
@@ -363,6 +365,7 @@ def _ports(t: _Table) -> PortsSection:
         reenumerate_window=t.number("reenumerate_window", 5.0),
         max_baud=max_baud, baud_by_adapter=by_adapter, baud_by_port=by_port,
         remote=_remote_ports(t),
+        buttons_timeout=t.number("buttons_timeout", 120.0, minimum=1.0),
     )
     if p.reenumerate_window > 120:
         raise t.error("reenumerate_window", f"{p.reenumerate_window:g} s is longer than any "

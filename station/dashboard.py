@@ -31,6 +31,7 @@ from rich.text import Text
 
 from station.events import (
     BootChecked,
+    ButtonsNeeded,
     Event,
     HubStatus,
     Identified,
@@ -78,6 +79,7 @@ class BoardRow:
     throttled: bool = False
     known: str = ""  # "provisioned by line-2 on ..." (the central ledger)
     booted: str = ""  # "blinky 2.0.1": what the board said it runs ([verify] boot)
+    buttons: bool = False  # waiting for a person to press BOOT + EN
     region: str = ""
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
     prev_done: int | None = None  # the current region's bytes before the last Progress
@@ -180,6 +182,8 @@ class StationView:
             row.throttled = True
         elif isinstance(event, KnownBoard):
             row.known = event.note
+        elif isinstance(event, ButtonsNeeded):
+            row.buttons = event.waiting
         elif isinstance(event, BootChecked):
             row.booted = " ".join(p for p in (event.project, event.version) if p)
         elif isinstance(event, LineRate):
@@ -257,6 +261,8 @@ def result_text(row: BoardRow) -> Text:
     if row.stage == Stage.SKIPPED:
         return Text(_one_line(f"skipped: {row.error or 'already done with this firmware'}"),
                     style="cyan")
+    if row.buttons:
+        return Text("press BOOT + EN (no auto-reset)", style="bold yellow")
     if row.throttled:
         return Text("throttled by the cloud, waiting", style="yellow")
     if row.retry_reason:
@@ -416,6 +422,9 @@ def format_event(event: Event, view: StationView) -> str | None:
                 or _quarter(event.done, event.total) > _quarter(prev, event.total)):
             return None
         return f"{head} flash {event.region} {event.done}/{event.total} B"
+    if isinstance(event, ButtonsNeeded):
+        return f"{head} " + ("press BOOT + EN: no download mode after the reset sequence"
+                             if event.waiting else "in download mode")
     if isinstance(event, BootChecked):
         said = " ".join(p for p in (event.project, event.version) if p) or "nothing we know"
         return f"{head} boot check {event.result}: booted {said}" + (

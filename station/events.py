@@ -130,6 +130,14 @@ class LineRate(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ButtonsNeeded(Event):
+    """The reset sequence did not reach download mode (no auto-reset circuit): the board
+    waits for a person to press BOOT + EN (`waiting`), or no longer does."""
+
+    waiting: bool
+
+
+@dataclass(frozen=True, kw_only=True)
 class BootChecked(Event):
     """The boot check's verdict: `result` "ok" or "failed"; what the board said it runs;
     `detail` what was expected and printed; `tail` the last console lines."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import functools
 import hashlib
@@ -80,6 +81,10 @@ T = TypeVar("T")
 ROM_BAUD = 115200
 CONSOLE_READ_TIMEOUT = 0.1  # one console read: how late the boot check sees a deadline
 CLOSE_TIMEOUT = 10.0  # an aborted port makes esptool fail in milliseconds; this is a guard
+BUTTONS_TIMEOUT = 120.0  # seconds a board without auto-reset waits for BOOT + EN
+# esptool's words when its reset sequence did not bring the ROM's download mode up: a
+# silent line, or the ROM's SPI-boot banner ("Wrong boot mode detected (0x13)")
+NO_DOWNLOAD_SIGNS = ("No serial data received", "Wrong boot mode detected")
 PROGRESS_INTERVAL = 0.1  # at most ~10 progress callbacks per second per board
 WRITE_BLOCK_ATTEMPTS = 3  # as esptool's flash_block / flash_defl_block
 PROBE_TIMEOUT = 0.5  # a register read after a baud change takes milliseconds when it works
@@ -286,8 +291,12 @@ class EsptoolFlasher:
                  adapter: Callable[[str], Adapter] = usb_adapter,
                  keys: Callable[[str], tuple[str, ...]] = lambda port: (port,),
                  on_rate: Callable[[RateNote], Awaitable[None]] | None = None,
-                 links: RemoteLinks | None = None) -> None:
+                 links: RemoteLinks | None = None,
+                 on_buttons: Callable[[str, bool], None] | None = None,
+                 buttons_timeout: float = BUTTONS_TIMEOUT) -> None:
         self.baud = baud
+        self.on_buttons = on_buttons  # (port, waiting): "press BOOT + EN" on its row
+        self.buttons_timeout = buttons_timeout
         self.links = links  # remote ports' connections between sessions (remoteports.py)
         self.line = line if line is not None else BaudSettings(baud=baud)
         self.memory = memory if memory is not None else SlotMemory()
@@ -304,6 +313,11 @@ class EsptoolFlasher:
     async def open(self, port: str) -> EsptoolSession:
         # on the loop, in the worker's context: the board's slot is known here only
         session = EsptoolSession(port, self, self.keys(port))
+        if self.on_buttons is not None:  # called from the session thread, in this context
+            loop, context, notify = asyncio.get_running_loop(), contextvars.copy_context(), \
+                self.on_buttons
+            session.ask_buttons = lambda waiting: loop.call_soon_threadsafe(
+                context.run, notify, port, waiting)
         try:
             await session.call("connect", session.connect_blocking)
         except BaseException:
@@ -332,6 +346,8 @@ class EsptoolSession:
         self._notes: list[RateNote] = []  # to report once the thread's call returns
         self.native: NativeUsb | None = None
         self._closed = False
+        self._connect_mode = "default-reset"  # "no-reset" while waiting for BOOT + EN
+        self.ask_buttons: Callable[[bool], object] = lambda _waiting: None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"flash-{self.name}",
                                             initializer=self._init_thread)
 
@@ -445,12 +461,46 @@ class EsptoolSession:
             rate, self._adapter_name = None, f"native USB {self.native.kind}"
         elif rate is not None:
             rate, earlier = opts.memory.limit(self._slot, rate)
-        self._connect_laddered(rate)
+        try:
+            self._connect_laddered(rate)
+        except FatalError as e:
+            if self.native is not None or not any(s in str(e) for s in NO_DOWNLOAD_SIGNS):
+                raise
+            self._await_buttons(rate, e)
         self._notes.append(RateNote(
             baud=self.rate, adapter=self._adapter_name, remembered=earlier is not None,
             reason=(f"slot {earlier.slot} stepped down {earlier.from_baud}->{earlier.to_baud} "
                     f"earlier ({earlier.reason})") if earlier is not None else None))
         log.debug("%s: line rate %s (%s)", self.port, self.rate, why)
+
+    def _await_buttons(self, rate: int | None, first: FatalError) -> None:
+        """The reset sequence did not reach download mode and the board stays silent:
+        no auto-reset circuit (or one that fails). Ask for BOOT + EN on the board's row
+        and sync without resetting until someone presses them, or give up."""
+        log.warning("%s: no download mode after the reset sequence (%s): press BOOT + EN",
+                    self.port, first_line(first))
+        self.ask_buttons(True)
+        deadline = time.monotonic() + self.flasher.buttons_timeout
+        self._connect_mode = "no-reset"
+        try:
+            while True:
+                if self._serial is not None and self._serial.aborted:
+                    raise first
+                self._reopen()  # the failed attempt's port (a remote one is kept, reused)
+                try:
+                    self._connect_laddered(rate)
+                    return
+                except FatalError as e:
+                    if time.monotonic() >= deadline or \
+                            not any(s in str(e) for s in NO_DOWNLOAD_SIGNS):
+                        raise PortError(
+                            f"{self.port}: no download mode after the reset sequence and "
+                            f"nobody pressed BOOT + EN within {self.flasher.buttons_timeout:g}"
+                            f" s (a board without an auto-reset circuit?) ({first_line(e)})",
+                            transient=False) from e
+        finally:
+            self._connect_mode = "default-reset"
+            self.ask_buttons(False)
 
     def _connect_laddered(self, rate: int | None) -> None:
         while True:
@@ -503,6 +553,7 @@ class EsptoolSession:
         self._serial = port
         self._step = "chip detection"
         esp = detect_chip(port, ROM_BAUD, trace_enabled=opts.trace,
+                          connect_mode=self._connect_mode,
                           connect_attempts=opts.connect_attempts)
         self.esp = esp
         chip = chip_name(esp)
@@ -687,7 +738,8 @@ class EsptoolSession:
 
     def _close_blocking(self) -> None:
         links = self.flasher.links
-        if isinstance(self._serial, _RemotePort) and links is not None:
+        if isinstance(self._serial, _RemotePort) and links is not None and \
+                self._serial.is_open:  # (esptool closes it itself after a failed connect)
             self._serial.aborted = False  # the keeper reads it from now on
             links.keep(self.port, self._serial)
             return

@@ -168,3 +168,24 @@ def test_a_partition_table_pointing_elsewhere_verifies_then_fails_the_boot_check
     # the board's own words, quoted: its bootloader found nothing at our table's app offset
     assert "No bootable app partitions in the partition table" in row["error"], row
     assert "image at 0x20000 has invalid magic byte" in row["boot_log"], row
+
+
+def test_a_board_without_auto_reset_asks_for_boot_en_and_finishes_once_pressed(
+        site: Site) -> None:
+    with Rig(site.hub, seed=15, throttle=False, flash_timing=False, rfc2217_base=0) as rig:
+        board = rig.plug(chip="esp32", reset_circuit="none")
+        site.set("ports", "watch", [str(site.hub / "none-*")])
+        site.set("ports", "remote", [board.rfc2217])
+        site.set("ports", "buttons_timeout", 60)
+        station = Background(site, "--exit-after", "1")
+        try:
+            asked = station.wait_line(" press BOOT + EN", timeout=60)
+            rig.press_boot_en(board)  # what the operator does
+            station.wait_line(" in download mode", timeout=60)
+            station.wait_line(" done in ", timeout=60)
+            result = station.finish()
+        finally:
+            station.close()
+    assert result.code == EXIT_OK, result
+    assert board.rfc2217 in asked, result
+    assert site.rows_by_port()[board.rfc2217]["result"] == "done"
