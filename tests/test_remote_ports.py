@@ -129,6 +129,7 @@ def test_boards_over_rfc2217_boot_what_they_were_given_and_a_missing_marker_fail
         site.set("ports", "watch", [str(site.hub / "none-*")])
         site.set("ports", "remote", urls)
         site.set("verify", "boot", "app").set("verify", "marker", "SELFTEST: PASS")
+        site.set("verify", "boot_timeout", 3.0)  # the failing board waits for it in vain
         result = site.run(len(boards))
     assert result.code == EXIT_BOARDS_FAILED, result
     rows = site.rows_by_port()
