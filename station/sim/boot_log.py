@@ -207,8 +207,16 @@ def spi_boot(spec: ChipSpec, flash: bytes, app_line: str | None = None) -> tuple
         log.e("boot", "Factory app partition is not bootable")
         log.e("boot", "No bootable app partitions in the partition table")
         return "\r\n".join(out + log.lines) + "\r\n", False
+    rom = spec.rom_class
+    for n, seg in enumerate(app_image.segments if app_image else []):
+        mapped = any(lo <= seg.addr < hi for lo, hi in (
+            (rom.IROM_MAP_START, rom.IROM_MAP_END), (rom.DROM_MAP_START, rom.DROM_MAP_END)))
+        log.i("esp_image", f"segment {n}: paddr={app.offset + seg.file_offs:08x} "
+              f"vaddr={seg.addr:08x} size={len(seg.data):05x}h ({len(seg.data):6d}) "
+              f"{'map' if mapped else 'load'}")
     log.i("boot", f"Loaded app from partition at offset 0x{app.offset:x}")
     log.i("boot", "Disabling RNG early entropy source...")
+    log.i("cpu_start", "Pro cpu start user code")
     if desc is not None:
         major_minor = desc.idf_version
         tag = "app_init" if major_minor >= (5, 3) else "cpu_start"
