@@ -57,6 +57,21 @@ def _rom(chip: str) -> tuple[str, str, str, str]:
             "boot:0x8 (SPI_FAST_FLASH_BOOT)", "boot:0x0 (DOWNLOAD(USB/UART0))")
 
 
+def loop_cause(chip: str, text: str) -> str:
+    """``text`` told again after the reset a failed boot ends in.
+
+    The ROM gives up through its RTC watchdog (``RTCWDT_RTC_RESET``); the second-stage
+    bootloader calls ``bootloader_reset()``, a system software reset (``SW_RESET``).
+    """
+    _first, cause, _spi, _dl = _rom(chip)
+    bootloader = "2nd stage bootloader" in text
+    if chip == "esp32":
+        again = "rst:0x3 (SW_RESET)" if bootloader else "rst:0x10 (RTCWDT_RTC_RESET)"
+    else:
+        again = "rst:0x3 (RTC_SW_SYS_RST)" if bootloader else "rst:0x10 (RTCWDT_RTC_RST)"
+    return text.replace(cause, again, 1)
+
+
 def download_banner(chip: str) -> str:
     first, cause, _spi, download = _rom(chip)
     return f"{first}{cause},{download}\r\nwaiting for download\r\n"

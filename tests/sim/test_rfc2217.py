@@ -137,3 +137,22 @@ def test_cli_serves_rfc2217_and_takes_button_presses(tmp_path: Path) -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pyserial's rfc2217 client
+def test_a_broken_image_boot_loops_on_the_console(rig: Rig) -> None:
+    board = rig.plug(chip="esp32", app_line="SELFTEST: PASS")
+    flash = rig.board(board).flash.data  # as if written: bootloader, no partition table
+    boot = bi.bootloader()
+    flash[0x1000:0x1000 + len(boot)] = boot
+    assert board.rfc2217 is not None
+    with serial.serial_for_url(board.rfc2217, baudrate=115200, timeout=5) as port:
+        rig.press_en(board)
+        seen = b""
+        for _ in range(3):
+            seen += port.read_until(b"load partition table error!\r\n")
+    text = seen.decode()
+    assert text.count("E (") == 9 and text.count("2nd stage bootloader") == 3
+    assert "rst:0x1 (POWERON_RESET),boot:0x13" in text  # EN: a power-on reset
+    assert text.count("rst:0x3 (SW_RESET),boot:0x13 (SPI_FAST_FLASH_BOOT)") == 2
+    assert "SELFTEST" not in text  # the app never ran
