@@ -39,6 +39,7 @@ def firmware(tmp_path: Path) -> list[str]:
     return args
 
 
+@pytest.mark.slow  # ~50 s: pyserial's RFC 2217 client waits 50 ms per setting change
 def test_esptool_flashes_and_the_board_boots_over_rfc2217(rig: Rig, firmware: list[str]) -> None:
     board = rig.plug(chip="esp32", app_line="SELFTEST: PASS")
     assert board.rfc2217 is not None and board.rfc2217.startswith("rfc2217://127.0.0.1:")
@@ -60,6 +61,11 @@ def test_esptool_flashes_and_the_board_boots_over_rfc2217(rig: Rig, firmware: li
     assert f"cpu_start: ELF file SHA256:  {sha[:16]}..." in story
     assert story.rstrip().endswith("SELFTEST: PASS")
     assert rig.resets(board) == ["en", "en"]  # into download mode, then the hard reset
+    check = esptool(board.rfc2217, "verify-flash", *firmware)
+    assert check.returncode == 0, check.output
+    assert check.output.count("Verification successful (digest matched)") == 3, check.output
+    assert rig.resets(board) == ["en"] * 4
+    assert rig.console(board).count("cpu_start: Project name:     blinky") == 2
 
 
 def test_a_board_without_auto_reset_needs_boot_and_en(rig: Rig, firmware: list[str]) -> None:
@@ -156,3 +162,12 @@ def test_a_broken_image_boot_loops_on_the_console(rig: Rig) -> None:
     assert "rst:0x1 (POWERON_RESET),boot:0x13" in text  # EN: a power-on reset
     assert text.count("rst:0x3 (SW_RESET),boot:0x13 (SPI_FAST_FLASH_BOOT)") == 2
     assert "SELFTEST" not in text  # the app never ran
+
+
+def test_a_native_board_is_relayed_without_a_circuit(rig: Rig) -> None:
+    board = rig.plug(chip="esp32s3", usb="jtag")
+    assert board.rfc2217 is not None and board.reset_circuit is None
+    run = esptool(board.rfc2217, "--no-stub", "--after", "no-reset", "read-mac")
+    assert run.returncode == 0, run.output
+    assert "Chip type:          ESP32-S3" in run.output
+    assert rig.resets(board) == []  # its lines reach nothing; the ROM answered as on a pty
