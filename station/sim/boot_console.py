@@ -49,7 +49,8 @@ class BootConsole:
         self._story: asyncio.Task[None] | None = None
         self.printed: list[str] = []  # console output, ever (tests)
         board.sees_lines = True
-        board.on_chip_reset = lambda: self._boot(self.circuit.io0_low)
+        # the watchdog reset is counted by the board itself
+        board.on_chip_reset = lambda: self._boot(self.circuit.io0_low, count=False)
 
     def set_lines(self, dtr: bool, rts: bool) -> None:
         self.circuit.set_lines(dtr, rts)
