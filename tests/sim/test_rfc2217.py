@@ -81,8 +81,13 @@ def test_a_board_without_auto_reset_needs_boot_and_en(rig: Rig, firmware: list[s
     assert f"MAC:                {board.mac}" in ok.output
 
 
-def test_late_reset_lines_boot_the_app_instead(rig: Rig) -> None:
-    board = rig.plug(chip="esp32", faults=Faults(reset_timing=True))
+@pytest.mark.parametrize(("faults", "en_cap_uf"), [
+    (Faults(reset_timing=True), 10.0),  # the fault: lines too far apart for the EN delay
+    (Faults(), 1.0),  # 13.9 ms of EN delay: shorter than one RFC 2217 line change
+])
+def test_late_reset_lines_boot_the_app_instead(rig: Rig, faults: Faults,
+                                               en_cap_uf: float) -> None:
+    board = rig.plug(chip="esp32", faults=faults, en_cap_uf=en_cap_uf)
     run = esptool(board.rfc2217 or "", "--connect-attempts", "1", "read-mac")
     assert run.returncode != 0
     assert "Wrong boot mode detected (0x13)" in run.output
