@@ -176,3 +176,17 @@ def test_a_native_board_is_relayed_without_a_circuit(rig: Rig) -> None:
     assert run.returncode == 0, run.output
     assert "Chip type:          ESP32-S3" in run.output
     assert rig.resets(board) == []  # its lines reach nothing; the ROM answered as on a pty
+
+
+def test_cli_names_a_taken_port(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "station.sim", "--boards", "1", "--dir", str(tmp_path),
+             "--no-throttle", "--rfc2217", str(port)],
+            capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert f"station sim: board 0: cannot listen on TCP port {port}:" in proc.stderr
+    assert "address already in use" in proc.stderr
