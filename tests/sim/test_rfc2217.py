@@ -190,3 +190,25 @@ def test_cli_names_a_taken_port(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert f"station sim: board 0: cannot listen on TCP port {port}:" in proc.stderr
     assert "address already in use" in proc.stderr
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pyserial's rfc2217 client
+def test_a_host_pulsing_rts_reads_the_whole_boot_story(rig: Rig) -> None:
+    """What a station's boot check does: hold the port, pulse EN through RTS, read."""
+    board = rig.plug(chip="esp32", app_line="SELFTEST: PASS")
+    flash = rig.board(board).flash.data  # as esptool would have left it
+    for offset, data in ((0x1000, bi.bootloader()), (0x8000, bi.partition_table()),
+                         (0x10000, bi.app("meter", "3.1", "v5.2.1"))):
+        flash[offset:offset + len(data)] = data
+    assert board.rfc2217 is not None
+    with serial.serial_for_url(board.rfc2217, baudrate=115200, timeout=5) as port:
+        port.dtr = False
+        port.rts = True  # (DTR off, RTS on): EN low
+        port.rts = False  # both off: EN rises, GPIO0 high
+        story = port.read_until(b"SELFTEST: PASS\r\n").decode()
+    assert story.startswith("ets Jul 29 2019 12:21:46\r\n\r\nrst:0x1 (POWERON_RESET),boot:0x13")
+    assert "cpu_start: Project name:     meter\r\n" in story
+    sha = bi.elf_sha256("meter", "3.1").hex()
+    assert f"cpu_start: ELF file SHA256:  {sha[:9]}...\r\n" in story
+    assert story.endswith("SELFTEST: PASS\r\n")
+    assert rig.resets(board) == ["en"]
