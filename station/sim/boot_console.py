@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .board import Board, Mode
-from .boot_log import BOOTLOOP_ROUNDS, download_banner, spi_boot
+from .boot_log import BOOTLOOP_ROUNDS, download_banner, loop_cause, spi_boot
 from .bridge import garble
 from .pty_link import ROM_BAUD, HostClosed
 from .reset_circuit import EN_CAP_UF, AutoReset, ResetCircuitKind, en_delay
@@ -49,7 +49,8 @@ class BootConsole:
         self._story: asyncio.Task[None] | None = None
         self.printed: list[str] = []  # console output, ever (tests)
         board.sees_lines = True
-        board.on_chip_reset = lambda: self._boot(self.circuit.io0_low)
+        # the watchdog reset is counted by the board itself
+        board.on_chip_reset = lambda: self._boot(self.circuit.io0_low, count=False)
 
     def set_lines(self, dtr: bool, rts: bool) -> None:
         self.circuit.set_lines(dtr, rts)
@@ -78,7 +79,8 @@ class BootConsole:
         else:
             board.mode = Mode.APP
             text, ok = spi_boot(board.spec, bytes(board.flash.data), self.app_line)
-            rounds = [text] if ok else [text] * BOOTLOOP_ROUNDS
+            again = loop_cause(board.spec.name, text)
+            rounds = [text] if ok else [text] + [again] * (BOOTLOOP_ROUNDS - 1)
             board.log.debug("EN up, GPIO0 high: SPI boot (%s)", "app" if ok else "boot loop")
             self._story = asyncio.get_running_loop().create_task(self._print(rounds))
 

@@ -57,6 +57,21 @@ def _rom(chip: str) -> tuple[str, str, str, str]:
             "boot:0x8 (SPI_FAST_FLASH_BOOT)", "boot:0x0 (DOWNLOAD(USB/UART0))")
 
 
+def loop_cause(chip: str, text: str) -> str:
+    """``text`` told again after the reset a failed boot ends in.
+
+    The ROM gives up through its RTC watchdog (``RTCWDT_RTC_RESET``); the second-stage
+    bootloader calls ``bootloader_reset()``, a system software reset (``SW_RESET``).
+    """
+    _first, cause, _spi, _dl = _rom(chip)
+    bootloader = "2nd stage bootloader" in text
+    if chip == "esp32":
+        again = "rst:0x3 (SW_RESET)" if bootloader else "rst:0x10 (RTCWDT_RTC_RESET)"
+    else:
+        again = "rst:0x3 (RTC_SW_SYS_RST)" if bootloader else "rst:0x10 (RTCWDT_RTC_RST)"
+    return text.replace(cause, again, 1)
+
+
 def download_banner(chip: str) -> str:
     first, cause, _spi, download = _rom(chip)
     return f"{first}{cause},{download}\r\nwaiting for download\r\n"
@@ -207,8 +222,16 @@ def spi_boot(spec: ChipSpec, flash: bytes, app_line: str | None = None) -> tuple
         log.e("boot", "Factory app partition is not bootable")
         log.e("boot", "No bootable app partitions in the partition table")
         return "\r\n".join(out + log.lines) + "\r\n", False
+    rom = spec.rom_class
+    for n, seg in enumerate(app_image.segments if app_image else []):
+        mapped = any(lo <= seg.addr < hi for lo, hi in (
+            (rom.IROM_MAP_START, rom.IROM_MAP_END), (rom.DROM_MAP_START, rom.DROM_MAP_END)))
+        log.i("esp_image", f"segment {n}: paddr={app.offset + seg.file_offs:08x} "
+              f"vaddr={seg.addr:08x} size={len(seg.data):05x}h ({len(seg.data):6d}) "
+              f"{'map' if mapped else 'load'}")
     log.i("boot", f"Loaded app from partition at offset 0x{app.offset:x}")
     log.i("boot", "Disabling RNG early entropy source...")
+    log.i("cpu_start", "Pro cpu start user code")
     if desc is not None:
         major_minor = desc.idf_version
         tag = "app_init" if major_minor >= (5, 3) else "cpu_start"

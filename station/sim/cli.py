@@ -65,7 +65,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="seconds between plugging successive boards (0)")
     parser.add_argument("--fault", action="append", default=[], metavar="SPEC",
                         help="INDEX:KIND[=VALUE][,...]; kinds: unplug_after=N, mute, "
-                             "corrupt=RATE, slow=FACTOR, garbage, busy (repeatable)")
+                             "corrupt=RATE, slow=FACTOR, garbage, busy, reset_timing "
+                             "(repeatable)")
     parser.add_argument("--no-throttle", action="store_true",
                         help="do not model the UART line rate")
     parser.add_argument("--no-flash-timing", action="store_true",

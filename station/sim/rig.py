@@ -453,7 +453,9 @@ class Rig:
 
     async def _board_reset(self, index: int, kind: str) -> None:
         """A board saw a reset: count it; a native-USB board drops off and comes back."""
-        slot = self._slots[index]
+        slot = self._slots.get(index)
+        if slot is None:  # an EN wake racing the unplug
+            return
         info = slot.info
         self._emit({"event": "reset", "index": index, "port": info.port, "mac": info.mac,
                     "kind": kind, "count": len(slot.board.resets), "usb": slot.usb.kind})

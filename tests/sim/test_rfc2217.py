@@ -39,6 +39,7 @@ def firmware(tmp_path: Path) -> list[str]:
     return args
 
 
+@pytest.mark.slow  # ~50 s: pyserial's RFC 2217 client waits 50 ms per setting change
 def test_esptool_flashes_and_the_board_boots_over_rfc2217(rig: Rig, firmware: list[str]) -> None:
     board = rig.plug(chip="esp32", app_line="SELFTEST: PASS")
     assert board.rfc2217 is not None and board.rfc2217.startswith("rfc2217://127.0.0.1:")
@@ -60,6 +61,11 @@ def test_esptool_flashes_and_the_board_boots_over_rfc2217(rig: Rig, firmware: li
     assert f"cpu_start: ELF file SHA256:  {sha[:16]}..." in story
     assert story.rstrip().endswith("SELFTEST: PASS")
     assert rig.resets(board) == ["en", "en"]  # into download mode, then the hard reset
+    check = esptool(board.rfc2217, "verify-flash", *firmware)
+    assert check.returncode == 0, check.output
+    assert check.output.count("Verification successful (digest matched)") == 3, check.output
+    assert rig.resets(board) == ["en"] * 4
+    assert rig.console(board).count("cpu_start: Project name:     blinky") == 2
 
 
 def test_a_board_without_auto_reset_needs_boot_and_en(rig: Rig, firmware: list[str]) -> None:
@@ -75,8 +81,13 @@ def test_a_board_without_auto_reset_needs_boot_and_en(rig: Rig, firmware: list[s
     assert f"MAC:                {board.mac}" in ok.output
 
 
-def test_late_reset_lines_boot_the_app_instead(rig: Rig) -> None:
-    board = rig.plug(chip="esp32", faults=Faults(reset_timing=True))
+@pytest.mark.parametrize(("faults", "en_cap_uf"), [
+    (Faults(reset_timing=True), 10.0),  # the fault: lines too far apart for the EN delay
+    (Faults(), 1.0),  # 13.9 ms of EN delay: shorter than one RFC 2217 line change
+])
+def test_late_reset_lines_boot_the_app_instead(rig: Rig, faults: Faults,
+                                               en_cap_uf: float) -> None:
+    board = rig.plug(chip="esp32", faults=faults, en_cap_uf=en_cap_uf)
     run = esptool(board.rfc2217 or "", "--connect-attempts", "1", "read-mac")
     assert run.returncode != 0
     assert "Wrong boot mode detected (0x13)" in run.output
@@ -137,3 +148,67 @@ def test_cli_serves_rfc2217_and_takes_button_presses(tmp_path: Path) -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pyserial's rfc2217 client
+def test_a_broken_image_boot_loops_on_the_console(rig: Rig) -> None:
+    board = rig.plug(chip="esp32", app_line="SELFTEST: PASS")
+    flash = rig.board(board).flash.data  # as if written: bootloader, no partition table
+    boot = bi.bootloader()
+    flash[0x1000:0x1000 + len(boot)] = boot
+    assert board.rfc2217 is not None
+    with serial.serial_for_url(board.rfc2217, baudrate=115200, timeout=5) as port:
+        rig.press_en(board)
+        seen = b""
+        for _ in range(3):
+            seen += port.read_until(b"load partition table error!\r\n")
+    text = seen.decode()
+    assert text.count("E (") == 9 and text.count("2nd stage bootloader") == 3
+    assert "rst:0x1 (POWERON_RESET),boot:0x13" in text  # EN: a power-on reset
+    assert text.count("rst:0x3 (SW_RESET),boot:0x13 (SPI_FAST_FLASH_BOOT)") == 2
+    assert "SELFTEST" not in text  # the app never ran
+
+
+def test_a_native_board_is_relayed_without_a_circuit(rig: Rig) -> None:
+    board = rig.plug(chip="esp32s3", usb="jtag")
+    assert board.rfc2217 is not None and board.reset_circuit is None
+    run = esptool(board.rfc2217, "--no-stub", "--after", "no-reset", "read-mac")
+    assert run.returncode == 0, run.output
+    assert "Chip type:          ESP32-S3" in run.output
+    assert rig.resets(board) == []  # its lines reach nothing; the ROM answered as on a pty
+
+
+def test_cli_names_a_taken_port(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "station.sim", "--boards", "1", "--dir", str(tmp_path),
+             "--no-throttle", "--rfc2217", str(port)],
+            capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert f"station sim: board 0: cannot listen on TCP port {port}:" in proc.stderr
+    assert "address already in use" in proc.stderr
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pyserial's rfc2217 client
+def test_a_host_pulsing_rts_reads_the_whole_boot_story(rig: Rig) -> None:
+    """What a station's boot check does: hold the port, pulse EN through RTS, read."""
+    board = rig.plug(chip="esp32", app_line="SELFTEST: PASS")
+    flash = rig.board(board).flash.data  # as esptool would have left it
+    for offset, data in ((0x1000, bi.bootloader()), (0x8000, bi.partition_table()),
+                         (0x10000, bi.app("meter", "3.1", "v5.2.1"))):
+        flash[offset:offset + len(data)] = data
+    assert board.rfc2217 is not None
+    with serial.serial_for_url(board.rfc2217, baudrate=115200, timeout=5) as port:
+        port.dtr = False
+        port.rts = True  # (DTR off, RTS on): EN low
+        port.rts = False  # both off: EN rises, GPIO0 high
+        story = port.read_until(b"SELFTEST: PASS\r\n").decode()
+    assert story.startswith("ets Jul 29 2019 12:21:46\r\n\r\nrst:0x1 (POWERON_RESET),boot:0x13")
+    assert "cpu_start: Project name:     meter\r\n" in story
+    sha = bi.elf_sha256("meter", "3.1").hex()
+    assert f"cpu_start: ELF file SHA256:  {sha[:9]}...\r\n" in story
+    assert story.endswith("SELFTEST: PASS\r\n")
+    assert rig.resets(board) == ["en"]
