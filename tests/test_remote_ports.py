@@ -190,3 +190,31 @@ def test_a_board_without_auto_reset_asks_for_boot_en_and_finishes_once_pressed(
     assert result.code == EXIT_OK, result
     assert board.rfc2217 in asked, result
     assert site.rows_by_port()[board.rfc2217]["result"] == "done"
+
+
+QUIET = 60.0  # seconds a done line is watched for a board reset or flashed again
+
+
+@pytest.mark.parallel
+def test_sixteen_boards_over_rfc2217_boot_the_app_and_stay_done(site: Site) -> None:
+    with Rig(site.hub, seed=16, throttle=False, flash_timing=False, rfc2217_base=0) as rig:
+        boards = [rig.plug(chip="esp32", app_line="SELFTEST: PASS") for _ in range(16)]
+        site.set("ports", "watch", [str(site.hub / "none-*")])
+        site.set("ports", "remote", [b.rfc2217 for b in boards])
+        site.set("verify", "boot", "app").set("verify", "marker", "SELFTEST: PASS")
+        station = Background(site)
+        try:
+            for _ in boards:
+                station.wait_line(" done in ", timeout=180)
+            resets = [rig.resets(b) for b in boards]
+            with pytest.raises(TimeoutError):  # the whole wait: no 17th job, no reset
+                station.wait_line("started job", timeout=QUIET)
+            assert [rig.resets(b) for b in boards] == resets
+        finally:
+            result = station.stop()
+    assert result.code == EXIT_OK, result
+    jobs = site.ledger()
+    assert len(jobs) == 16, jobs
+    assert {(j["result"], j["boot"], j["booted_project"], j["booted_version"])
+            for j in jobs} == {("done", "ok", "station-demo-esp32", "1.0.0")}, jobs
+    assert sorted(j["port"] for j in jobs) == sorted(b.rfc2217 for b in boards)
