@@ -464,7 +464,13 @@ class EsptoolSession:
         try:
             self._connect_laddered(rate)
         except FatalError as e:
-            if self.native is not None or not any(s in str(e) for s in NO_DOWNLOAD_SIGNS):
+            # To esptool a board without an auto-reset circuit and a mute board look the
+            # same. Local ports keep failing after their retries (a dead board must not
+            # hold its slot for minutes); on a hub host's port the missing or too slow
+            # circuit is the common case, and nobody can reach the port but the station.
+            if self.native is not None or not is_remote(self.port) or \
+                    self.flasher.on_buttons is None or \
+                    not any(s in str(e) for s in NO_DOWNLOAD_SIGNS):
                 raise
             self._await_buttons(rate, e)
         self._notes.append(RateNote(
