@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from station.baud import RateNote, SlotMemory
+from station.bootcheck import BootCheck
 from station.check import writable_folder
 from station.config import Config
 from station.credentials import CredentialStore, nvs_region
 from station.daemon import Bus, Options, Station, state_dir_lock
 from station.errors import FirmwareError
 from station.eventlog import EventLog
-from station.events import Event, LineRate, RegistrationStep, Throttled
+from station.events import ButtonsNeeded, Event, LineRate, RegistrationStep, Throttled
 from station.firmware import FirmwareBundle, load_firmware
 from station.flasher import EsptoolFlasher
 from station.ledger import Ledger
@@ -31,6 +32,7 @@ from station.parts import BoardIdentity, Region
 from station.plan import Plan, Plans
 from station.registrar import make_registrar
 from station.registrar.base import DeviceCredentials, Registrar
+from station.remoteports import RemotePorts
 from station.slothealth import SlotHealth
 from station.slotpark import SlotGuard
 from station.worker import current_board
@@ -61,9 +63,12 @@ def build_plan(config: Config, bundle: FirmwareBundle, registrar_kind: str) -> P
     def thing_name(identity: BoardIdentity) -> str:
         return config.identity.thing_for(identity.mac, identity.chip, config.station.name)
 
+    verify = config.verify
+    boot = None if verify.boot == "off" else \
+        BootCheck.for_bundle(bundle, verify.boot, verify.marker, verify.boot_timeout)
     return Plan(chip=bundle.chip, regions=bundle.regions,
                 firmware_hash=bundle.sha256, station=config.station.name,
-                thing_name=thing_name, credentials_region=credentials_region)
+                thing_name=thing_name, credentials_region=credentials_region, boot=boot)
 
 
 def load_bundles(config: Config) -> tuple[FirmwareBundle, ...]:
@@ -101,6 +106,16 @@ def rate_reporter(bus: Bus) -> Callable[[RateNote], Awaitable[None]]:
             await bus.emit(LineRate(job_id=job_id, port=port, slot=slot, baud=note.baud,
                                     adapter=note.adapter, stepped_from=note.stepped_from,
                                     reason=note.reason, remembered=note.remembered))
+    return report
+
+
+def buttons_reporter(bus: Bus) -> Callable[[str, bool], None]:
+    """The flasher's "press BOOT + EN" (and its end), for the board's row."""
+    def report(port: str, waiting: bool) -> None:
+        board = current_board.get()
+        if board is not None:
+            job_id, port, slot = board
+            bus.notify(ButtonsNeeded(job_id=job_id, port=port, slot=slot, waiting=waiting))
     return report
 
 
@@ -153,14 +168,21 @@ async def assemble(config: Config, options: Options,
                 if not config.credentials.keep_private_keys:
                     await store.forget_private_key(creds.thing_name)
 
+            remote = RemotePorts(config.ports.remote, show=bus.notify,
+                                 slot_for=lambda url: config.slot_for(url, url)) \
+                if config.ports.remote else None
             station = Station(config=config, plans=plans,
                               flasher=EsptoolFlasher(line=config.ports.line,
                                                      memory=SlotMemory(), keys=board_keys,
                                                      on_rate=rate_reporter(bus),
-                                                     chips=tuple(plans.by_chip)),
+                                                     chips=tuple(plans.by_chip),
+                                                     links=remote,
+                                                     on_buttons=buttons_reporter(bus),
+                                                     buttons_timeout=config.ports
+                                                     .buttons_timeout),
                               registrar=registrar, bus=bus, already_done=already_done,
                               on_verified=verified, registration_steps=steps,
-                              options=options, parked=guard.parked)
+                              options=options, parked=guard.parked, remote=remote)
             guard.on_cleared.append(station.slot_cleared)
             await guard.restore()
             run_id = await asyncio.to_thread(ledger.run_started, config.station.name,

@@ -225,6 +225,11 @@ def _ports(args: argparse.Namespace) -> int:
 
     config = load(args.config)
     ports = scan(config.ports.watch)
+    if config.ports.remote:  # hub hosts: one TCP connect each (remoteports.py)
+        from station.remoteports import probe_all
+
+        for url, problem in probe_all(config.ports.remote):
+            print(f"{config.slot_for(url, url):>8}  {url}  ({problem or 'hub reachable'})")
     if not ports:
         print(f"no ports match {', '.join(config.ports.watch)}")
         return EXIT_OK

@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar, cast
 from station import chips
 from station.baud import MAX_BRIDGE_BAUD, ROM_BAUD, BaudSettings, adapter_key_error
 from station.errors import ConfigError
+from station.remoteurl import remote_url_problem
 
 CHIPS = chips.supported()  # every ESP32-family chip of the pinned esptool
 Chip = str  # one of CHIPS: esptool's spelling, "esp32s3"
@@ -92,6 +93,10 @@ class PortsSection:
     max_baud: int | None = None
     baud_by_adapter: Mapping[str, int] = field(default_factory=dict)
     baud_by_port: Mapping[str, int] = field(default_factory=dict)
+    remote: tuple[str, ...] = ()
+    buttons_timeout: float = 120.0
+    """Seconds a board without auto-reset waits for BOOT + EN (flasher.py)."""
+    """`rfc2217://host:port` ports on hub hosts (station/remoteports.py)."""
 
     @property
     def line(self) -> BaudSettings:
@@ -190,6 +195,16 @@ class MetricsSection:
 
 
 @dataclass(frozen=True)
+class VerifySection:
+    """[verify]: the boot check after the reset (station/bootcheck.py)."""
+
+    boot: Literal["off", "rom", "app"] = "off"
+    marker: str | None = None
+    """A regex the app must print after its app_init lines (e.g. "SELFTEST: PASS")."""
+    boot_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     station: StationSection
@@ -201,6 +216,7 @@ class Config:
     credentials: CredentialsSection
     ledger: LedgerSection = field(default_factory=LedgerSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    verify: VerifySection = field(default_factory=VerifySection)
     firmwares: tuple[FirmwareSection, ...] = ()
     """One per chip with [[firmware]]; `firmware` is the first (the only one with a
     single [firmware] table)."""
@@ -306,6 +322,7 @@ def load(path: str | Path) -> Config:
         credentials=_credentials(root.sub("credentials")),
         ledger=_ledger(root.sub("ledger")),
         metrics=_metrics(root.sub("metrics")),
+        verify=_verify(root.sub("verify")),
         firmwares=firmwares,
     )
     root.done()
@@ -347,12 +364,44 @@ def _ports(t: _Table) -> PortsSection:
         health=_health(t.sub("health")),
         reenumerate_window=t.number("reenumerate_window", 5.0),
         max_baud=max_baud, baud_by_adapter=by_adapter, baud_by_port=by_port,
+        remote=_remote_ports(t),
+        buttons_timeout=t.number("buttons_timeout", 120.0, minimum=1.0),
     )
     if p.reenumerate_window > 120:
         raise t.error("reenumerate_window", f"{p.reenumerate_window:g} s is longer than any "
                                             "USB re-enumeration (0.2-2 s); at most 120")
     t.done()
     return p
+
+
+def _verify(t: _Table) -> VerifySection:
+    boot = t.get("boot", str, "off")
+    if boot not in ("off", "rom", "app"):
+        raise t.error("boot", f"must be \"off\", \"rom\" or \"app\", not {boot!r}")
+    marker = t.get("marker", str, "") or None
+    if marker is not None:
+        try:
+            re.compile(marker)
+        except re.error as e:
+            raise t.error("marker", f"{marker!r} is not a valid regex ({e})") from None
+        if boot != "app":
+            raise t.error("marker", "the app prints it: needs [verify] boot = \"app\"")
+    v = VerifySection(boot=cast(Literal["off", "rom", "app"], boot), marker=marker,
+                      boot_timeout=t.number("boot_timeout", 10.0, minimum=0.5))
+    t.done()
+    return v
+
+
+def _remote_ports(t: _Table) -> tuple[str, ...]:
+    """[ports] remote: `rfc2217://host:port` URLs, each once (a URL is its slot key)."""
+    urls = t.get("remote", list, [])
+    for url in urls:
+        problem = remote_url_problem(url)
+        if problem is not None:
+            raise t.error("remote", problem)
+    if len(set(urls)) != len(urls):
+        raise t.error("remote", "lists a URL twice")
+    return tuple(urls)
 
 
 def _health(t: _Table) -> HealthSection:

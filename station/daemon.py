@@ -27,6 +27,8 @@ from station.parts import Flasher, KnownBoardLookup
 from station.plan import Plans
 from station.reenumeration import Reenumerations
 from station.registrar.base import DeviceCredentials, Journal, Registrar
+from station.remoteports import RemotePorts
+from station.remoteurl import is_remote
 from station.usbport import bridge_vid, native_usb
 from station.worker import (
     REMOVED,
@@ -141,6 +143,8 @@ class Station:
     known_board: KnownBoardLookup | None = None
     port_mac: Callable[[str], str | None] = field(default=lambda port: _port_mac(port))
     """A port's MAC known without opening it (usbport: a USB-Serial/JTAG's serial number)."""
+    remote: RemotePorts | None = None
+    """[ports] remote: rfc2217:// ports, a second source of "present / gone"."""
 
     def __post_init__(self) -> None:
         self._jobs: dict[str, asyncio.Task[Stage | None]] = {}
@@ -171,12 +175,16 @@ class Station:
             watcher = PortWatcher(self.config.ports.watch, self.config.ports.rescan_interval,
                                   on_added=self._plugged, on_removed=self._unplugged)
             await watcher.start()
+            if self.remote is not None:  # each hub on its own task: none waits on another
+                await self.remote.start(self._plugged, self._unplugged)
             log.info("ready: watching %s", ", ".join(self.config.ports.watch))
             try:
                 await self._stop.wait()
                 await self._drain()
             finally:
                 await watcher.stop()
+                if self.remote is not None:
+                    await self.remote.stop()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
@@ -241,7 +249,8 @@ class Station:
         task = asyncio.create_task(self._run(worker), name=f"job {info.path}")
         self._jobs[info.path] = task
         self._by_job[job_id] = (self._usb_key(info), task)
-        if bridge_vid(info.target) is not None:  # it keeps its port through a chip reset:
+        if bridge_vid(info.target) is not None or is_remote(info.path):  # it keeps its
+            # port through a chip reset (a remote port: the hub's bridge and our connection):
             self._bridges.add(job_id)  # a vanish after the reset is a hand, never the reset
 
         def forget(_task: asyncio.Task[Stage | None]) -> None:
@@ -267,8 +276,13 @@ class Station:
     def _parts(self) -> Parts:
         return Parts(flasher=self.flasher, registrar=self.registrar, sink=self.bus,
                      clock=self.clock, already_done=self.already_done,
-                     on_verified=self.on_verified, port_present=os.path.exists,
+                     on_verified=self.on_verified, port_present=self._present,
                      known_board=self.known_board, port_mac=self.port_mac)
+
+    def _present(self, port: str) -> bool:
+        if is_remote(port):
+            return self.remote is not None and self.remote.present(port)
+        return os.path.exists(port)
 
     async def _run(self, worker: Worker) -> Stage | None:
         async with self._slots:

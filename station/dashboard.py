@@ -30,7 +30,10 @@ from rich.table import Table
 from rich.text import Text
 
 from station.events import (
+    BootChecked,
+    ButtonsNeeded,
     Event,
+    HubStatus,
     Identified,
     JobFinished,
     JobStarted,
@@ -75,6 +78,8 @@ class BoardRow:
     retry_reason: str | None = None
     throttled: bool = False
     known: str = ""  # "provisioned by line-2 on ..." (the central ledger)
+    booted: str = ""  # "blinky 2.0.1": what the board said it runs ([verify] boot)
+    buttons: bool = False  # waiting for a person to press BOOT + EN
     region: str = ""
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
     prev_done: int | None = None  # the current region's bytes before the last Progress
@@ -129,6 +134,7 @@ class StationView:
     central: Callable[[float], tuple[str, bool]] | None = None
     """The central ledger's footer line and whether all is well; read at snapshot time."""
     central_line: tuple[str, bool] | None = None
+    hubs: dict[str, HubStatus] = field(default_factory=dict)  # remote ports, by URL
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def apply(self, event: Event) -> None:
@@ -140,6 +146,9 @@ class StationView:
         self.apply(event)
 
     def _apply(self, event: Event) -> None:
+        if isinstance(event, HubStatus):  # about a hub connection, not a job
+            self.hubs[event.port] = event
+            return
         if isinstance(event, SlotFlagged | SlotCleared):  # about the slot, not its job
             if isinstance(event, SlotFlagged):
                 self.flags[event.slot] = event
@@ -173,6 +182,10 @@ class StationView:
             row.throttled = True
         elif isinstance(event, KnownBoard):
             row.known = event.note
+        elif isinstance(event, ButtonsNeeded):
+            row.buttons = event.waiting
+        elif isinstance(event, BootChecked):
+            row.booted = " ".join(p for p in (event.project, event.version) if p)
         elif isinstance(event, LineRate):
             row.line = event
             if event.stepped_from is not None:
@@ -193,7 +206,8 @@ class StationView:
                                registrar=self.registrar, started_at=self.started_at,
                                rows={k: r.copy() for k, r in self.rows.items()},
                                results=Counter(self.results), flags=dict(self.flags),
-                               clear_key=self.clear_key, central_line=line)
+                               clear_key=self.clear_key, central_line=line,
+                               hubs=dict(self.hubs))
 
     @property
     def in_progress(self) -> int:
@@ -237,7 +251,7 @@ def _one_line(text: str) -> str:
 def result_text(row: BoardRow) -> Text:
     """The last column: the outcome, or why a board in progress is waiting."""
     if row.stage == Stage.DONE:
-        return Text("done", style="green")
+        return Text("done" + (f", booted {row.booted}" if row.booted else ""), style="green")
     if row.stage == Stage.FAILED:  # the stage column already says "failed"
         where = f"at {row.failed_stage.value}: " if row.failed_stage else ""
         return Text(_one_line(f"{where}{row.error or 'no reason given'}"), style="red")
@@ -247,6 +261,8 @@ def result_text(row: BoardRow) -> Text:
     if row.stage == Stage.SKIPPED:
         return Text(_one_line(f"skipped: {row.error or 'already done with this firmware'}"),
                     style="cyan")
+    if row.buttons:
+        return Text("press BOOT + EN (no auto-reset)", style="bold yellow")
     if row.throttled:
         return Text("throttled by the cloud, waiting", style="yellow")
     if row.retry_reason:
@@ -370,6 +386,10 @@ def footer(view: StationView, now: float) -> Text:
     if view.central_line is not None:  # replication lag, or why the central ledger waits
         line, ok = view.central_line
         text.append("\n").append(line, style="" if ok else "bold yellow")
+    for hub in view.hubs.values():  # a dead hub host: its boards cannot even be seen
+        if hub.state == "down":
+            text.append(f"\nhub {hub.port} ({hub.slot}) unreachable: {hub.detail}",
+                        style="bold yellow")
     flagged = flag_line(view)
     return text if flagged is None else Text("\n", no_wrap=True, overflow="ellipsis").join(
         [flagged, text])
@@ -387,6 +407,9 @@ def format_event(event: Event, view: StationView) -> str | None:
 
     Call it after `view.apply(event)`: the row tells where the region was before.
     """
+    if isinstance(event, HubStatus):
+        return f"hub {event.port}: {event.state}" + (f" ({event.detail})" if event.detail
+                                                      else "")
     row = view.rows.get(event.slot)
     if row is not None and row.job_id != event.job_id:
         row = None
@@ -399,6 +422,13 @@ def format_event(event: Event, view: StationView) -> str | None:
                 or _quarter(event.done, event.total) > _quarter(prev, event.total)):
             return None
         return f"{head} flash {event.region} {event.done}/{event.total} B"
+    if isinstance(event, ButtonsNeeded):
+        return f"{head} " + ("press BOOT + EN: no download mode after the reset sequence"
+                             if event.waiting else "in download mode")
+    if isinstance(event, BootChecked):
+        said = " ".join(p for p in (event.project, event.version) if p) or "nothing we know"
+        return f"{head} boot check {event.result}: booted {said}" + (
+            f" ({event.detail})" if event.detail else "")
     if isinstance(event, JobStarted):
         return f"{head} started job {event.job_id}"
     if isinstance(event, StageChanged):

@@ -74,6 +74,11 @@ class WrongChipError(FlashError):
         self.expected = have
 
 
+class BootError(StationError):
+    """The board did not boot what was written (station/bootcheck.py): a retry would
+    write the same bytes and boot the same way."""
+
+
 class VerifyError(FlashError):
     """The MD5 the board reports does not match the image written."""
 

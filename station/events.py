@@ -22,6 +22,7 @@ class Stage(enum.StrEnum):
     FLASH = "flash"
     VERIFY = "verify"
     RESET = "reset"
+    BOOT = "boot"  # [verify] boot: the boot story read after the reset (bootcheck.py)
     DONE = "done"
     FAILED = "failed"
     REMOVED = "removed"
@@ -129,6 +130,26 @@ class LineRate(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ButtonsNeeded(Event):
+    """The reset sequence did not reach download mode (no auto-reset circuit): the board
+    waits for a person to press BOOT + EN (`waiting`), or no longer does."""
+
+    waiting: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class BootChecked(Event):
+    """The boot check's verdict: `result` "ok" or "failed"; what the board said it runs;
+    `detail` what was expected and printed; `tail` the last console lines."""
+
+    result: str
+    project: str | None
+    version: str | None
+    detail: str
+    tail: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class JobFinished(Event):
     """The board reached a final stage; `timings` are seconds spent per stage."""
 
@@ -187,3 +208,16 @@ class KnownBoard(Event):
     thing_name: str | None
     note: str  # "provisioned by line-2 on 2026-11-27 22:04 UTC"
     policy: str  # [identity] on_known_board: "reflash", "skip" or "fail"
+
+
+# -- remote ports (station/remoteports.py): about a hub connection, not one board -------
+
+
+@dataclass(frozen=True, kw_only=True)
+class HubStatus(Event):
+    """A remote port's hub host: `state` "present" (accepting), "probing" (the connection
+    closed; looking again) or "down" (unreachable; `detail` says why and when it retries).
+    Notified, not emitted: the dashboard shows it; no job has it (`job_id` "")."""
+
+    state: str
+    detail: str

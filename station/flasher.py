@@ -8,9 +8,10 @@ Why it looks the way it does:
 - esptool is blocking. Each session owns a single-thread executor, so 16 boards get 16
   threads; asyncio's default pool has only min(32, cores + 4) = 6 threads on two cores,
   and the seventh board would queue behind the others.
-- esptool's logger is one process-wide object: it is routed to logging, naming the
-  port (station/serialport.py, with the abortable port and the open errors), and
-  progress comes from our own write loop instead of `cmds.write_flash`.
+- esptool's logger is one process-wide object. It is replaced (once) by a logger that
+  sends everything to `logging.getLogger("station.flasher")` with the port in the
+  message, so sixteen threads do not print "Connecting...." into the live dashboard.
+  Progress comes from our own write loop instead of `cmds.write_flash`.
 - The write loop sends the data blocks itself. esptool's `command()` formats every packet
   it sends for its trace log, enabled or not (~11 ms of CPU per 16 KB block, twice), and
   its checksum loops over each byte in Python: about 25 ms of CPU per block, which at 16
@@ -30,11 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import errno
 import functools
 import hashlib
 import logging
 import os
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -43,9 +47,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import serial
+from esp_pylib.logger import EspLog, EspLogBase
+from esptool import reset as esptool_reset
 from esptool.cmds import attach_flash, detect_chip, detect_flash_size, reset_chip, run_stub
 from esptool.loader import DEFAULT_TIMEOUT, ERASE_WRITE_TIMEOUT_PER_MB, MAX_TIMEOUT, timeout_per_mb
-from esptool.util import FatalError, flash_size_bytes
+from esptool.util import FatalError, PrintOnce, flash_size_bytes
+from serial import rfc2217
 
 from station.baud import (
     BaudSettings,
@@ -65,20 +72,19 @@ from station.errors import (
 )
 from station.firmware import xor_checksum
 from station.parts import BoardIdentity, ProgressFn, Region
-from station.serialport import (
-    AbortablePort,
-    first_line,
-    open_error,
-    quiet_esptool,
-    set_port_tag,
-)
-from station.usbport import Adapter, NativeUsb, native_usb, usb_adapter
+from station.remoteurl import RemoteLinks, is_remote
+from station.usbport import Adapter, NativeUsb, holders, native_usb, usb_adapter
 
 log = logging.getLogger("station.flasher")
 T = TypeVar("T")
 
 ROM_BAUD = 115200
+CONSOLE_READ_TIMEOUT = 0.1  # one console read: how late the boot check sees a deadline
 CLOSE_TIMEOUT = 10.0  # an aborted port makes esptool fail in milliseconds; this is a guard
+BUTTONS_TIMEOUT = 120.0  # seconds a board without auto-reset waits for BOOT + EN
+# esptool's words when its reset sequence did not bring the ROM's download mode up: a
+# silent line, or the ROM's SPI-boot banner ("Wrong boot mode detected (0x13)")
+NO_DOWNLOAD_SIGNS = ("No serial data received", "Wrong boot mode detected")
 PROGRESS_INTERVAL = 0.1  # at most ~10 progress callbacks per second per board
 WRITE_BLOCK_ATTEMPTS = 3  # as esptool's flash_block / flash_defl_block
 PROBE_TIMEOUT = 0.5  # a register read after a baud change takes milliseconds when it works
@@ -99,6 +105,150 @@ NOT_ESP_SIGNS = ("Invalid head of packet", "Invalid SLIP escape", "Unexpected ch
 def chip_name(esp: Any) -> str:
     """esptool's "ESP32-S3" -> our "esp32s3"."""
     return str(esp.CHIP_NAME).lower().replace("-", "")
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# -- esptool's process-wide logger, routed to logging ------------------------------------
+
+_local = threading.local()
+
+
+def _port_tag() -> str:
+    return getattr(_local, "port", None) or threading.current_thread().name
+
+
+class _EsptoolToLogging(EspLogBase):
+    """Everything esptool says becomes a DEBUG/WARNING record naming the port."""
+
+    def _emit(self, level: int, args: tuple[Any, ...]) -> None:
+        text = " ".join(str(a) for a in args).strip()
+        if text and text.strip(".") and log.isEnabledFor(level):
+            log.log(level, "%s: esptool: %s", _port_tag(), text)
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        self._emit(logging.DEBUG, args)
+
+    def note(self, *args: Any) -> None:
+        self._emit(logging.DEBUG, args)
+
+    def hint(self, *args: Any) -> None:
+        self._emit(logging.DEBUG, args)
+
+    def debug(self, *args: Any) -> None:
+        self._emit(logging.DEBUG, args)
+
+    def warn(self, *args: Any, suggestion: str | None = None) -> None:
+        self._emit(logging.WARNING, args)
+
+    def err(self, *args: Any, suggestion: str | None = None) -> None:
+        self._emit(logging.WARNING, args)
+
+    warning = warn
+    error = err
+
+    def set_verbosity(self, mode: int | str) -> None:
+        pass
+
+    def progress_bar(self, cur_iter: int, total_iters: int, prefix: str = "",
+                     suffix: str = "", bar_length: int = 30) -> None:
+        pass
+
+
+_install_lock = threading.Lock()
+
+
+def quiet_esptool() -> None:
+    """Replace esptool's stdout logger with ours (idempotent, process-wide)."""
+    with _install_lock:
+        if isinstance(EspLog.instance, _EsptoolToLogging):
+            return
+        EspLog.instance = _EsptoolToLogging()
+        # bound to the old logger when esptool was imported; it warns about DTR/RTS
+        esptool_reset.ResetStrategy.print_once = PrintOnce(EspLog.instance.warn)
+
+
+# -- the serial port ----------------------------------------------------------------------
+
+
+class _Abortable:
+    """A serial port that can be aborted from another thread.
+
+    After `abort()`, a read or write blocked in select() wakes up and every later one
+    raises at once, so esptool (retries and all) gives up within milliseconds.
+    """
+
+    port: str | None
+
+    aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        # a local port wakes a blocked select(); pyserial's RFC 2217 client has no
+        # cancel (its reads wait on a queue for at most the timeout): AttributeError
+        for cancel in ("cancel_read", "cancel_write"):
+            with contextlib.suppress(Exception):
+                getattr(self, cancel)()
+
+    def _check(self) -> None:
+        if self.aborted:
+            raise serial.SerialException(f"{self.port}: closed by the station")
+
+    def read(self, size: int = 1) -> bytes:
+        self._check()
+        data: bytes = super().read(size)  # type: ignore[misc]
+        self._check()
+        return data
+
+    def write(self, data: Any) -> int | None:
+        self._check()
+        return super().write(data)  # type: ignore[misc]
+
+
+class _Port(_Abortable, serial.Serial):
+    """A local port (a device node)."""
+
+
+class _RemotePort(_Abortable, rfc2217.Serial):
+    """An `rfc2217://host:port` port (remoteports.py): pyserial's RFC 2217 client, which
+    esptool resets with its classic sequence (every DTR/RTS change is a round trip).
+
+    esptool sets the port's timeout before most commands, and pyserial's client answers
+    every setter with a full renegotiation (baud, data bits, parity, stop bits, flow
+    control: five round trips, ~0.25 s with its 50 ms answer polling), though its reads
+    take the timeout from a local queue: a 2-second `flash-id` took 20 s. Only a change of
+    a line setting goes to the far end here."""
+
+    _line: tuple[object, ...] | None = None
+
+    def open(self) -> None:
+        self._line = None
+        super().open()
+
+    def _reconfigure_port(self) -> None:
+        line = (self._baudrate, self._bytesize, self._parity, self._stopbits,
+                self._xonxoff, self._rtscts)
+        if line != self._line or self._write_timeout is not None:  # pyserial refuses a
+            super()._reconfigure_port()  # write timeout there, and esptool relies on that
+            self._line = line
+
+
+@functools.lru_cache(maxsize=64)
+def _open_error(port: str, e: serial.SerialException) -> PortError:
+    """What to do about a port that will not open: a retry cannot fix permissions."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return PortError(f"{port}: cannot open: permission denied; run the station as a "
+                         "user in the 'dialout' group (see config/udev-notes.md)",
+                         transient=False)
+    if "exclusively lock" in str(e):
+        who = ", ".join(holders(port)) or "a serial monitor, or ModemManager probing it"
+        return PortError(f"{port}: cannot open: another program holds the port ({who}); "
+                         "stop it, and keep ModemManager off the rig's ports with a udev rule "
+                         "setting ENV{ID_MM_DEVICE_IGNORE}=\"1\" (see config/udev-notes.md)")
+    return PortError(f"{port}: cannot open: {first_line(e)}")
 
 
 def _inflated_sizes(compressed: bytes, block: int) -> tuple[int, ...]:
@@ -140,8 +290,14 @@ class EsptoolFlasher:
                  line: BaudSettings | None = None, memory: SlotMemory | None = None,
                  adapter: Callable[[str], Adapter] = usb_adapter,
                  keys: Callable[[str], tuple[str, ...]] = lambda port: (port,),
-                 on_rate: Callable[[RateNote], Awaitable[None]] | None = None) -> None:
+                 on_rate: Callable[[RateNote], Awaitable[None]] | None = None,
+                 links: RemoteLinks | None = None,
+                 on_buttons: Callable[[str, bool], None] | None = None,
+                 buttons_timeout: float = BUTTONS_TIMEOUT) -> None:
         self.baud = baud
+        self.on_buttons = on_buttons  # (port, waiting): "press BOOT + EN" on its row
+        self.buttons_timeout = buttons_timeout
+        self.links = links  # remote ports' connections between sessions (remoteports.py)
         self.line = line if line is not None else BaudSettings(baud=baud)
         self.memory = memory if memory is not None else SlotMemory()
         self.adapter = adapter  # sysfs VID:PID and product (usbport.py)
@@ -157,6 +313,11 @@ class EsptoolFlasher:
     async def open(self, port: str) -> EsptoolSession:
         # on the loop, in the worker's context: the board's slot is known here only
         session = EsptoolSession(port, self, self.keys(port))
+        if self.on_buttons is not None:  # called from the session thread, in this context
+            loop, context, notify = asyncio.get_running_loop(), contextvars.copy_context(), \
+                self.on_buttons
+            session.ask_buttons = lambda waiting: loop.call_soon_threadsafe(
+                context.run, notify, port, waiting)
         try:
             await session.call("connect", session.connect_blocking)
         except BaseException:
@@ -176,7 +337,7 @@ class EsptoolSession:
         self.name = Path(port).name
         self.esp: Any = None
         self.identity: BoardIdentity | None = None
-        self._serial: AbortablePort | None = None
+        self._serial: _Port | _RemotePort | None = None
         self._step = "open"  # how far connect got, for its error message
         self._baud_unconfirmed = False  # changed the baud, no reply at the new one yet
         self.rate: int | None = None  # the line rate in use; None: native USB
@@ -185,11 +346,13 @@ class EsptoolSession:
         self._notes: list[RateNote] = []  # to report once the thread's call returns
         self.native: NativeUsb | None = None
         self._closed = False
+        self._connect_mode = "default-reset"  # "no-reset" while waiting for BOOT + EN
+        self.ask_buttons: Callable[[bool], object] = lambda _waiting: None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"flash-{self.name}",
                                             initializer=self._init_thread)
 
     def _init_thread(self) -> None:
-        set_port_tag(self.port)
+        _local.port = self.port
 
     # -- plumbing --
 
@@ -217,15 +380,55 @@ class EsptoolSession:
         except (serial.SerialException, OSError) as e:
             if self._serial is not None and self._serial.aborted:
                 raise PortError(f"{self.port}: {stage} stopped: the port was closed") from e
+            if self._remote_lost():
+                raise PortError(f"{self.port}: {stage}: the hub closed the connection "
+                                f"({first_line(e)})") from e
             raise PortError(f"{self.port}: {stage}: the serial port failed ({first_line(e)}); "
                             "was the board unplugged?") from e
         except FatalError as e:
             if self._serial is not None and self._serial.aborted:
                 raise PortError(f"{self.port}: {stage} stopped: the port was closed") from e
+            if self._remote_lost():
+                raise PortError(f"{self.port}: {stage}: the hub closed the connection "
+                                f"({first_line(e)})") from e
             message = first_line(e)
             if stage == "connect":
                 raise self._connect_error(e, message) from e
             raise FlashError(f"{self.port}: {stage}: {message}") from e
+
+    def _remote_lost(self) -> bool:
+        """A remote port whose connection died: the hub host or its board is gone."""
+        links = self.flasher.links
+        return links is not None and self._serial is not None and is_remote(self.port) \
+            and links.link_failed(self.port, self._serial)
+
+    def _open_port(self) -> _Port | _RemotePort:
+        """The port opened at the ROM's rate; a remote port reuses the connection its
+        last session left open (closing it would make the relay reset the board)."""
+        links = self.flasher.links
+        if is_remote(self.port):
+            held = links.take(self.port) if links is not None else None
+            if isinstance(held, _RemotePort):
+                held.aborted = False
+                held.timeout = DEFAULT_TIMEOUT
+                held.baudrate = ROM_BAUD
+                return held
+            remote = _RemotePort()
+            remote.port, remote.baudrate = self.port, ROM_BAUD
+            try:
+                remote.open()
+            except serial.SerialException as e:
+                raise PortError(f"{self.port}: cannot open: {first_line(e)}") from e
+            return remote
+        port = _Port()
+        port.port = self.port
+        port.baudrate = ROM_BAUD
+        port.exclusive = True  # two sessions on one port would corrupt each other
+        try:
+            port.open()
+        except serial.SerialException as e:
+            raise _open_error(self.port, e) from e
+        return port
 
     def _connect_error(self, e: FatalError, message: str) -> PortError:
         """Not an ESP only if the sync itself met garbage; after a sync, it is noise."""
@@ -258,12 +461,52 @@ class EsptoolSession:
             rate, self._adapter_name = None, f"native USB {self.native.kind}"
         elif rate is not None:
             rate, earlier = opts.memory.limit(self._slot, rate)
-        self._connect_laddered(rate)
+        try:
+            self._connect_laddered(rate)
+        except FatalError as e:
+            # To esptool a board without an auto-reset circuit and a mute board look the
+            # same. Local ports keep failing after their retries (a dead board must not
+            # hold its slot for minutes); on a hub host's port the missing or too slow
+            # circuit is the common case, and nobody can reach the port but the station.
+            if self.native is not None or not is_remote(self.port) or \
+                    self.flasher.on_buttons is None or \
+                    not any(s in str(e) for s in NO_DOWNLOAD_SIGNS):
+                raise
+            self._await_buttons(rate, e)
         self._notes.append(RateNote(
             baud=self.rate, adapter=self._adapter_name, remembered=earlier is not None,
             reason=(f"slot {earlier.slot} stepped down {earlier.from_baud}->{earlier.to_baud} "
                     f"earlier ({earlier.reason})") if earlier is not None else None))
         log.debug("%s: line rate %s (%s)", self.port, self.rate, why)
+
+    def _await_buttons(self, rate: int | None, first: FatalError) -> None:
+        """The reset sequence did not reach download mode and the board stays silent:
+        no auto-reset circuit (or one that fails). Ask for BOOT + EN on the board's row
+        and sync without resetting until someone presses them, or give up."""
+        log.warning("%s: no download mode after the reset sequence (%s): press BOOT + EN",
+                    self.port, first_line(first))
+        self.ask_buttons(True)
+        deadline = time.monotonic() + self.flasher.buttons_timeout
+        self._connect_mode = "no-reset"
+        try:
+            while True:
+                if self._serial is not None and self._serial.aborted:
+                    raise first
+                self._reopen()  # the failed attempt's port (a remote one is kept, reused)
+                try:
+                    self._connect_laddered(rate)
+                    return
+                except FatalError as e:
+                    if time.monotonic() >= deadline or \
+                            not any(s in str(e) for s in NO_DOWNLOAD_SIGNS):
+                        raise PortError(
+                            f"{self.port}: no download mode after the reset sequence and "
+                            f"nobody pressed BOOT + EN within {self.flasher.buttons_timeout:g}"
+                            f" s (a board without an auto-reset circuit?) ({first_line(e)})",
+                            transient=False) from e
+        finally:
+            self._connect_mode = "default-reset"
+            self.ask_buttons(False)
 
     def _connect_laddered(self, rate: int | None) -> None:
         while True:
@@ -312,17 +555,11 @@ class EsptoolSession:
     def _connect_at(self, rate: int | None) -> int | None:
         """Connect, load the stub and change to `rate`; returns the rate in use."""
         opts = self.flasher
-        port = AbortablePort()
-        port.port = self.port
-        port.baudrate = ROM_BAUD
-        port.exclusive = True  # two sessions on one port would corrupt each other
-        try:
-            port.open()
-        except serial.SerialException as e:
-            raise open_error(self.port, e) from e
+        port = self._open_port()
         self._serial = port
         self._step = "chip detection"
         esp = detect_chip(port, ROM_BAUD, trace_enabled=opts.trace,
+                          connect_mode=self._connect_mode,
                           connect_attempts=opts.connect_attempts)
         self.esp = esp
         chip = chip_name(esp)
@@ -488,7 +725,12 @@ class EsptoolSession:
                               + (" (the region is erased: the write did not land)"
                                  if empty else ""))
 
-    def _reset_blocking(self) -> None:
+    def _reset_blocking(self, capture: bool = False) -> None:
+        if capture and self.native is None and self._serial is not None:
+            # The story is told once, from the reset on: the port must already be at the
+            # console's rate and open (its input queue holds what comes while the worker
+            # turns to console()). A baud change moves no modem line, so it resets nothing.
+            self._serial.baudrate = ROM_BAUD
         if self.native is not None:
             # The chip's own USB: esptool's watchdog reset restarts it fully (also after
             # BOOT was held), and falls back to the hard reset on chips without one. The
@@ -501,6 +743,12 @@ class EsptoolSession:
         self.esp.hard_reset()
 
     def _close_blocking(self) -> None:
+        links = self.flasher.links
+        if isinstance(self._serial, _RemotePort) and links is not None and \
+                self._serial.is_open:  # (esptool closes it itself after a failed connect)
+            self._serial.aborted = False  # the keeper reads it from now on
+            links.keep(self.port, self._serial)
+            return
         if self._serial is not None:
             with contextlib.suppress(Exception):
                 self._serial.close()
@@ -537,11 +785,30 @@ class EsptoolSession:
     async def verify(self, region: Region) -> None:
         await self.call(f"verify {region.name}", lambda: self._verify_blocking(region))
 
-    async def reset(self) -> None:
+    async def reset(self, capture: bool = False) -> None:
         try:
-            await self.call("reset", self._reset_blocking)
+            await self.call("reset", lambda: self._reset_blocking(capture))
         finally:
-            await self.close()
+            if not capture:
+                await self.close()
+
+    async def console(self, timeout: float, enough: Callable[[str], bool]) -> str:
+        return await self.call("boot", lambda: self._console_blocking(timeout, enough))
+
+    def _console_blocking(self, timeout: float, enough: Callable[[str], bool]) -> str:
+        """Read the console until `enough(text)` or the deadline; the text as read."""
+        port = self._serial
+        if port is None or self.native is not None:  # native USB: the port re-enumerates
+            return ""
+        deadline = time.monotonic() + timeout
+        port.timeout = CONSOLE_READ_TIMEOUT
+        data = bytearray()
+        while time.monotonic() < deadline:
+            data += port.read(max(1, port.in_waiting))
+            text = data.decode("ascii", "replace")
+            if enough(text):
+                return text
+        return data.decode("ascii", "replace")
 
     async def close(self) -> None:
         """Abort the port (a blocked esptool call fails at once), close it, end the thread."""

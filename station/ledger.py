@@ -35,6 +35,7 @@ from typing import Any, Literal, TypeVar
 from station.errors import LedgerError, LedgerLockedError
 from station.eventlog import event_fields, iso
 from station.events import (
+    BootChecked,
     Event,
     Identified,
     JobFinished,
@@ -61,7 +62,8 @@ from station.ledgerslots import (
 log = logging.getLogger("station.ledger")
 
 T = TypeVar("T")
-SCHEMA_VERSION = 3  # 2: slot_flags and runs (station/ledgerslots.py); 3: line rates
+SCHEMA_VERSION = 4  # 2: slot_flags and runs (station/ledgerslots.py); 3: line rates;
+# 4: the boot check (station/bootcheck.py)
 FILENAME = "ledger.sqlite3"
 _BATCH = 256  # tasks committed together at most; bounds a transaction's size
 
@@ -91,10 +93,16 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # the line rate a board ran at, and every step down the ladder (station/baud.py)
     3: ("ALTER TABLE jobs ADD COLUMN baud INTEGER",
         "ALTER TABLE jobs ADD COLUMN baud_steps TEXT"),
+    # [verify] boot: the verdict, what the board said it runs, its last console lines
+    4: ("ALTER TABLE jobs ADD COLUMN boot TEXT",
+        "ALTER TABLE jobs ADD COLUMN booted_project TEXT",
+        "ALTER TABLE jobs ADD COLUMN booted_version TEXT",
+        "ALTER TABLE jobs ADD COLUMN boot_log TEXT"),
 }
 EXPORT_COLUMNS = ("job_id", "slot", "port", "mac", "chip", "thing_name", "result",
                   "failed_stage", "error", "started", "finished", "seconds", "certificate_id",
-                  "registrar", "firmware_hash", "station", "timings", "baud", "baud_steps")
+                  "registrar", "firmware_hash", "station", "timings", "baud", "baud_steps",
+                  "boot", "booted_project", "booted_version", "boot_log")
 
 
 class _Task:
@@ -471,6 +479,10 @@ def _write(conn: sqlite3.Connection, event: Event) -> None:
             (event.result.value, event.error,
              event.failed_stage.value if event.failed_stage else None, event.at,
              json.dumps(event.timings), event.result.value, event.job_id))
+    elif isinstance(event, BootChecked):
+        conn.execute("UPDATE jobs SET boot = ?, booted_project = ?, booted_version = ?, "
+                     "boot_log = ? WHERE job_id = ?",
+                     (event.result, event.project, event.version, event.tail, event.job_id))
     elif isinstance(event, LineRate):
         note = _line_rate_note(event)
         conn.execute("UPDATE jobs SET baud = ?, baud_steps = CASE WHEN ? IS NULL THEN "

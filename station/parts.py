@@ -52,6 +52,29 @@ class BoardIdentity:
     flash_size: int | None = None  # bytes, when the flash ID is known
 
 
+@dataclass(frozen=True)
+class BootVerdict:
+    """A boot story judged (station/bootcheck.py)."""
+
+    ok: bool
+    detail: str  # what was expected and what the board printed ("" when ok)
+    project: str | None
+    version: str | None
+    tail: str  # the last console lines
+
+
+class BootJudge(Protocol):
+    """What a firmware's boot story must say; the worker asks, the flasher reads."""
+
+    @property
+    def timeout(self) -> float:
+        """Seconds the console is read for at most."""
+
+    def complete(self, text: str) -> bool: ...
+
+    def judge(self, text: str) -> BootVerdict: ...
+
+
 ProgressFn = Callable[[int, int], None]
 """(bytes done, bytes total) of the current region; called on the event loop thread."""
 
@@ -67,8 +90,13 @@ class BoardSession(Protocol):
     async def verify(self, region: Region) -> None:
         """Compare the board's MD5 of the region with ours; raises VerifyError."""
 
-    async def reset(self) -> None:
-        """Hard-reset the board so it boots the new firmware."""
+    async def reset(self, capture: bool = False) -> None:
+        """Hard-reset the board so it boots the new firmware. `capture`: switch the port
+        to the console's 115200 before the reset and keep it open for `console()`."""
+
+    async def console(self, timeout: float, enough: Callable[[str], bool]) -> str:
+        """The board's console at 115200 from the last reset on, once `enough(text)` or
+        after `timeout` seconds. Only after `reset(capture=True)`."""
 
     async def close(self) -> None:
         """Release the port; safe to call twice and from a cancelled worker."""

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from station.errors import WrongChipError
-from station.parts import BoardIdentity, Region
+from station.parts import BoardIdentity, BootJudge, Region
 from station.registrar.base import DeviceCredentials
 
 
@@ -26,6 +26,8 @@ class Plan:
     thing_name: Callable[[BoardIdentity], str]
     credentials_region: Callable[[DeviceCredentials], Region] | None = None
     """Builds the per-board data partition; None when the registrar makes no credentials."""
+    boot: BootJudge | None = None
+    """[verify] boot: what the board must print after the reset (station/bootcheck.py)."""
 
     @property
     def flash_end(self) -> int:

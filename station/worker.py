@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from station.errors import (
+    BootError,
     FlashError,
     KnownBoardError,
     PortError,
@@ -30,6 +31,7 @@ from station.errors import (
     StationError,
 )
 from station.events import (
+    BootChecked,
     EventSink,
     Identified,
     JobFinished,
@@ -46,6 +48,7 @@ from station.parts import (
     BoardHistory,
     BoardIdentity,
     BoardSession,
+    BootJudge,
     Flasher,
     KnownBoardLookup,
     Region,
@@ -269,15 +272,34 @@ class Worker:
                 self._registration = asyncio.create_task(self._register(identity, thing))
             await self._flash(session, attempt)
             await self._reset(session, attempt)
+            if self.plan.boot is not None:
+                await self._boot(session, attempt, self.plan.boot)
             return Stage.DONE
         finally:
             await asyncio.shield(session.close())
 
+    async def _boot(self, session: BoardSession, attempt: int, check: BootJudge) -> None:
+        """[verify] boot: the story the board told since the reset, judged; the verdict
+        and the last lines go to the ledger. A wrong boot is not retried: the flash is
+        verified, so writing it again would boot the same way."""
+        text = await self._stage_call(Stage.BOOT, attempt,
+                                      lambda: session.console(check.timeout, check.complete))
+        verdict = check.judge(text)
+        await self.parts.sink.emit(BootChecked(
+            job_id=self.job_id, port=self.port, slot=self.slot,
+            result="ok" if verdict.ok else "failed", project=verdict.project,
+            version=verdict.version, detail=verdict.detail, tail=verdict.tail))
+        if not verdict.ok:
+            raise BootError(f"{self.port}: boot check: {verdict.detail}", transient=False)
+
     async def _reset(self, session: BoardSession, attempt: int) -> None:
         """A board that vanishes while being reset was reset: native-USB boards drop off
         the bus when they restart, and its flash is verified by now either way."""
+        capture = self.plan.boot is not None
         try:
-            await self._stage_call(Stage.RESET, attempt, session.reset)
+            await self._stage_call(Stage.RESET, attempt,
+                                   (lambda: session.reset(capture=True)) if capture
+                                   else session.reset)
         except StationError as e:
             if self.parts.port_present(self.port):
                 raise

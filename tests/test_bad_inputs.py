@@ -424,6 +424,21 @@ CONFIG_CASES: dict[str, tuple[Any, list[str]]] = {
                       ["config error", "station.toml: firmware.chip: 'esp32-c6' is not an "
                        "ESP32-family chip esptool knows; did you mean 'esp32c6'?",
                        "esp32h2, esp32h21, esp32p4"]),
+    "remote port not an rfc2217 URL": (
+        lambda s: s.set("ports", "remote", ["tcp://hub-1:4000"]),
+        ["config error", "station.toml: ports.remote: 'tcp://hub-1:4000' is not an "
+         "rfc2217://host:port URL"]),
+    "remote port without a TCP port": (
+        lambda s: s.set("ports", "remote", ["rfc2217://hub-1"]),
+        ["config error", "station.toml: ports.remote: 'rfc2217://hub-1' names no TCP port"]),
+    "boot-check marker not a regex": (
+        lambda s: s.set("verify", "boot", "app").set("verify", "marker", "SELFTEST: (PASS"),
+        ["config error", "station.toml: verify.marker: 'SELFTEST: (PASS' is not a valid "
+         "regex (missing ), unterminated subpattern"]),
+    "boot check neither off, rom nor app": (
+        lambda s: s.set("verify", "boot", "yes"),
+        ["config error", "station.toml: verify.boot: must be \"off\", \"rom\" or "
+         "\"app\", not 'yes'"]),
     "config file missing": (lambda s: None, ["station.toml: no such file (pass --config PATH)"]),
     "state_dir cannot be made": (_state_dir_under_a_file,
                                  ["state-file/state", "Not a directory"]),

@@ -17,7 +17,10 @@ from station.dashboard import (
     render,
 )
 from station.events import (
+    BootChecked,
+    ButtonsNeeded,
     Event,
+    HubStatus,
     Identified,
     JobFinished,
     JobStarted,
@@ -238,3 +241,23 @@ def test_long_port_names_keep_their_end_which_names_the_socket() -> None:
     long = "/dev/serial/by-path/pci-0000:00:14.0-usb-0:1.12:1.0-port0"
     assert short_port(long) == "…-0:1.12:1.0-port0"
     assert len(short_port(long)) == 18
+
+
+def test_a_dead_hub_the_booted_version_and_a_board_waiting_for_buttons_show() -> None:
+    view = built_view()
+    url = "rfc2217://hub-2:4001"
+    view.apply(HubStatus(job_id="", port=url, slot="H2", state="down",
+                         detail="hub-2:4001: Connection refused; retry in 4 s"))
+    view.apply(BootChecked(**at("A10"), result="ok", project="blinky", version="2.0.1",
+                           detail="", tail="I (310) app_init: App version:      2.0.1"))
+    view.apply(JobFinished(**at("A10"), result=Stage.DONE, at=T0 + 25))
+    view.apply(ButtonsNeeded(**at("A1"), waiting=True))
+    lines = rendered_lines(view, T0 + 30)
+    assert f"hub {url} (H2) unreachable: hub-2:4001: Connection refused" in "\n".join(lines)
+    assert "done, booted blinky 2.0.1" in row_line(lines, "A10")
+    assert "press BOOT + EN" in row_line(lines, "A1")
+    view.apply(ButtonsNeeded(**at("A1"), waiting=False))
+    view.apply(HubStatus(job_id="", port=url, slot="H2", state="present", detail=""))
+    lines = rendered_lines(view, T0 + 31)
+    assert "press BOOT + EN" not in row_line(lines, "A1")
+    assert "unreachable" not in "\n".join(lines)

@@ -21,10 +21,16 @@ Python API::
         native = rig.plug(chip="esp32s3", usb="jtag")  # re-enumerates on resets
         old = rig.plug(chip="esp32c6", preloaded=True)  # old firmware: pays erases
 
+        remote = rig.plug(chip="esp32", rfc2217_port=0)  # + RFC 2217 face, reset circuit
+        # esptool --port remote.rfc2217 write-flash ...; the board then boots:
+        rig.console(remote)                       # ROM banner, bootloader, app lines
+
 ``PluggedBoard`` has ``index``, ``port`` (the by-path symlink), ``pty`` (the slave
 device), ``mac`` ("24:0a:c4:.."), ``chip``, ``dump_path``, ``faults``, ``usb``,
-``bridge``, ``vid_pid``, ``max_baud``, ``preloaded`` and ``stub_model``; ``Rig`` also
-has ``info``, ``replug``, ``resets``, ``reset_count`` and ``reenumerations``.
+``bridge``, ``vid_pid``, ``max_baud``, ``preloaded``, ``stub_model``, ``rfc2217``,
+``reset_circuit``, ``app_line`` and ``en_cap_uf``; ``Rig`` also has ``info``,
+``replug``, ``resets``, ``reset_count``, ``reenumerations``, ``press_boot_en``,
+``press_en`` and ``console``.
 
 Command line: ``python -m station.sim --boards 16 --dir /tmp/hub`` (or ``station sim``);
 see :mod:`station.sim.cli`.
@@ -33,6 +39,7 @@ see :mod:`station.sim.cli`.
 from .bridge import BRIDGES
 from .chips import CHIP_NAMES, ChipName, parse_chip_list
 from .faults import Faults, parse_fault_spec, parse_fault_specs
+from .reset_circuit import RESET_CIRCUITS
 from .rig import PluggedBoard, Rig, by_path_name, parse_size
 from .stub_model import STUB_MODELS
 from .usb import USB_KINDS
@@ -43,6 +50,7 @@ __all__ = [
     "ChipName",
     "Faults",
     "PluggedBoard",
+    "RESET_CIRCUITS",
     "Rig",
     "STUB_MODELS",
     "USB_KINDS",

@@ -51,6 +51,7 @@ class Mode(enum.Enum):
     ROM = "rom"
     STUB = "stub"
     APP = "app"  # "running user code": deaf to the protocol until reset
+    RESET = "reset"  # EN held low by the reset circuit: the chip does nothing
 
 
 class _WriteSession:
@@ -95,6 +96,11 @@ class Board:
         self.resets: list[str] = []  # kinds of the resets the board saw ("watchdog", ...)
         self._session_task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        # Set by the rig when the board's DTR/RTS reach a reset circuit (RFC 2217 face):
+        # then a host's open or close is no reset; only EN (and the watchdog) reset it,
+        # and the chip tells its boot story on the console (:mod:`.boot_console`).
+        self.sees_lines = False
+        self.on_chip_reset: Callable[[], None] | None = None  # watchdog reset, sees_lines
         self.log = logging.getLogger(f"{__name__}.{mac.hex(':')}")
         self._reset()
 
@@ -129,14 +135,17 @@ class Board:
         while True:
             await self.link.wait_host_open()
             self.sessions += 1
-            self._reset()
+            if not self.sees_lines:
+                self._reset()
+            else:
+                self._decoder = slip.Decoder()  # the chip runs on; only the link is new
             kind: str | None = None
             session = asyncio.create_task(self._session())
             try:
                 await session
             except HostClosed:
                 self.log.debug("host closed the port: reset to ROM")
-                kind = "host-close" if self._wrote_flash else None
+                kind = "host-close" if self._wrote_flash and not self.sees_lines else None
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if not self._watchdog_fired or (task is not None and task.cancelling()):
@@ -146,7 +155,8 @@ class Board:
             finally:
                 if self._watchdog is not None:
                     self._watchdog.cancel()
-            self._reset()
+            if not self.sees_lines or kind == "watchdog":
+                self._reset()
             if kind is not None:
                 await self._reset_seen(kind)
 
@@ -155,6 +165,12 @@ class Board:
         self.log.debug("reset (%s)", kind)
         if self._on_reset is not None:
             await self._on_reset(kind)  # native USB: the link is replaced in here
+        if kind == "watchdog" and self.sees_lines and self.on_chip_reset is not None:
+            self.on_chip_reset()  # boots per its straps and tells the story
+            if self.link.host_is_open():
+                with contextlib.suppress(HostClosed):
+                    await self._session()
+            return
         if kind == "watchdog" and self.link.host_is_open():
             # A bridge board's port stays open across the reset; the chip boots its
             # app and no longer speaks the protocol until the host closes the port.
@@ -212,7 +228,7 @@ class Board:
     async def _process(self, frames: asyncio.Queue[tuple[bytes, float] | None]) -> None:
         while True:
             frame = await self._next_frame(frames)
-            if self.faults.mute or self.mode is Mode.APP:
+            if self.faults.mute or self.mode in (Mode.APP, Mode.RESET):
                 continue
             if self.faults.garbage:
                 await self.link.write(GARBAGE)

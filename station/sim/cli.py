@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -28,7 +30,9 @@ from station.cliargs import positive, seconds
 
 from .bridge import BRIDGES, DEFAULT_BRIDGE
 from .chips import CHIP_NAMES, chip_spec, parse_chip_list
+from .control import open_fifo, serve
 from .faults import parse_fault_specs
+from .reset_circuit import EN_CAP_UF, parse_reset_circuit
 from .rig import Rig, parse_size
 from .stub_model import STUB_MODELS
 from .usb import parse_gap, usb_link
@@ -61,13 +65,31 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="seconds between plugging successive boards (0)")
     parser.add_argument("--fault", action="append", default=[], metavar="SPEC",
                         help="INDEX:KIND[=VALUE][,...]; kinds: unplug_after=N, mute, "
-                             "corrupt=RATE, slow=FACTOR, garbage, busy (repeatable)")
+                             "corrupt=RATE, slow=FACTOR, garbage, busy, reset_timing "
+                             "(repeatable)")
     parser.add_argument("--no-throttle", action="store_true",
                         help="do not model the UART line rate")
     parser.add_argument("--no-flash-timing", action="store_true",
                         help="erase/program instantly")
     parser.add_argument("--flash-size", default="4MB", help="flash size per board (4MB)")
     parser.add_argument("--log-level", default="WARNING", help="log level on stderr")
+    # RFC 2217 face, reset circuit, boot story (docs/virtual-boards.md)
+    parser.add_argument("--rfc2217", type=int, default=None, metavar="BASEPORT",
+                        help="serve board i over RFC 2217 on TCP port BASEPORT+i of "
+                             "127.0.0.1 (0: free ports); its plugged line has the URL")
+    parser.add_argument("--reset-circuit", default="auto", metavar="KIND[,KIND...]",
+                        help="RFC 2217 bridge boards: auto (the devkit's DTR/RTS auto-reset) "
+                             "or none (buttons only); a comma-separated list cycles (auto)")
+    parser.add_argument("--en-cap", type=float, default=EN_CAP_UF, metavar="UF",
+                        help=f"EN capacitor in uF: the reset RC delay ({EN_CAP_UF:g})")
+    parser.add_argument("--app-line", default=None, metavar="TEXT",
+                        help="a line every board's app prints after its app_init lines, "
+                             "e.g. 'SELFTEST: PASS'")
+    parser.add_argument("--board-app-line", action="append", default=[],
+                        metavar="INDEX=TEXT", help="the app line of one board (repeatable)")
+    parser.add_argument("--control", default=None, metavar="FIFO",
+                        help="named pipe for commands: press_boot_en N, press_en N, "
+                             "unplug N, replug N (created if missing)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +102,15 @@ def run(args: argparse.Namespace) -> int:
         chips = parse_chip_list(args.chip)
         usbs = [u.strip() for u in args.usb.split(",") if u.strip()] or ["bridge"]
         gap = parse_gap(args.reenumerate_gap)
+        circuits = [parse_reset_circuit(c.strip()) for c in args.reset_circuit.split(",")
+                    if c.strip()] or ["auto"]
+        app_lines = parse_app_lines(args.board_app_line)
+        if args.en_cap <= 0:
+            raise ValueError(f"--en-cap must be positive, got {args.en_cap}")
+        if args.rfc2217 is not None and not 0 <= args.rfc2217 <= 65535 - args.boards:
+            raise ValueError(f"--rfc2217 {args.rfc2217}: not a TCP port base for "
+                             f"{args.boards} boards")
+        control_fd = open_fifo(Path(args.control)) if args.control else None
         for index in range(max(args.boards, 0)):  # every board's kind checked up front
             chip, usb = chips[index % len(chips)], usbs[index % len(usbs)]
             try:
@@ -105,15 +136,25 @@ def run(args: argparse.Namespace) -> int:
     try:
         with Rig(args.dir, seed=args.seed, throttle=not args.no_throttle,
                  flash_timing=not args.no_flash_timing, on_event=emit,
-                 reenumerate_gap=gap, stub_model=args.stub_model) as rig:
+                 reenumerate_gap=gap, stub_model=args.stub_model,
+                 rfc2217_base=args.rfc2217) as rig:
+            if control_fd is not None:
+                serve(rig, control_fd, emit, stop)
             for index in range(args.boards):
                 if stop.is_set():
                     break
                 usb = usbs[index % len(usbs)]
-                rig.plug(chip=chips[index % len(chips)], flash_size=flash_size,
-                         faults=faults.get(index), index=index, usb=usb,
-                         bridge=args.bridge if usb == "bridge" else None,
-                         preloaded=args.preloaded)
+                try:
+                    rig.plug(chip=chips[index % len(chips)], flash_size=flash_size,
+                             faults=faults.get(index), index=index, usb=usb,
+                             bridge=args.bridge if usb == "bridge" else None,
+                             preloaded=args.preloaded,
+                             reset_circuit=circuits[index % len(circuits)],
+                             app_line=app_lines.get(index, args.app_line),
+                             en_cap_uf=args.en_cap)
+                except ValueError as e:  # e.g. the TCP port is taken
+                    print(f"station sim: {e}", file=sys.stderr)
+                    return 2
                 if args.plug_interval > 0 and stop.wait(args.plug_interval):
                     break
             while not stop.wait(3600):
@@ -121,4 +162,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if control_fd is not None:
+            os.close(control_fd)
     return 0
+
+
+def parse_app_lines(specs: list[str]) -> dict[int, str]:
+    """``--board-app-line INDEX=TEXT`` options: board index -> app line."""
+    lines: dict[int, str] = {}
+    for spec in specs:
+        index, sep, text = spec.partition("=")
+        if not sep or not index.strip().isdigit():
+            raise ValueError(f"--board-app-line {spec!r} must look like INDEX=TEXT")
+        lines[int(index)] = text
+    return lines

@@ -15,6 +15,10 @@ for more faults on one board. INDEX is the board's 0-based plug index. Kinds:
 ``busy``            another program holds the port with an exclusive lock (as
                     pyserial's ``exclusive=True`` takes it: a serial monitor, a
                     second station), so esptool cannot open it (alias ``held``)
+``reset_timing``    the auto-reset circuit's EN delay is too short for the host's
+                    line changes (RFC 2217 face): the chip wakes before GPIO0 is
+                    low and boots the app instead of download mode, as under heavy
+                    USB load; esptool reports "Wrong boot mode detected"
 ==================  =============================================================
 
 Example: ``--fault 3:unplug_after=200000 --fault 5:mute --fault 7:corrupt=0.001``.
@@ -36,6 +40,7 @@ class Faults:
     slow_flash: float = 1.0
     garbage: bool = False
     busy: bool = False
+    reset_timing: bool = False
 
     def describe(self) -> str:
         """The spec form (without index), e.g. ``mute,corrupt=0.001``; ``""`` if healthy."""
@@ -52,11 +57,13 @@ class Faults:
             parts.append("garbage")
         if self.busy:
             parts.append("busy")
+        if self.reset_timing:
+            parts.append("reset_timing")
         return ",".join(parts)
 
 
 _ALIASES = {"slow_flash": "slow", "not_esp": "garbage", "held": "busy"}
-_FLAGS = {"mute", "garbage", "busy"}
+_FLAGS = {"mute", "garbage", "busy", "reset_timing"}
 _VALUED = {"unplug_after", "corrupt", "slow"}
 
 

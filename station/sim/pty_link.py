@@ -99,6 +99,10 @@ class PtyLink:
         """True when the host drives the bridge faster than it can clock."""
         return self.max_baud is not None and baud > self.max_baud
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def host_is_open(self) -> bool:
         """True while some process has the slave open (no POLLHUP on the master)."""
         if self._closed:

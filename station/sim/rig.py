@@ -27,11 +27,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .board import Board
+from .boot_console import BootConsole
 from .bridge import DEFAULT_BRIDGE
 from .chips import chip_spec
 from .faults import Faults
 from .flash import Flash, FlashTiming
 from .pty_link import PtyLink
+from .reset_circuit import EN_CAP_UF, ResetCircuitKind, parse_reset_circuit
+from .rfc2217_face import Rfc2217Face
 from .stub_model import StubModel, parse_stub_model
 from .usb import DEFAULT_REENUMERATE_GAP, UsbLink, draw_gap, usb_link
 
@@ -112,6 +115,10 @@ class PluggedBoard:
     max_baud: int | None = None  # highest baud the bridge carries; None: native
     preloaded: bool = False  # came with old firmware (non-blank flash)
     stub_model: str = "flasher"  # whose flash schedule the stub follows
+    rfc2217: str | None = None  # "rfc2217://127.0.0.1:PORT" when it has an RFC 2217 face
+    reset_circuit: str | None = None  # "auto" | "none" on RFC 2217 bridge boards
+    app_line: str | None = None  # what its "app" prints after its app_init lines
+    en_cap_uf: float | None = None  # the EN capacitor of its reset circuit
 
 
 @dataclass
@@ -125,6 +132,8 @@ class _Slot:
     gap_rng: random.Random
     reenumerations: int = 0
     holder: int | None = None  # fd of the "other program" holding a busy port
+    face: Rfc2217Face | None = None
+    console: BootConsole | None = None
 
 
 class Rig:
@@ -139,8 +148,11 @@ class Rig:
     def __init__(self, directory: str | os.PathLike[str], seed: int = 0, throttle: bool = True,
                  flash_timing: bool = True, on_event: EventCallback | None = None,
                  reenumerate_gap: float | tuple[float, float] = DEFAULT_REENUMERATE_GAP,
-                 stub_model: StubModel = "flasher") -> None:
+                 stub_model: StubModel = "flasher", rfc2217_base: int | None = None) -> None:
         self.directory = Path(directory)
+        # Board i listens on rfc2217_base + i (0: each on a free port the system picks);
+        # None: no RFC 2217 face unless a plug asks for one.
+        self.rfc2217_base = rfc2217_base
         self.stub_model = parse_stub_model(stub_model)
         self.reenumerate_gap = reenumerate_gap
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -165,7 +177,9 @@ class Rig:
              flash_size: int | str = DEFAULT_FLASH_SIZE, faults: Faults | None = None,
              index: int | None = None, usb: str = "bridge", bridge: str | None = None,
              reenumerate_gap: float | tuple[float, float] | None = None,
-             preloaded: bool = False, stub_model: StubModel | None = None) -> PluggedBoard:
+             preloaded: bool = False, stub_model: StubModel | None = None,
+             rfc2217_port: int | None = None, reset_circuit: str = "auto",
+             app_line: str | None = None, en_cap_uf: float = EN_CAP_UF) -> PluggedBoard:
         """Plug a new board; returns once its by-path link exists.
 
         ``usb`` is how it hangs off the hub: "bridge" (a USB-UART bridge, kind
@@ -176,7 +190,17 @@ class Rig:
         the factory; ``preloaded=True`` gives it old firmware (seeded pseudo-random
         bytes in the first 2 MB), which the flasher stub must erase. ``stub_model``
         ("flasher", "legacy"; default: the rig's) picks the stub's flash schedule.
+
+        ``rfc2217_port`` gives the board an RFC 2217 face on that TCP port (0: a free
+        one; default: the rig's ``rfc2217_base`` + index, if set). A bridge board with
+        a face has a reset circuit: ``reset_circuit="auto"`` (the devkit's DTR/RTS
+        transistors) or ``"none"`` (buttons only: :meth:`press_boot_en`); its chip then
+        boots from flash after EN and prints its boot story, ending with ``app_line``.
+        ``en_cap_uf`` is the EN capacitor (10 uF; the RC delay, :mod:`.reset_circuit`).
         """
+        if en_cap_uf <= 0:
+            raise ValueError(f"the EN capacitor must be positive, got {en_cap_uf} uF")
+        circuit = parse_reset_circuit(reset_circuit)
         spec = chip_spec(chip)
         link_kind = usb_link(spec, usb, bridge)
         gap = self.reenumerate_gap if reenumerate_gap is None else reenumerate_gap
@@ -195,8 +219,11 @@ class Rig:
                 if len(mac_bytes) != 6:
                     raise ValueError(f"a MAC has 6 bytes, got {mac!r}")
                 self._macs.reserve(mac_bytes)
+        if rfc2217_port is None and self.rfc2217_base is not None:
+            rfc2217_port = self.rfc2217_base + index if self.rfc2217_base else 0
         return self._call(self._plug(index, spec.name, mac_bytes, size, faults or Faults(),
-                                     link_kind, gap, preloaded, model))
+                                     link_kind, gap, preloaded, model, rfc2217_port,
+                                     circuit, app_line, en_cap_uf))
 
     def unplug(self, board: PluggedBoard | int) -> None:
         """Pull the board out: link removed, pty closed, flash dumped. Idempotent."""
@@ -222,9 +249,38 @@ class Rig:
         """
         info = self.info(board)
         self.unplug(info)
+        port = None
+        if info.rfc2217 is not None:
+            port = int(info.rfc2217.rsplit(":", 1)[1])
         return self.plug(chip=info.chip, mac=info.mac, flash_size=len(self.flash(info)),
                          faults=info.faults, index=info.index, usb=info.usb,
-                         bridge=info.bridge, stub_model=parse_stub_model(info.stub_model))
+                         bridge=info.bridge, stub_model=parse_stub_model(info.stub_model),
+                         rfc2217_port=port, reset_circuit=info.reset_circuit or "auto",
+                         app_line=info.app_line, en_cap_uf=info.en_cap_uf or EN_CAP_UF)
+
+    def press_boot_en(self, board: PluggedBoard | int) -> None:
+        """A person holds BOOT and taps EN: the board enters download mode.
+
+        The way into download mode for a board without an auto-reset circuit. Returns
+        once BOOT is released (the ROM has latched the strap and printed its banner).
+        """
+        self._call(self._console(board).circuit.press_boot_en())
+
+    def press_en(self, board: PluggedBoard | int) -> None:
+        """A person taps EN alone: the board boots from flash."""
+        self._call(self._console(board).circuit.press_en())
+
+    def console(self, board: PluggedBoard | int) -> str:
+        """Everything the board's chip printed on its console since it was plugged."""
+        return "".join(self._console(board).printed)
+
+    def _console(self, board: PluggedBoard | int) -> BootConsole:
+        index = board if isinstance(board, int) else board.index
+        console = self._slots[index].console
+        if console is None:
+            raise ValueError(f"board at hub port {index} has no reset circuit: plug it as "
+                             "a bridge board with an RFC 2217 face")
+        return console
 
     def info(self, board: PluggedBoard | int) -> PluggedBoard:
         """The board as it is now (``pty`` changes when a native board re-enumerates)."""
@@ -299,7 +355,10 @@ class Rig:
 
     async def _plug(self, index: int, chip: str, mac: bytes, size: int, faults: Faults,
                     usb: UsbLink, gap: float | tuple[float, float], preloaded: bool,
-                    stub_model: StubModel) -> PluggedBoard:
+                    stub_model: StubModel, rfc2217_port: int | None = None,
+                    circuit: ResetCircuitKind = "auto",
+                    app_line: str | None = None,
+                    en_cap_uf: float = EN_CAP_UF) -> PluggedBoard:
         rng = random.Random(self.seed * 1_000_003 + index)
         link = self._new_link(faults, rng, usb)
         flash = Flash(size, FlashTiming(enabled=self.flash_timing, slow=faults.slow_flash))
@@ -327,13 +386,44 @@ class Rig:
                       on_reset=on_reset, stub_model=stub_model)
         task = asyncio.get_running_loop().create_task(board.run(), name=f"board-{index}")
         gap_rng = random.Random(f"usb-gap-{self.seed}-{index}")
-        self._slots[index] = _Slot(info, board, link, task, usb, gap, gap_rng)
-        self._hold_if_busy(self._slots[index])
+        slot = self._slots[index] = _Slot(info, board, link, task, usb, gap, gap_rng)
+        extra: dict[str, Any] = {}
+        if rfc2217_port is not None:
+            has_circuit = not usb.native  # native USB's own reset logic is not modelled
+            if has_circuit:
+                slot.console = BootConsole(board, circuit, app_line, on_reset, en_cap_uf)
+                slot.console.power_on()
+            console = slot.console
+
+            def lines(dtr: bool, rts: bool) -> None:
+                if console is not None:
+                    console.set_lines(dtr, rts)
+
+            def pty() -> str | None:
+                live = self._slots.get(index)
+                return None if live is None or live.link.closed else live.link.slave_path
+
+            slot.face = Rfc2217Face(rfc2217_port, pty, lines, name=f"board {index}")
+            try:
+                await slot.face.start()
+            except OSError as e:
+                self._slots.pop(index)
+                task.cancel()
+                link.close()
+                raise ValueError(f"board {index}: cannot listen on TCP port "
+                                 f"{rfc2217_port}: {e.strerror}") from None
+            info = slot.info = dataclasses.replace(
+                info, rfc2217=slot.face.url, reset_circuit=circuit if has_circuit else None,
+                app_line=app_line if has_circuit else None,
+                en_cap_uf=en_cap_uf if has_circuit else None)
+            extra = {"rfc2217": info.rfc2217, "reset_circuit": info.reset_circuit,
+                     "app_line": info.app_line, "en_cap_uf": info.en_cap_uf}
+        self._hold_if_busy(slot)
         self._link_port(port, link.slave_path)
         log.info("plugged %s %s at %s -> %s", chip, info.mac, port, link.slave_path)
         self._emit({"event": "plugged", "index": index, "port": info.port, "pty": info.pty,
                     "mac": info.mac, "chip": chip, **usb.describe(), "preloaded": preloaded,
-                    "stub_model": stub_model})
+                    "stub_model": stub_model, **extra})
         return info
 
     def _new_link(self, faults: Faults, rng: random.Random, usb: UsbLink) -> PtyLink:
@@ -363,7 +453,9 @@ class Rig:
 
     async def _board_reset(self, index: int, kind: str) -> None:
         """A board saw a reset: count it; a native-USB board drops off and comes back."""
-        slot = self._slots[index]
+        slot = self._slots.get(index)
+        if slot is None:  # an EN wake racing the unplug
+            return
         info = slot.info
         self._emit({"event": "reset", "index": index, "port": info.port, "mac": info.mac,
                     "kind": kind, "count": len(slot.board.resets), "usb": slot.usb.kind})
@@ -402,6 +494,10 @@ class Rig:
         if slot is None:
             return
         self._unplugged_macs[index] = slot.info.mac.replace(":", "")
+        if slot.face is not None:
+            await slot.face.close()  # the station sees the far end close
+        if slot.console is not None:
+            slot.console.circuit.cancel()
         slot.task.cancel()
         await asyncio.gather(slot.task, return_exceptions=True)
         self._release(slot)

@@ -1,0 +1,163 @@
+"""The boot check: did the board boot the firmware the station just wrote?
+
+A flash whose MD5s match can still not boot: a bootloader at the wrong offset, a
+partition table pointing elsewhere, a corrupt app. Every ESP32 tells its boot story once
+on its UART at 115200 after a reset; this module holds what the story must say for one
+firmware (`BootCheck`, built once per chip from the bundle) and judges a captured story
+(pure text in, verdict out: no serial port here, reading the console is the flasher's).
+
+What is checked, in the order the board prints it:
+- "rom": the ROM booted from SPI flash (not download mode) and started the ESP-IDF
+  second-stage bootloader ("2nd stage bootloader").
+- "app": also `Loaded app from partition at offset 0x...` at the app partition of our
+  table, then the app's description lines, tagged `cpu_start:` before ESP-IDF v5.3 and
+  `app_init:` since: project name, app version and the ELF file SHA256 prefix (16 hex
+  digits before v5.2, 9 since: any prefix of 9 or more must match), compared with the
+  `esp_app_desc_t` of the app image we wrote (parsed from its first DROM segment with
+  esptool's own image loader); then `[verify] marker`, if set.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+
+from esptool.bin_image import LoadFirmwareImage
+
+from station.firmware import FirmwareBundle
+from station.parts import BootVerdict
+
+APP_DESC_MAGIC = 0xABCD5432  # esp_app_format/include/esp_app_desc.h
+_APP_DESC = struct.Struct("<II8x32s32s16s16s32s32s")  # magic .. app_elf_sha256
+TAIL_LINES = 12  # the console lines kept in the ledger and quoted in a failure
+_TAG = r"(?:app_init|cpu_start)"
+_PROJECT = re.compile(_TAG + r": Project name:\s+(\S.*?)\s*$", re.M)
+_VERSION = re.compile(_TAG + r": App version:\s+(\S.*?)\s*$", re.M)
+_SHA = re.compile(_TAG + r": ELF file SHA256:\s+([0-9a-f]+)", re.M)
+_LOADED = re.compile(r"Loaded app from partition at offset 0x([0-9a-fA-F]+)")
+_BOOTLOADER = re.compile(r"2nd stage bootloader")
+_DOWNLOAD = re.compile(r"boot:0x[0-9a-f]+ \(DOWNLOAD")
+_ROM = re.compile(r"rst:0x[0-9a-f]+ \(")
+
+
+@dataclass(frozen=True)
+class AppDescription:
+    project: str
+    version: str
+    elf_sha256: str  # 64 hex digits
+
+
+def app_description(chip: str, image: bytes) -> AppDescription | None:
+    """The `esp_app_desc_t` at the start of the app's first DROM segment, or None."""
+    try:
+        loaded = LoadFirmwareImage(chip, image)
+    except Exception:  # not an image esptool can read: nothing to compare with
+        return None
+    for segment in loaded.segments:
+        if "DROM" in segment.get_memory_type(loaded):
+            if len(segment.data) < _APP_DESC.size:
+                return None
+            magic, _sv, version, project, _t, _d, _idf, sha = _APP_DESC.unpack_from(
+                segment.data)
+            if magic != APP_DESC_MAGIC:
+                return None
+            return AppDescription(_text(project), _text(version), sha.hex())
+    return None
+
+
+def _text(b: bytes) -> str:
+    return b.split(b"\0", 1)[0].decode("ascii", "replace")
+
+
+def _tail(text: str) -> str:
+    lines = [line.rstrip("\r") for line in text.splitlines() if line.strip()]
+    return "\n".join(lines[-TAIL_LINES:])
+
+
+def _last(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return repr(lines[-1]) if lines else "nothing"
+
+
+@dataclass(frozen=True)
+class BootCheck:
+    """What one firmware's boot story must say; `timeout` bounds the capture."""
+
+    level: str  # "rom" | "app"
+    app_offset: int | None
+    app: AppDescription | None
+    marker: re.Pattern[str] | None
+    timeout: float
+
+    @classmethod
+    def for_bundle(cls, bundle: FirmwareBundle, level: str, marker: str | None,
+                   timeout: float) -> BootCheck:
+        apps = [p for p in bundle.partitions if p.type == 0]
+        app = next((p for p in apps if p.subtype == 0), apps[0] if apps else None)
+        image = next((r.data for r in bundle.regions if app and r.offset == app.offset), None)
+        return cls(level=level, app_offset=app.offset if app else None,
+                   app=app_description(bundle.chip, image) if image else None,
+                   marker=re.compile(marker) if marker else None, timeout=timeout)
+
+    def complete(self, text: str) -> bool:
+        """The story is told (or the board started over: a boot loop): judge it now."""
+        if len(_ROM.findall(text)) >= 2:
+            return True
+        if self.level == "rom":
+            return bool(_BOOTLOADER.search(text))
+        if not (_SHA.search(text) and _VERSION.search(text) and _PROJECT.search(text)):
+            return False
+        if self.marker is None:
+            return True
+        return bool(self.marker.search(text.split("ELF file SHA256", 1)[1]))
+
+    def judge(self, text: str) -> BootVerdict:
+        project = _group(_PROJECT, text)
+        version = _group(_VERSION, text)
+        detail = self._problem(text, project, version)
+        return BootVerdict(ok=detail is None, detail=detail or "", project=project,
+                           version=version, tail=_tail(text))
+
+    def _problem(self, text: str, project: str | None, version: str | None) -> str | None:
+        if not text.strip():
+            return "the board printed nothing at 115200 after the reset (is it reset by " \
+                   "its lines? a console on another UART?)"
+        if _DOWNLOAD.search(text) and not _BOOTLOADER.search(text):
+            return f"the board stayed in download mode after the reset (printed {_last(text)})"
+        if not _BOOTLOADER.search(text):
+            return f"expected the ESP-IDF 2nd stage bootloader to start; the board " \
+                   f"printed {_last(text)}"
+        if self.level == "rom":
+            return None
+        loaded = _group(_LOADED, text)
+        if loaded is None:
+            return f"expected \"Loaded app from partition at offset 0x{self.app_offset or 0:x}\"" \
+                   f"; the board printed {_last(text)}"
+        if self.app_offset is not None and int(loaded, 16) != self.app_offset:
+            return f"expected the app at 0x{self.app_offset:x} (our partition table); the " \
+                   f"board loaded it from 0x{int(loaded, 16):x}"
+        if self.app is not None:
+            if project != self.app.project:
+                return f"expected project {self.app.project!r}; the board printed " \
+                       f"{project!r}" if project else \
+                       f"expected the app's lines (project {self.app.project!r}); the board " \
+                       f"printed {_last(text)}"
+            if version != self.app.version:
+                return f"expected app version {self.app.version!r}; the board printed " \
+                       f"{version!r}"
+            sha = _group(_SHA, text) or ""
+            if len(sha) < 9 or not self.app.elf_sha256.startswith(sha):
+                return f"expected ELF SHA256 {self.app.elf_sha256[:16]}...; the board " \
+                       f"printed {sha or 'none'}"
+        if self.marker is not None:
+            after = text.split("ELF file SHA256", 1)[-1]
+            if not self.marker.search(after):
+                return f"expected the marker /{self.marker.pattern}/ after the app's " \
+                       f"lines; the board printed {_last(text)}"
+        return None
+
+
+def _group(pattern: re.Pattern[str], text: str) -> str | None:
+    m = pattern.search(text)
+    return m.group(1) if m else None

@@ -1,0 +1,120 @@
+"""A hub host for tests: one board's pty served over RFC 2217 on 127.0.0.1.
+
+Built as esptool's esp_rfc2217_server is, on pyserial's `rfc2217.PortManager`, with two
+differences a pty forces: DTR/RTS changes are dropped (a pty has no modem lines: the
+ioctl fails with ENOTTY, and esp_rfc2217_server stops serving the client at its first
+`ser.rts = True`), and the pty is opened per client and closed when it leaves, as a hub
+host's port is by its client (the virtual board sees the open and close as a host's).
+Only for the station's remote-port tests until the rig's own RFC 2217 faces serve them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+
+import serial
+from serial import rfc2217
+
+
+class _PtySerial(serial.Serial):
+    """A pty: the modem lines do not exist, so setting them is a no-op."""
+
+    def _update_dtr_state(self) -> None:
+        pass
+
+    def _update_rts_state(self) -> None:
+        pass
+
+    # PortManager reports the modem status lines to the client (TIOCMGET: ENOTTY here);
+    # a devkit's bridge has CTS/DSR/RI/CD unwired anyway
+    cts = dsr = ri = cd = False  # type: ignore[assignment]
+
+
+class _Connection:
+    """What PortManager answers through: `write` (a socket has `sendall`)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+
+class Relay:
+    """Serves `pty` at `url` until `close()` (the far end closes, as an unplug)."""
+
+    def __init__(self, pty: str) -> None:
+        self.pty = pty
+        self.connections = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"rfc2217://127.0.0.1:{self._server.getsockname()[1]}"
+        self._clients: list[socket.socket] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True, name=f"relay {self.url}").start()
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._server.close()
+        for client in list(self._clients):
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                client.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            # one client at a time, the next waits in the backlog: as esp_rfc2217_server
+            self.connections += 1
+            self._clients.append(client)
+            try:
+                self._serve(client)
+            except (OSError, serial.SerialException):  # a client gone before its greeting
+                pass
+            finally:
+                with contextlib.suppress(OSError):
+                    client.close()
+                if client in self._clients:
+                    self._clients.remove(client)
+
+    def _serve(self, client: socket.socket) -> None:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        port = _PtySerial(self.pty, baudrate=115200, timeout=0.05)
+        manager = rfc2217.PortManager(port, _Connection(client))
+        alive = [True]
+
+        def to_client() -> None:
+            while alive[0]:
+                try:
+                    data = port.read(port.in_waiting or 1)
+                    if data:
+                        client.sendall(b"".join(manager.escape(data)))
+                except (OSError, serial.SerialException):
+                    break
+            alive[0] = False
+
+        reader = threading.Thread(target=to_client, daemon=True)
+        reader.start()
+        try:
+            while alive[0]:
+                data = client.recv(4096)
+                if not data:
+                    break
+                port.write(b"".join(manager.filter(data)))
+        except (OSError, serial.SerialException):
+            pass
+        finally:
+            alive[0] = False
+            reader.join(2)
+            with contextlib.suppress(Exception):
+                port.close()
+            with contextlib.suppress(OSError):
+                client.close()
+            if client in self._clients:
+                self._clients.remove(client)

@@ -1,0 +1,65 @@
+"""The boot check's judge (station/bootcheck.py) against boot stories as the virtual
+boards tell them for each ESP-IDF format (cpu_start: with 16 SHA digits before v5.2,
+9 digits in v5.2, app_init: since v5.3), and its failure messages."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from station.bootcheck import BootCheck, app_description
+from station.sim.boot_log import spi_boot
+from station.sim.chips import chip_spec
+from tests.sim import boot_images as bi
+
+
+def told(app: bytes, table: bytes | None = None, app_line: str | None = None) -> str:
+    flash = bytearray(b"\xff" * 0x200000)
+    for offset, data in ((0x1000, bi.bootloader()), (0x8000, table or bi.partition_table()),
+                         (0x10000, app)):
+        flash[offset:offset + len(data)] = data
+    return spi_boot(chip_spec("esp32"), bytes(flash), app_line=app_line)[0]
+
+
+def check(app: bytes, marker: str | None = None, level: str = "app") -> BootCheck:
+    return BootCheck(level=level, app_offset=0x10000, app=app_description("esp32", app),
+                     marker=re.compile(marker) if marker else None, timeout=1.0)
+
+
+@pytest.mark.parametrize("idf", ["v5.1.4", "v5.2.1", "v5.4.1"])
+def test_every_idf_format_of_our_app_passes(idf: str) -> None:
+    app = bi.app(project="blinky", version="2.0.1", idf=idf)
+    story = told(app, app_line="SELFTEST: PASS")
+    judge = check(app, marker="SELFTEST: PASS")
+    assert judge.complete(story)
+    verdict = judge.judge(story)
+    assert verdict.ok, verdict
+    assert (verdict.project, verdict.version) == ("blinky", "2.0.1")
+    assert "SELFTEST: PASS" in verdict.tail
+
+
+def test_another_version_on_the_board_names_both() -> None:
+    ours = bi.app(project="blinky", version="2.0.1")
+    verdict = check(ours).judge(told(bi.app(project="blinky", version="1.9.0")))
+    assert not verdict.ok
+    assert verdict.detail == "expected app version '2.0.1'; the board printed '1.9.0'"
+
+
+def test_a_table_pointing_elsewhere_quotes_the_bootloader() -> None:
+    app = bi.app()
+    story = told(app, table=bi.partition_table(app_offset=0x20000))
+    assert not check(app).complete(story)  # complete at the boot loop's next banner
+    assert check(app).complete(story + story)
+    verdict = check(app).judge(story)
+    assert not verdict.ok
+    assert verdict.detail.startswith('expected "Loaded app from partition at offset '
+                                     '0x10000"; the board printed'), verdict
+    assert "No bootable app partitions" in verdict.detail
+
+
+def test_rom_level_needs_only_the_bootloader() -> None:
+    app = bi.app()
+    story = told(app, table=bi.partition_table(app_offset=0x20000))
+    assert check(app, level="rom").judge(story).ok
+    assert not check(app, level="rom").judge("waiting for download\r\n").ok
