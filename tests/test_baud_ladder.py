@@ -78,12 +78,16 @@ def test_a_cp2102_at_2_mbaud_steps_down_finishes_and_its_slot_remembers(
 
         wait_for(proc, "the first three boards", lambda: len(finished()) >= 3)
         rig.unplug(slow)
-        wait_for(proc, "the unplug", lambda: not Path(slow.port).exists())
+        # a new pty may reuse the old one's number (same node, same inode): an operator
+        # plugs the next board after the station saw the last one go, not within its rescan
+        wait_for(proc, "the station to see the unplug",
+                 lambda: f"port removed: {slow.port}" in (site.state / "station.log").read_text())
         again = rig.plug(chip="esp32", usb="bridge", bridge="cp2102", index=0)
         assert proc.wait(timeout=RUN_TIMEOUT) == EXIT_OK, (site.root / "station.out").read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=10)
         out.close()
     log = (site.root / "station.out").read_text()
     rows = site.ledger()
