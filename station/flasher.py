@@ -8,10 +8,9 @@ Why it looks the way it does:
 - esptool is blocking. Each session owns a single-thread executor, so 16 boards get 16
   threads; asyncio's default pool has only min(32, cores + 4) = 6 threads on two cores,
   and the seventh board would queue behind the others.
-- esptool's logger is one process-wide object. It is replaced (once) by a logger that
-  sends everything to `logging.getLogger("station.flasher")` with the port in the
-  message, so sixteen threads do not print "Connecting...." into the live dashboard.
-  Progress comes from our own write loop instead of `cmds.write_flash`.
+- esptool's logger is one process-wide object: it is routed to logging, naming the
+  port (station/serialport.py, with the abortable local and RFC 2217 ports and the open
+  errors), and progress comes from our own write loop instead of `cmds.write_flash`.
 - The write loop sends the data blocks itself. esptool's `command()` formats every packet
   it sends for its trace log, enabled or not (~11 ms of CPU per 16 KB block, twice), and
   its checksum loops over each byte in Python: about 25 ms of CPU per block, which at 16
@@ -32,13 +31,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import errno
 import functools
 import hashlib
 import logging
 import os
 import struct
-import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -47,12 +44,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import serial
-from esp_pylib.logger import EspLog, EspLogBase
-from esptool import reset as esptool_reset
 from esptool.cmds import attach_flash, detect_chip, detect_flash_size, reset_chip, run_stub
 from esptool.loader import DEFAULT_TIMEOUT, ERASE_WRITE_TIMEOUT_PER_MB, MAX_TIMEOUT, timeout_per_mb
-from esptool.util import FatalError, PrintOnce, flash_size_bytes
-from serial import rfc2217
+from esptool.util import FatalError, flash_size_bytes
 
 from station.baud import (
     BaudSettings,
@@ -73,7 +67,15 @@ from station.errors import (
 from station.firmware import xor_checksum
 from station.parts import BoardIdentity, ProgressFn, Region
 from station.remoteurl import RemoteLinks, is_remote
-from station.usbport import Adapter, NativeUsb, holders, native_usb, usb_adapter
+from station.serialport import (
+    LocalPort,
+    RemotePort,
+    first_line,
+    open_error,
+    quiet_esptool,
+    set_port_tag,
+)
+from station.usbport import Adapter, NativeUsb, native_usb, usb_adapter
 
 log = logging.getLogger("station.flasher")
 T = TypeVar("T")
@@ -105,150 +107,6 @@ NOT_ESP_SIGNS = ("Invalid head of packet", "Invalid SLIP escape", "Unexpected ch
 def chip_name(esp: Any) -> str:
     """esptool's "ESP32-S3" -> our "esp32s3"."""
     return str(esp.CHIP_NAME).lower().replace("-", "")
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-# -- esptool's process-wide logger, routed to logging ------------------------------------
-
-_local = threading.local()
-
-
-def _port_tag() -> str:
-    return getattr(_local, "port", None) or threading.current_thread().name
-
-
-class _EsptoolToLogging(EspLogBase):
-    """Everything esptool says becomes a DEBUG/WARNING record naming the port."""
-
-    def _emit(self, level: int, args: tuple[Any, ...]) -> None:
-        text = " ".join(str(a) for a in args).strip()
-        if text and text.strip(".") and log.isEnabledFor(level):
-            log.log(level, "%s: esptool: %s", _port_tag(), text)
-
-    def print(self, *args: Any, **kwargs: Any) -> None:
-        self._emit(logging.DEBUG, args)
-
-    def note(self, *args: Any) -> None:
-        self._emit(logging.DEBUG, args)
-
-    def hint(self, *args: Any) -> None:
-        self._emit(logging.DEBUG, args)
-
-    def debug(self, *args: Any) -> None:
-        self._emit(logging.DEBUG, args)
-
-    def warn(self, *args: Any, suggestion: str | None = None) -> None:
-        self._emit(logging.WARNING, args)
-
-    def err(self, *args: Any, suggestion: str | None = None) -> None:
-        self._emit(logging.WARNING, args)
-
-    warning = warn
-    error = err
-
-    def set_verbosity(self, mode: int | str) -> None:
-        pass
-
-    def progress_bar(self, cur_iter: int, total_iters: int, prefix: str = "",
-                     suffix: str = "", bar_length: int = 30) -> None:
-        pass
-
-
-_install_lock = threading.Lock()
-
-
-def quiet_esptool() -> None:
-    """Replace esptool's stdout logger with ours (idempotent, process-wide)."""
-    with _install_lock:
-        if isinstance(EspLog.instance, _EsptoolToLogging):
-            return
-        EspLog.instance = _EsptoolToLogging()
-        # bound to the old logger when esptool was imported; it warns about DTR/RTS
-        esptool_reset.ResetStrategy.print_once = PrintOnce(EspLog.instance.warn)
-
-
-# -- the serial port ----------------------------------------------------------------------
-
-
-class _Abortable:
-    """A serial port that can be aborted from another thread.
-
-    After `abort()`, a read or write blocked in select() wakes up and every later one
-    raises at once, so esptool (retries and all) gives up within milliseconds.
-    """
-
-    port: str | None
-
-    aborted = False
-
-    def abort(self) -> None:
-        self.aborted = True
-        # a local port wakes a blocked select(); pyserial's RFC 2217 client has no
-        # cancel (its reads wait on a queue for at most the timeout): AttributeError
-        for cancel in ("cancel_read", "cancel_write"):
-            with contextlib.suppress(Exception):
-                getattr(self, cancel)()
-
-    def _check(self) -> None:
-        if self.aborted:
-            raise serial.SerialException(f"{self.port}: closed by the station")
-
-    def read(self, size: int = 1) -> bytes:
-        self._check()
-        data: bytes = super().read(size)  # type: ignore[misc]
-        self._check()
-        return data
-
-    def write(self, data: Any) -> int | None:
-        self._check()
-        return super().write(data)  # type: ignore[misc]
-
-
-class _Port(_Abortable, serial.Serial):
-    """A local port (a device node)."""
-
-
-class _RemotePort(_Abortable, rfc2217.Serial):
-    """An `rfc2217://host:port` port (remoteports.py): pyserial's RFC 2217 client, which
-    esptool resets with its classic sequence (every DTR/RTS change is a round trip).
-
-    esptool sets the port's timeout before most commands, and pyserial's client answers
-    every setter with a full renegotiation (baud, data bits, parity, stop bits, flow
-    control: five round trips, ~0.25 s with its 50 ms answer polling), though its reads
-    take the timeout from a local queue: a 2-second `flash-id` took 20 s. Only a change of
-    a line setting goes to the far end here."""
-
-    _line: tuple[object, ...] | None = None
-
-    def open(self) -> None:
-        self._line = None
-        super().open()
-
-    def _reconfigure_port(self) -> None:
-        line = (self._baudrate, self._bytesize, self._parity, self._stopbits,
-                self._xonxoff, self._rtscts)
-        if line != self._line or self._write_timeout is not None:  # pyserial refuses a
-            super()._reconfigure_port()  # write timeout there, and esptool relies on that
-            self._line = line
-
-
-@functools.lru_cache(maxsize=64)
-def _open_error(port: str, e: serial.SerialException) -> PortError:
-    """What to do about a port that will not open: a retry cannot fix permissions."""
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return PortError(f"{port}: cannot open: permission denied; run the station as a "
-                         "user in the 'dialout' group (see config/udev-notes.md)",
-                         transient=False)
-    if "exclusively lock" in str(e):
-        who = ", ".join(holders(port)) or "a serial monitor, or ModemManager probing it"
-        return PortError(f"{port}: cannot open: another program holds the port ({who}); "
-                         "stop it, and keep ModemManager off the rig's ports with a udev rule "
-                         "setting ENV{ID_MM_DEVICE_IGNORE}=\"1\" (see config/udev-notes.md)")
-    return PortError(f"{port}: cannot open: {first_line(e)}")
 
 
 def _inflated_sizes(compressed: bytes, block: int) -> tuple[int, ...]:
@@ -337,7 +195,7 @@ class EsptoolSession:
         self.name = Path(port).name
         self.esp: Any = None
         self.identity: BoardIdentity | None = None
-        self._serial: _Port | _RemotePort | None = None
+        self._serial: LocalPort | RemotePort | None = None
         self._step = "open"  # how far connect got, for its error message
         self._baud_unconfirmed = False  # changed the baud, no reply at the new one yet
         self.rate: int | None = None  # the line rate in use; None: native USB
@@ -352,7 +210,7 @@ class EsptoolSession:
                                             initializer=self._init_thread)
 
     def _init_thread(self) -> None:
-        _local.port = self.port
+        set_port_tag(self.port)
 
     # -- plumbing --
 
@@ -402,32 +260,32 @@ class EsptoolSession:
         return links is not None and self._serial is not None and is_remote(self.port) \
             and links.link_failed(self.port, self._serial)
 
-    def _open_port(self) -> _Port | _RemotePort:
+    def _open_port(self) -> LocalPort | RemotePort:
         """The port opened at the ROM's rate; a remote port reuses the connection its
         last session left open (closing it would make the relay reset the board)."""
         links = self.flasher.links
         if is_remote(self.port):
             held = links.take(self.port) if links is not None else None
-            if isinstance(held, _RemotePort):
+            if isinstance(held, RemotePort):
                 held.aborted = False
                 held.timeout = DEFAULT_TIMEOUT
                 held.baudrate = ROM_BAUD
                 return held
-            remote = _RemotePort()
+            remote = RemotePort()
             remote.port, remote.baudrate = self.port, ROM_BAUD
             try:
                 remote.open()
             except serial.SerialException as e:
                 raise PortError(f"{self.port}: cannot open: {first_line(e)}") from e
             return remote
-        port = _Port()
+        port = LocalPort()
         port.port = self.port
         port.baudrate = ROM_BAUD
         port.exclusive = True  # two sessions on one port would corrupt each other
         try:
             port.open()
         except serial.SerialException as e:
-            raise _open_error(self.port, e) from e
+            raise open_error(self.port, e) from e
         return port
 
     def _connect_error(self, e: FatalError, message: str) -> PortError:
@@ -744,7 +602,7 @@ class EsptoolSession:
 
     def _close_blocking(self) -> None:
         links = self.flasher.links
-        if isinstance(self._serial, _RemotePort) and links is not None and \
+        if isinstance(self._serial, RemotePort) and links is not None and \
                 self._serial.is_open:  # (esptool closes it itself after a failed connect)
             self._serial.aborted = False  # the keeper reads it from now on
             links.keep(self.port, self._serial)
