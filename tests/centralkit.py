@@ -9,13 +9,14 @@ metrics endpoint and the station's own output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,3 +205,26 @@ def env_without_password() -> dict[str, str]:
 
 
 __all__ = ["CentralLine", "mac_hex", "parse_metrics", "local_events"]
+
+
+@contextlib.contextmanager
+def central_lines(root: Path, firmware: Path, central: str,
+                  first_seed: int) -> Iterator[Callable[..., CentralLine]]:
+    """`make(name, **kwargs)`: a station named `name` on its own unthrottled virtual rig,
+    shipping to `central`; every line made is killed and its rig closed at the end."""
+    lines: list[CentralLine] = []
+
+    def make(name: str, **kwargs: Any) -> CentralLine:
+        rig = Rig(root / f"rig-{name}", seed=first_seed + len(lines), throttle=False,
+                  flash_timing=False)
+        line = CentralLine(root=root / name, name=name, firmware=firmware, central=central,
+                           rig=rig, **kwargs)
+        lines.append(line)
+        return line
+
+    try:
+        yield make
+    finally:
+        for line in lines:
+            line.kill()
+            line.rig.close()

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from station.demo_firmware import make_demo_firmware
-from station.sim import Rig
-from tests.centralkit import CentralLine, local_events, mac_hex
+from tests.centralkit import CentralLine, central_lines, local_events, mac_hex
 from tests.pgkit import Cluster, central_db, pg  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.timeout(300)
@@ -30,20 +29,8 @@ def firmware(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def make_line(tmp_path: Path, firmware: Path, central_db: str,  # noqa: F811
               ) -> Iterator[Callable[..., CentralLine]]:
-    lines: list[CentralLine] = []
-
-    def make(name: str, seed: int = 0, **kwargs: object) -> CentralLine:
-        rig = Rig(tmp_path / f"rig-{name}", seed=seed or len(lines) + 21, throttle=False,
-                  flash_timing=False)
-        line = CentralLine(root=tmp_path / name, name=name, firmware=firmware,
-                           central=central_db, rig=rig, **kwargs)  # type: ignore[arg-type]
-        lines.append(line)
-        return line
-
-    yield make
-    for line in lines:
-        line.kill()
-        line.rig.close()
+    with central_lines(tmp_path, firmware, central_db, first_seed=21) as make:
+        yield make
 
 
 def pg_count(pg: Cluster, url: str, sql: str) -> int:  # noqa: F811

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from station.demo_firmware import make_demo_firmware
-from station.sim import PluggedBoard, Rig
-from tests.centralkit import CentralLine, mac_hex
+from station.sim import PluggedBoard
+from tests.centralkit import CentralLine, central_lines, mac_hex
 from tests.pgkit import Cluster, central_db, pg, pg_env  # noqa: F401  (fixtures)
 from tests.registrar.awsproxy import AwsProxy, moto_server, reset_moto
 from tests.stationkit import POLICY, REGION, aws_client, aws_env
@@ -40,20 +40,8 @@ def firmware(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def make_line(tmp_path: Path, firmware: Path, central_db: str,  # noqa: F811
               ) -> Iterator[Callable[..., CentralLine]]:
-    lines: list[CentralLine] = []
-
-    def make(name: str, **kwargs: object) -> CentralLine:
-        rig = Rig(tmp_path / f"rig-{name}", seed=len(lines) + 31, throttle=False,
-                  flash_timing=False)
-        line = CentralLine(root=tmp_path / name, name=name, firmware=firmware,
-                           central=central_db, rig=rig, **kwargs)  # type: ignore[arg-type]
-        lines.append(line)
-        return line
-
-    yield make
-    for line in lines:
-        line.kill()
-        line.rig.close()
+    with central_lines(tmp_path, firmware, central_db, first_seed=31) as make:
+        yield make
 
 
 def run_one(line: CentralLine, board: PluggedBoard | None = None, mac: str | None = None,

@@ -32,7 +32,7 @@ from station.report import make_report
 from station.reportcentral import CentralSource
 from station.reportdata import SqliteLedgerSource, Window
 from station.sim import Faults, Rig
-from tests.centralkit import CentralLine
+from tests.centralkit import CentralLine, central_lines
 from tests.pgkit import PASSWORD, Cluster, central_db, pg  # noqa: F401  (fixtures)
 from tests.test_report import browse, parse
 
@@ -49,20 +49,8 @@ def firmware(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def make_line(tmp_path: Path, firmware: Path, central_db: str,  # noqa: F811
               ) -> Iterator[Callable[..., CentralLine]]:
-    lines: list[CentralLine] = []
-
-    def make(name: str, **kwargs: Any) -> CentralLine:
-        rig = Rig(tmp_path / f"rig-{name}", seed=len(lines) + 31, throttle=False,
-                  flash_timing=False)
-        line = CentralLine(root=tmp_path / name, name=name, firmware=firmware,
-                           central=central_db, rig=rig, **kwargs)
-        lines.append(line)
-        return line
-
-    yield make
-    for line in lines:
-        line.kill()
-        line.rig.close()
+    with central_lines(tmp_path, firmware, central_db, first_seed=31) as make:
+        yield make
 
 
 def local(line: CentralLine, query: str) -> list[tuple[Any, ...]]:
