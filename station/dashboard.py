@@ -176,6 +176,7 @@ class StationView:
                 row.samples.popleft()
         elif isinstance(event, Retrying):
             row.attempt, row.retry_reason = event.attempt, event.reason
+            row.buttons = False  # a new attempt resets the board again
             row.regions.clear()
             row.samples.clear()
         elif isinstance(event, Throttled):

@@ -353,6 +353,7 @@ class EsptoolSession:
                 self._reopen()  # the failed attempt's port (a remote one is kept, reused)
                 try:
                     self._connect_laddered(rate)
+                    self.ask_buttons(False)  # "in download mode" (a failure ends the row)
                     return
                 except FatalError as e:
                     if time.monotonic() >= deadline or \
@@ -364,7 +365,6 @@ class EsptoolSession:
                             transient=False) from e
         finally:
             self._connect_mode = "default-reset"
-            self.ask_buttons(False)
 
     def _connect_laddered(self, rate: int | None) -> None:
         while True:

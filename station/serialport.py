@@ -10,7 +10,8 @@ Why it looks like this:
   esptool: `abort()` wakes a read or write blocked in select() and makes every later one
   fail at once, so esptool (retries and all) gives up in milliseconds. A local port is a
   device node; a remote one is pyserial's RFC 2217 client, taught to send only real
-  line-setting changes (esptool touches the timeout before most commands).
+  line-setting changes (esptool touches the timeout before most commands) and not to
+  wait for DTR/RTS answers a hub host never sends (esptool's `esp_rfc2217_server`).
 - Why a port will not open decides what to do next: permissions cannot be fixed by a
   retry; a port held by another program names the program and the udev fix.
 """
@@ -34,6 +35,7 @@ from station.errors import PortError
 from station.usbport import holders
 
 log = logging.getLogger("station.flasher")
+CONTROL_ANSWER_S = 1.0  # a hub host answers a DTR/RTS change in milliseconds, or never
 
 
 def first_line(e: BaseException) -> str:
@@ -157,6 +159,30 @@ class RemotePort(_Abortable, rfc2217.Serial):
     a line setting goes to the far end here."""
 
     _line: tuple[object, ...] | None = None
+    control_unanswered = False
+
+    def rfc2217_set_control(self, value: bytes) -> None:
+        """Send a DTR/RTS change; stop waiting for answers once a hub host sends none.
+
+        ser2net and pyserial's server answer every SET_CONTROL. esptool's
+        `esp_rfc2217_server` answers none: it swallows the client's DTR/RTS changes and
+        runs esptool's reset sequences on the hub host with their own timing (its
+        `esp_port_manager.py`; its banner asks for `?ign_set_control`). pyserial's client
+        would give up after 3 s ("timeout while waiting for option 'control'"); after one
+        unanswered change this port sends the rest as pyserial's `ign_set_control` does.
+        """
+        if self.control_unanswered:
+            self._ignore_set_control_answer = True  # pyserial's open() clears it
+            super().rfc2217_set_control(value)
+            return
+        item = self._rfc2217_options["control"]
+        item.set(value)
+        try:
+            item.wait(CONTROL_ANSWER_S)
+        except serial.SerialException:
+            self.control_unanswered = True
+            log.info("%s: the hub host does not answer DTR/RTS changes (esp_rfc2217_server "
+                     "resets the board itself); not waiting for answers", self.port)
 
     def open(self) -> None:
         self._line = None

@@ -6,16 +6,24 @@ ioctl fails with ENOTTY, and esp_rfc2217_server stops serving the client at its 
 `ser.rts = True`), and the pty is opened per client and closed when it leaves, as a hub
 host's port is by its client (the virtual board sees the open and close as a host's).
 Only for the station's remote-port tests until the rig's own RFC 2217 faces serve them.
+
+`EspRelay` is the real thing: esptool's `esp_rfc2217_server` in a subprocess.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import serial
 from serial import rfc2217
+
+from station.sim.pty_lines import relay_env
 
 
 class _PtySerial(serial.Serial):
@@ -118,3 +126,68 @@ class Relay:
                 client.close()
             if client in self._clients:
                 self._clients.remove(client)
+
+
+class EspRelay:
+    """esptool's own `esp_rfc2217_server` serving one virtual board's pty, as a hub host.
+
+    The relay runs unchanged in its own process; the rig (`Rig(pty_lines=...)`) gives
+    the pty the modem lines a bridge's driver has (`station.sim.pty_lines`), so the
+    relay's reset sequences reach the board's auto-reset circuit (`bare`: a plain pty,
+    no modem lines). `close()` is the hub host going away: the process ends and the
+    station sees the far end close.
+    """
+
+    START_TIMEOUT_S = 20.0
+
+    def __init__(self, pty: str, lines_socket: str | os.PathLike[str],
+                 *options: str, bare: bool = False) -> None:
+        with socket.socket() as probe:  # a free port: the relay binds it with SO_REUSEADDR
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"rfc2217://127.0.0.1:{port}"
+        relay = Path(sys.executable).with_name("esp_rfc2217_server")
+        self._output = ""
+        self._changed = threading.Condition()
+        self._process = subprocess.Popen(
+            [str(relay), "-p", str(port), *options, pty],
+            env=dict(os.environ) if bare else relay_env(lines_socket),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._reader = threading.Thread(target=self._read, daemon=True,
+                                        name=f"esp relay {port}")
+        self._reader.start()
+        self.wait_output(f"TCP/IP port: {port}")
+
+    @property
+    def output(self) -> str:
+        return self._output
+
+    def wait_output(self, needle: str, timeout: float = START_TIMEOUT_S) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: needle in self._output
+                                          or self._process.poll() is not None, timeout):
+                raise TimeoutError(f"esp_rfc2217_server never printed {needle!r}: "
+                                   f"{self._output[-500:]!r}")
+        if needle not in self._output:
+            raise RuntimeError(f"esp_rfc2217_server exited: {self._output[-500:]!r}")
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(timeout=10)
+        self._reader.join(timeout=10)
+        if self._process.stdout is not None:
+            self._process.stdout.close()
+
+    def _read(self) -> None:
+        assert self._process.stdout is not None
+        while chunk := self._process.stdout.read1(4096):  # type: ignore[attr-defined]
+            with self._changed:
+                self._output += chunk.decode("utf-8", "replace")
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()

@@ -78,8 +78,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="serve board i over RFC 2217 on TCP port BASEPORT+i of "
                              "127.0.0.1 (0: free ports); its plugged line has the URL")
     parser.add_argument("--reset-circuit", default="auto", metavar="KIND[,KIND...]",
-                        help="RFC 2217 bridge boards: auto (the devkit's DTR/RTS auto-reset) "
-                             "or none (buttons only); a comma-separated list cycles (auto)")
+                        help="bridge boards with --rfc2217 or --pty-lines: auto (the "
+                             "devkit's DTR/RTS auto-reset) or none (buttons only); a "
+                             "comma-separated list cycles (auto)")
     parser.add_argument("--en-cap", type=float, default=EN_CAP_UF, metavar="UF",
                         help=f"EN capacitor in uF: the reset RC delay ({EN_CAP_UF:g})")
     parser.add_argument("--app-line", default=None, metavar="TEXT",
@@ -87,6 +88,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "e.g. 'SELFTEST: PASS'")
     parser.add_argument("--board-app-line", action="append", default=[],
                         metavar="INDEX=TEXT", help="the app line of one board (repeatable)")
+    parser.add_argument("--pty-lines", default=None, metavar="SOCKET",
+                        help="give the ptys DTR/RTS for relays started with "
+                             "station.sim.pty_lines.relay_env(SOCKET), e.g. esptool's "
+                             "esp_rfc2217_server; bridge boards get their reset circuit")
     parser.add_argument("--control", default=None, metavar="FIFO",
                         help="named pipe for commands: press_boot_en N, press_en N, "
                              "unplug N, replug N (created if missing)")
@@ -137,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         with Rig(args.dir, seed=args.seed, throttle=not args.no_throttle,
                  flash_timing=not args.no_flash_timing, on_event=emit,
                  reenumerate_gap=gap, stub_model=args.stub_model,
-                 rfc2217_base=args.rfc2217) as rig:
+                 rfc2217_base=args.rfc2217, pty_lines=args.pty_lines) as rig:
             if control_fd is not None:
                 serve(rig, control_fd, emit, stop)
             for index in range(args.boards):
@@ -159,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
                     break
             while not stop.wait(3600):
                 pass
+    except ValueError as e:  # e.g. the pty lines socket cannot be bound
+        print(f"station sim: {e}", file=sys.stderr)
+        return 2
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -32,6 +32,7 @@ from .bridge import DEFAULT_BRIDGE
 from .chips import chip_spec
 from .faults import Faults
 from .flash import Flash, FlashTiming
+from .pty_lines import PtyLinesListener
 from .pty_link import PtyLink
 from .reset_circuit import EN_CAP_UF, ResetCircuitKind, parse_reset_circuit
 from .rfc2217_face import Rfc2217Face
@@ -148,7 +149,8 @@ class Rig:
     def __init__(self, directory: str | os.PathLike[str], seed: int = 0, throttle: bool = True,
                  flash_timing: bool = True, on_event: EventCallback | None = None,
                  reenumerate_gap: float | tuple[float, float] = DEFAULT_REENUMERATE_GAP,
-                 stub_model: StubModel = "flasher", rfc2217_base: int | None = None) -> None:
+                 stub_model: StubModel = "flasher", rfc2217_base: int | None = None,
+                 pty_lines: str | os.PathLike[str] | None = None) -> None:
         self.directory = Path(directory)
         # Board i listens on rfc2217_base + i (0: each on a free port the system picks);
         # None: no RFC 2217 face unless a plug asks for one.
@@ -170,6 +172,17 @@ class Rig:
                                         daemon=True)
         self._thread.start()
         self._closed = False
+        # A relay started with pty_lines.relay_env(pty_lines) sets DTR/RTS on the ptys:
+        # every bridge board then has its reset circuit (:mod:`.pty_lines`).
+        self._pty_lines: PtyLinesListener | None = None
+        if pty_lines is not None:
+            listener = PtyLinesListener(pty_lines, self._pty_lines_changed)
+            try:
+                self._call(self._start_listener(listener))
+            except BaseException:
+                self.close()
+                raise
+            self._pty_lines = listener
 
     # -- public API -----------------------------------------------------------------
 
@@ -270,6 +283,10 @@ class Rig:
         """A person taps EN alone: the board boots from flash."""
         self._call(self._console(board).circuit.press_en())
 
+    def boot_modes(self, board: PluggedBoard | int) -> list[str]:
+        """What the chip latched at each EN wake since plugged: "download" or "flash"."""
+        return ["download" if low else "flash" for low in self._console(board).circuit.boots]
+
     def console(self, board: PluggedBoard | int) -> str:
         """Everything the board's chip printed on its console since it was plugged."""
         return "".join(self._console(board).printed)
@@ -279,7 +296,8 @@ class Rig:
         console = self._slots[index].console
         if console is None:
             raise ValueError(f"board at hub port {index} has no reset circuit: plug it as "
-                             "a bridge board with an RFC 2217 face")
+                             "a bridge board with an RFC 2217 face or on a rig with "
+                             "pty_lines")
         return console
 
     def info(self, board: PluggedBoard | int) -> PluggedBoard:
@@ -322,6 +340,8 @@ class Rig:
         self._closed = True
         try:
             self._call(self._unplug_all())
+            if self._pty_lines is not None:
+                self._loop.call_soon_threadsafe(self._pty_lines.close)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=CALL_TIMEOUT_S)
@@ -388,11 +408,17 @@ class Rig:
         gap_rng = random.Random(f"usb-gap-{self.seed}-{index}")
         slot = self._slots[index] = _Slot(info, board, link, task, usb, gap, gap_rng)
         extra: dict[str, Any] = {}
+        # native USB's own reset logic is not modelled; a bridge's DTR/RTS reach the
+        # board through its RFC 2217 face or from a relay on its pty
+        has_circuit = not usb.native and (rfc2217_port is not None
+                                          or self._pty_lines is not None)
+        if has_circuit:
+            slot.console = BootConsole(board, circuit, app_line, on_reset, en_cap_uf)
+            slot.console.power_on()
+            info = slot.info = dataclasses.replace(info, reset_circuit=circuit,
+                                                   app_line=app_line, en_cap_uf=en_cap_uf)
+            extra = {"reset_circuit": circuit, "app_line": app_line, "en_cap_uf": en_cap_uf}
         if rfc2217_port is not None:
-            has_circuit = not usb.native  # native USB's own reset logic is not modelled
-            if has_circuit:
-                slot.console = BootConsole(board, circuit, app_line, on_reset, en_cap_uf)
-                slot.console.power_on()
             console = slot.console
 
             def lines(dtr: bool, rts: bool) -> None:
@@ -412,10 +438,7 @@ class Rig:
                 link.close()
                 raise ValueError(f"board {index}: cannot listen on TCP port "
                                  f"{rfc2217_port}: {e.strerror}") from None
-            info = slot.info = dataclasses.replace(
-                info, rfc2217=slot.face.url, reset_circuit=circuit if has_circuit else None,
-                app_line=app_line if has_circuit else None,
-                en_cap_uf=en_cap_uf if has_circuit else None)
+            info = slot.info = dataclasses.replace(info, rfc2217=slot.face.url)
             extra = {"rfc2217": info.rfc2217, "reset_circuit": info.reset_circuit,
                      "app_line": info.app_line, "en_cap_uf": info.en_cap_uf}
         self._hold_if_busy(slot)
@@ -425,6 +448,17 @@ class Rig:
                     "mac": info.mac, "chip": chip, **usb.describe(), "preloaded": preloaded,
                     "stub_model": stub_model, **extra})
         return info
+
+    async def _start_listener(self, listener: PtyLinesListener) -> None:
+        listener.start()
+
+    def _pty_lines_changed(self, pty: str, dtr: bool, rts: bool) -> None:
+        """A relay set DTR/RTS on ``pty``: to the circuit of the board behind it."""
+        for slot in self._slots.values():
+            if slot.link.slave_path == pty and not slot.link.closed:
+                if slot.console is not None:
+                    slot.console.set_lines(dtr, rts)
+                return
 
     def _new_link(self, faults: Faults, rng: random.Random, usb: UsbLink) -> PtyLink:
         return PtyLink(throttle=self.throttle, corrupt_rate=faults.corrupt, rng=rng,

@@ -135,3 +135,40 @@ def test_cli_rejects_a_usb_kind_the_chip_lacks(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "board 1: esp32 has no USB-Serial/JTAG" in proc.stderr
+
+
+def test_cli_pty_lines_give_bridge_boards_a_reset_circuit(tmp_path: Path) -> None:
+    lines = tmp_path / "lines.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "station.sim", "--boards", "2", "--dir", str(tmp_path / "hub"),
+         "--usb", "bridge,jtag", "--chip", "esp32s3", "--pty-lines", str(lines),
+         "--en-cap", "1", "--no-throttle", "--no-flash-timing"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        bridge, native = read_events(proc.stdout, 2)
+        assert (bridge["reset_circuit"], bridge["en_cap_uf"]) == ("auto", 1.0), bridge
+        assert "reset_circuit" not in native, native  # a native board's USB is not modelled
+        assert lines.is_socket()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not lines.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_cli_rejects_a_pty_lines_socket_it_cannot_bind(tmp_path: Path) -> None:
+    where = tmp_path / "no-such-dir" / "lines.sock"
+    proc = subprocess.run(
+        [sys.executable, "-m", "station.sim", "--dir", str(tmp_path), "--boards", "1",
+         "--pty-lines", str(where)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert proc.returncode == 2
+    assert f"pty lines socket {where}: No such file or directory" in proc.stderr

@@ -1,0 +1,195 @@
+"""The station against esptool's own `esp_rfc2217_server` (issue 10).
+
+A line that puts its hubs on small hosts runs esptool's relay there, one process per
+port: it swallows the client's DTR/RTS changes and runs esptool's reset sequences on the
+hub host, with their own timing. Here each virtual board's pty is served by the real
+relay, unchanged, in its own process; the rig gives the ptys the modem lines a bridge's
+driver has (`station.sim.pty_lines`), so the relay's resets reach each board's
+auto-reset circuit and the boot check runs as on the rig's own RFC 2217 faces.
+
+The boards have Espressif's recommended 1 uF on EN: the relay's tight reset holds GPIO0
+low for 50 ms after EN is released (docs/virtual-boards.md, "Relays").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from station.daemon import EXIT_BOARDS_FAILED, EXIT_OK
+from station.demo_firmware import partition_table
+from station.sim import Rig
+from tests.remotekit import EspRelay
+from tests.test_bad_inputs import Background, Firmware, Site, make_firmware
+
+pytestmark = pytest.mark.timeout(240)
+
+EN_CAP_UF = 1.0
+
+
+@pytest.fixture(scope="module")
+def firmware(tmp_path_factory: pytest.TempPathFactory) -> Firmware:
+    return make_firmware(tmp_path_factory.mktemp("firmware"))
+
+
+@pytest.fixture
+def site(tmp_path: Path, firmware: Firmware) -> Site:
+    return Site(tmp_path, firmware)
+
+
+class RelayedRig:
+    """A rig whose boards are each served by their own esp_rfc2217_server."""
+
+    def __init__(self, site: Site, seed: int, **rig_options: object) -> None:
+        self.lines = site.root / "pty-lines.sock"
+        self.rig = Rig(site.hub, seed=seed, pty_lines=self.lines, **rig_options)  # type: ignore[arg-type]
+        self.relays: list[EspRelay] = []
+        self.site = site
+
+    def plug(self, *relay_options: str, **plug_options: object) -> EspRelay:
+        plug_options.setdefault("en_cap_uf", EN_CAP_UF)
+        board = self.rig.plug(chip="esp32", **plug_options)  # type: ignore[arg-type]
+        relay = EspRelay(board.pty, self.lines, *relay_options)
+        relay.board = board  # type: ignore[attr-defined]
+        self.relays.append(relay)
+        return relay
+
+    def serve(self) -> None:
+        """Point the station at the relays only."""
+        self.site.set("ports", "watch", [str(self.site.hub / "none-*")])
+        self.site.set("ports", "remote", [r.url for r in self.relays])
+
+    def close(self) -> None:
+        for relay in self.relays:
+            relay.close()
+        self.rig.close()
+
+
+@pytest.fixture
+def relayed(site: Site) -> Iterator[RelayedRig]:
+    rig = RelayedRig(site, seed=21, throttle=False, flash_timing=False)
+    try:
+        yield rig
+    finally:
+        rig.close()
+
+
+def test_a_board_behind_esptools_relay_boots_what_it_was_given(site: Site,
+                                                                relayed: RelayedRig) -> None:
+    relay = relayed.plug(app_line="SELFTEST: PASS")
+    relayed.serve()
+    site.set("verify", "boot", "app").set("verify", "marker", "SELFTEST: PASS")
+    result = site.run(1)
+    assert result.code == EXIT_OK, (result, relay.output)
+    row = site.rows_by_port()[relay.url]
+    assert (row["result"], row["boot"]) == ("done", "ok"), row
+    assert (row["booted_project"], row["booted_version"]) == ("station-demo-esp32", "1.0.0")
+
+
+
+def test_a_missing_self_test_marker_fails_that_board_only_behind_the_relay(
+        site: Site, relayed: RelayedRig) -> None:
+    good = relayed.plug(app_line="SELFTEST: PASS")
+    silent = relayed.plug(app_line="SELFTEST: FAIL (adc out of range)")
+    relayed.serve()
+    site.set("verify", "boot", "app").set("verify", "marker", "SELFTEST: PASS")
+    site.set("verify", "boot_timeout", 3.0)  # the failing board waits for it in vain
+    result = site.run(2)
+    assert result.code == EXIT_BOARDS_FAILED, result
+    rows = site.rows_by_port()
+    assert (rows[good.url]["result"], rows[good.url]["boot"]) == ("done", "ok"), rows
+    row = rows[silent.url]
+    assert (row["result"], row["failed_stage"], row["boot"]) == ("failed", "boot", "failed")
+    assert "SELFTEST: FAIL (adc out of range)" in row["error"], row
+
+
+def test_a_partition_table_pointing_elsewhere_fails_the_boot_check_behind_the_relay(
+        site: Site, relayed: RelayedRig) -> None:
+    table = site.root / "partition-table.bin"
+    table.write_bytes(partition_table([("nvs", 1, 0x02, 0x9000, 0x6000),
+                                       ("phy_init", 1, 0x01, 0xF000, 0x1000),
+                                       ("factory", 0, 0x00, 0x20000, 0x100000)]))
+    images = site.firmware.images()
+    images[1]["file"] = table  # the app is still written at 0x10000
+    site.set("firmware", "flasher_args", None).set("firmware", "images", images)
+    relay = relayed.plug()
+    relayed.serve()
+    site.set("verify", "boot", "app").set("verify", "boot_timeout", 3.0)
+    result = site.run(1)
+    assert result.code == EXIT_BOARDS_FAILED, result
+    row = site.rows_by_port()[relay.url]
+    assert (row["result"], row["failed_stage"], row["boot"]) == ("failed", "boot", "failed")
+    assert "verify" in row["timings"], row  # the MD5s matched: the flash is as written
+    assert "No bootable app partitions in the partition table" in row["error"], row
+
+
+def test_a_board_without_auto_reset_behind_the_relay_finishes_once_pressed(
+        site: Site, relayed: RelayedRig) -> None:
+    relay = relayed.plug(reset_circuit="none")
+    relayed.serve()
+    site.set("ports", "buttons_timeout", 60)
+    station = Background(site, "--exit-after", "1")
+    try:
+        asked = station.wait_line(" press BOOT + EN", timeout=90)
+        relayed.rig.press_boot_en(relay.board)  # type: ignore[attr-defined]
+        station.wait_line(" done in ", timeout=60)
+        result = station.finish()
+    finally:
+        station.close()
+    assert result.code == EXIT_OK, result
+    assert relay.url in asked, result
+    assert site.rows_by_port()[relay.url]["result"] == "done"
+
+
+def test_a_relay_killed_mid_flash_ends_that_board_removed_only(site: Site) -> None:
+    # real line rate and flash timing: the flash lasts long enough to be cut
+    relayed = RelayedRig(site, seed=22)
+    try:
+        dropped, kept = relayed.plug(), relayed.plug()
+        relayed.serve()
+        site.set("ports", "slots", {f'"{dropped.url}"': "H1", f'"{kept.url}"': "H2"})
+        station = Background(site)
+        try:
+            station.wait_line(" H1 ", " flash bootloader 0/", timeout=60)
+            dropped.close()  # the hub host's relay goes away
+            removed = station.wait_line(" H1 ", " removed during ", timeout=60)
+            station.wait_line(" H2 ", " done in ", timeout=90)
+        finally:
+            result = station.stop()
+    finally:
+        relayed.close()
+    assert result.code == EXIT_OK, result
+    assert "removed during flash" in removed, result
+    rows = site.rows_by_port()
+    assert rows[dropped.url]["result"] == "removed", rows
+    assert rows[kept.url]["result"] == "done", rows
+
+
+QUIET = 60.0  # seconds a done line is watched for a board reset or flashed again
+
+
+@pytest.mark.parallel
+def test_sixteen_boards_behind_esptools_relay_boot_the_app_and_stay_done(
+        site: Site, relayed: RelayedRig) -> None:
+    relays = [relayed.plug(app_line="SELFTEST: PASS") for _ in range(16)]
+    relayed.serve()
+    site.set("verify", "boot", "app").set("verify", "marker", "SELFTEST: PASS")
+    station = Background(site)
+    try:
+        for _ in relays:
+            station.wait_line(" done in ", timeout=180)
+        boards = [r.board for r in relays]  # type: ignore[attr-defined]
+        resets = [relayed.rig.resets(b) for b in boards]
+        with pytest.raises(TimeoutError):  # the whole wait: no 17th job, no reset
+            station.wait_line("started job", timeout=QUIET)
+        assert [relayed.rig.resets(b) for b in boards] == resets
+    finally:
+        result = station.stop()
+    assert result.code == EXIT_OK, result
+    jobs = site.ledger()
+    assert len(jobs) == 16, jobs
+    assert {(j["result"], j["boot"], j["booted_project"], j["booted_version"])
+            for j in jobs} == {("done", "ok", "station-demo-esp32", "1.0.0")}, jobs
+    assert sorted(j["port"] for j in jobs) == sorted(r.url for r in relays)
