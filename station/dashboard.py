@@ -426,6 +426,8 @@ def format_event(event: Event, view: StationView) -> str | None:
     if isinstance(event, ButtonsNeeded):
         return f"{head} " + ("press BOOT + EN: no download mode after the reset sequence"
                              if event.waiting else "in download mode")
+    if isinstance(event, BootChecked) and event.result == "skipped":
+        return f"{head} boot check skipped ({event.detail})"
     if isinstance(event, BootChecked):
         said = " ".join(p for p in (event.project, event.version) if p) or "nothing we know"
         return f"{head} boot check {event.result}: booted {said}" + (

@@ -139,8 +139,9 @@ class ButtonsNeeded(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class BootChecked(Event):
-    """The boot check's verdict: `result` "ok" or "failed"; what the board said it runs;
-    `detail` what was expected and printed; `tail` the last console lines."""
+    """The boot check's verdict: `result` "ok", "failed" or "skipped" (a port that cannot
+    carry the story); what the board said it runs; `detail` what was expected and
+    printed, or why it was skipped; `tail` the last console lines."""
 
     result: str
     project: str | None

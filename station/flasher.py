@@ -650,13 +650,15 @@ class EsptoolSession:
             if not capture:
                 await self.close()
 
-    async def console(self, timeout: float, enough: Callable[[str], bool]) -> str:
+    async def console(self, timeout: float, enough: Callable[[str], bool]) -> str | None:
         return await self.call("boot", lambda: self._console_blocking(timeout, enough))
 
-    def _console_blocking(self, timeout: float, enough: Callable[[str], bool]) -> str:
+    def _console_blocking(self, timeout: float, enough: Callable[[str], bool]) -> str | None:
         """Read the console until `enough(text)` or the deadline; the text as read."""
+        if self.native is not None:  # the port left the bus with the reset: story lost
+            return None
         port = self._serial
-        if port is None or self.native is not None:  # native USB: the port re-enumerates
+        if port is None:
             return ""
         deadline = time.monotonic() + timeout
         port.timeout = CONSOLE_READ_TIMEOUT

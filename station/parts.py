@@ -94,9 +94,10 @@ class BoardSession(Protocol):
         """Hard-reset the board so it boots the new firmware. `capture`: switch the port
         to the console's 115200 before the reset and keep it open for `console()`."""
 
-    async def console(self, timeout: float, enough: Callable[[str], bool]) -> str:
+    async def console(self, timeout: float, enough: Callable[[str], bool]) -> str | None:
         """The board's console at 115200 from the last reset on, once `enough(text)` or
-        after `timeout` seconds. Only after `reset(capture=True)`."""
+        after `timeout` seconds. Only after `reset(capture=True)`. None: this port cannot
+        carry the story (a native-USB port leaves the bus when the chip restarts)."""
 
     async def close(self) -> None:
         """Release the port; safe to call twice and from a cancelled worker."""

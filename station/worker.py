@@ -65,6 +65,8 @@ current_board: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars
 throttling against the board that waits, without threading it through every call."""
 
 REMOVED = "removed"
+NO_CONSOLE = ("native USB: the port leaves the bus when the chip restarts, so the boot story "
+              "is not on it; the flash is verified by MD5")
 """The cancel message the daemon uses when a board's port disappears."""
 
 
@@ -284,6 +286,11 @@ class Worker:
         verified, so writing it again would boot the same way."""
         text = await self._stage_call(Stage.BOOT, attempt,
                                       lambda: session.console(check.timeout, check.complete))
+        if text is None:
+            await self.parts.sink.emit(BootChecked(
+                job_id=self.job_id, port=self.port, slot=self.slot, result="skipped",
+                project=None, version=None, detail=NO_CONSOLE, tail=""))
+            return
         verdict = check.judge(text)
         await self.parts.sink.emit(BootChecked(
             job_id=self.job_id, port=self.port, slot=self.slot,

@@ -312,3 +312,42 @@ def test_boards_that_vanish_during_their_watchdog_reset_are_done_once(
             assert gone[job["port"]] < job["at"], job
         for board in boards:
             assert rig.resets(board) == ["watchdog"]
+
+
+def test_the_boot_check_is_skipped_on_native_usb_and_says_why(
+        tmp_path: Path, builds: dict[str, Path]) -> None:
+    # In process, to stand in for sysfs (these ports are 303a:1001). The chip's own USB
+    # leaves the bus when it restarts: the story is not on the port, and a board whose
+    # flash verified must not fail for that.
+    jtag = NativeUsb(kind="jtag", vid=0x303A, pid=0x1001, serial_number=None)
+    config_path = write_config(tmp_path, builds)
+    config_path.write_text(config_path.read_text() + '[verify]\nboot = "app"\n')
+    config = load_config(config_path)
+    events = tmp_path / "state" / "events.jsonl"
+
+    def logged(kind: str) -> list[dict[str, Any]]:
+        lines = events.read_text().splitlines() if events.exists() else []
+        return [e for e in map(json.loads, lines) if e["kind"] == kind]
+
+    with Rig(tmp_path / "rig", seed=13, throttle=False, flash_timing=False,
+             reenumerate_gap=0.2) as rig:
+        boards = [rig.plug(chip="esp32s3", usb="jtag", index=i) for i in range(2)]
+
+        async def run() -> None:
+            async with assemble(config, Options()) as built:
+                built.station.flasher = EsptoolFlasher(
+                    baud=921600, chips=tuple(built.station.plans.by_chip),
+                    native=lambda _port: jtag)
+                serving = asyncio.create_task(built.station.serve())
+                deadline = time.monotonic() + 120
+                while len(logged("JobFinished")) < len(boards):
+                    assert time.monotonic() < deadline, "boards not done"
+                    await asyncio.sleep(0.05)  # polling interval of a deadline-bound wait
+                built.station.stop()
+                assert await serving == 0
+
+        asyncio.run(run())
+    assert [j["result"] for j in logged("JobFinished")] == ["done", "done"]
+    checks = logged("BootChecked")
+    assert [c["result"] for c in checks] == ["skipped", "skipped"], checks
+    assert all("native USB" in c["detail"] for c in checks), checks
