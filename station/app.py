@@ -179,7 +179,8 @@ async def assemble(config: Config, options: Options,
                                                      links=remote,
                                                      on_buttons=buttons_reporter(bus),
                                                      buttons_timeout=config.ports
-                                                     .buttons_timeout),
+                                                     .buttons_timeout,
+                                                     ask_buttons=config.ports.ask_buttons),
                               registrar=registrar, bus=bus, already_done=already_done,
                               on_verified=verified, registration_steps=steps,
                               options=options, parked=guard.parked, remote=remote)

@@ -28,6 +28,8 @@ Chip = str  # one of CHIPS: esptool's spelling, "esp32s3"
 RegistrarKind = Literal["none", "aws-iot", "local-ca"]
 KeySource = Literal["csr", "aws"]
 OnKnownBoard = Literal["reflash", "skip", "fail"]
+AskButtons = Literal["remote", "all", "never"]
+ASK_BUTTONS: tuple[AskButtons, ...] = ("remote", "all", "never")
 STAGE_TIMEOUTS = {
     "connect": 30.0,
     "identify": 15.0,
@@ -94,9 +96,13 @@ class PortsSection:
     baud_by_adapter: Mapping[str, int] = field(default_factory=dict)
     baud_by_port: Mapping[str, int] = field(default_factory=dict)
     remote: tuple[str, ...] = ()
+    """`rfc2217://host:port` ports on hub hosts (station/remoteports.py)."""
     buttons_timeout: float = 120.0
     """Seconds a board without auto-reset waits for BOOT + EN (flasher.py)."""
-    """`rfc2217://host:port` ports on hub hosts (station/remoteports.py)."""
+    ask_buttons: AskButtons = "remote"
+    """Which ports ask for BOOT + EN when the reset sequence finds no download mode:
+    "remote" (a missing or slow circuit is the common case there), "all" (also local
+    bridges: a line of boards without auto-reset) or "never"."""
 
     @property
     def line(self) -> BaudSettings:
@@ -366,6 +372,7 @@ def _ports(t: _Table) -> PortsSection:
         max_baud=max_baud, baud_by_adapter=by_adapter, baud_by_port=by_port,
         remote=_remote_ports(t),
         buttons_timeout=t.number("buttons_timeout", 120.0, minimum=1.0),
+        ask_buttons=_ask_buttons(t),
     )
     if p.reenumerate_window > 120:
         raise t.error("reenumerate_window", f"{p.reenumerate_window:g} s is longer than any "
@@ -390,6 +397,14 @@ def _verify(t: _Table) -> VerifySection:
                       boot_timeout=t.number("boot_timeout", 10.0, minimum=0.5))
     t.done()
     return v
+
+
+def _ask_buttons(t: _Table) -> AskButtons:
+    value = t.get("ask_buttons", str, "remote")
+    if value not in ASK_BUTTONS:
+        raise t.error("ask_buttons", f"must be {', '.join(map(repr, ASK_BUTTONS))}, "
+                                     f"not {value!r}")
+    return value
 
 
 def _remote_ports(t: _Table) -> tuple[str, ...]:

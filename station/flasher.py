@@ -151,10 +151,12 @@ class EsptoolFlasher:
                  on_rate: Callable[[RateNote], Awaitable[None]] | None = None,
                  links: RemoteLinks | None = None,
                  on_buttons: Callable[[str, bool], None] | None = None,
-                 buttons_timeout: float = BUTTONS_TIMEOUT) -> None:
+                 buttons_timeout: float = BUTTONS_TIMEOUT,
+                 ask_buttons: str = "remote") -> None:
         self.baud = baud
         self.on_buttons = on_buttons  # (port, waiting): "press BOOT + EN" on its row
         self.buttons_timeout = buttons_timeout
+        self.ask_buttons = ask_buttons  # on which ports ([ports] ask_buttons)
         self.links = links  # remote ports' connections between sessions (remoteports.py)
         self.line = line if line is not None else BaudSettings(baud=baud)
         self.memory = memory if memory is not None else SlotMemory()
@@ -323,11 +325,11 @@ class EsptoolSession:
             self._connect_laddered(rate)
         except FatalError as e:
             # To esptool a board without an auto-reset circuit and a mute board look the
-            # same. Local ports keep failing after their retries (a dead board must not
-            # hold its slot for minutes); on a hub host's port the missing or too slow
-            # circuit is the common case, and nobody can reach the port but the station.
-            if self.native is not None or not is_remote(self.port) or \
-                    self.flasher.on_buttons is None or \
+            # same. By default local ports keep failing after their retries (a dead board
+            # must not hold its slot for minutes); on a hub host's port the missing or too
+            # slow circuit is the common case, and nobody can reach the port but the
+            # station. A line of boards without the circuit asks on every port.
+            if self.native is not None or not self._may_ask_buttons() or \
                     not any(s in str(e) for s in NO_DOWNLOAD_SIGNS):
                 raise
             self._await_buttons(rate, e)
@@ -336,6 +338,11 @@ class EsptoolSession:
             reason=(f"slot {earlier.slot} stepped down {earlier.from_baud}->{earlier.to_baud} "
                     f"earlier ({earlier.reason})") if earlier is not None else None))
         log.debug("%s: line rate %s (%s)", self.port, self.rate, why)
+
+    def _may_ask_buttons(self) -> bool:
+        policy = self.flasher.ask_buttons
+        return self.flasher.on_buttons is not None and \
+            (policy == "all" or (policy == "remote" and is_remote(self.port)))
 
     def _await_buttons(self, rate: int | None, first: FatalError) -> None:
         """The reset sequence did not reach download mode and the board stays silent:

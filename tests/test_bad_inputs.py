@@ -439,6 +439,10 @@ CONFIG_CASES: dict[str, tuple[Any, list[str]]] = {
         lambda s: s.set("verify", "boot", "yes"),
         ["config error", "station.toml: verify.boot: must be \"off\", \"rom\" or "
          "\"app\", not 'yes'"]),
+    "ask_buttons neither remote, all nor never": (
+        lambda s: s.set("ports", "ask_buttons", "sometimes"),
+        ["config error", "station.toml: ports.ask_buttons: must be 'remote', 'all', "
+         "'never', not 'sometimes'"]),
     "config file missing": (lambda s: None, ["station.toml: no such file (pass --config PATH)"]),
     "state_dir cannot be made": (_state_dir_under_a_file,
                                  ["state-file/state", "Not a directory"]),
