@@ -24,7 +24,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -319,6 +319,21 @@ class Background:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self.err.close()
+
+
+def done_after_buttons(site: Site, port: str, press: Callable[[], None]) -> Result:
+    """`station run` for one board that must ask for BOOT + EN on its row: `press()` is
+    what the operator then does; the board must come up in download mode and be done."""
+    station = Background(site, "--exit-after", "1")
+    try:
+        asked = station.wait_line(" press BOOT + EN", timeout=90)
+        assert port in asked, station.seen
+        press()
+        station.wait_line(" in download mode", timeout=60)
+        station.wait_line(" done in ", timeout=60)
+        return station.finish()
+    finally:
+        station.close()
 
 
 @contextlib.contextmanager

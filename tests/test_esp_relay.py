@@ -14,15 +14,16 @@ low for 50 ms after EN is released (docs/virtual-boards.md, "Relays").
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from station.daemon import EXIT_BOARDS_FAILED, EXIT_OK
 from station.demo_firmware import partition_table
-from station.sim import Rig
+from station.sim import PluggedBoard, Rig
 from tests.remotekit import EspRelay
-from tests.test_bad_inputs import Background, Firmware, Site, make_firmware
+from tests.test_bad_inputs import Background, Firmware, Site, done_after_buttons, make_firmware
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -39,31 +40,45 @@ def site(tmp_path: Path, firmware: Firmware) -> Site:
     return Site(tmp_path, firmware)
 
 
+@dataclass
+class Relayed:
+    """A board and the esp_rfc2217_server serving it."""
+
+    board: PluggedBoard
+    relay: EspRelay
+
+    @property
+    def url(self) -> str:
+        return self.relay.url
+
+
 class RelayedRig:
     """A rig whose boards are each served by their own esp_rfc2217_server."""
 
-    def __init__(self, site: Site, seed: int, **rig_options: object) -> None:
+    def __init__(self, site: Site, seed: int, throttle: bool = True,
+                 flash_timing: bool = True) -> None:
         self.lines = site.root / "pty-lines.sock"
-        self.rig = Rig(site.hub, seed=seed, pty_lines=self.lines, **rig_options)  # type: ignore[arg-type]
-        self.relays: list[EspRelay] = []
+        self.rig = Rig(site.hub, seed=seed, throttle=throttle, flash_timing=flash_timing,
+                       pty_lines=self.lines)
+        self.served: list[Relayed] = []
         self.site = site
 
-    def plug(self, *relay_options: str, **plug_options: object) -> EspRelay:
-        plug_options.setdefault("en_cap_uf", EN_CAP_UF)
-        board = self.rig.plug(chip="esp32", **plug_options)  # type: ignore[arg-type]
-        relay = EspRelay(board.pty, self.lines, *relay_options)
-        relay.board = board  # type: ignore[attr-defined]
-        self.relays.append(relay)
-        return relay
+    def plug(self, *relay_options: str, en_cap_uf: float = EN_CAP_UF,
+             app_line: str | None = None, reset_circuit: str = "auto") -> Relayed:
+        board = self.rig.plug(chip="esp32", en_cap_uf=en_cap_uf, app_line=app_line,
+                              reset_circuit=reset_circuit)
+        served = Relayed(board, EspRelay(board.pty, self.lines, *relay_options))
+        self.served.append(served)
+        return served
 
     def serve(self) -> None:
         """Point the station at the relays only."""
         self.site.set("ports", "watch", [str(self.site.hub / "none-*")])
-        self.site.set("ports", "remote", [r.url for r in self.relays])
+        self.site.set("ports", "remote", [s.url for s in self.served])
 
     def close(self) -> None:
-        for relay in self.relays:
-            relay.close()
+        for served in self.served:
+            served.relay.close()
         self.rig.close()
 
 
@@ -82,7 +97,7 @@ def test_a_board_behind_esptools_relay_boots_what_it_was_given(site: Site,
     relayed.serve()
     site.set("verify", "boot", "app").set("verify", "marker", "SELFTEST: PASS")
     result = site.run(1)
-    assert result.code == EXIT_OK, (result, relay.output)
+    assert result.code == EXIT_OK, (result, relay.relay.output)
     row = site.rows_by_port()[relay.url]
     assert (row["result"], row["boot"]) == ("done", "ok"), row
     assert (row["booted_project"], row["booted_version"]) == ("station-demo-esp32", "1.0.0")
@@ -130,16 +145,9 @@ def test_a_board_without_auto_reset_behind_the_relay_finishes_once_pressed(
     relay = relayed.plug(reset_circuit="none")
     relayed.serve()
     site.set("ports", "buttons_timeout", 60)
-    station = Background(site, "--exit-after", "1")
-    try:
-        asked = station.wait_line(" press BOOT + EN", timeout=90)
-        relayed.rig.press_boot_en(relay.board)  # type: ignore[attr-defined]
-        station.wait_line(" done in ", timeout=60)
-        result = station.finish()
-    finally:
-        station.close()
+    result = done_after_buttons(site, relay.url,
+                                lambda: relayed.rig.press_boot_en(relay.board))
     assert result.code == EXIT_OK, result
-    assert relay.url in asked, result
     assert site.rows_by_port()[relay.url]["result"] == "done"
 
 
@@ -153,7 +161,7 @@ def test_a_relay_killed_mid_flash_ends_that_board_removed_only(site: Site) -> No
         station = Background(site)
         try:
             station.wait_line(" H1 ", " flash bootloader 0/", timeout=60)
-            dropped.close()  # the hub host's relay goes away
+            dropped.relay.close()  # the hub host's relay goes away
             removed = station.wait_line(" H1 ", " removed during ", timeout=60)
             station.wait_line(" H2 ", " done in ", timeout=90)
         finally:
@@ -180,7 +188,7 @@ def test_sixteen_boards_behind_esptools_relay_boot_the_app_and_stay_done(
     try:
         for _ in relays:
             station.wait_line(" done in ", timeout=180)
-        boards = [r.board for r in relays]  # type: ignore[attr-defined]
+        boards = [r.board for r in relays]
         resets = [relayed.rig.resets(b) for b in boards]
         with pytest.raises(TimeoutError):  # the whole wait: no 17th job, no reset
             station.wait_line("started job", timeout=QUIET)

@@ -16,7 +16,7 @@ import pytest
 from station.daemon import EXIT_BOARDS_FAILED, EXIT_OK
 from station.sim import Rig
 from station.sim.pty_lines import relay_env
-from tests.test_bad_inputs import Background, Firmware, Site, make_firmware
+from tests.test_bad_inputs import Firmware, Site, done_after_buttons, make_firmware
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -73,15 +73,6 @@ def test_a_line_of_boards_without_auto_reset_asks_for_buttons_on_local_ports(
     with wired_rig(site, seed=33) as rig:
         board = rig.plug(chip="esp32", reset_circuit="none", en_cap_uf=1.0)
         site.set("ports", "ask_buttons", "all").set("ports", "buttons_timeout", 60)
-        station = Background(site, "--exit-after", "1")
-        try:
-            asked = station.wait_line(" press BOOT + EN", timeout=90)
-            rig.press_boot_en(board)  # what the operator does
-            station.wait_line(" in download mode", timeout=60)
-            station.wait_line(" done in ", timeout=60)
-            result = station.finish()
-        finally:
-            station.close()
+        result = done_after_buttons(site, board.port, lambda: rig.press_boot_en(board))
     assert result.code == EXIT_OK, result
-    assert board.port in asked, result
     assert site.rows_by_port()[board.port]["result"] == "done"
