@@ -439,6 +439,10 @@ CONFIG_CASES: dict[str, tuple[Any, list[str]]] = {
         lambda s: s.set("verify", "boot", "yes"),
         ["config error", "station.toml: verify.boot: must be \"off\", \"rom\" or "
          "\"app\", not 'yes'"]),
+    "image_checks neither refuse nor warn": (
+        lambda s: s.set("firmware", "image_checks", "maybe"),
+        ["config error", "station.toml: firmware.image_checks: must be \"refuse\" or "
+         "\"warn\", not 'maybe'"]),
     "config file missing": (lambda s: None, ["station.toml: no such file (pass --config PATH)"]),
     "state_dir cannot be made": (_state_dir_under_a_file,
                                  ["state-file/state", "Not a directory"]),

@@ -44,7 +44,8 @@ PARTITION_MD5_MAGIC = 0xEBEB
 _PART = struct.Struct("<HBBII16sI")
 BOOTLOOP_ROUNDS = 3  # a boot loop is told this many times, then the board goes quiet
 # The ESP32 ROM retries an invalid header: 8 "invalid header" lines per boot, then its RTC
-# watchdog resets the chip (hardware logs in esp-idf#13208 and esp-idf#13302's threads).
+# watchdog resets the chip (whole rounds in the logs of esp-idf#13208 and
+# Ai-Thinker-Open/ESP32-A1S-AudioKit#49; docs/virtual-boards.md).
 ROM_HEADER_TRIES = 8
 
 # ROM banners: (first lines, reset cause, SPI boot, download boot)
