@@ -150,7 +150,8 @@ class FirmwareBundle:
 
     def describe(self) -> str:
         """One line for the dashboard footer and `station check`."""
-        warned = f", {len(self.warnings)} image warnings" if self.warnings else ""
+        n = len(self.warnings)
+        warned = f", {n} image warning{'s' if n > 1 else ''} (image_checks = warn)" if n else ""
         return (f"{self.chip} {len(self.regions)} images {self.total_bytes / 1e6:.2f} MB "
                 f"({self.compressed_bytes / 1e6:.2f} MB compressed) sha256 {self.sha256[:12]} "
                 f"from {Path(self.source).name}{warned}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from station.daemon import EXIT_BOARDS_FAILED, EXIT_CONFIG
+from station.daemon import EXIT_BOARDS_FAILED, EXIT_CONFIG, EXIT_OK
 from station.demo_firmware import make_demo_firmware
 from station.sim import Rig
 from tests.test_bad_inputs import Firmware, Site, make_firmware, toml_value
@@ -160,3 +160,19 @@ def test_by_default_the_same_images_are_refused_at_start_naming_the_file(
 REFUSED = {"esp32": "a bootloader at 0x0, but the esp32 ROM loads it from 0x1000",
            "esp32s3": "a bootloader at 0x1000, but the esp32s3 ROM loads it from 0x0",
            "esp32c3": "checksum mismatch (header says 0x"}
+
+
+def test_check_lists_the_warnings_and_that_nothing_proves_the_boot_without_a_boot_check(
+        line: Line, builds: dict[str, Build]) -> None:
+    line.entries = [{"chip": "esp32", "images": builds["esp32"].images,
+                     "image_checks": "warn"}]
+    result = line.check()
+    assert result.code == EXIT_OK, result
+    warnings = [w for w in result.stdout.splitlines() if w.startswith("firmware    warning: ")]
+    assert warnings == [
+        f"firmware    warning: {builds['esp32'].bad}: firmware[0].images[0].offset: a "
+        "bootloader at 0x0, but the esp32 ROM loads it from 0x1000; flashed as given "
+        '(firmware[0].image_checks = "warn")',
+        f"firmware    warning: {line.config}: verify.boot: \"off\": boards get these images "
+        'and end done without proof that they boot; set [verify] boot = "app"'], result
+    assert "from bootloader.bin, 1 image warning (image_checks = warn)\n" in result.stdout

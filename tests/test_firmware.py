@@ -307,7 +307,7 @@ def test_warn_keeps_each_content_problem_in_the_errors_words(build: Path,
         f"[firmware] chip is esp32{suffix}"), b.warnings
     assert str(refused.value) == f"{boot}: firmware.images[0].offset: a bootloader at 0x0, " \
                                  "but the esp32 ROM loads it from 0x1000"
-    assert "image warnings" in b.describe()
+    assert b.describe().endswith(" from bootloader.bin, 3 image warnings (image_checks = warn)")
     # flashed as given, each where it was put
     assert [(r.name, r.offset, r.data) for r in b.regions] == [
         ("bootloader", 0x0, boot.read_bytes()),

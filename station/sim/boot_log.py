@@ -10,7 +10,10 @@ checking "did the board boot what we flashed" meets the same text as on hardware
   the SPI config and one ``load:`` line per bootloader segment, then ``entry``.
 * The bootloader image at the chip's bootloader offset (esptool's target class
   ``BOOTLOADER_FLASH_OFFSET``) is parsed with esptool's own
-  :func:`esptool.bin_image.LoadFirmwareImage` (magic, segments, checksum).
+  :func:`esptool.bin_image.LoadFirmwareImage` (magic, segments, checksum); a word there
+  that is not an image header is ``invalid header: 0x...``, retried by the ROM.
+* The app is judged as ``bootloader_support/src/esp_image_format.c`` loads it: each
+  segment logged as it is read, then the XOR checksum, then the appended SHA256.
 * The partition table at 0x8000 (ESP-IDF ``esp_partition_info_t``: 32-byte entries,
   magic 0x50AA, 0xEBEB MD5 entry, 0xFFFF end), printed as
   ``bootloader_support/src/bootloader_utility.c`` does; the app is the factory partition
