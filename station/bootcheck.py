@@ -39,7 +39,8 @@ _LOADED = re.compile(r"Loaded app from partition at offset 0x([0-9a-fA-F]+)")
 _BOOTLOADER = re.compile(r"2nd stage bootloader")
 _DOWNLOAD = re.compile(r"boot:0x[0-9a-f]+ \(DOWNLOAD")
 _ROM = re.compile(r"rst:0x[0-9a-f]+ \(")
-_ERROR = re.compile(r"E \(\d+\) ")  # ESP_LOGE's prefix: level and milliseconds
+# ESP_LOGE's prefix: level and milliseconds (after a colour code with CONFIG_LOG_COLORS)
+_ERROR = re.compile(r"(?:\x1b\[[0-9;]*m)?E \(\d+\) ")
 
 
 @dataclass(frozen=True)
