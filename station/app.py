@@ -76,6 +76,16 @@ def load_bundles(config: Config) -> tuple[FirmwareBundle, ...]:
     return tuple(load_firmware(section) for section in config.firmwares)
 
 
+def firmware_warnings(config: Config, bundles: Sequence[FirmwareBundle]) -> list[str]:
+    """[firmware] image_checks = "warn": each image problem once, and, with no boot check,
+    that nothing on the line will catch them."""
+    lines = [line for bundle in bundles for line in bundle.warnings]
+    if lines and config.verify.boot == "off":
+        lines.append(f"{config.path}: verify.boot: \"off\": boards get these images and end "
+                     "done without proof that they boot; set [verify] boot = \"app\"")
+    return lines
+
+
 def build_plans(config: Config, bundles: Sequence[FirmwareBundle], registrar_kind: str) -> Plans:
     """One plan per chip: the worker picks the board's by the chip it finds."""
     return Plans({b.chip: build_plan(config, b, registrar_kind) for b in bundles})
@@ -138,6 +148,8 @@ async def assemble(config: Config, options: Options,
     state_dir = config.station.state_dir
     with state_dir_lock(state_dir):
         bundles = await asyncio.to_thread(load_bundles, config)
+        for line in firmware_warnings(config, bundles):
+            log.warning("%s", line)
         store = CredentialStore(config.credentials.out_dir)
         bus = Bus()
         registrar = make_registrar(config, store, throttled_reporter(bus))

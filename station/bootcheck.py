@@ -39,6 +39,8 @@ _LOADED = re.compile(r"Loaded app from partition at offset 0x([0-9a-fA-F]+)")
 _BOOTLOADER = re.compile(r"2nd stage bootloader")
 _DOWNLOAD = re.compile(r"boot:0x[0-9a-f]+ \(DOWNLOAD")
 _ROM = re.compile(r"rst:0x[0-9a-f]+ \(")
+# ESP_LOGE's prefix: level and milliseconds (after a colour code with CONFIG_LOG_COLORS)
+_ERROR = re.compile(r"(?:\x1b\[[0-9;]*m)?E \(\d+\) ")
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,36 @@ def _text(b: bytes) -> str:
 
 
 def _tail(text: str) -> str:
-    lines = [line.rstrip("\r") for line in text.splitlines() if line.strip()]
-    return "\n".join(lines[-TAIL_LINES:])
+    return "\n".join(_first_round(text)[-TAIL_LINES:])
+
+
+def _first_round(text: str) -> list[str]:
+    """The story's lines up to where a boot loop starts it over.
+
+    The capture ends at the next round's ROM banner, maybe cut inside it; the lines the
+    ROM prints before its `rst:` line (``ets ...``, ``ESP-ROM:...``/``Build:...``) are
+    the first round's own, so the same lines right before the second `rst:` belong to
+    the next round."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    banners = [i for i, line in enumerate(lines) if _ROM.search(line)]
+    if len(banners) < 2:
+        return lines
+    preamble = set(lines[:banners[0]])
+    cut = banners[1]
+    while cut > banners[0] + 1 and lines[cut - 1] in preamble:
+        cut -= 1
+    return lines[:cut]
 
 
 def _last(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return repr(lines[-1]) if lines else "nothing"
+    """What the board said last (in a boot loop: before it started over), with its
+    first error line if that came earlier: the bootloader names the cause first
+    (`esp_image: Checksum failed ...`) and its verdict last."""
+    lines = _first_round(text)
+    if not lines:
+        return "nothing"
+    error = next((line for line in lines if _ERROR.match(line)), lines[-1])
+    return repr(lines[-1]) if error == lines[-1] else f"{error!r} ... {lines[-1]!r}"
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def _space(free: int) -> str:
 
 
 async def check(config: Config, out: TextIO) -> int:
-    from station.app import build_plans, load_bundles
+    from station.app import build_plans, firmware_warnings, load_bundles
 
     print(f"config      {config.path}: ok", file=out)
     bundles = load_bundles(config)
@@ -64,6 +64,8 @@ async def check(config: Config, out: TextIO) -> int:
         for region in bundle.regions:
             print(f"            0x{region.offset:06x} {region.name} {len(region.data)} B "
                   f"({len(region.compressed)} B compressed)", file=out)
+    for line in firmware_warnings(config, bundles):
+        print(f"firmware    warning: {line}", file=out)
     registrar = make_registrar(config, CredentialStore(config.credentials.out_dir))
     plans = build_plans(config, bundles, registrar.kind)
     registers = any(p.credentials_region is not None for p in plans.by_chip.values())

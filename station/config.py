@@ -124,6 +124,9 @@ class FirmwareSection:
     flasher_args: Path | None
     images: tuple[ImageSpec, ...]
     key: str = "firmware"  # "firmware[1]" for the second [[firmware]] entry, for messages
+    image_checks: Literal["refuse", "warn"] = "refuse"
+    """A bad image's content: refused at start, or a warning and flashed as given
+    (station/firmware.py); what cannot be flashed is refused either way."""
 
 
 @dataclass(frozen=True)
@@ -402,7 +405,7 @@ def _verify(t: _Table) -> VerifySection:
 def _ask_buttons(t: _Table) -> AskButtons:
     value = t.get("ask_buttons", str, "remote")
     if value not in ASK_BUTTONS:
-        raise t.error("ask_buttons", f"must be {', '.join(map(repr, ASK_BUTTONS))}, "
+        raise t.error("ask_buttons", f"must be \"remote\", \"all\" or \"never\", "
                                      f"not {value!r}")
     return value
 
@@ -529,7 +532,11 @@ def _firmware(t: _Table, prefix: str = "firmware") -> FirmwareSection:
         raise t.error("images", "name the firmware: flasher_args (an ESP-IDF build) or images")
     if flasher_args is not None and images:
         raise t.error("images", "give flasher_args or images, not both")
-    f = FirmwareSection(chip=chip, flasher_args=flasher_args, images=tuple(images), key=prefix)
+    image_checks = t.get("image_checks", str, "refuse")
+    if image_checks not in ("refuse", "warn"):
+        raise t.error("image_checks", f"must be \"refuse\" or \"warn\", not {image_checks!r}")
+    f = FirmwareSection(chip=chip, flasher_args=flasher_args, images=tuple(images), key=prefix,
+                        image_checks=cast(Literal["refuse", "warn"], image_checks))
     t.done()
     return f
 

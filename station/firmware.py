@@ -9,6 +9,14 @@ padded and compressed once, then shared read-only by every worker.
 Every problem is a `FirmwareError(file, key, reason)`: one line naming the file and the
 config key, e.g. ``app.bin: firmware.images[2].file: built for esp32s3 ...``.
 
+`[firmware] image_checks = "warn"` is the escape hatch for the engineer who wants a bad
+image on a board (to prove that the line's boot check catches it, or to flash a build
+the checks here misjudge): problems of an image's *content* (header, checksum, appended
+SHA256, the chip it was built for, a bootloader where the ROM does not look) become one
+warning each, in the error's words, and the images are flashed as given. What makes
+flashing itself impossible (a missing or empty file, past the end of flash, overlap, an
+unaligned offset) and a partition table the station must read stay errors.
+
 Chip facts (image chip id, bootloader offset, flash-size codes) come from esptool's target
 classes through `station.chips`, and image headers and segments are read by esptool's own
 `bin_image` parser; the checksum and the appended SHA256 are checked here, with messages
@@ -117,6 +125,7 @@ class FirmwareBundle:
     partitions: tuple[Partition, ...]
     flash_size: int  # the size the images were checked against
     source: str  # the flasher_args.json or the first image, for messages
+    warnings: tuple[str, ...] = ()  # image_checks = "warn": the content problems found
 
     @property
     def total_bytes(self) -> int:
@@ -141,9 +150,11 @@ class FirmwareBundle:
 
     def describe(self) -> str:
         """One line for the dashboard footer and `station check`."""
+        n = len(self.warnings)
+        warned = f", {n} image warning{'s' if n > 1 else ''} (image_checks = warn)" if n else ""
         return (f"{self.chip} {len(self.regions)} images {self.total_bytes / 1e6:.2f} MB "
                 f"({self.compressed_bytes / 1e6:.2f} MB compressed) sha256 {self.sha256[:12]} "
-                f"from {Path(self.source).name}")
+                f"from {Path(self.source).name}{warned}")
 
 
 @dataclass
@@ -162,6 +173,19 @@ class _Image:
         return FirmwareError(str(self.file), self.offset_key if offset else self.key, reason)
 
 
+@dataclass
+class _Checks:
+    """Content problems: raised at once ("refuse"), or kept to warn about ("warn")."""
+
+    mode: str
+    found: list[FirmwareError]
+
+    def problem(self, error: FirmwareError) -> None:
+        if self.mode != "warn":
+            raise error
+        self.found.append(error)
+
+
 def load_firmware(section: FirmwareSection, flash_size_hint: int | None = None) -> FirmwareBundle:
     """Read, check and compress the firmware named by `[firmware]`.
 
@@ -169,9 +193,11 @@ def load_firmware(section: FirmwareSection, flash_size_hint: int | None = None) 
     in the bootloader's header, else `flash_size_hint` (a known board size), else 4 MB.
     """
     chip = section.chip
+    checks = _Checks(section.image_checks, [])
     declared: int | None = None
     if section.flasher_args is not None:
-        images, declared, source = _from_flasher_args(section.flasher_args, chip, section.key)
+        images, declared, source = _from_flasher_args(section.flasher_args, chip, checks,
+                                                      section.key)
     else:
         images = [_Image(spec.offset, spec.file, f"{section.key}.images[{i}].file",
                          f"{section.key}.images[{i}].offset")
@@ -187,7 +213,7 @@ def load_firmware(section: FirmwareSection, flash_size_hint: int | None = None) 
             img.role = "partition-table"
             partitions = _parse_partitions(img)
     for img in images:
-        _classify(img, chip, partitions, section.key)
+        _classify(img, chip, partitions, checks, section.key)
     if declared is None:
         boot = next((i for i in images if i.role == "bootloader" and i.info), None)
         declared = boot.info.flash_size if boot and boot.info else None
@@ -200,8 +226,10 @@ def load_firmware(section: FirmwareSection, flash_size_hint: int | None = None) 
     for r in regions:
         digest.update(struct.pack("<II", r.offset, len(r.data)))
         digest.update(r.data)
+    warned = f"flashed as given ({section.key}.image_checks = \"warn\")"
     return FirmwareBundle(chip=chip, regions=regions, sha256=digest.hexdigest(),
-                          partitions=partitions, flash_size=flash_size, source=source)
+                          partitions=partitions, flash_size=flash_size, source=source,
+                          warnings=tuple(f"{e}; {warned}" for e in checks.found))
 
 
 def _name(img: _Image, apps: int) -> str:
@@ -212,7 +240,7 @@ def _name(img: _Image, apps: int) -> str:
     return img.file.name
 
 
-def _from_flasher_args(path: Path, chip: str,
+def _from_flasher_args(path: Path, chip: str, checks: _Checks,
                        prefix: str = "firmware") -> tuple[list[_Image], int | None, str]:
     where = str(path)
     try:
@@ -229,8 +257,8 @@ def _from_flasher_args(path: Path, chip: str,
     extra = doc.get("extra_esptool_args", {})
     built_for = extra.get("chip") if isinstance(extra, dict) else None
     if built_for is not None and built_for != chip:
-        raise FirmwareError(where, "extra_esptool_args.chip",
-                            f"the build is for {built_for}, but {_chip_key(prefix)} is {chip}")
+        checks.problem(FirmwareError(where, "extra_esptool_args.chip", f"the build is for "
+                                     f"{built_for}, but {_chip_key(prefix)} is {chip}"))
     declared = None
     settings = doc.get("flash_settings", {})
     if isinstance(settings, dict) and isinstance(settings.get("flash_size"), str):
@@ -309,7 +337,7 @@ def _chip_key(prefix: str) -> str:
     return "[firmware] chip" if prefix == "firmware" else f"{prefix}.chip"
 
 
-def _classify(img: _Image, chip: str, partitions: tuple[Partition, ...],
+def _classify(img: _Image, chip: str, partitions: tuple[Partition, ...], checks: _Checks,
               prefix: str = "firmware") -> None:
     """Decide what an image is; bootloaders and apps must be valid images for `chip`."""
     if img.role == "partition-table":
@@ -320,21 +348,18 @@ def _classify(img: _Image, chip: str, partitions: tuple[Partition, ...],
     must_be_image = img.offset == boot_at or img.offset in app_offsets
     if not must_be_image and img.raw[0] != ESP_IMAGE_MAGIC:
         return  # a data image (NVS, SPIFFS, ...): no header to check
+    img.role = "bootloader" if img.offset < min(table_at, 0x8000) else "app"
     try:
         img.info = parse_image(img.raw)
     except ValueError as e:
-        raise img.error(str(e)) from None
-    if img.info.chip_id != chips.facts(chip).image_chip_id:
+        checks.problem(img.error(str(e)))
+    if img.info is not None and img.info.chip_id != chips.facts(chip).image_chip_id:
         found = chips.by_image_id(img.info.chip_id) or f"chip id {img.info.chip_id}"
-        raise img.error(f"built for {found} (image chip id {img.info.chip_id}), "
-                        f"but {_chip_key(prefix)} is {chip}")
-    if img.offset < min(table_at, 0x8000):
-        img.role = "bootloader"
-        if img.offset != boot_at:
-            raise img.error(f"a bootloader at 0x{img.offset:x}, but the {chip} ROM loads it "
-                            f"from 0x{boot_at:x}", offset=True)
-    else:
-        img.role = "app"
+        checks.problem(img.error(f"built for {found} (image chip id {img.info.chip_id}), "
+                                 f"but {_chip_key(prefix)} is {chip}"))
+    if img.role == "bootloader" and img.offset != boot_at:
+        checks.problem(img.error(f"a bootloader at 0x{img.offset:x}, but the {chip} ROM "
+                                 f"loads it from 0x{boot_at:x}", offset=True))
 
 
 def _parse_partitions(img: _Image) -> tuple[Partition, ...]:

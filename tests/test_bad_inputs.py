@@ -456,8 +456,12 @@ CONFIG_CASES: dict[str, tuple[Any, list[str]]] = {
          "\"app\", not 'yes'"]),
     "ask_buttons neither remote, all nor never": (
         lambda s: s.set("ports", "ask_buttons", "sometimes"),
-        ["config error", "station.toml: ports.ask_buttons: must be 'remote', 'all', "
-         "'never', not 'sometimes'"]),
+        ["config error", "station.toml: ports.ask_buttons: must be \"remote\", \"all\" or "
+         "\"never\", not 'sometimes'"]),
+    "image_checks neither refuse nor warn": (
+        lambda s: s.set("firmware", "image_checks", "maybe"),
+        ["config error", "station.toml: firmware.image_checks: must be \"refuse\" or "
+         "\"warn\", not 'maybe'"]),
     "config file missing": (lambda s: None, ["station.toml: no such file (pass --config PATH)"]),
     "state_dir cannot be made": (_state_dir_under_a_file,
                                  ["state-file/state", "Not a directory"]),

@@ -63,3 +63,24 @@ def test_rom_level_needs_only_the_bootloader() -> None:
     story = told(app, table=bi.partition_table(app_offset=0x20000))
     assert check(app, level="rom").judge(story).ok
     assert not check(app, level="rom").judge("waiting for download\r\n").ok
+
+
+def test_a_boot_loop_is_judged_on_its_first_round_and_names_the_first_error() -> None:
+    app = bytearray(bi.app())
+    app[0x400] ^= 0x01  # a corrupt app: the bootloader gives up on it
+    story = told(bytes(app))
+    again = story.replace("rst:0x1 (POWERON_RESET)", "rst:0x3 (SW_RESET)")
+    judge = check(bytes(app))
+    # the capture stops inside the next round's banner, wherever the read ended
+    for cut in ("rst:0x3 (", "rst:0x3 (SW_RESET),boot:0x13", again):
+        text = story + again[:again.index(cut) + len(cut)]
+        assert judge.complete(text)
+        verdict = judge.judge(text)
+        assert verdict.detail.startswith(
+            'expected "Loaded app from partition at offset 0x10000"; the board printed '
+            "'E ("), verdict
+        assert "esp_image: Checksum failed. Calculated 0x" in verdict.detail, verdict
+        assert verdict.detail.endswith(
+            ") boot: No bootable app partitions in the partition table'"), verdict
+        assert "SW_RESET" not in verdict.tail and "ets Jul" not in verdict.tail[-40:]
+        assert verdict.tail.endswith("No bootable app partitions in the partition table")

@@ -90,6 +90,8 @@ def test_the_shipped_station_toml_is_valid_apart_from_the_firmware_build() -> No
         (('kind = "local-ca"', 'kind = "azure"'), "registrar.kind", "must be one of"),
         (('namespace = "station"', 'namespace = "a-namespace-too-long"'),
          "credentials.namespace", "15"),
+        (('chip = "esp32"', 'chip = "esp32"\nimage_checks = "maybe"'),
+         "firmware.image_checks", 'must be "refuse" or "warn", not \'maybe\''),
     ],
 )
 def test_each_mistake_names_file_and_key(rig: Path, change: tuple[str, str], key: str,
@@ -152,6 +154,11 @@ def test_firmware_for_several_chips_and_a_single_table_still_loads(rig: Path) ->
     assert [(f.chip, f.key) for f in multi.firmwares] == [("esp32", "firmware[0]"),
                                                           ("esp32c6", "firmware[1]")]
     assert multi.firmware.chip == "esp32"
+    # image_checks: "refuse" unless an entry says "warn", each entry for itself
+    assert [f.image_checks for f in multi.firmwares] == ["refuse", "refuse"]
+    warn = MULTI.replace('chip = "esp32c6"\n', 'chip = "esp32c6"\nimage_checks = "warn"\n')
+    multi = load(write(rig, GOOD.replace(SINGLE, warn)))
+    assert [f.image_checks for f in multi.firmwares] == ["refuse", "warn"]
 
 
 @pytest.mark.parametrize(("firmware", "key", "words"), [
@@ -162,6 +169,8 @@ def test_firmware_for_several_chips_and_a_single_table_still_loads(rig: Path) ->
      "ap.bin: no such file"),
     (MULTI.replace('chip = "esp32c6"\n', 'chip = "esp32c6"\nchips = 2\n'), "firmware[1].chips",
      "unknown key"),
+    (MULTI.replace('chip = "esp32c6"\n', 'chip = "esp32c6"\nimage_checks = "off"\n'),
+     "firmware[1].image_checks", 'must be "refuse" or "warn", not \'off\''),
     ("firmware = []\n", "firmware", "at least one entry"),
 ])
 def test_each_firmware_entry_is_checked_as_one_table_is(rig: Path, firmware: str, key: str,

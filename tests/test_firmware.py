@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -275,6 +276,63 @@ def test_truncated_and_corrupt_images(build: Path, tmp_path: Path) -> None:
     expect(images("esp32", (0x10000, bad)), bad, "firmware.images[0].file", "corrupt")
     empty = write(tmp_path / "empty.bin", b"")
     expect(images("esp32", (0x200000, empty)), empty, "firmware.images[0].file", "empty")
+
+
+# -- image_checks = "warn": content problems flashed as given, layout problems still fatal
+
+
+def warned(section: FirmwareSection) -> FirmwareBundle:
+    return load_firmware(dataclasses.replace(section, image_checks="warn"))
+
+
+def test_warn_keeps_each_content_problem_in_the_errors_words(build: Path,
+                                                              tmp_path: Path) -> None:
+    d = build.parent
+    raw = bytearray((d / "app.bin").read_bytes())
+    raw[700_000] ^= 1
+    bad = write(tmp_path / "bad.bin", bytes(raw))
+    s3_app = make_demo_firmware(tmp_path / "s3", chip="esp32s3").parent / "app.bin"
+    boot = d / "bootloader/bootloader.bin"
+    specs = ((0x0, boot), (0x8000, d / "partition_table/partition-table.bin"), (0x10000, bad),
+             (0x200000, s3_app))
+    with pytest.raises(FirmwareError) as refused:  # refuse: the first problem is the error
+        load_firmware(images("esp32", *specs))
+    b = warned(images("esp32", *specs))
+    suffix = '; flashed as given (firmware.image_checks = "warn")'
+    assert b.warnings == (
+        f"{refused.value}{suffix}",
+        f"{bad}: firmware.images[2].file: checksum mismatch (header says 0x{raw[-33]:02x}, "
+        f"segments give 0x{raw[-33] ^ 1:02x}): the file is corrupt{suffix}",
+        f"{s3_app}: firmware.images[3].file: built for esp32s3 (image chip id 9), but "
+        f"[firmware] chip is esp32{suffix}"), b.warnings
+    assert str(refused.value) == f"{boot}: firmware.images[0].offset: a bootloader at 0x0, " \
+                                 "but the esp32 ROM loads it from 0x1000"
+    assert b.describe().endswith(" from bootloader.bin, 3 image warnings (image_checks = warn)")
+    # flashed as given, each where it was put
+    assert [(r.name, r.offset, r.data) for r in b.regions] == [
+        ("bootloader", 0x0, boot.read_bytes()),
+        ("partition-table", 0x8000, specs[1][1].read_bytes()),
+        ("bad.bin", 0x10000, bad.read_bytes()), ("app.bin", 0x200000, s3_app.read_bytes())]
+    assert warned(from_args("esp32s3", build)).warnings[0].startswith(
+        f"{build}: extra_esptool_args.chip: the build is for esp32, but [firmware] chip is "
+        "esp32s3; ")
+
+
+def test_warn_still_refuses_what_cannot_be_flashed(build: Path, tmp_path: Path) -> None:
+    data = write(tmp_path / "data.bin", b"\x00" * 0x3000)
+    junk = write(tmp_path / "junk.bin", b"\x00" * 16)
+    empty = write(tmp_path / "empty.bin", b"")
+    for section, file, key, words in [
+            (images("esp32", *demo_specs(build), (0x20000, data)), data,
+             "firmware.images[3].offset", "overlaps app.bin"),
+            (images("esp32", (0x3F0000, write(tmp_path / "big.bin", b"\x00" * 0x20000))),
+             tmp_path / "big.bin", "firmware.images[0].file", "past the end of 4 MB flash"),
+            (images("esp32", (0x200800, junk)), junk, "firmware.images[0].offset",
+             "not a multiple of 0x1000"),
+            (images("esp32", (0x200000, empty)), empty, "firmware.images[0].file", "empty"),
+            (images("esp32", (0x200000, tmp_path / "none.bin")), tmp_path / "none.bin",
+             "firmware.images[0].file", "no such file")]:
+        expect(dataclasses.replace(section, image_checks="warn"), file, key, words)
 
 
 def test_data_images_need_no_header(tmp_path: Path) -> None:

@@ -10,7 +10,10 @@ checking "did the board boot what we flashed" meets the same text as on hardware
   the SPI config and one ``load:`` line per bootloader segment, then ``entry``.
 * The bootloader image at the chip's bootloader offset (esptool's target class
   ``BOOTLOADER_FLASH_OFFSET``) is parsed with esptool's own
-  :func:`esptool.bin_image.LoadFirmwareImage` (magic, segments, checksum).
+  :func:`esptool.bin_image.LoadFirmwareImage` (magic, segments, checksum); a word there
+  that is not an image header is ``invalid header: 0x...``, retried by the ROM.
+* The app is judged as ``bootloader_support/src/esp_image_format.c`` loads it: each
+  segment logged as it is read, then the XOR checksum, then the appended SHA256.
 * The partition table at 0x8000 (ESP-IDF ``esp_partition_info_t``: 32-byte entries,
   magic 0x50AA, 0xEBEB MD5 entry, 0xFFFF end), printed as
   ``bootloader_support/src/bootloader_utility.c`` does; the app is the factory partition
@@ -25,9 +28,11 @@ The ESP-IDF version the bootloader lines follow is the app's ``idf_ver``.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from esptool.bin_image import LoadFirmwareImage
 
@@ -41,6 +46,10 @@ PARTITION_MAGIC = 0x50AA
 PARTITION_MD5_MAGIC = 0xEBEB
 _PART = struct.Struct("<HBBII16sI")
 BOOTLOOP_ROUNDS = 3  # a boot loop is told this many times, then the board goes quiet
+# The ESP32 ROM retries an invalid header: 8 "invalid header" lines per boot, then its RTC
+# watchdog resets the chip (whole rounds in the logs of esp-idf#13208 and
+# Ai-Thinker-Open/ESP32-A1S-AudioKit#49; docs/virtual-boards.md).
+ROM_HEADER_TRIES = 8
 
 # ROM banners: (first lines, reset cause, SPI boot, download boot)
 _ESP32 = ("ets Jul 29 2019 12:21:46\r\n\r\n", "rst:0x1 (POWERON_RESET)",
@@ -161,12 +170,12 @@ def spi_boot(spec: ChipSpec, flash: bytes, app_line: str | None = None) -> tuple
     boot_at = spec.bootloader_offset
     magic = struct.unpack_from("<I", flash, boot_at)[0]
     if flash[boot_at] != 0xE9:
-        out.append(f"invalid header: 0x{magic:08x}")
+        out += [f"invalid header: 0x{magic:08x}"] * ROM_HEADER_TRIES
         return "\r\n".join(out) + "\r\n", False
     try:
         image = LoadFirmwareImage(spec.name, flash[boot_at:boot_at + 0x10000])
-    except Exception as e:  # esptool's parser refuses: the ROM would too
-        out.append(f"invalid header: 0x{magic:08x} ({e})")
+    except Exception:  # esptool's parser refuses: the ROM would too (its words unknown)
+        out += [f"invalid header: 0x{magic:08x}"] * ROM_HEADER_TRIES
         return "\r\n".join(out) + "\r\n", False
     if spec.name == "esp32":
         out += ["configsip: 0, SPIWP:0xee",
@@ -209,26 +218,23 @@ def spi_boot(spec: ChipSpec, flash: bytes, app_line: str | None = None) -> tuple
         log.e("boot", "No bootable app partitions in the partition table")
         return "\r\n".join(out + log.lines) + "\r\n", False
     app_image = None
-    try:
-        app_image = LoadFirmwareImage(spec.name,
-                                      flash[app.offset:app.offset + app.size])
-        valid = app_image.calculate_checksum() == app_image.checksum
-    except Exception:
-        valid = False
-    if not valid:
-        log.e("esp_image", "Checksum failed. Calculated 0x"
-              f"{app_image.calculate_checksum() if app_image else 0:x} read 0x"
-              f"{app_image.checksum if app_image else 0:x}")
+    with contextlib.suppress(Exception):  # not an image esptool can walk: judged below
+        app_image = LoadFirmwareImage(spec.name, flash[app.offset:app.offset + app.size])
+    rom = spec.rom_class
+    for n, seg in enumerate(app_image.segments if app_image else []):
+        # esp_image_format.c process_segment(): logged as each segment is loaded, before
+        # the checksum and the hash are known; paddr is the data's, after its 8-byte header
+        mapped = any(lo <= seg.addr < hi for lo, hi in (
+            (rom.IROM_MAP_START, rom.IROM_MAP_END), (rom.DROM_MAP_START, rom.DROM_MAP_END)))
+        log.i("esp_image", f"segment {n}: paddr={app.offset + seg.file_offs + 8:08x} "
+              f"vaddr={seg.addr:08x} size={len(seg.data):05x}h ({len(seg.data):6d}) "
+              f"{'map' if mapped else 'load'}")
+    error = _app_error(app_image)
+    if error is not None:
+        log.e("esp_image", error)
         log.e("boot", "Factory app partition is not bootable")
         log.e("boot", "No bootable app partitions in the partition table")
         return "\r\n".join(out + log.lines) + "\r\n", False
-    rom = spec.rom_class
-    for n, seg in enumerate(app_image.segments if app_image else []):
-        mapped = any(lo <= seg.addr < hi for lo, hi in (
-            (rom.IROM_MAP_START, rom.IROM_MAP_END), (rom.DROM_MAP_START, rom.DROM_MAP_END)))
-        log.i("esp_image", f"segment {n}: paddr={app.offset + seg.file_offs:08x} "
-              f"vaddr={seg.addr:08x} size={len(seg.data):05x}h ({len(seg.data):6d}) "
-              f"{'map' if mapped else 'load'}")
     log.i("boot", f"Loaded app from partition at offset 0x{app.offset:x}")
     log.i("boot", "Disabling RNG early entropy source...")
     log.i("cpu_start", "Pro cpu start user code")
@@ -246,6 +252,19 @@ def spi_boot(spec: ChipSpec, flash: bytes, app_line: str | None = None) -> tuple
     if app_line:
         lines.append(app_line)
     return "\r\n".join(lines) + "\r\n", True
+
+
+def _app_error(image: Any) -> str | None:
+    """esp_image_format.c's verdict on an app it loaded, in its order: process_checksum()
+    ("Checksum failed"), then verify_simple_hash() over the appended SHA256."""
+    if image is None:  # esptool cannot walk its segments; ESP-IDF's exact words not modelled
+        return "Checksum failed. Calculated 0x0 read 0x0"
+    calculated = image.calculate_checksum()
+    if calculated != image.checksum:
+        return f"Checksum failed. Calculated 0x{calculated:x} read 0x{image.checksum:x}"
+    if image.append_digest and image.stored_digest != image.calc_digest:
+        return "Image hash failed - image is corrupt"
+    return None
 
 
 def _revision(spec: ChipSpec) -> str:

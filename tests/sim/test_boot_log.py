@@ -46,8 +46,9 @@ def test_app_lines_follow_the_images_esp_idf_version(idf: str, tag: str, digits:
 def test_bootloader_at_the_wrong_offset_stops_in_the_rom() -> None:
     text, ok = spi_boot(chip_spec("esp32"), esp32_flash(boot_at=0x0))
     assert not ok
-    # The ROM reads 0x1000, which now holds the middle of the bootloader's first segment.
-    assert text.endswith("invalid header: 0x11111111\r\n")
+    # The ROM reads 0x1000, which now holds the middle of the bootloader's first segment,
+    # and tries 8 times before its watchdog starts it over (as hardware logs show).
+    assert text.endswith("(SPI_FAST_FLASH_BOOT)\r\n" + "invalid header: 0x11111111\r\n" * 8)
     assert "2nd stage bootloader" not in text
 
 
@@ -56,9 +57,27 @@ def test_a_corrupt_app_fails_its_checksum() -> None:
     app[0x400] ^= 0x01  # inside the first segment, after the app descriptor
     text, ok = spi_boot(chip_spec("esp32"), esp32_flash(bytes(app)))
     assert not ok
-    assert "E (" in text and "esp_image: Checksum failed." in text
+    # esp_image_format.c logs each segment as it loads it, then checks the checksum
+    lines = text.splitlines()
+    n = next(i for i, line in enumerate(lines) if "esp_image: Checksum failed." in line)
+    segments = [line for line in lines[:n] if "esp_image: segment " in line]
+    assert len(segments) == 3 and segments[0].endswith(  # (esptool padded the IROM segment)
+        "esp_image: segment 0: paddr=00010020 vaddr=3f400020 size=00900h (  2304) map")
+    assert lines[n].startswith("E (") and lines[n].endswith(
+        f"esp_image: Checksum failed. Calculated 0x{app[-33] ^ 1:x} read 0x{app[-33]:x}")
     assert "boot: Factory app partition is not bootable" in text
     assert "Loaded app" not in text
+
+
+def test_a_corruption_the_checksum_misses_fails_the_appended_sha256() -> None:
+    app = bytearray(bi.app())
+    app[0x400] ^= 0x10
+    app[0x401] ^= 0x10  # the XOR checksum cancels out; the SHA256 does not
+    text, ok = spi_boot(chip_spec("esp32"), esp32_flash(bytes(app)))
+    assert not ok
+    assert "Checksum failed" not in text
+    assert "E (" in text and "esp_image: Image hash failed - image is corrupt\r\n" in text
+    assert text.endswith("boot: No bootable app partitions in the partition table\r\n")
 
 
 def test_a_partition_table_pointing_elsewhere_finds_no_app() -> None:
