@@ -21,6 +21,7 @@ from pathlib import Path
 from station.config import load
 from station.daemon import Options
 from station.demo_firmware import make_demo_firmware
+from station.sim.pty_lines import give_this_process_lines
 
 RIG_STOP_TIMEOUT = 30.0
 DEMO_CHIPS = ("esp32", "esp32s3", "esp32c3")  # the rig's boards cycle through these
@@ -65,6 +66,9 @@ endpoint = "mqtt.demo.local:8883"
 out_dir = "certs_out"
 partition = "nvs"
 namespace = "station"
+
+[verify]
+boot = "app"  # read each board's boot story after the reset: does it run our app?
 """
     path = workdir / "station.toml"
     path.write_text(text)
@@ -83,7 +87,11 @@ def run_demo(boards: int, workdir: Path, headless: bool, throttle: bool = True) 
               for chip in DEMO_CHIPS}
     config = load(write_demo_config(workdir, builds, str(rig_dir / "ports" / "pci-*")))
     _setup_logging(config, headless)
-    rig = _start_rig(boards, rig_dir, throttle)
+    # The rig's boards have the devkit's auto-reset circuit, and this process's ports
+    # carry DTR/RTS to it (station/sim/pty_lines.py), as a USB-UART bridge's driver does.
+    lines = rig_dir / "pty-lines.sock"
+    give_this_process_lines(lines)
+    rig = _start_rig(boards, rig_dir, throttle, lines)
     try:
         print(f"station demo: {boards} virtual boards in {rig_dir / 'ports'}; "
               f"results in {workdir}", flush=True)
@@ -94,10 +102,11 @@ def run_demo(boards: int, workdir: Path, headless: bool, throttle: bool = True) 
     return code
 
 
-def _start_rig(boards: int, rig_dir: Path, throttle: bool) -> subprocess.Popen[bytes]:
+def _start_rig(boards: int, rig_dir: Path, throttle: bool,
+               lines: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "station.sim", "--boards", str(boards),
            "--dir", str(rig_dir / "ports"), "--plug-interval", "0.25", "--seed", "7",
-           "--chip", ",".join(DEMO_CHIPS)]
+           "--chip", ",".join(DEMO_CHIPS), "--pty-lines", str(lines), "--en-cap", "1"]
     if not throttle:
         cmd.append("--no-throttle")
     log = (rig_dir / "rig.log").open("wb")

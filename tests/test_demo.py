@@ -29,3 +29,6 @@ def test_demo_flashes_its_virtual_boards_from_a_relative_folder(tmp_path: Path) 
     assert [job["result"] for job in jobs] == ["done"] * 3
     # a mixed rig: one board of each chip the demo holds firmware for ([[firmware]])
     assert sorted(job["chip"] for job in jobs) == ["esp32", "esp32c3", "esp32s3"]
+    # each was reset by its lines and told the boot story of its own chip's app
+    assert sorted((job["boot"], job["booted_project"]) for job in jobs) == [
+        ("ok", f"station-demo-{chip}") for chip in ("esp32", "esp32c3", "esp32s3")]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -43,6 +44,16 @@ def relay_env(socket_path: str | os.PathLike[str],
                                         if p)
     env[ENV] = str(socket_path)
     return env
+
+
+def give_this_process_lines(socket_path: str | os.PathLike[str]) -> None:
+    """What :func:`relay_env` does for a new process, for this one (``station demo``,
+    whose station runs in the demo's own process): its ptys' DTR/RTS go to the rig."""
+    os.environ[ENV] = str(socket_path)
+    spec = importlib.util.spec_from_file_location("station_sim_pty_lines_site",
+                                                  SITE_DIR / "sitecustomize.py")
+    assert spec is not None and spec.loader is not None
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
 class PtyLinesListener:
