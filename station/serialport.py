@@ -157,10 +157,20 @@ class RemotePort(_Abortable, rfc2217.Serial):
     a line setting goes to the far end here."""
 
     _line: tuple[object, ...] | None = None
+    far_end_closed = False
+    """The hub ended the connection (EOF or a socket error while the port was open). Not
+    the same as closed: esptool closes the port itself after a failed connect, and that
+    is a mute board, not an unplugged one (remoteports.link_failed)."""
 
     def open(self) -> None:
         self._line = None
+        self.far_end_closed = False
         super().open()
+
+    def _telnet_read_loop(self) -> None:
+        super()._telnet_read_loop()  # returns on EOF, a socket error, or our close
+        if self.is_open:
+            self.far_end_closed = True
 
     def _reconfigure_port(self) -> None:
         line = (self._baudrate, self._bytesize, self._parity, self._stopbits,
