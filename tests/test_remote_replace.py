@@ -63,13 +63,18 @@ def test_boards_that_failed_at_connect_are_replaced_and_the_new_ones_are_done(
                       (until(station, " failed at connect", timeout=60) for _ in urls)}
             fresh = []
             for board in (mute, manual):  # the operator swaps each at the hub host
+                unplugged = time.monotonic()
                 rig.unplug(board)
                 until(station, f"hub {board.rfc2217}: probing (connection closed)",
                       timeout=30)
+                seen = time.monotonic() - unplugged
                 assert board.rfc2217 is not None
                 fresh.append(rig.plug(chip="esp32",
                                       rfc2217_port=int(board.rfc2217.rsplit(":", 1)[1])))
+                print(f"{board.rfc2217}: the unplug seen in {seen:.2f} s")
+            plugged = time.monotonic()
             done = {until(station, " done in ", timeout=60).split()[1] for _ in fresh}
+            print(f"both replacements done {time.monotonic() - plugged:.2f} s after the last plug")
         finally:
             result = station.stop()
     assert result.code == EXIT_OK, result
