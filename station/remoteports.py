@@ -66,7 +66,8 @@ class _Remote:
     keeper: threading.Thread | None = None
     info: PortInfo | None = None
     gone: asyncio.Event | None = None
-    watch: threading.Event | None = None  # set while a watcher holds the URL (observe)
+    watch: threading.Event | None = None  # while a watcher holds the URL (observe): its stop
+    watcher: threading.Thread | None = None
 
 
 def _info(url: str, generation: int) -> PortInfo:
@@ -142,7 +143,8 @@ class RemotePorts:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for remote in self._remotes.values():
-            self._unwatch(remote)
+            if remote.watch is not None:
+                await asyncio.to_thread(self._unwatch, remote)  # it joins the watcher
             held, remote.held, remote.info = remote.held, None, None
             if held is not None:
                 await asyncio.to_thread(_close, held)
@@ -207,16 +209,23 @@ class RemotePorts:
             if remote.held is not None or remote.watch is not None:
                 return  # the keeper watches it
             stop = remote.watch = threading.Event()
-        threading.Thread(target=self._watcher, args=(remote, stop, remote.generation),
-                         daemon=True, name=f"watch {remote.url}").start()
+            remote.watcher = threading.Thread(target=self._watcher,
+                                              args=(remote, stop, remote.generation),
+                                              daemon=True, name=f"watch {remote.url}")
+            remote.watcher.start()
 
     # -- inside --
 
     def _unwatch(self, remote: _Remote) -> None:
+        """End the watcher, its socket closed when this returns (bounded): the relay
+        serves one client, and the caller may be about to become it."""
         with self._lock:
-            stop, remote.watch = remote.watch, None
+            stop, thread, remote.watch, remote.watcher = remote.watch, remote.watcher, None, \
+                None
         if stop is not None:
             stop.set()  # the watcher closes its socket within KEEP_READ_TIMEOUT
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(KEEP_READ_TIMEOUT * 4)
 
     def _watcher(self, remote: _Remote, stop: threading.Event, generation: int) -> None:
         """Hold a bare TCP connection to the URL and read until the far end closes it."""
@@ -249,7 +258,7 @@ class RemotePorts:
         with self._lock:
             mine = remote.watch is stop
             if mine:
-                remote.watch = None
+                remote.watch = remote.watcher = None
         if mine and not stop.is_set() and remote.generation == generation:
             log.info("%s: the hub closed the connection (board unplugged there?)", remote.url)
             self.lost(remote.url)
