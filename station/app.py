@@ -183,6 +183,8 @@ async def assemble(config: Config, options: Options,
             remote = RemotePorts(config.ports.remote, show=bus.notify,
                                  slot_for=lambda url: config.slot_for(url, url)) \
                 if config.ports.remote else None
+            if remote is not None:  # a job that kept no connection: watch its URL
+                bus.observers.append(remote.observe)
             station = Station(config=config, plans=plans,
                               flasher=EsptoolFlasher(line=config.ports.line,
                                                      memory=SlotMemory(), keys=board_keys,

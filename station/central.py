@@ -37,7 +37,8 @@ from psycopg.rows import dict_row
 from station.errors import CentralError, CentralUnreachableError
 from station.parts import BoardHistory
 
-SCHEMA_VERSION = 3  # 2: slot_flags and runs (station/centralslots.py); 3: line rates
+SCHEMA_VERSION = 4  # 2: slot_flags and runs (station/centralslots.py); 3: line rates;
+# 4: the boot check (station/bootcheck.py)
 LOCK_ID = 0x5747_4E01  # pg_advisory_xact_lock key for migrations ("STN" + 1)
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -88,11 +89,18 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN baud integer",
         "ALTER TABLE jobs ADD COLUMN baud_steps text",
     ),
+    4: (  # [verify] boot: the verdict, what the board said it runs, its last console lines
+        "ALTER TABLE jobs ADD COLUMN boot text",
+        "ALTER TABLE jobs ADD COLUMN booted_project text",
+        "ALTER TABLE jobs ADD COLUMN booted_version text",
+        "ALTER TABLE jobs ADD COLUMN boot_log text",
+    ),
 }
 
 JOB_COLUMNS = ("job_id", "port", "slot", "mac", "chip", "thing_name", "firmware_hash",
                "registrar", "certificate_id", "stage", "result", "failed_stage", "error",
-               "started_at", "finished_at", "timings", "baud", "baud_steps")
+               "started_at", "finished_at", "timings", "baud", "baud_steps", "boot",
+               "booted_project", "booted_version", "boot_log")
 """The local ledger's job columns that are shipped (station is the row's own key)."""
 
 

@@ -18,6 +18,7 @@ from station.daemon import EXIT_OK, reconcile_journal, state_dir_lock
 from station.errors import ConfigError
 from station.hostcheck import HOST_ROOT_ENV, findings
 from station.hotplug import scan
+from station.hubcheck import probe_hubs
 from station.registrar import make_registrar
 
 PROBE_BYTES = 4096
@@ -93,6 +94,9 @@ async def check(config: Config, out: TextIO) -> int:
     ports = scan(config.ports.watch)
     print(f"ports       {len(ports)} present now, watching {', '.join(config.ports.watch)} "
           f"at {config.ports.baud} baud", file=out)
+    for hub in probe_hubs(config.ports.remote):  # run retries a dead hub; say it now
+        print(f"hub         {'' if hub.problem is None else 'problem: '}{hub.line()}",
+              file=out)
     host = findings(Path(os.environ.get(HOST_ROOT_ENV) or "/"), [p.path for p in ports])
     for finding in host:  # warnings: a rig may work without them, but rarely well
         print(f"host        warning: {finding}", file=out)

@@ -17,9 +17,19 @@ hotplug.py. What "plugged" means differs, and that forced the design:
   reported (`HubStatus`, for the dashboard and `station ports`) and never waits on,
   or blocks, local ports or other hubs.
 
-Connections die in one of three places, all of which end in `lost(url)`: the keeper's
-read (after the job), the flasher's serial error mid-job (a hub host dropping mid-flash
-ends that board `removed`), or the probe failing.
+- A job that ends with no connection to keep (esptool closes the port itself after a
+  failed connect: a mute board, one whose BOOT + EN nobody pressed) would leave nothing
+  for the far end to close, and the operator's replacement board at that hub port would
+  never be seen. So a job's end (`JobFinished`, this object is a bus observer) with no
+  kept connection starts a *watcher*: a bare TCP connection (no telnet answer, so no
+  DTR/RTS change can reset anything) that only reads, until the far end closes it.
+  A relay still busy with our last client turns the watcher away before its greeting
+  (its first telnet bytes); that is retried, never taken for an unplug.
+
+Connections die in one of four places, all of which end in `lost(url)`: the keeper's
+read (after a job), the watcher's (after a job that kept nothing), the flasher's serial
+error mid-job (a hub host dropping mid-flash ends that board `removed`), or the probe
+failing.
 """
 
 from __future__ import annotations
@@ -27,12 +37,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from station.events import Event, HubStatus
+from station.events import Event, HubStatus, JobFinished
 from station.hotplug import PortInfo
 from station.remoteurl import host_port
 
@@ -42,6 +53,7 @@ PROBE_TIMEOUT = 3.0  # seconds for a TCP connect to a hub host on the line's own
 BACKOFF_FIRST = 0.5  # seconds before the first retry of an unreachable hub
 BACKOFF_MAX = 30.0  # the longest wait between retries: a hub host back is seen within it
 KEEP_READ_TIMEOUT = 0.5  # the keeper's read timeout: how fast stop() ends its thread
+WATCH_RETRY_MAX = 2.0  # the longest pause before a turned-away watcher connects again
 
 
 @dataclass
@@ -54,6 +66,8 @@ class _Remote:
     keeper: threading.Thread | None = None
     info: PortInfo | None = None
     gone: asyncio.Event | None = None
+    watch: threading.Event | None = None  # while a watcher holds the URL (observe): its stop
+    watcher: threading.Thread | None = None
 
 
 def _info(url: str, generation: int) -> PortInfo:
@@ -67,6 +81,15 @@ def _link_alive(port: Any) -> bool:
     then raise "connection failed (reader thread died)". No public flag says so."""
     thread = getattr(port, "_thread", None)
     return bool(getattr(port, "is_open", False)) and thread is not None and thread.is_alive()
+
+
+def _far_end_closed(port: Any) -> bool:
+    """The hub ended the connection, as opposed to our side closing it: esptool closes
+    the port after a failed connect (a mute board), which says nothing about the hub
+    (serialport.RemotePort notes which it was)."""
+    if getattr(port, "far_end_closed", False):
+        return True
+    return bool(getattr(port, "is_open", False)) and not _link_alive(port)
 
 
 class RemotePorts:
@@ -120,6 +143,8 @@ class RemotePorts:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for remote in self._remotes.values():
+            if remote.watch is not None:
+                await asyncio.to_thread(self._unwatch, remote)  # it joins the watcher
             held, remote.held, remote.info = remote.held, None, None
             if held is not None:
                 await asyncio.to_thread(_close, held)
@@ -146,6 +171,7 @@ class RemotePorts:
         remote = self._remotes.get(url)
         if remote is None:
             return None
+        self._unwatch(remote)  # the relay serves one client: the session's, from now on
         with self._lock:
             port, keeper, remote.held, remote.keeper = remote.held, remote.keeper, None, None
         if keeper is not None:
@@ -163,7 +189,7 @@ class RemotePorts:
     def link_failed(self, url: str, port: Any) -> bool:
         """After a serial error on `port` to `url`: is the connection dead? Then the port
         is gone (reported here, before the caller's error reaches the worker)."""
-        if _link_alive(port):
+        if not _far_end_closed(port):
             return False
         self.lost(url)
         remote = self._remotes.get(url)
@@ -171,7 +197,72 @@ class RemotePorts:
             remote.info = None  # `present` says no at once; the loop reports the removal
         return True
 
+    def observe(self, event: Event) -> None:
+        """Bus observer: a job on a remote port ended. If its session kept no connection
+        (a failed connect: esptool closed the port), watch the URL for the unplug."""
+        if not isinstance(event, JobFinished):
+            return
+        remote = self._remotes.get(event.port)
+        if remote is None or remote.info is None or self._loop is None:
+            return  # not ours, or already gone (the job ended `removed`)
+        with self._lock:
+            if remote.held is not None or remote.watch is not None:
+                return  # the keeper watches it
+            stop = remote.watch = threading.Event()
+            remote.watcher = threading.Thread(target=self._watcher,
+                                              args=(remote, stop, remote.generation),
+                                              daemon=True, name=f"watch {remote.url}")
+            remote.watcher.start()
+
     # -- inside --
+
+    def _unwatch(self, remote: _Remote) -> None:
+        """End the watcher, its socket closed when this returns (bounded): the relay
+        serves one client, and the caller may be about to become it."""
+        with self._lock:
+            stop, thread, remote.watch, remote.watcher = remote.watch, remote.watcher, None, \
+                None
+        if stop is not None:
+            stop.set()  # the watcher closes its socket within KEEP_READ_TIMEOUT
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(KEEP_READ_TIMEOUT * 4)
+
+    def _watcher(self, remote: _Remote, stop: threading.Event, generation: int) -> None:
+        """Hold a bare TCP connection to the URL and read until the far end closes it."""
+        address = host_port(remote.url)
+        pause = KEEP_READ_TIMEOUT
+        while not stop.is_set():
+            try:
+                sock = socket.create_connection(address, timeout=self.probe_timeout)
+            except OSError as e:  # refused, timed out: the board (or its hub) is gone
+                log.info("%s: cannot watch the port (%s)", remote.url, e.strerror or e)
+                break
+            greeted = False
+            with sock:
+                sock.settimeout(KEEP_READ_TIMEOUT)
+                while not stop.is_set():
+                    try:
+                        data = sock.recv(4096)
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        data = b""
+                    if not data:
+                        break
+                    greeted = True  # the relay serves us: its telnet requests, the console
+            if greeted or stop.is_set():
+                break
+            # turned away before a word: the relay's one client was still our last one
+            stop.wait(pause)
+            pause = min(pause * 2, WATCH_RETRY_MAX)
+        with self._lock:
+            mine = remote.watch is stop
+            if mine:
+                remote.watch = remote.watcher = None
+        if mine and not stop.is_set() and remote.generation == generation:
+            log.info("%s: the hub closed the connection (board unplugged there?)", remote.url)
+            self.lost(remote.url)
+
 
     def _keeper(self, remote: _Remote, port: Any) -> None:
         with contextlib.suppress(Exception):

@@ -160,6 +160,10 @@ class RemotePort(_Abortable, rfc2217.Serial):
 
     _line: tuple[object, ...] | None = None
     control_unanswered = False
+    far_end_closed = False
+    """The hub ended the connection (EOF or a socket error while the port was open). Not
+    the same as closed: esptool closes the port itself after a failed connect, and that
+    is a mute board, not an unplugged one (remoteports.link_failed)."""
 
     def rfc2217_set_control(self, value: bytes) -> None:
         """Send a DTR/RTS change; stop waiting for answers once a hub host sends none.
@@ -186,7 +190,13 @@ class RemotePort(_Abortable, rfc2217.Serial):
 
     def open(self) -> None:
         self._line = None
+        self.far_end_closed = False
         super().open()
+
+    def _telnet_read_loop(self) -> None:
+        super()._telnet_read_loop()  # returns on EOF, a socket error, or our close
+        if self.is_open:
+            self.far_end_closed = True
 
     def _reconfigure_port(self) -> None:
         line = (self._baudrate, self._bytesize, self._parity, self._stopbits,

@@ -42,6 +42,8 @@ class CentralLine:
     central: str  # URL without password
     rig: Rig
     extra: str = ""  # more TOML (sections after [ledger])
+    ports: str = ""  # more [ports] keys (e.g. remote = [...])
+    watch: str = "pci-*"  # the [ports] watch glob inside the rig's folder
     ledger_extra: str = ""  # more [ledger] keys
     identity: str = ""  # more [identity] keys
     registrar: str = '[registrar]\nkind = "none"\n'
@@ -69,8 +71,9 @@ class CentralLine:
 name = "{self.name}"
 state_dir = "state"
 [ports]
-watch = [{json.dumps(str(self.rig.directory / "pci-*"))}]
+watch = [{json.dumps(str(self.rig.directory / self.watch))}]
 rescan_interval = 0.2
+{self.ports}
 [firmware]
 chip = "esp32"
 flasher_args = {json.dumps(str(self.firmware))}

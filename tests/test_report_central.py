@@ -244,7 +244,8 @@ def test_a_schema_1_central_ledger_upgrades_and_gets_the_flags_and_runs(
     conn = central.connect(central_db, 5)
     with monkeypatch.context() as old:  # a station of schema 1 ships everything
         old.setattr(central, "SCHEMA_VERSION", 1)
-        old.setattr(central, "JOB_COLUMNS", central.JOB_COLUMNS[:-2])  # v3: baud, baud_steps
+        old.setattr(central, "JOB_COLUMNS", central.JOB_COLUMNS[  # v3: baud, baud_steps;
+            :central.JOB_COLUMNS.index("baud")])  # v4: boot, booted_project/version, boot_log
         assert central.migrate(conn, "line-1") == 0
         db = sqlite3.connect(tmp_path / "ledger.sqlite3")
         events = db.execute("SELECT rowid, job_id, at, kind, stage, attempt, detail FROM "
