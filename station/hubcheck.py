@@ -15,7 +15,10 @@ That forced the design:
   drops them one at a time when it leaves (esp_rfc2217_server does `dtr = False;
   rts = False`), passes through "RTS alone", which on a devkit's auto-reset circuit
   pulls EN low. The probe sets both lines released before opening, so pyserial sends
-  "DTR off, RTS off" and the relay's close finds nothing to change.
+  "DTR off, RTS off" and the relay's close finds nothing to change. (esptool's
+  `esp_rfc2217_server` raises RTS then DTR on every client's connect, a reset nothing
+  on the client side can prevent; it also answers no DTR/RTS change, so the probe does
+  not wait for those answers.)
 - A relay serves one client at a time: one that accepts the TCP connection but never
   negotiates (its client is elsewhere, e.g. a running station holds the port) or closes
   it at once is reported as such, with the likely cause, rather than as "unreachable".
@@ -107,7 +110,9 @@ def _negotiate(url: str, timeout: float) -> str | None:
         port = _Client(None, timeout=0)  # not opened yet
         port.dtr = False  # both lines released before the open: see the module docstring
         port.rts = False
-        port.port = f"{url}?timeout={attempt:.2f}"
+        # esp_rfc2217_server answers no DTR/RTS change (it runs resets itself): do not
+        # wait for those answers, the telnet negotiation is the proof of RFC 2217
+        port.port = f"{url}?timeout={attempt:.2f}&ign_set_control"
         attempt = max(0.1, deadline - time.monotonic() - attempt)
         try:
             port.open()

@@ -201,3 +201,11 @@ def test_sixteen_boards_behind_esptools_relay_boot_the_app_and_stay_done(
     assert {(j["result"], j["boot"], j["booted_project"], j["booted_version"])
             for j in jobs} == {("done", "ok", "station-demo-esp32", "1.0.0")}, jobs
     assert sorted(j["port"] for j in jobs) == sorted(r.url for r in relays)
+
+
+def test_station_check_finds_esptools_relay_serving(site: Site, relayed: RelayedRig) -> None:
+    relay = relayed.plug()
+    relayed.serve()
+    result = site.check()
+    assert result.code == EXIT_OK, result
+    assert f"{relay.url}: ok (RFC 2217 in " in result.stdout, result
