@@ -235,22 +235,6 @@ def quick_rig(site: Site) -> Rig:
 # The fixtures of every test_bad_inputs_* file (each defines these three the same way).
 
 
-@pytest.fixture(scope="module")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> Firmware:
-    return make_firmware(tmp_path_factory.mktemp("firmware"))
-
-
-@pytest.fixture
-def site(tmp_path: Path, firmware: Firmware) -> Site:
-    return Site(tmp_path, firmware)
-
-
-@pytest.fixture
-def rig(site: Site) -> Iterator[Rig]:
-    with quick_rig(site) as r:
-        yield r
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

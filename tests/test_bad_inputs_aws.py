@@ -22,8 +22,6 @@ from tests.registrar.awsproxy import AwsProxy, free_port, moto_server, reset_mot
 from tests.test_bad_inputs import (
     Firmware,
     Site,
-    make_firmware,
-    quick_rig,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -31,11 +29,6 @@ pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = ROOT / "config" / "aws-iot-policy.json"
 REGION = "eu-west-1"
-
-
-@pytest.fixture(scope="module")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> Firmware:
-    return make_firmware(tmp_path_factory.mktemp("firmware"))
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +74,6 @@ def site(tmp_path: Path, firmware: Firmware) -> Site:
                        "max_attempts": 2}.items():
         s.set("registrar.aws", key, value)
     return s
-
-
-@pytest.fixture
-def rig(site: Site) -> Iterator[Rig]:
-    with quick_rig(site) as r:
-        yield r
 
 
 def nothing_in(iot: Any) -> None:

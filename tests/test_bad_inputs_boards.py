@@ -24,24 +24,12 @@ from station.sim import Faults, PluggedBoard, Rig
 from tests.test_bad_inputs import (
     CLI_TIMEOUT,
     EARLIER_JOB,
-    Firmware,
     Site,
-    make_firmware,
     quick_rig,
     unprivileged,
 )
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> Firmware:
-    return make_firmware(tmp_path_factory.mktemp("firmware"))
-
-
-@pytest.fixture
-def site(tmp_path: Path, firmware: Firmware) -> Site:
-    return Site(tmp_path, firmware)
 
 
 @pytest.fixture

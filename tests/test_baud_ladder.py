@@ -15,26 +15,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from station.daemon import EXIT_OK
 from station.sim import Rig
-from tests.test_bad_inputs import RUN_TIMEOUT, Firmware, Site, make_firmware
+from tests.test_bad_inputs import RUN_TIMEOUT, Site
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(scope="module")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> Firmware:
-    return make_firmware(tmp_path_factory.mktemp("firmware"))
-
-
-@pytest.fixture
-def site(tmp_path: Path, firmware: Firmware) -> Site:
-    return Site(tmp_path, firmware)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 from station.daemon import EXIT_BOARDS_FAILED, EXIT_CONFIG, EXIT_OK
 from station.demo_firmware import make_demo_firmware
 from station.sim import Rig
-from tests.test_bad_inputs import Firmware, Site, make_firmware, toml_value
+from tests.test_bad_inputs import Firmware, Site, toml_value
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -57,11 +57,6 @@ def images(build: Path, boot_at: int, app: Path | None = None) -> list[dict[str,
     return [{"offset": boot_at, "file": d / "bootloader" / "bootloader.bin"},
             {"offset": TABLE_AT, "file": d / "partition_table" / "partition-table.bin"},
             {"offset": APP_AT, "file": app or d / "app.bin"}]
-
-
-@pytest.fixture(scope="module")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> Firmware:
-    return make_firmware(tmp_path_factory.mktemp("firmware"))
 
 
 @pytest.fixture(scope="module")

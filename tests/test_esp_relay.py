@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -23,21 +22,11 @@ from station.daemon import EXIT_BOARDS_FAILED, EXIT_OK
 from station.demo_firmware import partition_table
 from station.sim import PluggedBoard, Rig
 from tests.remotekit import EspRelay
-from tests.test_bad_inputs import Background, Firmware, Site, done_after_buttons, make_firmware
+from tests.test_bad_inputs import Background, Site, done_after_buttons
 
 pytestmark = pytest.mark.timeout(240)
 
 EN_CAP_UF = 1.0
-
-
-@pytest.fixture(scope="module")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> Firmware:
-    return make_firmware(tmp_path_factory.mktemp("firmware"))
-
-
-@pytest.fixture
-def site(tmp_path: Path, firmware: Firmware) -> Site:
-    return Site(tmp_path, firmware)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 
 from station.daemon import EXIT_OK
 from station.hostcheck import HOST_ROOT_ENV, User, findings
-from tests.test_bad_inputs import Firmware, Site, make_firmware
+from tests.test_bad_inputs import Firmware, Site
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -104,11 +104,6 @@ def test_a_single_tt_hub_is_named(tmp_path: Path) -> None:
     (found,) = problems(tmp_path)
     assert "USB hub 1-1 (USB2.0 Hub, 05e3:0608) is single-TT" in found
     assert "multi-TT" in found
-
-
-@pytest.fixture(scope="module")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> Firmware:
-    return make_firmware(tmp_path_factory.mktemp("firmware"))
 
 
 def test_station_check_warns_with_the_fixes_and_still_passes(tmp_path: Path,

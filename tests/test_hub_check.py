@@ -11,7 +11,6 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -19,20 +18,10 @@ from station.daemon import EXIT_OK
 from station.hubcheck import NEGOTIATE_TIMEOUT
 from station.remoteurl import host_port
 from station.sim import Rig
-from tests.test_bad_inputs import Firmware, Site, make_firmware
+from tests.test_bad_inputs import Site
 from tests.test_remote_ports import closed_url
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> Firmware:
-    return make_firmware(tmp_path_factory.mktemp("firmware"))
-
-
-@pytest.fixture
-def site(tmp_path: Path, firmware: Firmware) -> Site:
-    return Site(tmp_path, firmware)
 
 
 @pytest.fixture

@@ -16,14 +16,9 @@ import pytest
 from station.daemon import EXIT_BOARDS_FAILED, EXIT_OK
 from station.sim import Rig
 from station.sim.pty_lines import relay_env
-from tests.test_bad_inputs import Firmware, Site, done_after_buttons, make_firmware
+from tests.test_bad_inputs import Firmware, Site, done_after_buttons
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> Firmware:
-    return make_firmware(tmp_path_factory.mktemp("firmware"))
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from station.app import assemble
+from station.config import Config
 from station.daemon import Options
 from station.demo_firmware import make_demo_firmware
 from station.firmware import load_firmware
@@ -69,6 +70,22 @@ dir = "ca"
 out_dir = "certs_out"
 """)
     return config
+
+
+async def serve_as_native(config: Config, native: NativeUsb, what: str,
+                          done: Callable[[], bool], timeout: float = 120) -> None:
+    """The real station in this process, its ports answering sysfs's question "native
+    USB?" with `native` (a pty cannot), until `done()`; then a clean stop."""
+    async with assemble(config, Options()) as built:
+        built.station.flasher = EsptoolFlasher(
+            baud=921600, chips=tuple(built.station.plans.by_chip), native=lambda _port: native)
+        serving = asyncio.create_task(built.station.serve())
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, f"no {what} after {timeout:g} s"
+            await asyncio.sleep(0.05)  # polling interval of a deadline-bound wait
+        built.station.stop()
+        assert await serving == 0
 
 
 @pytest.fixture
@@ -291,21 +308,8 @@ def test_boards_that_vanish_during_their_watchdog_reset_are_done_once(
              reenumerate_gap=(0.2, 0.6), on_event=seen) as rig:
         boards = [rig.plug(chip="esp32s3", usb="jtag", index=i) for i in range(4)]
 
-        async def run() -> None:
-            async with assemble(config, Options()) as built:
-                built.station.flasher = EsptoolFlasher(
-                    baud=921600, chips=tuple(built.station.plans.by_chip),
-                    native=lambda _port: jtag)
-                serving = asyncio.create_task(built.station.serve())
-                deadline = time.monotonic() + 120
-                while not (len(finished_jobs()) == 4 and
-                           all(rig.reenumerations(b) >= 1 for b in boards)):
-                    assert time.monotonic() < deadline, "boards not done and back"
-                    await asyncio.sleep(0.05)  # polling interval of a deadline-bound wait
-                built.station.stop()
-                assert await serving == 0
-
-        asyncio.run(run())
+        asyncio.run(serve_as_native(config, jtag, "boards done and back", lambda: (
+            len(finished_jobs()) == 4 and all(rig.reenumerations(b) >= 1 for b in boards))))
         jobs = finished_jobs()
         assert sorted(j["result"] for j in jobs) == ["done"] * 4, jobs
         for job in jobs:  # the port went while the job was still in its reset stage
@@ -333,20 +337,8 @@ def test_the_boot_check_is_skipped_on_native_usb_and_says_why(
              reenumerate_gap=0.2) as rig:
         boards = [rig.plug(chip="esp32s3", usb="jtag", index=i) for i in range(2)]
 
-        async def run() -> None:
-            async with assemble(config, Options()) as built:
-                built.station.flasher = EsptoolFlasher(
-                    baud=921600, chips=tuple(built.station.plans.by_chip),
-                    native=lambda _port: jtag)
-                serving = asyncio.create_task(built.station.serve())
-                deadline = time.monotonic() + 120
-                while len(logged("JobFinished")) < len(boards):
-                    assert time.monotonic() < deadline, "boards not done"
-                    await asyncio.sleep(0.05)  # polling interval of a deadline-bound wait
-                built.station.stop()
-                assert await serving == 0
-
-        asyncio.run(run())
+        asyncio.run(serve_as_native(config, jtag, "boards done",
+                                    lambda: len(logged("JobFinished")) == len(boards)))
     assert [j["result"] for j in logged("JobFinished")] == ["done", "done"]
     checks = logged("BootChecked")
     assert [c["result"] for c in checks] == ["skipped", "skipped"], checks

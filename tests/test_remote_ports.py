@@ -8,8 +8,6 @@ local ports.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,25 +15,9 @@ from station.daemon import EXIT_BOARDS_FAILED, EXIT_OK
 from station.demo_firmware import partition_table
 from station.sim import Rig
 from tests.remotekit import Relay
-from tests.test_bad_inputs import Background, Firmware, Site, make_firmware, quick_rig
+from tests.test_bad_inputs import Background, Site, done_after_buttons
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> Firmware:
-    return make_firmware(tmp_path_factory.mktemp("firmware"))
-
-
-@pytest.fixture
-def site(tmp_path: Path, firmware: Firmware) -> Site:
-    return Site(tmp_path, firmware)
-
-
-@pytest.fixture
-def rig(site: Site) -> Iterator[Rig]:
-    with quick_rig(site) as r:
-        yield r
 
 
 def closed_url() -> str:
@@ -178,17 +160,9 @@ def test_a_board_without_auto_reset_asks_for_boot_en_and_finishes_once_pressed(
         site.set("ports", "watch", [str(site.hub / "none-*")])
         site.set("ports", "remote", [board.rfc2217])
         site.set("ports", "buttons_timeout", 60)
-        station = Background(site, "--exit-after", "1")
-        try:
-            asked = station.wait_line(" press BOOT + EN", timeout=60)
-            rig.press_boot_en(board)  # what the operator does
-            station.wait_line(" in download mode", timeout=60)
-            station.wait_line(" done in ", timeout=60)
-            result = station.finish()
-        finally:
-            station.close()
+        assert board.rfc2217 is not None
+        result = done_after_buttons(site, board.rfc2217, lambda: rig.press_boot_en(board))
     assert result.code == EXIT_OK, result
-    assert board.rfc2217 in asked, result
     assert site.rows_by_port()[board.rfc2217]["result"] == "done"
 
 

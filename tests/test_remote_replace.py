@@ -9,25 +9,14 @@ real esptool, virtual boards on their RFC 2217 faces.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
 from station.daemon import EXIT_OK
 from station.sim import Faults, Rig
-from tests.test_bad_inputs import Background, Firmware, Site, make_firmware
+from tests.test_bad_inputs import Background, Site
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> Firmware:
-    return make_firmware(tmp_path_factory.mktemp("firmware"))
-
-
-@pytest.fixture
-def site(tmp_path: Path, firmware: Firmware) -> Site:
-    return Site(tmp_path, firmware)
 
 
 def until(station: Background, *needles: str, timeout: float) -> str:

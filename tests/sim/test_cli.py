@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -51,13 +53,9 @@ def read_events(stream: IO[str], count: int, timeout: float = 30.0) -> list[dict
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_cli_runs_until_signal(tmp_path: Path, sig: signal.Signals) -> None:
     hub = tmp_path / "hub"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "station.sim", "--boards", "3", "--dir", str(hub),
-         "--chip", "esp32c3", "--seed", "5", "--no-throttle", "--no-flash-timing",
-         "--fault", "2:mute", "--flash-size", "2MB"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
+    with sim_process("--boards", "3", "--dir", str(hub), "--chip", "esp32c3", "--seed", "5",
+                     "--no-throttle", "--no-flash-timing", "--fault", "2:mute",
+                     "--flash-size", "2MB") as proc:
         assert proc.stdout is not None
         plugged = read_events(proc.stdout, 3)
         assert [e["event"] for e in plugged] == ["plugged"] * 3
@@ -72,6 +70,20 @@ def test_cli_runs_until_signal(tmp_path: Path, sig: signal.Signals) -> None:
         proc.send_signal(sig)
         unplugged = read_events(proc.stdout, 3)
         assert proc.wait(timeout=30) == 0
+    assert {e["event"] for e in unplugged} == {"unplugged"}
+    for event in plugged:
+        mac = event["mac"].replace(":", "")
+        assert (hub / f"flash-{mac}.bin").stat().st_size == 2 << 20
+        assert not Path(event["port"]).exists()
+
+
+@contextlib.contextmanager
+def sim_process(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """`python -m station.sim ARGS` with its output piped; killed if a test leaves it."""
+    proc = subprocess.Popen([sys.executable, "-m", "station.sim", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -79,11 +91,6 @@ def test_cli_runs_until_signal(tmp_path: Path, sig: signal.Signals) -> None:
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
-    assert {e["event"] for e in unplugged} == {"unplugged"}
-    for event in plugged:
-        mac = event["mac"].replace(":", "")
-        assert (hub / f"flash-{mac}.bin").stat().st_size == 2 << 20
-        assert not Path(event["port"]).exists()
 
 
 def test_cli_rejects_bad_fault_spec(tmp_path: Path) -> None:
@@ -97,13 +104,9 @@ def test_cli_rejects_bad_fault_spec(tmp_path: Path) -> None:
 
 def test_cli_mixed_chips_and_native_usb(tmp_path: Path) -> None:
     hub = tmp_path / "hub"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "station.sim", "--boards", "3", "--dir", str(hub),
-         "--chip", "esp32s3,esp32c6,esp32p4", "--usb", "jtag,jtag,otg", "--no-throttle",
-         "--no-flash-timing", "--reenumerate-gap", "0.1-0.2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
+    with sim_process("--boards", "3", "--dir", str(hub), "--chip", "esp32s3,esp32c6,esp32p4",
+                     "--usb", "jtag,jtag,otg", "--no-throttle", "--no-flash-timing",
+                     "--reenumerate-gap", "0.1-0.2") as proc:
         assert proc.stdout is not None
         plugged = read_events(proc.stdout, 3)
         assert [e["chip"] for e in plugged] == ["esp32s3", "esp32c6", "esp32p4"]
@@ -118,13 +121,6 @@ def test_cli_mixed_chips_and_native_usb(tmp_path: Path) -> None:
         assert back["event"] == "reenumerated" and os.readlink(back["port"]) == back["pty"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def test_cli_rejects_a_usb_kind_the_chip_lacks(tmp_path: Path) -> None:
@@ -139,13 +135,9 @@ def test_cli_rejects_a_usb_kind_the_chip_lacks(tmp_path: Path) -> None:
 
 def test_cli_pty_lines_give_bridge_boards_a_reset_circuit(tmp_path: Path) -> None:
     lines = tmp_path / "lines.sock"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "station.sim", "--boards", "2", "--dir", str(tmp_path / "hub"),
-         "--usb", "bridge,jtag", "--chip", "esp32s3", "--pty-lines", str(lines),
-         "--en-cap", "1", "--no-throttle", "--no-flash-timing"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
+    with sim_process("--boards", "2", "--dir", str(tmp_path / "hub"), "--usb", "bridge,jtag",
+                     "--chip", "esp32s3", "--pty-lines", str(lines), "--en-cap", "1",
+                     "--no-throttle", "--no-flash-timing") as proc:
         assert proc.stdout is not None
         bridge, native = read_events(proc.stdout, 2)
         assert (bridge["reset_circuit"], bridge["en_cap_uf"]) == ("auto", 1.0), bridge
@@ -154,13 +146,6 @@ def test_cli_pty_lines_give_bridge_boards_a_reset_circuit(tmp_path: Path) -> Non
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert not lines.exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def test_cli_rejects_a_pty_lines_socket_it_cannot_bind(tmp_path: Path) -> None:
