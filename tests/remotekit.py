@@ -20,10 +20,15 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 import serial
 from serial import rfc2217
 
+from station.daemon import EXIT_OK
+from station.demo_firmware import partition_table
+from station.sim import PluggedBoard, Rig
 from station.sim.pty_lines import relay_env
+from tests.test_bad_inputs import Background, Site
 
 
 class _PtySerial(serial.Serial):
@@ -191,3 +196,43 @@ class EspRelay:
                 self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
+
+
+QUIET = 60.0  # seconds a done line is watched for a board reset or flashed again
+
+
+def sixteen_boot_and_stay_done(site: Site, rig: Rig, boards: list[PluggedBoard],
+                               urls: list[str]) -> None:
+    """The station on `urls` with the boot check and a self-test marker: every board done,
+    then QUIET seconds with no new job and no reset; one done, booted job per URL."""
+    site.set("ports", "watch", [str(site.hub / "none-*")])
+    site.set("ports", "remote", urls)
+    site.set("verify", "boot", "app").set("verify", "marker", "SELFTEST: PASS")
+    station = Background(site)
+    try:
+        for _ in boards:
+            station.wait_line(" done in ", timeout=180)
+        resets = [rig.resets(b) for b in boards]
+        with pytest.raises(TimeoutError):  # the whole wait: no new job, no reset
+            station.wait_line("started job", timeout=QUIET)
+        assert [rig.resets(b) for b in boards] == resets
+    finally:
+        result = station.stop()
+    assert result.code == EXIT_OK, result
+    jobs = site.ledger()
+    assert len(jobs) == len(boards), jobs
+    assert {(j["result"], j["boot"], j["booted_project"], j["booted_version"])
+            for j in jobs} == {("done", "ok", "station-demo-esp32", "1.0.0")}, jobs
+    assert sorted(j["port"] for j in jobs) == sorted(urls)
+
+
+def point_the_table_elsewhere(site: Site) -> None:
+    """The site's firmware with a partition table whose factory app is at 0x20000, while
+    the app is still written at 0x10000: every MD5 matches, the board cannot boot it."""
+    table = site.root / "partition-table.bin"
+    table.write_bytes(partition_table([("nvs", 1, 0x02, 0x9000, 0x6000),
+                                       ("phy_init", 1, 0x01, 0xF000, 0x1000),
+                                       ("factory", 0, 0x00, 0x20000, 0x100000)]))
+    images = site.firmware.images()
+    images[1]["file"] = table
+    site.set("firmware", "flasher_args", None).set("firmware", "images", images)

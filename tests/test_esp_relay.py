@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import pytest
 
 from station.daemon import EXIT_BOARDS_FAILED, EXIT_OK
-from station.demo_firmware import partition_table
 from station.sim import PluggedBoard, Rig
-from tests.remotekit import EspRelay
+from tests.remotekit import EspRelay, point_the_table_elsewhere, sixteen_boot_and_stay_done
 from tests.test_bad_inputs import Background, Site, done_after_buttons
 
 pytestmark = pytest.mark.timeout(240)
@@ -111,13 +110,7 @@ def test_a_missing_self_test_marker_fails_that_board_only_behind_the_relay(
 
 def test_a_partition_table_pointing_elsewhere_fails_the_boot_check_behind_the_relay(
         site: Site, relayed: RelayedRig) -> None:
-    table = site.root / "partition-table.bin"
-    table.write_bytes(partition_table([("nvs", 1, 0x02, 0x9000, 0x6000),
-                                       ("phy_init", 1, 0x01, 0xF000, 0x1000),
-                                       ("factory", 0, 0x00, 0x20000, 0x100000)]))
-    images = site.firmware.images()
-    images[1]["file"] = table  # the app is still written at 0x10000
-    site.set("firmware", "flasher_args", None).set("firmware", "images", images)
+    point_the_table_elsewhere(site)
     relay = relayed.plug()
     relayed.serve()
     site.set("verify", "boot", "app").set("verify", "boot_timeout", 3.0)
@@ -164,32 +157,12 @@ def test_a_relay_killed_mid_flash_ends_that_board_removed_only(site: Site) -> No
     assert rows[kept.url]["result"] == "done", rows
 
 
-QUIET = 60.0  # seconds a done line is watched for a board reset or flashed again
-
-
 @pytest.mark.parallel
 def test_sixteen_boards_behind_esptools_relay_boot_the_app_and_stay_done(
         site: Site, relayed: RelayedRig) -> None:
-    relays = [relayed.plug(app_line="SELFTEST: PASS") for _ in range(16)]
-    relayed.serve()
-    site.set("verify", "boot", "app").set("verify", "marker", "SELFTEST: PASS")
-    station = Background(site)
-    try:
-        for _ in relays:
-            station.wait_line(" done in ", timeout=180)
-        boards = [r.board for r in relays]
-        resets = [relayed.rig.resets(b) for b in boards]
-        with pytest.raises(TimeoutError):  # the whole wait: no 17th job, no reset
-            station.wait_line("started job", timeout=QUIET)
-        assert [relayed.rig.resets(b) for b in boards] == resets
-    finally:
-        result = station.stop()
-    assert result.code == EXIT_OK, result
-    jobs = site.ledger()
-    assert len(jobs) == 16, jobs
-    assert {(j["result"], j["boot"], j["booted_project"], j["booted_version"])
-            for j in jobs} == {("done", "ok", "station-demo-esp32", "1.0.0")}, jobs
-    assert sorted(j["port"] for j in jobs) == sorted(r.url for r in relays)
+    served = [relayed.plug(app_line="SELFTEST: PASS") for _ in range(16)]
+    sixteen_boot_and_stay_done(site, relayed.rig, [s.board for s in served],
+                               [s.url for s in served])
 
 
 def test_station_check_finds_esptools_relay_serving(site: Site, relayed: RelayedRig) -> None:

@@ -12,9 +12,8 @@ import socket
 import pytest
 
 from station.daemon import EXIT_BOARDS_FAILED, EXIT_OK
-from station.demo_firmware import partition_table
 from station.sim import Rig
-from tests.remotekit import Relay
+from tests.remotekit import Relay, point_the_table_elsewhere, sixteen_boot_and_stay_done
 from tests.test_bad_inputs import Background, Site, done_after_buttons
 
 pytestmark = pytest.mark.timeout(180)
@@ -130,13 +129,7 @@ def test_boards_over_rfc2217_boot_what_they_were_given_and_a_missing_marker_fail
 
 def test_a_partition_table_pointing_elsewhere_verifies_then_fails_the_boot_check(
         site: Site) -> None:
-    table = site.root / "partition-table.bin"
-    table.write_bytes(partition_table([("nvs", 1, 0x02, 0x9000, 0x6000),
-                                       ("phy_init", 1, 0x01, 0xF000, 0x1000),
-                                       ("factory", 0, 0x00, 0x20000, 0x100000)]))
-    images = site.firmware.images()
-    images[1]["file"] = table  # the app is still written at 0x10000
-    site.set("firmware", "flasher_args", None).set("firmware", "images", images)
+    point_the_table_elsewhere(site)
     with Rig(site.hub, seed=14, throttle=False, flash_timing=False, rfc2217_base=0) as rig:
         board = rig.plug(chip="esp32")
         site.set("ports", "watch", [str(site.hub / "none-*")])
@@ -166,29 +159,8 @@ def test_a_board_without_auto_reset_asks_for_boot_en_and_finishes_once_pressed(
     assert site.rows_by_port()[board.rfc2217]["result"] == "done"
 
 
-QUIET = 60.0  # seconds a done line is watched for a board reset or flashed again
-
-
 @pytest.mark.parallel
 def test_sixteen_boards_over_rfc2217_boot_the_app_and_stay_done(site: Site) -> None:
     with Rig(site.hub, seed=16, throttle=False, flash_timing=False, rfc2217_base=0) as rig:
         boards = [rig.plug(chip="esp32", app_line="SELFTEST: PASS") for _ in range(16)]
-        site.set("ports", "watch", [str(site.hub / "none-*")])
-        site.set("ports", "remote", [b.rfc2217 for b in boards])
-        site.set("verify", "boot", "app").set("verify", "marker", "SELFTEST: PASS")
-        station = Background(site)
-        try:
-            for _ in boards:
-                station.wait_line(" done in ", timeout=180)
-            resets = [rig.resets(b) for b in boards]
-            with pytest.raises(TimeoutError):  # the whole wait: no 17th job, no reset
-                station.wait_line("started job", timeout=QUIET)
-            assert [rig.resets(b) for b in boards] == resets
-        finally:
-            result = station.stop()
-    assert result.code == EXIT_OK, result
-    jobs = site.ledger()
-    assert len(jobs) == 16, jobs
-    assert {(j["result"], j["boot"], j["booted_project"], j["booted_version"])
-            for j in jobs} == {("done", "ok", "station-demo-esp32", "1.0.0")}, jobs
-    assert sorted(j["port"] for j in jobs) == sorted(b.rfc2217 for b in boards)
+        sixteen_boot_and_stay_done(site, rig, boards, [str(b.rfc2217) for b in boards])
