@@ -9,27 +9,24 @@ from anywhere.
 
 from __future__ import annotations
 
-import glob
 import json
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Literal, cast
 
 from station import chips
-from station.baud import MAX_BRIDGE_BAUD, ROM_BAUD, BaudSettings, adapter_key_error
+from station.configports import PortsSection, ports_section
+from station.configtable import Table
 from station.errors import ConfigError
-from station.remoteurl import remote_url_problem
 
 CHIPS = chips.supported()  # every ESP32-family chip of the pinned esptool
 Chip = str  # one of CHIPS: esptool's spelling, "esp32s3"
 RegistrarKind = Literal["none", "aws-iot", "local-ca"]
 KeySource = Literal["csr", "aws"]
 OnKnownBoard = Literal["reflash", "skip", "fail"]
-AskButtons = Literal["remote", "all", "never"]
-ASK_BUTTONS: tuple[AskButtons, ...] = ("remote", "all", "never")
 STAGE_TIMEOUTS = {
     "connect": 30.0,
     "identify": 15.0,
@@ -69,47 +66,6 @@ class StationSection:
     name: str = "station"
     state_dir: Path = Path("state")
     max_parallel: int = 16
-
-
-@dataclass(frozen=True)
-class HealthSection:
-    """When a slot is flagged (station/slothealth.py): failures at one stage on its last
-    boards. 0 turns a rule off."""
-
-    consecutive: int = 3
-    window: int = 6
-    failures_in_window: int = 4
-
-
-@dataclass(frozen=True)
-class PortsSection:
-    watch: tuple[str, ...] = ("/dev/ttyUSB*", "/dev/ttyACM*")
-    baud: int | Literal["auto"] = 921600
-    rescan_interval: float = 2.0
-    slots: Mapping[str, str] = field(default_factory=dict)
-    park_unhealthy: bool = False
-    health: HealthSection = field(default_factory=HealthSection)
-    reenumerate_window: float = 5.0
-    """Seconds within which a port the station reset may vanish and come back at the same
-    USB location as the same board (station/reenumeration.py); 0 turns the rule off."""
-    max_baud: int | None = None
-    baud_by_adapter: Mapping[str, int] = field(default_factory=dict)
-    baud_by_port: Mapping[str, int] = field(default_factory=dict)
-    remote: tuple[str, ...] = ()
-    """`rfc2217://host:port` ports on hub hosts (station/remoteports.py)."""
-    buttons_timeout: float = 120.0
-    """Seconds a board without auto-reset waits for BOOT + EN (flasher.py)."""
-    ask_buttons: AskButtons = "remote"
-    """Which ports ask for BOOT + EN when the reset sequence finds no download mode:
-    "remote" (a missing or slow circuit is the common case there), "all" (also local
-    bridges: a line of boards without auto-reset) or "never"."""
-
-    @property
-    def line(self) -> BaudSettings:
-        """The line-rate settings (station/baud.py): rate per port and the ladder's cap."""
-        return BaudSettings(baud=None if self.baud == "auto" else int(self.baud),
-                            max_baud=self.max_baud, by_adapter=self.baud_by_adapter,
-                            by_port=self.baud_by_port)
 
 
 @dataclass(frozen=True)
@@ -242,70 +198,6 @@ class Config:
         return location or Path(port).name
 
 
-T = TypeVar("T")
-
-
-class _Table:
-    """Reads one TOML table, checking types, and complains about keys nobody read."""
-
-    def __init__(self, file: Path, prefix: str, data: Any) -> None:
-        self.file, self.prefix = file, prefix
-        if not isinstance(data, dict):
-            raise ConfigError(str(file), prefix, "must be a table")
-        self.data: dict[str, Any] = data
-        self.seen: set[str] = set()
-
-    def error(self, key: str, reason: str) -> ConfigError:
-        return ConfigError(str(self.file), f"{self.prefix}.{key}" if self.prefix else key, reason)
-
-    def get(self, key: str, kind: type[T] | tuple[type, ...], default: T) -> T:
-        self.seen.add(key)
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-        if not ok:
-            names = " or ".join(k.__name__ for k in kinds)
-            raise self.error(key, f"must be {names}, not {type(value).__name__} {value!r}")
-        return cast(T, value)
-
-    def number(self, key: str, default: float, minimum: float = 0.0) -> float:
-        value = float(self.get(key, (int, float), default))
-        if value < minimum:
-            raise self.error(key, f"must be at least {minimum}, not {value}")
-        return value
-
-    def integer(self, key: str, default: int, minimum: int = 0) -> int:
-        value = self.get(key, int, default)
-        if value < minimum:
-            raise self.error(key, f"must be at least {minimum}, not {value}")
-        return value
-
-    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.get(key, str, default)
-        if value not in choices:
-            raise self.error(key, f"must be one of {', '.join(choices)}, not {value!r}")
-        return value
-
-    def path(self, key: str, default: Path) -> Path:
-        raw = self.get(key, str, str(default))
-        return self.resolve(raw)
-
-    def resolve(self, raw: str) -> Path:
-        p = Path(raw).expanduser()
-        return p if p.is_absolute() else self.file.parent / p
-
-    def sub(self, key: str) -> _Table:
-        return _Table(self.file, f"{self.prefix}.{key}" if self.prefix else key,
-                      self.get(key, dict, {}))
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            raise self.error(unknown[0], "unknown key (check the spelling; see README)")
-
-
 def load(path: str | Path) -> Config:
     """Read and validate station.toml; raises ConfigError naming file, key and reason."""
     file = Path(path)
@@ -318,12 +210,12 @@ def load(path: str | Path) -> Config:
         raise ConfigError(str(file), None, "not readable (check its permissions)") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(file), None, f"not valid TOML: {e}") from None
-    root = _Table(file.resolve(), "", raw)
+    root = Table(file.resolve(), "", raw)
     firmwares = _firmwares(root)
     config = Config(
         path=root.file,
         station=_station(root.sub("station")),
-        ports=_ports(root.sub("ports")),
+        ports=ports_section(root.sub("ports")),
         firmware=firmwares[0],
         identity=_identity(root.sub("identity")),
         worker=_worker(root.sub("worker")),
@@ -338,7 +230,7 @@ def load(path: str | Path) -> Config:
     return config
 
 
-def _station(t: _Table) -> StationSection:
+def _station(t: Table) -> StationSection:
     name = t.get("name", str, "station")
     if not name.strip():
         raise t.error("name", "must not be empty")
@@ -351,40 +243,7 @@ def _station(t: _Table) -> StationSection:
     return s
 
 
-def _ports(t: _Table) -> PortsSection:
-    watch = t.get("watch", list, ["/dev/ttyUSB*", "/dev/ttyACM*"])
-    if not watch:
-        raise t.error("watch", "must name at least one glob")
-    for pattern in watch:
-        if not isinstance(pattern, str):
-            raise t.error("watch", f"globs must be strings, not {pattern!r}")
-        _check_glob(t, pattern)
-    baud, max_baud, by_adapter, by_port = _line_rates(t)
-    slots = t.get("slots", dict, {})
-    for key, label in slots.items():
-        if not isinstance(label, str):
-            raise t.error(f"slots.{key}", f"must be a string label, not {label!r}")
-    p = PortsSection(
-        watch=tuple(str(t.resolve(w)) for w in watch),
-        baud=baud,
-        rescan_interval=t.number("rescan_interval", 2.0, minimum=0.1),
-        slots=dict(slots),
-        park_unhealthy=t.get("park_unhealthy", bool, False),
-        health=_health(t.sub("health")),
-        reenumerate_window=t.number("reenumerate_window", 5.0),
-        max_baud=max_baud, baud_by_adapter=by_adapter, baud_by_port=by_port,
-        remote=_remote_ports(t),
-        buttons_timeout=t.number("buttons_timeout", 120.0, minimum=1.0),
-        ask_buttons=_ask_buttons(t),
-    )
-    if p.reenumerate_window > 120:
-        raise t.error("reenumerate_window", f"{p.reenumerate_window:g} s is longer than any "
-                                            "USB re-enumeration (0.2-2 s); at most 120")
-    t.done()
-    return p
-
-
-def _verify(t: _Table) -> VerifySection:
+def _verify(t: Table) -> VerifySection:
     boot = t.get("boot", str, "off")
     if boot not in ("off", "rom", "app"):
         raise t.error("boot", f"must be \"off\", \"rom\" or \"app\", not {boot!r}")
@@ -402,87 +261,7 @@ def _verify(t: _Table) -> VerifySection:
     return v
 
 
-def _ask_buttons(t: _Table) -> AskButtons:
-    value = t.get("ask_buttons", str, "remote")
-    if value not in ASK_BUTTONS:
-        raise t.error("ask_buttons", f"must be \"remote\", \"all\" or \"never\", "
-                                     f"not {value!r}")
-    return value
-
-
-def _remote_ports(t: _Table) -> tuple[str, ...]:
-    """[ports] remote: `rfc2217://host:port` URLs, each once (a URL is its slot key)."""
-    urls = t.get("remote", list, [])
-    for url in urls:
-        problem = remote_url_problem(url)
-        if problem is not None:
-            raise t.error("remote", problem)
-    if len(set(urls)) != len(urls):
-        raise t.error("remote", "lists a URL twice")
-    return tuple(urls)
-
-
-def _health(t: _Table) -> HealthSection:
-    h = HealthSection(consecutive=t.integer("consecutive", 3),
-                      window=t.integer("window", 6),
-                      failures_in_window=t.integer("failures_in_window", 4))
-    if h.failures_in_window > h.window:
-        raise t.error("failures_in_window", f"{h.failures_in_window} failures cannot fit in "
-                                            f"a window of {h.window} boards")
-    t.done()
-    return h
-def _rate(t: _Table, key: str, value: object) -> int:
-    """A baud rate a USB-UART bridge can run: 9600 up to the fastest bridge's."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise t.error(key, f"must be an int baud rate, not {value!r}")
-    if value < 9600 or value > MAX_BRIDGE_BAUD:
-        raise t.error(key, f"{value} is beyond any USB-UART bridge (9600 to "
-                           f"{MAX_BRIDGE_BAUD})")
-    return value
-
-
-def _line_rates(t: _Table) -> tuple[int | Literal["auto"], int | None, dict[str, int],
-                                    dict[str, int]]:
-    """[ports] baud (an int or "auto"), max_baud, [ports.baud_by_adapter], baud_by_port."""
-    raw = t.get("baud", (int, str), 921600)
-    baud: int | Literal["auto"] = "auto"
-    if isinstance(raw, str):
-        if raw != "auto":
-            raise t.error("baud", f'must be an int baud rate or "auto", not {raw!r}')
-    else:
-        baud = _rate(t, "baud", raw)
-    max_baud = None
-    if "max_baud" in t.data:
-        max_baud = t.get("max_baud", int, 0)
-        if max_baud < ROM_BAUD or max_baud > MAX_BRIDGE_BAUD:
-            raise t.error("max_baud", f"{max_baud} is outside what a bridge runs ({ROM_BAUD} "
-                                      f"to {MAX_BRIDGE_BAUD})")
-        if isinstance(baud, int) and baud > max_baud:
-            raise t.error("baud", f"{baud} is above [ports] max_baud ({max_baud})")
-    by_adapter: dict[str, int] = {}
-    for key, value in t.get("baud_by_adapter", dict, {}).items():
-        reason = adapter_key_error(key)
-        if reason is not None:
-            raise t.error(f"baud_by_adapter.{key}", reason)
-        by_adapter[key.lower()] = _rate(t, f"baud_by_adapter.{key}", value)
-    by_port = {key: _rate(t, f"baud_by_port.{key}", value)
-               for key, value in t.get("baud_by_port", dict, {}).items()}
-    return baud, max_baud, by_adapter, by_port
-
-
-def _check_glob(t: _Table, pattern: str) -> None:
-    folder = Path(pattern).parent
-    if not pattern.strip() or Path(pattern).name in ("", "."):
-        raise t.error("watch", f"{pattern!r} is not a glob of port names")
-    if glob.has_magic(str(folder)):
-        raise t.error("watch", f"{pattern!r}: wildcards are allowed only in the last "
-                               "part (the folder is watched for new ports)")
-    name = Path(pattern).name
-    if name.count("[") != name.count("]") or re.search(r"\[[^\]]*$", name):
-        raise t.error("watch", f"{pattern!r} is not a valid glob: unclosed '['")
-
-
-def _firmwares(root: _Table) -> tuple[FirmwareSection, ...]:
+def _firmwares(root: Table) -> tuple[FirmwareSection, ...]:
     """A single [firmware] table, or [[firmware]] entries: one per chip."""
     root.seen.add("firmware")
     entries = root.data.get("firmware")
@@ -493,7 +272,7 @@ def _firmwares(root: _Table) -> tuple[FirmwareSection, ...]:
     found: dict[str, str] = {}
     sections = []
     for i, entry in enumerate(entries):
-        section = _firmware(_Table(root.file, f"firmware[{i}]", entry), prefix=f"firmware[{i}]")
+        section = _firmware(Table(root.file, f"firmware[{i}]", entry), prefix=f"firmware[{i}]")
         if section.chip in found:
             raise ConfigError(str(root.file), f"firmware[{i}].chip",
                               f"{section.chip} already has {found[section.chip]}: one "
@@ -503,7 +282,7 @@ def _firmwares(root: _Table) -> tuple[FirmwareSection, ...]:
     return tuple(sections)
 
 
-def _firmware(t: _Table, prefix: str = "firmware") -> FirmwareSection:
+def _firmware(t: Table, prefix: str = "firmware") -> FirmwareSection:
     if "chip" not in t.data:
         raise t.error("chip", f"is required (one of {', '.join(CHIPS)})")
     chip = t.get("chip", str, "")
@@ -541,7 +320,7 @@ def _firmware(t: _Table, prefix: str = "firmware") -> FirmwareSection:
     return f
 
 
-def _must_be_readable(t: _Table, key: str, path: Path) -> None:
+def _must_be_readable(t: Table, key: str, path: Path) -> None:
     if not path.is_file():
         raise t.error(key, f"{path}: no such file")
     try:
@@ -551,7 +330,7 @@ def _must_be_readable(t: _Table, key: str, path: Path) -> None:
         raise t.error(key, f"{path}: cannot be read ({e.strerror})") from None
 
 
-def _identity(t: _Table) -> IdentitySection:
+def _identity(t: Table) -> IdentitySection:
     template = t.get("thing_name", str, "{mac}")
     try:
         sample = template.format(mac="0", MAC="0", chip="esp32", station="s")
@@ -569,7 +348,7 @@ def _identity(t: _Table) -> IdentitySection:
     return i
 
 
-def _worker(t: _Table) -> WorkerSection:
+def _worker(t: Table) -> WorkerSection:
     timeouts = dict(STAGE_TIMEOUTS)
     table = t.sub("timeouts")
     for stage, default in STAGE_TIMEOUTS.items():
@@ -585,7 +364,7 @@ def _worker(t: _Table) -> WorkerSection:
     return w
 
 
-def _registrar(t: _Table) -> RegistrarSection:
+def _registrar(t: Table) -> RegistrarSection:
     kind = cast(RegistrarKind, t.choice("kind", ("none", "aws-iot", "local-ca"), "none"))
     a = t.sub("aws")
     tps = dict(AWS_DEFAULT_TPS)
@@ -629,7 +408,7 @@ def _registrar(t: _Table) -> RegistrarSection:
     return r
 
 
-def _check_policy(t: _Table, path: Path) -> None:
+def _check_policy(t: Table, path: Path) -> None:
     _must_be_readable(t, "policy_document", path)
     try:
         doc = json.loads(path.read_text())
@@ -639,7 +418,7 @@ def _check_policy(t: _Table, path: Path) -> None:
         raise t.error("policy_document", f"{path}: not an IAM policy (no Statement)")
 
 
-def _check_region(t: _Table, region: str) -> None:
+def _check_region(t: Table, region: str) -> None:
     """A mistyped region would otherwise surface as a DNS failure after every retry (~25 s
     of silence, then "cannot reach iot.eu-wset-1..."); botocore knows IoT's regions."""
     import difflib
@@ -658,7 +437,7 @@ def _check_region(t: _Table, region: str) -> None:
                             "endpoint_url)")
 
 
-def _credentials(t: _Table) -> CredentialsSection:
+def _credentials(t: Table) -> CredentialsSection:
     c = CredentialsSection(
         out_dir=t.path("out_dir", Path("certs_out")),
         partition=t.get("partition", str, "nvs"),
@@ -677,7 +456,7 @@ PASSWORD_HELP = ("passwords never go in station.toml: set PGPASSWORD in the stat
                  "environment, or use ~/.pgpass or a libpq service file (service=NAME)")
 
 
-def _ledger(t: _Table) -> LedgerSection:
+def _ledger(t: Table) -> LedgerSection:
     central = t.get("central", str, "").strip()
     if central:
         _check_conninfo(t, central)
@@ -687,7 +466,7 @@ def _ledger(t: _Table) -> LedgerSection:
     return section
 
 
-def _check_conninfo(t: _Table, central: str) -> None:
+def _check_conninfo(t: Table, central: str) -> None:
     """A libpq URL (postgresql://user@host:port/db) or conninfo (service=factory)."""
     from psycopg import Error
     from psycopg.conninfo import conninfo_to_dict
@@ -710,7 +489,7 @@ def _check_conninfo(t: _Table, central: str) -> None:
                                  "service (service=NAME)")
 
 
-def _metrics(t: _Table) -> MetricsSection:
+def _metrics(t: Table) -> MetricsSection:
     listen = t.get("listen", str, "").strip()
     section = MetricsSection(listen=listen)
     if listen:
