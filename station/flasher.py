@@ -11,11 +11,9 @@ Why it looks the way it does:
 - esptool's logger is one process-wide object: it is routed to logging, naming the
   port (station/serialport.py, with the abortable local and RFC 2217 ports and the open
   errors), and progress comes from our own write loop instead of `cmds.write_flash`.
-- The write loop sends the data blocks itself. esptool's `command()` formats every packet
-  it sends for its trace log, enabled or not (~11 ms of CPU per 16 KB block, twice), and
-  its checksum loops over each byte in Python: about 25 ms of CPU per block, which at 16
-  boards on two cores is the difference between keeping up with 921600 baud and not.
-  Begin/finish and everything else go through esptool's loader unchanged.
+- The write loop sends the data blocks itself (station/flashwrite.py: esptool's own
+  packet code costs ~25 ms of CPU per block); everything else goes through esptool's
+  loader unchanged.
 - The line rate is tried, not trusted (station/baud.py): esptool's `change_baud` does
   not check that the bridge followed, so a register read with a short timeout follows
   every change; a line failure there or in a block write closes the port (a real board
@@ -35,9 +33,7 @@ import functools
 import hashlib
 import logging
 import os
-import struct
 import time
-import zlib
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,7 +41,7 @@ from typing import Any, TypeVar
 
 import serial
 from esptool.cmds import attach_flash, detect_chip, detect_flash_size, reset_chip, run_stub
-from esptool.loader import DEFAULT_TIMEOUT, ERASE_WRITE_TIMEOUT_PER_MB, MAX_TIMEOUT, timeout_per_mb
+from esptool.loader import DEFAULT_TIMEOUT
 from esptool.util import FatalError, flash_size_bytes
 
 from station.baud import (
@@ -64,7 +60,7 @@ from station.errors import (
     VerifyError,
     WrongChipError,
 )
-from station.firmware import xor_checksum
+from station.flashwrite import write_region
 from station.parts import BoardIdentity, ProgressFn, Region
 from station.remoteurl import RemoteLinks, is_remote
 from station.serialport import (
@@ -88,7 +84,6 @@ BUTTONS_TIMEOUT = 120.0  # seconds a board without auto-reset waits for BOOT + E
 # silent line, or the ROM's SPI-boot banner ("Wrong boot mode detected (0x13)")
 NO_DOWNLOAD_SIGNS = ("No serial data received", "Wrong boot mode detected")
 PROGRESS_INTERVAL = 0.1  # at most ~10 progress callbacks per second per board
-WRITE_BLOCK_ATTEMPTS = 3  # as esptool's flash_block / flash_defl_block
 PROBE_TIMEOUT = 0.5  # a register read after a baud change takes milliseconds when it works
 RECONNECT_PAUSE = 0.1  # after closing a port before reopening it: a pty's only reset
 # Chips whose esp-flasher-stub keeps the UART as the ROM left it (src/main.c raises clocks
@@ -97,8 +92,6 @@ RECONNECT_PAUSE = 0.1  # after closing a port before reopening it: a pty's only 
 # the rate first and the stub travels at it. Elsewhere the stub goes at 115200.
 FAST_STUB_CHIPS = frozenset({"esp32c2", "esp32c3", "esp32c5", "esp32c61", "esp32h2"})
 _fast_stub_failed: set[str] = set()  # chips whose stub did not start at a fast rate
-PACKET_HEADER = struct.Struct("<BBHI")
-BLOCK_HEADER = struct.Struct("<IIII")
 # Connect failures that mean "something answers, but it is not an ESP bootloader".
 NOT_ESP_SIGNS = ("Invalid head of packet", "Invalid SLIP escape", "Unexpected chip",
                  "Failed to autodetect", "Response doesn't match request")
@@ -107,23 +100,6 @@ NOT_ESP_SIGNS = ("Invalid head of packet", "Invalid SLIP escape", "Unexpected ch
 def chip_name(esp: Any) -> str:
     """esptool's "ESP32-S3" -> our "esp32s3"."""
     return str(esp.CHIP_NAME).lower().replace("-", "")
-
-
-def _inflated_sizes(compressed: bytes, block: int) -> tuple[int, ...]:
-    """How many flash bytes each compressed block becomes: computed once per image, not
-    once per board (the timeouts and the progress depend on it)."""
-    inflate = zlib.decompressobj()
-    view = memoryview(compressed)
-    return tuple(len(inflate.decompress(view[i:i + block]))
-                 for i in range(0, len(compressed), block))
-
-
-def _defl_block_timeout(esp: Any, inflated: int) -> float:
-    """esptool's `_get_flash_defl_block_timeout`: the stub may erase while it inflates."""
-    size = inflated
-    if esp.IS_STUB:
-        size += (-(-inflated // (32 * 1024)) + 1) * 64 * 1024
-    return float(timeout_per_mb(ERASE_WRITE_TIMEOUT_PER_MB, size))
 
 
 # -- the flasher and its sessions ----------------------------------------------------------
@@ -486,85 +462,9 @@ class EsptoolSession:
             size = flash_size_bytes(text) if text else None
         return BoardIdentity(chip=chip_name(esp), mac=mac, flash_size=size)
 
-    def _command(self, op: int, payload: bytes, chk: int, timeout: float, what: str) -> None:
-        """esptool's check_command for one data packet, minus its per-byte Python work."""
-        esp = self.esp
-        packet = PACKET_HEADER.pack(0, op, len(payload), chk) + payload
-        frame = b"\xc0" + packet.replace(b"\xdb", b"\xdb\xdd").replace(b"\xc0", b"\xdb\xdc") \
-            + b"\xc0"
-        port = esp._port
-        # Setting a timeout reconfigures the tty (tcsetattr): only when it changes, and it
-        # is left as is afterwards (every esptool command sets its own).
-        timeout = min(timeout, MAX_TIMEOUT)
-        if port.timeout != timeout:
-            port.timeout = timeout
-        port.write(frame)
-        for _ in range(100):  # skip stale replies, as esptool's command() does
-            reply = esp.read()
-            if len(reply) < 8:
-                continue
-            resp, op_ret, _, _ = PACKET_HEADER.unpack_from(reply)
-            if resp == 1 and op_ret == op:
-                status = reply[8:10]
-                if len(status) < 2 or status[0] != 0:
-                    raise FatalError.WithResult(f"Failed to {what}", status)
-                return
-        raise FatalError(f"Failed to {what}: no matching reply")
-
     def _write_blocking(self, region: Region, report: Callable[[int], None]) -> None:
-        esp = self.esp
-        size = len(region.data)
-        if size == 0:
-            return
-        block = esp.FLASH_WRITE_SIZE
-        deflate = len(region.compressed) < size and (esp.IS_STUB or esp.CHIP_NAME == "ESP32")
-        started = time.monotonic()
-        done = 0
-        timeout = DEFAULT_TIMEOUT
-        if deflate:
-            # Sizes come from the shared cache: one inflate per image, not per board.
-            sizes = _inflated_sizes(region.compressed, block)
-            esp.flash_defl_begin(size, len(region.compressed), region.offset)
-            view = memoryview(region.compressed)
-            op = esp.ESP_CMDS["FLASH_DEFL_DATA"]
-        else:  # incompressible data goes raw, as write_flash does
-            sizes = tuple(min(block, size - i) for i in range(0, size, block))
-            esp.flash_begin(size, region.offset)
-            view = memoryview(region.data)
-            op = esp.ESP_CMDS["FLASH_DATA"]
-        for seq, inflated in enumerate(sizes):
-            chunk: bytes | memoryview = view[seq * block:(seq + 1) * block]
-            if not deflate and len(chunk) < block:
-                chunk = bytes(chunk) + b"\xff" * (block - len(chunk))  # whole blocks only
-            if deflate and not esp.IS_STUB:
-                timeout = _defl_block_timeout(esp, inflated)
-            payload = BLOCK_HEADER.pack(len(chunk), seq, 0, 0) + chunk
-            chk = xor_checksum(chunk)
-            what = f"write to flash at 0x{region.offset + done:x} (block {seq})"
-            for attempt in range(WRITE_BLOCK_ATTEMPTS, 0, -1):
-                try:
-                    self._command(op, payload, chk, timeout, what)
-                    break
-                except FatalError:
-                    if attempt == 1 or (self._serial is not None and self._serial.aborted):
-                        raise
-                    log.info("%s: %s failed, retrying", self.port, what)
-                    # a SLIP error ends esptool's reader generator (every later read says
-                    # "No more data to read"); flush_input drops the junk and starts anew
-                    esp.flush_input()
-            if deflate and esp.IS_STUB:
-                # the stub ACKs a block at once and writes it while the next one arrives
-                timeout = _defl_block_timeout(esp, inflated)
-            done += inflated
-            report(done)
-        if esp.IS_STUB:  # wait until the last block is really in flash
-            if deflate:
-                esp.flash_defl_finish(reboot=False, timeout=timeout)
-            else:
-                esp.flash_finish(reboot=False, timeout=timeout)
-        log.debug("%s: wrote %s (%d B, %d B sent) at 0x%x in %.2fs", self.port, region.name,
-                  size, len(region.compressed) if deflate else size, region.offset,
-                  time.monotonic() - started)
+        write_region(self.esp, region, report, self.port,
+                     aborted=lambda: self._serial is not None and self._serial.aborted)
 
     def _write_laddered(self, region: Region, report: Callable[[int], None]) -> None:
         """A write whose blocks fail on the line reconnects one rate lower and starts the
