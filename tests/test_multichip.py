@@ -39,18 +39,21 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             for i, chip in enumerate(CHIPS)}
 
 
-def write_config(root: Path, builds: dict[str, Path]) -> Path:
+def write_config(root: Path, builds: dict[str, Path], name: str = "mixed-line",
+                 ports: str = "") -> Path:
+    """A station.toml for a rig in root/rig with one [[firmware]] entry per chip built;
+    `ports`: more [ports] lines."""
     entries = "".join(f'[[firmware]]\nchip = "{chip}"\nflasher_args = {json.dumps(str(p))}\n\n'
                       for chip, p in builds.items())
     config = root / "station.toml"
     config.write_text(f"""\
 [station]
-name = "mixed-line"
+name = "{name}"
 state_dir = "state"
 [ports]
 watch = ["{root / 'rig' / 'pci-*'}"]
 rescan_interval = 0.2
-{entries}[identity]
+{ports}{entries}[identity]
 thing_name = "t-{{mac}}"
 [registrar]
 kind = "local-ca"

@@ -31,6 +31,7 @@ from station.flasher import EsptoolFlasher
 from station.parts import Region
 from station.sim import Faults, PluggedBoard, Rig
 from station.usbport import NativeUsb
+from tests.test_multichip import write_config as multichip_config
 from tests.test_station import Line, load_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -49,27 +50,8 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def write_config(root: Path, builds: dict[str, Path], window: float = 5.0) -> Path:
-    entries = "".join(f'[[firmware]]\nchip = "{chip}"\nflasher_args = {json.dumps(str(p))}\n\n'
-                      for chip, p in builds.items())
-    config = root / "station.toml"
-    config.write_text(f"""\
-[station]
-name = "native-line"
-state_dir = "state"
-[ports]
-watch = ["{root / 'rig' / 'pci-*'}"]
-rescan_interval = 0.2
-reenumerate_window = {window}
-{entries}[identity]
-thing_name = "t-{{mac}}"
-[registrar]
-kind = "local-ca"
-[registrar.local_ca]
-dir = "ca"
-[credentials]
-out_dir = "certs_out"
-""")
-    return config
+    return multichip_config(root, builds, name="native-line",
+                            ports=f"reenumerate_window = {window}\n")
 
 
 async def serve_as_native(config: Config, native: NativeUsb, what: str,
