@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from station.ledger import Ledger
 from station.sim import Rig
 from station.sim.faults import Faults
 from station.usbport import NativeUsb, usb_adapter
+from tests.ledgerkit import schema_1_ledger
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -279,23 +279,9 @@ def test_the_ledger_row_names_the_rate_and_every_step(tmp_path: Path) -> None:
 
 
 def test_an_older_ledger_gains_the_columns_and_keeps_its_rows(tmp_path: Path) -> None:
-    conn = sqlite3.connect(tmp_path / "ledger.sqlite3")
-    conn.executescript("""
-        CREATE TABLE schema_version (version INTEGER NOT NULL);
-        INSERT INTO schema_version VALUES (1);
-        CREATE TABLE jobs (job_id TEXT PRIMARY KEY, station TEXT, port TEXT, slot TEXT,
-            mac TEXT, chip TEXT, thing_name TEXT, firmware_hash TEXT, registrar TEXT,
-            certificate_id TEXT, stage TEXT, result TEXT, failed_stage TEXT, error TEXT,
-            started_at REAL, finished_at REAL, timings TEXT);
-        CREATE TABLE events (job_id TEXT NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL,
-            stage TEXT, attempt INTEGER, detail TEXT);
-        CREATE TABLE registrations (job_id TEXT NOT NULL, port TEXT, slot TEXT,
-            at REAL NOT NULL, mac TEXT NOT NULL, thing_name TEXT NOT NULL, step TEXT NOT NULL,
-            certificate_id TEXT, certificate_arn TEXT);
-        INSERT INTO jobs (job_id, slot, result, started_at) VALUES ('old', 'A9', 'done', 1.0);
+    schema_1_ledger(tmp_path, """
+    INSERT INTO jobs (job_id, slot, result, started_at) VALUES ('old', 'A9', 'done', 1.0);
     """)
-    conn.commit()
-    conn.close()
     ledger = Ledger.open(tmp_path)
     try:
         rows = ledger.jobs()

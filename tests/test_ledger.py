@@ -21,6 +21,7 @@ import pytest
 from station.errors import LedgerError
 from station.eventlog import EventLog
 from station.events import (
+    BootChecked,
     Event,
     Identified,
     JobFinished,
@@ -33,6 +34,7 @@ from station.events import (
     StageChanged,
 )
 from station.ledger import Ledger
+from tests.ledgerkit import schema_1_ledger
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -318,3 +320,19 @@ def test_event_log_that_cannot_write_never_fails_a_board(tmp_path: Path,
     with caplog.at_level("ERROR", logger="station.ledger"):
         run(write())
     assert len(caplog.records) == 1 and "cannot write the event log" in caplog.text
+
+
+def test_a_schema_1_ledger_gains_the_boot_columns_and_records_a_boot(tmp_path: Path) -> None:
+    schema_1_ledger(tmp_path, """
+    INSERT INTO jobs (job_id, slot, result, started_at) VALUES ('old', 'A2', 'done', 1.0);
+    INSERT INTO jobs (job_id, slot, started_at) VALUES ('new', 'A3', 2.0);
+    """)
+    with Ledger.open(tmp_path) as ledger:
+        asyncio.run(ledger.record(BootChecked(
+            job_id="new", port="/dev/ttyUSB3", slot="A3", result="ok", project="gadget",
+            version="2.1.0", detail="", tail="I (310) app_init: App version:      2.1.0")))
+        rows = {r["job_id"]: r for r in ledger.jobs()}
+    assert [rows["old"][k] for k in ("result", "boot", "booted_version")] == ["done", None, None]
+    assert (rows["new"]["boot"], rows["new"]["booted_project"], rows["new"]["booted_version"]) \
+        == ("ok", "gadget", "2.1.0")
+    assert "app_init: App version" in rows["new"]["boot_log"]

@@ -21,6 +21,7 @@ from station.events import JobFinished, JobStarted, SlotCleared, SlotFlagged, St
 from station.ledger import SCHEMA_VERSION, Ledger
 from station.slothealth import SlotHealth
 from station.slotpark import SlotGuard, slot_command
+from tests.ledgerkit import schema_1_ledger
 
 T0 = 1_800_000_000.0
 RULES = HealthSection(consecutive=3, window=6, failures_in_window=4)
@@ -232,24 +233,10 @@ def test_the_guard_restores_open_flags_and_unparks_slots_cleared_in_the_ledger(
 
 
 def test_a_schema_1_ledger_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
-    conn = sqlite3.connect(tmp_path / "ledger.sqlite3")
-    conn.executescript("""
-        CREATE TABLE schema_version (version INTEGER NOT NULL);
-        INSERT INTO schema_version VALUES (1);
-        CREATE TABLE jobs (job_id TEXT PRIMARY KEY, station TEXT, port TEXT, slot TEXT,
-            mac TEXT, chip TEXT, thing_name TEXT, firmware_hash TEXT, registrar TEXT,
-            certificate_id TEXT, stage TEXT, result TEXT, failed_stage TEXT, error TEXT,
-            started_at REAL, finished_at REAL, timings TEXT);
-        CREATE TABLE events (job_id TEXT NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL,
-            stage TEXT, attempt INTEGER, detail TEXT);
-        CREATE TABLE registrations (job_id TEXT NOT NULL, port TEXT, slot TEXT, at REAL NOT
-            NULL, mac TEXT NOT NULL, thing_name TEXT NOT NULL, step TEXT NOT NULL,
-            certificate_id TEXT, certificate_arn TEXT);
-        INSERT INTO jobs (job_id, slot, result, started_at, finished_at)
-            VALUES ('old', 'A1', 'done', 1.0, 2.0);
+    schema_1_ledger(tmp_path, """
+    INSERT INTO jobs (job_id, slot, result, started_at, finished_at)
+        VALUES ('old', 'A1', 'done', 1.0, 2.0);
     """)
-    conn.commit()
-    conn.close()
     with Ledger.open(tmp_path) as ledger:
         assert [j["job_id"] for j in ledger.jobs()] == ["old"]
         asyncio.run(ledger.record(flag()))
