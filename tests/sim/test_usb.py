@@ -163,6 +163,7 @@ def test_bridge_above_its_highest_baud_garbles(rig: Rig, app: Path) -> None:
     assert ok.returncode == 0, ok.output
 
 
+@pytest.mark.timing  # wall time against the model: alone, after the parallel pass
 def test_native_usb_ignores_the_baud_rate(tmp_path: Path) -> None:
     """USB-Serial/JTAG moves ~1.4 Mbit/s whatever baud the host sets (esptool#779)."""
     big = tmp_path / "big.bin"
