@@ -61,9 +61,7 @@ def esptool_runs(ctx: common.Context, boards: int, baud: int,
             usages = [common.wait_usage(p, RUN_TIMEOUT) for p in started]
         finally:
             rig.close()
-    first = min(p.started for p in started)  # type: ignore[attr-defined]
-    wall = max(p.started + u.wall_s  # type: ignore[attr-defined]
-               for p, u in zip(started, usages, strict=True)) - first
+    wall = common.span_s(started, usages)
     return {"boards": boards, "baud": baud, "wall_s": round(wall, 2),
             "failed": sum(u.returncode != 0 for u in usages),
             "cpu_s_per_board": round(statistics.fmean(u.cpu_s for u in usages), 3),

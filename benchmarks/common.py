@@ -258,6 +258,14 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT,
         proc.wait(timeout=10)
 
 
+def span_s(started: Sequence[subprocess.Popen[bytes]], usages: Sequence[Usage]) -> float:
+    """Wall seconds from the first process's start to the last one's end (each process
+    carries its `started` time, set by `Processes.start`)."""
+    first = min(p.started for p in started)  # type: ignore[attr-defined]
+    return float(max(p.started + u.wall_s  # type: ignore[attr-defined]
+                     for p, u in zip(started, usages, strict=True)) - first)
+
+
 def wait_usage(proc: subprocess.Popen[bytes], timeout: float) -> Usage:
     """Wait for a child with `os.wait4`, which also gives its own rusage."""
     deadline = time.monotonic() + timeout

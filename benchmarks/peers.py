@@ -67,9 +67,7 @@ def parallel(ctx: common.Context, boards: int = PARALLEL_BOARDS) -> dict[str, An
             usages = [common.wait_usage(p, RUN_TIMEOUT) for p in started]
         finally:
             rig.close()
-    first = min(p.started for p in started)  # type: ignore[attr-defined]
-    wall = max(p.started + u.wall_s  # type: ignore[attr-defined]
-               for p, u in zip(started, usages, strict=True)) - first
+    wall = common.span_s(started, usages)
     out = {"boards": boards, **_runs_summary(usages), "wall_s": round(wall, 2),
            "loadavg": common.loadavg()}
     print(f"    {wall:.2f}s for {boards}, {out['failed']} failed", flush=True)

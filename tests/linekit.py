@@ -98,3 +98,8 @@ class Operator:
                 raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
             self.step()
             time.sleep(POLL)  # the polling interval of a deadline-bound wait
+
+
+def sixteen_slots() -> str:
+    """[ports.slots] lines naming hub ports 1-16 A1..A8, B1..B8, as a line labels a bench."""
+    return "\n".join(f'"usb-0:1.{i + 1}" = "{"AB"[i // 8]}{i % 8 + 1}"' for i in range(16))

@@ -28,7 +28,7 @@ import pytest
 
 from station.demo_firmware import make_demo_firmware
 from station.sim import Faults, Rig
-from tests.linekit import Operator
+from tests.linekit import Operator, sixteen_slots
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -38,7 +38,7 @@ RUN_TIMEOUT = 420.0
 
 
 def write_config(root: Path, firmware: Path, rig: Path, extra: str = "") -> Path:
-    slots = "\n".join(f'"usb-0:1.{i + 1}" = "{"AB"[i // 8]}{i % 8 + 1}"' for i in range(16))
+    slots = sixteen_slots()
     config = root / "station.toml"
     config.write_text(f"""\
 [station]

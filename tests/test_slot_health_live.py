@@ -26,7 +26,7 @@ import pytest
 
 from station.demo_firmware import make_demo_firmware
 from station.sim import Faults, Rig
-from tests.linekit import Operator
+from tests.linekit import Operator, sixteen_slots
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -108,7 +108,7 @@ def test_a_slot_that_keeps_failing_is_flagged_parked_and_cleared(
         tmp_path: Path, tmux: Tmux) -> None:
     firmware = make_demo_firmware(tmp_path / "fw", chip="esp32", app_size=64_000)
     rig_dir, state = tmp_path / "rig", tmp_path / "state"
-    slots = "\n".join(f'"usb-0:1.{i + 1}" = "{"AB"[i // 8]}{i % 8 + 1}"' for i in range(16))
+    slots = sixteen_slots()
     config = tmp_path / "station.toml"
     config.write_text(f"""\
 [station]
