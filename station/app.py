@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 
 from station.baud import RateNote, SlotMemory
 from station.bootcheck import BootCheck
-from station.check import writable_folder
-from station.config import Config
+from station.config import Config, writable_folder
 from station.credentials import CredentialStore, nvs_region
 from station.daemon import Bus, Options, Station, state_dir_lock
 from station.errors import FirmwareError

@@ -6,47 +6,19 @@ would do, so a rig can be validated (and the cloud access proven) before boards 
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 from pathlib import Path
 from typing import TextIO
 
-from station.config import Config
+from station.config import Config, writable_folder
 from station.credentials import CredentialStore
 from station.daemon import EXIT_OK, reconcile_journal, state_dir_lock
-from station.errors import ConfigError
 from station.hostcheck import HOST_ROOT_ENV, findings
 from station.hotplug import scan
 from station.hubcheck import probe_hubs
 from station.registrar import make_registrar
 
-PROBE_BYTES = 4096
-"""What `check` writes (and removes) to prove a folder takes data: about one board's
-certificate files, so a full disk fails here and not at the first board."""
 LOW_SPACE = 1 << 20
-
-
-def writable_folder(path: Path, key: str, config: Config) -> int:
-    """Prove `path` can be created and written (permissions, read-only mount, full disk)
-    by writing a small file there; returns the free bytes."""
-    probe = path / f".station-check.{os.getpid()}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, b"\0" * PROBE_BYTES)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(probe)
-        stat = os.statvfs(path)
-    except OSError as e:
-        reason = "not writable by this user" if e.errno in (errno.EACCES, errno.EPERM) \
-            else e.strerror or str(e)
-        raise ConfigError(str(config.path), key, f"{path}: {reason}") from None
-    return stat.f_bavail * stat.f_frsize
 
 
 def _space(free: int) -> str:

@@ -22,8 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from station import __version__
-from station.cliargs import positive
-from station.config import Config, load
+from station.config import Config, load, positive
 from station.daemon import (
     EXIT_BUSY,
     EXIT_CONFIG,

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from station.configports import HealthSection
+from station.config import HealthSection
 from station.events import Event, JobFinished, SlotCleared, SlotFlagged, Stage
 
 HINTS: dict[Stage, str] = {

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from station.config import load
-from station.configports import HealthSection
+from station.config import HealthSection, load
 from station.dashboard import StationView, format_event, render
 from station.errors import ConfigError
 from station.events import JobFinished, JobStarted, SlotCleared, SlotFlagged, Stage

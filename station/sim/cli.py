@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from station.cliargs import positive, seconds
+from station.config import positive, seconds
 
 from .bridge import BRIDGES, DEFAULT_BRIDGE
 from .chips import CHIP_NAMES, chip_spec, parse_chip_list

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from station.baud import MAX_BRIDGE_BAUD, ROM_BAUD, BaudSettings, adapter_key_error
-from station.configtable import Table
+from station.config._table import Table
 from station.remoteurl import remote_url_problem
 
 AskButtons = Literal["remote", "all", "never"]

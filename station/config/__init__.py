@@ -1,0 +1,40 @@
+"""station.toml -> frozen, typed objects, checked before any board is touched.
+
+    sections.py   the typed objects the rest of the station reads (`Config` and its sections)
+    reader.py     `load`: every table read and checked; an error names file, key and reason
+    ports.py      the [ports] section: globs, line rates, slots, hub hosts, slot health
+    _table.py     one table's typed getters (reader.py and ports.py)
+    folders.py    `writable_folder`: a configured folder proven writable (check, run)
+    cliargs.py    checked numbers for command-line options, as strict as the config's
+"""
+
+from station.config.cliargs import at_least, positive, seconds
+from station.config.folders import writable_folder
+from station.config.ports import HealthSection, PortsSection
+from station.config.reader import load
+from station.config.sections import (
+    AWS_DEFAULT_TPS,
+    CHIPS,
+    STAGE_TIMEOUTS,
+    AwsSection,
+    Config,
+    CredentialsSection,
+    FirmwareSection,
+    IdentitySection,
+    ImageSpec,
+    LedgerSection,
+    LocalCaSection,
+    MetricsSection,
+    RegistrarSection,
+    StationSection,
+    VerifySection,
+    WorkerSection,
+)
+
+__all__ = [
+    "AWS_DEFAULT_TPS", "CHIPS", "STAGE_TIMEOUTS", "AwsSection", "Config", "CredentialsSection",
+    "FirmwareSection", "HealthSection", "IdentitySection", "ImageSpec", "LedgerSection",
+    "LocalCaSection", "MetricsSection", "PortsSection", "RegistrarSection", "StationSection",
+    "VerifySection", "WorkerSection", "at_least", "load", "positive", "seconds",
+    "writable_folder",
+]
