@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from station.baud import RateNote, SlotMemory
 from station.bootcheck import BootCheck
 from station.config import Config, writable_folder
 from station.credentials import CredentialStore, nvs_region
@@ -29,9 +28,9 @@ from station.flasher import EsptoolFlasher
 from station.ledger import Ledger
 from station.parts import BoardIdentity, Region
 from station.plan import Plan, Plans
+from station.ports import RateNote, RemotePorts, SlotMemory
 from station.registrar import make_registrar
 from station.registrar.base import DeviceCredentials, Registrar
-from station.remoteports import RemotePorts
 from station.slothealth import SlotHealth
 from station.slotpark import SlotGuard
 from station.worker import current_board

@@ -14,8 +14,8 @@ from station.config import Config, writable_folder
 from station.credentials import CredentialStore
 from station.daemon import EXIT_OK, reconcile_journal, state_dir_lock
 from station.hostcheck import HOST_ROOT_ENV, findings
-from station.hotplug import scan
 from station.hubcheck import probe_hubs
+from station.ports import scan
 from station.registrar import make_registrar
 
 LOW_SPACE = 1 << 20

@@ -219,13 +219,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _ports(args: argparse.Namespace) -> int:
-    from station.hotplug import scan
-    from station.usbport import native_usb
+    from station.ports import native_usb, scan
 
     config = load(args.config)
     ports = scan(config.ports.watch)
     if config.ports.remote:  # hub hosts: one TCP connect each (remoteports.py)
-        from station.remoteports import probe_all
+        from station.ports import probe_all
 
         for url, problem in probe_all(config.ports.remote):
             print(f"{config.slot_for(url, url):>8}  {url}  ({problem or 'hub reachable'})")

@@ -22,14 +22,18 @@ from pathlib import Path
 from station.config import Config
 from station.errors import StateDirBusyError
 from station.events import Event, Identified, JobFinished, RegistrationStep, Stage, StageChanged
-from station.hotplug import PortInfo, PortWatcher
 from station.parts import Flasher, KnownBoardLookup
 from station.plan import Plans
-from station.reenumeration import Reenumerations
+from station.ports import (
+    PortInfo,
+    PortWatcher,
+    Reenumerations,
+    RemotePorts,
+    bridge_vid,
+    is_remote,
+    native_usb,
+)
 from station.registrar.base import DeviceCredentials, Journal, Registrar
-from station.remoteports import RemotePorts
-from station.remoteurl import is_remote
-from station.usbport import bridge_vid, native_usb
 from station.worker import (
     REMOVED,
     Clock,

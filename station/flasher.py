@@ -44,14 +44,6 @@ from esptool.cmds import attach_flash, detect_chip, detect_flash_size, reset_chi
 from esptool.loader import DEFAULT_TIMEOUT
 from esptool.util import FatalError, flash_size_bytes
 
-from station.baud import (
-    BaudSettings,
-    RateNote,
-    SlotMemory,
-    Step,
-    next_lower,
-    points_at_line,
-)
 from station.errors import (
     FlashError,
     NotAnEspError,
@@ -62,16 +54,26 @@ from station.errors import (
 )
 from station.flashwrite import write_region
 from station.parts import BoardIdentity, ProgressFn, Region
-from station.remoteurl import RemoteLinks, is_remote
-from station.serialport import (
+from station.ports import (
+    Adapter,
+    BaudSettings,
     LocalPort,
+    NativeUsb,
+    RateNote,
+    RemoteLinks,
     RemotePort,
+    SlotMemory,
+    Step,
     first_line,
+    is_remote,
+    native_usb,
+    next_lower,
     open_error,
+    points_at_line,
     quiet_esptool,
     set_port_tag,
+    usb_adapter,
 )
-from station.usbport import Adapter, NativeUsb, native_usb, usb_adapter
 
 log = logging.getLogger("station.flasher")
 T = TypeVar("T")

@@ -38,8 +38,7 @@ from dataclasses import dataclass
 import serial
 from serial import rfc2217
 
-from station.remoteports import PROBE_TIMEOUT
-from station.remoteurl import host_port
+from station.ports import PROBE_TIMEOUT, host_port
 
 NEGOTIATE_TIMEOUT = 2.0
 """Seconds a hub that accepted TCP may take to agree on RFC 2217 (a LAN answers in ms)."""

@@ -18,25 +18,25 @@ import pytest
 from rich.console import Console
 from serial.tools.list_ports_common import ListPortInfo
 
-from station.baud import (
-    LADDER,
-    BaudSettings,
-    RateNote,
-    SlotMemory,
-    Step,
-    classify,
-    next_lower,
-    points_at_line,
-)
 from station.config import load
 from station.dashboard import StationView, format_event, render
 from station.errors import PortError
 from station.events import JobFinished, JobStarted, LineRate, Stage
 from station.flasher import EsptoolFlasher
 from station.ledger import Ledger
+from station.ports import (
+    BaudSettings,
+    NativeUsb,
+    RateNote,
+    SlotMemory,
+    Step,
+    next_lower,
+    points_at_line,
+    usb_adapter,
+)
+from station.ports.baud import LADDER, classify
 from station.sim import Rig
 from station.sim.faults import Faults
-from station.usbport import NativeUsb, usb_adapter
 from tests.ledgerkit import schema_1_ledger
 
 pytestmark = pytest.mark.timeout(120)

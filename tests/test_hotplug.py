@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from station.hotplug import PortInfo, PortWatcher, location_from_name, scan, usb_location
+from station.ports import PortInfo, PortWatcher, scan
+from station.ports.hotplug import location_from_name, usb_location
 
 WAIT = 5.0
 EVENTS_ONLY = 60.0  # rescan interval that cannot fire within a test: inotify must deliver

@@ -16,7 +16,7 @@ import pytest
 
 from station.daemon import EXIT_OK
 from station.hubcheck import NEGOTIATE_TIMEOUT
-from station.remoteurl import host_port
+from station.ports import host_port
 from station.sim import Rig
 from tests.test_bad_inputs import Site
 from tests.test_remote_ports import closed_url

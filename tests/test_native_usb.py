@@ -29,8 +29,8 @@ from station.demo_firmware import make_demo_firmware
 from station.firmware import load_firmware
 from station.flasher import EsptoolFlasher
 from station.parts import Region
+from station.ports import NativeUsb
 from station.sim import Faults, PluggedBoard, Rig
-from station.usbport import NativeUsb
 from tests.test_multichip import write_config as multichip_config
 from tests.test_station import Line, load_config
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from serial.tools.list_ports_common import ListPortInfo
 
-from station.reenumeration import Reenumerations
-from station.usbport import classify
+from station.ports import Reenumerations
+from station.ports.usb import classify
 
 KEY = "usb-0:1.2"
 MAC = "f412fa435c88"

@@ -14,9 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from station.baud import MAX_BRIDGE_BAUD, ROM_BAUD, BaudSettings, adapter_key_error
 from station.config._table import Table
-from station.remoteurl import remote_url_problem
+from station.ports import (
+    MAX_BRIDGE_BAUD,
+    ROM_BAUD,
+    BaudSettings,
+    adapter_key_error,
+    remote_url_problem,
+)
 
 AskButtons = Literal["remote", "all", "never"]
 ASK_BUTTONS: tuple[AskButtons, ...] = ("remote", "all", "never")

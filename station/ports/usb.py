@@ -27,8 +27,8 @@ from typing import Any, Literal
 from esp_pylib.constants import ESPRESSIF_VID, USB_JTAG_SERIAL_PID
 from serial.tools.list_ports_linux import SysFS
 
-from station.baud import UNKNOWN, Adapter
-from station.baud import classify as classify_adapter
+from station.ports.baud import UNKNOWN, Adapter
+from station.ports.baud import classify as classify_adapter
 
 NativeKind = Literal["jtag", "otg"]
 _MAC = re.compile(r"^[0-9a-f]{12}$")

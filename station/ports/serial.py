@@ -32,7 +32,7 @@ from esptool.util import PrintOnce
 from serial import rfc2217
 
 from station.errors import PortError
-from station.usbport import holders
+from station.ports.usb import holders
 
 log = logging.getLogger("station.flasher")
 CONTROL_ANSWER_S = 1.0  # a hub host answers a DTR/RTS change in milliseconds, or never

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from station.events import Event, HubStatus, JobFinished
-from station.hotplug import PortInfo
-from station.remoteurl import host_port
+from station.ports.hotplug import PortInfo
+from station.ports.remoteurl import host_port
 
 log = logging.getLogger(__name__)
 
