@@ -132,7 +132,7 @@ def nvs_compressed_bytes(firmware: Firmware) -> int:
     from station.config import FirmwareSection
     from station.credentials import nvs_region
     from station.firmware import load_firmware
-    from station.registrar.base import DeviceCredentials
+    from station.parts import DeviceCredentials
 
     bundle = load_firmware(FirmwareSection(chip=CHIP, flasher_args=firmware.flasher_args,
                                            images=()))

@@ -26,11 +26,11 @@ from station.events import ButtonsNeeded, Event, LineRate, RegistrationStep, Thr
 from station.firmware import FirmwareBundle, load_firmware
 from station.flasher import EsptoolFlasher
 from station.ledger import Ledger
-from station.parts import BoardIdentity, Region
+from station.parts import BoardIdentity, DeviceCredentials, Region
 from station.plan import Plan, Plans
 from station.ports import RateNote, RemotePorts, SlotMemory
 from station.registrar import make_registrar
-from station.registrar.base import DeviceCredentials, Registrar
+from station.registrar.base import Registrar
 from station.slothealth import SlotHealth
 from station.slotpark import SlotGuard
 from station.worker import current_board

@@ -35,8 +35,7 @@ import aiofiles
 import aiofiles.os
 
 from station.errors import CredentialsError
-from station.parts import Region
-from station.registrar.base import DeviceCredentials
+from station.parts import DeviceCredentials, Region
 
 log = logging.getLogger("station.credentials")
 

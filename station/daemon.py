@@ -22,7 +22,7 @@ from pathlib import Path
 from station.config import Config
 from station.errors import StateDirBusyError
 from station.events import Event, Identified, JobFinished, RegistrationStep, Stage, StageChanged
-from station.parts import Flasher, KnownBoardLookup
+from station.parts import DeviceCredentials, Flasher, KnownBoardLookup
 from station.plan import Plans
 from station.ports import (
     PortInfo,
@@ -33,7 +33,7 @@ from station.ports import (
     is_remote,
     native_usb,
 )
-from station.registrar.base import DeviceCredentials, Journal, Registrar
+from station.registrar.base import Journal, Registrar
 from station.worker import (
     REMOVED,
     Clock,

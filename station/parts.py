@@ -1,7 +1,9 @@
 """The interfaces a board's worker drives: a flasher (the serial edge) and what it writes.
 
 The worker takes these as arguments, so the core never imports esptool, boto3 or the
-terminal; the adapters (flasher.py, registrar/) implement them at the edge.
+terminal; the adapters (flash/, identity/registrar/) implement them at the edge. What
+passes from one stage package to another through the worker lives here too: a board's
+credentials go from identity/ (the registrar) to flash/ (the plan's data partition).
 """
 
 from __future__ import annotations
@@ -73,6 +75,24 @@ class BootJudge(Protocol):
     def complete(self, text: str) -> bool: ...
 
     def judge(self, text: str) -> BootVerdict: ...
+
+
+@dataclass(frozen=True)
+class DeviceCredentials:
+    """Everything a board needs to talk to its broker (a registrar makes them, the
+    plan's credentials region carries them to the flash). Never log this object's keys."""
+
+    thing_name: str
+    certificate_pem: str
+    private_key_pem: str
+    public_key_pem: str
+    endpoint: str
+    ca_pem: str | None = None
+    certificate_id: str | None = None
+    certificate_arn: str | None = None
+
+    def __repr__(self) -> str:  # keeps the private key out of logs and tracebacks
+        return f"DeviceCredentials(thing_name={self.thing_name!r}, id={self.certificate_id!r})"
 
 
 ProgressFn = Callable[[int, int], None]

@@ -11,8 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from station.errors import WrongChipError
-from station.parts import BoardIdentity, BootJudge, Region
-from station.registrar.base import DeviceCredentials
+from station.parts import BoardIdentity, BootJudge, DeviceCredentials, Region
 
 
 @dataclass(frozen=True)

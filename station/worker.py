@@ -49,12 +49,13 @@ from station.parts import (
     BoardIdentity,
     BoardSession,
     BootJudge,
+    DeviceCredentials,
     Flasher,
     KnownBoardLookup,
     Region,
 )
 from station.plan import Plan, Plans
-from station.registrar.base import BoardFacts, DeviceCredentials, Journal, Registrar
+from station.registrar.base import BoardFacts, Journal, Registrar
 
 log = logging.getLogger("station.worker")
 T = TypeVar("T")

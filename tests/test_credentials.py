@@ -18,7 +18,7 @@ from station.credentials import (
     RegistrationRecord,
 )
 from station.errors import CredentialsError
-from station.registrar.base import DeviceCredentials
+from station.parts import DeviceCredentials
 
 SECRET = "-----BEGIN PRIVATE KEY-----\nSECRETSECRET\n-----END PRIVATE KEY-----\n"
 

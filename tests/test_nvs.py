@@ -11,7 +11,7 @@ from esp_idf_nvs_partition_gen import nvs_partition_gen as gen
 from station.credentials import nvs_entries, nvs_image, nvs_region
 from station.errors import CredentialsError
 from station.nvs import NvsFormatError, read_nvs
-from station.registrar.base import DeviceCredentials
+from station.parts import DeviceCredentials
 
 
 def generate(size: int, namespaces: dict[str, list[tuple[str, str, object]]]) -> bytes:

@@ -36,8 +36,9 @@ from station.credentials import (
 )
 from station.errors import RegistrationError
 from station.events import RegistrationStep
+from station.parts import DeviceCredentials
 from station.registrar.aws_client import AwsError, IotClient
-from station.registrar.base import BoardFacts, DeviceCredentials, Journal, journaled
+from station.registrar.base import BoardFacts, Journal, journaled
 from station.registrar.keys import (
     certificate_key_matches,
     csr_pem,

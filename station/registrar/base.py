@@ -10,25 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from station.events import RegistrationStep
-from station.parts import BoardIdentity
-
-
-@dataclass(frozen=True)
-class DeviceCredentials:
-    """Everything a board needs to talk to its broker. Never log this object's keys."""
-
-    thing_name: str
-    certificate_pem: str
-    private_key_pem: str
-    public_key_pem: str
-    endpoint: str
-    ca_pem: str | None = None
-    certificate_id: str | None = None
-    certificate_arn: str | None = None
-
-    def __repr__(self) -> str:  # keeps the private key out of logs and tracebacks
-        return f"DeviceCredentials(thing_name={self.thing_name!r}, id={self.certificate_id!r})"
-
+from station.parts import BoardIdentity, DeviceCredentials
 
 Journal = Callable[[str, str | None, str | None], Awaitable[None]]
 """journal(step, certificate_id, certificate_arn): durably record a registration step

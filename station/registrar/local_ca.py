@@ -36,12 +36,8 @@ from station.credentials import (
 )
 from station.errors import RegistrationError
 from station.events import RegistrationStep
-from station.registrar.base import (
-    BoardFacts,
-    DeviceCredentials,
-    Journal,
-    journaled,
-)
+from station.parts import DeviceCredentials
+from station.registrar.base import BoardFacts, Journal, journaled
 from station.registrar.keys import (
     private_key_pem,
     public_key_pem,

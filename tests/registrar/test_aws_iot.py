@@ -19,8 +19,8 @@ from station.credentials import (
     nvs_region,
 )
 from station.nvs import read_nvs
+from station.parts import DeviceCredentials
 from station.registrar.aws_iot import AwsIotRegistrar
-from station.registrar.base import DeviceCredentials
 from station.registrar.keys import key_pair_matches
 from tests.registrar.awsproxy import AwsProxy
 from tests.registrar.conftest import (

@@ -31,8 +31,8 @@ from station.config import (
 )
 from station.credentials import PRIVATE_KEY_FILE, CredentialStore
 from station.errors import RegistrationError
+from station.parts import DeviceCredentials
 from station.registrar import make_registrar
-from station.registrar.base import DeviceCredentials
 from station.registrar.local_ca import LocalCa, LocalCaRegistrar
 from tests.registrar.awsproxy import free_port
 from tests.registrar.conftest import MemoryJournal, board
