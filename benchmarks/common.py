@@ -113,7 +113,7 @@ def make_firmware(directory: Path) -> Firmware:
     """The demo build (bootloader, partition table, 1.5 MB app at ~60%), deterministic."""
     from station.config import FirmwareSection
     from station.demo_firmware import make_demo_firmware
-    from station.firmware import load_firmware
+    from station.flash import load_firmware
 
     args = make_demo_firmware(directory, chip=CHIP, app_size=APP_SIZE)
     bundle = load_firmware(FirmwareSection(chip=CHIP, flasher_args=args, images=()))
@@ -131,7 +131,7 @@ def nvs_compressed_bytes(firmware: Firmware) -> int:
 
     from station.config import FirmwareSection
     from station.credentials import nvs_region
-    from station.firmware import load_firmware
+    from station.flash import load_firmware
     from station.parts import DeviceCredentials
 
     bundle = load_firmware(FirmwareSection(chip=CHIP, flasher_args=firmware.flasher_args,
@@ -510,7 +510,7 @@ def modelled_flash_seconds(firmware: Firmware, baud: int = BAUD) -> float:
     import zlib
 
     from station.config import FirmwareSection
-    from station.firmware import load_firmware
+    from station.flash import load_firmware
     from station.sim.flash import BLOCK, FlashTiming, erase_plan
 
     timing = FlashTiming()

@@ -37,7 +37,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from station.firmware import FirmwareBundle
+from station.flash import FirmwareBundle
 from station.nvs import read_nvs
 from station.registrar.keys import certificate_key_matches, key_pair_matches, same_public_key
 

@@ -16,18 +16,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from station.bootcheck import BootCheck
 from station.config import Config, writable_folder
 from station.credentials import CredentialStore, nvs_region
 from station.daemon import Bus, Options, Station, state_dir_lock
 from station.errors import FirmwareError
 from station.eventlog import EventLog
 from station.events import ButtonsNeeded, Event, LineRate, RegistrationStep, Throttled
-from station.firmware import FirmwareBundle, load_firmware
-from station.flasher import EsptoolFlasher
+from station.flash import BootCheck, EsptoolFlasher, FirmwareBundle, Plan, Plans, load_firmware
 from station.ledger import Ledger
 from station.parts import BoardIdentity, DeviceCredentials, Region
-from station.plan import Plan, Plans
 from station.ports import RateNote, RemotePorts, SlotMemory
 from station.registrar import make_registrar
 from station.registrar.base import Registrar

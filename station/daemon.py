@@ -22,8 +22,8 @@ from pathlib import Path
 from station.config import Config
 from station.errors import StateDirBusyError
 from station.events import Event, Identified, JobFinished, RegistrationStep, Stage, StageChanged
+from station.flash import Plans
 from station.parts import DeviceCredentials, Flasher, KnownBoardLookup
-from station.plan import Plans
 from station.ports import (
     PortInfo,
     PortWatcher,

@@ -20,7 +20,7 @@ from pathlib import Path
 from esptool.targets import CHIP_DEFS
 
 from station import chips
-from station.firmware import (
+from station.flash import (
     EXTENDED_HEADER,
     IMAGE_HEADER,
     PARTITION_ENTRY,

@@ -44,6 +44,7 @@ from station.events import (
     Stage,
     StageChanged,
 )
+from station.flash import Plan, Plans
 from station.parts import (
     BoardHistory,
     BoardIdentity,
@@ -54,7 +55,6 @@ from station.parts import (
     KnownBoardLookup,
     Region,
 )
-from station.plan import Plan, Plans
 from station.registrar.base import BoardFacts, Journal, Registrar
 
 log = logging.getLogger("station.worker")

@@ -22,7 +22,7 @@ from station.config import load
 from station.dashboard import StationView, format_event, render
 from station.errors import PortError
 from station.events import JobFinished, JobStarted, LineRate, Stage
-from station.flasher import EsptoolFlasher
+from station.flash import EsptoolFlasher
 from station.ledger import Ledger
 from station.ports import (
     BaudSettings,

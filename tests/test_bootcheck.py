@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from station.bootcheck import BootCheck, app_description
+from station.flash import BootCheck
+from station.flash.bootcheck import app_description
 from station.sim.boot_log import spi_boot
 from station.sim.chips import chip_spec
 from tests.sim import boot_images as bi

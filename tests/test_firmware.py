@@ -17,7 +17,8 @@ from esptool.loader import ESPLoader
 from station.config import FirmwareSection, ImageSpec
 from station.demo_firmware import esp_image, make_demo_firmware, partition_table
 from station.errors import FirmwareError
-from station.firmware import FirmwareBundle, load_firmware, parse_image, xor_checksum
+from station.flash import FirmwareBundle, load_firmware, xor_checksum
+from station.flash.firmware import parse_image
 
 CHIPS = ("esp32", "esp32s3", "esp32c3")
 

@@ -23,8 +23,7 @@ from station.errors import (
     VerifyError,
     WrongChipError,
 )
-from station.firmware import FirmwareBundle, load_firmware
-from station.flasher import EsptoolFlasher, EsptoolSession
+from station.flash import EsptoolFlasher, EsptoolSession, FirmwareBundle, load_firmware
 from station.parts import Region
 from station.sim import Rig
 from station.sim.faults import Faults
@@ -397,7 +396,7 @@ def test_sixteen_throttled_boards_keep_up_with_the_line(tmp_path: Path,
 
 def test_a_mac_misread_on_a_noisy_line_is_a_transient_error_not_another_board() -> None:
     from station.errors import PortError
-    from station.flasher import EsptoolFlasher
+    from station.flash import EsptoolFlasher
 
     class Noisy:  # READ_REG replies have no checksum: a flipped bit is another MAC
         IS_STUB = False

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from station.demo_firmware import make_demo_firmware
-from station.firmware import load_firmware
+from station.flash import load_firmware
 from station.metrics import StationMetrics
 from station.replicator import ReplicationStatus
 from station.sim import Rig

@@ -26,8 +26,7 @@ from station.app import assemble
 from station.config import Config
 from station.daemon import Options
 from station.demo_firmware import make_demo_firmware
-from station.firmware import load_firmware
-from station.flasher import EsptoolFlasher
+from station.flash import EsptoolFlasher, load_firmware
 from station.parts import Region
 from station.ports import NativeUsb
 from station.sim import Faults, PluggedBoard, Rig

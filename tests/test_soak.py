@@ -30,7 +30,7 @@ from benchmarks.soak import SIM_FAULTS, SoakConfig, run_soak
 from benchmarks.soak_aws import moto_server
 from benchmarks.soak_pg import find_bindir
 from station.config import load
-from station.firmware import load_firmware
+from station.flash import load_firmware
 
 # A night in miniature: its faults land at times, so it runs alone (marker timing)
 pytestmark = [pytest.mark.slow, pytest.mark.timing, pytest.mark.timeout(420)]

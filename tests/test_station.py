@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from station.demo_firmware import make_demo_firmware
-from station.firmware import FirmwareBundle, load_firmware
+from station.flash import FirmwareBundle, load_firmware
 from station.nvs import read_nvs
 from station.sim import Faults, PluggedBoard, Rig
 

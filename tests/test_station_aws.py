@@ -26,7 +26,7 @@ from station.credentials import (
     RECORD_FILE,
 )
 from station.demo_firmware import make_demo_firmware
-from station.firmware import FirmwareBundle, load_firmware
+from station.flash import FirmwareBundle, load_firmware
 from station.nvs import read_nvs
 from station.registrar.base import CRASH_ENV
 from station.registrar.keys import certificate_key_matches, key_pair_matches

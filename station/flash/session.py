@@ -52,7 +52,7 @@ from station.errors import (
     VerifyError,
     WrongChipError,
 )
-from station.flashwrite import write_region
+from station.flash._write import write_region
 from station.parts import BoardIdentity, ProgressFn, Region
 from station.ports import (
     Adapter,

@@ -22,7 +22,7 @@ from typing import Any
 from esptool.loader import DEFAULT_TIMEOUT, ERASE_WRITE_TIMEOUT_PER_MB, MAX_TIMEOUT, timeout_per_mb
 from esptool.util import FatalError
 
-from station.firmware import xor_checksum
+from station.flash.firmware import xor_checksum
 from station.parts import Region
 
 log = logging.getLogger("station.flasher")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from esptool.bin_image import LoadFirmwareImage
 
-from station.firmware import FirmwareBundle
+from station.flash.firmware import FirmwareBundle
 from station.parts import BootVerdict
 
 APP_DESC_MAGIC = 0xABCD5432  # esp_app_format/include/esp_app_desc.h
