@@ -19,12 +19,17 @@ from typing import TYPE_CHECKING
 from station.config import Config, writable_folder
 from station.credentials import CredentialStore, nvs_region
 from station.daemon import Bus, Options, Station, state_dir_lock
-from station.errors import FirmwareError
 from station.eventlog import EventLog
 from station.events import ButtonsNeeded, Event, LineRate, RegistrationStep, Throttled
-from station.flash import BootCheck, EsptoolFlasher, FirmwareBundle, Plan, Plans, load_firmware
+from station.flash import (
+    EsptoolFlasher,
+    FirmwareBundle,
+    build_plans,
+    firmware_warnings,
+    load_bundles,
+)
 from station.ledger import Ledger
-from station.parts import BoardIdentity, DeviceCredentials, Region
+from station.parts import DeviceCredentials
 from station.ports import RateNote, RemotePorts, SlotMemory
 from station.registrar import make_registrar
 from station.registrar.base import Registrar
@@ -37,53 +42,6 @@ if TYPE_CHECKING:
     from station.replicator import Replicator
 
 log = logging.getLogger("station.app")
-
-
-def build_plan(config: Config, bundle: FirmwareBundle, registrar_kind: str) -> Plan:
-    """The per-board recipe; the credentials partition is located once, from the table."""
-    credentials_region: Callable[[DeviceCredentials], Region] | None = None
-    if registrar_kind != "none":
-        label = config.credentials.partition
-        try:
-            part = bundle.partition(label)
-        except FirmwareError as e:
-            which = "" if len(config.firmwares) == 1 else f" in the {bundle.chip} firmware"
-            raise FirmwareError(str(config.path), "credentials.partition",
-                                e.reason + which) from None
-        namespace = config.credentials.namespace
-
-        def credentials_region(creds: DeviceCredentials) -> Region:
-            return nvs_region(creds, part.offset, part.size, namespace)
-
-    def thing_name(identity: BoardIdentity) -> str:
-        return config.identity.thing_for(identity.mac, identity.chip, config.station.name)
-
-    verify = config.verify
-    boot = None if verify.boot == "off" else \
-        BootCheck.for_bundle(bundle, verify.boot, verify.marker, verify.boot_timeout)
-    return Plan(chip=bundle.chip, regions=bundle.regions,
-                firmware_hash=bundle.sha256, station=config.station.name,
-                thing_name=thing_name, credentials_region=credentials_region, boot=boot)
-
-
-def load_bundles(config: Config) -> tuple[FirmwareBundle, ...]:
-    """Every firmware of the station, each validated as a single one is."""
-    return tuple(load_firmware(section) for section in config.firmwares)
-
-
-def firmware_warnings(config: Config, bundles: Sequence[FirmwareBundle]) -> list[str]:
-    """[firmware] image_checks = "warn": each image problem once, and, with no boot check,
-    that nothing on the line will catch them."""
-    lines = [line for bundle in bundles for line in bundle.warnings]
-    if lines and config.verify.boot == "off":
-        lines.append(f"{config.path}: verify.boot: \"off\": boards get these images and end "
-                     "done without proof that they boot; set [verify] boot = \"app\"")
-    return lines
-
-
-def build_plans(config: Config, bundles: Sequence[FirmwareBundle], registrar_kind: str) -> Plans:
-    """One plan per chip: the worker picks the board's by the chip it finds."""
-    return Plans({b.chip: build_plan(config, b, registrar_kind) for b in bundles})
 
 
 def throttled_reporter(bus: Bus) -> Callable[[str], None]:
@@ -148,7 +106,8 @@ async def assemble(config: Config, options: Options,
         store = CredentialStore(config.credentials.out_dir)
         bus = Bus()
         registrar = make_registrar(config, store, throttled_reporter(bus))
-        plans = build_plans(config, bundles, registrar.kind)
+        plans = build_plans(config, bundles,
+                            None if registrar.kind == "none" else nvs_region)
         if registrar.kind != "none":  # fail now, not at every board's credentials
             await asyncio.to_thread(writable_folder, config.credentials.out_dir,
                                     "credentials.out_dir", config)

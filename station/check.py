@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import TextIO
 
 from station.config import Config, writable_folder
-from station.credentials import CredentialStore
+from station.credentials import CredentialStore, nvs_region
 from station.daemon import EXIT_OK, reconcile_journal, state_dir_lock
+from station.flash import build_plans, firmware_warnings, load_bundles
 from station.hostcheck import HOST_ROOT_ENV, findings
 from station.hubcheck import probe_hubs
 from station.ports import scan
@@ -28,8 +29,6 @@ def _space(free: int) -> str:
 
 
 async def check(config: Config, out: TextIO) -> int:
-    from station.app import build_plans, firmware_warnings, load_bundles
-
     print(f"config      {config.path}: ok", file=out)
     bundles = load_bundles(config)
     for bundle in bundles:
@@ -40,7 +39,8 @@ async def check(config: Config, out: TextIO) -> int:
     for line in firmware_warnings(config, bundles):
         print(f"firmware    warning: {line}", file=out)
     registrar = make_registrar(config, CredentialStore(config.credentials.out_dir))
-    plans = build_plans(config, bundles, registrar.kind)
+    plans = build_plans(config, bundles,
+                        None if registrar.kind == "none" else nvs_region)
     registers = any(p.credentials_region is not None for p in plans.by_chip.values())
     for bundle in bundles if registers else ():
         part = bundle.partition(config.credentials.partition)

@@ -21,11 +21,19 @@ from station.flash.firmware import (
     load_firmware,
     xor_checksum,
 )
-from station.flash.plan import Plan, Plans
+from station.flash.plan import (
+    CredentialsImage,
+    Plan,
+    Plans,
+    build_plans,
+    firmware_warnings,
+    load_bundles,
+)
 from station.flash.session import EsptoolFlasher, EsptoolSession
 
 __all__ = [
     "EXTENDED_HEADER", "IMAGE_HEADER", "PARTITION_ENTRY", "PARTITION_MD5_MAGIC",
-    "PARTITION_TABLE_MAX", "SEGMENT_HEADER", "BootCheck", "EsptoolFlasher", "EsptoolSession",
-    "FirmwareBundle", "Plan", "Plans", "load_firmware", "xor_checksum",
+    "PARTITION_TABLE_MAX", "SEGMENT_HEADER", "BootCheck", "CredentialsImage", "EsptoolFlasher",
+    "EsptoolSession", "FirmwareBundle", "Plan", "Plans", "build_plans", "firmware_warnings",
+    "load_bundles", "load_firmware", "xor_checksum",
 ]

@@ -2,16 +2,26 @@
 
 A station may hold firmware for several chips (`[[firmware]]`); it learns a board's chip
 only once connected, so the worker is handed `Plans` (one `Plan` per chip) and picks.
-Plain data and two callables: no esptool, no config, no cloud.
+A plan is plain data and two callables: no esptool, no config, no cloud. `build_plans`
+makes them at start from the config and the firmware bundles (`load_bundles`); the
+credentials partition's image comes from whoever wires the station (identity's
+`nvs_region`), so flash/ never imports identity/.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from station.errors import WrongChipError
+from station.config import Config
+from station.errors import FirmwareError, WrongChipError
+from station.flash.bootcheck import BootCheck
+from station.flash.firmware import FirmwareBundle, load_firmware
 from station.parts import BoardIdentity, BootJudge, DeviceCredentials, Region
+
+CredentialsImage = Callable[[DeviceCredentials, int, int, str], Region]
+"""(credentials, partition offset, partition size, NVS namespace) -> the board's data
+partition with them (identity's `nvs_region`)."""
 
 
 @dataclass(frozen=True)
@@ -26,7 +36,7 @@ class Plan:
     credentials_region: Callable[[DeviceCredentials], Region] | None = None
     """Builds the per-board data partition; None when the registrar makes no credentials."""
     boot: BootJudge | None = None
-    """[verify] boot: what the board must print after the reset (station/bootcheck.py)."""
+    """[verify] boot: what the board must print after the reset (bootcheck.py)."""
 
     @property
     def flash_end(self) -> int:
@@ -70,3 +80,55 @@ class Plans:
         if plan is None:
             raise WrongChipError(chip, tuple(self.by_chip))
         return plan
+
+
+def build_plan(config: Config, bundle: FirmwareBundle,
+               credentials: CredentialsImage | None) -> Plan:
+    """The per-board recipe; the credentials partition is located once, from the table.
+    `credentials`: how credentials become that partition; None when the registrar makes
+    none (kind "none")."""
+    credentials_region: Callable[[DeviceCredentials], Region] | None = None
+    if credentials is not None:
+        image = credentials
+        label = config.credentials.partition
+        try:
+            part = bundle.partition(label)
+        except FirmwareError as e:
+            which = "" if len(config.firmwares) == 1 else f" in the {bundle.chip} firmware"
+            raise FirmwareError(str(config.path), "credentials.partition",
+                                e.reason + which) from None
+        namespace = config.credentials.namespace
+
+        def credentials_region(creds: DeviceCredentials) -> Region:
+            return image(creds, part.offset, part.size, namespace)
+
+    def thing_name(identity: BoardIdentity) -> str:
+        return config.identity.thing_for(identity.mac, identity.chip, config.station.name)
+
+    verify = config.verify
+    boot = None if verify.boot == "off" else \
+        BootCheck.for_bundle(bundle, verify.boot, verify.marker, verify.boot_timeout)
+    return Plan(chip=bundle.chip, regions=bundle.regions,
+                firmware_hash=bundle.sha256, station=config.station.name,
+                thing_name=thing_name, credentials_region=credentials_region, boot=boot)
+
+
+def load_bundles(config: Config) -> tuple[FirmwareBundle, ...]:
+    """Every firmware of the station, each validated as a single one is."""
+    return tuple(load_firmware(section) for section in config.firmwares)
+
+
+def firmware_warnings(config: Config, bundles: Sequence[FirmwareBundle]) -> list[str]:
+    """[firmware] image_checks = "warn": each image problem once, and, with no boot check,
+    that nothing on the line will catch them."""
+    lines = [line for bundle in bundles for line in bundle.warnings]
+    if lines and config.verify.boot == "off":
+        lines.append(f"{config.path}: verify.boot: \"off\": boards get these images and end "
+                     "done without proof that they boot; set [verify] boot = \"app\"")
+    return lines
+
+
+def build_plans(config: Config, bundles: Sequence[FirmwareBundle],
+                credentials: CredentialsImage | None) -> Plans:
+    """One plan per chip: the worker picks the board's by the chip it finds."""
+    return Plans({b.chip: build_plan(config, b, credentials) for b in bundles})
