@@ -3,6 +3,7 @@ bundles, the boot check.
 
     session.py    `EsptoolFlasher` opens boards; `EsptoolSession`: one thread per board,
                   identify, write, verify, reset, console
+    _connect.py   the session's connect: port, ROM sync, stub, the baud ladder, BOOT + EN
     _write.py     the write loop: a region's blocks to the stub without esptool's per-byte work
     plan.py       what a board of each chip gets (`Plans`), built once at start
     firmware.py   the firmware bundle: images, partition table, checks, read once at start

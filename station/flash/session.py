@@ -1,7 +1,8 @@
 """The serial edge: esptool's loader driven from one thread per board.
 
 `EsptoolFlasher.open(port)` connects (sync, chip detection, stub, baud change, flash
-attach) and returns an `EsptoolSession`, which implements `parts.BoardSession`.
+attach: _connect.py) and returns an `EsptoolSession`, which implements
+`parts.BoardSession`.
 
 Why it looks the way it does:
 
@@ -9,16 +10,13 @@ Why it looks the way it does:
   threads; asyncio's default pool has only min(32, cores + 4) = 6 threads on two cores,
   and the seventh board would queue behind the others.
 - esptool's logger is one process-wide object: it is routed to logging, naming the
-  port (station/serialport.py, with the abortable local and RFC 2217 ports and the open
+  port (ports/serial.py, with the abortable local and RFC 2217 ports and the open
   errors), and progress comes from our own write loop instead of `cmds.write_flash`.
-- The write loop sends the data blocks itself (station/flashwrite.py: esptool's own
-  packet code costs ~25 ms of CPU per block); everything else goes through esptool's
-  loader unchanged.
-- The line rate is tried, not trusted (station/baud.py): esptool's `change_baud` does
-  not check that the bridge followed, so a register read with a short timeout follows
-  every change; a line failure there or in a block write closes the port (a real board
-  is reset by the next connect, a pty by the close), reconnects one ladder rate lower
-  and goes on. Each step is a `RateNote`, reported after the thread's call returns.
+- The write loop sends the data blocks itself (_write.py: esptool's own packet code
+  costs ~25 ms of CPU per block); everything else goes through esptool's loader
+  unchanged.
+- The line rate is tried, not trusted (_connect.py, ports/baud.py): a line failure in a
+  block write reconnects one ladder rate lower and writes the region again.
 - Cancellation: `close()` aborts the serial port first (pending and later reads/writes
   fail at once), so a thread blocked in esptool finishes within milliseconds, then closes
   the port from that thread (never closing a file descriptor another thread is using).
@@ -32,44 +30,34 @@ import contextvars
 import functools
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import serial
-from esptool.cmds import attach_flash, detect_chip, detect_flash_size, reset_chip, run_stub
-from esptool.loader import DEFAULT_TIMEOUT
+from esptool.cmds import detect_flash_size, reset_chip
 from esptool.util import FatalError, flash_size_bytes
 
 from station.errors import (
     FlashError,
-    NotAnEspError,
     PortError,
     StationError,
     VerifyError,
     WrongChipError,
 )
+from station.flash._connect import ROM_BAUD, Connection, chip_name
 from station.flash._write import write_region
 from station.parts import BoardIdentity, ProgressFn, Region
 from station.ports import (
     Adapter,
     BaudSettings,
-    LocalPort,
     NativeUsb,
     RateNote,
     RemoteLinks,
-    RemotePort,
     SlotMemory,
-    Step,
     first_line,
-    is_remote,
     native_usb,
-    next_lower,
-    open_error,
-    points_at_line,
     quiet_esptool,
     set_port_tag,
     usb_adapter,
@@ -78,31 +66,10 @@ from station.ports import (
 log = logging.getLogger("station.flasher")
 T = TypeVar("T")
 
-ROM_BAUD = 115200
 CONSOLE_READ_TIMEOUT = 0.1  # one console read: how late the boot check sees a deadline
 CLOSE_TIMEOUT = 10.0  # an aborted port makes esptool fail in milliseconds; this is a guard
 BUTTONS_TIMEOUT = 120.0  # seconds a board without auto-reset waits for BOOT + EN
-# esptool's words when its reset sequence did not bring the ROM's download mode up: a
-# silent line, or the ROM's SPI-boot banner ("Wrong boot mode detected (0x13)")
-NO_DOWNLOAD_SIGNS = ("No serial data received", "Wrong boot mode detected")
 PROGRESS_INTERVAL = 0.1  # at most ~10 progress callbacks per second per board
-PROBE_TIMEOUT = 0.5  # a register read after a baud change takes milliseconds when it works
-RECONNECT_PAUSE = 0.1  # after closing a port before reopening it: a pty's only reset
-# Chips whose esp-flasher-stub keeps the UART as the ROM left it (src/main.c raises clocks
-# and resets the divider to the ROM's init rate only on ESP32, -S2, -S3, -P4, -S31, -H21,
-# -H4, -C6; transport.c attaches to the ROM-initialised UART): on these the ROM changes
-# the rate first and the stub travels at it. Elsewhere the stub goes at 115200.
-FAST_STUB_CHIPS = frozenset({"esp32c2", "esp32c3", "esp32c5", "esp32c61", "esp32h2"})
-_fast_stub_failed: set[str] = set()  # chips whose stub did not start at a fast rate
-# Connect failures that mean "something answers, but it is not an ESP bootloader".
-NOT_ESP_SIGNS = ("Invalid head of packet", "Invalid SLIP escape", "Unexpected chip",
-                 "Failed to autodetect", "Response doesn't match request")
-
-
-def chip_name(esp: Any) -> str:
-    """esptool's "ESP32-S3" -> our "esp32s3"."""
-    return str(esp.CHIP_NAME).lower().replace("-", "")
-
 
 # -- the flasher and its sessions ----------------------------------------------------------
 
@@ -164,28 +131,19 @@ class EsptoolFlasher:
         return session
 
 
-class EsptoolSession:
-    """One open, synced board; every esptool call runs on this session's own thread."""
+class EsptoolSession(Connection):
+    """One open, synced board; every esptool call runs on this session's own thread.
+
+    Connecting (the port, the ROM, the stub, the baud ladder) is `Connection`'s
+    (_connect.py); this class runs it and everything after it on the session's thread."""
+
+    flasher: EsptoolFlasher
 
     def __init__(self, port: str, flasher: EsptoolFlasher,
                  keys: tuple[str, ...] = ()) -> None:
-        self.port = port
-        self.keys = keys or (port,)
-        self.flasher = flasher
-        self.name = Path(port).name
-        self.esp: Any = None
+        super().__init__(port, flasher, keys)
         self.identity: BoardIdentity | None = None
-        self._serial: LocalPort | RemotePort | None = None
-        self._step = "open"  # how far connect got, for its error message
-        self._baud_unconfirmed = False  # changed the baud, no reply at the new one yet
-        self.rate: int | None = None  # the line rate in use; None: native USB
-        self._slot = port
-        self._adapter_name = ""
-        self._notes: list[RateNote] = []  # to report once the thread's call returns
-        self.native: NativeUsb | None = None
         self._closed = False
-        self._connect_mode = "default-reset"  # "no-reset" while waiting for BOOT + EN
-        self.ask_buttons: Callable[[bool], object] = lambda _waiting: None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"flash-{self.name}",
                                             initializer=self._init_thread)
 
@@ -233,220 +191,6 @@ class EsptoolSession:
             if stage == "connect":
                 raise self._connect_error(e, message) from e
             raise FlashError(f"{self.port}: {stage}: {message}") from e
-
-    def _remote_lost(self) -> bool:
-        """A remote port whose connection died: the hub host or its board is gone."""
-        links = self.flasher.links
-        return links is not None and self._serial is not None and is_remote(self.port) \
-            and links.link_failed(self.port, self._serial)
-
-    def _open_port(self) -> LocalPort | RemotePort:
-        """The port opened at the ROM's rate; a remote port reuses the connection its
-        last session left open (closing it would make the relay reset the board)."""
-        links = self.flasher.links
-        if is_remote(self.port):
-            held = links.take(self.port) if links is not None else None
-            if isinstance(held, RemotePort):
-                held.aborted = False
-                held.timeout = DEFAULT_TIMEOUT
-                held.baudrate = ROM_BAUD
-                return held
-            remote = RemotePort()
-            remote.port, remote.baudrate = self.port, ROM_BAUD
-            try:
-                remote.open()
-            except serial.SerialException as e:
-                raise PortError(f"{self.port}: cannot open: {first_line(e)}") from e
-            return remote
-        port = LocalPort()
-        port.port = self.port
-        port.baudrate = ROM_BAUD
-        port.exclusive = True  # two sessions on one port would corrupt each other
-        try:
-            port.open()
-        except serial.SerialException as e:
-            raise open_error(self.port, e) from e
-        return port
-
-    def _connect_error(self, e: FatalError, message: str) -> PortError:
-        """Not an ESP only if the sync itself met garbage; after a sync, it is noise."""
-        text = str(e)
-        if self._step == "chip detection" and text.startswith("Failed to connect"):
-            if any(sign in text for sign in NOT_ESP_SIGNS):
-                return NotAnEspError(f"{self.port}: something answers, but not an ESP "
-                                     f"bootloader ({message})")
-            return PortError(f"{self.port}: no answer from an ESP bootloader ({message}); "
-                             "is the board in download mode?")
-        if self._baud_unconfirmed:  # esptool's change_baud does not check the bridge follows
-            return PortError(f"{self.port}: no reply after switching to {self.rate} "
-                             "baud: the port's adapter may not support it (set [ports] baud "
-                             f"lower) ({message})", transient=False)  # again would fail alike
-        return PortError(f"{self.port}: the board synced, then {self._step} failed "
-                         f"({message})")
-
-    # -- blocking parts (session thread) --
-
-    def connect_blocking(self) -> None:
-        """Connect at the port's rate (baud.py), stepping down while the line fails."""
-        opts = self.flasher
-        self.native = opts.native(self.port)
-        adapter = opts.adapter(self.port)
-        self._slot = self.keys[0]
-        self._adapter_name = adapter.describe()
-        rate, why = opts.line.rate_for(adapter, self.keys)
-        earlier = None
-        if self.native is not None:  # the chip's own USB ignores the baud rate
-            rate, self._adapter_name = None, f"native USB {self.native.kind}"
-        elif rate is not None:
-            rate, earlier = opts.memory.limit(self._slot, rate)
-        try:
-            self._connect_laddered(rate)
-        except FatalError as e:
-            # To esptool a board without an auto-reset circuit and a mute board look the
-            # same. By default local ports keep failing after their retries (a dead board
-            # must not hold its slot for minutes); on a hub host's port the missing or too
-            # slow circuit is the common case, and nobody can reach the port but the
-            # station. A line of boards without the circuit asks on every port.
-            if self.native is not None or not self._may_ask_buttons() or \
-                    not any(s in str(e) for s in NO_DOWNLOAD_SIGNS):
-                raise
-            self._await_buttons(rate, e)
-        self._notes.append(RateNote(
-            baud=self.rate, adapter=self._adapter_name, remembered=earlier is not None,
-            reason=(f"slot {earlier.slot} stepped down {earlier.from_baud}->{earlier.to_baud} "
-                    f"earlier ({earlier.reason})") if earlier is not None else None))
-        log.debug("%s: line rate %s (%s)", self.port, self.rate, why)
-
-    def _may_ask_buttons(self) -> bool:
-        policy = self.flasher.ask_buttons
-        return self.flasher.on_buttons is not None and \
-            (policy == "all" or (policy == "remote" and is_remote(self.port)))
-
-    def _await_buttons(self, rate: int | None, first: FatalError) -> None:
-        """The reset sequence did not reach download mode and the board stays silent:
-        no auto-reset circuit (or one that fails). Ask for BOOT + EN on the board's row
-        and sync without resetting until someone presses them, or give up."""
-        log.warning("%s: no download mode after the reset sequence (%s): press BOOT + EN",
-                    self.port, first_line(first))
-        self.ask_buttons(True)
-        deadline = time.monotonic() + self.flasher.buttons_timeout
-        self._connect_mode = "no-reset"
-        try:
-            while True:
-                if self._serial is not None and self._serial.aborted:
-                    raise first
-                self._reopen()  # the failed attempt's port (a remote one is kept, reused)
-                try:
-                    self._connect_laddered(rate)
-                    self.ask_buttons(False)  # "in download mode" (a failure ends the row)
-                    return
-                except FatalError as e:
-                    if time.monotonic() >= deadline or \
-                            not any(s in str(e) for s in NO_DOWNLOAD_SIGNS):
-                        raise PortError(
-                            f"{self.port}: no download mode after the reset sequence and "
-                            f"nobody pressed BOOT + EN within {self.flasher.buttons_timeout:g}"
-                            f" s (a board without an auto-reset circuit?) ({first_line(e)})",
-                            transient=False) from e
-        finally:
-            self._connect_mode = "default-reset"
-
-    def _connect_laddered(self, rate: int | None) -> None:
-        while True:
-            try:
-                self.rate = self._connect_at(rate)
-                return
-            except _StubAtRateFailed:
-                self._reopen()  # the fallback: as on every other chip, stub at 115200
-                continue
-            except FatalError as e:
-                # only a failure after the baud change is the line's (before it, 115200)
-                lower = self._line_failed(rate, e, self._step) if self._baud_unconfirmed \
-                    else None
-                if lower is None:
-                    raise
-                self._reopen()
-                rate = lower
-
-    def _line_failed(self, rate: int | None, e: FatalError, where: str) -> int | None:
-        """The next rate down after a line failure at `rate`, or None: not the line's
-        fault, or the ladder is at its end. Records the step and the slot remembers it."""
-        if rate is None or (self._serial is not None and self._serial.aborted):
-            return None
-        if not points_at_line(str(e)) or not os.path.exists(self.port):
-            return None  # not the line's fault, or the board was pulled: nothing to remember
-        lower = next_lower(rate)
-        if lower is None:
-            return None
-        what = f"no reply after {where}" if where.startswith("the change") else \
-            f"{where} failed at {rate} baud"
-        reason = f"{what} ({first_line(e)})"
-        step = Step(slot=self._slot, from_baud=rate, to_baud=lower, reason=reason)
-        self.flasher.memory.remember(step)
-        self._notes.append(RateNote(baud=lower, adapter=self._adapter_name, stepped_from=rate,
-                                    reason=reason))
-        log.warning("%s: %s; stepping down to %d baud", self.port, reason, lower)
-        return lower
-
-    def _reopen(self) -> None:
-        """Close the port and start over in the ROM: the next connect resets a real board
-        (DTR/RTS); on a pty the close itself is the reset, so it must be seen first."""
-        self._close_blocking()
-        self._serial, self.esp, self._baud_unconfirmed = None, None, False
-        time.sleep(RECONNECT_PAUSE)
-
-    def _connect_at(self, rate: int | None) -> int | None:
-        """Connect, load the stub and change to `rate`; returns the rate in use."""
-        opts = self.flasher
-        port = self._open_port()
-        self._serial = port
-        self._step = "chip detection"
-        esp = detect_chip(port, ROM_BAUD, trace_enabled=opts.trace,
-                          connect_mode=self._connect_mode,
-                          connect_attempts=opts.connect_attempts)
-        self.esp = esp
-        chip = chip_name(esp)
-        if opts.chips and chip not in opts.chips:
-            log.info("%s: %s board, firmware is for %s: not loading the stub", self.port, chip,
-                     ", ".join(opts.chips))
-            return ROM_BAUD if rate is not None else None
-        changed = rate is not None and rate != ROM_BAUD
-        self._step = "the stub upload"
-        if changed and chip in FAST_STUB_CHIPS and chip not in _fast_stub_failed:
-            assert rate is not None
-            self._change_and_probe(rate)  # on the ROM: the stub then travels at `rate`
-            self._step = "the stub upload"
-            try:
-                esp = self.esp = run_stub(esp)
-            except FatalError as e:
-                log.warning("%s: the %s stub did not start at %d baud (%s); loading it at "
-                            "%d from now on", self.port, chip, rate, first_line(e), ROM_BAUD)
-                _fast_stub_failed.add(chip)
-                raise _StubAtRateFailed() from e
-        else:
-            esp = self.esp = run_stub(esp)
-            if changed:
-                assert rate is not None
-                self._change_and_probe(rate)
-        self._step = "the flash attach"
-        attach_flash(esp)
-        self._baud_unconfirmed = False
-        if not esp.secure_download_mode:
-            size = detect_flash_size(esp)
-            if size is not None:  # as write_flash's flash_size="keep"
-                esp.flash_set_parameters(flash_size_bytes(size))
-        log.debug("%s: connected to %s (stub %s) at %s baud", self.port, chip, esp.IS_STUB,
-                  rate)
-        return rate
-
-    def _change_and_probe(self, rate: int) -> None:
-        self._step = f"the change to {rate} baud"
-        self.esp.change_baud(rate)
-        self._baud_unconfirmed = True
-        self.rate = rate
-        # esptool does not check that the bridge followed: one register read, with a
-        # timeout a working line never needs, tells a garbling line in milliseconds.
-        self.esp.read_reg(self.esp.EFUSE_RD_REG_BASE, timeout=PROBE_TIMEOUT)
 
     def _identify_blocking(self) -> BoardIdentity:
         esp = self.esp
@@ -508,17 +252,6 @@ class EsptoolSession:
             return
         # On a pty, setting DTR/RTS fails with ENOTTY: esptool warns once and goes on.
         self.esp.hard_reset()
-
-    def _close_blocking(self) -> None:
-        links = self.flasher.links
-        if isinstance(self._serial, RemotePort) and links is not None and \
-                self._serial.is_open:  # (esptool closes it itself after a failed connect)
-            self._serial.aborted = False  # the keeper reads it from now on
-            links.keep(self.port, self._serial)
-            return
-        if self._serial is not None:
-            with contextlib.suppress(Exception):
-                self._serial.close()
 
     # -- BoardSession --
 
@@ -597,9 +330,6 @@ class EsptoolSession:
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-
-class _StubAtRateFailed(Exception):
-    """The stub did not start at the fast rate: connect again, stub at 115200."""
 
 
 @functools.lru_cache(maxsize=16)
