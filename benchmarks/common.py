@@ -130,8 +130,8 @@ def nvs_compressed_bytes(firmware: Firmware) -> int:
     import random
 
     from station.config import FirmwareSection
-    from station.credentials import nvs_region
     from station.flash import load_firmware
+    from station.identity import nvs_region
     from station.parts import DeviceCredentials
 
     bundle = load_firmware(FirmwareSection(chip=CHIP, flasher_args=firmware.flasher_args,

@@ -38,8 +38,12 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from station.flash import FirmwareBundle
-from station.nvs import read_nvs
-from station.registrar.keys import certificate_key_matches, key_pair_matches, same_public_key
+from station.identity import read_nvs
+from station.identity.registrar.keys import (
+    certificate_key_matches,
+    key_pair_matches,
+    same_public_key,
+)
 
 FINAL = ("done", "failed", "removed", "skipped")
 OK = ("done", "skipped")

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from station.config import Config, writable_folder
-from station.credentials import CredentialStore, nvs_region
 from station.daemon import Bus, Options, Station, state_dir_lock
 from station.eventlog import EventLog
 from station.events import ButtonsNeeded, Event, LineRate, RegistrationStep, Throttled
@@ -28,11 +27,10 @@ from station.flash import (
     firmware_warnings,
     load_bundles,
 )
+from station.identity import CredentialStore, Registrar, make_registrar, nvs_region
 from station.ledger import Ledger
 from station.parts import DeviceCredentials
 from station.ports import RateNote, RemotePorts, SlotMemory
-from station.registrar import make_registrar
-from station.registrar.base import Registrar
 from station.slothealth import SlotHealth
 from station.slotpark import SlotGuard
 from station.worker import current_board

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import TextIO
 
 from station.config import Config, writable_folder
-from station.credentials import CredentialStore, nvs_region
 from station.daemon import EXIT_OK, reconcile_journal, state_dir_lock
 from station.flash import build_plans, firmware_warnings, load_bundles
 from station.hostcheck import HOST_ROOT_ENV, findings
 from station.hubcheck import probe_hubs
+from station.identity import CredentialStore, make_registrar, nvs_region
 from station.ports import scan
-from station.registrar import make_registrar
 
 LOW_SPACE = 1 << 20
 

@@ -23,6 +23,7 @@ from station.config import Config
 from station.errors import StateDirBusyError
 from station.events import Event, Identified, JobFinished, RegistrationStep, Stage, StageChanged
 from station.flash import Plans
+from station.identity import Journal, Registrar
 from station.parts import DeviceCredentials, Flasher, KnownBoardLookup
 from station.ports import (
     PortInfo,
@@ -33,7 +34,6 @@ from station.ports import (
     is_remote,
     native_usb,
 )
-from station.registrar.base import Journal, Registrar
 from station.worker import (
     REMOVED,
     Clock,

@@ -45,6 +45,7 @@ from station.events import (
     StageChanged,
 )
 from station.flash import Plan, Plans
+from station.identity import BoardFacts, Journal, Registrar
 from station.parts import (
     BoardHistory,
     BoardIdentity,
@@ -55,7 +56,6 @@ from station.parts import (
     KnownBoardLookup,
     Region,
 )
-from station.registrar.base import BoardFacts, Journal, Registrar
 
 log = logging.getLogger("station.worker")
 T = TypeVar("T")

@@ -24,7 +24,7 @@ from typing import Any
 import boto3
 
 from station.flash import FirmwareBundle
-from station.registrar.base import CRASH_ENV
+from station.identity import CRASH_ENV
 from station.sim import PluggedBoard, Rig
 from tests.registrar.awsproxy import AwsProxy
 

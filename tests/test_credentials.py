@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from station.credentials import (
+from station.errors import CredentialsError
+from station.identity import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
     PUBLIC_KEY_FILE,
@@ -17,7 +18,6 @@ from station.credentials import (
     CredentialStore,
     RegistrationRecord,
 )
-from station.errors import CredentialsError
 from station.parts import DeviceCredentials
 
 SECRET = "-----BEGIN PRIVATE KEY-----\nSECRETSECRET\n-----END PRIVATE KEY-----\n"

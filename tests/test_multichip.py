@@ -22,7 +22,7 @@ from station.config import FirmwareSection
 from station.daemon import EXIT_BOARDS_FAILED
 from station.demo_firmware import make_demo_firmware
 from station.flash import FirmwareBundle, load_firmware
-from station.nvs import read_nvs
+from station.identity import read_nvs
 from station.sim import Rig
 from tests.test_station import Line
 

@@ -8,9 +8,9 @@ import struct
 import pytest
 from esp_idf_nvs_partition_gen import nvs_partition_gen as gen
 
-from station.credentials import nvs_entries, nvs_image, nvs_region
 from station.errors import CredentialsError
-from station.nvs import NvsFormatError, read_nvs
+from station.identity import NvsFormatError, nvs_region, read_nvs
+from station.identity.credentials import nvs_entries, nvs_image
 from station.parts import DeviceCredentials
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from station.demo_firmware import make_demo_firmware
 from station.flash import FirmwareBundle, load_firmware
-from station.nvs import read_nvs
+from station.identity import read_nvs
 from station.sim import Faults, PluggedBoard, Rig
 
 pytestmark = pytest.mark.timeout(300)

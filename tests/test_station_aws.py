@@ -19,17 +19,17 @@ from typing import Any
 import pytest
 
 from station.config import FirmwareSection
-from station.credentials import (
+from station.demo_firmware import make_demo_firmware
+from station.flash import FirmwareBundle, load_firmware
+from station.identity import (
     CERTIFICATE_FILE,
+    CRASH_ENV,
     PRIVATE_KEY_FILE,
     PUBLIC_KEY_FILE,
     RECORD_FILE,
+    read_nvs,
 )
-from station.demo_firmware import make_demo_firmware
-from station.flash import FirmwareBundle, load_firmware
-from station.nvs import read_nvs
-from station.registrar.base import CRASH_ENV
-from station.registrar.keys import certificate_key_matches, key_pair_matches
+from station.identity.registrar.keys import certificate_key_matches, key_pair_matches
 from station.sim import Faults, PluggedBoard, Rig
 from tests.registrar.awsproxy import AwsProxy, moto_server, reset_moto
 from tests.stationkit import (

@@ -16,8 +16,8 @@ import pytest
 
 from station.config import AwsSection
 from station.events import RegistrationStep
+from station.identity import BoardFacts, Journal
 from station.parts import BoardIdentity
-from station.registrar.base import BoardFacts, Journal
 from tests.registrar.awsproxy import AwsProxy, moto_server, reset_moto
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,8 +8,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-from station.credentials import CredentialStore
-from station.registrar.aws_iot import AwsIotRegistrar
+from station.identity import CredentialStore
+from station.identity.registrar.aws_iot import AwsIotRegistrar
 from tests.registrar.conftest import FileJournal, aws_section, board
 
 

@@ -10,18 +10,18 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from station.credentials import (
+from station.identity import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
     PUBLIC_KEY_FILE,
     RECORD_FILE,
     CredentialStore,
     nvs_region,
+    read_nvs,
 )
-from station.nvs import read_nvs
+from station.identity.registrar.aws_iot import AwsIotRegistrar
+from station.identity.registrar.keys import key_pair_matches
 from station.parts import DeviceCredentials
-from station.registrar.aws_iot import AwsIotRegistrar
-from station.registrar.keys import key_pair_matches
 from tests.registrar.awsproxy import AwsProxy
 from tests.registrar.conftest import (
     MemoryJournal,

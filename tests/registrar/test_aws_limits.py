@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from station.config import AWS_DEFAULT_TPS
-from station.credentials import CredentialStore
 from station.errors import RegistrationError
-from station.registrar.aws_client import RateLimiter
-from station.registrar.aws_iot import AwsIotRegistrar, attribute_value
+from station.identity import CredentialStore
+from station.identity.registrar.aws_client import RateLimiter
+from station.identity.registrar.aws_iot import AwsIotRegistrar, attribute_value
 from tests.registrar.awsproxy import AwsProxy, free_port
 from tests.registrar.conftest import (
     MemoryJournal,

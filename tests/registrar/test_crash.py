@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from station.credentials import PRIVATE_KEY_FILE, CredentialStore
-from station.registrar.base import CRASH_ENV
+from station.identity import CRASH_ENV, PRIVATE_KEY_FILE, CredentialStore
 from tests.registrar.awsproxy import AwsProxy
 from tests.registrar.conftest import (
     ROOT,

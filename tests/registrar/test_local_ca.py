@@ -29,11 +29,10 @@ from station.config import (
     StationSection,
     WorkerSection,
 )
-from station.credentials import PRIVATE_KEY_FILE, CredentialStore
 from station.errors import RegistrationError
+from station.identity import PRIVATE_KEY_FILE, CredentialStore, make_registrar
+from station.identity.registrar.local_ca import LocalCa, LocalCaRegistrar
 from station.parts import DeviceCredentials
-from station.registrar import make_registrar
-from station.registrar.local_ca import LocalCa, LocalCaRegistrar
 from tests.registrar.awsproxy import free_port
 from tests.registrar.conftest import MemoryJournal, board
 

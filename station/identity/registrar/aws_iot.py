@@ -27,19 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from station.config import AwsSection
-from station.credentials import (
+from station.errors import RegistrationError
+from station.events import RegistrationStep
+from station.identity.credentials import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
     PUBLIC_KEY_FILE,
     CredentialStore,
     RegistrationRecord,
 )
-from station.errors import RegistrationError
-from station.events import RegistrationStep
-from station.parts import DeviceCredentials
-from station.registrar.aws_client import AwsError, IotClient
-from station.registrar.base import BoardFacts, Journal, journaled
-from station.registrar.keys import (
+from station.identity.registrar.aws_client import AwsError, IotClient
+from station.identity.registrar.base import BoardFacts, Journal, journaled
+from station.identity.registrar.keys import (
     certificate_key_matches,
     csr_pem,
     key_pair_matches,
@@ -47,7 +46,8 @@ from station.registrar.keys import (
     private_key_pem,
     public_key_pem,
 )
-from station.registrar.policy import load_policy, same_policy
+from station.identity.registrar.policy import load_policy, same_policy
+from station.parts import DeviceCredentials
 
 log = logging.getLogger("station.registrar.aws")
 

@@ -2,6 +2,13 @@
 
 `make_registrar` picks one from `[registrar] kind`; the worker only sees the `Registrar`
 protocol of base.py. aws_iot (and boto3) is imported only when chosen.
+
+    base.py        the Registrar protocol, "none", the journal and its crash-test hook
+    local_ca.py    kind = "local-ca": a self-hosted CA signs device certificates
+    aws_iot.py     kind = "aws-iot": AWS IoT Core, crash-safely and idempotently
+    aws_client.py  the one AWS IoT client: threads, rate limits, throttling, clear errors
+    policy.py      the device policy document, checked before any board
+    keys.py        keys and CSRs (EC P-256, PEM, key comparison)
 """
 
 from __future__ import annotations
@@ -9,11 +16,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from station.registrar.base import NoRegistrar, Registrar
+from station.identity.registrar.base import (
+    CRASH_ENV,
+    BoardFacts,
+    Journal,
+    NoRegistrar,
+    Registrar,
+    crash_point,
+    journaled,
+)
 
-if TYPE_CHECKING:  # credentials.py imports registrar.base: keep this package light
+if TYPE_CHECKING:  # keep this package light: boto3 and the CA only when chosen
     from station.config import Config
-    from station.credentials import CredentialStore
+    from station.identity.credentials import CredentialStore
 
 
 def make_registrar(config: Config, out: CredentialStore,
@@ -22,15 +37,18 @@ def make_registrar(config: Config, out: CredentialStore,
     whenever the cloud (or our own limiter) makes a board wait, for the dashboard."""
     kind = config.registrar.kind
     if kind == "local-ca":
-        from station.registrar.local_ca import LocalCaRegistrar
+        from station.identity.registrar.local_ca import LocalCaRegistrar
 
         return LocalCaRegistrar(config.registrar.local_ca, out)
     if kind == "aws-iot":
-        from station.registrar.aws_iot import AwsIotRegistrar
+        from station.identity.registrar.aws_iot import AwsIotRegistrar
 
         return AwsIotRegistrar(config.registrar.aws, out, station=config.station.name,
                                emit_throttled=emit_throttled)
     return NoRegistrar()
 
 
-__all__ = ["make_registrar"]
+__all__ = [
+    "CRASH_ENV", "BoardFacts", "Journal", "NoRegistrar", "Registrar", "crash_point", "journaled",
+    "make_registrar",
+]

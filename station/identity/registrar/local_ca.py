@@ -28,21 +28,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from station.config import LocalCaSection
-from station.credentials import (
+from station.errors import RegistrationError
+from station.events import RegistrationStep
+from station.identity.credentials import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
     CredentialStore,
     RegistrationRecord,
 )
-from station.errors import RegistrationError
-from station.events import RegistrationStep
+from station.identity.registrar.base import BoardFacts, Journal, journaled
+from station.identity.registrar.keys import private_key_pem, public_key_pem, same_public_key
 from station.parts import DeviceCredentials
-from station.registrar.base import BoardFacts, Journal, journaled
-from station.registrar.keys import (
-    private_key_pem,
-    public_key_pem,
-    same_public_key,
-)
 
 log = logging.getLogger("station.registrar.local_ca")
 
