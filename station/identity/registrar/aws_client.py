@@ -27,6 +27,7 @@ from station.errors import RegistrationError
 
 log = logging.getLogger("station.registrar.aws")
 
+NOT_FOUND = "ResourceNotFoundException"
 THROTTLING_CODES = frozenset({
     "ThrottlingException", "Throttling", "TooManyRequestsException",
     "RequestLimitExceeded", "LimitExceededException", "SlowDown",
