@@ -34,7 +34,7 @@ from station.events import (  # noqa: E402
     Stage,
     StageChanged,
 )
-from station.ledger import Ledger  # noqa: E402
+from station.record import Ledger  # noqa: E402
 from station.replicator import Replicator  # noqa: E402
 
 STEPS = ("key-written", "cert-created", "policy-attached", "thing-created",

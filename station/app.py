@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from station.config import Config, writable_folder
 from station.daemon import Bus, Options, Station, state_dir_lock
-from station.eventlog import EventLog
 from station.events import ButtonsNeeded, Event, LineRate, RegistrationStep, Throttled
 from station.flash import (
     EsptoolFlasher,
@@ -28,9 +27,9 @@ from station.flash import (
     load_bundles,
 )
 from station.identity import CredentialStore, Registrar, make_registrar, nvs_region
-from station.ledger import Ledger
 from station.parts import DeviceCredentials
 from station.ports import RateNote, RemotePorts, SlotMemory
+from station.record import EventLog, Ledger
 from station.slothealth import SlotHealth
 from station.slotpark import SlotGuard
 from station.worker import current_board

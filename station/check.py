@@ -108,7 +108,7 @@ def check_central(config: Config) -> str:
 
 async def reconcile(config: Config, out: TextIO) -> int:
     """Clean up after a crash without taking boards: the same step `run` does at start."""
-    from station.ledger import Ledger
+    from station.record import Ledger
 
     with state_dir_lock(config.station.state_dir):
         ledger = Ledger.open(config.station.state_dir)

@@ -258,7 +258,7 @@ def _board(args: argparse.Namespace) -> int:
 
 
 def _ledger(args: argparse.Namespace) -> int:
-    from station.ledger import Ledger
+    from station.record import Ledger
 
     config = load(args.config)
     if args.central:
@@ -293,7 +293,7 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _slot(args: argparse.Namespace) -> int:
-    from station.ledger import Ledger
+    from station.record import Ledger
     from station.slotpark import slot_command
 
     config = load(args.config)

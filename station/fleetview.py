@@ -15,8 +15,7 @@ import shutil
 from typing import Any, Literal
 
 from station import central
-from station.eventlog import iso
-from station.ledger import export_csv, export_row
+from station.record import export_csv, export_row, iso
 
 Format = Literal["table", "csv", "json"]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from station.config import Config
-from station.ledger import FILENAME
+from station.record import FILENAME
 from station.reportdata import ReportSource, SqliteLedgerSource, Window
 from station.reportstats import Stats, compute
 

@@ -26,9 +26,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import IO
 
-from station.eventlog import iso
 from station.events import Event, SlotCleared, SlotFlagged
-from station.ledger import Ledger
+from station.record import Ledger, iso
 from station.slothealth import SlotHealth
 
 log = logging.getLogger("station.slots")

@@ -34,7 +34,7 @@ import pytest
 from station.daemon import EXIT_BUSY, EXIT_CONFIG, EXIT_OK
 from station.demo_firmware import make_demo_firmware
 from station.events import Identified, JobFinished, JobStarted, Stage
-from station.ledger import Ledger
+from station.record import Ledger
 from station.sim import Rig
 
 pytestmark = pytest.mark.timeout(180)

@@ -23,7 +23,6 @@ from station.dashboard import StationView, format_event, render
 from station.errors import PortError
 from station.events import JobFinished, JobStarted, LineRate, Stage
 from station.flash import EsptoolFlasher
-from station.ledger import Ledger
 from station.ports import (
     BaudSettings,
     NativeUsb,
@@ -35,6 +34,7 @@ from station.ports import (
     usb_adapter,
 )
 from station.ports.baud import LADDER, classify
+from station.record import Ledger
 from station.sim import Rig
 from station.sim.faults import Faults
 from tests.ledgerkit import schema_1_ledger

@@ -12,7 +12,7 @@ import pytest
 from station import central
 from station.errors import CentralError, ConfigError
 from station.events import Identified, JobFinished, JobStarted, RegistrationStep, Stage
-from station.ledger import Ledger
+from station.record import Ledger
 from station.replicator import Replicator
 from tests.pgkit import PASSWORD, Cluster, central_db, pg  # noqa: F401  (fixtures)
 

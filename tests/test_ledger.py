@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 import pytest
 
 from station.errors import LedgerError
-from station.eventlog import EventLog
 from station.events import (
     BootChecked,
     Event,
@@ -33,7 +32,7 @@ from station.events import (
     Stage,
     StageChanged,
 )
-from station.ledger import Ledger
+from station.record import EventLog, Ledger
 from tests.ledgerkit import schema_1_ledger
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +153,7 @@ CRASHER = textwrap.dedent("""
     import asyncio, os, signal, sys
     from pathlib import Path
     from station.events import JobStarted, StageChanged, JobFinished, Stage
-    from station.ledger import Ledger
+    from station.record import Ledger
 
     async def main() -> None:
         ledger = Ledger.open(Path(sys.argv[1]))

@@ -26,7 +26,7 @@ import pytest
 from station import central
 from station.demo_firmware import make_demo_firmware
 from station.events import JobFinished, JobStarted, SlotFlagged, Stage, Throttled
-from station.ledger import Ledger
+from station.record import Ledger
 from station.replicator import Replicator
 from station.report import make_report
 from station.reportcentral import CentralSource

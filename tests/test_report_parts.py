@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from station.events import JobFinished, JobStarted, Stage, Throttled
-from station.ledger import FILENAME, Ledger
+from station.record import FILENAME, Ledger
 from station.report import make_report, parse_time
 from station.reportcharts import hub_layout
 from station.reportdata import SqliteLedgerSource, Window

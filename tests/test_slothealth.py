@@ -17,7 +17,7 @@ from station.config import HealthSection, load
 from station.dashboard import StationView, format_event, render
 from station.errors import ConfigError
 from station.events import JobFinished, JobStarted, SlotCleared, SlotFlagged, Stage
-from station.ledger import SCHEMA_VERSION, Ledger
+from station.record import SCHEMA_VERSION, Ledger
 from station.slothealth import SlotHealth
 from station.slotpark import SlotGuard, slot_command
 from tests.ledgerkit import schema_1_ledger

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from station.errors import LedgerError, LedgerLockedError
-from station.eventlog import event_fields, iso
 from station.events import (
     BootChecked,
     Event,
@@ -49,7 +48,7 @@ from station.events import (
     Stage,
     Throttled,
 )
-from station.ledgerslots import (
+from station.record._slots import (
     SCHEMA_2,
     all_flags,
     close_flag,
@@ -58,6 +57,7 @@ from station.ledgerslots import (
     run_stopped,
     write_slot_event,
 )
+from station.record.eventlog import event_fields, iso
 
 log = logging.getLogger("station.ledger")
 
