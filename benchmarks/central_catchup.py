@@ -34,8 +34,8 @@ from station.events import (  # noqa: E402
     Stage,
     StageChanged,
 )
+from station.fleet import Replicator  # noqa: E402
 from station.record import Ledger  # noqa: E402
-from station.replicator import Replicator  # noqa: E402
 
 STEPS = ("key-written", "cert-created", "policy-attached", "thing-created",
          "cert-attached", "cert-activated", "on-board")

@@ -35,8 +35,8 @@ from station.slotpark import SlotGuard
 from station.worker import current_board
 
 if TYPE_CHECKING:
+    from station.fleet import Replicator
     from station.metrics import StationMetrics
-    from station.replicator import Replicator
 
 log = logging.getLogger("station.app")
 
@@ -191,7 +191,7 @@ async def central_and_metrics(config: Config, ledger: Ledger, bus: Bus, registra
     metrics: StationMetrics | None = None
     try:
         if config.ledger.central:
-            from station.replicator import Replicator
+            from station.fleet import Replicator
 
             replicator = Replicator(ledger.path, config.station.name, config.ledger.central,
                                     batch=config.ledger.batch,

@@ -83,8 +83,8 @@ def check_central(config: Config) -> str:
     raises CentralError (the same line `run` prints); unreachable is only a warning."""
     import psycopg
 
-    from station import central
     from station.errors import CentralUnreachableError
+    from station.fleet import central
 
     try:
         conn = central.connect(config.ledger.central, config.ledger.connect_timeout,

@@ -250,7 +250,7 @@ def _central(config: Config) -> str:
 
 
 def _board(args: argparse.Namespace) -> int:
-    from station.fleetview import export_board
+    from station.fleet import export_board
 
     config = load(args.config)
     print(export_board(_central(config), args.mac, args.format), end="")
@@ -262,7 +262,7 @@ def _ledger(args: argparse.Namespace) -> int:
 
     config = load(args.config)
     if args.central:
-        from station.fleetview import export_jobs
+        from station.fleet import export_jobs
 
         print(export_jobs(_central(config), args.format, station=args.station,
                           since=args.since), end="" if args.format != "json" else "\n")

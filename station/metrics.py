@@ -40,7 +40,7 @@ from station.events import (
     Stage,
     Throttled,
 )
-from station.replicator import ReplicationStatus
+from station.fleet import ReplicationStatus
 
 log = logging.getLogger("station.metrics")
 

@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 from psycopg import IsolationLevel
 
-from station import central
+from station.fleet import central
 from station.reportdata import FlagRow, JobRow, RunRow, Window
 
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from station import central
 from station.dashboard import StationView, render
 from station.demo_firmware import make_demo_firmware
-from station.replicator import ReplicationStatus
+from station.fleet import ReplicationStatus, central
 from station.sim import Rig
 from tests.centralkit import CentralLine
 from tests.pgkit import Cluster, central_db, free_port, pg, pg_env  # noqa: F401

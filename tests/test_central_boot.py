@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from station import central
 from station.demo_firmware import make_demo_firmware
+from station.fleet import central
 from station.sim import Rig
 from tests.centralkit import CentralLine, mac_hex
 from tests.pgkit import PASSWORD, Cluster, central_db, pg  # noqa: F401  (fixtures)

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from station import central
 from station.errors import CentralError, ConfigError
 from station.events import Identified, JobFinished, JobStarted, RegistrationStep, Stage
+from station.fleet import Replicator, central
 from station.record import Ledger
-from station.replicator import Replicator
 from tests.pgkit import PASSWORD, Cluster, central_db, pg  # noqa: F401  (fixtures)
 
 

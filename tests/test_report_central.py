@@ -23,11 +23,10 @@ from typing import Any
 
 import pytest
 
-from station import central
 from station.demo_firmware import make_demo_firmware
 from station.events import JobFinished, JobStarted, SlotFlagged, Stage, Throttled
+from station.fleet import Replicator, central
 from station.record import Ledger
-from station.replicator import Replicator
 from station.report import make_report
 from station.reportcentral import CentralSource
 from station.reportdata import SqliteLedgerSource, Window

@@ -14,7 +14,7 @@ import json
 import shutil
 from typing import Any, Literal
 
-from station import central
+from station.fleet import central
 from station.record import export_csv, export_row, iso
 
 Format = Literal["table", "csv", "json"]

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import psycopg
 
-from station import central
 from station.errors import CentralError
+from station.fleet import central
 from station.parts import BoardHistory
 
 log = logging.getLogger("station.fleet")

@@ -38,9 +38,10 @@ from typing import Any, Literal
 
 import psycopg
 
-from station import central, centralslots
 from station.errors import CentralError, CentralUnreachableError
 from station.events import Event
+from station.fleet import _slots as centralslots
+from station.fleet import central
 
 log = logging.getLogger("station.replicator")
 

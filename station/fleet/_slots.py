@@ -25,7 +25,7 @@ from typing import Any
 
 import psycopg
 
-from station.central import ts
+from station.fleet.central import ts
 
 FLAG_COLUMNS = ("slot", "port", "job_id", "flagged_at", "stage", "reason", "hint", "parked",
                 "cleared_at", "cleared_by")
