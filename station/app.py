@@ -26,17 +26,16 @@ from station.flash import (
     firmware_warnings,
     load_bundles,
 )
+from station.health import SlotGuard, SlotHealth
 from station.identity import CredentialStore, Registrar, make_registrar, nvs_region
 from station.parts import DeviceCredentials
 from station.ports import RateNote, RemotePorts, SlotMemory
 from station.record import EventLog, Ledger
-from station.slothealth import SlotHealth
-from station.slotpark import SlotGuard
 from station.worker import current_board
 
 if TYPE_CHECKING:
     from station.fleet import Replicator
-    from station.metrics import StationMetrics
+    from station.health.metrics import StationMetrics
 
 log = logging.getLogger("station.app")
 
@@ -202,7 +201,7 @@ async def central_and_metrics(config: Config, ledger: Ledger, bus: Bus, registra
             bus.observers.append(replicator.observe)
             replicator.start()
         if config.metrics.listen:
-            from station.metrics import StationMetrics
+            from station.health.metrics import StationMetrics
 
             iot = getattr(registrar, "iot", None)
             metrics = StationMetrics(

@@ -293,8 +293,8 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _slot(args: argparse.Namespace) -> int:
+    from station.health import slot_command
     from station.record import Ledger
-    from station.slotpark import slot_command
 
     config = load(args.config)
     ledger = Ledger.open(config.station.state_dir)

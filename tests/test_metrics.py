@@ -19,7 +19,7 @@ import pytest
 from station.demo_firmware import make_demo_firmware
 from station.flash import load_firmware
 from station.fleet import ReplicationStatus
-from station.metrics import StationMetrics
+from station.health.metrics import StationMetrics
 from station.sim import Rig
 from tests.centralkit import CentralLine, mac_hex, parse_metrics
 from tests.pgkit import central_db, pg  # noqa: F401  (fixtures)

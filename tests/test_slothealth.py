@@ -17,9 +17,8 @@ from station.config import HealthSection, load
 from station.dashboard import StationView, format_event, render
 from station.errors import ConfigError
 from station.events import JobFinished, JobStarted, SlotCleared, SlotFlagged, Stage
+from station.health import SlotGuard, SlotHealth, slot_command
 from station.record import SCHEMA_VERSION, Ledger
-from station.slothealth import SlotHealth
-from station.slotpark import SlotGuard, slot_command
 from tests.ledgerkit import schema_1_ledger
 
 T0 = 1_800_000_000.0
@@ -205,7 +204,7 @@ def test_flags_live_in_the_ledger_across_a_restart_and_clear_from_another_proces
 
 def test_the_guard_restores_open_flags_and_unparks_slots_cleared_in_the_ledger(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("station.slotpark.POLL_INTERVAL", 0.02)
+    monkeypatch.setattr("station.health.slotpark.POLL_INTERVAL", 0.02)
     with Ledger.open(tmp_path) as ledger:
         asyncio.run(ledger.record(flag()))
 

@@ -27,8 +27,8 @@ from collections.abc import Awaitable, Callable
 from typing import IO
 
 from station.events import Event, SlotCleared, SlotFlagged
+from station.health.slothealth import SlotHealth
 from station.record import Ledger, iso
-from station.slothealth import SlotHealth
 
 log = logging.getLogger("station.slots")
 
