@@ -27,9 +27,8 @@ from station.demo_firmware import make_demo_firmware
 from station.events import JobFinished, JobStarted, SlotFlagged, Stage, Throttled
 from station.fleet import Replicator, central
 from station.record import Ledger
-from station.report import make_report
-from station.reportcentral import CentralSource
-from station.reportdata import SqliteLedgerSource, Window
+from station.report import SqliteLedgerSource, Window, make_report
+from station.report.central import CentralSource
 from station.sim import Faults, Rig
 from tests.centralkit import CentralLine, central_lines
 from tests.pgkit import PASSWORD, Cluster, central_db, pg  # noqa: F401  (fixtures)

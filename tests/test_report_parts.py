@@ -12,10 +12,9 @@ import pytest
 
 from station.events import JobFinished, JobStarted, Stage, Throttled
 from station.record import FILENAME, Ledger
-from station.report import make_report, parse_time
-from station.reportcharts import hub_layout
-from station.reportdata import SqliteLedgerSource, Window
-from station.reportstats import compute, reason_of
+from station.report import SqliteLedgerSource, Window, make_report, parse_time
+from station.report.charts import hub_layout
+from station.report.stats import compute, reason_of
 
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 

@@ -27,8 +27,8 @@ from typing import IO
 
 from station.config import Config
 from station.record import FILENAME
-from station.reportdata import ReportSource, SqliteLedgerSource, Window
-from station.reportstats import Stats, compute
+from station.report.data import ReportSource, SqliteLedgerSource, Window
+from station.report.stats import Stats, compute
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -230,7 +230,7 @@ def make_report(source: ReportSource, window: Window, fmt: str,
     stats = compute(source, window)
     if fmt == "md":
         return render_md(stats, generated)
-    from station.reportcharts import all_charts  # matplotlib only when drawing
+    from station.report.charts import all_charts  # matplotlib only when drawing
 
     return render_html(stats, all_charts(stats), generated)
 
@@ -241,7 +241,7 @@ def report_command(config: Config, *, since: float | None, until: float | None,
     """`central`: the [ledger] central conninfo to read instead of the local ledger."""
     window = Window(since=since, until=until, station=station)
     if central:
-        from station.reportcentral import CentralSource
+        from station.report.central import CentralSource
 
         with CentralSource(central, config.ledger.connect_timeout) as fleet:
             text = make_report(fleet, window, fmt)

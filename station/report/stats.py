@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from station.events import Stage
-from station.reportdata import FlagRow, JobRow, ReportSource, RunRow, Window
+from station.report.data import FlagRow, JobRow, ReportSource, RunRow, Window
 
 STAGES = [s.value for s in (Stage.CONNECT, Stage.IDENTIFY, Stage.REGISTER, Stage.FLASH,
                             Stage.VERIFY, Stage.RESET)]

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from station.reportstats import Stats  # noqa: E402
+from station.report.stats import Stats  # noqa: E402
 
 GREEN, RED, AMBER, GREY = "#2e7d32", "#c62828", "#f9a825", "#9e9e9e"
 COLUMNS = 8  # a slot map row at most; a 16-port hub is two rows of eight

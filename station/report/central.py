@@ -26,7 +26,7 @@ import psycopg
 from psycopg import IsolationLevel
 
 from station.fleet import central
-from station.reportdata import FlagRow, JobRow, RunRow, Window
+from station.report.data import FlagRow, JobRow, RunRow, Window
 
 
 class CentralSource:
