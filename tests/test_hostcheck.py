@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from station.check.host import HOST_ROOT_ENV, User, findings
 from station.daemon import EXIT_OK
-from station.hostcheck import HOST_ROOT_ENV, User, findings
 from tests.test_bad_inputs import Firmware, Site
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from station.check.hubs import NEGOTIATE_TIMEOUT
 from station.daemon import EXIT_OK
-from station.hubcheck import NEGOTIATE_TIMEOUT
 from station.ports import host_port
 from station.sim import Rig
 from tests.test_bad_inputs import Site

@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 from typing import TextIO
 
+from station.check.host import HOST_ROOT_ENV, findings
+from station.check.hubs import probe_hubs
 from station.config import Config, writable_folder
 from station.daemon import EXIT_OK, reconcile_journal, state_dir_lock
 from station.flash import build_plans, firmware_warnings, load_bundles
-from station.hostcheck import HOST_ROOT_ENV, findings
-from station.hubcheck import probe_hubs
 from station.identity import CredentialStore, make_registrar, nvs_region
 from station.ports import scan
 
