@@ -189,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
 async def serve(config: Config, options: Options, headless: bool) -> int:
     """Build the station from `config` and run it with the live table or log lines."""
     from station.app import assemble
-    from station.dashboard import HeadlessLog, LiveDashboard, StationView
+    from station.screen import HeadlessLog, LiveDashboard, StationView
 
     view = StationView(station=config.station.name)
     displays: list[Callable[[Event], None]] = [view.apply]
@@ -204,7 +204,7 @@ async def serve(config: Config, options: Options, headless: bool) -> int:
             view.central = lambda now: (status().line(now), status().healthy)
         if headless:
             return await built.station.serve()
-        from station.keys import read_keys
+        from station.screen import read_keys
 
         with read_keys({"c": built.guard.clear_first}) as keys, LiveDashboard(view):
             view.clear_key = "c" if keys else ""

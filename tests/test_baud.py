@@ -19,7 +19,6 @@ from rich.console import Console
 from serial.tools.list_ports_common import ListPortInfo
 
 from station.config import load
-from station.dashboard import StationView, format_event, render
 from station.errors import PortError
 from station.events import JobFinished, JobStarted, LineRate, Stage
 from station.flash import EsptoolFlasher
@@ -35,6 +34,7 @@ from station.ports import (
 )
 from station.ports.baud import LADDER, classify
 from station.record import Ledger
+from station.screen import StationView, format_event, render
 from station.sim import Rig
 from station.sim.faults import Faults
 from tests.ledgerkit import schema_1_ledger

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from station.dashboard import StationView, render
 from station.demo_firmware import make_demo_firmware
 from station.fleet import ReplicationStatus, central
+from station.screen import StationView, render
 from station.sim import Rig
 from tests.centralkit import CentralLine
 from tests.pgkit import Cluster, central_db, free_port, pg, pg_env  # noqa: F401

@@ -9,13 +9,6 @@ from typing import Any
 
 from rich.console import Console
 
-from station.dashboard import (
-    HeadlessLog,
-    LiveDashboard,
-    StationView,
-    format_event,
-    render,
-)
 from station.events import (
     BootChecked,
     ButtonsNeeded,
@@ -31,6 +24,7 @@ from station.events import (
     StageChanged,
     Throttled,
 )
+from station.screen import HeadlessLog, LiveDashboard, StationView, format_event, render
 
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 
@@ -235,7 +229,7 @@ def test_rendering_from_another_thread_while_events_arrive() -> None:
 
 
 def test_long_port_names_keep_their_end_which_names_the_socket() -> None:
-    from station.dashboard import short_port
+    from station.screen.dashboard import short_port
 
     assert short_port("/dev/ttyUSB3") == "ttyUSB3"
     long = "/dev/serial/by-path/pci-0000:00:14.0-usb-0:1.12:1.0-port0"

@@ -14,11 +14,11 @@ import pytest
 from rich.console import Console
 
 from station.config import HealthSection, load
-from station.dashboard import StationView, format_event, render
 from station.errors import ConfigError
 from station.events import JobFinished, JobStarted, SlotCleared, SlotFlagged, Stage
 from station.health import SlotGuard, SlotHealth, slot_command
 from station.record import SCHEMA_VERSION, Ledger
+from station.screen import StationView, format_event, render
 from tests.ledgerkit import schema_1_ledger
 
 T0 = 1_800_000_000.0
