@@ -1,4 +1,5 @@
-"""Wiring: turn a validated config into a running Station with the real adapters.
+"""Wiring: turn a validated config into a running Station with the real adapters, and
+run it (`serve`, with the live table or log lines; `station run` and `station demo`).
 
 The only place that knows which concrete flasher, registrar, ledger and displays the
 station uses; `daemon.Station` itself is handed them. Everything that can be checked
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,6 +33,7 @@ from station.identity import CredentialStore, Registrar, make_registrar, nvs_reg
 from station.parts import DeviceCredentials
 from station.ports import RateNote, RemotePorts, SlotMemory
 from station.record import EventLog, Ledger
+from station.screen import HeadlessLog, LiveDashboard, StationView, read_keys
 from station.worker import current_board
 
 if TYPE_CHECKING:
@@ -216,3 +219,39 @@ async def central_and_metrics(config: Config, ledger: Ledger, bus: Bus, registra
         if replicator is not None:
             await asyncio.to_thread(replicator.stop)
 
+
+def setup_logging(config: Config, headless: bool) -> None:
+    """state_dir/station.log gets everything from INFO; stderr warnings (headless) or
+    errors only (the live table owns the terminal)."""
+    config.station.state_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    file = logging.FileHandler(config.station.state_dir / "station.log")
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(file)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING if headless else logging.ERROR)
+    err.setFormatter(logging.Formatter("station: %(levelname)s: %(message)s"))
+    root.addHandler(err)
+
+
+async def serve(config: Config, options: Options, headless: bool) -> int:
+    """Build the station from `config` and run it with the live table or log lines."""
+    view = StationView(station=config.station.name)
+    displays: list[Callable[[Event], None]] = [view.apply]
+    headless_log = HeadlessLog(view, sys.stdout) if headless else None
+    if headless_log is not None:
+        displays.append(headless_log.show)
+    async with assemble(config, options, displays) as built:
+        view.firmware = "; ".join(b.describe() for b in built.bundles)
+        view.registrar = built.registrar.kind
+        if built.replicator is not None:  # the footer's replication line
+            status = built.replicator.status
+            view.central = lambda now: (status().line(now), status().healthy)
+        if headless:
+            return await built.station.serve()
+        with read_keys({"c": built.guard.clear_first}) as keys, LiveDashboard(view):
+            view.clear_key = "c" if keys else ""
+            return await built.station.serve()

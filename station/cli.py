@@ -41,7 +41,6 @@ from station.errors import (
     StateDirBusyError,
     StationError,
 )
-from station.events import Event
 
 log = logging.getLogger("station")
 
@@ -163,52 +162,14 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                    help="flash boards the ledger already has done with this firmware")
 
 
-def _setup_logging(config: Config, headless: bool) -> None:
-    config.station.state_dir.mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    file = logging.FileHandler(config.station.state_dir / "station.log")
-    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(file)
-    err = logging.StreamHandler(sys.stderr)
-    err.setLevel(logging.WARNING if headless else logging.ERROR)
-    err.setFormatter(logging.Formatter("station: %(levelname)s: %(message)s"))
-    root.addHandler(err)
-
-
 def _run(args: argparse.Namespace) -> int:
+    from station.app import serve, setup_logging
+
     config = load(args.config)
     headless = args.headless or not sys.stdout.isatty()
-    _setup_logging(config, headless)
+    setup_logging(config, headless)
     options = Options(exit_after=args.exit_after, reflash=args.reflash)
     return asyncio.run(serve(config, options, headless))
-
-
-async def serve(config: Config, options: Options, headless: bool) -> int:
-    """Build the station from `config` and run it with the live table or log lines."""
-    from station.app import assemble
-    from station.screen import HeadlessLog, LiveDashboard, StationView
-
-    view = StationView(station=config.station.name)
-    displays: list[Callable[[Event], None]] = [view.apply]
-    headless_log = HeadlessLog(view, sys.stdout) if headless else None
-    if headless_log is not None:
-        displays.append(headless_log.show)
-    async with assemble(config, options, displays) as built:
-        view.firmware = "; ".join(b.describe() for b in built.bundles)
-        view.registrar = built.registrar.kind
-        if built.replicator is not None:  # the footer's replication line
-            status = built.replicator.status
-            view.central = lambda now: (status().line(now), status().healthy)
-        if headless:
-            return await built.station.serve()
-        from station.screen import read_keys
-
-        with read_keys({"c": built.guard.clear_first}) as keys, LiveDashboard(view):
-            view.clear_key = "c" if keys else ""
-            return await built.station.serve()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -285,10 +246,11 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
+    from station.app import setup_logging
     from station.check import reconcile
 
     config = load(args.config)
-    _setup_logging(config, headless=True)
+    setup_logging(config, headless=True)
     return asyncio.run(reconcile(config, sys.stdout))
 
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from station.app import serve, setup_logging
 from station.config import load
 from station.daemon import Options
 from station.demo_firmware import make_demo_firmware
@@ -76,8 +77,6 @@ boot = "app"  # read each board's boot story after the reset: does it run our ap
 
 
 def run_demo(boards: int, workdir: Path, headless: bool, throttle: bool = True) -> int:
-    from station.cli import _setup_logging, serve
-
     workdir = workdir.resolve()  # the config's paths are taken from its own folder
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -86,7 +85,7 @@ def run_demo(boards: int, workdir: Path, headless: bool, throttle: bool = True) 
     builds = {chip: make_demo_firmware(workdir / "firmware" / chip, chip=chip)
               for chip in DEMO_CHIPS}
     config = load(write_demo_config(workdir, builds, str(rig_dir / "ports" / "pci-*")))
-    _setup_logging(config, headless)
+    setup_logging(config, headless)
     # The rig's boards have the devkit's auto-reset circuit, and this process's ports
     # carry DTR/RTS to it (station/sim/pty_lines.py), as a USB-UART bridge's driver does.
     lines = rig_dir / "pty-lines.sock"
