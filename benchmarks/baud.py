@@ -144,7 +144,7 @@ MIXED = (("cp2102", "esp32", "bridge"), ("cp2102n", "esp32", "bridge"),
 
 def mixed_auto(ctx: common.Context, per_kind: int, flash_timing: bool = True
                ) -> dict[str, Any]:
-    from station.demo_firmware import make_demo_firmware
+    from station.demo import make_demo_firmware
 
     work = ctx.root / f"mixed-{per_kind}"
     s3 = make_demo_firmware(work / "fw-esp32s3", chip="esp32s3", app_size=common.APP_SIZE)

@@ -112,7 +112,7 @@ class Firmware:
 def make_firmware(directory: Path) -> Firmware:
     """The demo build (bootloader, partition table, 1.5 MB app at ~60%), deterministic."""
     from station.config import FirmwareSection
-    from station.demo_firmware import make_demo_firmware
+    from station.demo import make_demo_firmware
     from station.flash import load_firmware
 
     args = make_demo_firmware(directory, chip=CHIP, app_size=APP_SIZE)

@@ -67,7 +67,7 @@ from benchmarks.soak_aws import FaultyProxy, moto_server  # noqa: E402
 from benchmarks.soak_disk import FullableDisk  # noqa: E402
 from benchmarks.soak_pg import PASSWORD, Cluster, find_bindir  # noqa: E402
 from station.config import load  # noqa: E402
-from station.demo_firmware import make_demo_firmware  # noqa: E402
+from station.demo import make_demo_firmware  # noqa: E402
 from station.flash import load_firmware  # noqa: E402
 from station.sim import Faults, Rig  # noqa: E402
 

@@ -25,7 +25,7 @@ import serial
 from serial import rfc2217
 
 from station.daemon import EXIT_OK
-from station.demo_firmware import partition_table
+from station.demo import partition_table
 from station.sim import PluggedBoard, Rig
 from station.sim.pty_lines import relay_env
 from tests.test_bad_inputs import Background, Site

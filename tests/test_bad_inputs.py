@@ -32,7 +32,7 @@ from typing import IO, Any
 import pytest
 
 from station.daemon import EXIT_BUSY, EXIT_CONFIG, EXIT_OK
-from station.demo_firmware import make_demo_firmware
+from station.demo import make_demo_firmware
 from station.events import Identified, JobFinished, JobStarted, Stage
 from station.record import Ledger
 from station.sim import Rig

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from station.daemon import EXIT_BOARDS_FAILED, EXIT_CONFIG, EXIT_OK
-from station.demo_firmware import make_demo_firmware
+from station.demo import make_demo_firmware
 from station.sim import Rig
 from tests.test_bad_inputs import Firmware, Site, toml_value
 

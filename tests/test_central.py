@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from station.demo_firmware import make_demo_firmware
+from station.demo import make_demo_firmware
 from tests.centralkit import CentralLine, central_lines, local_events, mac_hex
 from tests.pgkit import Cluster, central_db, pg  # noqa: F401  (fixtures)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from station.demo_firmware import make_demo_firmware
+from station.demo import make_demo_firmware
 from station.fleet import ReplicationStatus, central
 from station.screen import StationView, render
 from station.sim import Rig

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from station.demo_firmware import make_demo_firmware
+from station.demo import make_demo_firmware
 from station.fleet import central
 from station.sim import Rig
 from tests.centralkit import CentralLine, mac_hex

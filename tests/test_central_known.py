@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from station.demo_firmware import make_demo_firmware
+from station.demo import make_demo_firmware
 from station.sim import PluggedBoard
 from tests.centralkit import CentralLine, central_lines, mac_hex
 from tests.pgkit import Cluster, central_db, pg, pg_env  # noqa: F401  (fixtures)

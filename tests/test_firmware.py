@@ -15,7 +15,7 @@ from esptool.bin_image import LoadFirmwareImage
 from esptool.loader import ESPLoader
 
 from station.config import FirmwareSection, ImageSpec
-from station.demo_firmware import esp_image, make_demo_firmware, partition_table
+from station.demo import esp_image, make_demo_firmware, partition_table
 from station.errors import FirmwareError
 from station.flash import FirmwareBundle, load_firmware, xor_checksum
 from station.flash.firmware import parse_image

@@ -14,7 +14,7 @@ from typing import TypeVar
 import pytest
 
 from station.config import FirmwareSection
-from station.demo_firmware import make_demo_firmware
+from station.demo import make_demo_firmware
 from station.errors import (
     FlashError,
     NotAnEspError,

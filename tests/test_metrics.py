@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from station.demo_firmware import make_demo_firmware
+from station.demo import make_demo_firmware
 from station.flash import load_firmware
 from station.fleet import ReplicationStatus
 from station.health.metrics import StationMetrics

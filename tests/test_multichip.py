@@ -20,7 +20,7 @@ import pytest
 from station import chips
 from station.config import FirmwareSection
 from station.daemon import EXIT_BOARDS_FAILED
-from station.demo_firmware import make_demo_firmware
+from station.demo import make_demo_firmware
 from station.flash import FirmwareBundle, load_firmware
 from station.identity import read_nvs
 from station.sim import Rig

@@ -25,7 +25,7 @@ import pytest
 from station.app import assemble
 from station.config import Config
 from station.daemon import Options
-from station.demo_firmware import make_demo_firmware
+from station.demo import make_demo_firmware
 from station.flash import EsptoolFlasher, load_firmware
 from station.parts import Region
 from station.ports import NativeUsb

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from station.demo_firmware import make_demo_firmware
+from station.demo import make_demo_firmware
 from station.sim import Faults, Rig
 from tests.linekit import Operator, sixteen_slots
 

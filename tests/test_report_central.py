@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from station.demo_firmware import make_demo_firmware
+from station.demo import make_demo_firmware
 from station.events import JobFinished, JobStarted, SlotFlagged, Stage, Throttled
 from station.fleet import Replicator, central
 from station.record import Ledger

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from station.demo_firmware import make_demo_firmware
+from station.demo import make_demo_firmware
 from station.sim import Faults, Rig
 from tests.linekit import Operator, sixteen_slots
 

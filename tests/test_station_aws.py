@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from station.config import FirmwareSection
-from station.demo_firmware import make_demo_firmware
+from station.demo import make_demo_firmware
 from station.flash import FirmwareBundle, load_firmware
 from station.identity import (
     CERTIFICATE_FILE,

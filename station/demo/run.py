@@ -21,7 +21,7 @@ from pathlib import Path
 from station.app import serve, setup_logging
 from station.config import load
 from station.daemon import Options
-from station.demo_firmware import make_demo_firmware
+from station.demo.firmware import make_demo_firmware
 from station.sim.pty_lines import give_this_process_lines
 
 RIG_STOP_TIMEOUT = 30.0
