@@ -39,8 +39,9 @@ see :mod:`station.sim.cli`.
 from .bridge import BRIDGES
 from .chips import CHIP_NAMES, ChipName, parse_chip_list
 from .faults import Faults, parse_fault_spec, parse_fault_specs
+from .plugged import PluggedBoard, by_path_name, parse_size
 from .reset_circuit import RESET_CIRCUITS
-from .rig import PluggedBoard, Rig, by_path_name, parse_size
+from .rig import Rig
 from .stub_model import STUB_MODELS
 from .usb import USB_KINDS
 

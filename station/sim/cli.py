@@ -32,8 +32,9 @@ from .bridge import BRIDGES, DEFAULT_BRIDGE
 from .chips import CHIP_NAMES, chip_spec, parse_chip_list
 from .control import open_fifo, serve
 from .faults import parse_fault_specs
+from .plugged import parse_size
 from .reset_circuit import EN_CAP_UF, parse_reset_circuit
-from .rig import Rig, parse_size
+from .rig import Rig
 from .stub_model import STUB_MODELS
 from .usb import parse_gap, usb_link
 

@@ -11,8 +11,8 @@ from esptool.loader import ESPLoader
 from station.sim import Faults, parse_fault_spec, parse_fault_specs, parse_size
 from station.sim.chips import CHIP_NAMES, chip_spec, mac_crc8, probe
 from station.sim.flash import BLOCK, SECTOR, Flash, FlashTiming, erase_plan
+from station.sim.plugged import MacAllocator
 from station.sim.protocol import checksum
-from station.sim.rig import MacAllocator
 from station.sim.slip import Decoder, encode
 
 pytestmark = pytest.mark.timeout(30)
