@@ -30,6 +30,10 @@ At the end the station gets SIGTERM, the invariant checker (benchmarks/invariant
 audits ledger, flash dumps, certs_out and moto, and a JSON report is written to
 benchmarks/results/soak-<n>.json. Exit status 0 only with 0 violations and every board
 that no fault touched done.
+
+The harness is split by concept: soak_plan.py (the settings, which board gets which
+fault, the plug records), soak_station.py (the station process, its log, its ledger, its
+station.toml), soak_report.py (the JSON report); this file runs the night.
 """
 
 from __future__ import annotations
@@ -37,18 +41,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
-import re
 import shutil
 import signal
-import sqlite3
-import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,346 +55,37 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.invariants import (  # noqa: E402
-    Plug,
-    RssSample,
-    Violation,
-    check_all,
-    read_jobs,
-)
+from benchmarks.invariants import Plug, RssSample, Violation, check_all  # noqa: E402
 from benchmarks.soak_aws import FaultyProxy, moto_server  # noqa: E402
 from benchmarks.soak_disk import FullableDisk  # noqa: E402
 from benchmarks.soak_pg import PASSWORD, Cluster, find_bindir  # noqa: E402
+from benchmarks.soak_plan import (  # noqa: E402
+    INTERRUPTED,
+    PlugRecord,
+    SoakConfig,
+    fault_plan,
+    faults_for,
+)
+from benchmarks.soak_report import build_report  # noqa: E402
+from benchmarks.soak_station import (  # noqa: E402
+    REGION,
+    LedgerPoll,
+    LogWatch,
+    StationProcess,
+    aws_env,
+    count_events,
+    write_config,
+)
 from station.config import load  # noqa: E402
 from station.demo import make_demo_firmware  # noqa: E402
 from station.flash import load_firmware  # noqa: E402
-from station.sim import Faults, Rig  # noqa: E402
+from station.sim import Rig  # noqa: E402
 
 POLL = 0.25
 """Seconds between two looks at the ledger and the log (a polling interval)."""
 ACK_TIMEOUT = 30.0
 """How long the station may take to notice a board was pulled out."""
-STOP_TIMEOUT = 120.0
-REGION = "eu-west-1"
-POLICY = ROOT / "config" / "aws-iot-policy.json"
-SIM_FAULTS = ("unplug_mid_flash", "mute", "corrupt", "slow_flash", "not_esp")
-INTERRUPTED = "station stopped during"
-PORT_LINE = re.compile(r"port (added|removed): (\S+)")
 
-
-@dataclass
-class SoakConfig:
-    boards: int = 500
-    slots: int = 16
-    seed: int = 1
-    workdir: Path = ROOT / "benchmarks" / "results" / "soak-work"
-    throttle: bool = True  # serial line rate and flash timing of real boards
-    app_size: int = 1_000_000  # the demo build's 1.5 MB app makes the 500-board run 50% longer
-    fault_share: float = 0.15  # share of boards with a board fault (when per_kind unset)
-    faults_per_kind: int | None = None  # exactly this many boards of each board fault
-    kill_every: int = 60  # SIGKILL the station every K settled boards (0: never)
-    aws_throttle: float = 0.05  # share of AWS calls answered ThrottlingException
-    aws_errors: float = 0.02  # share answered 5xx (half after AWS did the work)
-    outage_at: float = 0.35  # AWS goes away when this share of boards is settled
-    outage_s: float = 60.0
-    disk_full_at: float = 0.7  # certs_out fills up when this share is settled
-    disk_full_s: float = 20.0
-    central: bool = True  # ship to a central PostgreSQL (skipped with a note if none)
-    pg_outage_at: float = 0.5  # PostgreSQL goes away when this share is settled
-    pg_outage_s: float = 60.0
-    restart_delay: float = 5.0  # RestartSec of config/station.service
-    swap_s: float = 0.5  # an operator's hand: a slot stays empty at least this long
-    retries: int = 2
-    timeouts: dict[str, float] = field(default_factory=lambda: {
-        "connect": 20.0, "identify": 15.0, "register": 150.0, "flash": 240.0,
-        "verify": 60.0, "reset": 15.0})
-    deadline_s: float = 4 * 3600.0
-    keep_work: bool = True
-
-    def stuck_budget(self) -> float:
-        """The longest a board may take (station up) before its slot counts as stuck."""
-        return sum(self.timeouts.values()) * (self.retries + 1) + self.retries * 1.0 + 60.0
-
-
-@dataclass
-class PlugRecord:
-    board: int  # 0..N-1
-    mac: str  # 12 hex digits
-    index: int  # hub port
-    port: str
-    fault: str | None
-    faults: Faults
-    plugged_at: float
-    reseat: bool = False
-    down_s: float = 0.0  # time the station was not running while this board waited
-    settled_at: float | None = None
-    unplugged_at: float | None = None
-    gone_at: float | None = None  # the rig pulled it (unplug fault)
-    result: str | None = None
-    error: str | None = None
-    failed_stage: str | None = None
-    hit_by: set[str] = field(default_factory=set)
-    stuck: bool = False
-
-
-# -- parts ------------------------------------------------------------------------------
-
-
-class StationProcess:
-    """`station run` as systemd would run it: started, killed, started again."""
-
-    def __init__(self, config: Path, state: Path, env: dict[str, str]) -> None:
-        self.config = config
-        self.state = state
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.generation = 0
-        self.started_at = 0.0
-        self.log_offset = 0
-        self.exits: list[dict[str, Any]] = []
-        self.kills = 0
-
-    @property
-    def log_path(self) -> Path:
-        return self.state / "station.log"
-
-    def start(self) -> None:
-        self.state.mkdir(parents=True, exist_ok=True)
-        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        out = (self.state.parent / "station.out").open("ab")
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "station", "run", "--config", str(self.config),
-                 "--headless"], stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env=self.env, cwd=str(self.config.parent))
-        finally:
-            out.close()
-        self.generation += 1
-        self.started_at = time.time()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def reap(self, expected: bool) -> int | None:
-        """If it exited: note it and forget the process; returns the code."""
-        if self.proc is None or self.proc.poll() is None:
-            return None
-        code = self.proc.returncode
-        self.exits.append({"generation": self.generation, "code": code, "expected": expected,
-                           "at": round(time.time(), 1)})
-        self.proc = None
-        return code
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        self.kills += 1
-        self.reap(expected=True)
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        if self.proc is None:
-            return None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-        return self.reap(expected=True)
-
-    def rss_kb(self) -> int | None:
-        if self.proc is None:
-            return None
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        except OSError:
-            return None
-        return None
-
-
-class LogWatch:
-    """Reads the station's log as it grows: which ports the running station has seen."""
-
-    def __init__(self, station: StationProcess) -> None:
-        self.station = station
-        self.generation = 0
-        self.offset = 0
-        self.ports: dict[str, str] = {}  # port -> "added" | "removed", this process
-        self.reconciled = 0
-        self.interrupted = 0
-
-    def poll(self) -> None:
-        if self.generation != self.station.generation:
-            self.generation = self.station.generation
-            self.offset = self.station.log_offset
-            self.ports = {}
-        path = self.station.log_path
-        if not path.exists():
-            return
-        with path.open("rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1  # whole lines only
-        self.offset += end
-        for line in data[:end].decode(errors="replace").splitlines():
-            m = PORT_LINE.search(line)
-            if m:
-                self.ports[m.group(2)] = m.group(1)
-            elif "reconcile: " in line:
-                self.reconciled += 1
-            elif "was interrupted by the last stop" in line:
-                self.interrupted += 1
-
-    def saw_removed(self, port: str) -> bool:
-        return self.ports.get(port) != "added"
-
-
-class LedgerPoll:
-    """Read-only looks at the station's ledger while it runs."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def jobs_since(self, since: float) -> list[dict[str, Any]] | None:
-        if not self.path.exists():
-            return []
-        try:
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
-        except sqlite3.Error:
-            return None
-        try:
-            conn.row_factory = sqlite3.Row
-            rows = conn.execute("SELECT job_id, port, mac, result, error, failed_stage, "
-                                "started_at FROM jobs WHERE started_at >= ? ORDER BY "
-                                "started_at, rowid", (since,))
-            return [dict(r) for r in rows]
-        except sqlite3.Error:
-            return None  # a checkpoint in progress, a locked moment: look again next poll
-        finally:
-            conn.close()
-
-
-def write_config(cfg: SoakConfig, flasher_args: Path, proxy_url: str,
-                 central: str = "") -> Path:
-    timeouts = "\n".join(f"{k} = {v}" for k, v in cfg.timeouts.items())
-    text = f"""\
-# Written by benchmarks/soak.py
-[station]
-name = "soak"
-state_dir = "state"
-max_parallel = {cfg.slots}
-
-[ports]
-watch = [{json.dumps(str(cfg.workdir / 'rig' / 'pci-*'))}]
-baud = 921600
-rescan_interval = 0.5
-# Bridge boards only, and the operator swaps a board 0.5 s after its final row: on a
-# pty the station cannot see the bridge's USB vendor id (it would on a real rig), so the
-# same-board rule for ports that re-enumerate after a reset is off for this line.
-reenumerate_window = 0
-
-[firmware]
-chip = "esp32"
-flasher_args = {json.dumps(str(flasher_args))}
-
-[identity]
-thing_name = "soak-{{mac}}"
-
-[worker]
-retries = {cfg.retries}
-retry_delay = 1.0
-drain_timeout = 60.0
-
-[worker.timeouts]
-{timeouts}
-
-[registrar]
-kind = "aws-iot"
-
-[registrar.aws]
-region = "{REGION}"
-endpoint_url = "{proxy_url}"
-policy_name = "soak-device"
-policy_document = {json.dumps(str(POLICY))}
-thing_group = "soak-lot"
-max_attempts = 10
-
-[credentials]
-out_dir = "certs_out"
-partition = "nvs"
-namespace = "station"
-"""
-    if central:
-        text += f'\n[ledger]\ncentral = "{central}"\n'
-    path = cfg.workdir / "station.toml"
-    path.write_text(text)
-    return path
-
-
-def aws_env(workdir: Path) -> dict[str, str]:
-    """Dummy credentials for moto; the host's ~/.aws is never read."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-               AWS_DEFAULT_REGION=REGION, AWS_CONFIG_FILE=str(workdir / "no-aws-config"),
-               AWS_SHARED_CREDENTIALS_FILE=str(workdir / "no-aws-credentials"),
-               AWS_EC2_METADATA_DISABLED="true", PYTHONUNBUFFERED="1")
-    return env
-
-
-def fault_plan(cfg: SoakConfig) -> list[str | None]:
-    """Which board fault each board gets (None: a healthy board); deterministic."""
-    rng = random.Random(cfg.seed * 7919)
-    plan: list[str | None] = [None] * cfg.boards
-    if cfg.faults_per_kind is not None:
-        kinds = [k for k in SIM_FAULTS for _ in range(cfg.faults_per_kind)]
-    else:
-        count = round(cfg.boards * cfg.fault_share)
-        kinds = [SIM_FAULTS[i % len(SIM_FAULTS)] for i in range(count)]
-    # Spread over the run, never in the first slot-full (the warm-up has its own figures).
-    first = min(cfg.slots, max(0, cfg.boards - len(kinds)))
-    where = rng.sample(range(first, cfg.boards), min(len(kinds), cfg.boards - first))
-    rng.shuffle(kinds)
-    for board, kind in zip(where, kinds, strict=False):
-        plan[board] = kind
-    return plan
-
-
-def faults_for(kind: str | None, rng: random.Random, app_size: int) -> Faults:
-    if kind == "unplug_mid_flash":  # bytes from the host: the stub, then the images
-        return Faults(unplug_after=rng.randint(40_000, max(50_000, int(app_size * 0.5))))
-    if kind == "mute":
-        return Faults(mute=True)
-    if kind == "corrupt":
-        return Faults(corrupt=rng.choice((0.0005, 0.001, 0.002)))
-    if kind == "slow_flash":
-        return Faults(slow_flash=3.0)
-    if kind == "not_esp":
-        return Faults(garbage=True)
-    return Faults()
-
-
-def failure_reason(result: str | None, stage: str | None, error: str | None) -> str:
-    """A stable bucket for the report: result@stage: what, without ids and numbers."""
-    text = error or ""
-    for pattern, name in (
-            (r"No serial data received", "no serial data (mute)"),
-            (r"Invalid head of packet|not an ESP|serial noise", "not an ESP"),
-            (INTERRUPTED, "station killed; board gone before restart"),
-            (r"cannot write|No space left|ENOSPC|cannot create", "certs_out not writable"),
-            (r"cannot reach AWS|Unreachable", "AWS unreachable"),
-            (r"[Tt]hrottl", "AWS throttling"),
-            (r"timed out", "timeout"),
-            (r"aborted", "aborted")):
-        if re.search(pattern, text):
-            what = name
-            break
-    else:
-        text = re.sub(r"/\S+", "PATH", text)  # ports and files differ per board
-        what = re.sub(r"[0-9a-f]{8,}|\d+(\.\d+)?", "#", text)[:80] or "-"
-    return f"{result}@{stage or '-'}: {what}"
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -485,7 +175,9 @@ class Soak:
             self.windows.setdefault("aws_outage", {})["calls_dropped"] = \
                 proxy.injected.get("dropped", 0)
             self.windows.setdefault("disk_full", {})["fills"] = disk.fills
-            return self._report(started, station, found, facts)
+            return build_report(self.cfg, self.records, self.rss, self.faults, self.windows,
+                                self.notes, started=started, station=station,
+                                violations=found, facts=facts)
 
     def _start_pg(self, stack: contextlib.ExitStack) -> str:
         """The central PostgreSQL, or "" with a note if this machine has no server."""
@@ -513,7 +205,7 @@ class Soak:
         deadline = time.monotonic() + 60.0
         started = time.monotonic()
         while time.monotonic() < deadline and station.alive():
-            local = _count_events(ledger, None)
+            local = count_events(ledger, None)
             shipped = self.pg.sql("SELECT coalesce(max(shipped_seq), 0) FROM stations",
                                   database="factory")[0][0]
             if shipped == local:
@@ -721,123 +413,12 @@ class Soak:
         self.records.append(record)
         self.slots[index] = record
 
-    # -- the report -------------------------------------------------------------------
-
-    def _report(self, started: float, station: StationProcess, violations: list[Violation],
-                facts: dict[str, Any]) -> dict[str, Any]:
-        cfg = self.cfg
-        ended = time.time()
-        jobs = read_jobs(cfg.workdir / "state" / "ledger.sqlite3")
-        by_mac: dict[str, list[PlugRecord]] = {}
-        for r in self.records:
-            by_mac.setdefault(r.mac, []).append(r)
-        done = {mac for mac, rs in by_mac.items() if rs[-1].result in ("done", "skipped")}
-        hit = {mac for mac, rs in by_mac.items() if any(r.hit_by for r in rs)}
-        failed_by_reason: Counter[str] = Counter()
-        for mac, rs in by_mac.items():
-            if mac not in done:
-                last = rs[-1]
-                failed_by_reason[failure_reason(last.result, last.failed_stage,
-                                                last.error)] += 1
-        fault_free_not_done = sorted(set(by_mac) - hit - done)
-        hit_by: Counter[str] = Counter()
-        for mac in hit:
-            for kind in set().union(*(r.hit_by for r in by_mac[mac])):
-                hit_by[kind] += 1
-        recovered = {mac for mac, rs in by_mac.items() if mac in done and
-                     any(j["mac"] == mac and j["result"] not in ("done", "skipped")
-                         for j in jobs)}
-        retries = _count_events(cfg.workdir / "state" / "ledger.sqlite3", "Retrying")
-        hours = (ended - started) / 3600
-        curve = _thin([(s.boards_final, round(s.rss_kb / 1024, 1), s.pid) for s in self.rss],
-                      60)
-        report = {
-            "passed": not violations and not fault_free_not_done,
-            "config": {k: (str(v) if isinstance(v, Path) else v)
-                       for k, v in asdict(cfg).items()},
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "duration_s": round(ended - started, 1),
-            "boards": {
-                "plugged": len(by_mac), "plugs": len(self.records), "done": len(done),
-                "not_done": len(by_mac) - len(done), "hit_by_a_fault": len(hit),
-                "hit_share": round(len(hit) / max(1, len(by_mac)), 3),
-                "fault_free": len(set(by_mac) - hit),
-                "fault_free_done": len((set(by_mac) - hit) & done),
-                "hit_but_done": len(hit & done),
-            },
-            "boards_hit_by_kind": dict(sorted(hit_by.items())),
-            "failed_by_reason": dict(failed_by_reason.most_common()),
-            "faults_injected": dict(sorted(self.faults.items())),
-            "fault_windows": {k: {kk: (round(vv, 1) if isinstance(vv, float) else vv)
-                                  for kk, vv in w.items() if kk not in ("start", "end")}
-                              for k, w in self.windows.items()},
-            "restarts": {"sigkill": station.kills,
-                         "starts": station.generation,
-                         "unexpected_exits": [e for e in station.exits if not e["expected"]]},
-            "recoveries": {
-                "boards_done_after_a_failed_or_interrupted_job": len(recovered),
-                "interrupted_jobs_closed_at_restart": _count_events(
-                    cfg.workdir / "state" / "ledger.sqlite3", "Interrupted"),
-                "registrations_reconciled_at_restart": _reconciled(cfg.workdir / "state"),
-                "worker_retries": retries,
-            },
-            "invariant_violations": len(violations),
-            "violations": [v.as_dict() for v in violations],
-            "fault_free_not_done": fault_free_not_done,
-            "boards_per_hour": round(len(done) / hours, 1) if hours > 0 else None,
-            "board_seconds": _board_seconds(jobs),
-            "rss_check": facts.get("rss", {}),
-            "rss_mb_curve": curve,
-            "ledger": {"jobs": facts.get("jobs"), "registration_rows":
-                       facts.get("registration_rows")},
-            "central": facts.get("central", {}),
-            "aws": facts.get("aws", {}),
-            "notes": self.notes,
-        }
-        return report
-
 
 def _port_name(index: int) -> str:
-    from station.sim.rig import by_path_name
+    from station.sim import by_path_name
 
     return by_path_name(index)
 
-
-def _count_events(ledger: Path, kind: str | None) -> int:
-    conn = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=30)
-    try:
-        if kind is None:
-            return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
-        return int(conn.execute("SELECT count(*) FROM events WHERE kind = ?",
-                                (kind,)).fetchone()[0])
-    finally:
-        conn.close()
-
-
-def _reconciled(state: Path) -> int:
-    path = state / "station.log"
-    if not path.exists():
-        return 0
-    return sum(1 for line in path.read_text(errors="replace").splitlines()
-               if "reconcile: " in line)
-
-
-def _board_seconds(jobs: list[dict[str, Any]]) -> dict[str, float]:
-    spans = sorted(j["finished_at"] - j["started_at"] for j in jobs
-                   if j["result"] == "done" and j["finished_at"])
-    if not spans:
-        return {}
-    return {"median": round(spans[len(spans) // 2], 1),
-            "p95": round(spans[int(len(spans) * 0.95) - 1 if len(spans) > 1 else 0], 1),
-            "max": round(spans[-1], 1)}
-
-
-def _thin(points: list[tuple[int, float, int]], keep: int) -> list[list[Any]]:
-    if len(points) <= keep:
-        return [list(p) for p in points]
-    step = len(points) / keep
-    picked = [points[int(i * step)] for i in range(keep)] + [points[-1]]
-    return [list(p) for p in picked]
 
 
 def run_soak(cfg: SoakConfig) -> dict[str, Any]:

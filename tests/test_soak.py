@@ -26,9 +26,10 @@ from benchmarks.invariants import (
     read_jobs,
     read_registrations,
 )
-from benchmarks.soak import SIM_FAULTS, SoakConfig, run_soak
+from benchmarks.soak import run_soak
 from benchmarks.soak_aws import moto_server
 from benchmarks.soak_pg import find_bindir
+from benchmarks.soak_plan import SIM_FAULTS, SoakConfig
 from station.config import load
 from station.flash import load_firmware
 
