@@ -33,7 +33,7 @@ that no fault touched done.
 
 The harness is split by concept: soak_plan.py (the settings, which board gets which
 fault, the plug records), soak_station.py (the station process, its log, its ledger, its
-station.toml), soak_report.py (the JSON report); this file runs the night.
+station.toml), soak_report.py (the audit and the JSON report); this file runs the night.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.invariants import Plug, RssSample, Violation, check_all  # noqa: E402
+from benchmarks.invariants import RssSample, Violation  # noqa: E402
 from benchmarks.soak_aws import FaultyProxy, moto_server  # noqa: E402
 from benchmarks.soak_disk import FullableDisk  # noqa: E402
 from benchmarks.soak_pg import PASSWORD, Cluster, find_bindir  # noqa: E402
@@ -66,9 +66,8 @@ from benchmarks.soak_plan import (  # noqa: E402
     fault_plan,
     faults_for,
 )
-from benchmarks.soak_report import build_report  # noqa: E402
+from benchmarks.soak_report import audit, build_report  # noqa: E402
 from benchmarks.soak_station import (  # noqa: E402
-    REGION,
     LedgerPoll,
     LogWatch,
     StationProcess,
@@ -149,27 +148,8 @@ class Soak:
                                                   f"SIGTERM at the end: exit {code}"))
             rig.close()  # every board out, every flash dumped
             proxy.up()  # the audit's view of AWS is moto itself, but be tidy
-            import boto3
-
-            iot = boto3.session.Session(
-                aws_access_key_id="testing", aws_secret_access_key="testing",
-                region_name=REGION).client("iot", endpoint_url=url)
-            try:
-                found, facts = check_all(
-                    ledger=cfg.workdir / "state" / "ledger.sqlite3",
-                    dumps=cfg.workdir / "rig", certs_out=cfg.workdir / "certs_out",
-                    bundle=bundle, partition="nvs", namespace="station",
-                    plugs=[Plug(r.mac, r.port, r.plugged_at, r.unplugged_at)
-                           for r in self.records],
-                    iot=iot, stuck=self.violations, rss=self.rss)
-            finally:
-                iot.close()
-            if self.pg is not None:
-                from benchmarks.invariants import check_central
-
-                more, facts["central"] = check_central(
-                    cfg.workdir / "state" / "ledger.sqlite3", central, "soak", PASSWORD)
-                found += more
+            found, facts = audit(cfg, self.records, self.rss, self.violations, bundle,
+                                 aws_url=url, central=central if self.pg is not None else "")
             self.faults.update({f"aws_{k}": v for k, v in proxy.injected.items()
                                 if k != "dropped"})
             self.windows.setdefault("aws_outage", {})["calls_dropped"] = \

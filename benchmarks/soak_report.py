@@ -1,5 +1,6 @@
-"""The soak's report: boards done, hit by a fault and recovered; restarts, the fault
-windows, the station's memory, and every invariant violation the checker found.
+"""The soak's audit and report: the invariant checker (benchmarks/invariants.py) run over
+what the night left, then the JSON report: boards done, hit by a fault and recovered;
+restarts, the fault windows, the station's memory, and every violation found.
 """
 
 from __future__ import annotations
@@ -11,9 +12,39 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.invariants import RssSample, Violation, read_jobs
+from benchmarks.invariants import Plug, RssSample, Violation, check_all, read_jobs
+from benchmarks.soak_pg import PASSWORD
 from benchmarks.soak_plan import INTERRUPTED, PlugRecord, SoakConfig
-from benchmarks.soak_station import StationProcess, count_events
+from benchmarks.soak_station import REGION, StationProcess, count_events
+from station.flash import FirmwareBundle
+
+
+def audit(cfg: SoakConfig, records: list[PlugRecord], rss: list[RssSample],
+          stuck: list[Violation], bundle: FirmwareBundle, *, aws_url: str,
+          central: str) -> tuple[list[Violation], dict[str, Any]]:
+    """Every invariant over the ledger, the flash dumps, certs_out and moto (and the
+    central ledger against the local one, when there is one): violations and facts."""
+    import boto3
+
+    iot = boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+        region_name=REGION).client("iot", endpoint_url=aws_url)
+    try:
+        found, facts = check_all(
+            ledger=cfg.workdir / "state" / "ledger.sqlite3",
+            dumps=cfg.workdir / "rig", certs_out=cfg.workdir / "certs_out",
+            bundle=bundle, partition="nvs", namespace="station",
+            plugs=[Plug(r.mac, r.port, r.plugged_at, r.unplugged_at) for r in records],
+            iot=iot, stuck=stuck, rss=rss)
+    finally:
+        iot.close()
+    if central:
+        from benchmarks.invariants import check_central
+
+        more, facts["central"] = check_central(
+            cfg.workdir / "state" / "ledger.sqlite3", central, "soak", PASSWORD)
+        found += more
+    return found, facts
 
 
 def build_report(cfg: SoakConfig, records: list[PlugRecord], rss: list[RssSample],
