@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import common
+import flashmodel
+import processes
 
 RATES = (921_600, 2_000_000, 3_000_000)
 SIZES = (1, 16)
@@ -50,18 +52,18 @@ STEP_COST_LIMIT = 1.0  # s per board that steps down (issue #11 target)
 def esptool_runs(ctx: common.Context, boards: int, baud: int,
                  flash_timing: bool = True) -> dict[str, Any]:
     """One esptool CLI process per port, all at once (1 board: the plain CLI run)."""
-    with common.Processes() as procs:
-        rig = common.Rig(procs, boards, ctx.root / f"esptool-{boards}-{baud}",
+    with processes.Processes() as procs:
+        rig = processes.Rig(procs, boards, ctx.root / f"esptool-{boards}-{baud}",
                          flash_timing=flash_timing)
         try:
             rig.wait_plugged()
             started = [procs.start(common.esptool_cmd(port, ctx.firmware, baud),
                                    ctx.root / f"esptool-{boards}-{baud}-{n}.log")
                        for n, port in enumerate(rig.ports())]
-            usages = [common.wait_usage(p, RUN_TIMEOUT) for p in started]
+            usages = [processes.wait_usage(p, RUN_TIMEOUT) for p in started]
         finally:
             rig.close()
-    wall = common.span_s(started, usages)
+    wall = processes.span_s(started, usages)
     return {"boards": boards, "baud": baud, "wall_s": round(wall, 2),
             "failed": sum(u.returncode != 0 for u in usages),
             "cpu_s_per_board": round(statistics.fmean(u.cpu_s for u in usages), 3),
@@ -70,8 +72,8 @@ def esptool_runs(ctx: common.Context, boards: int, baud: int,
 
 def batch_flash_cli_on_ptys(ctx: common.Context) -> dict[str, Any]:
     """esp-batch-flash's own CLI, pointed at a virtual board's port with --ports."""
-    with common.Processes() as procs:
-        rig = common.Rig(procs, 1, ctx.root / "ebf-cli", flash_timing=False)
+    with processes.Processes() as procs:
+        rig = processes.Rig(procs, 1, ctx.root / "ebf-cli", flash_timing=False)
         try:
             rig.wait_plugged()
             port = rig.ports()[0]
@@ -112,8 +114,8 @@ def batch_flash(ctx: common.Context, boards: int, baud: int,
     logs = ctx.root / f"ebf-{boards}-{baud}"
     logs.mkdir(parents=True, exist_ok=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with common.Processes() as procs:
-        rig = common.Rig(procs, boards, ctx.root / f"ebf-rig-{boards}-{baud}",
+    with processes.Processes() as procs:
+        rig = processes.Rig(procs, boards, ctx.root / f"ebf-rig-{boards}-{baud}",
                          flash_timing=flash_timing)
         try:
             rig.wait_plugged()
@@ -177,25 +179,25 @@ thing_name = "bench-{{mac}}"
 kind = "none"
 """)
     boards = per_kind * len(MIXED)
-    with common.Processes() as procs:
+    with processes.Processes() as procs:
         station = procs.start([sys.executable, "-m", "station", "run", "--config", str(config),
                                "--exit-after", str(boards), "--headless"],
                               work / "station.out", cwd=work)
-        common.wait_watching(station)
+        processes.wait_watching(station)
         rigs = []
         for n, (kind, chip, usb) in enumerate(MIXED):
             extra = ["--chip", chip, "--usb", usb] + (["--bridge", kind] if usb == "bridge"
                                                       else [])
-            rigs.append(common.Rig(procs, per_kind, dirs[kind], seed=10 + n,
+            rigs.append(processes.Rig(procs, per_kind, dirs[kind], seed=10 + n,
                                    flash_timing=flash_timing, extra_args=extra))
         try:
             for rig in rigs:
                 rig.wait_plugged()
-            usage = common.wait_usage(station, RUN_TIMEOUT)
+            usage = processes.wait_usage(station, RUN_TIMEOUT)
         finally:
             for rig in rigs:
                 rig.close()
-    events = common.read_events(work / "state")
+    events = processes.read_events(work / "state")
     started = {e["job_id"]: e["at"] for e in events if e["kind"] == "JobStarted"}
     jobs: dict[str, dict[str, Any]] = {}
     for e in events:
@@ -240,7 +242,7 @@ def common_by_path(index: int) -> str:
 def run(ctx: common.Context, rates: tuple[int, ...] = RATES, sizes: tuple[int, ...] = SIZES,
         quick: bool = False) -> dict[str, Any]:
     timing = not quick
-    floor = {str(b): round(common.line_seconds(ctx.firmware.compressed, b), 3) for b in rates}
+    floor = {str(b): round(flashmodel.line_seconds(ctx.firmware.compressed, b), 3) for b in rates}
     out: dict[str, Any] = {"rates": list(rates), "sizes": list(sizes), "floor_s": floor,
                            "station": {}, "esptool": {}, "esp_batch_flash": {}}
     targets: list[dict[str, Any]] = []

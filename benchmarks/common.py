@@ -1,4 +1,4 @@
-"""Shared plumbing of the benchmarks: firmware, configs, the rig, the station, esptool.
+"""Shared plumbing of the benchmarks: firmware, configs, the station run, esptool, output.
 
 Everything runs as separate processes, as on a real line: the virtual rig
 (`python -m station.sim`, line-rate and flash timing models ON), the station
@@ -20,26 +20,21 @@ import os
 import platform
 import resource
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from processes import Processes, Rig, Usage, read_events, wait_usage, wait_watching
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BAUD = 921600
 APP_SIZE = 1_500_000
 CHIP = "esp32"
-BITS_PER_BYTE = 10
-STOP_TIMEOUT = 30.0
-READY_TIMEOUT = 30.0
-PLUG_TIMEOUT = 60.0
 
 
 def loadavg() -> list[float]:
@@ -59,11 +54,6 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1),
             "python": platform.python_version(), "kernel": platform.release(),
             "esptool": esptool.__version__}
-
-
-def line_seconds(nbytes: int, baud: int = BAUD) -> float:
-    """The line-rate floor: 10 bits (start, 8 data, stop) per byte."""
-    return nbytes * BITS_PER_BYTE / baud
 
 
 # -- firmware ---------------------------------------------------------------------------
@@ -124,34 +114,6 @@ def make_firmware(directory: Path) -> Firmware:
     return Firmware(flasher_args=args, images=images)
 
 
-def nvs_compressed_bytes(firmware: Firmware) -> int:
-    """Bytes the credentials partition sends, for an AWS-sized certificate and EC key."""
-    import base64
-    import random
-
-    from station.config import FirmwareSection
-    from station.flash import load_firmware
-    from station.identity import nvs_region
-    from station.parts import DeviceCredentials
-
-    bundle = load_firmware(FirmwareSection(chip=CHIP, flasher_args=firmware.flasher_args,
-                                           images=()))
-    part = bundle.partition("nvs")
-    rng = random.Random(5)
-
-    def pem(kind: str, der_bytes: int) -> str:
-        body = base64.encodebytes(rng.randbytes(der_bytes)).decode()
-        return f"-----BEGIN {kind}-----\n{body}-----END {kind}-----\n"
-
-    creds = DeviceCredentials(thing_name="bench-240ac4000000",
-                              certificate_pem=pem("CERTIFICATE", 860),
-                              private_key_pem=pem("PRIVATE KEY", 138),
-                              public_key_pem=pem("PUBLIC KEY", 91),
-                              endpoint="a1b2c3d4e5f6g7-ats.iot.eu-west-1.amazonaws.com")
-    region = nvs_region(creds, part.offset, part.size, "station")
-    return len(region.compressed)
-
-
 # -- config -----------------------------------------------------------------------------
 
 
@@ -191,178 +153,6 @@ namespace = "station"
     path.write_text(text)
     return path
 
-
-# -- processes --------------------------------------------------------------------------
-
-
-@dataclass
-class Usage:
-    """What the kernel says a finished child used."""
-
-    returncode: int
-    cpu_s: float
-    user_s: float
-    sys_s: float
-    max_rss_mb: float
-    wall_s: float
-
-
-class Processes:
-    """Every child a benchmark starts; all are stopped (SIGINT, then kill) on exit."""
-
-    def __init__(self) -> None:
-        self.children: list[subprocess.Popen[bytes]] = []
-
-    def __enter__(self) -> Processes:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for proc in reversed(self.children):
-            stop(proc)
-
-    def start(self, cmd: Sequence[str], log: Path | None = None, *, stdout_pipe: bool = False,
-              env: dict[str, str] | None = None, cwd: Path | None = None
-              ) -> subprocess.Popen[bytes]:
-        out: IO[bytes] | int
-        if stdout_pipe:
-            out = subprocess.PIPE
-        elif log is not None:
-            out = log.open("wb")
-        else:
-            out = subprocess.DEVNULL
-        try:
-            proc = subprocess.Popen(list(cmd), stdout=out, stdin=subprocess.DEVNULL,
-                                    stderr=subprocess.STDOUT if log is not None and not stdout_pipe
-                                    else (log.open("wb") if log is not None
-                                          else subprocess.DEVNULL),
-                                    env=env, cwd=cwd)
-        finally:
-            if not isinstance(out, int):
-                out.close()
-        proc.started = time.time()  # type: ignore[attr-defined]
-        self.children.append(proc)
-        return proc
-
-
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT,
-         timeout: float = STOP_TIMEOUT) -> None:
-    """Ask a child to stop; kill it if it does not within `timeout`."""
-    if proc.returncode is not None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(sig)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-def span_s(started: Sequence[subprocess.Popen[bytes]], usages: Sequence[Usage]) -> float:
-    """Wall seconds from the first process's start to the last one's end (each process
-    carries its `started` time, set by `Processes.start`)."""
-    first = min(p.started for p in started)  # type: ignore[attr-defined]
-    return float(max(p.started + u.wall_s  # type: ignore[attr-defined]
-                     for p, u in zip(started, usages, strict=True)) - first)
-
-
-def wait_usage(proc: subprocess.Popen[bytes], timeout: float) -> Usage:
-    """Wait for a child with `os.wait4`, which also gives its own rusage."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-        if pid == proc.pid:
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{proc.args!r} did not finish within {timeout:.0f}s")
-        time.sleep(0.02)
-    ended = time.time()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return Usage(returncode=proc.returncode, cpu_s=ru.ru_utime + ru.ru_stime,
-                 user_s=ru.ru_utime, sys_s=ru.ru_stime, max_rss_mb=ru.ru_maxrss / 1024,
-                 wall_s=ended - proc.started)  # type: ignore[attr-defined]
-
-
-class Rig:
-    """`python -m station.sim` in its own process; plug times stamped as they arrive."""
-
-    def __init__(self, procs: Processes, boards: int, directory: Path, seed: int = 1,
-                 plug_interval: float = 0.0, throttle: bool = True,
-                 flash_timing: bool = True, extra_args: Sequence[str] = ()) -> None:
-        self.boards = boards
-        self.directory = directory
-        cmd = [sys.executable, "-m", "station.sim", "--boards", str(boards), "--dir",
-               str(directory), "--seed", str(seed), "--plug-interval", str(plug_interval)]
-        if not throttle:
-            cmd.append("--no-throttle")
-        if not flash_timing:
-            cmd.append("--no-flash-timing")
-        cmd += list(extra_args)  # e.g. --bridge cp2102, --usb jtag, --chip esp32s3
-        self.plugged: list[dict[str, Any]] = []
-        self._all = threading.Event()
-        self.proc = procs.start(cmd, stdout_pipe=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if event.get("event") == "plugged":
-                    event["at"] = time.time()
-                    self.plugged.append(event)
-                    if len(self.plugged) >= self.boards:
-                        self._all.set()
-        self._all.set()
-
-    def wait_plugged(self, timeout: float = PLUG_TIMEOUT) -> list[dict[str, Any]]:
-        if not self._all.wait(timeout) or len(self.plugged) < self.boards:
-            raise TimeoutError(f"the rig plugged {len(self.plugged)} of {self.boards} boards")
-        return self.plugged
-
-    @property
-    def first_plug(self) -> float:
-        return min(e["at"] for e in self.plugged)
-
-    def ports(self) -> list[str]:
-        return [e["port"] for e in sorted(self.plugged, key=lambda e: e["index"])]
-
-    def close(self) -> Usage | None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGINT)
-        try:
-            return wait_usage(self.proc, STOP_TIMEOUT)
-        except (TimeoutError, ChildProcessError):
-            stop(self.proc, signal.SIGKILL)
-            return None
-
-
-def wait_watching(proc: subprocess.Popen[bytes], timeout: float = READY_TIMEOUT) -> float:
-    """Wait until the station watches its ports (its watchdog opened an inotify fd).
-
-    `station run` prints nothing when it is ready, so this looks at the process's file
-    descriptors; a station that never gets there is left to fail on its own.
-    """
-    started = time.monotonic()
-    fd_dir = Path(f"/proc/{proc.pid}/fd")
-    while time.monotonic() - started < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the station exited with {proc.returncode} before it was ready")
-        with contextlib.suppress(OSError):
-            for fd in fd_dir.iterdir():
-                with contextlib.suppress(OSError):
-                    if "inotify" in os.readlink(fd):
-                        time.sleep(0.2)  # the first rescan runs right after
-                        return time.monotonic() - started
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
-def read_events(state_dir: Path) -> list[dict[str, Any]]:
-    path = state_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @dataclass
@@ -490,59 +280,6 @@ def self_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-# -- the line-rate floor and the flash chip's model -------------------------------------
-
-
-def frame_bytes(payload: int, escapes: int = 0) -> int:
-    """A SLIP frame on the wire: 8-byte header, payload, escapes, two delimiters."""
-    return 8 + payload + escapes + 2
-
-
-def modelled_flash_seconds(firmware: Firmware, baud: int = BAUD) -> float:
-    """What the write phase takes on the rig's flash model with an infinitely fast host.
-
-    The stub (esptool's legacy flasher stub, which the rig models) ACKs a block on
-    receipt, then erases what the block needs (64 KB blocks where aligned) and programs
-    it while the next block is on the wire; the next block waits if the flash is still
-    busy. The difference between this and the line-rate floor is the flash chip, not
-    the host.
-    """
-    import zlib
-
-    from station.config import FirmwareSection
-    from station.flash import load_firmware
-    from station.sim.flash import BLOCK, FlashTiming, erase_plan
-
-    timing = FlashTiming()
-    bundle = load_firmware(FirmwareSection(chip=CHIP, flasher_args=firmware.flasher_args,
-                                           images=()))
-    block = 0x4000  # the stub's FLASH_WRITE_SIZE
-    reply = line_seconds(frame_bytes(2), baud)
-    now = busy = 0.0
-    for region in bundle.regions:
-        inflate = zlib.decompressobj()
-        data = region.compressed
-        plan = erase_plan(region.offset, len(region.data))
-        erased = write = region.offset
-        now += line_seconds(frame_bytes(16) + frame_bytes(2), baud)  # FLASH_DEFL_BEGIN
-        for i in range(0, len(data), block):
-            chunk = data[i:i + block]
-            escapes = chunk.count(0xC0) + chunk.count(0xDB)
-            arrival = now + line_seconds(frame_bytes(16 + len(chunk), escapes), baud)
-            start = max(arrival, busy)  # the stub takes the block once the flash is free
-            now = start + reply
-            out = len(inflate.decompress(chunk))
-            write += out
-            seconds = 0.0
-            while plan and erased < write:
-                addr, length = plan.pop(0)
-                seconds += timing.erase(0, 1) if length == BLOCK else timing.erase(1, 0)
-                erased = addr + length
-            busy = start + seconds + timing.program(out)
-        now = max(now, busy)  # FLASH_DEFL_END waits for the last block
-    return now
-
-
 # -- one benchmark session: firmware built once, station runs shared between scripts ----
 
 
@@ -577,12 +314,6 @@ class Context:
 def context(name: str, keep: bool = False) -> Iterator[Context]:
     with workspace(name, keep) as root:
         yield Context(root=root, firmware=make_firmware(root / "firmware"))
-
-
-def floors(firmware: Firmware, extra_compressed: int = 0) -> dict[str, float]:
-    """The line-rate floor (s) for the firmware (+ e.g. the NVS partition)."""
-    return {"bytes_sent": firmware.compressed + extra_compressed,
-            "line_s": round(line_seconds(firmware.compressed + extra_compressed), 3)}
 
 
 def standalone(name: str, run: Any, argv: Sequence[str] | None = None) -> int:

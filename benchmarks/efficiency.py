@@ -4,7 +4,7 @@ other stage costs.
 floor = compressed bytes sent x 10 bits / baud (start + 8 data + stop bits per byte;
 SLIP escapes, packet headers and replies are the station's overhead, not the floor's).
 `flash_model_s` is the write phase the legacy stub's blocking erases would allow with an
-infinitely fast host (see common.modelled_flash_seconds), kept for comparison: the rig
+infinitely fast host (see flashmodel.modelled_flash_seconds), kept for comparison: the rig
 now models esp-flasher-stub (esptool 5.6's default), which erases in the background and
 skips blank sectors, so on a new (blank) board the line is the bound.
 Run alone: `python benchmarks/efficiency.py`.
@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 import common
+import flashmodel
 
 BOARDS = 16
 FLASH_SPEED_LIMIT = 0.90  # flash phase speed / line-rate floor speed
@@ -31,8 +32,8 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def run(ctx: common.Context) -> dict[str, Any]:
     fw = ctx.firmware
-    floor = common.line_seconds(fw.compressed)
-    model = common.modelled_flash_seconds(fw)
+    floor = flashmodel.line_seconds(fw.compressed)
+    model = flashmodel.modelled_flash_seconds(fw)
     out: dict[str, Any] = {"firmware": fw.summary(), "baud": common.BAUD,
                            "floor_s": round(floor, 3), "flash_model_s": round(model, 3),
                            "by_boards": {}}

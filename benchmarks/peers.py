@@ -16,13 +16,14 @@ import sys
 from typing import Any
 
 import common
+import processes
 
 SEQUENTIAL_BOARDS = 3
 PARALLEL_BOARDS = 16
 RUN_TIMEOUT = 300.0
 
 
-def _runs_summary(usages: list[common.Usage]) -> dict[str, Any]:
+def _runs_summary(usages: list[processes.Usage]) -> dict[str, Any]:
     return {"runs": len(usages), "failed": sum(u.returncode != 0 for u in usages),
             "wall_s_mean": round(statistics.fmean(u.wall_s for u in usages), 3),
             "wall_s_max": round(max(u.wall_s for u in usages), 3),
@@ -34,14 +35,14 @@ def sequential(ctx: common.Context, boards: int = SEQUENTIAL_BOARDS) -> dict[str
     if "esptool_sequential" in ctx.shared:
         return dict(ctx.shared["esptool_sequential"])
     print(f"  esptool CLI, sequential on {boards} board(s) ...", flush=True)
-    usages: list[common.Usage] = []
-    with common.Processes() as procs:
-        rig = common.Rig(procs, boards, ctx.root / "esptool-seq")
+    usages: list[processes.Usage] = []
+    with processes.Processes() as procs:
+        rig = processes.Rig(procs, boards, ctx.root / "esptool-seq")
         try:
             rig.wait_plugged()
             for n, port in enumerate(rig.ports()):
                 log = ctx.root / f"esptool-seq-{n}.log"
-                usages.append(common.wait_usage(
+                usages.append(processes.wait_usage(
                     procs.start(common.esptool_cmd(port, ctx.firmware), log), RUN_TIMEOUT))
         finally:
             rig.close()
@@ -57,17 +58,17 @@ def sequential(ctx: common.Context, boards: int = SEQUENTIAL_BOARDS) -> dict[str
 
 def parallel(ctx: common.Context, boards: int = PARALLEL_BOARDS) -> dict[str, Any]:
     print(f"  esptool CLI, one process per port on {boards} boards ...", flush=True)
-    with common.Processes() as procs:
-        rig = common.Rig(procs, boards, ctx.root / "esptool-par")
+    with processes.Processes() as procs:
+        rig = processes.Rig(procs, boards, ctx.root / "esptool-par")
         try:
             rig.wait_plugged()
             started = [procs.start(common.esptool_cmd(port, ctx.firmware),
                                    ctx.root / f"esptool-par-{n}.log")
                        for n, port in enumerate(rig.ports())]
-            usages = [common.wait_usage(p, RUN_TIMEOUT) for p in started]
+            usages = [processes.wait_usage(p, RUN_TIMEOUT) for p in started]
         finally:
             rig.close()
-    wall = common.span_s(started, usages)
+    wall = processes.span_s(started, usages)
     out = {"boards": boards, **_runs_summary(usages), "wall_s": round(wall, 2),
            "loadavg": common.loadavg()}
     print(f"    {wall:.2f}s for {boards}, {out['failed']} failed", flush=True)

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import common
+import flashmodel
 from soak_aws import FaultyProxy, moto_server
 
 BOARDS = 16
@@ -46,7 +47,7 @@ def run(ctx: common.Context) -> dict[str, Any]:
         calls = sum(proxy.calls.values())
     base = statistics.fmean(baseline.per_board())
     with_reg = statistics.fmean(registered.per_board())
-    nvs = common.nvs_compressed_bytes(ctx.firmware)
+    nvs = flashmodel.nvs_compressed_bytes(ctx.firmware)
     cloud = [j["timings"].get("register_cloud", 0.0) for j in registered.jobs]
     waited = [j["timings"].get("register", 0.0) for j in registered.jobs]
     added = with_reg - base
@@ -58,7 +59,7 @@ def run(ctx: common.Context) -> dict[str, Any]:
         "register_cloud_s_mean": round(statistics.fmean(cloud), 3),
         "register_cloud_s_max": round(max(cloud), 3),
         "register_wait_after_flash_s_mean": round(statistics.fmean(waited), 4),
-        "nvs_line_s": round(common.line_seconds(nvs), 3),
+        "nvs_line_s": round(flashmodel.line_seconds(nvs), 3),
         "wall_s_none": round(baseline.wall_s, 2), "wall_s_aws": round(registered.wall_s, 2),
         "run_aws": registered.summary(),
         "targets": [common.target("registration adds s/board (150 ms/call)", added,

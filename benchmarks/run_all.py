@@ -17,6 +17,7 @@ from typing import Any
 import baud
 import common
 import efficiency
+import flashmodel
 import host
 import peers
 import registration
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.keep:
             print(f"scratch folder: {ctx.root}")
         result["firmware"] = {**ctx.firmware.summary(),
-                              "floor_s": round(common.line_seconds(ctx.firmware.compressed), 3),
+                              "floor_s": round(flashmodel.line_seconds(ctx.firmware.compressed), 3),
                               "baud": common.BAUD}
         for name, run in BENCHMARKS:
             if args.only and name not in args.only:
