@@ -19,6 +19,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy station
+	$(BIN)/lint-imports --no-cache
 
 # The suite runs in parallel (most tests wait on virtual serial lines, not on the CPU);
 # the few that time the virtual line against its model run alone afterwards.
@@ -36,4 +37,4 @@ soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py --boards 500
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .import_linter_cache
