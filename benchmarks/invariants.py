@@ -11,7 +11,7 @@ Checks:
   phantom        a done board in the ledger whose MAC no plugged board has (misread)
   flash          a done board whose dump lacks an image at its offset
   nvs            a done board whose NVS partition (offset from the firmware's partition
-                 table, decoded with station.nvs.read_nvs) does not hold its own thing
+                 table, decoded with station.identity.read_nvs) does not hold its own thing
                  name, endpoint, certificate (= certs_out = AWS's certificate of the
                  thing) and private key (= certs_out, pair of public.pem.key)
   thing-certs    a done board's thing with zero or several ACTIVE certificates

@@ -184,7 +184,7 @@ def _ports(args: argparse.Namespace) -> int:
 
     config = load(args.config)
     ports = scan(config.ports.watch)
-    if config.ports.remote:  # hub hosts: one TCP connect each (remoteports.py)
+    if config.ports.remote:  # hub hosts: one TCP connect each (ports/remote.py)
         from station.ports import probe_all
 
         for url, problem in probe_all(config.ports.remote):

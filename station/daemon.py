@@ -143,10 +143,10 @@ class Station:
     options: Options = field(default_factory=Options)
     clock: Clock = field(default_factory=SystemClock)
     parked: Callable[[str], bool] = lambda _slot: False
-    """A flagged slot with `[ports] park_unhealthy` (station/slotpark.py): take no board."""
+    """A flagged slot with `[ports] park_unhealthy` (station/health/slotpark.py): take no board."""
     known_board: KnownBoardLookup | None = None
     port_mac: Callable[[str], str | None] = field(default=lambda port: _port_mac(port))
-    """A port's MAC known without opening it (usbport: a USB-Serial/JTAG's serial number)."""
+    """A port's MAC known without opening it (ports/usb.py: a USB-Serial/JTAG's serial number)."""
     remote: RemotePorts | None = None
     """[ports] remote: rfc2217:// ports, a second source of "present / gone"."""
 
@@ -161,7 +161,7 @@ class Station:
         self._slots = asyncio.Semaphore(self.config.station.max_parallel)
         self._waiting: dict[str, PortInfo] = {}  # plugged into a parked slot
         self.bus.observers.append(self._observe)
-        # The same-board rule for ports that re-enumerate after our reset (reenumeration.py)
+        # The same-board rule for ports that re-enumerate after our reset (ports/reenumeration.py)
         self._reenumerations: Reenumerations[asyncio.Task[Stage | None]] = \
             Reenumerations(self.config.ports.reenumerate_window)
         self._by_job: dict[str, tuple[str, asyncio.Task[Stage | None]]] = {}  # id -> key, task

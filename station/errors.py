@@ -75,7 +75,7 @@ class WrongChipError(FlashError):
 
 
 class BootError(StationError):
-    """The board did not boot what was written (station/bootcheck.py): a retry would
+    """The board did not boot what was written (station/flash/bootcheck.py): a retry would
     write the same bytes and boot the same way."""
 
 

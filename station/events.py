@@ -22,7 +22,7 @@ class Stage(enum.StrEnum):
     FLASH = "flash"
     VERIFY = "verify"
     RESET = "reset"
-    BOOT = "boot"  # [verify] boot: the boot story read after the reset (bootcheck.py)
+    BOOT = "boot"  # [verify] boot: the boot story read after the reset (flash/bootcheck.py)
     DONE = "done"
     FAILED = "failed"
     REMOVED = "removed"
@@ -119,7 +119,7 @@ class Registered(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class LineRate(Event):
-    """The serial rate a board runs at (station/baud.py): once connected, and at every
+    """The serial rate a board runs at (station/ports/baud.py): once connected, and at every
     step down the ladder, with the failure that forced it."""
 
     baud: int | None  # None: native USB, the baud rate does not apply
@@ -170,7 +170,7 @@ class EventSink(Protocol):
         """Deliver best-effort (progress); must be called on the event loop thread."""
 
 
-# -- slot health (station/slothealth.py): about a slot, not one board -------------------
+# -- slot health (station/health/slothealth.py): about a slot, not one board -------------------
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,7 +197,7 @@ class SlotCleared(Event):
     by: str
 
 
-# -- the central ledger (station/fleet.py) ---------------------------------------------
+# -- the central ledger (station/fleet/lookup.py) ---------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,7 +211,7 @@ class KnownBoard(Event):
     policy: str  # [identity] on_known_board: "reflash", "skip" or "fail"
 
 
-# -- remote ports (station/remoteports.py): about a hub connection, not one board -------
+# -- remote ports (station/ports/remote.py): about a hub connection, not one board -------
 
 
 @dataclass(frozen=True, kw_only=True)

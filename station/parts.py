@@ -56,7 +56,7 @@ class BoardIdentity:
 
 @dataclass(frozen=True)
 class BootVerdict:
-    """A boot story judged (station/bootcheck.py)."""
+    """A boot story judged (station/flash/bootcheck.py)."""
 
     ok: bool
     detail: str  # what was expected and what the board printed ("" when ok)

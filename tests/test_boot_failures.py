@@ -1,7 +1,7 @@
 """Images that verify by MD5 and still do not boot (issue 10), through the real daemon.
 
 A bootloader where the ROM does not look and a corrupt app are refused at start by
-default (station/firmware.py). `[firmware] image_checks = "warn"` flashes them as given,
+default (station/flash/firmware.py). `[firmware] image_checks = "warn"` flashes them as given,
 one warning each; real esptool writes them over RFC 2217 to virtual boards, the MD5s
 match, and the boot check after the reset fails each board quoting what its ROM or
 bootloader printed (the words of station/sim/boot_log.py, from ESP-IDF's sources).

@@ -1,4 +1,4 @@
-"""The boot check's judge (station/bootcheck.py) against boot stories as the virtual
+"""The boot check's judge (station/flash/bootcheck.py) against boot stories as the virtual
 boards tell them for each ESP-IDF format (cpu_start: with 16 SHA digits before v5.2,
 9 digits in v5.2, app_init: since v5.3), and its failure messages."""
 

@@ -1,4 +1,4 @@
-"""`station check` on the host (station/hostcheck.py): ModemManager, brltty, the tty
+"""`station check` on the host (station/check/host.py): ModemManager, brltty, the tty
 group, single-TT hubs. Each problem is laid out in a fixture tree shaped like the parts
 of / the check reads (/proc, udev rule folders, /usr/bin, /etc/group, /dev, /sys), and
 the real `station check` is pointed at it; on this machine it must not fail either.

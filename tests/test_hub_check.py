@@ -1,4 +1,4 @@
-"""`station check` probes every `[ports] remote` hub (station/hubcheck.py).
+"""`station check` probes every `[ports] remote` hub (station/check/hubs.py).
 
 The real CLI in a subprocess against the virtual boards' RFC 2217 faces, a closed TCP
 port, a listener that accepts and never speaks, and a face whose one client slot is

@@ -1,4 +1,4 @@
-"""The same-board rule (station/reenumeration.py) and the host's USB facts (usbport.py).
+"""The same-board rule (station/ports/reenumeration.py) and the host's USB facts (ports/usb.py).
 
 The tracker is bookkeeping with a clock: these tests drive it through the sequences the
 daemon sees (reset stage, job end, port gone, port back) with a clock the test moves.

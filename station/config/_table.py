@@ -1,6 +1,6 @@
 """Reading one table of station.toml: typed getters whose errors name file and key.
 
-Every section parser (config.py, configports.py) reads through a `Table`, so a wrong
+Every section parser (reader.py, ports.py) reads through a `Table`, so a wrong
 type, a number below its minimum or a misspelt key fails the same way: one line naming
 the file, the dotted key and the reason. `done()` turns any key nobody read into an
 error: a misspelt key silently ignored is a rig that does something else overnight.

@@ -1,8 +1,8 @@
 """[ports] of station.toml: which ports, at what rate, which slots, which hub hosts.
 
 The largest section, and the one a line edits most (globs, rates per adapter, slot
-labels, hub URLs, the BOOT + EN wait): its checks live here so config.py stays a list of
-sections. Errors name the key, as every section's do (configtable.Table).
+labels, hub URLs, the BOOT + EN wait): its checks live here so reader.py stays a list of
+sections. Errors name the key, as every section's do (_table.Table).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ ASK_BUTTONS: tuple[AskButtons, ...] = ("remote", "all", "never")
 
 @dataclass(frozen=True)
 class HealthSection:
-    """When a slot is flagged (station/slothealth.py): failures at one stage on its last
+    """When a slot is flagged (station/health/slothealth.py): failures at one stage on its last
     boards. 0 turns a rule off."""
 
     consecutive: int = 3
@@ -47,14 +47,14 @@ class PortsSection:
     health: HealthSection = field(default_factory=HealthSection)
     reenumerate_window: float = 5.0
     """Seconds within which a port the station reset may vanish and come back at the same
-    USB location as the same board (station/reenumeration.py); 0 turns the rule off."""
+    USB location as the same board (station/ports/reenumeration.py); 0 turns the rule off."""
     max_baud: int | None = None
     baud_by_adapter: Mapping[str, int] = field(default_factory=dict)
     baud_by_port: Mapping[str, int] = field(default_factory=dict)
     remote: tuple[str, ...] = ()
-    """`rfc2217://host:port` ports on hub hosts (station/remoteports.py)."""
+    """`rfc2217://host:port` ports on hub hosts (station/ports/remote.py)."""
     buttons_timeout: float = 120.0
-    """Seconds a board without auto-reset waits for BOOT + EN (flasher.py)."""
+    """Seconds a board without auto-reset waits for BOOT + EN (flash/_connect.py)."""
     ask_buttons: AskButtons = "remote"
     """Which ports ask for BOOT + EN when the reset sequence finds no download mode:
     "remote" (a missing or slow circuit is the common case there), "all" (also local
@@ -62,7 +62,7 @@ class PortsSection:
 
     @property
     def line(self) -> BaudSettings:
-        """The line-rate settings (station/baud.py): rate per port and the ladder's cap."""
+        """The line-rate settings (station/ports/baud.py): rate per port and the ladder's cap."""
         return BaudSettings(baud=None if self.baud == "auto" else int(self.baud),
                             max_baud=self.max_baud, by_adapter=self.baud_by_adapter,
                             by_port=self.baud_by_port)

@@ -74,7 +74,7 @@ class FirmwareSection:
     key: str = "firmware"  # "firmware[1]" for the second [[firmware]] entry, for messages
     image_checks: Literal["refuse", "warn"] = "refuse"
     """A bad image's content: refused at start, or a warning and flashed as given
-    (station/firmware.py); what cannot be flashed is refused either way."""
+    (station/flash/firmware.py); what cannot be flashed is refused either way."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ class MetricsSection:
 
 @dataclass(frozen=True)
 class VerifySection:
-    """[verify]: the boot check after the reset (station/bootcheck.py)."""
+    """[verify]: the boot check after the reset (station/flash/bootcheck.py)."""
 
     boot: Literal["off", "rom", "app"] = "off"
     marker: str | None = None

@@ -161,7 +161,7 @@ class Connection:
                          f"({message})")
 
     def connect_blocking(self) -> None:
-        """Connect at the port's rate (baud.py), stepping down while the line fails."""
+        """Connect at the port's rate (ports/baud.py), stepping down while the line fails."""
         opts = self.flasher
         self.native = opts.native(self.port)
         adapter = opts.adapter(self.port)

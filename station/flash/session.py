@@ -78,7 +78,7 @@ class EsptoolFlasher:
     """Opens boards with esptool; implements `parts.Flasher`.
 
     `baud`: the rate after the stub runs (the ROM always starts at 115200); `line`, when
-    given, decides it per port instead (station/baud.py), and `memory` keeps the slots'
+    given, decides it per port instead (station/ports/baud.py), and `memory` keeps the slots'
     step-downs. `keys(port)` names the port for [ports.baud_by_port] and the memory
     (slot first); `on_rate` receives every RateNote, on the event loop.
     `chip` / `chips`: the chip(s) the station has firmware for; a board of another chip
@@ -102,13 +102,13 @@ class EsptoolFlasher:
         self.on_buttons = on_buttons  # (port, waiting): "press BOOT + EN" on its row
         self.buttons_timeout = buttons_timeout
         self.ask_buttons = ask_buttons  # on which ports ([ports] ask_buttons)
-        self.links = links  # remote ports' connections between sessions (remoteports.py)
+        self.links = links  # remote ports' connections between sessions (ports/remote.py)
         self.line = line if line is not None else BaudSettings(baud=baud)
         self.memory = memory if memory is not None else SlotMemory()
-        self.adapter = adapter  # sysfs VID:PID and product (usbport.py)
+        self.adapter = adapter  # sysfs VID:PID and product (ports/usb.py)
         self.keys = keys
         self.on_rate = on_rate
-        self.native = native  # sysfs VID:PID (usbport.py); tests may stand in for sysfs
+        self.native = native  # sysfs VID:PID (ports/usb.py); tests may stand in for sysfs
         self.chips = chips or ((chip,) if chip else ())
         self.connect_attempts = connect_attempts
         self.trace = trace
@@ -245,7 +245,7 @@ class EsptoolSession(Connection):
         if self.native is not None:
             # The chip's own USB: esptool's watchdog reset restarts it fully (also after
             # BOOT was held), and falls back to the hard reset on chips without one. The
-            # port then drops off the bus and re-enumerates (reenumeration.py).
+            # port then drops off the bus and re-enumerates (ports/reenumeration.py).
             log.debug("%s: native USB (%s %04x:%04x): watchdog reset", self.port,
                       self.native.kind, self.native.vid, self.native.pid)
             reset_chip(self.esp, "watchdog-reset")

@@ -3,7 +3,7 @@
 Why it looks like this:
 - The night report of the fleet must show what a station's own report shows: the slots
   that were flagged and the station's restarts. Locally these are rows of their own
-  (station/ledgerslots.py), not events: a flag is cleared and a run is stopped by
+  (station/record/_slots.py), not events: a flag is cleared and a run is stopped by
   updating its row, so they cannot ride on the event cursor (central.ship).
 - They are few (one run per `station run`, one flag per slot in trouble), so the
   replicator ships them whole, keyed by (station, local rowid): every local row PostgreSQL

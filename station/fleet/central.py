@@ -2,7 +2,7 @@
 
 Why it looks like this:
 - Many stations write one database, each through its own store-and-forward replicator
-  (station/replicator.py). A row is keyed by (station, seq): `seq` is the local ledger's
+  (station/fleet/replicator.py). A row is keyed by (station, seq): `seq` is the local ledger's
   event number, so shipping the same events twice (after a crash between COMMIT and the
   next read) changes nothing, and `stations.shipped_seq`, written in the same
   transaction as the rows, is where PostgreSQL says a station is: the replicator resumes
@@ -15,7 +15,7 @@ Why it looks like this:
   is newer than this station is refused with one clear line: an old station must not
   write rows a newer schema means differently.
 - libpq does the talking (psycopg 3): URL, service file, .pgpass and PGPASSWORD all work
-  as everywhere else; a password is never in station.toml (config.py refuses one).
+  as everywhere else; a password is never in station.toml (config/reader.py refuses one).
 - Connection errors are sorted in two: the server said no (wrong password, no such
   database or role: fatal at start, a person must act) or it could not be reached
   (buffer locally and retry: boards never wait on PostgreSQL).
@@ -37,8 +37,8 @@ from psycopg.rows import dict_row
 from station.errors import CentralError, CentralUnreachableError
 from station.parts import BoardHistory
 
-SCHEMA_VERSION = 4  # 2: slot_flags and runs (station/centralslots.py); 3: line rates;
-# 4: the boot check (station/bootcheck.py)
+SCHEMA_VERSION = 4  # 2: slot_flags and runs (station/fleet/_slots.py); 3: line rates;
+# 4: the boot check (station/flash/bootcheck.py)
 LOCK_ID = 0x5747_4E01  # pg_advisory_xact_lock key for migrations ("STN" + 1)
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -85,7 +85,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             started_at timestamptz NOT NULL, stopped_at timestamptz,
             PRIMARY KEY (station, run_id))""",
     ),
-    3: (  # the line rate each board ran at and its step-downs (station/baud.py)
+    3: (  # the line rate each board ran at and its step-downs (station/ports/baud.py)
         "ALTER TABLE jobs ADD COLUMN baud integer",
         "ALTER TABLE jobs ADD COLUMN baud_steps text",
     ),

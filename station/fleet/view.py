@@ -1,6 +1,6 @@
 """`station ledger --central` and `station board MAC`: the fleet as the central ledger has it.
 
-Why it looks like this: the rows come from PostgreSQL (station/central.py) in the shape
+Why it looks like this: the rows come from PostgreSQL (station/fleet/central.py) in the shape
 of the local ledger's jobs plus their station, so the exports are the local ones with a
 station column: the same CSV and JSON columns (EXPORT_COLUMNS already holds `station`),
 a table that leads with the station. Reading needs only a connection, never the state

@@ -12,7 +12,7 @@ Why it looks like this:
 - Removed and skipped boards say nothing about the slot (a hand pulled the board; the
   ledger had it done), so they neither count as failures nor break a run of them.
 - It is pure state: `observe(event)` returns the SlotFlagged or SlotCleared event to
-  emit, and the caller (station/slotpark.py) emits it. The thresholds come in, the clock
+  emit, and the caller (station/health/slotpark.py) emits it. The thresholds come in, the clock
   comes with the events, so tests feed it events and compare.
 - A flag stays until an operator clears it; only when slots are not parked does a board
   done on the slot clear it by itself ("recovered"), since then boards keep running there

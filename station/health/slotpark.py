@@ -1,7 +1,7 @@
 """Slot health wired into a running station: flag, park, and clear from anywhere.
 
 Why it looks like this:
-- SlotHealth (station/slothealth.py) is pure; this is its one place of contact with the
+- SlotHealth (station/health/slothealth.py) is pure; this is its one place of contact with the
   station. It is a *durable* consumer of the Bus: the flag it raises on a board's
   JobFinished is emitted (ledger, event log, dashboard) before that JobFinished reaches
   the daemon's observers, so by the time the daemon could take another board on the

@@ -17,8 +17,8 @@ Why it looks like this:
 - The ladder ends at the ROM's own 115200: a board that fails there fails as before
   (retries, then `failed`), so a mute board is never stepped down forever.
 
-This module is pure (no esptool, no serial I/O): config.py validates keys with it,
-flasher.py asks it for rates and reports steps through it.
+This module is pure (no esptool, no serial I/O): config/ports.py validates keys with it,
+flash/_connect.py asks it for rates and reports steps through it.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def points_at_line(message: str) -> bool:
 
 @dataclass(frozen=True)
 class BaudSettings:
-    """[ports] baud, max_baud, baud_by_adapter, baud_by_port (validated by config.py)."""
+    """[ports] baud, max_baud, baud_by_adapter, baud_by_port (validated by config/ports.py)."""
 
     baud: int | None = 921_600  # None: "auto" (the adapter's top rate)
     max_baud: int | None = None  # None: AUTO_MAX_BAUD under "auto", else no cap

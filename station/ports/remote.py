@@ -86,7 +86,7 @@ def _link_alive(port: Any) -> bool:
 def _far_end_closed(port: Any) -> bool:
     """The hub ended the connection, as opposed to our side closing it: esptool closes
     the port after a failed connect (a mute board), which says nothing about the hub
-    (serialport.RemotePort notes which it was)."""
+    (serial.RemotePort notes which it was)."""
     if getattr(port, "far_end_closed", False):
         return True
     return bool(getattr(port, "is_open", False)) and not _link_alive(port)
@@ -95,7 +95,7 @@ def _far_end_closed(port: Any) -> bool:
 class RemotePorts:
     """Reports `urls` as present / gone, like `hotplug.PortWatcher` reports device nodes.
 
-    `keep(url, port)` and `lost(url)` are the flasher's side (station/flasher.py takes
+    `keep(url, port)` and `lost(url)` are the flasher's side (station/flash/session.py takes
     this object as its `links`); both may be called from any thread."""
 
     def __init__(self, urls: Sequence[str], *, show: Callable[[Event], None] = lambda _e: None,

@@ -50,7 +50,7 @@ def remote_url_problem(url: object) -> str | None:
 
 class RemoteLinks(Protocol):
     """Where the flasher hands a remote port's open connection between jobs
-    (station/remoteports.py): a relay's client that disconnects resets the board."""
+    (station/ports/remote.py): a relay's client that disconnects resets the board."""
 
     def take(self, url: str) -> Any | None:
         """The connection kept after the last session on `url`, if still open."""

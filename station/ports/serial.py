@@ -149,7 +149,7 @@ class LocalPort(_Abortable, serial.Serial):
 
 
 class RemotePort(_Abortable, rfc2217.Serial):
-    """An `rfc2217://host:port` port (remoteports.py): pyserial's RFC 2217 client, which
+    """An `rfc2217://host:port` port (remote.py): pyserial's RFC 2217 client, which
     esptool resets with its classic sequence (every DTR/RTS change is a round trip).
 
     esptool sets the port's timeout before most commands, and pyserial's client answers

@@ -83,7 +83,7 @@ def native_usb(port: str) -> NativeUsb | None:
 
 def usb_adapter(port: str) -> Adapter:
     """The USB-UART bridge (or native USB) behind `port`, from the same sysfs info:
-    VID:PID and product string (station/baud.py names it). A pty: unknown."""
+    VID:PID and product string (station/ports/baud.py names it). A pty: unknown."""
     try:
         return classify_adapter(SysFS(os.path.realpath(port)))
     except Exception:  # the device vanished mid-read: sysfs is half there

@@ -2,12 +2,12 @@
 
 Why it looks like this:
 - One self-contained HTML file, because it is mailed around and opened on factory PCs
-  with no network: styles inline, charts inline SVG (station/reportcharts.py), no script,
+  with no network: styles inline, charts inline SVG (station/report/charts.py), no script,
   no link to anything outside the file. `--format md` gives the same summary and tables
   as Markdown, for an e-mail or a chat message.
 - The page is a template string filled with escaped values, not a template engine: it
-  is one page, and every value in it is computed once in station/reportstats.py from
-  rows of a ReportSource (station/reportdata.py), so a central ledger reuses all of it.
+  is one page, and every value in it is computed once in station/report/stats.py from
+  rows of a ReportSource (station/report/data.py), so a central ledger reuses all of it.
 - An empty ledger, a ledger of one board, or a window with no boards is a report that
   says so, not a stack trace; a missing ledger is a one-line error naming the path.
 - Times are UTC, as in the ledger's exports and the event log.

@@ -1,18 +1,18 @@
 """`station report --central`: the night report's rows from the central PostgreSQL ledger.
 
 Why it looks like this:
-- The report's arithmetic and pages are the local report's (station/reportstats.py,
-  station/report.py); only the four queries of a ReportSource (station/reportdata.py)
-  differ. They read central.py's schema: jobs (each job's latest state), events (the
+- The report's arithmetic and pages are the local report's (station/report/stats.py,
+  station/report/build.py); only the four queries of a ReportSource (station/report/data.py)
+  differ. They read fleet/central.py's schema: jobs (each job's latest state), events (the
   Throttled events among them), and schema 2's slot_flags and runs, which the
-  replicator ships beside the events (station/centralslots.py). Rows come back in the
+  replicator ships beside the events (station/fleet/_slots.py). Rows come back in the
   local ledger's shape, times as seconds since the epoch.
 - All four queries run in one read-only REPEATABLE READ transaction: stations keep
   shipping while the report is made, and its figures must agree with one another.
 - It only reads: it never creates or migrates the schema. A database no station has
   shipped to yet is an empty ledger (a report that says so), and one of schema 1 (before
   flags and runs were shipped) reads as having none, like a local ledger of schema 1.
-- Connection failures are central.py's one-line CentralError (refused) or
+- Connection failures are fleet/central.py's one-line CentralError (refused) or
   CentralUnreachableError (cannot reach it), which the CLI prints as other central
   errors.
 """

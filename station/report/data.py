@@ -5,7 +5,7 @@ Why it looks like this:
   PostgreSQL record of many stations later ("Many stations, one record"), without a second
   copy of its arithmetic. So the report asks a `ReportSource` for plain rows in a time
   window (jobs, slot flags, station runs, a count of cloud throttles) and does every sum,
-  median and chart itself (station/reportstats.py). A central source implements these
+  median and chart itself (station/report/stats.py). A central source implements these
   four small queries; everything above them is shared.
 - The window selects jobs by when they *started*, flags by when they were raised and
   throttles by when they happened: each row belongs to exactly one window, so reports of

@@ -1,7 +1,7 @@
 """The night report's numbers, from the rows of any ReportSource; no SQL, no drawing.
 
 Why it looks like this: the HTML, the Markdown and every chart show the same figures, so
-they are computed once here, as plain data, from the rows station/reportdata.py returns
+they are computed once here, as plain data, from the rows station/report/data.py returns
 (local or central ledger alike). The definitions are the ones the report prints:
 - yield = done / (done + failed): boards that ran to an end on the line. Removed (a hand
   pulled the board) and skipped (already done) say nothing about the process.
