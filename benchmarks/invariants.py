@@ -38,12 +38,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from station.flash import FirmwareBundle
-from station.identity import read_nvs
-from station.identity.registrar.keys import (
-    certificate_key_matches,
-    key_pair_matches,
-    same_public_key,
-)
+from station.identity import certificate_key_matches, key_pair_matches, read_nvs, same_public_key
 
 FINAL = ("done", "failed", "removed", "skipped")
 OK = ("done", "skipped")

@@ -27,9 +27,10 @@ from station.identity import (
     PRIVATE_KEY_FILE,
     PUBLIC_KEY_FILE,
     RECORD_FILE,
+    certificate_key_matches,
+    key_pair_matches,
     read_nvs,
 )
-from station.identity.registrar.keys import certificate_key_matches, key_pair_matches
 from station.sim import Faults, PluggedBoard, Rig
 from tests.registrar.awsproxy import AwsProxy, moto_server, reset_moto
 from tests.stationkit import (

@@ -22,13 +22,17 @@ from station.identity.registrar import (
     Journal,
     NoRegistrar,
     Registrar,
+    certificate_key_matches,
     crash_point,
     journaled,
+    key_pair_matches,
     make_registrar,
+    same_public_key,
 )
 
 __all__ = [
     "CERTIFICATE_FILE", "CRASH_ENV", "PRIVATE_KEY_FILE", "PUBLIC_KEY_FILE", "RECORD_FILE",
     "BoardFacts", "CredentialStore", "Journal", "NoRegistrar", "NvsFormatError", "Registrar",
-    "RegistrationRecord", "crash_point", "journaled", "make_registrar", "nvs_region", "read_nvs",
+    "RegistrationRecord", "certificate_key_matches", "crash_point", "journaled",
+    "key_pair_matches", "make_registrar", "nvs_region", "read_nvs", "same_public_key",
 ]

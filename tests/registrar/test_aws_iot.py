@@ -16,11 +16,11 @@ from station.identity import (
     PUBLIC_KEY_FILE,
     RECORD_FILE,
     CredentialStore,
+    key_pair_matches,
     nvs_region,
     read_nvs,
 )
 from station.identity.registrar.aws_iot import AwsIotRegistrar
-from station.identity.registrar.keys import key_pair_matches
 from station.parts import DeviceCredentials
 from tests.registrar.awsproxy import AwsProxy
 from tests.registrar.conftest import (

@@ -25,6 +25,11 @@ from station.identity.registrar.base import (
     crash_point,
     journaled,
 )
+from station.identity.registrar.keys import (
+    certificate_key_matches,
+    key_pair_matches,
+    same_public_key,
+)
 
 if TYPE_CHECKING:  # keep this package light: boto3 and the CA only when chosen
     from station.config import Config
@@ -49,6 +54,6 @@ def make_registrar(config: Config, out: CredentialStore,
 
 
 __all__ = [
-    "CRASH_ENV", "BoardFacts", "Journal", "NoRegistrar", "Registrar", "crash_point", "journaled",
-    "make_registrar",
+    "CRASH_ENV", "BoardFacts", "Journal", "NoRegistrar", "Registrar", "certificate_key_matches",
+    "crash_point", "journaled", "key_pair_matches", "make_registrar", "same_public_key",
 ]
