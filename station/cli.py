@@ -23,7 +23,7 @@ from pathlib import Path
 
 from station import __version__
 from station.cliargs import positive
-from station.config import Config, load
+from station.config import Config, RecordConfig, load, load_record
 from station.daemon import (
     EXIT_BUSY,
     EXIT_CONFIG,
@@ -244,7 +244,7 @@ def _ports(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _central(config: Config) -> str:
+def _central(config: Config | RecordConfig) -> str:
     if not config.ledger.central:
         raise ConfigError(str(config.path), "ledger.central", "not set: name the central "
                           "PostgreSQL (postgresql://user@host/database) to read the fleet")
@@ -254,7 +254,7 @@ def _central(config: Config) -> str:
 def _board(args: argparse.Namespace) -> int:
     from station.fleetview import export_board
 
-    config = load(args.config)
+    config = load_record(args.config)
     print(export_board(_central(config), args.mac, args.format), end="")
     return EXIT_OK
 
@@ -262,7 +262,7 @@ def _board(args: argparse.Namespace) -> int:
 def _ledger(args: argparse.Namespace) -> int:
     from station.ledger import Ledger
 
-    config = load(args.config)
+    config = load_record(args.config)
     if args.central:
         from station.fleetview import export_jobs
 
@@ -298,7 +298,7 @@ def _slot(args: argparse.Namespace) -> int:
     from station.ledger import Ledger
     from station.slotpark import slot_command
 
-    config = load(args.config)
+    config = load_record(args.config)
     ledger = Ledger.open(config.station.state_dir)
     try:
         return slot_command(ledger, args.action, args.slot, sys.stdout)
@@ -315,7 +315,7 @@ def _time(text: str) -> float:
 def _report(args: argparse.Namespace) -> int:
     from station.report import report_command
 
-    config = load(args.config)
+    config = load_record(args.config)
     return report_command(config, since=args.since, until=args.until,
                           station=args.station, fmt=args.format, out=args.out,
                           stdout=sys.stdout,

@@ -198,8 +198,19 @@ class Config:
         return location or Path(port).name
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate station.toml; raises ConfigError naming file, key and reason."""
+@dataclass(frozen=True)
+class RecordConfig:
+    """What the commands that only read the record (`ledger`, `report`, `slot`, `board`)
+    need: where the record is. They run on a station whose build was replaced, or on a
+    copy of station.toml in the office, so the firmware, the registrar and the ports are
+    neither read nor checked."""
+
+    path: Path
+    station: StationSection
+    ledger: LedgerSection
+
+
+def _read(path: str | Path) -> Table:
     file = Path(path)
     try:
         with file.open("rb") as fh:
@@ -210,7 +221,19 @@ def load(path: str | Path) -> Config:
         raise ConfigError(str(file), None, "not readable (check its permissions)") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(file), None, f"not valid TOML: {e}") from None
-    root = Table(file.resolve(), "", raw)
+    return Table(file.resolve(), "", raw)
+
+
+def load_record(path: str | Path) -> RecordConfig:
+    """[station] and [ledger] of station.toml, validated; the other sections unread."""
+    root = _read(path)
+    return RecordConfig(path=root.file, station=_station(root.sub("station")),
+                        ledger=_ledger(root.sub("ledger")))
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate station.toml; raises ConfigError naming file, key and reason."""
+    root = _read(path)
     firmwares = _firmwares(root)
     config = Config(
         path=root.file,

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from station.config import Config
+from station.config import RecordConfig
 from station.ledger import FILENAME
 from station.reportdata import ReportSource, SqliteLedgerSource, Window
 from station.reportstats import Stats, compute
@@ -238,7 +238,7 @@ def make_report(source: ReportSource, window: Window, fmt: str,
     return render_html(stats, all_charts(stats), generated)
 
 
-def report_command(config: Config, *, since: float | None, until: float | None,
+def report_command(config: RecordConfig, *, since: float | None, until: float | None,
                    station: str | None, fmt: str, out: Path | None,
                    stdout: IO[str] = sys.stdout, central: str | None = None) -> int:
     """`central`: the [ledger] central conninfo to read instead of the local ledger."""
