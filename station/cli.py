@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from station import __version__
-from station.config import Config, load, positive
+from station.config import Config, RecordConfig, load, load_record, positive
 from station.daemon import (
     EXIT_BUSY,
     EXIT_CONFIG,
@@ -203,7 +203,7 @@ def _ports(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _central(config: Config) -> str:
+def _central(config: Config | RecordConfig) -> str:
     if not config.ledger.central:
         raise ConfigError(str(config.path), "ledger.central", "not set: name the central "
                           "PostgreSQL (postgresql://user@host/database) to read the fleet")
@@ -213,7 +213,7 @@ def _central(config: Config) -> str:
 def _board(args: argparse.Namespace) -> int:
     from station.fleet import export_board
 
-    config = load(args.config)
+    config = load_record(args.config)
     print(export_board(_central(config), args.mac, args.format), end="")
     return EXIT_OK
 
@@ -221,7 +221,7 @@ def _board(args: argparse.Namespace) -> int:
 def _ledger(args: argparse.Namespace) -> int:
     from station.record import Ledger
 
-    config = load(args.config)
+    config = load_record(args.config)
     if args.central:
         from station.fleet import export_jobs
 
@@ -258,7 +258,7 @@ def _slot(args: argparse.Namespace) -> int:
     from station.health import slot_command
     from station.record import Ledger
 
-    config = load(args.config)
+    config = load_record(args.config)
     ledger = Ledger.open(config.station.state_dir)
     try:
         return slot_command(ledger, args.action, args.slot, sys.stdout)
@@ -275,7 +275,7 @@ def _time(text: str) -> float:
 def _report(args: argparse.Namespace) -> int:
     from station.report import report_command
 
-    config = load(args.config)
+    config = load_record(args.config)
     return report_command(config, since=args.since, until=args.until,
                           station=args.station, fmt=args.format, out=args.out,
                           stdout=sys.stdout,

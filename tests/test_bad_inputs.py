@@ -586,3 +586,32 @@ def test_a_bad_count_on_the_command_line_is_refused_before_anything_starts(
     assert sha256(site.state / "ledger.sqlite3") == before
     assert [p.name for p in workdir.iterdir()] == ["keep.txt"]
     site.assert_history_kept()
+
+
+def test_commands_that_only_read_the_record_need_no_firmware(tmp_path: Path) -> None:
+    """The morning report is made on a station whose build was replaced, or on a copy of
+    station.toml in the office (issue 24): `ledger`, `report`, `slot` and `board` read
+    [station] and [ledger] only. `run` and `check` still refuse the missing build."""
+    site = Site(tmp_path, make_firmware(tmp_path / "fw"))
+    with quick_rig(site) as rig:
+        board = rig.plug(chip="esp32")
+        assert site.run(1).code == EXIT_OK
+    site.firmware.esp32.parent.rename(site.root / "build-elsewhere")
+    rows = site.ledger()
+    assert [(r["mac"], r["result"]) for r in rows] == [(board.mac.replace(":", ""), "done")]
+    report = site.cli("report", "--format", "md", "--out", "-")
+    assert report.code == EXIT_OK and "| boards done | 1 |" in report.stdout, report
+    assert site.cli("slot", "list").stdout == "no slot is flagged\n"
+    central = site.cli("board", board.mac)
+    assert (central.code, central.stderr.strip()) == (EXIT_CONFIG, (
+        f"station: config error: {site.config}: ledger.central: not set: name the central "
+        "PostgreSQL (postgresql://user@host/database) to read the fleet")), central
+    run = site.run(1)
+    assert run.code == EXIT_CONFIG
+    assert f"firmware.flasher_args: {site.firmware.esp32}: no such file" in run.stderr, run
+    # the sections they do read are still checked, naming the key
+    site.set("station", "state_dri", "x")
+    typo = site.cli("ledger")
+    assert (typo.code, typo.stderr.strip()) == (EXIT_CONFIG, (
+        f"station: config error: {site.config}: station.state_dri: unknown key (check "
+        "the spelling; see README)")), typo

@@ -171,3 +171,32 @@ def test_check_lists_the_warnings_and_that_nothing_proves_the_boot_without_a_boo
         f"firmware    warning: {line.config}: verify.boot: \"off\": boards get these images "
         'and end done without proof that they boot; set [verify] boot = "app"'], result
     assert "from bootloader.bin, 1 image warning (image_checks = warn)\n" in result.stdout
+
+
+def test_boards_that_log_in_colour_boot_and_are_recorded_plain(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """ESP-IDF up to v5.3 builds with CONFIG_LOG_COLORS=y by default: every bootloader and
+    app log line comes wrapped in ANSI colour codes (issue 24). The boot check matches,
+    shows and stores the lines without them."""
+    root = tmp_path_factory.mktemp("colour-fw")
+    firmware = Firmware(
+        esp32=make_demo_firmware(root / "esp32", app_size=0x4000, log_colors=True),
+        esp32s3=make_demo_firmware(root / "esp32s3", chip="esp32s3", app_size=0x4000,
+                                   log_colors=True))
+    site = Site(tmp_path, firmware)
+    site.set("verify", "boot", "app").set("verify", "marker", "SELFTEST: PASS")
+    with Rig(site.hub, seed=23, throttle=False, flash_timing=False, rfc2217_base=0) as rig:
+        boards = [rig.plug(chip="esp32", app_line="SELFTEST: PASS") for _ in range(3)]
+        site.set("ports", "watch", [str(site.hub / "none-*")])
+        site.set("ports", "remote", [b.rfc2217 for b in boards])
+        result = site.run(len(boards))
+    assert result.code == EXIT_OK, result
+    rows = site.rows_by_port()
+    for board in boards:
+        row = rows[board.rfc2217]
+        assert (row["result"], row["boot"], row["booted_project"], row["booted_version"]) \
+            == ("done", "ok", "station-demo-esp32", "1.0.0"), row
+        assert "\x1b" not in row["boot_log"] and "[0m" not in row["boot_log"], row
+        assert "I (107) app_init: Compile time:" in row["boot_log"], row
+    assert "\x1b" not in result.stdout + result.stderr
+    assert result.stdout.count("booted station-demo-esp32 1.0.0") == len(boards), result

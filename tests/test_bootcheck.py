@@ -15,9 +15,11 @@ from station.sim.chips import chip_spec
 from tests.sim import boot_images as bi
 
 
-def told(app: bytes, table: bytes | None = None, app_line: str | None = None) -> str:
+def told(app: bytes, table: bytes | None = None, app_line: str | None = None,
+         log_colors: bool = False) -> str:
     flash = bytearray(b"\xff" * 0x200000)
-    for offset, data in ((0x1000, bi.bootloader()), (0x8000, table or bi.partition_table()),
+    boot = bi.bootloader(log_colors)
+    for offset, data in ((0x1000, boot), (0x8000, table or bi.partition_table()),
                          (0x10000, app)):
         flash[offset:offset + len(data)] = data
     return spi_boot(chip_spec("esp32"), bytes(flash), app_line=app_line)[0]
@@ -28,16 +30,30 @@ def check(app: bytes, marker: str | None = None, level: str = "app") -> BootChec
                      marker=re.compile(marker) if marker else None, timeout=1.0)
 
 
+@pytest.mark.parametrize("colors", [False, True], ids=["plain", "log-colors"])
 @pytest.mark.parametrize("idf", ["v5.1.4", "v5.2.1", "v5.4.1"])
-def test_every_idf_format_of_our_app_passes(idf: str) -> None:
-    app = bi.app(project="blinky", version="2.0.1", idf=idf)
-    story = told(app, app_line="SELFTEST: PASS")
+def test_every_idf_format_of_our_app_passes(idf: str, colors: bool) -> None:
+    app = bi.app(project="blinky", version="2.0.1", idf=idf, log_colors=colors)
+    story = told(app, app_line="SELFTEST: PASS", log_colors=colors)
+    assert ("\x1b[0;32mI (" in story) is colors  # a CONFIG_LOG_COLORS=y build's lines
     judge = check(app, marker="SELFTEST: PASS")
     assert judge.complete(story)
     verdict = judge.judge(story)
     assert verdict.ok, verdict
     assert (verdict.project, verdict.version) == ("blinky", "2.0.1")
     assert "SELFTEST: PASS" in verdict.tail
+    assert "\x1b" not in verdict.tail
+
+
+def test_a_colored_failure_is_quoted_without_its_colour_codes() -> None:
+    app = bi.app(project="blinky", version="2.0.1", log_colors=True)
+    story = told(bi.app(project="blinky", version="1.9.0", log_colors=True), log_colors=True)
+    verdict = check(app).judge(story)
+    assert verdict.detail == "expected app version '2.0.1'; the board printed '1.9.0'"
+    broken = bytearray(app)
+    broken[0x400] ^= 0x01
+    verdict = check(app).judge(told(bytes(broken), log_colors=True))
+    assert "'E (" in verdict.detail and "\x1b" not in verdict.detail + verdict.tail, verdict
 
 
 def test_another_version_on_the_board_names_both() -> None:

@@ -216,7 +216,8 @@ def test_the_report_shows_the_ledgers_numbers(night: Path) -> None:
 
     md = station(night, "report", "--format", "md", "--out", "-")
     assert md.returncode == 0, md.stderr
-    assert f"| done | {done} |" in md.stdout and f"| failed | {failed} |" in md.stdout
+    assert f"| boards done | {done} |" in md.stdout, md.stdout
+    assert f"| boards failed (never done) | {failed} |" in md.stdout, md.stdout
     assert "| A6 |" in md.stdout and "<svg" not in md.stdout
 
 
@@ -275,7 +276,7 @@ def test_a_window_with_no_boards_says_so(night: Path) -> None:
     result = station(night, "report", "--since", "2099-01-01", "--format", "md", "--out", "-")
     assert result.returncode == 0, result.stderr
     assert "No boards in this window (from 2099-01-01 00:00 UTC)." in result.stdout
-    assert "| boards | 0 |" in result.stdout
+    assert "| boards (distinct MACs) | 0 |" in result.stdout
     out = night.parent / "later.html"
     result = station(night, "report", "--since", "2099-01-01", "--out", str(out))
     assert result.returncode == 0, result.stderr
@@ -315,3 +316,34 @@ def test_a_ledger_of_one_board(tmp_path: Path, firmware: Path) -> None:
     assert [r[0] for r in page.tables["slots"]] == ["A1"]
     assert "No board failed." in out.read_text()
     assert out.read_text().count("<svg") == 3  # no failures chart
+
+
+def test_restarts_that_see_the_same_boards_count_them_once(tmp_path: Path) -> None:
+    """A station restarted with its boards still plugged takes each again (`skipped`,
+    already done) and a board that is not an ESP fails again: jobs, not boards (issue 24).
+    The report counts physical boards by MAC and computes yield and pace on them."""
+    from tests.test_bad_inputs import Site, make_firmware  # noqa: PLC0415 (one test's kit)
+
+    site = Site(tmp_path, make_firmware(tmp_path / "fw"))
+    with Rig(site.hub, seed=11, throttle=False, flash_timing=False) as rig:
+        for _ in range(3):
+            rig.plug(chip="esp32")
+        rig.plug(chip="esp32", faults=Faults(garbage=True))
+        first = site.run(4)
+        again = site.run(4)  # the restart: the same four boards, still plugged
+    assert (first.code, again.code) == (3, 3), (first, again)
+    rows = site.ledger()
+    assert sorted(r["result"] for r in rows) == ["done"] * 3 + ["failed"] * 2 + ["skipped"] * 3
+
+    md = site.cli("report", "--format", "md", "--out", "-")
+    assert md.code == 0, md
+    figures = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", md.stdout, re.M))
+    # the not-an-ESP board failed before its MAC was read: each of its jobs counts alone
+    assert figures["boards (distinct MACs)"] == "5", md.stdout
+    assert figures["jobs (each time a port was taken: retries and restarts add jobs)"] == "8"
+    assert figures["boards done"] == "3" and figures["boards failed (never done)"] == "2"
+    assert figures["jobs skipped (the board was already done)"] == "3"
+    assert figures["yield: boards done / (done + failed)"] == "60.0%", md.stdout
+    [(span,)] = sql(site.config, "SELECT max(finished_at) - min(started_at) FROM jobs")
+    assert figures["boards done per hour (first start to last end)"] == \
+        f"{3 * 3600 / span:.1f}", (md.stdout, span)

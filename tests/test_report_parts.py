@@ -48,11 +48,44 @@ def test_reasons_group_without_the_port() -> None:
     assert len(reason_of("x" * 500)) == 120
 
 
-def job(ledger: Ledger, n: int, result: Stage, at: float, stage: Stage | None = None) -> None:
+def test_failures_group_by_reason_with_their_details_taken_out(tmp_path: Path) -> None:
+    """One row per kind of failure, its count and one example (issue 24): the bytes a
+    stray device sent, ports, MACs and numbers differ from board to board."""
+    errors = [
+        "/dev/ttyUSB0: something answers, but not an ESP bootloader (Failed to connect to "
+        "ESP32: Invalid head of packet (0x61))",
+        "/dev/ttyUSB1: something answers, but not an ESP bootloader (Failed to connect to "
+        "ESP32: Invalid head of packet (0x59))",
+        "rfc2217://10.0.0.5:4001: something answers, but not an ESP bootloader (Failed to "
+        "connect to ESP32: Invalid head of packet (0x24))",
+        "/dev/ttyUSB2: app at 0x10000: flash MD5 0123456789abcdef0123456789abcdef != image "
+        "MD5 fedcba9876543210fedcba9876543210",
+        "/dev/ttyUSB3: app at 0x10000: flash MD5 00112233445566778899aabbccddeeff != image "
+        "MD5 fedcba9876543210fedcba9876543210",
+        "board 24:0a:c4:12:34:56 is an esp32c2 but this station has firmware only for esp32",
+    ]
+    with Ledger.open(tmp_path) as ledger:
+        for n, error in enumerate(errors):
+            job(ledger, n, Stage.FAILED, T0 + n, Stage.CONNECT, error=error)
+    stats = compute(SqliteLedgerSource(tmp_path / FILENAME), Window())
+    rows = stats.failures_by_reason
+    assert [(reason, count) for reason, count, _ in rows] == [
+        ("something answers, but not an ESP bootloader (Failed to connect to ESP32: Invalid "
+         "head of packet (0x…))", 3),
+        ("app at 0x…: flash MD5 … != image MD5 …", 2),
+        ("board … is an esp32c2 but this station has firmware only for esp32", 1)], rows
+    assert rows[0][2] == " ".join(errors[0].split())  # the first one, as it was
+    text = make_report(SqliteLedgerSource(tmp_path / FILENAME), Window(), "md", generated=T0)
+    assert "| something answers, but not an ESP bootloader (Failed to connect to ESP32: " \
+           "Invalid head of packet (0x…)) | 3 | /dev/ttyUSB0: something answers" in text
+
+
+def job(ledger: Ledger, n: int, result: Stage, at: float, stage: Stage | None = None,
+        error: str = "boom") -> None:
     where = {"job_id": f"j{n}", "port": f"/dev/ttyUSB{n % 4}", "slot": f"A{n % 4 + 1}"}
     asyncio.run(ledger.record(JobStarted(**where, station="line-1", firmware_hash="f", at=at)))
     asyncio.run(ledger.record(JobFinished(**where, result=result, failed_stage=stage,
-                                          error="boom" if stage else None, at=at + 10,
+                                          error=error if stage else None, at=at + 10,
                                           timings={"connect": 1.0, "flash": 8.0})))
 
 
@@ -100,6 +133,6 @@ def test_a_schema_1_ledger_reads_as_having_no_flags_or_runs(tmp_path: Path) -> N
     conn.commit()
     conn.close()
     text = make_report(SqliteLedgerSource(path), Window(), "md", generated=T0)
-    assert "| boards | 1 |" in text and "No slot was flagged." in text
+    assert "| boards (distinct MACs) | 1 |" in text and "No slot was flagged." in text
     assert "| station restarts (after a crash or kill) | 0 (0) |" in text
     assert path.stat().st_size > 0 and not (tmp_path / "ledger.sqlite3-wal").exists()

@@ -11,7 +11,7 @@
 from station.config.cliargs import at_least, positive, seconds
 from station.config.folders import writable_folder
 from station.config.ports import HealthSection, PortsSection
-from station.config.reader import load
+from station.config.reader import load, load_record
 from station.config.sections import (
     AWS_DEFAULT_TPS,
     CHIPS,
@@ -25,6 +25,7 @@ from station.config.sections import (
     LedgerSection,
     LocalCaSection,
     MetricsSection,
+    RecordConfig,
     RegistrarSection,
     StationSection,
     VerifySection,
@@ -34,7 +35,7 @@ from station.config.sections import (
 __all__ = [
     "AWS_DEFAULT_TPS", "CHIPS", "STAGE_TIMEOUTS", "AwsSection", "Config", "CredentialsSection",
     "FirmwareSection", "HealthSection", "IdentitySection", "ImageSpec", "LedgerSection",
-    "LocalCaSection", "MetricsSection", "PortsSection", "RegistrarSection", "StationSection",
-    "VerifySection", "WorkerSection", "at_least", "load", "positive", "seconds",
-    "writable_folder",
+    "LocalCaSection", "MetricsSection", "PortsSection", "RecordConfig", "RegistrarSection",
+    "StationSection", "VerifySection", "WorkerSection", "at_least", "load", "load_record",
+    "positive", "seconds", "writable_folder",
 ]

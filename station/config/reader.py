@@ -33,6 +33,7 @@ from station.config.sections import (
     LocalCaSection,
     MetricsSection,
     OnKnownBoard,
+    RecordConfig,
     RegistrarKind,
     RegistrarSection,
     StationSection,
@@ -42,8 +43,7 @@ from station.config.sections import (
 from station.errors import ConfigError
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate station.toml; raises ConfigError naming file, key and reason."""
+def _read(path: str | Path) -> Table:
     file = Path(path)
     try:
         with file.open("rb") as fh:
@@ -54,7 +54,19 @@ def load(path: str | Path) -> Config:
         raise ConfigError(str(file), None, "not readable (check its permissions)") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(file), None, f"not valid TOML: {e}") from None
-    root = Table(file.resolve(), "", raw)
+    return Table(file.resolve(), "", raw)
+
+
+def load_record(path: str | Path) -> RecordConfig:
+    """[station] and [ledger] of station.toml, validated; the other sections unread."""
+    root = _read(path)
+    return RecordConfig(path=root.file, station=_station(root.sub("station")),
+                        ledger=_ledger(root.sub("ledger")))
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate station.toml; raises ConfigError naming file, key and reason."""
+    root = _read(path)
     firmwares = _firmwares(root)
     config = Config(
         path=root.file,

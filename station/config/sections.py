@@ -188,3 +188,15 @@ class Config:
             if key and key in self.ports.slots:
                 return self.ports.slots[key]
         return location or Path(port).name
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    """What the commands that only read the record (`ledger`, `report`, `slot`, `board`)
+    need: where the record is. They run on a station whose build was replaced, or on a
+    copy of station.toml in the office, so the firmware, the registrar and the ports are
+    neither read nor checked."""
+
+    path: Path
+    station: StationSection
+    ledger: LedgerSection

@@ -37,6 +37,10 @@ APP_DESC_MAGIC = 0xABCD5432
 # Share of "instruction" pieces that are incompressible (literal pools, tables, data);
 # tuned so the app compresses to ~60% with zlib -9 (tests/test_firmware.py asserts it).
 RANDOM_SHARE = 0.175
+# Log formats as a CONFIG_LOG_COLORS=y build compiles them (esp_log.h LOG_FORMAT: colour,
+# letter, "(%lu) %s: ", the message, LOG_RESET_COLOR).
+COLORED_LOG_FORMATS = (b"\x1b[0;31mE (%lu) %s: %s\x1b[0m\n\0\x1b[0;33mW (%lu) %s: %s\x1b[0m\n\0"
+                       b"\x1b[0;32mI (%lu) %s: %s\x1b[0m\n\0")
 
 
 @dataclass(frozen=True)
@@ -162,8 +166,11 @@ def partition_table(rows: list[tuple[str, int, int, int, int]]) -> bytes:
 
 
 def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500_000,
-                       seed: int = 1) -> Path:
-    """Write a demo ESP-IDF build into `out_dir`; returns its flasher_args.json."""
+                       seed: int = 1, log_colors: bool = False) -> Path:
+    """Write a demo ESP-IDF build into `out_dir`; returns its flasher_args.json.
+
+    `log_colors`: built with CONFIG_LOG_COLORS=y (ESP-IDF's default up to v5.3): the log
+    formats in both images carry ANSI colour codes, so the board's lines come coloured."""
     if chip not in chips.supported():
         raise ValueError(f"unknown chip {chip!r} (one of {', '.join(chips.supported())})")
     if not 0x4000 <= app_size <= FLASH_SIZE - APP_OFFSET:
@@ -171,8 +178,11 @@ def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500
     chip_layout = layout(chip)
     rng = random.Random(f"station-demo:{chip}:{seed}")
 
-    boot = esp_image(chip, chip_layout.boot_entry,
-                     [(addr, _code(rng, size)) for addr, size in chip_layout.boot_segments])
+    formats = COLORED_LOG_FORMATS if log_colors else b""
+    boot_segments = [(addr, _code(rng, size)) for addr, size in chip_layout.boot_segments]
+    first_addr, first = boot_segments[0]
+    boot_segments[0] = (first_addr, formats + first[len(formats):])
+    boot = esp_image(chip, chip_layout.boot_entry, boot_segments)
 
     overhead = IMAGE_HEADER.size + EXTENDED_HEADER.size + 4 * SEGMENT_HEADER.size + 16 + 32
     body = app_size - overhead
@@ -181,7 +191,7 @@ def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500
     iram = min(0xC000, body // 8) & ~3
     irom = (body - drom - dram - iram) & ~3
     app = esp_image(chip, chip_layout.app_entry, [
-        (chip_layout.drom, _app_desc(rng, chip) + _text(rng, drom - 256)),
+        (chip_layout.drom, _app_desc(rng, chip) + formats + _text(rng, drom - 256 - len(formats))),
         (chip_layout.dram, _code(rng, dram)),
         (chip_layout.iram, _code(rng, iram)),
         (chip_layout.irom, _code(rng, irom)),

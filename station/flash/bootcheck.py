@@ -39,8 +39,16 @@ _LOADED = re.compile(r"Loaded app from partition at offset 0x([0-9a-fA-F]+)")
 _BOOTLOADER = re.compile(r"2nd stage bootloader")
 _DOWNLOAD = re.compile(r"boot:0x[0-9a-f]+ \(DOWNLOAD")
 _ROM = re.compile(r"rst:0x[0-9a-f]+ \(")
-# ESP_LOGE's prefix: level and milliseconds (after a colour code with CONFIG_LOG_COLORS)
-_ERROR = re.compile(r"(?:\x1b\[[0-9;]*m)?E \(\d+\) ")
+# ESP_LOGE's prefix: level and milliseconds
+_ERROR = re.compile(r"E \(\d+\) ")
+# ANSI SGR sequences: a CONFIG_LOG_COLORS=y build (ESP-IDF's default up to v5.3) wraps
+# each log line in them (`\x1b[0;32mI (312) cpu_start: ...\x1b[0m`)
+_SGR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def plain(text: str) -> str:
+    """The console text without colour codes: what is matched, shown and stored."""
+    return _SGR.sub("", text)
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,7 @@ class BootCheck:
 
     def complete(self, text: str) -> bool:
         """The story is told (or the board started over: a boot loop): judge it now."""
+        text = plain(text)
         if len(_ROM.findall(text)) >= 2:
             return True
         if self.level == "rom":
@@ -138,6 +147,7 @@ class BootCheck:
         return bool(self.marker.search(text.split("ELF file SHA256", 1)[1]))
 
     def judge(self, text: str) -> BootVerdict:
+        text = plain(text)
         project = _group(_PROJECT, text)
         version = _group(_VERSION, text)
         detail = self._problem(text, project, version)

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from station.config import Config
+from station.config import RecordConfig
 from station.record import FILENAME
 from station.report.data import ReportSource, SqliteLedgerSource, Window
 from station.report.stats import Stats, compute
@@ -63,13 +63,15 @@ def summary_rows(stats: Stats) -> list[tuple[str, str, str]]:
     """(key, label, value): what both formats show; the key is for machines (and tests)."""
     s = stats.summary
     return [
-        ("boards", "boards", str(s.boards)),
-        ("done", "done", str(s.done)),
-        ("failed", "failed", str(s.failed)),
-        ("removed", "removed", str(s.removed)),
-        ("skipped", "skipped (already done)", str(s.skipped)),
-        ("in_progress", "in progress", str(s.in_progress)),
-        ("yield", "yield: done / (done + failed)", _num(s.yield_pct, "{:.1f}%")),
+        ("boards", "boards (distinct MACs)", str(s.boards)),
+        ("jobs", "jobs (each time a port was taken: retries and restarts add jobs)",
+         str(s.jobs)),
+        ("done", "boards done", str(s.done)),
+        ("failed", "boards failed (never done)", str(s.failed)),
+        ("removed", "boards removed (never done or failed)", str(s.removed)),
+        ("skipped", "jobs skipped (the board was already done)", str(s.skipped_jobs)),
+        ("in_progress", "boards in progress", str(s.in_progress)),
+        ("yield", "yield: boards done / (done + failed)", _num(s.yield_pct, "{:.1f}%")),
         ("boards_per_hour", "boards done per hour (first start to last end)",
          _num(s.boards_per_hour)),
         ("median_seconds", "median time per board done (s)", _num(s.median_seconds)),
@@ -104,7 +106,7 @@ def stage_rows(stats: Stats) -> list[tuple[str, int, str, str, str]]:
 
 
 def slot_rows(stats: Stats) -> list[tuple[str, ...]]:
-    return [(s.slot, str(s.boards), str(s.done), str(s.failed), str(s.removed),
+    return [(s.slot, str(s.jobs), str(s.done), str(s.failed), str(s.removed),
              _num(s.yield_pct, "{:.0f}%", "-"), "yes" if s.flagged else "")
             for s in sorted(stats.slots, key=lambda s: _natural(s.slot))]
 
@@ -164,14 +166,15 @@ def render_html(stats: Stats, charts: dict[str, str], generated: float) -> str:
     if stats.failures_by_stage:
         by_stage = _table(("stage", "failed"), list(stats.failures_by_stage.most_common()),
                           "failstage")
-        by_reason = _table(("reason", "failed"), list(stats.failures_by_reason), "reasons")
+        by_reason = _table(("reason", "failed", "example"), list(stats.failures_by_reason),
+                           "reasons")
         parts.append(f'<h2>Failures</h2><div class="charts">{charts.get("failstage", "")}'
                      f"<div>{by_stage}</div></div><h3>By reason</h3>{by_reason}")
     elif not stats.empty:
         parts.append("<h2>Failures</h2><p>No board failed.</p>")
     if stats.slots:
         parts.append(f"<h2>Slots</h2>{charts.get('slots', '')}" + _table(
-            ("slot", "boards", "done", "failed", "removed", "yield", "flagged"),
+            ("slot", "jobs", "done", "failed", "removed", "yield", "flagged"),
             list(slot_rows(stats)), "slots"))
     parts.append("<h2>Flagged slots</h2>" + (_table(
         ("slot", "flagged", "stage", "rule", "hint", "", "cleared"), list(flag_rows(stats)),
@@ -210,10 +213,10 @@ def render_md(stats: Stats, generated: float) -> str:
         out.append("\n## Failures by stage\n\n" + _md_table(
             ("stage", "failed"), list(stats.failures_by_stage.most_common())))
         out.append("\n## Failures by reason\n\n" + _md_table(
-            ("reason", "failed"), list(stats.failures_by_reason)))
+            ("reason", "failed", "example"), list(stats.failures_by_reason)))
     if stats.slots:
         out.append("\n## Slots\n\n" + _md_table(
-            ("slot", "boards", "done", "failed", "removed", "yield", "flagged"),
+            ("slot", "jobs", "done", "failed", "removed", "yield", "flagged"),
             list(slot_rows(stats))))
     out.append("\n## Flagged slots\n\n" + (_md_table(
         ("slot", "flagged", "stage", "rule", "hint", "", "cleared"), list(flag_rows(stats)))
@@ -235,7 +238,7 @@ def make_report(source: ReportSource, window: Window, fmt: str,
     return render_html(stats, all_charts(stats), generated)
 
 
-def report_command(config: Config, *, since: float | None, until: float | None,
+def report_command(config: RecordConfig, *, since: float | None, until: float | None,
                    station: str | None, fmt: str, out: Path | None,
                    stdout: IO[str] = sys.stdout, central: str | None = None) -> int:
     """`central`: the [ledger] central conninfo to read instead of the local ledger."""

@@ -83,12 +83,12 @@ class CentralSource:
     def jobs(self, window: Window) -> list[JobRow]:
         where, params = _where(window, "started_at")
         rows = self._query("jobs", "SELECT job_id, station, slot, port, result, failed_stage, "
-                           "error, started_at, finished_at, timings FROM jobs WHERE "  # noqa: S608
+                           "error, started_at, finished_at, timings, mac FROM jobs WHERE "  # noqa: S608
                            f"{where} ORDER BY started_at, station, job_id", params)
         return [JobRow(job_id=r[0], station=r[1], slot=r[2] or "", port=r[3] or "",
                        result=r[4], failed_stage=r[5], error=r[6],
                        started_at=_epoch(r[7]), finished_at=central.epoch(r[8]),
-                       timings=r[9] or {}) for r in rows]
+                       timings=r[9] or {}, mac=r[10] or None) for r in rows]
 
     def flags(self, window: Window) -> list[FlagRow]:
         where, params = _where(window, "flagged_at")

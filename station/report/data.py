@@ -44,6 +44,7 @@ class JobRow:
     station: str
     slot: str
     port: str
+    mac: str | None  # None: the board failed before it was identified
     result: str | None  # done, failed, removed, skipped; None while in progress
     failed_stage: str | None
     error: str | None
@@ -141,13 +142,16 @@ class SqliteLedgerSource:
     def jobs(self, window: Window) -> list[JobRow]:
         where, params = _where(window, "started_at")
         with self._conn() as conn:
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+            mac = "mac" if "mac" in columns else "NULL"  # a ledger from before MACs
             rows = conn.execute(
                 "SELECT job_id, station, slot, port, result, failed_stage, error, started_at, "
-                f"finished_at, timings FROM jobs WHERE {where} ORDER BY started_at, rowid",
-                params).fetchall()
+                f"finished_at, timings, {mac} FROM jobs WHERE {where} "
+                "ORDER BY started_at, rowid", params).fetchall()
         return [JobRow(job_id=r[0], station=r[1] or "", slot=r[2] or "", port=r[3] or "",
                        result=r[4], failed_stage=r[5], error=r[6], started_at=r[7],
-                       finished_at=r[8], timings=json.loads(r[9]) if r[9] else {})
+                       finished_at=r[8], timings=json.loads(r[9]) if r[9] else {},
+                       mac=r[10] or None)
                 for r in rows]
 
     def flags(self, window: Window) -> list[FlagRow]:

@@ -3,12 +3,20 @@
 Why it looks like this: the HTML, the Markdown and every chart show the same figures, so
 they are computed once here, as plain data, from the rows station/report/data.py returns
 (local or central ledger alike). The definitions are the ones the report prints:
-- yield = done / (done + failed): boards that ran to an end on the line. Removed (a hand
-  pulled the board) and skipped (already done) say nothing about the process.
-- boards per hour = done boards / hours from the first board's start to the last
-  board's end: the line's pace while it worked, not diluted by an idle evening.
-- time per board = end - start of the boards done; its median is robust to the odd
-  board that waited a minute for the cloud.
+- a board is a physical board: one MAC. A job is one time the station took a port; one
+  board can have several (a failure then a retry on another slot, a restart that saw it
+  again: `skipped`). A job that failed before the MAC was read counts as a board of its
+  own (nothing says which board it was). Each board has one outcome, the best of its
+  jobs: done, else failed, else removed, else in progress, else skipped.
+- yield = boards done / (boards done + boards failed): boards that ran to an end on the
+  line. Removed (a hand pulled the board) and skipped (already done) say nothing about
+  the process.
+- boards per hour = boards done / hours from the first job's start to the last job's
+  end: the line's pace while it worked, not diluted by an idle evening.
+- time per board = end - start of the jobs done; its median is robust to the odd board
+  that waited a minute for the cloud.
+- failure reasons are grouped with what varies between boards taken out (ports, byte
+  values, numbers): `Invalid head of packet (0x61)` and `(0x59)` are one reason.
 """
 
 from __future__ import annotations
@@ -27,10 +35,15 @@ BUCKETS = (10, 30, 60, 300, 600, 900, 1800, 3600)  # timeline bar widths, second
 MAX_BARS = 48
 
 
+OUTCOMES = ("done", "failed", "removed", "in_progress", "skipped")  # best first
+
+
 @dataclass
 class Summary:
-    boards: int = 0
-    done: int = 0
+    boards: int = 0  # distinct MACs (and jobs that failed before the MAC was read)
+    jobs: int = 0
+    done: int = 0  # boards, by their best outcome
+    skipped_jobs: int = 0
     failed: int = 0
     removed: int = 0
     skipped: int = 0
@@ -56,7 +69,7 @@ class SlotStats:
     flagged: bool = False
 
     @property
-    def boards(self) -> int:
+    def jobs(self) -> int:
         return self.done + self.failed + self.removed + self.skipped
 
     @property
@@ -75,7 +88,8 @@ class Stats:
     """(bucket start, done, failed, removed) by when boards ended."""
     stage_times: dict[str, list[float]] = field(default_factory=dict)
     failures_by_stage: Counter[str] = field(default_factory=Counter)
-    failures_by_reason: list[tuple[str, int]] = field(default_factory=list)
+    failures_by_reason: list[tuple[str, int, str]] = field(default_factory=list)
+    """(reason with its details taken out, failed jobs, one example as it was)."""
     slots: list[SlotStats] = field(default_factory=list)
     flags: list[FlagRow] = field(default_factory=list)
 
@@ -83,7 +97,7 @@ class Stats:
 
     @property
     def empty(self) -> bool:
-        return self.summary.boards == 0
+        return self.summary.jobs == 0
 
     def slot_name(self, station: str, slot: str) -> str:
         """A slot as the report names it: `line-2/A3` once several stations are in it
@@ -91,11 +105,44 @@ class Stats:
         return f"{station}/{slot}" if len(self.stations) > 1 else slot
 
 
+_PORT = re.compile(r"(?<![\w.])(?:/|rfc2217://)\S+?: ")  # "/dev/serial/by-path/…: "
+_HEX = re.compile(r"\b0x[0-9a-fA-F]+\b")
+_MAC_OR_DIGEST = re.compile(r"\b(?:[0-9a-f]{2}(?::[0-9a-f]{2}){5}|[0-9a-f]{8,})\b")
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)*(?![\w])")
+_QUOTED = re.compile(r"'[^']*'")
+
+
 def reason_of(error: str | None) -> str:
-    """An error as a reason to group by: without the port's path, one line, short."""
-    text = " ".join((error or "no reason given").split())
-    text = re.sub(r"(?<![\w.])/\S+?: ", "", text)  # "/dev/serial/by-path/…: " prefixes
+    """An error as a reason to group by: one line, short, without what varies from board
+    to board (the port's path, byte values, MACs and digests, numbers, quoted values)."""
+    text = _PORT.sub("", _example(error))
+    text = _NUMBER.sub("N", _MAC_OR_DIGEST.sub("…", _HEX.sub("0x…", text)))
+    text = _QUOTED.sub("'…'", text)
     return text if len(text) <= 120 else text[:119] + "…"
+
+
+def _example(error: str | None) -> str:
+    return " ".join((error or "no reason given").split())
+
+
+def _reasons(failed: list[JobRow]) -> list[tuple[str, int, str]]:
+    counts: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    for job in failed:
+        reason = reason_of(job.error)
+        counts[reason] += 1
+        examples.setdefault(reason, _example(job.error)[:200])
+    return [(reason, n, examples[reason]) for reason, n in counts.most_common()]
+
+
+def _outcomes(jobs: list[JobRow]) -> Counter[str]:
+    """Boards by their best outcome (OUTCOMES' order); a job with no MAC is its own."""
+    best: dict[str, int] = {}
+    for job in jobs:
+        board = job.mac or f"job:{job.job_id}"
+        rank = OUTCOMES.index(job.result or "in_progress")
+        best[board] = min(rank, best.get(board, rank))
+    return Counter(OUTCOMES[rank] for rank in best.values())
 
 
 def _restarts(runs: list[RunRow], window: Window) -> tuple[int, int, int]:
@@ -119,11 +166,12 @@ def _restarts(runs: list[RunRow], window: Window) -> tuple[int, int, int]:
 def compute(source: ReportSource, window: Window) -> Stats:
     jobs = source.jobs(window)
     flags = source.flags(window)
-    s = Summary(boards=len(jobs))
-    results = Counter(j.result or "in_progress" for j in jobs)
-    s.done, s.failed = results["done"], results["failed"]
-    s.removed, s.skipped, s.in_progress = results["removed"], results["skipped"], \
-        results["in_progress"]
+    outcomes = _outcomes(jobs)
+    s = Summary(boards=sum(outcomes.values()), jobs=len(jobs))
+    s.done, s.failed = outcomes["done"], outcomes["failed"]
+    s.removed, s.skipped, s.in_progress = outcomes["removed"], outcomes["skipped"], \
+        outcomes["in_progress"]
+    s.skipped_jobs = sum(j.result == "skipped" for j in jobs)
     if s.done + s.failed:
         s.yield_pct = 100.0 * s.done / (s.done + s.failed)
     ended = [j for j in jobs if j.finished_at is not None]
@@ -151,7 +199,7 @@ def compute(source: ReportSource, window: Window) -> Stats:
             stats.stage_times[stage] = times
     failed = [j for j in jobs if j.result == "failed"]
     stats.failures_by_stage = Counter(j.failed_stage or "unknown" for j in failed)
-    stats.failures_by_reason = Counter(reason_of(j.error) for j in failed).most_common()
+    stats.failures_by_reason = _reasons(failed)
     stats.stations = {j.station for j in jobs if j.station} | \
         {f.station for f in flags if f.station}  # "": a job whose start was not recorded
     stats.slots = _slots(stats, jobs, flags)

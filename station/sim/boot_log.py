@@ -150,14 +150,34 @@ def partitions(flash: bytes) -> list[Partition] | None:
     return table or None
 
 
+# ESP-IDF's log.h (v5.1-v5.3, components/log/include/esp_log.h and esp_log_color.h since
+# v5.4) with CONFIG_LOG_COLORS=y: LOG_FORMAT(letter, fmt) is
+# LOG_COLOR_<letter> #letter " (%" PRIu32 ") %s: " fmt LOG_RESET_COLOR "\n", with
+# LOG_COLOR(c) "\033[0;" c "m": E red (31), W brown (33), I green (32), D/V none. The colour
+# codes are compiled into every format string, so a build that logs in colour carries them
+# in its image; the ROM's own lines are never coloured.
+LOG_COLORS = {"E": "\x1b[0;31m", "W": "\x1b[0;33m", "I": "\x1b[0;32m"}
+LOG_RESET_COLOR = "\x1b[0m"
+COLORED_FORMAT = b"\x1b[0;32mI (%"  # LOG_FORMAT(I, ...) in a CONFIG_LOG_COLORS=y image
+
+
+def logs_in_color(image: bytes) -> bool:
+    """Was this image built with CONFIG_LOG_COLORS=y (its log formats carry the codes)?"""
+    return COLORED_FORMAT in image
+
+
 class _Log:
-    def __init__(self) -> None:
+    def __init__(self, colors: bool = False) -> None:
         self.lines: list[str] = []
         self.ms = 27
+        self.colors = colors
 
     def i(self, tag: str, text: str, level: str = "I") -> None:
         self.ms += 4
-        self.lines.append(f"{level} ({self.ms}) {tag}: {text}")
+        line = f"{level} ({self.ms}) {tag}: {text}"
+        if self.colors and level in LOG_COLORS:
+            line = f"{LOG_COLORS[level]}{line}{LOG_RESET_COLOR}"
+        self.lines.append(line)
 
     def e(self, tag: str, text: str) -> None:
         self.i(tag, text, "E")
@@ -187,7 +207,9 @@ def spi_boot(spec: ChipSpec, flash: bytes, app_line: str | None = None) -> tuple
         out.append(f"checksum error: 0x{image.calculate_checksum():02x} != 0x{image.checksum:02x}")
         return "\r\n".join(out) + "\r\n", False
     out.append(f"entry 0x{image.entrypoint:08x}")
-    log = _Log()
+    # The bootloader logs through its own formats; the app (a separate build config in
+    # principle, the same sdkconfig in practice) through its own: each image decides.
+    log = _Log(logs_in_color(flash[boot_at:boot_at + 0x10000]))
     table = partitions(flash)
     apps = [p for p in table or [] if p.type == 0]
     app = next((p for p in apps if p.subtype == 0), apps[0] if apps else None)
@@ -237,6 +259,7 @@ def spi_boot(spec: ChipSpec, flash: bytes, app_line: str | None = None) -> tuple
         return "\r\n".join(out + log.lines) + "\r\n", False
     log.i("boot", f"Loaded app from partition at offset 0x{app.offset:x}")
     log.i("boot", "Disabling RNG early entropy source...")
+    log.colors = logs_in_color(flash[app.offset:app.offset + app.size])
     log.i("cpu_start", "Pro cpu start user code")
     if desc is not None:
         major_minor = desc.idf_version

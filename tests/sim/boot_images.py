@@ -10,6 +10,8 @@ import struct
 
 from esptool.bin_image import ELFSection, ESP32FirmwareImage
 
+from station.demo.firmware import COLORED_LOG_FORMATS
+
 APP_DESC_MAGIC = 0xABCD5432
 PART_MAGIC = 0x50AA
 
@@ -40,15 +42,17 @@ def elf_sha256(project: str, version: str, seed: int = 1) -> bytes:
 
 
 def app(project: str = "hello_world", version: str = "1.2.3", idf: str = "v5.3.1",
-        seed: int = 1) -> bytes:
+        seed: int = 1, log_colors: bool = False) -> bytes:
     sha = elf_sha256(project, version, seed)
-    rodata = app_desc(project, version, idf, sha) + bytes(range(256)) * 8
+    formats = COLORED_LOG_FORMATS if log_colors else b""
+    rodata = app_desc(project, version, idf, sha) + formats + bytes(range(256)) * 8
     text = hashlib.sha256(str(seed).encode()).digest() * 64
     return image([(0x3F400020, rodata), (0x400D0020, text)], 0x40081000)
 
 
-def bootloader() -> bytes:
-    return image([(0x3FFF0030, b"\x11" * 0x1000), (0x40078000, b"\x22" * 0x2000)],
+def bootloader(log_colors: bool = False) -> bytes:
+    formats = COLORED_LOG_FORMATS if log_colors else b""
+    return image([(0x3FFF0030, formats + b"\x11" * 0x1000), (0x40078000, b"\x22" * 0x2000)],
                  0x40080400)
 
 
