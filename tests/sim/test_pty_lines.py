@@ -8,15 +8,22 @@ held low for 50 ms after EN is released (`UnixTightReset`), 0.55 s with `--r0`.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import socket
+import struct
+import termios
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import serial
 
 from station.sim import Rig
+from station.sim.pty_lines import ENV, SITE_DIR
 from tests.remotekit import EspRelay
 
 pytestmark = [pytest.mark.timeout(120),
@@ -81,3 +88,80 @@ def test_the_relays_own_reset_sequence_reaches_the_chip(
             assert rig.boot_modes(board)[:2] == ["flash", latched], relay.output
         finally:
             relay.close()
+
+
+class _Contended:
+    """A lock that says when a second thread has to wait for it."""
+
+    def __init__(self, waiting: threading.Event) -> None:
+        self._lock = threading.Lock()
+        self._waiting = waiting
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self._waiting.set()
+            self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+@pytest.fixture
+def line_driver(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ModuleType, int, str]]:
+    """The relay's `sitecustomize`, loaded without taking over this process's ioctl, and
+    a pty whose modem-line ioctls it answers."""
+    spec = importlib.util.spec_from_file_location("pty_lines_site_under_test",
+                                                  SITE_DIR / "sitecustomize.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.delenv(ENV, raising=False)  # loaded: fcntl.ioctl stays the kernel's
+    spec.loader.exec_module(module)
+    monkeypatch.setenv(ENV, "unused: _send is replaced")
+    master, slave = os.openpty()
+    try:
+        yield module, slave, os.ttyname(slave)
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
+def test_line_changes_reach_the_circuit_in_the_order_they_were_set(
+        line_driver: tuple[ModuleType, int, str]) -> None:
+    """esptool's relay on every hard reset: its writer thread clears DTR (the client's
+    trailing `setDTR`) as its `hard_reset_thread` releases RTS. A writer preempted between
+    applying "RTS on, DTR off" and sending it must not deliver that after the release: the
+    chip would be held in reset for good (issue #25)."""
+    site, fd, pty = line_driver
+    rts, dtr = struct.pack("I", termios.TIOCM_RTS), struct.pack("I", termios.TIOCM_DTR)
+    site.ioctl(fd, termios.TIOCMBIS, rts)  # the hard reset: RTS on, EN low
+    delivered: list[int] = []
+    writer_sending = threading.Event()
+    release_done_or_waiting = threading.Event()  # either way the writer may go on
+    # the pty's lock, watched: the release waiting for it lets the writer go on too
+    vars(site).setdefault("_locks", {})[pty] = _Contended(release_done_or_waiting)
+    real_send = site._send
+
+    def send(target: str, path: str, bits: int) -> None:
+        if threading.current_thread().name == "writer":  # preempted right here
+            writer_sending.set()
+            assert release_done_or_waiting.wait(WAKE_TIMEOUT_S)
+        delivered.append(bits)
+        real_send("/nonexistent", path, bits)  # no listener: a datagram to nowhere
+
+    site._send = send
+    writer = threading.Thread(target=site.ioctl, name="writer",
+                              args=(fd, termios.TIOCMBIC, dtr))
+
+    def release() -> None:
+        site.ioctl(fd, termios.TIOCMBIC, rts)
+        release_done_or_waiting.set()
+
+    releaser = threading.Thread(target=release, name="hard_reset_thread")
+    writer.start()
+    assert writer_sending.wait(WAKE_TIMEOUT_S)
+    releaser.start()
+    writer.join(WAKE_TIMEOUT_S)
+    releaser.join(WAKE_TIMEOUT_S)
+    assert not writer.is_alive() and not releaser.is_alive()
+    assert site._lines[pty] == 0, site._lines  # the driver holds both lines off
+    assert delivered[-1] == site._lines[pty], delivered  # and so does the circuit: EN up

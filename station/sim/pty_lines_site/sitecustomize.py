@@ -15,6 +15,18 @@ datagram on a local socket takes microseconds, the time a bridge takes to act on
 control transfer is not modelled. Any other error (``EIO`` once the board is unplugged
 and the pty hung up) is the kernel's, as on hardware.
 
+A change is applied and delivered under the pty's lock, so the circuit sees the states in
+the order they were set. A bridge cannot reorder them: cp210x's ``tiocmset`` is one
+synchronous ``SET_MHS`` control request carrying only the lines it changes (a write mask
+per line: ``CONTROL_WRITE_DTR``/``CONTROL_WRITE_RTS``, drivers/usb/serial/cp210x.c), so two
+threads changing DTR and RTS at once both land and the chip holds the last level of each.
+esptool's relay does exactly that on every hard reset: its writer thread clears DTR for the
+client's trailing ``setDTR`` just as its ``hard_reset_thread`` releases RTS (both 0.1 s
+after the client's RTS drop). Without the lock a thread that applied "DTR off, RTS still
+on" and was preempted before its datagram left delivered that state *after* the release:
+EN low again before the chip woke, held in reset for good; the station read nothing
+after the reset (issue #25, under load).
+
 Standard library only: it runs before anything else in the relay is imported.
 """
 
@@ -28,6 +40,7 @@ import os
 import socket
 import struct
 import termios
+import threading
 from typing import Any
 
 ENV = "STATION_SIM_PTY_LINES"
@@ -35,6 +48,7 @@ _MODEM = struct.Struct("I")
 _REQUESTS = {termios.TIOCMGET, termios.TIOCMSET, termios.TIOCMBIS, termios.TIOCMBIC}
 _kernel_ioctl = fcntl.ioctl
 _lines: dict[str, int] = {}  # pty path -> TIOCM_* bits the "driver" holds
+_locks: dict[str, threading.Lock] = {}  # pty path -> its changes, applied and sent in order
 
 
 def _pty_of(fd: Any) -> str | None:
@@ -63,16 +77,17 @@ def ioctl(fd: Any, request: int, arg: Any = 0, mutate_flag: bool = True) -> Any:
         pty = _pty_of(fd) if request in _REQUESTS and e.errno == errno.ENOTTY else None
         if target is None or pty is None or not isinstance(arg, bytes | bytearray):
             raise
-    held = _lines.get(pty, 0)
-    if request == termios.TIOCMGET:
-        return _MODEM.pack(held)
-    (bits,) = _MODEM.unpack_from(arg)
-    if request == termios.TIOCMBIS:
-        bits = held | bits
-    elif request == termios.TIOCMBIC:
-        bits = held & ~bits
-    _lines[pty] = bits
-    _send(target, pty, bits)
+    with _locks.setdefault(pty, threading.Lock()):  # setdefault is atomic (the GIL)
+        held = _lines.get(pty, 0)
+        if request == termios.TIOCMGET:
+            return _MODEM.pack(held)
+        (bits,) = _MODEM.unpack_from(arg)
+        if request == termios.TIOCMBIS:
+            bits = held | bits
+        elif request == termios.TIOCMBIC:
+            bits = held & ~bits
+        _lines[pty] = bits
+        _send(target, pty, bits)  # still under the lock: the circuit gets them in order
     return bytes(arg)
 
 
