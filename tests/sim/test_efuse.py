@@ -164,3 +164,22 @@ def test_library_api_burns_over_the_port(fast_rig: Rig, tmp_path: Path) -> None:
     assert efuses["KEY_PURPOSE_2"]["value"] == "SECURE_BOOT_DIGEST0"
     assert efuses["BLOCK_KEY2"]["readable"] is True  # digests stay readable
 
+
+
+@pytest.mark.parametrize("chip", ["esp32s3", "esp32s2"])
+def test_security_info_comes_from_the_efuses(fast_rig: Rig, tmp_path: Path, chip: str) -> None:
+    """GET_SECURITY_INFO answers what is burned: flags, crypt count, key purposes."""
+    board = fast_rig.plug(chip=chip)
+    key = tmp_path / "hmac.bin"
+    key.write_bytes(os.urandom(32))
+    burn = espefuse(board.port, "burn-efuse", "SPI_BOOT_CRYPT_CNT", "1",
+                    "DIS_DOWNLOAD_ICACHE", "1", "SECURE_BOOT_KEY_REVOKE1", "1",
+                    "burn-key", "BLOCK_KEY2", str(key), "HMAC_UP")
+    assert burn.returncode == 0, burn.output
+    out = esptool(board.port, "get-security-info").output
+    # bit 10 DIS_DOWNLOAD_ICACHE, bit 4 SECURE_BOOT_KEY_REVOKE1 (loader.get_security_info)
+    assert "Flags: 0x00000410" in out, out
+    assert "Key Purposes: (0, 0, 8, 0, 0, 0, 0)" in out
+    assert "Flash Encryption: Enabled" in out
+    assert "SPI Boot Crypt Count (SPI_BOOT_CRYPT_CNT): 0x1" in out
+    assert ("Chip ID: 9" in out) == (chip == "esp32s3")  # the S2's reply has no chip id
