@@ -211,6 +211,8 @@ class Board(FlashWrites):
             frame = await self._next_frame(frames)
             if self.faults.mute or self.mode in (Mode.APP, Mode.RESET):
                 continue
+            if self.mode is Mode.ROM and self.efuses.rom_download_disabled:
+                continue  # DIS_DOWNLOAD_MODE / UART_DOWNLOAD_DIS: no loader to talk to
             if self.faults.garbage:
                 await self.link.write(GARBAGE)
                 continue
@@ -259,6 +261,13 @@ class Board(FlashWrites):
                 value = P.ROM_SYNC_VALUE if self.mode is Mode.ROM else 0
                 for _ in range(8):
                     await self._reply(P.SYNC, value)
+            return
+        if self.mode is Mode.ROM and self.efuses.rom_secure_download \
+                and op not in P.SDM_ALLOWED:
+            self.log.debug("secure download mode: command %#04x refused", op)
+            reply = struct.pack("<BBHI", 1, P.SDM_REFUSAL_OPCODE, 4, 0) + b"\x01\x05\x00\x00"
+            for _ in range(P.SDM_REFUSAL_REPEATS):
+                await self.link.write(slip.encode(reply))
             return
         try:
             await self._dispatch(op, data, chk, frames)

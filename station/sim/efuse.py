@@ -128,6 +128,9 @@ class EfuseArray:
                 if self.covers(addr):
                     self.ctrl.update_reg(addr, 0xFFFFFFFF, value)
             self.save()
+        self.rom_secure_download = False  # what the ROM loader acts on (latch_rom)
+        self.rom_download_disabled = False
+        self.latch_rom()
 
     # -- the register window ---------------------------------------------------------
 
@@ -151,13 +154,31 @@ class EfuseArray:
             self._idle()
         if addr == self._cmd_reg:
             self.save()  # burned is burned: a board pulled now keeps it
+            read_cmd = getattr(self.ctrl.REGS, "EFUSE_READ_CMD", None)
+            if read_cmd is not None and value & mask & read_cmd:
+                self.latch_rom()
 
     def _idle(self) -> None:
         self.ctrl.write_reg(self._cmd_reg, 0)
 
     def reset(self) -> None:
-        """Chip reset: the controller's write registers come back as zeros."""
+        """Chip reset: the controller's write registers come back as zeros, the ROM
+        reads the eFuses afresh."""
         self.ctrl.clean_blocks_wr_regs()
+        self.latch_rom()
+
+    def latch_rom(self) -> None:
+        """The ROM loader's view of secure download / download disabled.
+
+        At reset; and on the newer chips after the controller's READ command, because
+        their ROM "checks some efuse registers after each command is completed"
+        (espefuse ``efuse_read``, which therefore reconnects after burning
+        ENABLE_SECURITY_DOWNLOAD or DIS_DOWNLOAD_MODE). The ESP32 ROM decides at boot.
+        (espefuse's emulator refreshes its read registers at the program command, the
+        chip at the read command; latching here keeps the ROM on the chip's timing.)
+        """
+        self.rom_secure_download = self.secure_download
+        self.rom_download_disabled = self.download_disabled
 
     # -- what the ROM and the bootloader read -----------------------------------------
 
