@@ -24,7 +24,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .board import Board, Mode
-from .boot_log import BOOTLOOP_ROUNDS, download_banner, loop_cause, spi_boot
+from .boot_log import BOOTLOOP_ROUNDS, download_banner, loop_cause
+from .boot_security import boot_story
 from .bridge import garble
 from .pty_link import ROM_BAUD, HostClosed
 from .reset_circuit import EN_CAP_UF, AutoReset, ResetCircuitKind, en_delay
@@ -78,7 +79,8 @@ class BootConsole:
                 self._print([download_banner(board.spec.name)]))
         else:
             board.mode = Mode.APP
-            text, ok = spi_boot(board.spec, bytes(board.flash.data), self.app_line)
+            text, ok = boot_story(board.spec, board.efuses, bytes(board.flash.data),
+                                  self.app_line)
             again = loop_cause(board.spec.name, text)
             rounds = [text] if ok else [text] + [again] * (BOOTLOOP_ROUNDS - 1)
             board.log.debug("EN up, GPIO0 high: SPI boot (%s)", "app" if ok else "boot loop")

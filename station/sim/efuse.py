@@ -236,10 +236,20 @@ class EfuseArray:
         return self.first("SPI_BOOT_CRYPT_CNT", "FLASH_CRYPT_CNT")
 
     @property
+    def crypt_cnt_name(self) -> str:
+        return "SPI_BOOT_CRYPT_CNT" if self.has("SPI_BOOT_CRYPT_CNT") else "FLASH_CRYPT_CNT"
+
+    @property
     def crypt_cnt_bits(self) -> int:
-        name = "SPI_BOOT_CRYPT_CNT" if self.has("SPI_BOOT_CRYPT_CNT") else "FLASH_CRYPT_CNT"
-        efuse = self._fields.get(name)
+        efuse = self._fields.get(self.crypt_cnt_name)
         return int(efuse.bit_len) if efuse is not None else 0
+
+    def write_protected(self, name: str) -> bool:
+        """Is the eFuse's WR_DIS bit burned (espefuse's table gives the bit)?"""
+        efuse = self._fields.get(name)
+        if efuse is None or efuse.write_disable_bit is None:
+            return False
+        return bool(self.field("WR_DIS") >> int(efuse.write_disable_bit) & 1)
 
     @property
     def flash_encryption(self) -> bool:
