@@ -248,8 +248,8 @@ def spi_boot(spec: ChipSpec, flash: bytes, app_line: str | None = None,
         log.e("boot", "No bootable app partitions in the partition table")
         return "\r\n".join(out + log.lines) + "\r\n", False
     log.i("boot", f"Loaded app from partition at offset 0x{app.offset:x}")
-    if security is not None:
-        security.after_load(log)
+    if security is not None and not security.after_load(log):
+        return "\r\n".join(out + log.lines) + "\r\n", False  # it resets itself
     log.i("boot", "Disabling RNG early entropy source...")
     log.i("cpu_start", "Pro cpu start user code")
     if desc is not None:

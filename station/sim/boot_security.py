@@ -42,14 +42,16 @@ ESP32 (V3) ``secure boot check fail`` (its V1 message, esp-idf#7421).
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 from esptool.bin_image import LoadFirmwareImage
 
 from . import secure_boot as sb
 from .boot_log import PARTITION_TABLE_OFFSET, spi_boot
 from .chips import ChipSpec
+from .device_key import FirstBoot, Step, first_boot
 from .efuse import EfuseArray
+from .flash import Flash, FlashTiming
 from .flash_crypto import FlashCipher, chip_cipher
 
 BOOTLOADER_FE = b"flash encryption is enabled (%d plaintext flashes left)"
@@ -91,7 +93,7 @@ def flash_view(spec: ChipSpec, efuses: EfuseArray, flash: bytes) -> bytes:
             break
         if ptype == 0:
             decrypt(offset, _span(flash, offset, size, spec.name, cipher))
-        elif flags & PART_ENCRYPTED or (ptype, sub) == (1, 0):
+        elif flags & PART_ENCRYPTED or (ptype, sub) in ((1, 0x00), (1, 0x04), (1, 0x90)):
             decrypt(offset, size)
     return bytes(view)
 
@@ -99,9 +101,11 @@ def flash_view(spec: ChipSpec, efuses: EfuseArray, flash: bytes) -> bytes:
 class BootSecurity:
     """The hooks :func:`.boot_log.spi_boot` calls on a chip with these eFuses."""
 
-    def __init__(self, spec: ChipSpec, efuses: EfuseArray) -> None:
+    def __init__(self, spec: ChipSpec, efuses: EfuseArray, flash: Flash) -> None:
         self.spec = spec
         self.efuses = efuses
+        self.flash = flash
+        self.first_boot: FirstBoot | None = None  # encryption enabled on this boot
         self.sb_on = sb.secure_boot_enabled(efuses)
         self.trusted = sb.trusted_digests(efuses)
         self.bootloader = b""
@@ -167,8 +171,9 @@ class BootSecurity:
               "image corrupted on flash", "W")
         return False
 
-    def after_load(self, log: Any) -> None:
-        """``load_image``: secure boot, then flash encryption, before the app starts."""
+    def after_load(self, log: Any) -> bool:
+        """``load_image``: secure boot, then flash encryption, before the app starts.
+        False: the bootloader is enabling flash encryption (:mod:`.device_key`)."""
         if self.built_for_secure_boot:
             log.i("secure_boot_v2", "enabling secure boot v2...")
             if self.sb_on:
@@ -178,6 +183,11 @@ class BootSecurity:
             if self.efuses.flash_encryption:
                 log.i("flash_encrypt", "flash encryption is enabled "
                       f"({self.plaintext_flashes_left()} plaintext flashes left)")
+            else:
+                self.first_boot = first_boot(self.spec, self.efuses, self.flash,
+                                             self.bootloader, log, self.built_for_secure_boot)
+                return False
+        return True
 
     def plaintext_flashes_left(self) -> int:
         """``esp_flash_encrypt_state``: (bits - set bits) / 2, 0 once write-protected."""
@@ -215,8 +225,23 @@ class BootSecurity:
         return all(e.field(n) for n in names)
 
 
-def boot_story(spec: ChipSpec, efuses: EfuseArray, flash: bytes,
-               app_line: str | None = None) -> tuple[str, bool]:
+class BootRun(NamedTuple):
+    """One SPI boot: what is printed at once, whether the app came up, and the timed
+    work that follows before the chip resets itself (first-boot encryption)."""
+
+    text: str
+    ok: bool
+    steps: list[Step]
+
+
+def boot_story(spec: ChipSpec, efuses: EfuseArray, flash: Flash | bytes,
+               app_line: str | None = None) -> BootRun:
     """The console output of one SPI boot of this chip, security included."""
-    return spi_boot(spec, flash_view(spec, efuses, flash), app_line,
-                    BootSecurity(spec, efuses))
+    if isinstance(flash, bytes):
+        chip_flash = Flash(len(flash), FlashTiming(enabled=False))
+        chip_flash.data[:] = flash
+        flash = chip_flash
+    security = BootSecurity(spec, efuses, flash)
+    text, ok = spi_boot(spec, flash_view(spec, efuses, bytes(flash.data)), app_line, security)
+    steps = security.first_boot.steps if security.first_boot else []
+    return BootRun(text, ok, steps)

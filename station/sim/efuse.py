@@ -290,6 +290,59 @@ class EfuseArray:
             return head
         return head + chip_id.to_bytes(4, "little") + (0).to_bytes(4, "little")
 
+    # -- the chip burning its own eFuses (ESP-IDF's eFuse API in the bootloader) ------
+
+    def burn(self, name: str, value: int = 1) -> None:
+        """OR ``value`` into an eFuse, as ``esp_efuse_write_field_*`` leaves it; a field
+        whose WR_DIS bit is burned does not change (the controller masks it)."""
+        efuse = self._fields[name]
+        if self.write_protected(name) or not value:
+            return
+        blk = self.ctrl.Blocks.get(self.ctrl.Blocks.BLOCKS[efuse.block])
+        for i in range(int(efuse.bit_len)):
+            if value >> i & 1:
+                bit = int(efuse.word) * 32 + int(efuse.pos) + i
+                mask = 1 << bit % 32
+                self.ctrl.update_reg(blk.rd_addr + 4 * (bit // 32), mask, mask)
+
+    def burn_key(self, block_id: int, key: bytes, purpose: str | None,
+                 read_protect: bool) -> None:
+        """``esp_efuse_write_key``: the key as given, its purpose, and write protection of
+        both (read protection for keys that need it)."""
+        blk = self.ctrl.Blocks.get(self.ctrl.Blocks.BLOCKS[block_id])
+        for i in range(0, len(key), 4):
+            word = int.from_bytes(key[i:i + 4], "little")
+            self.ctrl.update_reg(blk.rd_addr + i, 0xFFFFFFFF, word)
+        if purpose is not None and blk.key_purpose:
+            self.burn(blk.key_purpose, key_purposes(self.chip)[purpose])
+            self.burn_write_protection(blk.key_purpose)
+        if read_protect and blk.read_disable_bit is not None:
+            self.burn("RD_DIS", self.ctrl.get_read_disable_mask(blk))
+        if blk.write_disable_bit is not None:
+            self.burn("WR_DIS", 1 << blk.write_disable_bit)
+
+    def burn_write_protection(self, name: str) -> None:
+        bit = self._fields[name].write_disable_bit
+        if bit is not None:
+            self.burn("WR_DIS", 1 << int(bit))
+
+    def purpose_number(self, purpose: str) -> int:
+        return key_purposes(self.chip)[purpose]
+
+    def free_key_block(self) -> int | None:
+        """The first key block with no purpose and no bits (``esp_efuse_find_unused_key_block``)."""
+        for entry in self.ctrl.Blocks.BLOCKS:
+            blk = self.ctrl.Blocks.get(entry)
+            if blk.key_purpose and not self.field(blk.key_purpose) \
+                    and not any(self.block_bytes(blk.id)):
+                return int(blk.id)
+        return None
+
+    def commit(self) -> None:
+        """After the chip's own burns: read protection takes effect, the file is saved."""
+        self.ctrl.check_rd_protection_area()
+        self.save()
+
     # -- files ------------------------------------------------------------------------
 
     @property

@@ -21,9 +21,12 @@ APP_AT = 0x10000
 TABLE_AT = 0x8000
 
 
-def bootloader(chip: str, fe: bool = False, sb: bool = False) -> bytes:
+def bootloader(chip: str, fe: bool = False, sb: bool = False,
+               extra: tuple[bytes, ...] = ()) -> bytes:
+    """``extra``: more log strings of the build's configuration (device_key.py)."""
     lay = layout(chip)
     strings = (BOOTLOADER_FE + b"\0" if fe else b"") + (BOOTLOADER_SB + b"\0" if sb else b"")
+    strings += b"".join(s + b"\0" for s in extra)
     segments = []
     for n, (addr, size) in enumerate(lay.boot_segments):
         fill = bytes((n * 37 + i) & 0xFF for i in range(size))
@@ -40,8 +43,10 @@ def app(chip: str, fe: bool = False, project: str = "locked") -> bytes:
 
 
 def table() -> bytes:
-    return partition_table([("nvs", 1, 0x02, 0x9000, 0x6000),
-                            ("otadata", 1, 0x00, 0xF000, 0x2000),
+    """ESP-IDF's "factory app, two OTA definitions" layout, up to the factory app."""
+    return partition_table([("nvs", 1, 0x02, 0x9000, 0x4000),
+                            ("otadata", 1, 0x00, 0xD000, 0x2000),
+                            ("phy_init", 1, 0x01, 0xF000, 0x1000),
                             ("factory", 0, 0x00, APP_AT, 0x100000)])
 
 

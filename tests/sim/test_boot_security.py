@@ -80,7 +80,7 @@ def test_encrypted_images_boot_through_the_key(tmp_path: Path, keys: dict[str, P
     enable_encryption(chip, efuses, keys["fe"])
     flash = encrypted_flash(chip, keys["fe"], tmp_path, si.bootloader(chip, fe=True),
                             si.app(chip, fe=True))
-    text, ok = boot_story(chip_spec(chip), efuses, flash, "SELFTEST: PASS")
+    text, ok, _ = boot_story(chip_spec(chip), efuses, flash, "SELFTEST: PASS")
     left = 3 if chip == "esp32" else 1  # (7 - 1) / 2 and (3 - 1) / 2
     assert ok, text
     assert "boot: Checking flash encryption...\r\n" in text
@@ -92,7 +92,7 @@ def test_encrypted_images_boot_through_the_key(tmp_path: Path, keys: dict[str, P
     # the same images in plaintext on the encrypted chip are noise to the ROM
     plain = si.flash_image({chip_spec(chip).bootloader_offset: si.bootloader(chip, fe=True),
                             si.TABLE_AT: si.table(), si.APP_AT: si.app(chip)})
-    text, ok = boot_story(chip_spec(chip), efuses, plain)
+    text, ok, _ = boot_story(chip_spec(chip), efuses, plain)
     assert not ok and "invalid header: 0x" in text and "2nd stage" not in text
 
 
@@ -103,7 +103,7 @@ def test_release_mode(tmp_path: Path, keys: dict[str, Path]) -> None:
                               "DIS_DOWNLOAD_DCACHE": 1},))
     flash = encrypted_flash("esp32s3", keys["fe"], tmp_path,
                             si.bootloader("esp32s3", fe=True), si.app("esp32s3", fe=True))
-    text, ok = boot_story(chip_spec("esp32s3"), efuses, flash)
+    text, ok, _ = boot_story(chip_spec("esp32s3"), efuses, flash)
     assert ok, text
     assert "flash encryption is enabled (0 plaintext flashes left)" in text
     assert "I (" in text and "flash_encrypt: Flash encryption mode is RELEASE" in text
@@ -117,7 +117,7 @@ def test_secure_boot_v2_good_and_bad_signatures(tmp_path: Path, keys: dict[str, 
     enable_secure_boot(chip, efuses, keys["sb"])
     boot = si.sign(si.bootloader(chip, sb=True), keys["sb"], tmp_path)
     good = si.sign(si.app(chip), keys["sb"], tmp_path)
-    text, ok = boot_story(spec, efuses, si.flash_image({
+    text, ok, _ = boot_story(spec, efuses, si.flash_image({
         spec.bootloader_offset: boot, si.TABLE_AT: si.table(), si.APP_AT: good}))
     assert ok, text
     if chip != "esp32":
@@ -131,7 +131,7 @@ def test_secure_boot_v2_good_and_bad_signatures(tmp_path: Path, keys: dict[str, 
 
     # an app signed with another key: no app
     bad = si.sign(si.app(chip), keys["other"], tmp_path)
-    text, ok = boot_story(spec, efuses, si.flash_image({
+    text, ok, _ = boot_story(spec, efuses, si.flash_image({
         spec.bootloader_offset: boot, si.TABLE_AT: si.table(), si.APP_AT: bad}))
     assert not ok
     assert "E (" in text and "secure_boot_v2: Secure Boot V2 verification failed." in text
@@ -146,14 +146,14 @@ def test_unsigned_images_on_a_secure_boot_chip(tmp_path: Path, keys: dict[str, P
     efuses = efuses_of("esp32s3")
     enable_secure_boot("esp32s3", efuses, keys["sb"])
     boot = si.sign(si.bootloader("esp32s3", sb=True), keys["sb"], tmp_path)
-    text, ok = boot_story(spec, efuses, si.flash_image({
+    text, ok, _ = boot_story(spec, efuses, si.flash_image({
         0: boot, si.TABLE_AT: si.table(), si.APP_AT: si.app("esp32s3")}))
     assert not ok
     assert "secure_boot_v2: No signature block generated for valid scheme" in text
     assert "RSA signing scheme selected but no signature block for the selected scheme" in text
 
     # an unsigned bootloader stops in the ROM (esp-idf#15959's words)
-    text, ok = boot_story(spec, efuses, si.flash_image({
+    text, ok, _ = boot_story(spec, efuses, si.flash_image({
         0: si.bootloader("esp32s3", sb=True), si.TABLE_AT: si.table(),
         si.APP_AT: si.sign(si.app("esp32s3"), keys["sb"], tmp_path)}))
     assert not ok
@@ -168,7 +168,7 @@ def test_revoked_digest_is_not_trusted(tmp_path: Path, keys: dict[str, Path]) ->
     enable_secure_boot("esp32c3", efuses, keys["sb"])
     burn(efuses, burn_efuse=({"SECURE_BOOT_KEY_REVOKE0": 1},))
     boot = si.sign(si.bootloader("esp32c3", sb=True), keys["sb"], tmp_path)
-    text, ok = boot_story(spec, efuses, si.flash_image({
+    text, ok, _ = boot_story(spec, efuses, si.flash_image({
         0: boot, si.TABLE_AT: si.table(),
         si.APP_AT: si.sign(si.app("esp32c3"), keys["sb"], tmp_path)}))
     assert not ok
