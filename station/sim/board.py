@@ -62,6 +62,9 @@ class Board(FlashWrites):
         self.efuses = efuses or EfuseArray(spec.name, seed=spec.registers(mac))
         self.link = link
         self.faults = faults or Faults()
+        self.efuses.weak_block = self.faults.weak_efuse
+        if self.faults.locked and self.efuses.fresh:  # burned by another line before
+            self.efuses.lock(self.faults.locked, hashlib.sha256(b"other line" + mac).digest())
         self._rng = rng or random.Random(0)
         self._on_unplug = on_unplug
         self._on_reset = on_reset
@@ -303,6 +306,11 @@ class Board(FlashWrites):
             await self._reply(op)
             if self.regs.watchdog_timeout is not None:
                 self._arm_watchdog(self.regs.watchdog_timeout)
+            pulled = self.faults.pull_after_burns
+            if pulled is not None and self.efuses.program_count >= pulled \
+                    and self._on_unplug is not None:
+                self.log.info("fault: pulled after %d eFuse burns", pulled)
+                self._on_unplug()
         elif op == P.MEM_BEGIN:
             size, _blocks, _blocksize, offset = struct.unpack("<IIII", data)
             self._mem_cursor = (offset, 0)

@@ -123,11 +123,14 @@ class EfuseArray:
         for efuse in self.ctrl.Fields.EFUSES:
             for name in [efuse.name, *(efuse.alt_names or [])]:
                 self._fields.setdefault(name, efuse)
-        if not self._load():
+        self.fresh = not self._load()  # a new chip (no file yet)
+        if self.fresh:
             for addr, value in (seed or {}).items():
                 if self.covers(addr):
                     self.ctrl.update_reg(addr, 0xFFFFFFFF, value)
             self.save()
+        self.program_count = 0  # program commands since this object was made (faults, tests)
+        self.weak_block: int | None = None  # fault: a bit of this block never blows
         self.rom_secure_download = False  # what the ROM loader acts on (latch_rom)
         self.rom_download_disabled = False
         self.latch_rom()
@@ -153,10 +156,31 @@ class EfuseArray:
             self.ctrl.clean_blocks_wr_regs()
             self._idle()
         if addr == self._cmd_reg:
+            self._programmed(value & mask)
             self.save()  # burned is burned: a board pulled now keeps it
             read_cmd = getattr(self.ctrl.REGS, "EFUSE_READ_CMD", None)
             if read_cmd is not None and value & mask & read_cmd:
                 self.latch_rom()
+
+    def _programmed(self, command: int) -> None:
+        """Count program commands; a weak bit leaves the RS decoder reporting an error."""
+        regs = self.ctrl.REGS
+        pgm = getattr(regs, "EFUSE_PGM_CMD", None)
+        if pgm is None:  # ESP32: EFUSE_CMD_WRITE programs every block at once
+            if command == getattr(regs, "EFUSE_CMD_WRITE", -1):
+                self.program_count += 1
+            return
+        if not command & pgm:
+            return
+        self.program_count += 1
+        block = (command >> 2) & 0xF
+        # (addr, num_mask, num_offs[, fail_bit]); the C3 keeps its numbers apart from its
+        # misplaced fail bits (BLOCK_NUM_ERRORS, "a design error" in its mem_definition)
+        table = getattr(regs, "BLOCK_ERRORS", None) or getattr(regs, "BLOCK_NUM_ERRORS", [])
+        if block == self.weak_block and block < len(table):
+            addr, num_mask, num_offs = table[block][:3]
+            if num_mask is not None:  # one corrected byte: ERRORS:1 FAIL:False
+                self.ctrl.update_reg(addr, num_mask << num_offs, 1 << num_offs)
 
     def _idle(self) -> None:
         self.ctrl.write_reg(self._cmd_reg, 0)
@@ -342,6 +366,36 @@ class EfuseArray:
         """After the chip's own burns: read protection takes effect, the file is saved."""
         self.ctrl.check_rd_protection_area()
         self.save()
+
+    def lock(self, kind: str, secret: bytes) -> None:
+        """A board another line has already burned (fault ``locked=KIND``); ``secret``
+        seeds the foreign key or digest (nobody here knows it)."""
+        esp32 = self.chip == "esp32"
+        if kind == "sdm":
+            if esp32:
+                raise ValueError("the ESP32 has no secure download mode (locked=sdm)")
+            self.burn("ENABLE_SECURITY_DOWNLOAD")
+        elif kind in ("key", "encrypted"):
+            block = 1 if esp32 else self.free_key_block()
+            if block is not None:
+                self.burn_key(block, secret, None if esp32 else "XTS_AES_128_KEY", True)
+            if kind == "encrypted":
+                self.burn(self.crypt_cnt_name, 1)
+                if esp32:
+                    self.burn("FLASH_CRYPT_CONFIG", 0xF)
+        elif kind == "secure_boot":
+            if esp32:
+                self.burn_key(2, secret, None, read_protect=False)
+                self.burn("ABS_DONE_1")
+            else:
+                block = self.free_key_block()
+                if block is not None:
+                    self.burn_key(block, secret, "SECURE_BOOT_DIGEST0", read_protect=False)
+                self.burn("SECURE_BOOT_EN")
+        else:
+            raise ValueError(f"unknown lock {kind!r}")
+        self.commit()
+        self.latch_rom()
 
     # -- files ------------------------------------------------------------------------
 
