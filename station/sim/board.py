@@ -25,63 +25,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import hashlib
 import logging
 import random
 import struct
-import zlib
 from collections.abc import Awaitable, Callable
 
 from . import protocol as P
 from . import slip
 from .chips import ChipSpec
+from .efuse import EfuseArray
 from .faults import Faults
 from .flash import SECTOR, Flash
+from .flash_session import FlashWrites, Mode, WriteSession
 from .pty_link import ROM_BAUD, HostClosed, PtyLink
 from .registers import Registers
-from .stub_model import StubModel, StubWriter, identify_stub, stub_writer
+from .stub_model import StubModel, StubWriter, identify_stub
 
 GARBAGE = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
 
 log = logging.getLogger(__name__)
 
 
-class Mode(enum.Enum):
-    ROM = "rom"
-    STUB = "stub"
-    APP = "app"  # "running user code": deaf to the protocol until reset
-    RESET = "reset"  # EN held low by the reset circuit: the chip does nothing
-
-
-class _WriteSession:
-    """State between FLASH_(DEFL_)BEGIN and the last block."""
-
-    def __init__(self, offset: int, size: int, block_size: int, compressed: bool,
-                 writer: StubWriter | None) -> None:
-        self.offset = offset
-        self.end = offset + size
-        self.block_size = block_size
-        self.compressed = compressed
-        self.inflater = zlib.decompressobj() if compressed else None
-        self.write_ptr = offset
-        self.next_seq = 0
-        self.writer = writer  # the stub's erase/program schedule; None: the ROM's
-
-
-class Board:
+class Board(FlashWrites):
     """Protocol state machine of one virtual ESP board."""
 
     def __init__(self, spec: ChipSpec, mac: bytes, flash: Flash, link: PtyLink,
                  faults: Faults | None = None, rng: random.Random | None = None,
                  on_unplug: Callable[[], None] | None = None,
                  on_reset: Callable[[str], Awaitable[None]] | None = None,
-                 stub_model: StubModel = "flasher") -> None:
+                 stub_model: StubModel = "flasher", efuses: EfuseArray | None = None) -> None:
         self.spec = spec
         self.mac = mac
         self.flash = flash
+        # the chip's eFuses outlive resets (a file beside the flash dump, from the rig)
+        self.efuses = efuses or EfuseArray(spec.name, seed=spec.registers(mac))
         self.link = link
         self.faults = faults or Faults()
+        self.efuses.weak_block = self.faults.weak_efuse
+        if self.faults.locked and self.efuses.fresh:  # burned by another line before
+            self.efuses.lock(self.faults.locked, hashlib.sha256(b"other line" + mac).digest())
         self._rng = rng or random.Random(0)
         self._on_unplug = on_unplug
         self._on_reset = on_reset
@@ -112,9 +95,10 @@ class Board:
             self._watchdog.cancel()  # a reset stops the RTC watchdog too
         self.mode = Mode.ROM
         self.uart_baud = ROM_BAUD
-        self.regs = Registers(self.spec, self.mac, self.flash.size, self.link.baud)
+        self.efuses.reset()
+        self.regs = Registers(self.spec, self.mac, self.flash.size, self.link.baud, self.efuses)
         self._decoder = slip.Decoder()
-        self._write: _WriteSession | None = None
+        self._write: WriteSession | None = None
         self._mem: dict[int, bytearray] = {}
         self._mem_cursor: tuple[int, int] | None = None  # (offset, next seq)
         self._flash_busy_until = 0.0
@@ -230,6 +214,8 @@ class Board:
             frame = await self._next_frame(frames)
             if self.faults.mute or self.mode in (Mode.APP, Mode.RESET):
                 continue
+            if self.mode is Mode.ROM and self.efuses.rom_download_disabled:
+                continue  # DIS_DOWNLOAD_MODE / UART_DOWNLOAD_DIS: no loader to talk to
             if self.faults.garbage:
                 await self.link.write(GARBAGE)
                 continue
@@ -279,6 +265,13 @@ class Board:
                 for _ in range(8):
                     await self._reply(P.SYNC, value)
             return
+        if self.mode is Mode.ROM and self.efuses.rom_secure_download \
+                and op not in P.SDM_ALLOWED:
+            self.log.debug("secure download mode: command %#04x refused", op)
+            reply = struct.pack("<BBHI", 1, P.SDM_REFUSAL_OPCODE, 4, 0) + b"\x01\x05\x00\x00"
+            for _ in range(P.SDM_REFUSAL_REPEATS):
+                await self.link.write(slip.encode(reply))
+            return
         try:
             await self._dispatch(op, data, chk, frames)
         except P.CommandError as e:
@@ -313,6 +306,11 @@ class Board:
             await self._reply(op)
             if self.regs.watchdog_timeout is not None:
                 self._arm_watchdog(self.regs.watchdog_timeout)
+            pulled = self.faults.pull_after_burns
+            if pulled is not None and self.efuses.program_count >= pulled \
+                    and self._on_unplug is not None:
+                self.log.info("fault: pulled after %d eFuse burns", pulled)
+                self._on_unplug()
         elif op == P.MEM_BEGIN:
             size, _blocks, _blocksize, offset = struct.unpack("<IIII", data)
             self._mem_cursor = (offset, 0)
@@ -349,7 +347,8 @@ class Board:
             digest = self.flash.md5(addr, size)
             await self._reply(op, data=digest if stub else digest.hex().encode())
         elif op == P.GET_SECURITY_INFO and self.spec.security_info_len:
-            await self._reply(op, data=self.spec.security_info())
+            await self._reply(op, data=self.efuses.security_info(self.spec.chip_id,
+                                                                 self.spec.security_info_len))
         elif op == P.READ_FLASH_SLOW and not stub:
             addr, size = struct.unpack("<II", data)
             if size > 64 or not self.flash.check_range(addr, size):
@@ -406,77 +405,6 @@ class Board:
             await self.link.write(slip.encode(b"OHAI"))
         else:
             self.mode = Mode.APP  # some other RAM image: runs, and no longer talks SLIP
-
-    async def _flash_begin(self, op: int, data: bytes) -> None:
-        stub = self.mode is Mode.STUB
-        if not stub and len(data) not in self.spec.rom_flash_begin_lens:
-            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
-        if stub and len(data) not in (16, 20):
-            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
-        size, _blocks, block_size, offset = struct.unpack_from("<IIII", data)
-        if not self.flash.check_range(offset, size):
-            raise P.CommandError(P.ROM_FAILED, P.STUB_BAD_DATA_LEN)
-        compressed = op == P.FLASH_DEFL_BEGIN
-        self._wrote_flash = self._wrote_flash or size > 0
-        writer = None
-        if not stub and size:
-            await asyncio.sleep(self.flash.erase(offset, size))  # ROM: erase up front
-        elif stub:
-            writer = stub_writer(self.stub_model, self.flash, offset, size)
-            self.writers.append(writer)
-            now = asyncio.get_running_loop().time()
-            await self._sleep_until(writer.begin(now))
-        self._write = _WriteSession(offset, size, block_size, compressed, writer)
-        await self._reply(op)
-
-    async def _flash_data(self, op: int, data: bytes, chk: int) -> None:
-        session = self._write
-        if session is None or session.compressed != (op == P.FLASH_DEFL_DATA):
-            raise P.CommandError(P.ROM_FAILED, P.STUB_NOT_IN_FLASH_MODE)
-        size, seq, _, _ = struct.unpack_from("<IIII", data)
-        payload = data[16:]
-        if size != len(payload):
-            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
-        if P.checksum(payload) != chk:
-            raise P.CommandError(P.ROM_BAD_CRC, P.STUB_BAD_CHECKSUM)
-        await self._wait_flash_idle()
-        if seq + 1 == session.next_seq:
-            await self._reply(op)  # a retry of a block we already have: the ACK was lost
-            return
-        if seq != session.next_seq:
-            raise P.CommandError(P.ROM_INVALID_MESSAGE, P.STUB_BAD_DATA_LEN)
-        if session.inflater is not None:
-            try:
-                out = session.inflater.decompress(payload)
-            except zlib.error as e:
-                raise P.CommandError(P.ROM_DEFLATE_ERROR, P.STUB_INFLATE_ERROR) from e
-            addr = session.write_ptr
-        else:
-            out = payload
-            addr = session.offset + seq * session.block_size
-        out = out[: max(0, self.flash.size - addr)]
-        session.next_seq += 1
-        session.write_ptr = addr + len(out)
-        if session.writer is not None:
-            # ACK on receipt; erasing and programming overlap the next block's transfer.
-            await self._reply(op)
-            start = max(asyncio.get_running_loop().time(), self._flash_busy_until)
-            self._busy_until(session.writer.write(start, addr, out, session.compressed))
-        else:
-            await asyncio.sleep(self.flash.program(addr, out))
-            await self._reply(op)
-
-    async def _flash_end(self, op: int, data: bytes) -> None:
-        (stay,) = struct.unpack("<I", data)
-        self._write = None
-        await self._reply(op)
-        if not stay:
-            if self.mode is Mode.STUB:
-                # The stub's "reboot" re-enters the ROM download mode: esptool's
-                # --after no-reset. Closing the port afterwards is not a reset.
-                self._reset()
-            else:
-                self.mode = Mode.APP
 
     async def _read_flash(self, data: bytes,
                           frames: asyncio.Queue[tuple[bytes, float] | None]) -> None:

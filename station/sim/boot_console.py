@@ -24,7 +24,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .board import Board, Mode
-from .boot_log import BOOTLOOP_ROUNDS, download_banner, loop_cause, spi_boot
+from .boot_log import BOOTLOOP_ROUNDS, download_banner, loop_cause
+from .boot_security import boot_story
 from .bridge import garble
 from .pty_link import ROM_BAUD, HostClosed
 from .reset_circuit import EN_CAP_UF, AutoReset, ResetCircuitKind, en_delay
@@ -78,11 +79,28 @@ class BootConsole:
                 self._print([download_banner(board.spec.name)]))
         else:
             board.mode = Mode.APP
-            text, ok = spi_boot(board.spec, bytes(board.flash.data), self.app_line)
-            again = loop_cause(board.spec.name, text)
-            rounds = [text] if ok else [text] + [again] * (BOOTLOOP_ROUNDS - 1)
-            board.log.debug("EN up, GPIO0 high: SPI boot (%s)", "app" if ok else "boot loop")
-            self._story = asyncio.get_running_loop().create_task(self._print(rounds))
+            self._story = asyncio.get_running_loop().create_task(self._spi_boot())
+
+    async def _spi_boot(self, after_reset: bool = False) -> None:
+        """Boot from flash; a bootloader enabling flash encryption works (for the time it
+        takes, changing flash and eFuses as it goes), then resets into a new boot."""
+        board = self.board
+        run = boot_story(board.spec, board.efuses, board.flash, self.app_line)
+        text = loop_cause(board.spec.name, run.text) if after_reset else run.text
+        if run.steps:
+            board.log.debug("SPI boot: the bootloader enables flash encryption")
+            await self._print([text])
+            for step in run.steps:
+                await self._print(["".join(f"{line}\r\n" for line in step.lines)])
+                await asyncio.sleep(step.seconds)
+                if step.action is not None:
+                    step.action()
+            await self._spi_boot(after_reset=True)  # bootloader_reset(): a software reset
+            return
+        again = loop_cause(board.spec.name, text)
+        rounds = [text] if run.ok else [text] + [again] * (BOOTLOOP_ROUNDS - 1)
+        board.log.debug("SPI boot (%s)", "app" if run.ok else "boot loop")
+        await self._print(rounds)
 
     def _stop_story(self) -> None:
         if self._story is not None:

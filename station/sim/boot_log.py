@@ -183,8 +183,13 @@ class _Log:
         self.i(tag, text, "E")
 
 
-def spi_boot(spec: ChipSpec, flash: bytes, app_line: str | None = None) -> tuple[str, bool]:
-    """The console output of one SPI boot, and whether the app came up (False: loop)."""
+def spi_boot(spec: ChipSpec, flash: bytes, app_line: str | None = None,
+             security: Any = None) -> tuple[str, bool]:
+    """The console output of one SPI boot, and whether the app came up (False: loop).
+
+    ``flash`` is what the chip reads (decrypted where encryption is on); ``security``
+    (:class:`~.boot_security.BootSecurity`) adds secure boot and flash encryption.
+    """
     first, cause, spi, _dl = _rom(spec.name)
     out = [f"{first}{cause},{spi}"]
     boot_at = spec.bootloader_offset
@@ -201,6 +206,11 @@ def spi_boot(spec: ChipSpec, flash: bytes, app_line: str | None = None) -> tuple
         out += ["configsip: 0, SPIWP:0xee",
                 "clk_drv:0x00,q_drv:0x00,d_drv:0x00,cs0_drv:0x00,hd_drv:0x00,wp_drv:0x00",
                 "mode:DIO, clock div:2"]
+    if security is not None:
+        rom_lines, verified = security.rom(flash, boot_at, image)
+        out += rom_lines
+        if not verified:
+            return "\r\n".join(out) + "\r\n", False
     for seg in image.segments:
         out.append(f"load:0x{seg.addr:08x},len:{len(seg.data)}")
     if image.calculate_checksum() != image.checksum:
@@ -252,12 +262,16 @@ def spi_boot(spec: ChipSpec, flash: bytes, app_line: str | None = None) -> tuple
               f"vaddr={seg.addr:08x} size={len(seg.data):05x}h ({len(seg.data):6d}) "
               f"{'map' if mapped else 'load'}")
     error = _app_error(app_image)
-    if error is not None:
-        log.e("esp_image", error)
+    if error is not None or (security is not None
+                             and not security.verify_app(log, flash, app.offset, app_image)):
+        if error is not None:
+            log.e("esp_image", error)
         log.e("boot", "Factory app partition is not bootable")
         log.e("boot", "No bootable app partitions in the partition table")
         return "\r\n".join(out + log.lines) + "\r\n", False
     log.i("boot", f"Loaded app from partition at offset 0x{app.offset:x}")
+    if security is not None and not security.after_load(log):
+        return "\r\n".join(out + log.lines) + "\r\n", False  # it resets itself
     log.i("boot", "Disabling RNG early entropy source...")
     log.colors = logs_in_color(flash[app.offset:app.offset + app.size])
     log.i("cpu_start", "Pro cpu start user code")
@@ -271,6 +285,8 @@ def spi_boot(spec: ChipSpec, flash: bytes, app_line: str | None = None) -> tuple
         log.i(tag, f"Compile time:     {desc.date} {desc.time}")
         log.i(tag, f"ELF file SHA256:  {desc.elf_sha256.hex()[:digits]}...")
         log.i(tag, f"ESP-IDF:          {desc.idf_ver}")
+    if security is not None:
+        security.app_start(log, flash[app.offset:app.offset + app.size])
     lines = out + log.lines
     if app_line:
         lines.append(app_line)
@@ -291,5 +307,7 @@ def _app_error(image: Any) -> str | None:
 
 
 def _revision(spec: ChipSpec) -> str:
+    if spec.revision:
+        return spec.revision.lower().removeprefix("v")
     major, minor = _REVISIONS.get(spec.name, (0, 0))
     return f"{major}.{minor}"

@@ -18,7 +18,6 @@ nobody set reads as zero, which esptool reads as "eFuse not burned".
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from functools import cache
 from types import SimpleNamespace
@@ -119,6 +118,7 @@ class ChipSpec:
     watchdog: Watchdog | None
     mac_ext: bool  # IEEE 802.15.4 chips: read_mac also has an EUI-64 extension word
     static_regs: dict[int, int] = field(default_factory=dict)
+    revision: str | None = None  # chosen by the plug; None: _REVISIONS
 
     def registers(self, mac: bytes) -> dict[int, int]:
         """The board's register values at reset: eFuses (with ``mac``) and friends.
@@ -149,13 +149,6 @@ class ChipSpec:
             return {reg: (int.from_bytes(mac[2:6], "big"), 0xFFFFFFFF),
                     reg + 4: (EUI64_EXT << 16 | high, 0xFFFFFFFF)}
         return {reg: (int.from_bytes(mac[2:6], "big"), 0xFFFFFFFF), reg + 4: (high, 0xFFFF)}
-
-    def security_info(self) -> bytes:
-        """The GET_SECURITY_INFO payload: flags, crypt count, purposes[, chip id, api]."""
-        head = struct.pack("<IBBBBBBBB", 0, 0, 0, 0, 0, 0, 0, 0, 0)
-        if self.security_info_len == 12:
-            return head
-        return head + struct.pack("<II", self.chip_id, 0)
 
     @property
     def usb_kinds(self) -> tuple[str, ...]:
@@ -235,20 +228,37 @@ def _solve_field(cls: type[ESPLoader], method: str, value: int,
                              f"(got {got})")
 
 
-def _esp32_regs(cls: type[ESPLoader]) -> dict[int, int]:
-    """The classic ESP32: D0WD package, revision v3.0, ROM-calibrated 40 MHz crystal.
+# ESP32 major revision -> (rev bit0, rev bit1, rev bit2): get_major_chip_version maps
+# 0b000 -> 0, 0b001 -> 1, 0b011 -> 2, 0b111 -> 3 (bit2 lives in APB_CTL_DATE, not eFuse)
+_ESP32_REV_BITS = {0: (0, 0, 0), 1: (1, 0, 0), 2: (1, 1, 0), 3: (1, 1, 1)}
 
-    word3 bits 11:9 = 1 (package D0WD) and bit 15 (rev bit0); word5 bit 20 (rev bit1);
-    APB_CTL_DATE bit 31 (rev bit2): get_major_chip_version maps 0b111 to 3.
+
+def _esp32_regs(cls: type[ESPLoader], major: int = 3, minor: int = 0) -> dict[int, int]:
+    """The classic ESP32: D0WD package, revision vM.m, ROM-calibrated 40 MHz crystal.
+
+    word3 bits 11:9 = 1 (package D0WD) and bit 15 (rev bit0); word5 bit 20 (rev bit1)
+    and bits 25:24 (minor); APB_CTL_DATE bit 31 (rev bit2).
     """
+    if major not in _ESP32_REV_BITS or not 0 <= minor <= 3:
+        raise ValueError(f"esp32 has no revision v{major}.{minor}")
+    bit0, bit1, bit2 = _ESP32_REV_BITS[major]
     efuse = cls.EFUSE_RD_REG_BASE
     return {
-        efuse + 0x0C: (1 << 9) | (1 << 15),
+        efuse + 0x0C: (1 << 9) | (bit0 << 15),
         efuse + 0x10: _ESP32_CK8M,  # word4 bits 7:0: CK8M frequency, read by esptool
-        efuse + 0x14: 1 << 20,
-        cls.APB_CTL_DATE_ADDR: 1 << cls.APB_CTL_DATE_S,
+        efuse + 0x14: (bit1 << 20) | (minor << 24),
+        cls.APB_CTL_DATE_ADDR: bit2 << cls.APB_CTL_DATE_S,
         cls.RTCCALICFG1: _ESP32_CALI_VAL << cls.TIMERS_RTC_CALI_VALUE_S,
     }
+
+
+def parse_revision(text: str) -> tuple[int, int]:
+    """``v1.0`` / ``1.0`` -> (1, 0), with a message naming the format otherwise."""
+    t = text.strip().lower().removeprefix("v")
+    major, sep, minor = t.partition(".")
+    if not sep or not major.isdigit() or not minor.isdigit():
+        raise ValueError(f"a chip revision looks like v3.0, got {text!r}")
+    return int(major), int(minor)
 
 
 def _xtal_mhz(cls: type[ESPLoader], name: str) -> int:
@@ -262,17 +272,22 @@ def _xtal_mhz(cls: type[ESPLoader], name: str) -> int:
 
 
 @cache
-def chip_spec(name: str) -> ChipSpec:
-    """The spec of chip ``name`` (esptool's ``--chip`` name), failing with the choices."""
+def chip_spec(name: str, revision: str | None = None) -> ChipSpec:
+    """The spec of chip ``name`` (esptool's ``--chip`` name), failing with the choices.
+
+    ``revision`` ("v1.0") overrides the silicon revision a line buys today
+    (``_REVISIONS``), e.g. an ESP32 older than v3.0, which has no secure boot v2.
+    """
     if name not in CHIP_NAMES:
         raise ValueError(f"unknown chip {name!r}; choose one of {', '.join(CHIP_NAMES)}")
     cls: Any = CHIP_DEFS[name]
     xtal = _xtal_mhz(cls, name)
+    chosen = parse_revision(revision) if revision else None
     if name == "esp32":
-        regs = _esp32_regs(cls)
+        regs = _esp32_regs(cls, *(chosen or (3, 0)))
     else:
         regs = {}
-        major, minor = _REVISIONS.get(name, (0, 0))
+        major, minor = chosen or _REVISIONS.get(name, (0, 0))
         _solve_field(cls, "get_major_chip_version", major, regs)
         _solve_field(cls, "get_minor_chip_version", minor, regs)
         for method, value in _FIELDS.get(name, {}).items():
@@ -308,6 +323,7 @@ def chip_spec(name: str) -> ChipSpec:
         watchdog=watchdog,
         mac_ext=probe(cls, {}).read_mac("MAC_EXT") is not None,
         static_regs=regs,
+        revision=revision,
     )
 
 

@@ -66,8 +66,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="seconds between plugging successive boards (0)")
     parser.add_argument("--fault", action="append", default=[], metavar="SPEC",
                         help="INDEX:KIND[=VALUE][,...]; kinds: unplug_after=N, mute, "
-                             "corrupt=RATE, slow=FACTOR, garbage, busy, reset_timing "
-                             "(repeatable)")
+                             "corrupt=RATE, slow=FACTOR, garbage, busy, reset_timing, "
+                             "pull_after_burns=N, weak_efuse=BLOCK, "
+                             "locked=sdm|key|encrypted|secure_boot (repeatable)")
     parser.add_argument("--no-throttle", action="store_true",
                         help="do not model the UART line rate")
     parser.add_argument("--no-flash-timing", action="store_true",

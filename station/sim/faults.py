@@ -19,6 +19,15 @@ for more faults on one board. INDEX is the board's 0-based plug index. Kinds:
                     line changes (RFC 2217 face): the chip wakes before GPIO0 is
                     low and boots the app instead of download mode, as under heavy
                     USB load; esptool reports "Wrong boot mode detected"
+``pull_after_burns=N``  the board is pulled right after its Nth eFuse program
+                    command (the burns done stay burned: a half-locked board)
+``weak_efuse=BLOCK``  a fuse bit of that eFuse block never blows (Espressif advisory
+                    AR2022-006): every burn of the block leaves the RS decoder
+                    reporting an error (not on the ESP32's 3/4 coding)
+``locked=KIND``     the board arrives burned by another line: ``sdm`` (secure
+                    download mode), ``key`` (an XTS key with its purpose in the
+                    first key block, protected), ``encrypted`` (that key and the
+                    crypt counter on), ``secure_boot`` (a foreign digest, enabled)
 ==================  =============================================================
 
 Example: ``--fault 3:unplug_after=200000 --fault 5:mute --fault 7:corrupt=0.001``.
@@ -41,6 +50,9 @@ class Faults:
     garbage: bool = False
     busy: bool = False
     reset_timing: bool = False
+    pull_after_burns: int | None = None
+    weak_efuse: int | None = None
+    locked: str | None = None
 
     def describe(self) -> str:
         """The spec form (without index), e.g. ``mute,corrupt=0.001``; ``""`` if healthy."""
@@ -59,12 +71,19 @@ class Faults:
             parts.append("busy")
         if self.reset_timing:
             parts.append("reset_timing")
+        if self.pull_after_burns is not None:
+            parts.append(f"pull_after_burns={self.pull_after_burns}")
+        if self.weak_efuse is not None:
+            parts.append(f"weak_efuse={self.weak_efuse}")
+        if self.locked is not None:
+            parts.append(f"locked={self.locked}")
         return ",".join(parts)
 
 
 _ALIASES = {"slow_flash": "slow", "not_esp": "garbage", "held": "busy"}
 _FLAGS = {"mute", "garbage", "busy", "reset_timing"}
-_VALUED = {"unplug_after", "corrupt", "slow"}
+_VALUED = {"unplug_after", "corrupt", "slow", "pull_after_burns", "weak_efuse", "locked"}
+LOCKS = ("sdm", "key", "encrypted", "secure_boot")
 
 
 def _apply(faults: Faults, item: str) -> Faults:
@@ -74,13 +93,22 @@ def _apply(faults: Faults, item: str) -> Faults:
     if kind in _FLAGS:
         if sep:
             raise ValueError(f"fault {kind!r} takes no value")
-        return dataclasses.replace(faults, **{kind: True})
+        return dataclasses.replace(faults, **{kind: True})  # type: ignore[arg-type]
     if kind not in _VALUED:
         known = ", ".join(sorted(_FLAGS | _VALUED | set(_ALIASES)))
         raise ValueError(f"unknown fault kind {kind!r} (known: {known})")
     if not sep or not value:
         raise ValueError(f"fault {kind!r} needs a value, e.g. {kind}=...")
+    if kind == "locked":
+        if value not in LOCKS:
+            raise ValueError(f"locked must be one of {', '.join(LOCKS)}, got {value!r}")
+        return dataclasses.replace(faults, locked=value)
     try:
+        if kind in ("pull_after_burns", "weak_efuse"):
+            count = int(value, 0)
+            if count < (1 if kind == "pull_after_burns" else 0):
+                raise ValueError
+            return dataclasses.replace(faults, **{kind: count})  # type: ignore[arg-type]
         if kind == "unplug_after":
             count = int(value, 0)
             if count < 0:

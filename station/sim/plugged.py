@@ -85,3 +85,4 @@ class PluggedBoard:
     reset_circuit: str | None = None  # "auto" | "none" on RFC 2217 bridge boards
     app_line: str | None = None  # what its "app" prints after its app_init lines
     en_cap_uf: float | None = None  # the EN capacitor of its reset circuit
+    revision: str | None = None  # silicon revision other than chips._REVISIONS ("v1.0")

@@ -25,6 +25,20 @@ STUB_BAD_DATA_LEN, STUB_BAD_CHECKSUM, STUB_INVALID_COMMAND = 0xC0, 0xC1, 0xC3
 STUB_NOT_IN_FLASH_MODE, STUB_INFLATE_ERROR = 0xC6, 0xC7
 
 
+# Secure Download Mode: "It only allows a limited set of commands" (esptool docs,
+# serial-protocol.rst "Supported in Secure Download Mode"): SYNC, SPI_ATTACH,
+# SPI_SET_PARAMS, CHANGE_BAUDRATE, FLASH_BEGIN/DATA/END, GET_SECURITY_INFO.
+SDM_ALLOWED = frozenset({SYNC, SPI_ATTACH, SPI_SET_PARAMS, CHANGE_BAUDRATE, FLASH_BEGIN,
+                         FLASH_DATA, FLASH_END, GET_SECURITY_INFO})
+# How the ROM refuses the others: esptool raises UnsupportedCommandError ("This command
+# (0xa) is not supported in Secure Download Mode", seen on an ESP32-C2, esptool#895) only
+# for a reply whose opcode differs from the request's, status non-zero and reason 0x05,
+# and drains it: "Unsupported command response is sent 8 times and has 14 bytes length"
+# (loader.command). Which opcode the ROM puts there is not published; 0 is ours.
+SDM_REFUSAL_OPCODE = 0x00
+SDM_REFUSAL_REPEATS = 8
+
+
 class CommandError(Exception):
     """A command failed; the board answers with status 1 and this reason code."""
 

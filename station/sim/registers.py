@@ -10,6 +10,10 @@ hardware are emulated because esptool drives them register by register:
   8-bit status reads, so stale upper bits would corrupt them;
 * the UART clock divider, which esptool multiplies by the baud rate to guess the
   crystal: it is derived from the rate the host actually uses.
+
+The eFuse controller's window is not stored here: every access in it goes to the
+board's :class:`~.efuse.EfuseArray` (espefuse's own emulator), which outlives resets
+and holds the MAC and revision words the chip spec seeded it with.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .chips import CHIP_DETECT_MAGIC_REG, RTC_SLOW_CLK_HZ, WDT_EN, ChipSpec
+from .efuse import EfuseArray
 
 SPI_CMD_USR = 1 << 18
 SPI_USR_COMMAND = 1 << 31
@@ -46,10 +51,12 @@ class Registers:
     """Register file of one board. Reset re-creates it: WRITE_REGs do not survive."""
 
     def __init__(self, spec: ChipSpec, mac: bytes, flash_size: int,
-                 baud: Callable[[], int]) -> None:
+                 baud: Callable[[], int], efuses: EfuseArray) -> None:
         self.spec = spec
         self._baud = baud
-        self._values: dict[int, int] = spec.registers(mac)
+        self.efuses = efuses
+        self._values: dict[int, int] = {a: v for a, v in spec.registers(mac).items()
+                                        if not efuses.covers(a)}
         self._capacity_code = flash_size.bit_length() - 1  # 4 MB -> 0x16
         self._sfdp = sfdp_table(FLASH_MANUFACTURER)
         self.spi_commands: list[int] = []  # opcodes run, for tests and debugging
@@ -57,6 +64,8 @@ class Registers:
         self.watchdog_timeout: float | None = None
 
     def read(self, addr: int) -> int:
+        if self.efuses.covers(addr):
+            return self.efuses.read(addr)
         if addr == CHIP_DETECT_MAGIC_REG:
             return self.spec.magic
         if addr == self.spec.uart_clkdiv_reg:
@@ -67,6 +76,9 @@ class Registers:
         return self._values.get(addr, 0)
 
     def write(self, addr: int, value: int, mask: int = 0xFFFFFFFF) -> None:
+        if self.efuses.covers(addr):
+            self.efuses.write(addr, value, mask)
+            return
         old = self.read(addr)
         new = (old & ~mask | value & mask) & 0xFFFFFFFF
         spi = self.spec.spi

@@ -28,7 +28,8 @@ from typing import Any, TypeVar
 
 from .board import Board
 from .boot_console import BootConsole
-from .chips import chip_spec
+from .chips import ChipSpec, chip_spec
+from .efuse import EfuseArray, efuse_path
 from .faults import Faults
 from .flash import Flash, FlashTiming
 from .plugged import MacAllocator, PluggedBoard, by_path_name, format_mac, parse_size
@@ -119,7 +120,8 @@ class Rig:
              reenumerate_gap: float | tuple[float, float] | None = None,
              preloaded: bool = False, stub_model: StubModel | None = None,
              rfc2217_port: int | None = None, reset_circuit: str = "auto",
-             app_line: str | None = None, en_cap_uf: float = EN_CAP_UF) -> PluggedBoard:
+             app_line: str | None = None, en_cap_uf: float = EN_CAP_UF,
+             revision: str | None = None) -> PluggedBoard:
         """Plug a new board; returns once its by-path link exists.
 
         ``usb`` is how it hangs off the hub: "bridge" (a USB-UART bridge, kind
@@ -141,7 +143,7 @@ class Rig:
         if en_cap_uf <= 0:
             raise ValueError(f"the EN capacitor must be positive, got {en_cap_uf} uF")
         circuit = parse_reset_circuit(reset_circuit)
-        spec = chip_spec(chip)
+        spec = chip_spec(chip, revision)
         link_kind = usb_link(spec, usb, bridge)
         gap = self.reenumerate_gap if reenumerate_gap is None else reenumerate_gap
         model = self.stub_model if stub_model is None else parse_stub_model(stub_model)
@@ -161,7 +163,7 @@ class Rig:
                 self._macs.reserve(mac_bytes)
         if rfc2217_port is None and self.rfc2217_base is not None:
             rfc2217_port = self.rfc2217_base + index if self.rfc2217_base else 0
-        return self._call(self._plug(index, spec.name, mac_bytes, size, faults or Faults(),
+        return self._call(self._plug(index, spec, mac_bytes, size, faults or Faults(),
                                      link_kind, gap, preloaded, model, rfc2217_port,
                                      circuit, app_line, en_cap_uf))
 
@@ -196,7 +198,8 @@ class Rig:
                          faults=info.faults, index=info.index, usb=info.usb,
                          bridge=info.bridge, stub_model=parse_stub_model(info.stub_model),
                          rfc2217_port=port, reset_circuit=info.reset_circuit or "auto",
-                         app_line=info.app_line, en_cap_uf=info.en_cap_uf or EN_CAP_UF)
+                         app_line=info.app_line, en_cap_uf=info.en_cap_uf or EN_CAP_UF,
+                         revision=info.revision)
 
     def press_boot_en(self, board: PluggedBoard | int) -> None:
         """A person holds BOOT and taps EN: the board enters download mode.
@@ -300,13 +303,13 @@ class Rig:
             except Exception:
                 log.exception("event callback failed")
 
-    async def _plug(self, index: int, chip: str, mac: bytes, size: int, faults: Faults,
+    async def _plug(self, index: int, spec: ChipSpec, mac: bytes, size: int, faults: Faults,
                     usb: UsbLink, gap: float | tuple[float, float], preloaded: bool,
                     stub_model: StubModel, rfc2217_port: int | None = None,
                     circuit: ResetCircuitKind = "auto",
                     app_line: str | None = None,
                     en_cap_uf: float = EN_CAP_UF) -> PluggedBoard:
-        rng = random.Random(self.seed * 1_000_003 + index)
+        chip, rng = spec.name, random.Random(self.seed * 1_000_003 + index)
         link = self._new_link(faults, rng, usb)
         flash = Flash(size, FlashTiming(enabled=self.flash_timing, slow=faults.slow_flash))
         port = self.directory / by_path_name(index)
@@ -315,7 +318,7 @@ class Rig:
                             dump_path=self.directory / f"flash-{mac.hex()}.bin", faults=faults,
                             usb=usb.kind, bridge=usb.bridge.name if usb.bridge else None,
                             vid_pid=str(usb.describe()["vid_pid"]), max_baud=usb.max_baud,
-                            preloaded=preloaded, stub_model=stub_model)
+                            preloaded=preloaded, stub_model=stub_model, revision=spec.revision)
         if preloaded:
             old = min(size, PRELOADED_SIZE)
             flash.data[:old] = random.Random(f"preloaded-{self.seed}-{mac.hex()}").randbytes(old)
@@ -329,8 +332,9 @@ class Rig:
         async def on_reset(kind: str) -> None:
             await self._board_reset(index, kind)
 
-        board = Board(chip_spec(chip), mac, flash, link, faults, rng, on_unplug=fault_unplug,
-                      on_reset=on_reset, stub_model=stub_model)
+        efuses = EfuseArray(chip, efuse_path(self.directory, mac), spec.registers(mac))
+        board = Board(spec, mac, flash, link, faults, rng, on_unplug=fault_unplug,
+                      on_reset=on_reset, stub_model=stub_model, efuses=efuses)
         task = asyncio.get_running_loop().create_task(board.run(), name=f"board-{index}")
         gap_rng = random.Random(f"usb-gap-{self.seed}-{index}")
         slot = self._slots[index] = _Slot(info, board, link, task, usb, gap, gap_rng)
@@ -466,6 +470,7 @@ class Rig:
             os.unlink(slot.info.port)
         slot.link.close()
         slot.board.flash.dump(slot.info.dump_path)
+        slot.board.efuses.save()  # also saved after every burn; efuse-<mac>.bin
         with self._lock:
             self._macs.release(bytes.fromhex(slot.info.mac.replace(":", "")))
         log.info("unplugged %s (%s)", slot.info.mac, reason)

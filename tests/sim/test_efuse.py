@@ -1,0 +1,200 @@
+"""Virtual eFuses: the real espefuse (CLI and library) burns and reads virtual boards.
+
+Every board's eFuse window is espefuse's own ``EmulateEfuseController`` for its chip;
+these tests drive espefuse over the board's pty and check what a user would check:
+the summary, a burned key read back protected, refusals in espefuse's own words, and
+the eFuses surviving a replug and being readable with ``espefuse --virt``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from station.sim import CHIP_NAMES, Rig
+from station.sim.efuse import efuse_path
+
+from .conftest import esptool
+from .efusekit import espefuse, espsecure, summary, virt_summary
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _identity(port: str) -> tuple[str, str]:
+    """(revision, MAC) as esptool prints them."""
+    out = esptool(port, "chip-id").output
+    rev = re.search(r"Chip type:.*\(revision (v\d+\.\d+)\)", out)
+    mac = re.search(r"BASE MAC:\s+([0-9a-f:]{17})", out) or re.search(
+        r"MAC:\s+([0-9a-f:]{17})\n", out)
+    assert rev and mac, out
+    return rev.group(1), mac.group(1)
+
+
+@pytest.mark.parametrize(("chip", "revision"), [
+    ("esp32", None), ("esp32", "v1.0"), ("esp32s3", None), ("esp32c3", None),
+    ("esp32c6", None),
+])
+def test_summary_agrees_with_esptool(fast_rig: Rig, tmp_path: Path, chip: str,
+                                     revision: str | None) -> None:
+    """espefuse reads the MAC and revision esptool reports: one eFuse block, one truth."""
+    board = fast_rig.plug(chip=chip, revision=revision)
+    efuses = summary(board.port, tmp_path / "summary.json")
+    rev, mac = _identity(board.port)
+    assert rev == (revision or rev)
+    wafer = f"v{efuses['WAFER_VERSION_MAJOR']['value']}.{efuses['WAFER_VERSION_MINOR']['value']}"
+    assert wafer == rev
+    assert efuses["MAC"]["value"].split()[0] == mac == board.mac
+    assert "OK" in efuses["MAC"]["value"]  # "(OK)"; ESP32: "(CRC 0x.. OK)"
+
+
+@pytest.mark.parametrize("chip", CHIP_NAMES)
+def test_every_chip_has_its_efuse_file(tmp_path: Path, chip: str) -> None:
+    """Each chip's eFuses are a file ``espefuse --virt --path-efuse-file`` reads."""
+    with Rig(tmp_path / "hub", seed=3, throttle=False, flash_timing=False) as rig:
+        board = rig.plug(chip=chip)
+    path = efuse_path(tmp_path / "hub", bytes.fromhex(board.mac.replace(":", "")))
+    efuses = virt_summary(chip, path, tmp_path / "virt.json")
+    assert efuses["MAC"]["value"].split()[0] == board.mac
+
+
+def test_burned_key_reads_back_protected_and_a_second_key_is_refused(
+        fast_rig: Rig, tmp_path: Path) -> None:
+    board = fast_rig.plug(chip="esp32s3")
+    key, other = tmp_path / "key.bin", tmp_path / "other.bin"
+    key.write_bytes(os.urandom(32))
+    other.write_bytes(os.urandom(32))
+    burn = espefuse(board.port, "burn-key", "BLOCK_KEY0", str(key), "XTS_AES_128_KEY")
+    assert burn.returncode == 0, burn.output
+    assert "Disabling read to key block" in burn.output
+    efuses = summary(board.port, tmp_path / "after.json")
+    assert efuses["KEY_PURPOSE_0"]["value"] == "XTS_AES_128_KEY"
+    assert efuses["BLOCK_KEY0"]["readable"] is False
+    assert set(efuses["BLOCK_KEY0"]["value"].replace(" ", "")) <= {"0", "?", "-", "/"}
+    # the silicon keeps the key: the bits the crypto block sees are the key file's
+    assert fast_rig.board(board).efuses.block_bytes(4) == key.read_bytes()[::-1]
+
+    again = espefuse(board.port, "burn-key", "BLOCK_KEY0", str(other), "XTS_AES_128_KEY")
+    assert again.returncode == 2
+    assert "BLOCK_KEY0 is read-protected" in again.output
+    forced = espefuse(board.port, "burn-key", "BLOCK_KEY0", str(other), "XTS_AES_128_KEY",
+                      "--force-write-always")
+    assert fast_rig.board(board).efuses.block_bytes(4) == key.read_bytes()[::-1], forced.output
+
+
+def test_rs_block_refuses_different_data(fast_rig: Rig, tmp_path: Path) -> None:
+    board = fast_rig.plug(chip="esp32c3")
+    first, second = tmp_path / "a.bin", tmp_path / "b.bin"
+    first.write_bytes(bytes(range(32)))
+    second.write_bytes(bytes(range(1, 33)))
+    assert espefuse(board.port, "burn-block-data", "BLOCK_USR_DATA",
+                    str(first)).returncode == 0
+    same = espefuse(board.port, "burn-block-data", "BLOCK_USR_DATA", str(first))
+    assert same.returncode == 0 and "already written the same value" in same.output
+    different = espefuse(board.port, "burn-block-data", "BLOCK_USR_DATA", str(second))
+    assert different.returncode == 2
+    assert "Burn into BLOCK_USR_DATA is forbidden (RS coding scheme does not allow this)" \
+        in different.output
+
+
+def test_protect_commands_and_batch_mode(fast_rig: Rig, tmp_path: Path) -> None:
+    """Chained burn commands run as one batch; WR_DIS then stops a later burn."""
+    board = fast_rig.plug(chip="esp32c6")
+    digest = tmp_path / "digest.bin"
+    digest.write_bytes(os.urandom(32))
+    batch = espefuse(board.port, "burn-efuse", "DIS_USB_JTAG", "1",
+                     "burn-key", "BLOCK_KEY1", str(digest), "HMAC_UP",
+                     "burn-key", "BLOCK_KEY3", str(digest), "HMAC_DOWN_ALL",
+                     "--no-read-protect")
+    assert batch.returncode == 0, batch.output
+    assert "Batch mode is enabled" in batch.output
+    assert summary(board.port, tmp_path / "b.json")["BLOCK_KEY3"]["readable"] is True
+    protect = espefuse(board.port, "read-protect-efuse", "BLOCK_KEY3")
+    assert protect.returncode == 0, protect.output
+    efuses = summary(board.port, tmp_path / "s.json")
+    assert efuses["DIS_USB_JTAG"]["value"] is True
+    assert efuses["BLOCK_KEY3"]["readable"] is False
+    assert efuses["KEY_PURPOSE_1"]["value"] == "HMAC_UP"
+    # (espefuse 5.6 fails write-protect-efuse inside a chain: "Found repeated ['S', '_']
+    # in the name list", the name taken as a string; so it runs on its own here)
+    assert espefuse(board.port, "burn-efuse", "WDT_DELAY_SEL", "1").returncode == 0
+    protect = espefuse(board.port, "write-protect-efuse", "WDT_DELAY_SEL")
+    assert protect.returncode == 0, protect.output
+    assert summary(board.port, tmp_path / "wp.json")["WDT_DELAY_SEL"]["writeable"] is False
+    blocked = espefuse(board.port, "burn-efuse", "WDT_DELAY_SEL", "3")
+    assert blocked.returncode == 2
+    assert "WDT_DELAY_SEL is write-protected. Burn is not possible." in blocked.output
+
+
+def test_efuses_survive_replug_and_are_read_by_espefuse_virt(tmp_path: Path) -> None:
+    hub = tmp_path / "hub"
+    with Rig(hub, seed=11, throttle=False, flash_timing=False) as rig:
+        board = rig.plug(chip="esp32")
+        assert espefuse(board.port, "burn-efuse", "JTAG_DISABLE", "1").returncode == 0
+        board = rig.replug(board)
+        assert summary(board.port, tmp_path / "replug.json")["JTAG_DISABLE"]["value"] is True
+    # a new rig on the same directory and seed: the same board, its eFuses kept
+    with Rig(hub, seed=11, throttle=False, flash_timing=False) as rig:
+        again = rig.plug(chip="esp32")
+        assert again.mac == board.mac
+        assert summary(again.port, tmp_path / "rerun.json")["JTAG_DISABLE"]["value"] is True
+    path = efuse_path(hub, bytes.fromhex(board.mac.replace(":", "")))
+    assert virt_summary("esp32", path, tmp_path / "virt.json")["JTAG_DISABLE"]["value"] is True
+
+
+def test_library_api_burns_over_the_port(fast_rig: Rig, tmp_path: Path) -> None:
+    """``espefuse.init_commands(port=...)``: the scripting API, batch mode, a digest."""
+    import espefuse as espefuse_lib
+
+    board = fast_rig.plug(chip="esp32s3")
+    key = tmp_path / "sb.pem"
+    result = espsecure("generate-signing-key", "--version", "2", "--scheme", "rsa3072",
+                            str(key))
+    assert result.returncode == 0, result.output
+    with espefuse_lib.init_commands(port=board.port, before="no-reset",
+                                    do_not_confirm=True, batch_mode=True) as cmds:
+        cmds.burn_efuse({"SECURE_BOOT_EN": 1})
+        with open(key, "rb") as f:
+            cmds.burn_key_digest(["BLOCK_KEY2"], [f], ["SECURE_BOOT_DIGEST0"])
+        assert cmds.burn_all(check_batch_mode=True)
+    efuses = summary(board.port, tmp_path / "lib.json")
+    assert efuses["SECURE_BOOT_EN"]["value"] is True
+    assert efuses["KEY_PURPOSE_2"]["value"] == "SECURE_BOOT_DIGEST0"
+    assert efuses["BLOCK_KEY2"]["readable"] is True  # digests stay readable
+
+
+
+@pytest.mark.parametrize("chip", ["esp32s3", "esp32s2"])
+def test_security_info_comes_from_the_efuses(fast_rig: Rig, tmp_path: Path, chip: str) -> None:
+    """GET_SECURITY_INFO answers what is burned: flags, crypt count, key purposes."""
+    board = fast_rig.plug(chip=chip)
+    key = tmp_path / "hmac.bin"
+    key.write_bytes(os.urandom(32))
+    burn = espefuse(board.port, "burn-efuse", "SPI_BOOT_CRYPT_CNT", "1",
+                    "DIS_DOWNLOAD_ICACHE", "1", "SECURE_BOOT_KEY_REVOKE1", "1",
+                    "burn-key", "BLOCK_KEY2", str(key), "HMAC_UP")
+    assert burn.returncode == 0, burn.output
+    out = esptool(board.port, "get-security-info").output
+    # bit 10 DIS_DOWNLOAD_ICACHE, bit 4 SECURE_BOOT_KEY_REVOKE1 (loader.get_security_info)
+    assert "Flags: 0x00000410" in out, out
+    assert "Key Purposes: (0, 0, 8, 0, 0, 0, 0)" in out
+    assert "Flash Encryption: Enabled" in out
+    assert "SPI Boot Crypt Count (SPI_BOOT_CRYPT_CNT): 0x1" in out
+    assert ("Chip ID: 9" in out) == (chip == "esp32s3")  # the S2's reply has no chip id
+
+
+def test_batch_mode_costs_a_fraction_of_separate_burns_on_the_wire(fast_rig: Rig) -> None:
+    """esptool#456: 14 separate burns took > 30 s per unit. Each espefuse run connects
+    and reads every eFuse block again; one chained run does that once."""
+    fuses = ["DIS_USB_JTAG", "DIS_PAD_JTAG", "DIS_DOWNLOAD_ICACHE", "DIS_DOWNLOAD_DCACHE",
+             "DIS_FORCE_DOWNLOAD"]
+    alone, batched = fast_rig.plug(chip="esp32s3"), fast_rig.plug(chip="esp32s3")
+    for name in fuses:
+        assert espefuse(alone.port, "burn-efuse", name, "1").returncode == 0
+    pairs = [part for name in fuses for part in (name, "1")]
+    assert espefuse(batched.port, "burn-efuse", *pairs).returncode == 0
+    separate = fast_rig.board(alone).bytes_received
+    batch = fast_rig.board(batched).bytes_received
+    assert batch * 3 < separate, (batch, separate)
