@@ -2,7 +2,7 @@
 
 A bootloader "built for" flash encryption or secure boot carries ESP-IDF's log format
 strings for them, as a real build does (boot_security.py explains the signal); the
-images are laid out per chip by ``station.demo_firmware``. Signing and encryption go
+images are laid out per chip by ``station.demo.firmware``. Signing and encryption go
 through the real ``espsecure`` CLI.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from station.demo_firmware import esp_image, layout, partition_table
+from station.demo.firmware import esp_image, layout, partition_table
 
 from station.sim.boot_security import APP_FE, BOOTLOADER_FE, BOOTLOADER_SB
 
