@@ -1,5 +1,6 @@
 """Fixtures most station tests share: the demo firmware, a site (station.toml, state,
-hub folder) and a quick rig. A module that needs another kind defines its own."""
+hub folder), a quick rig, a tmux terminal. A module that needs another kind defines its
+own."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from station.sim import Rig
 from tests.test_bad_inputs import Firmware, Site, make_firmware, quick_rig
+from tests.tmuxkit import Tmux
 
 
 @pytest.fixture(scope="module")
@@ -26,3 +28,11 @@ def site(tmp_path: Path, firmware: Firmware) -> Site:
 def rig(site: Site) -> Iterator[Rig]:
     with quick_rig(site) as r:
         yield r
+
+
+@pytest.fixture
+def tmux() -> Iterator[Tmux]:
+    """A tmux server of the test's own (tests/tmuxkit.py), killed after the test."""
+    t = Tmux()
+    yield t
+    t.close()

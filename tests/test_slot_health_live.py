@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ import pytest
 from station.demo import make_demo_firmware
 from station.sim import Faults, Rig
 from tests.linekit import Operator, sixteen_slots
+from tests.tmuxkit import Tmux
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -34,48 +32,6 @@ MUTE_HUB = 5
 SLOT = "A6"
 WAIT = 120.0
 HINT = "fails at connect: check the cable or the hub port"
-
-
-class Tmux:
-    """One tmux server of our own, one window, a fixed size."""
-
-    def __init__(self, root: Path) -> None:
-        self.tmux = shutil.which("tmux")
-        if self.tmux is None:
-            pytest.skip("tmux is not installed (.ci/run installs it with apt-get as root; "
-                        "here it could not be)")
-        self.socket = f"station-test-{id(self)}"
-
-    def __call__(self, *args: str) -> str:
-        assert self.tmux is not None
-        # the server's environment is the station's: a terminal's size comes from the
-        # terminal, not from COLUMNS/LINES something in this process exported
-        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-        done = subprocess.run([self.tmux, "-L", self.socket, *args], capture_output=True,
-                              text=True, timeout=30, check=True, env=env)
-        return done.stdout
-
-    def start(self, command: list[str], cwd: Path) -> None:
-        self("-f", "/dev/null", "new-session", "-d", "-s", "line", "-x", "200", "-y", "45",
-             "-c", str(cwd), *command)
-        self("set-option", "-t", "line", "remain-on-exit", "on")
-
-    def screen(self) -> list[str]:
-        return self("capture-pane", "-p", "-t", "line").splitlines()
-
-    def dead(self) -> bool:
-        return self("display-message", "-p", "-t", "line", "#{pane_dead}").strip() == "1"
-
-    def close(self) -> None:
-        subprocess.run([self.tmux or "tmux", "-L", self.socket, "kill-server"],
-                       capture_output=True, timeout=30, check=False)
-
-
-@pytest.fixture
-def tmux(tmp_path: Path) -> Iterator[Tmux]:
-    t = Tmux(tmp_path)
-    yield t
-    t.close()
 
 
 def ledger_rows(state: Path, query: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -189,12 +145,8 @@ retries = 0
                            lambda: SLOT in jobs_since(state, again_at), WAIT, alive)
         assert flags(state)[1][5] == "cli"
 
-        tmux("send-keys", "-t", "line", "C-c")
         operator.holding = set(operator.hubs)  # the operator stops
-        deadline = time.monotonic() + WAIT
-        while not tmux.dead():
-            assert time.monotonic() < deadline, "\n".join(tmux.screen())
-            time.sleep(0.1)  # polling interval of a deadline-bound wait
+        tmux.stop(WAIT)
 
     events = [json.loads(line) for line in (state / "events.jsonl").read_text().splitlines()]
     kinds = [(e["kind"], e.get("by")) for e in events if e["kind"].startswith("Slot")]
