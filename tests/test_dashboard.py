@@ -68,8 +68,8 @@ def built_view() -> StationView:
     return view
 
 
-def rendered_lines(view: StationView, now: float) -> list[str]:
-    console = Console(width=140, color_system=None, force_terminal=True, record=True,
+def rendered_lines(view: StationView, now: float, width: int = 140) -> list[str]:
+    console = Console(width=width, color_system=None, force_terminal=True, record=True,
                       file=io.StringIO())
     console.print(render(view, now))
     return [line.rstrip() for line in console.export_text().splitlines()]
@@ -96,9 +96,9 @@ def test_render_shows_each_slot_stage_progress_and_errors() -> None:
     slots = [line.split()[0] for line in lines if line.split()[:1] and
              line.split()[0] in ("A1", "A2", "A3", "A10")]
     assert slots == ["A1", "A2", "A3", "A10"]  # natural order
-    assert "done 1  failed 1  removed 0  skipped 0  in progress 2" in lines[-2]
-    assert "40.0 boards/h" in lines[-2] and "up 1:30" in lines[-2]
-    assert lines[-1] == "station line-1  |  firmware demo 1.0 (3f2a)  |  registrar aws-iot"
+    assert lines[-2] == "done 1  failed 1  removed 0  skipped 0  in progress 2  |  40.0 boards/h"
+    assert lines[-1] == ("station line-1  |  up 1:30  |  registrar aws-iot  |  "
+                         "firmware demo 1.0 (3f2a)")
 
 
 def test_render_is_a_pure_function_of_state_and_now() -> None:
@@ -248,10 +248,54 @@ def test_a_dead_hub_the_booted_version_and_a_board_waiting_for_buttons_show() ->
     view.apply(ButtonsNeeded(**at("A1"), waiting=True))
     lines = rendered_lines(view, T0 + 30)
     assert f"hub {url} (H2) unreachable: hub-2:4001: Connection refused" in "\n".join(lines)
-    assert "done, booted blinky 2.0.1" in row_line(lines, "A10")
+    assert "done" in row_line(lines, "A10") and "booted blinky 2.0.1" in row_line(lines, "A10")
     assert "press BOOT + EN" in row_line(lines, "A1")
     view.apply(ButtonsNeeded(**at("A1"), waiting=False))
     view.apply(HubStatus(job_id="", port=url, slot="H2", state="present", detail=""))
     lines = rendered_lines(view, T0 + 31)
     assert "press BOOT + EN" not in row_line(lines, "A1")
     assert "unreachable" not in "\n".join(lines)
+
+
+def test_boards_per_hour_shows_once_a_board_is_done_even_in_the_first_minute() -> None:
+    view = StationView(station="line-1", started_at=T0)
+    for event in start("A1", T0, "240ac4000001"):
+        view.apply(event)
+    assert "- boards/h" in rendered_lines(view, T0 + 10)[-2]
+    view.apply(JobFinished(**at("A1"), result=Stage.DONE, at=T0 + 20))
+    assert rendered_lines(view, T0 + 25)[-2].endswith("  |  144.0 boards/h")
+
+
+def test_at_80_columns_port_speed_and_baud_give_way_and_the_mac_keeps_its_end() -> None:
+    view = built_view()
+    view.apply(Registered(**at("A1"), thing_name="widget-pro-240ac4000001",
+                          certificate_id="c1", registrar="aws-iot", at=T0 + 5))
+    wide, narrow = rendered_lines(view, T0 + 30, 160), rendered_lines(view, T0 + 30, 80)
+    assert wide[0].split() == ["slot", "port", "chip", "MAC", "/", "thing", "stage",
+                               "elapsed", "speed", "baud", "progress", "/", "result"]
+    assert "widget-pro-240ac4000001" in row_line(wide, "A1")
+    assert narrow[0].split()[:3] == ["slot", "chip", "MAC"] and "port" not in narrow[0]
+    assert max(len(line) for line in narrow) <= 80
+    a1 = row_line(narrow, "A1").split()
+    assert a1[:4] == ["A1", "esp32", "…240ac4000001", "flash"], a1
+    assert "━━━───────" in a1 and "34%" in a1
+    assert row_line(narrow, "A3").split()[1:4] == ["esp32", "…240ac4000003", "register"]
+
+
+def test_the_footer_moves_whole_items_to_the_next_line_where_it_is_narrow() -> None:
+    lines = rendered_lines(built_view(), T0 + 30, 60)
+    footer = lines[lines.index(row_line(lines, "A10")) + 1:]
+    assert footer == ["done 1  failed 1  removed 0  skipped 0  in progress 2",
+                      "40.0 boards/h",
+                      "station line-1  |  up 1:30  |  registrar aws-iot",
+                      "firmware demo 1.0 (3f2a)"]
+
+
+def test_cut_middle_keeps_the_whole_mac_then_its_last_digits() -> None:
+    from rich.text import Text
+
+    from station.screen.fit import cut_middle
+
+    name = Text("widget-pro-240ac4269e0c")
+    assert [cut_middle(name, w, tail=12).plain for w in (30, 17, 13, 8, 1)] == [
+        "widget-pro-240ac4269e0c", "widg…240ac4269e0c", "…240ac4269e0c", "…4269e0c", "…"]

@@ -1,7 +1,10 @@
 """What the operator sees: the live table of slots, or one log line per event.
 
     view.py       the station as its events describe it (`StationView`); the others read it
-    dashboard.py  the live table: `render(view, now)` and rich's Live over it
+    dashboard.py  the live table: `render(view, now)` and rich's Live over it; which
+                  columns give way, in what order, where the terminal is narrow
+    fit.py        text that fits the width rich gives it: a name cut in the middle, the
+                  widest of several texts that fits, items packed onto lines
     lines.py      headless: one log line per event (`format_event`, `HeadlessLog`)
     keys.py       single keys on the live table, read without blocking and without Enter
 """
