@@ -40,9 +40,9 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def write_config(root: Path, builds: dict[str, Path], name: str = "mixed-line",
-                 ports: str = "") -> Path:
+                 ports: str = "", thing: str = "t-{mac}", more: str = "") -> Path:
     """A station.toml for a rig in root/rig with one [[firmware]] entry per chip built;
-    `ports`: more [ports] lines."""
+    `ports`: more [ports] lines; `more`: more tables at the end."""
     entries = "".join(f'[[firmware]]\nchip = "{chip}"\nflasher_args = {json.dumps(str(p))}\n\n'
                       for chip, p in builds.items())
     config = root / "station.toml"
@@ -54,14 +54,14 @@ state_dir = "state"
 watch = ["{root / 'rig' / 'pci-*'}"]
 rescan_interval = 0.2
 {ports}{entries}[identity]
-thing_name = "t-{{mac}}"
+thing_name = "{thing}"
 [registrar]
 kind = "local-ca"
 [registrar.local_ca]
 dir = "ca"
 [credentials]
 out_dir = "certs_out"
-""")
+{more}""")
     return config
 
 
