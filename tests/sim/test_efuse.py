@@ -183,18 +183,3 @@ def test_security_info_comes_from_the_efuses(fast_rig: Rig, tmp_path: Path, chip
     assert "Flash Encryption: Enabled" in out
     assert "SPI Boot Crypt Count (SPI_BOOT_CRYPT_CNT): 0x1" in out
     assert ("Chip ID: 9" in out) == (chip == "esp32s3")  # the S2's reply has no chip id
-
-
-def test_batch_mode_costs_a_fraction_of_separate_burns_on_the_wire(fast_rig: Rig) -> None:
-    """esptool#456: 14 separate burns took > 30 s per unit. Each espefuse run connects
-    and reads every eFuse block again; one chained run does that once."""
-    fuses = ["DIS_USB_JTAG", "DIS_PAD_JTAG", "DIS_DOWNLOAD_ICACHE", "DIS_DOWNLOAD_DCACHE",
-             "DIS_FORCE_DOWNLOAD"]
-    alone, batched = fast_rig.plug(chip="esp32s3"), fast_rig.plug(chip="esp32s3")
-    for name in fuses:
-        assert espefuse(alone.port, "burn-efuse", name, "1").returncode == 0
-    pairs = [part for name in fuses for part in (name, "1")]
-    assert espefuse(batched.port, "burn-efuse", *pairs).returncode == 0
-    separate = fast_rig.board(alone).bytes_received
-    batch = fast_rig.board(batched).bytes_received
-    assert batch * 3 < separate, (batch, separate)
