@@ -91,7 +91,9 @@ class EfuseArray(ChipBurns):
     """One board's eFuses: the chip's emulator, its file, and what the ROM reads of it."""
 
     def __init__(self, chip: str, path: Path | None = None,
-                 seed: dict[int, int] | None = None) -> None:
+                 seed: dict[int, int] | None = None, load: bool = True) -> None:
+        """``path``: the board's file, read if ``load`` and it exists (the same chip
+        again), else written anew from ``seed`` (a new chip: MAC and revision words)."""
         self.chip = chip
         self.path = path
         cls = controller_class(chip)
@@ -107,8 +109,10 @@ class EfuseArray(ChipBurns):
         for efuse in self.ctrl.Fields.EFUSES:
             for name in [efuse.name, *(efuse.alt_names or [])]:
                 self._fields.setdefault(name, efuse)
-        self.fresh = not self._load()  # a new chip (no file yet)
+        self.fresh = not (load and self._load())  # a new chip
         if self.fresh:
+            if self.hidden_path is not None:
+                self.hidden_path.unlink(missing_ok=True)  # an earlier chip's keys
             for addr, value in (seed or {}).items():
                 if self.covers(addr):
                     self.ctrl.update_reg(addr, 0xFFFFFFFF, value)

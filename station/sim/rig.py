@@ -78,8 +78,15 @@ class Rig:
                  flash_timing: bool = True, on_event: EventCallback | None = None,
                  reenumerate_gap: float | tuple[float, float] = DEFAULT_REENUMERATE_GAP,
                  stub_model: StubModel = "flasher", rfc2217_base: int | None = None,
-                 pty_lines: str | os.PathLike[str] | None = None) -> None:
+                 pty_lines: str | os.PathLike[str] | None = None,
+                 persist: bool = False) -> None:
         self.directory = Path(directory)
+        # persist: a board whose files an earlier run left in the directory (same seed,
+        # same MAC) continues from them: flash dump and eFuses. Otherwise a board is new
+        # to the rig the first time it is plugged (factory flash, nothing burned) and
+        # keeps what it holds across unplug/replug.
+        self.persist = persist
+        self._known_macs: set[bytes] = set()
         # Board i listens on rfc2217_base + i (0: each on a free port the system picks);
         # None: no RFC 2217 face unless a plug asks for one.
         self.rfc2217_base = rfc2217_base
@@ -322,7 +329,9 @@ class Rig:
         if preloaded:
             old = min(size, PRELOADED_SIZE)
             flash.data[:old] = random.Random(f"preloaded-{self.seed}-{mac.hex()}").randbytes(old)
-        if info.dump_path.exists():  # the same board plugged again keeps what it held
+        known = self.persist or mac in self._known_macs
+        self._known_macs.add(mac)
+        if known and info.dump_path.exists():  # the same board again keeps what it held
             previous = info.dump_path.read_bytes()
             flash.data[:len(previous)] = previous[:size]
 
@@ -332,7 +341,8 @@ class Rig:
         async def on_reset(kind: str) -> None:
             await self._board_reset(index, kind)
 
-        efuses = EfuseArray(chip, efuse_path(self.directory, mac), spec.registers(mac))
+        efuses = EfuseArray(chip, efuse_path(self.directory, mac), spec.registers(mac),
+                            load=known)
         board = Board(spec, mac, flash, link, faults, rng, on_unplug=fault_unplug,
                       on_reset=on_reset, stub_model=stub_model, efuses=efuses)
         task = asyncio.get_running_loop().create_task(board.run(), name=f"board-{index}")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +21,7 @@ from station.sim.efuse import efuse_path
 
 from .conftest import esptool
 from .efusekit import espefuse, espsecure, summary, virt_summary
+from .test_cli import read_events, sim_process
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -128,20 +131,65 @@ def test_protect_commands_and_batch_mode(fast_rig: Rig, tmp_path: Path) -> None:
     assert "WDT_DELAY_SEL is write-protected. Burn is not possible." in blocked.output
 
 
-def test_efuses_survive_replug_and_are_read_by_espefuse_virt(tmp_path: Path) -> None:
+def test_efuses_survive_replug_and_persist_and_are_read_by_espefuse_virt(
+        tmp_path: Path) -> None:
     hub = tmp_path / "hub"
     with Rig(hub, seed=11, throttle=False, flash_timing=False) as rig:
         board = rig.plug(chip="esp32")
         assert espefuse(board.port, "burn-efuse", "JTAG_DISABLE", "1").returncode == 0
         board = rig.replug(board)
         assert summary(board.port, tmp_path / "replug.json")["JTAG_DISABLE"]["value"] is True
-    # a new rig on the same directory and seed: the same board, its eFuses kept
-    with Rig(hub, seed=11, throttle=False, flash_timing=False) as rig:
+    path = efuse_path(hub, bytes.fromhex(board.mac.replace(":", "")))
+    assert virt_summary("esp32", path, tmp_path / "virt.json")["JTAG_DISABLE"]["value"] is True
+    # a new rig on the same directory and seed, persisting: the same board, eFuses kept
+    with Rig(hub, seed=11, throttle=False, flash_timing=False, persist=True) as rig:
         again = rig.plug(chip="esp32")
         assert again.mac == board.mac
         assert summary(again.port, tmp_path / "rerun.json")["JTAG_DISABLE"]["value"] is True
-    path = efuse_path(hub, bytes.fromhex(board.mac.replace(":", "")))
-    assert virt_summary("esp32", path, tmp_path / "virt.json")["JTAG_DISABLE"]["value"] is True
+    # not persisting: the same MAC is a new chip, its file written anew
+    with Rig(hub, seed=11, throttle=False, flash_timing=False) as rig:
+        fresh = rig.plug(chip="esp32")
+        assert fresh.mac == board.mac
+        assert summary(fresh.port, tmp_path / "new.json")["JTAG_DISABLE"]["value"] is False
+    assert virt_summary("esp32", path, tmp_path / "v2.json")["JTAG_DISABLE"]["value"] is False
+
+
+def test_station_sim_persist_keeps_flash_and_efuses_across_runs(tmp_path: Path) -> None:
+    """``station sim --persist``: the second run's board holds the first run's key (still
+    read-protected, the silicon's copy in efuse-<mac>.keys) and flash."""
+    hub, key = tmp_path / "hub", tmp_path / "key.bin"
+    key.write_bytes(os.urandom(32))
+    app = tmp_path / "app.bin"
+    app.write_bytes(os.urandom(0x1000))
+    args = ("--boards", "1", "--dir", str(hub), "--chip", "esp32c3", "--seed", "4",
+            "--no-throttle", "--no-flash-timing")
+
+    def run(*extra: str, burn: bool = False) -> dict[str, Any]:
+        with sim_process(*args, *extra) as proc:
+            assert proc.stdout is not None
+            [plugged] = read_events(proc.stdout, 1)
+            if burn:
+                result = espefuse(plugged["port"], "burn-key", "BLOCK_KEY0", str(key),
+                                  "XTS_AES_128_KEY")
+                assert result.returncode == 0, result.output
+                assert esptool(plugged["port"], "write-flash", "0x10000",
+                               str(app)).returncode == 0
+            efuses = summary(plugged["port"], tmp_path / "s.json")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        mac = plugged["mac"].replace(":", "")
+        efuses["flash"] = (hub / f"flash-{mac}.bin").read_bytes()[0x10000:0x11000]
+        efuses["keys"] = (hub / f"efuse-{mac}.keys").exists()
+        return efuses
+
+    first = run(burn=True)
+    kept = run("--persist")
+    assert kept["KEY_PURPOSE_0"]["value"] == "XTS_AES_128_KEY"
+    assert kept["BLOCK_KEY0"]["readable"] is False and kept["keys"]
+    assert kept["flash"] == first["flash"] == app.read_bytes()
+    new = run()
+    assert new["KEY_PURPOSE_0"]["value"] == "USER" and not new["keys"]
+    assert new["flash"] == b"\xff" * 0x1000
 
 
 def test_library_api_burns_over_the_port(fast_rig: Rig, tmp_path: Path) -> None:
