@@ -19,7 +19,12 @@ encrypt with the key nobody can read.
 
 Persistence: ``efuse-<mac>.bin`` is the emulator's own file (``--path-efuse-file``:
 ``espefuse --virt --chip X --path-efuse-file F summary`` reads it); the hidden key bits
-go beside it in ``efuse-<mac>.keys`` (mode 0600), a file no real chip has.
+go beside it in ``efuse-<mac>.keys`` (mode 0600), a file no real chip has. The rig
+loads them for the same board again (a replug, or ``--persist``).
+
+What the emulator does instantly takes the chip's time here: a program command keeps
+the command register set while the bits are blown (:mod:`.efuse_timing`). The chip's
+own burns (the bootloader's, a board locked by another line) are :mod:`.efuse_burns`.
 """
 
 from __future__ import annotations
