@@ -28,7 +28,8 @@ Python API::
 ``PluggedBoard`` has ``index``, ``port`` (the by-path symlink), ``pty`` (the slave
 device), ``mac`` ("24:0a:c4:.."), ``chip``, ``dump_path``, ``faults``, ``usb``,
 ``bridge``, ``vid_pid``, ``max_baud``, ``preloaded``, ``stub_model``, ``rfc2217``,
-``reset_circuit``, ``app_line`` and ``en_cap_uf``; ``Rig`` also has ``info``,
+``reset_circuit``, ``app_line`` and ``en_cap_uf``; ``Rig(..., persist=True)`` lets
+boards continue from an earlier run's files in the directory; ``Rig`` also has ``info``,
 ``replug``, ``resets``, ``reset_count``, ``reenumerations``, ``press_boot_en``,
 ``press_en`` and ``console``.
 

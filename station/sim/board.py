@@ -42,6 +42,8 @@ from .pty_link import ROM_BAUD, HostClosed, PtyLink
 from .registers import Registers
 from .stub_model import StubModel, StubWriter, identify_stub
 
+# &rom_spiflash_legacy_funcs.read in the ESP32-S3 ROM (esptool loader.run_stub, "got with GDB")
+S3_ROM_FLASH_READ_PTR = 0x3FCEF688
 GARBAGE = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
 
 log = logging.getLogger(__name__)
@@ -349,6 +351,8 @@ class Board(FlashWrites):
         elif op == P.GET_SECURITY_INFO and self.spec.security_info_len:
             await self._reply(op, data=self.efuses.security_info(self.spec.chip_id,
                                                                  self.spec.security_info_len))
+        elif op == P.READ_FLASH_SLOW and not stub and (hijack := self._hijacked_read()):
+            await self._start_stub(hijack)  # no reply: the ROM's read "returns" into it
         elif op == P.READ_FLASH_SLOW and not stub:
             addr, size = struct.unpack("<II", data)
             if size > 64 or not self.flash.check_range(addr, size):
@@ -391,20 +395,35 @@ class Board(FlashWrites):
         await self._reply(P.MEM_END)
         if no_entry:
             return
-        in_loaded_code = any(start <= entry < start + len(seg) for start, seg in self._mem.items())
-        if self.mode is Mode.ROM and in_loaded_code:
-            # "Jump" into the uploaded flasher stub: it says hello at the current rate.
-            self.mode = Mode.STUB
-            self.stub_uploaded = identify_stub({a: bytes(d) for a, d in self._mem.items()})
-            if self.stub_uploaded not in (None, self.stub_model):
-                self.log.warning("esptool uploaded the %s stub to a board modelling the %s "
-                                 "stub: its flash timing follows the %s one",
-                                 self.stub_uploaded, self.stub_model, self.stub_model)
-            self._mem.clear()
-            self.log.debug("stub running (entry %#010x)", entry)
-            await self.link.write(slip.encode(b"OHAI"))
+        if self.mode is Mode.ROM and self._in_loaded_code(entry):
+            await self._start_stub(entry)
         else:
             self.mode = Mode.APP  # some other RAM image: runs, and no longer talks SLIP
+
+    def _in_loaded_code(self, addr: int) -> bool:
+        return any(start <= addr < start + len(seg) for start, seg in self._mem.items())
+
+    def _hijacked_read(self) -> int | None:
+        """The ESP32-S3 ROM's ``rom_spiflash_legacy_funcs.read`` pointer, when a host
+        pointed it into uploaded code: esptool's way to start its stub on an S3 with
+        secure boot on ("Bug in ESP32-S3 ROM prevents stub execution if secure boot is
+        enabled", ``loader.run_stub``), triggered by READ_FLASH_SLOW. None otherwise."""
+        if self.spec.name != "esp32s3":
+            return None
+        entry = self.regs.read(S3_ROM_FLASH_READ_PTR)
+        return entry if entry and self._in_loaded_code(entry) else None
+
+    async def _start_stub(self, entry: int) -> None:
+        """"Jump" into the uploaded flasher stub: it says hello at the current rate."""
+        self.mode = Mode.STUB
+        self.stub_uploaded = identify_stub({a: bytes(d) for a, d in self._mem.items()})
+        if self.stub_uploaded not in (None, self.stub_model):
+            self.log.warning("esptool uploaded the %s stub to a board modelling the %s "
+                             "stub: its flash timing follows the %s one",
+                             self.stub_uploaded, self.stub_model, self.stub_model)
+        self._mem.clear()
+        self.log.debug("stub running (entry %#010x)", entry)
+        await self.link.write(slip.encode(b"OHAI"))
 
     async def _read_flash(self, data: bytes,
                           frames: asyncio.Queue[tuple[bytes, float] | None]) -> None:

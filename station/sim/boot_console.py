@@ -90,8 +90,10 @@ class BootConsole:
         if run.steps:
             board.log.debug("SPI boot: the bootloader enables flash encryption")
             await self._print([text])
+            # EN cancels this task; a step cut short leaves its work undone
             for step in run.steps:
-                await self._print(["".join(f"{line}\r\n" for line in step.lines)])
+                if step.lines:
+                    await self._print(["".join(f"{line}\r\n" for line in step.lines)])
                 await asyncio.sleep(step.seconds)
                 if step.action is not None:
                     step.action()

@@ -56,6 +56,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reenumerate-gap", default="0.2-2", metavar="S|MIN-MAX",
                         help="seconds a native-USB board is off the bus after a reset: fixed, "
                              "or drawn from the seed in a range (0.2-2)")
+    parser.add_argument("--persist", action="store_true",
+                        help="boards continue from the files an earlier run left in DIR "
+                             "(flash-<mac>.bin, efuse-<mac>.bin; the same --seed plugs the "
+                             "same MACs); default: every run plugs new chips")
     parser.add_argument("--preloaded", action="store_true",
                         help="boards carry old firmware (non-blank flash the stub must erase)")
     parser.add_argument("--stub-model", default="flasher", choices=STUB_MODELS,
@@ -144,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         with Rig(args.dir, seed=args.seed, throttle=not args.no_throttle,
                  flash_timing=not args.no_flash_timing, on_event=emit,
                  reenumerate_gap=gap, stub_model=args.stub_model,
-                 rfc2217_base=args.rfc2217, pty_lines=args.pty_lines) as rig:
+                 rfc2217_base=args.rfc2217, pty_lines=args.pty_lines,
+                 persist=args.persist) as rig:
             if control_fd is not None:
                 serve(rig, control_fd, emit, stop)
             for index in range(args.boards):

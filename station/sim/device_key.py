@@ -18,15 +18,18 @@ encryption`` (release mode: the counter goes straight to its maximum). The key i
 XTS_AES_128_KEY in the first free key block (ESP32: BLOCK1 with FLASH_CRYPT_CONFIG 0xF);
 AES-256 and the key manager are not modelled.
 
-**Time.** ``esp_flash_encrypt_region`` reads, erases and rewrites each 4 KB sector; the
-board's flash model gives that time (45 ms erase + 16 pages x 0.7 ms + the read: about
-14.5 s per MB). ESP-IDF's sample logs show 0x100000 bytes encrypted in 10.9 s (S3),
-12.5 s (ESP32) and 14.0 s (C3). The work happens when its time has passed, region by
-region, so a reset in the middle leaves what a real chip leaves: the key burned, some
-regions encrypted, the counter not yet set. The next boot then uses the pre-loaded key
-and starts over, unless the bootloader was already encrypted: then the ROM reads noise
-(``bootloader_utility.c``: "the next boot will fail ... Only solution is to reflash
-with all plaintext").
+**Time.** ``esp_flash_encrypt_region`` reads, erases and rewrites each 4 KB sector in
+turn; the board's flash model gives each its time (read, 45 ms erase, 16 pages x 0.7 ms:
+about 14.5 s per MB). ESP-IDF's sample logs show 0x100000 bytes encrypted in 10.9 s
+(S3), 12.5 s (ESP32) and 14.0 s (C3). The key burn takes the eFuse controller's time
+(:mod:`.efuse_timing`). Each piece of work happens when its time has passed, sector by
+sector (the erase, then the write of the ciphertext), so a reset in the middle leaves
+what a real chip leaves. ESP-IDF v5.5.1 ``bootloader_utility.c`` ``load_image`` spells
+it out: a reset before the bootloader's turn (the key generated and burned, nothing
+encrypted) and the next boot uses the pre-loaded key and starts over; a reset once the
+bootloader's first sector is rewritten and the ROM reads ciphertext with encryption
+still off ("the next boot will fail ... Only solution is to reflash with all
+plaintext"); a sector caught between its erase and its write is left erased.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from . import secure_boot as sb
 from .boot_log import PARTITION_TABLE_OFFSET
 from .chips import ChipSpec
 from .efuse import EfuseArray
+from .efuse_timing import program_seconds
 from .flash import SECTOR, Flash
 from .flash_crypto import chip_cipher, has_key
 
@@ -57,11 +61,13 @@ _ALWAYS = {(1, 0x00), (1, 0x90), (1, 0x04)}
 
 @dataclass
 class Step:
-    """Lines the chip prints, the seconds it then works, what that work changes."""
+    """Lines the chip prints, the seconds it then works, what that work changes
+    (``what``: "burn", "erase 0x..." / "write 0x..." per sector, "enable", or "")."""
 
     lines: list[str]
     seconds: float = 0.0
     action: Callable[[], None] | None = None
+    what: str = ""
 
 
 @dataclass
@@ -80,11 +86,18 @@ class _Clock:
         self.ms += 4
         self.lines.append(f"{level} ({self.ms}) {tag}: {text}")
 
-    def cut(self, seconds: float = 0.0, action: Callable[[], None] | None = None) -> Step:
-        step = Step(self.lines, seconds, action)
+    def cut(self, seconds: float = 0.0, action: Callable[[], None] | None = None,
+            what: str = "") -> Step:
+        step = Step(self.lines, seconds, action, what)
         self.lines = []
         self.ms += int(seconds * 1000)
         return step
+
+    def work(self, steps: list[Step]) -> list[Step]:
+        """The lines so far, then ``steps`` (timed work that prints nothing)."""
+        self.ms += int(sum(step.seconds for step in steps) * 1000)
+        head, self.lines = Step(self.lines), []
+        return [head, *steps]
 
 
 def _key_index(efuses: EfuseArray, block_id: int) -> int:
@@ -93,10 +106,26 @@ def _key_index(efuses: EfuseArray, block_id: int) -> int:
     return int(name.removeprefix("BLOCK_KEY")) if name.startswith("BLOCK_KEY") else block_id
 
 
-def _sectors_time(flash: Flash, length: int) -> float:
-    sectors = -(-length // SECTOR)
-    return sectors * (flash.timing.read(SECTOR) + flash.timing.erase(1, 0)
-                      + flash.timing.program(SECTOR))
+def _region(flash: Flash, efuses: EfuseArray, start: int, length: int) -> list[Step]:
+    """``esp_flash_encrypt_region``: per 4 KB sector, read it and erase it, then write
+    it back through the flash encryption block (the key in eFuse)."""
+    steps: list[Step] = []
+    timing = flash.timing
+    end = min(len(flash.data), start + -(-length // SECTOR) * SECTOR)
+    for addr in range(start, end, SECTOR):
+        held: list[bytes] = []
+
+        def erase(addr: int = addr, held: list[bytes] = held) -> None:
+            held.append(bytes(flash.data[addr:addr + SECTOR]))
+            flash.data[addr:addr + SECTOR] = b"\xff" * SECTOR
+
+        def write(addr: int = addr, held: list[bytes] = held) -> None:
+            flash.data[addr:addr + SECTOR] = chip_cipher(efuses).encrypt(addr, held[0])
+
+        steps.append(Step([], timing.read(SECTOR) + timing.erase(1, 0), erase,
+                          f"erase {addr:#x}"))
+        steps.append(Step([], timing.program(SECTOR), write, f"write {addr:#x}"))
+    return steps
 
 
 def _image_len(chip: str, data: bytes, signed: bool) -> int | None:
@@ -184,7 +213,11 @@ def first_boot(spec: ChipSpec, efuses: EfuseArray, flash: Flash, bootloader: byt
             efuses.burn_write_protection("DIS_ICACHE")
         efuses.commit()
 
-    run.steps.append(clock.cut(0.0, burn_init))
+    # esp_efuse_batch_write_commit: the key block, then BLOCK0 (:mod:`.efuse_timing`)
+    seconds = program_seconds(len(burns) + 2, 256)
+    if key is not None:
+        seconds += program_seconds(sum(bin(b).count("1") for b in key), len(key) * 8)
+    run.steps.append(clock.cut(seconds, burn_init, "burn"))
     _encrypt_contents(spec, efuses, flash, clock, run, secure_boot)
     return run
 
@@ -194,13 +227,6 @@ def _encrypt_contents(spec: ChipSpec, efuses: EfuseArray, flash: Flash, clock: _
     data = bytes(flash.data)
     boot_at = spec.bootloader_offset
 
-    def encrypt(start: int, length: int) -> Callable[[], None]:
-        def act() -> None:
-            end = min(len(flash.data), start + -(-length // SECTOR) * SECTOR)
-            cipher = chip_cipher(efuses)
-            flash.data[start:end] = cipher.encrypt(start, bytes(flash.data[start:end]))
-        return act
-
     boot_len = _image_len(spec.name, data[boot_at:PARTITION_TABLE_OFFSET], secure_boot)
     if boot_len is None:
         clock.line("flash_encrypt", "no valid bootloader was found", "W")
@@ -208,10 +234,9 @@ def _encrypt_contents(spec: ChipSpec, efuses: EfuseArray, flash: Flash, clock: _
         return
     _segment_lines(clock, spec.name, data[boot_at:PARTITION_TABLE_OFFSET], boot_at,
                    spec.rom_class)
-    run.steps.append(clock.cut(_sectors_time(flash, boot_len), encrypt(boot_at, boot_len)))
+    run.steps += clock.work(_region(flash, efuses, boot_at, boot_len))
     clock.line("flash_encrypt", "bootloader encrypted successfully")
-    run.steps.append(clock.cut(_sectors_time(flash, SECTOR),
-                               encrypt(PARTITION_TABLE_OFFSET, SECTOR)))
+    run.steps += clock.work(_region(flash, efuses, PARTITION_TABLE_OFFSET, SECTOR))
     clock.line("flash_encrypt", "partition table encrypted and loaded successfully")
     rows = range(PARTITION_TABLE_OFFSET, PARTITION_TABLE_OFFSET + 0xC00, _PART.size)
     for index, pos in enumerate(rows):
@@ -227,12 +252,11 @@ def _encrypt_contents(spec: ChipSpec, efuses: EfuseArray, flash: Flash, clock: _
         if length:
             clock.line("flash_encrypt", f"Encrypting partition {index} at offset "
                        f"0x{offset:x} (length 0x{length:x})...")
-            run.steps.append(clock.cut(_sectors_time(flash, length), encrypt(offset, length)))
+            run.steps += clock.work(_region(flash, efuses, offset, length))
             clock.line("flash_encrypt", "Done encrypting")
     release = RELEASE in data[boot_at:PARTITION_TABLE_OFFSET]
     if release:
         clock.line("flash_encrypt", "Setting CRYPT_CNT for permanent encryption")
-    run.steps.append(clock.cut())
 
     def enable() -> None:
         bits = efuses.crypt_cnt_bits
@@ -242,7 +266,9 @@ def _encrypt_contents(spec: ChipSpec, efuses: EfuseArray, flash: Flash, clock: _
         efuses.burn(efuses.crypt_cnt_name, new)
         efuses.commit()
 
-    run.steps[-1].action = enable  # esp_flash_encrypt_enable burns, then logs
+    # esp_flash_encrypt_enable burns (one BLOCK0 program command), then logs
+    blown = efuses.crypt_cnt_bits if release else 1
+    run.steps.append(clock.cut(program_seconds(blown, 256), enable, "enable"))
     clock.line("flash_encrypt", "Flash encryption completed")
     clock.line("boot", "Resetting with flash encryption enabled...")
     run.steps.append(clock.cut())

@@ -19,22 +19,28 @@ encrypt with the key nobody can read.
 
 Persistence: ``efuse-<mac>.bin`` is the emulator's own file (``--path-efuse-file``:
 ``espefuse --virt --chip X --path-efuse-file F summary`` reads it); the hidden key bits
-go beside it in ``efuse-<mac>.keys`` (mode 0600), a file no real chip has.
+go beside it in ``efuse-<mac>.keys`` (mode 0600), a file no real chip has. The rig
+loads them for the same board again (a replug, or ``--persist``).
+
+What the emulator does instantly takes the chip's time here: a program command keeps
+the command register set while the bits are blown (:mod:`.efuse_timing`). The chip's
+own burns (the bootloader's, a board locked by another line) are :mod:`.efuse_burns`.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
-import warnings
+import time
 from functools import cache
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from esptool import FatalError
+
+from .efuse_burns import ChipBurns, espefuse_module, key_purposes
+from .efuse_timing import pending_bits, program_seconds
 
 log = logging.getLogger(__name__)
 
@@ -57,29 +63,12 @@ SECURITY_FLAG_FIELDS: tuple[tuple[int, tuple[str, ...]], ...] = (
 KEY_PURPOSE_SLOTS = 7  # "7x1 byte key_purposes" (esptool docs, serial-protocol.rst)
 
 
-def espefuse_module(name: str) -> ModuleType:
-    """Import part of espefuse; its package imports ``click.parser.OptionParser``,
-    which click 8.2 deprecates with a warning (nothing the simulator can change)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return importlib.import_module(f"espefuse.{name}")
-
-
 @cache
 def controller_class(chip: str) -> type[Any]:
     """espefuse's emulator class for ``chip``, extended to keep read-protected bits."""
     module = espefuse_module(f"efuse.{chip}.emulate_efuse_controller")
     base: type[Any] = module.EmulateEfuseController
     return type(f"SiliconEfuses_{chip}", (_KeepsHiddenBits, base), {})
-
-
-@cache
-def key_purposes(chip: str) -> dict[str, int]:
-    """Key purpose name -> number, from espefuse's table for the chip (empty: ESP32)."""
-    module = espefuse_module(f"efuse.{chip}.fields")
-    field = getattr(module, "EfuseKeyPurposeField", None)
-    table = getattr(field, "KEY_PURPOSES", None) or []
-    return {row[0]: row[1] for row in table if row[1] >= 0}
 
 
 class _KeepsHiddenBits:
@@ -103,11 +92,13 @@ class _KeepsHiddenBits:
         super().update_block(blk, wr_data)  # type: ignore[misc]
 
 
-class EfuseArray:
+class EfuseArray(ChipBurns):
     """One board's eFuses: the chip's emulator, its file, and what the ROM reads of it."""
 
     def __init__(self, chip: str, path: Path | None = None,
-                 seed: dict[int, int] | None = None) -> None:
+                 seed: dict[int, int] | None = None, load: bool = True) -> None:
+        """``path``: the board's file, read if ``load`` and it exists (the same chip
+        again), else written anew from ``seed`` (a new chip: MAC and revision words)."""
         self.chip = chip
         self.path = path
         cls = controller_class(chip)
@@ -123,13 +114,18 @@ class EfuseArray:
         for efuse in self.ctrl.Fields.EFUSES:
             for name in [efuse.name, *(efuse.alt_names or [])]:
                 self._fields.setdefault(name, efuse)
-        self.fresh = not self._load()  # a new chip (no file yet)
+        self.fresh = not (load and self._load())  # a new chip
         if self.fresh:
+            if self.hidden_path is not None:
+                self.hidden_path.unlink(missing_ok=True)  # an earlier chip's keys
             for addr, value in (seed or {}).items():
                 if self.covers(addr):
                     self.ctrl.update_reg(addr, 0xFFFFFFFF, value)
             self.save()
         self.program_count = 0  # program commands since this object was made (faults, tests)
+        self.busy_until = 0.0  # time.monotonic() when the last program command is done
+        self._busy_command = 0
+        self.program_times: list[tuple[tuple[int, ...], float]] = []  # (blocks, s), ever
         self.weak_block: int | None = None  # fault: a bit of this block never blows
         self.rom_secure_download = False  # what the ROM loader acts on (latch_rom)
         self.rom_download_disabled = False
@@ -141,11 +137,15 @@ class EfuseArray:
         return self.base <= addr < self.base + self.size
 
     def read(self, addr: int) -> int:
+        if addr == self._cmd_reg and time.monotonic() < self.busy_until:
+            return self._busy_command  # still programming (:mod:`.efuse_timing`)
         return int(self.ctrl.read_reg(addr))
 
     def write(self, addr: int, value: int, mask: int = 0xFFFFFFFF) -> None:
         """WRITE_REG in the window: the ROM writes ``old & ~mask | value & mask``."""
         new = (self.read(addr) & ~mask | value & mask) & 0xFFFFFFFF
+        if addr == self._cmd_reg:
+            self._start_busy(new)
         try:
             self.ctrl.write_reg(addr, new)
         except FatalError as e:
@@ -162,18 +162,37 @@ class EfuseArray:
             if read_cmd is not None and value & mask & read_cmd:
                 self.latch_rom()
 
-    def _programmed(self, command: int) -> None:
-        """Count program commands; a weak bit leaves the RS decoder reporting an error."""
+    def _program_blocks(self, command: int) -> list[int]:
+        """The blocks a command programs: its block number (PGM_CMD), or every block
+        at once (the ESP32's EFUSE_CMD_WRITE); none for other commands."""
         regs = self.ctrl.REGS
         pgm = getattr(regs, "EFUSE_PGM_CMD", None)
-        if pgm is None:  # ESP32: EFUSE_CMD_WRITE programs every block at once
-            if command == getattr(regs, "EFUSE_CMD_WRITE", -1):
-                self.program_count += 1
-            return
-        if not command & pgm:
+        if pgm is None:
+            if command != getattr(regs, "EFUSE_CMD_WRITE", -1):
+                return []
+            return [self.ctrl.Blocks.get(b).id for b in self.ctrl.Blocks.BLOCKS]
+        return [(command >> 2) & 0xF] if command & pgm else []
+
+    def _start_busy(self, command: int) -> None:
+        """A program command keeps the command register set for as long as the
+        controller blows the bits waiting in the write registers."""
+        blocks = self._program_blocks(command)
+        if blocks:
+            seconds = program_seconds(*pending_bits(self.ctrl, blocks))
+            self.busy_until = time.monotonic() + seconds
+            self._busy_command = command
+            self.program_times.append((tuple(blocks), seconds))
+
+    def _programmed(self, command: int) -> None:
+        """Count program commands; a weak bit leaves the RS decoder reporting an error."""
+        blocks = self._program_blocks(command)
+        if not blocks:
             return
         self.program_count += 1
-        block = (command >> 2) & 0xF
+        if len(blocks) > 1:  # ESP32: EFUSE_CMD_WRITE programs every block at once
+            return
+        block = blocks[0]
+        regs = self.ctrl.REGS
         # (addr, num_mask, num_offs[, fail_bit]); the C3 keeps its numbers apart from its
         # misplaced fail bits (BLOCK_NUM_ERRORS, "a design error" in its mem_definition)
         table = getattr(regs, "BLOCK_ERRORS", None) or getattr(regs, "BLOCK_NUM_ERRORS", [])
@@ -189,6 +208,7 @@ class EfuseArray:
         """Chip reset: the controller's write registers come back as zeros, the ROM
         reads the eFuses afresh."""
         self.ctrl.clean_blocks_wr_regs()
+        self.busy_until = 0.0  # a burn cut short: what was blown so far stays blown
         self.latch_rom()
 
     def latch_rom(self) -> None:
@@ -313,89 +333,6 @@ class EfuseArray:
         if length == 12:
             return head
         return head + chip_id.to_bytes(4, "little") + (0).to_bytes(4, "little")
-
-    # -- the chip burning its own eFuses (ESP-IDF's eFuse API in the bootloader) ------
-
-    def burn(self, name: str, value: int = 1) -> None:
-        """OR ``value`` into an eFuse, as ``esp_efuse_write_field_*`` leaves it; a field
-        whose WR_DIS bit is burned does not change (the controller masks it)."""
-        efuse = self._fields[name]
-        if self.write_protected(name) or not value:
-            return
-        blk = self.ctrl.Blocks.get(self.ctrl.Blocks.BLOCKS[efuse.block])
-        for i in range(int(efuse.bit_len)):
-            if value >> i & 1:
-                bit = int(efuse.word) * 32 + int(efuse.pos) + i
-                mask = 1 << bit % 32
-                self.ctrl.update_reg(blk.rd_addr + 4 * (bit // 32), mask, mask)
-
-    def burn_key(self, block_id: int, key: bytes, purpose: str | None,
-                 read_protect: bool) -> None:
-        """``esp_efuse_write_key``: the key as given, its purpose, and write protection of
-        both (read protection for keys that need it)."""
-        blk = self.ctrl.Blocks.get(self.ctrl.Blocks.BLOCKS[block_id])
-        for i in range(0, len(key), 4):
-            word = int.from_bytes(key[i:i + 4], "little")
-            self.ctrl.update_reg(blk.rd_addr + i, 0xFFFFFFFF, word)
-        if purpose is not None and blk.key_purpose:
-            self.burn(blk.key_purpose, key_purposes(self.chip)[purpose])
-            self.burn_write_protection(blk.key_purpose)
-        if read_protect and blk.read_disable_bit is not None:
-            self.burn("RD_DIS", self.ctrl.get_read_disable_mask(blk))
-        if blk.write_disable_bit is not None:
-            self.burn("WR_DIS", 1 << blk.write_disable_bit)
-
-    def burn_write_protection(self, name: str) -> None:
-        bit = self._fields[name].write_disable_bit
-        if bit is not None:
-            self.burn("WR_DIS", 1 << int(bit))
-
-    def purpose_number(self, purpose: str) -> int:
-        return key_purposes(self.chip)[purpose]
-
-    def free_key_block(self) -> int | None:
-        """The first key block with no purpose and no bits (``esp_efuse_find_unused_key_block``)."""
-        for entry in self.ctrl.Blocks.BLOCKS:
-            blk = self.ctrl.Blocks.get(entry)
-            if blk.key_purpose and not self.field(blk.key_purpose) \
-                    and not any(self.block_bytes(blk.id)):
-                return int(blk.id)
-        return None
-
-    def commit(self) -> None:
-        """After the chip's own burns: read protection takes effect, the file is saved."""
-        self.ctrl.check_rd_protection_area()
-        self.save()
-
-    def lock(self, kind: str, secret: bytes) -> None:
-        """A board another line has already burned (fault ``locked=KIND``); ``secret``
-        seeds the foreign key or digest (nobody here knows it)."""
-        esp32 = self.chip == "esp32"
-        if kind == "sdm":
-            if esp32:
-                raise ValueError("the ESP32 has no secure download mode (locked=sdm)")
-            self.burn("ENABLE_SECURITY_DOWNLOAD")
-        elif kind in ("key", "encrypted"):
-            block = 1 if esp32 else self.free_key_block()
-            if block is not None:
-                self.burn_key(block, secret, None if esp32 else "XTS_AES_128_KEY", True)
-            if kind == "encrypted":
-                self.burn(self.crypt_cnt_name, 1)
-                if esp32:
-                    self.burn("FLASH_CRYPT_CONFIG", 0xF)
-        elif kind == "secure_boot":
-            if esp32:
-                self.burn_key(2, secret, None, read_protect=False)
-                self.burn("ABS_DONE_1")
-            else:
-                block = self.free_key_block()
-                if block is not None:
-                    self.burn_key(block, secret, "SECURE_BOOT_DIGEST0", read_protect=False)
-                self.burn("SECURE_BOOT_EN")
-        else:
-            raise ValueError(f"unknown lock {kind!r}")
-        self.commit()
-        self.latch_rom()
 
     # -- files ------------------------------------------------------------------------
 

@@ -1,5 +1,10 @@
 """A plugged board's names: its hub port's by-path name, its MAC, and the record a test
-or the CLI gets back (`PluggedBoard`). A piece of rig.py, which plugs them.
+or the CLI gets back (`PluggedBoard`); what its flash holds when plugged. A piece of
+rig.py, which plugs them.
+
+A board the rig has plugged before (a replug) is the same chip: its flash dump and eFuse
+file are loaded. So is a board an earlier run left files for, when the rig persists
+(``--persist``); otherwise a new run's board is a new chip, whatever the directory holds.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from .bridge import DEFAULT_BRIDGE
 from .faults import Faults
 
 ESPRESSIF_OUI = bytes.fromhex("240ac4")
+PRELOADED_SIZE = 2 * 1024 * 1024  # how much old firmware a preloaded board carries
 
 
 def by_path_name(index: int) -> str:
@@ -26,6 +32,18 @@ def parse_size(text: str) -> int:
         if t.endswith(suffix):
             return int(float(t[: -len(suffix)]) * factor)
     return int(t, 0)
+
+
+def fill_flash(data: bytearray, preloaded_seed: str | None, dump: Path | None) -> None:
+    """A plugged board's flash: blank (0xFF) from the factory; old firmware (seeded
+    pseudo-random bytes in the first 2 MB) when preloaded; what it held when it is the
+    same board again (``dump``: a replug, or ``--persist`` and an earlier run's file)."""
+    if preloaded_seed is not None:
+        old = min(len(data), PRELOADED_SIZE)
+        data[:old] = random.Random(preloaded_seed).randbytes(old)
+    if dump is not None and dump.exists():
+        previous = dump.read_bytes()
+        data[:len(previous)] = previous[:len(data)]
 
 
 def format_mac(mac: bytes) -> str:

@@ -32,7 +32,7 @@ from .chips import ChipSpec, chip_spec
 from .efuse import EfuseArray, efuse_path
 from .faults import Faults
 from .flash import Flash, FlashTiming
-from .plugged import MacAllocator, PluggedBoard, by_path_name, format_mac, parse_size
+from .plugged import MacAllocator, PluggedBoard, by_path_name, fill_flash, format_mac, parse_size
 from .pty_lines import PtyLinesListener
 from .pty_link import PtyLink
 from .reset_circuit import EN_CAP_UF, ResetCircuitKind, parse_reset_circuit
@@ -42,12 +42,10 @@ from .usb import DEFAULT_REENUMERATE_GAP, UsbLink, draw_gap, usb_link
 
 DEFAULT_FLASH_SIZE = 4 * 1024 * 1024
 CALL_TIMEOUT_S = 30.0
-PRELOADED_SIZE = 2 * 1024 * 1024  # how much old firmware a preloaded board carries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 EventCallback = Callable[[dict[str, Any]], None]
-
 
 
 @dataclass
@@ -78,8 +76,12 @@ class Rig:
                  flash_timing: bool = True, on_event: EventCallback | None = None,
                  reenumerate_gap: float | tuple[float, float] = DEFAULT_REENUMERATE_GAP,
                  stub_model: StubModel = "flasher", rfc2217_base: int | None = None,
-                 pty_lines: str | os.PathLike[str] | None = None) -> None:
+                 pty_lines: str | os.PathLike[str] | None = None,
+                 persist: bool = False) -> None:
         self.directory = Path(directory)
+        # persist: boards continue from the files an earlier run left (plugged.py)
+        self.persist = persist
+        self._known_macs: set[bytes] = set()  # plugged by this rig: a replug keeps all
         # Board i listens on rfc2217_base + i (0: each on a free port the system picks);
         # None: no RFC 2217 face unless a plug asks for one.
         self.rfc2217_base = rfc2217_base
@@ -319,12 +321,10 @@ class Rig:
                             usb=usb.kind, bridge=usb.bridge.name if usb.bridge else None,
                             vid_pid=str(usb.describe()["vid_pid"]), max_baud=usb.max_baud,
                             preloaded=preloaded, stub_model=stub_model, revision=spec.revision)
-        if preloaded:
-            old = min(size, PRELOADED_SIZE)
-            flash.data[:old] = random.Random(f"preloaded-{self.seed}-{mac.hex()}").randbytes(old)
-        if info.dump_path.exists():  # the same board plugged again keeps what it held
-            previous = info.dump_path.read_bytes()
-            flash.data[:len(previous)] = previous[:size]
+        known = self.persist or mac in self._known_macs
+        self._known_macs.add(mac)
+        fill_flash(flash.data, f"preloaded-{self.seed}-{mac.hex()}" if preloaded else None,
+                   info.dump_path if known else None)
 
         def fault_unplug() -> None:
             asyncio.get_running_loop().create_task(self._unplug(index, reason="fault"))
@@ -332,7 +332,8 @@ class Rig:
         async def on_reset(kind: str) -> None:
             await self._board_reset(index, kind)
 
-        efuses = EfuseArray(chip, efuse_path(self.directory, mac), spec.registers(mac))
+        efuses = EfuseArray(chip, efuse_path(self.directory, mac), spec.registers(mac),
+                            load=known)
         board = Board(spec, mac, flash, link, faults, rng, on_unplug=fault_unplug,
                       on_reset=on_reset, stub_model=stub_model, efuses=efuses)
         task = asyncio.get_running_loop().create_task(board.run(), name=f"board-{index}")

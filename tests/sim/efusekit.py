@@ -12,17 +12,30 @@ from typing import Any
 from .conftest import ESPTOOL_TIMEOUT_S, EsptoolResult
 
 
-def run_tool(module: str, *args: str, timeout: float = ESPTOOL_TIMEOUT_S) -> EsptoolResult:
-    """``python -m <module> args...`` (espefuse, espsecure, esptool), output merged."""
+def run_tool(module: str, *args: str, timeout: float = ESPTOOL_TIMEOUT_S,
+             env: dict[str, str] | None = None) -> EsptoolResult:
+    """``python -m <module> args...`` (espefuse, espsecure, esptool), output merged;
+    ``env``: extra variables."""
     proc = subprocess.run([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"})
+                          env={**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning",
+                               **(env or {})})
     return EsptoolResult(proc.returncode, proc.stdout)
 
 
-def espefuse(port: str, *args: str, timeout: float = ESPTOOL_TIMEOUT_S) -> EsptoolResult:
+def espefuse(port: str, *args: str, timeout: float = ESPTOOL_TIMEOUT_S,
+             env: dict[str, str] | None = None) -> EsptoolResult:
     """The real espefuse CLI against a board, confirming burns as a script does."""
-    return run_tool("espefuse", "--port", port, "--do-not-confirm", *args, timeout=timeout)
+    return run_tool("espefuse", "--port", port, "--do-not-confirm", *args, timeout=timeout,
+                    env=env)
+
+
+def one_connect_attempt(folder: Path) -> dict[str, str]:
+    """Variables that make esptool (and espefuse's reconnects, which take no option)
+    give up after one connect attempt: esptool's config file (``esptool/config.py``)."""
+    cfg = folder / "esptool.cfg"
+    cfg.write_text("[esptool]\nconnect_attempts = 1\n")
+    return {"ESPTOOL_CFGFILE": str(cfg)}
 
 
 def espsecure(*args: str) -> EsptoolResult:

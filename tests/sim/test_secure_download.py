@@ -12,13 +12,14 @@ from esptool.util import UnsupportedCommandError
 from station.sim import Rig
 
 from .conftest import esptool
-from .efusekit import espefuse
+from .efusekit import espefuse, one_connect_attempt
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def _lock(port: str, efuse: str = "ENABLE_SECURITY_DOWNLOAD") -> str:
-    burn = espefuse(port, "burn-efuse", efuse, "1")
+def _lock(port: str, efuse: str = "ENABLE_SECURITY_DOWNLOAD",
+          env: dict[str, str] | None = None) -> str:
+    burn = espefuse(port, "burn-efuse", efuse, "1", env=env)
     assert burn.returncode == 0, burn.output
     return burn.output
 
@@ -75,12 +76,14 @@ def test_esp32s2_in_secure_download_mode_is_recognised(fast_rig: Rig) -> None:
     assert "Chip type:          ESP32-S2 in Secure Download Mode" in out
 
 
-def test_disabled_download_mode_leaves_nothing_to_talk_to(fast_rig: Rig) -> None:
+def test_disabled_download_mode_leaves_nothing_to_talk_to(fast_rig: Rig,
+                                                         tmp_path: Path) -> None:
     board = fast_rig.plug(chip="esp32c3")
-    out = _lock(board.port, "DIS_DOWNLOAD_MODE")
+    # espefuse tries to reconnect after the burn (esptool's 7 attempts by default)
+    out = _lock(board.port, "DIS_DOWNLOAD_MODE", env=one_connect_attempt(tmp_path))
     assert "Can not re-connect to the chip." in out
     assert "DIS_DOWNLOAD_MODE is enabled." in out and "Successful." in out
-    gone = esptool(board.port, "chip-id")
+    gone = esptool(board.port, "chip-id", pre=("--connect-attempts", "1"))
     assert gone.returncode == 2
     assert "No serial data received" in gone.output
 
@@ -89,5 +92,5 @@ def test_esp32_uart_download_dis_takes_effect_at_the_next_reset(fast_rig: Rig) -
     board = fast_rig.plug(chip="esp32")
     out = _lock(board.port, "UART_DOWNLOAD_DIS")
     assert "Successful." in out
-    gone = esptool(board.port, "chip-id")
+    gone = esptool(board.port, "chip-id", pre=("--connect-attempts", "1"))
     assert gone.returncode == 2 and "No serial data received" in gone.output
