@@ -19,11 +19,27 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from station.beside import registry_journal
 from station.config import Config
 from station.errors import StateDirBusyError
-from station.events import Event, Identified, JobFinished, RegistrationStep, Stage, StageChanged
+from station.events import (
+    Event,
+    Identified,
+    JobFinished,
+    RegistrationStep,
+    RegistryStep,
+    Stage,
+    StageChanged,
+)
 from station.flash import Plans
-from station.identity import Journal, Registrar
+from station.identity import (
+    CloudCheck,
+    HttpRegistry,
+    Journal,
+    Registrar,
+    RegistryJournal,
+    pending_without_registry,
+)
 from station.parts import DeviceCredentials, Flasher, KnownBoardLookup
 from station.ports import (
     PortInfo,
@@ -119,6 +135,23 @@ def reconcile_journal(
     return journal_for
 
 
+def reconcile_registry_journal(
+    emit: Callable[[Event], Awaitable[None]],
+) -> Callable[[str, str], RegistryJournal]:
+    """Journals for the device registry's re-sent requests, outside any board job."""
+    def journal_for(mac: str, thing: str) -> RegistryJournal:
+        return registry_journal(emit, "reconcile", "", "", mac, thing)
+    return journal_for
+
+
+async def reconcile_registry(registry: HttpRegistry | None, steps: Sequence[RegistryStep],
+                             emit: Callable[[Event], Awaitable[None]]) -> list[str]:
+    """Send again what a crash left in flight ([registry]); `run` and `reconcile` alike."""
+    if registry is None:
+        return pending_without_registry(steps)
+    return await registry.reconcile(steps, reconcile_registry_journal(emit))
+
+
 def _port_mac(port: str) -> str | None:
     native = native_usb(port)
     return native.mac if native is not None else None
@@ -149,6 +182,11 @@ class Station:
     """A port's MAC known without opening it (ports/usb.py: a USB-Serial/JTAG's serial number)."""
     remote: RemotePorts | None = None
     """[ports] remote: rfc2217:// ports, a second source of "present / gone"."""
+    registry: HttpRegistry | None = None
+    """[registry]: the device registry, told about each board beside the registrar."""
+    registry_steps: Callable[[], Awaitable[Sequence[RegistryStep]]] | None = None
+    cloud: CloudCheck | None = None
+    """[verify] cloud: each board's credentials tried on its broker before it is done."""
 
     def __post_init__(self) -> None:
         self._jobs: dict[str, asyncio.Task[Stage | None]] = {}
@@ -175,6 +213,8 @@ class Station:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             await self.registrar.start()
+            if self.registry is not None:
+                await self.registry.start()
             await self._reconcile()
             watcher = PortWatcher(self.config.ports.watch, self.config.ports.rescan_interval,
                                   on_added=self._plugged, on_removed=self._unplugged)
@@ -193,6 +233,8 @@ class Station:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             await self.registrar.close()
+            if self.registry is not None:
+                await self.registry.close()
         return self._exit_code()
 
     def stop(self) -> None:
@@ -221,6 +263,9 @@ class Station:
             return
         steps = await self.registration_steps()
         done = await self.registrar.reconcile(steps, reconcile_journal(self.bus.emit))
+        if self.registry_steps is not None:
+            steps_left = await self.registry_steps()
+            done += await reconcile_registry(self.registry, steps_left, self.bus.emit)
         for line in done:
             log.warning("reconcile: %s", line)
 
@@ -281,7 +326,8 @@ class Station:
         return Parts(flasher=self.flasher, registrar=self.registrar, sink=self.bus,
                      clock=self.clock, already_done=self.already_done,
                      on_verified=self.on_verified, port_present=self._present,
-                     known_board=self.known_board, port_mac=self.port_mac)
+                     known_board=self.known_board, port_mac=self.port_mac,
+                     registry=self.registry, cloud=self.cloud)
 
     def _present(self, port: str) -> bool:
         if is_remote(port):

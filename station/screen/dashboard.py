@@ -86,6 +86,22 @@ def baud_text(row: BoardRow) -> Text:
     return Text(str(line.baud))
 
 
+def registry_cloud_text(row: BoardRow) -> Text:
+    """[registry] and [verify] cloud: "reg ✓ 1042 · mqtt ✓", what is pending, what failed."""
+    marks = {"registered": ("✓", "green"), "already": ("✓ had it", "green"),
+             "pending": ("…", "yellow"), "failed": ("✗", "red"), "ok": ("✓", "green"),
+             "skipped": ("skipped", "cyan")}
+    text = Text()
+    if row.registry:
+        mark, style = marks.get(row.registry, (row.registry, ""))
+        text.append(f"reg {mark}" + (f" {row.registry_id}" if row.registry_id else ""),
+                    style=style)
+    if row.cloud:
+        mark, style = marks.get(row.cloud, (row.cloud, ""))
+        text.append(" · " if row.registry else "").append(f"mqtt {mark}", style=style)
+    return text
+
+
 BAR_WIDTH = 10
 
 
@@ -129,6 +145,9 @@ def render(view: StationView, now: float) -> RenderableType:
     table.add_column("elapsed", no_wrap=True, justify="right")
     table.add_column("speed", no_wrap=True, justify="right")
     table.add_column("baud", no_wrap=True, justify="right")
+    extra = bool(view.registry or view.cloud)  # the column only on a line that has them
+    if extra:
+        table.add_column("registry / cloud", no_wrap=True, overflow="ellipsis", max_width=24)
     table.add_column("progress / result", no_wrap=True, overflow="ellipsis", ratio=1)
     for slot in sorted(view.rows, key=_slot_key):
         row = view.rows[slot]
@@ -148,6 +167,7 @@ def render(view: StationView, now: float) -> RenderableType:
             duration(row.elapsed(now)),
             f"{human_bytes(speed)}/s" if speed is not None else "",
             baud_text(row),
+            *((registry_cloud_text(row),) if extra else ()),
             result,
         )
     return Group(table, footer(view, now))
@@ -180,7 +200,10 @@ def footer(view: StationView, now: float) -> Text:
               f"skipped {view.results[Stage.SKIPPED.value]}  in progress {view.in_progress}")
     text = Text(f"{counts}  |  {per_hour} boards/h  |  up {duration(uptime)}\n"
                 f"station {view.station}  |  firmware {view.firmware or '-'}  |  "
-                f"registrar {view.registrar}", no_wrap=True, overflow="ellipsis")
+                f"registrar {view.registrar}" +
+                (f"  |  registry {view.registry}" if view.registry else "") +
+                (f"  |  cloud check {view.cloud}" if view.cloud else ""),
+                no_wrap=True, overflow="ellipsis")
     if view.central_line is not None:  # replication lag, or why the central ledger waits
         line, ok = view.central_line
         text.append("\n").append(line, style="" if ok else "bold yellow")
