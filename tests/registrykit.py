@@ -197,6 +197,8 @@ class DroppingProxy:
 
     def __exit__(self, *_: object) -> None:
         self._stop.set()
+        with contextlib.suppress(OSError):  # wakes the blocked accept (close alone does not)
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self._thread.join(timeout=WAIT)
 
