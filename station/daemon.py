@@ -221,11 +221,14 @@ class Station:
             await watcher.start()
             if self.remote is not None:  # each hub on its own task: none waits on another
                 await self.remote.start(self._plugged, self._unplugged)
+            registry = asyncio.create_task(self._reconcile_registry(), name="registry reconcile")
             log.info("ready: watching %s", ", ".join(self.config.ports.watch))
             try:
                 await self._stop.wait()
                 await self._drain()
             finally:
+                registry.cancel()  # a request still out stays "pending" for the next start
+                await asyncio.gather(registry, return_exceptions=True)
                 await watcher.stop()
                 if self.remote is not None:
                     await self.remote.stop()
@@ -263,11 +266,20 @@ class Station:
             return
         steps = await self.registration_steps()
         done = await self.registrar.reconcile(steps, reconcile_journal(self.bus.emit))
-        if self.registry_steps is not None:
-            steps_left = await self.registry_steps()
-            done += await reconcile_registry(self.registry, steps_left, self.bus.emit)
         for line in done:
             log.warning("reconcile: %s", line)
+
+    async def _reconcile_registry(self) -> None:
+        """Requests a crash left in flight, sent again beside the boards: a registry that
+        is down at start must not hold the line (each one retries on its own)."""
+        if self.registry_steps is None:
+            return
+        try:
+            steps = await self.registry_steps()
+            for line in await reconcile_registry(self.registry, steps, self.bus.emit):
+                log.warning("reconcile: %s", line)
+        except Exception:  # a bug here must not stop the station; the next start retries
+            log.exception("reconcile of the device registry failed")
 
     def _plugged(self, info: PortInfo) -> None:
         if not self._accepting:

@@ -39,7 +39,7 @@ def test_station_board_shows_the_registrys_id(tmp_path: Path, central_db: str) -
             line.kill()
         thing = f"line-7-{mac_hex(board)}"
         assert registry.created == {thing: 1}
-        shown = line.command("board", board.mac)
+        shown = line.command("board", board.mac, env={"COLUMNS": "200"})  # no folding
         assert shown.returncode == 0, shown.stderr
         assert "registry" in shown.stdout and f"registered {thing}" in \
             " ".join(shown.stdout.split()), shown.stdout
