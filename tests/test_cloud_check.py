@@ -34,6 +34,7 @@ from station.parts import BoardIdentity, DeviceCredentials
 from station.sim import PluggedBoard, Rig
 from tests.mqttkit import Broker, mosquitto
 from tests.test_bad_inputs import Site
+from tests.test_registry_station import assert_no_secrets
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -97,6 +98,8 @@ def test_publish_sixteen_boards_sixteen_messages_from_sixteen_client_ids(
         site: Site, rig: Rig, ca: LocalCa, broker: Broker) -> None:
     boards = [rig.plug(chip="esp32") for _ in range(16)]
     use_broker(site, broker)
+    (site.root / "tmp").mkdir()
+    site.env["TMPDIR"] = str(site.root / "tmp")  # where the check's key files come and go
     subscriber = Subscriber(broker, ca, site.root)
     try:
         result = site.run(len(boards))
@@ -117,6 +120,8 @@ def test_publish_sixteen_boards_sixteen_messages_from_sixteen_client_ids(
     report = site.cli("report", "--format", "md", "--out", "-")
     assert "| cloud check on the broker: ok / failed / skipped | 16 / 0 / 0 |" in \
         report.stdout, report.stdout[:2000]
+    assert_no_secrets(site.root, result.stdout, result.stderr)  # no board's private key
+    assert not list((site.root / "tmp").iterdir()), "a key file was left behind"
 
 
 def revocation_list(ca: LocalCa, certificate_pem: bytes) -> bytes:
