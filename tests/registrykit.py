@@ -52,6 +52,7 @@ class BodhServer:
     posts: Counter[str] = field(default_factory=Counter)
     answers: Counter[int] = field(default_factory=Counter)
     keys_seen: list[str] = field(default_factory=list)
+    bodies: dict[str, Any] = field(default_factory=dict)  # the last body per device id
     hold: str | None = None  # a device id whose request waits for `release`
     held: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
@@ -138,6 +139,7 @@ class BodhServer:
             return self._answer(h, 422, {"errors": {"device": ["is invalid"]}})
         with self._lock:
             self.posts[device_id] += 1
+            self.bodies[device_id] = json.loads(raw)
         if self.hold == device_id and not self.held.is_set():
             self.held.set()
             self.release.wait(timeout=WAIT)

@@ -176,3 +176,27 @@ def test_https_with_the_test_ca_and_check_names_the_variable_not_the_key(
     assert "| device registry: registered / already had it / failed | 2 / 0 / 0 |" in \
         report.stdout, report.stdout[:2000]
     assert_no_secrets(site.root, result.stdout, result.stderr, checked.stdout)
+
+
+def test_kind_http_templates_wait_for_the_certificate_and_keep_the_registrys_id(
+        site: Site, rig: Rig) -> None:
+    """Your own registry: the body names {certificate_id} (the request waits for the
+    registrar) and {firmware_version} (the app's esp_app_desc); the answer's id is read
+    at id_field."""
+    board = rig.plug(chip="esp32")
+    with bodh(KEY) as server:
+        site.env["INVENTORY_KEY"] = KEY
+        site.set("registry", "kind", "http").set("registry", "url", server.url + "/api/devices")
+        site.set("registry", "body", {"device": {"id": "{thing}", "mac": "{mac}",
+                                                 "certificate": "{certificate_id}",
+                                                 "firmware": "{firmware_version}"}})
+        site.set("registry", "id_field", "data.uuid")
+        site.set("registry.headers", "x-api-key", "env:INVENTORY_KEY")
+        result = site.run(1)
+        assert result.code == 0, result
+    [row] = site.ledger()
+    sent = server.bodies[thing(board)]["device"]
+    assert sent == {"id": thing(board), "mac": thing(board),
+                    "certificate": row["certificate_id"], "firmware": "1.0.0"}, sent
+    assert row["certificate_id"] and row["registry"] == "registered"
+    assert row["registry_id"] == server.devices[thing(board)]["uuid"]
