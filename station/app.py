@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING
 
 from station.config import Config, writable_folder
 from station.daemon import Bus, Options, Station, state_dir_lock
-from station.events import ButtonsNeeded, Event, LineRate, RegistrationStep, Throttled
+from station.events import (
+    ButtonsNeeded,
+    Event,
+    LineRate,
+    RegistrationStep,
+    RegistryStep,
+    Throttled,
+)
 from station.flash import (
     EsptoolFlasher,
     FirmwareBundle,
@@ -29,7 +36,14 @@ from station.flash import (
     load_bundles,
 )
 from station.health import SlotGuard, SlotHealth
-from station.identity import CredentialStore, Registrar, make_registrar, nvs_region
+from station.identity import (
+    CredentialStore,
+    Registrar,
+    make_cloud_check,
+    make_registrar,
+    make_registry,
+    nvs_region,
+)
 from station.parts import DeviceCredentials
 from station.ports import RateNote, RemotePorts, SlotMemory
 from station.record import EventLog, Ledger
@@ -129,6 +143,9 @@ async def assemble(config: Config, options: Options,
             async def steps() -> Sequence[RegistrationStep]:
                 return await asyncio.to_thread(ledger.registration_steps)
 
+            async def registry_steps() -> Sequence[RegistryStep]:
+                return await asyncio.to_thread(ledger.registry_steps)
+
             async def verified(creds: DeviceCredentials) -> None:
                 if not config.credentials.keep_private_keys:
                     await store.forget_private_key(creds.thing_name)
@@ -150,7 +167,10 @@ async def assemble(config: Config, options: Options,
                                                      ask_buttons=config.ports.ask_buttons),
                               registrar=registrar, bus=bus, already_done=already_done,
                               on_verified=verified, registration_steps=steps,
-                              options=options, parked=guard.parked, remote=remote)
+                              options=options, parked=guard.parked, remote=remote,
+                              registry=make_registry(config.registry, throttled_reporter(bus)),
+                              registry_steps=registry_steps,
+                              cloud=make_cloud_check(config.verify.cloud))
             guard.on_cleared.append(station.slot_cleared)
             await guard.restore()
             run_id = await asyncio.to_thread(ledger.run_started, config.station.name,
@@ -247,6 +267,8 @@ async def serve(config: Config, options: Options, headless: bool) -> int:
     async with assemble(config, options, displays) as built:
         view.firmware = "; ".join(b.describe() for b in built.bundles)
         view.registrar = built.registrar.kind
+        view.registry = config.registry.kind if config.registry.kind != "none" else ""
+        view.cloud = config.verify.cloud.mode if config.verify.cloud.mode != "off" else ""
         if built.replicator is not None:  # the footer's replication line
             status = built.replicator.status
             view.central = lambda now: (status().line(now), status().healthy)

@@ -19,11 +19,27 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from station.beside import registry_journal
 from station.config import Config
 from station.errors import StateDirBusyError
-from station.events import Event, Identified, JobFinished, RegistrationStep, Stage, StageChanged
+from station.events import (
+    Event,
+    Identified,
+    JobFinished,
+    RegistrationStep,
+    RegistryStep,
+    Stage,
+    StageChanged,
+)
 from station.flash import Plans
-from station.identity import Journal, Registrar
+from station.identity import (
+    CloudCheck,
+    HttpRegistry,
+    Journal,
+    Registrar,
+    RegistryJournal,
+    pending_without_registry,
+)
 from station.parts import DeviceCredentials, Flasher, KnownBoardLookup
 from station.ports import (
     PortInfo,
@@ -119,6 +135,23 @@ def reconcile_journal(
     return journal_for
 
 
+def reconcile_registry_journal(
+    emit: Callable[[Event], Awaitable[None]],
+) -> Callable[[str, str], RegistryJournal]:
+    """Journals for the device registry's re-sent requests, outside any board job."""
+    def journal_for(mac: str, thing: str) -> RegistryJournal:
+        return registry_journal(emit, "reconcile", "", "", mac, thing)
+    return journal_for
+
+
+async def reconcile_registry(registry: HttpRegistry | None, steps: Sequence[RegistryStep],
+                             emit: Callable[[Event], Awaitable[None]]) -> list[str]:
+    """Send again what a crash left in flight ([registry]); `run` and `reconcile` alike."""
+    if registry is None:
+        return pending_without_registry(steps)
+    return await registry.reconcile(steps, reconcile_registry_journal(emit))
+
+
 def _port_mac(port: str) -> str | None:
     native = native_usb(port)
     return native.mac if native is not None else None
@@ -149,6 +182,11 @@ class Station:
     """A port's MAC known without opening it (ports/usb.py: a USB-Serial/JTAG's serial number)."""
     remote: RemotePorts | None = None
     """[ports] remote: rfc2217:// ports, a second source of "present / gone"."""
+    registry: HttpRegistry | None = None
+    """[registry]: the device registry, told about each board beside the registrar."""
+    registry_steps: Callable[[], Awaitable[Sequence[RegistryStep]]] | None = None
+    cloud: CloudCheck | None = None
+    """[verify] cloud: each board's credentials tried on its broker before it is done."""
 
     def __post_init__(self) -> None:
         self._jobs: dict[str, asyncio.Task[Stage | None]] = {}
@@ -175,17 +213,22 @@ class Station:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             await self.registrar.start()
+            if self.registry is not None:
+                await self.registry.start()
             await self._reconcile()
             watcher = PortWatcher(self.config.ports.watch, self.config.ports.rescan_interval,
                                   on_added=self._plugged, on_removed=self._unplugged)
             await watcher.start()
             if self.remote is not None:  # each hub on its own task: none waits on another
                 await self.remote.start(self._plugged, self._unplugged)
+            registry = asyncio.create_task(self._reconcile_registry(), name="registry reconcile")
             log.info("ready: watching %s", ", ".join(self.config.ports.watch))
             try:
                 await self._stop.wait()
                 await self._drain()
             finally:
+                registry.cancel()  # a request still out stays "pending" for the next start
+                await asyncio.gather(registry, return_exceptions=True)
                 await watcher.stop()
                 if self.remote is not None:
                     await self.remote.stop()
@@ -193,6 +236,8 @@ class Station:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             await self.registrar.close()
+            if self.registry is not None:
+                await self.registry.close()
         return self._exit_code()
 
     def stop(self) -> None:
@@ -223,6 +268,18 @@ class Station:
         done = await self.registrar.reconcile(steps, reconcile_journal(self.bus.emit))
         for line in done:
             log.warning("reconcile: %s", line)
+
+    async def _reconcile_registry(self) -> None:
+        """Requests a crash left in flight, sent again beside the boards: a registry that
+        is down at start must not hold the line (each one retries on its own)."""
+        if self.registry_steps is None:
+            return
+        try:
+            steps = await self.registry_steps()
+            for line in await reconcile_registry(self.registry, steps, self.bus.emit):
+                log.warning("reconcile: %s", line)
+        except Exception:  # a bug here must not stop the station; the next start retries
+            log.exception("reconcile of the device registry failed")
 
     def _plugged(self, info: PortInfo) -> None:
         if not self._accepting:
@@ -281,7 +338,8 @@ class Station:
         return Parts(flasher=self.flasher, registrar=self.registrar, sink=self.bus,
                      clock=self.clock, already_done=self.already_done,
                      on_verified=self.on_verified, port_present=self._present,
-                     known_board=self.known_board, port_mac=self.port_mac)
+                     known_board=self.known_board, port_mac=self.port_mac,
+                     registry=self.registry, cloud=self.cloud)
 
     def _present(self, port: str) -> bool:
         if is_remote(port):

@@ -87,6 +87,11 @@ class RegistrationError(StationError):
     """The cloud (or the local CA) did not register the board."""
 
 
+class CloudCheckError(StationError):
+    """The board's new credentials did not open a session on its broker ([verify] cloud):
+    the broker's reason; a retry would present the same certificate."""
+
+
 class CredentialsError(StationError):
     """Credentials could not be stored or turned into a partition image."""
 

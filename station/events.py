@@ -19,9 +19,12 @@ class Stage(enum.StrEnum):
     CONNECT = "connect"
     IDENTIFY = "identify"
     REGISTER = "register"
+    REGISTRY = "registry"  # [registry]: the device registry's answer, waited for with the
+    # registrar's (identity/registry.py)
     FLASH = "flash"
     VERIFY = "verify"
     RESET = "reset"
+    CLOUD = "cloud"  # [verify] cloud: its credentials on its broker (identity/cloudcheck.py)
     BOOT = "boot"  # [verify] boot: the boot story read after the reset (flash/bootcheck.py)
     DONE = "done"
     FAILED = "failed"
@@ -108,6 +111,42 @@ class RegistrationStep(Event):
     step: str
     certificate_id: str | None = None
     certificate_arn: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegistryStep(Event):
+    """The device registry (identity/registry.py), journaled around its request.
+
+    `step` "pending" is written before the request is sent (with `method`, `url` and
+    `body`, so a crash leaves what to send again: never a header, which may hold a key);
+    then the outcome: "registered" (`device_id`: the id in the answer, if any), "already"
+    (the registry had it: a re-plugged board, or a request answered but not recorded
+    before a crash) or "failed" (`detail` says why). Reconciliation re-sends a thing whose
+    last step is "pending".
+    """
+
+    mac: str
+    thing_name: str
+    step: str
+    method: str = ""
+    url: str = ""
+    body: str = ""
+    device_id: str | None = None
+    status: int | None = None  # the HTTP status of the answer
+    detail: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CloudChecked(Event):
+    """[verify] cloud: the board's certificate and key opened a session on its broker
+    (`mode` "connect") and sent one test message ("publish"). `result` "ok", "failed" (the
+    broker's reason in `detail`) or "skipped" (the key is not on the host: `detail`)."""
+
+    mode: str
+    result: str
+    broker: str  # host:port
+    client_id: str
+    detail: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -95,6 +95,26 @@ class DeviceCredentials:
         return f"DeviceCredentials(thing_name={self.thing_name!r}, id={self.certificate_id!r})"
 
 
+class Clock(Protocol):
+    """The worker's time: tests may pass one that does not wait."""
+
+    def monotonic(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        import time
+
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        import asyncio
+
+        await asyncio.sleep(seconds)
+
+
 ProgressFn = Callable[[int, int], None]
 """(bytes done, bytes total) of the current region; called on the event loop thread."""
 

@@ -6,83 +6,67 @@ terminal. Every stage runs under a timeout; transient failures are retried with 
 reason kept; a board ends in exactly one final stage (done, failed, removed, skipped),
 and that final event is always emitted, even when the worker is cancelled.
 
-Registration runs while the common images are written (it needs only the MAC), so a slow
-cloud is hidden behind the serial line; a registration failure fails the board before
-its credentials partition is written.
+Registration (and, with [registry], the device registry's request: beside.py) runs
+while the common images are written (it needs only the MAC), so a slow cloud is hidden
+behind the serial line; a registration failure fails the board before its credentials
+partition is written. With [verify] cloud the board's verified credentials open a
+session on its broker before it is done.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
+from station.beside import Beside, current_board
 from station.errors import (
     BootError,
+    CloudCheckError,
     FlashError,
     KnownBoardError,
     PortError,
-    RegistrationError,
     StationError,
 )
 from station.events import (
     BootChecked,
+    CloudChecked,
     EventSink,
     Identified,
     JobFinished,
     JobStarted,
     KnownBoard,
     Progress,
-    Registered,
-    RegistrationStep,
     Retrying,
     Stage,
     StageChanged,
 )
 from station.flash import Plan, Plans
-from station.identity import BoardFacts, Journal, Registrar
+from station.identity import BoardFacts, CloudCheck, HttpRegistry, Registrar
 from station.parts import (
     BoardHistory,
     BoardIdentity,
     BoardSession,
     BootJudge,
+    Clock,
     DeviceCredentials,
     Flasher,
     KnownBoardLookup,
     Region,
+    SystemClock,
 )
 
 log = logging.getLogger("station.worker")
 T = TypeVar("T")
-
-current_board: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar(
-    "current_board", default=None)
-"""(job id, port, slot) of the board a registrar call is for: lets shared clients report
-throttling against the board that waits, without threading it through every call."""
+__all__ = ["REMOVED", "Clock", "Parts", "Policy", "SystemClock", "Worker", "current_board",
+           "no_credentials_hook"]
 
 REMOVED = "removed"
 NO_CONSOLE = ("native USB: the port leaves the bus when the chip restarts, so the boot story "
               "is not on it; the flash is verified by MD5")
 """The cancel message the daemon uses when a board's port disappears."""
-
-
-class Clock(Protocol):
-    def monotonic(self) -> float: ...
-
-    async def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
 
 
 @dataclass(frozen=True)
@@ -119,6 +103,8 @@ class Parts:
     port_mac: Callable[[str], str | None] = lambda _port: None
     """The board's MAC if the host knows it without opening the port (a USB-Serial/JTAG's
     serial number): a board done with this firmware is then skipped untouched."""
+    registry: HttpRegistry | None = None  # [registry]: told beside the registrar
+    cloud: CloudCheck | None = None  # [verify] cloud: the credentials tried on the broker
 
 
 async def _to_the_end(work: Awaitable[None]) -> None:
@@ -156,9 +142,7 @@ class Worker:
     policy: Policy
     timings: dict[str, float] = field(default_factory=dict)
     _stage: Stage = Stage.CONNECT
-    _registration: asyncio.Task[DeviceCredentials | None] | None = None
-    _registered_as: tuple[str, str] = ("", "")  # (mac, thing) the registration is for
-    _on_board: bool = False  # the board's flash holds its verified credentials
+    _beside: Beside | None = None  # the registration and registry request, once identified
     _known: BoardHistory | None = None  # another station's done job for this board
     _asked: bool = False  # the central ledger was asked (once per job)
     _note: str | None = None  # why the board was skipped, for its final record
@@ -199,27 +183,12 @@ class Worker:
 
     async def _wrap_up(self, result: Stage, error: str | None) -> None:
         """Stop the registration, release credentials the board never got, record the end."""
-        task = self._registration
-        if task is not None and not task.done():
-            task.cancel()
-            with suppress(BaseException):
-                await task
-        await self._release_unused_credentials()
+        if self._beside is not None:
+            await self._beside.stop()
         await self.parts.sink.emit(JobFinished(
             job_id=self.job_id, port=self.port, slot=self.slot, result=result, error=error,
             failed_stage=self._stage if result in (Stage.FAILED, Stage.REMOVED) else None,
             timings=dict(self.timings)))
-
-    async def _release_unused_credentials(self) -> None:
-        """Registered, but the board never got its credentials: no ACTIVE certificate may
-        be left that no board holds (registering again when it returns re-activates it)."""
-        task = self._registration
-        if self._on_board or task is None or task.cancelled() or task.exception() is not None:
-            return
-        credentials = task.result()
-        if credentials is not None:
-            mac, thing = self._registered_as
-            await self.parts.registrar.release(credentials, self._journal(mac, thing))
 
     async def _attempts(self) -> Stage:
         """Whole-session attempts: a serial failure mid-way means reconnecting anyway."""
@@ -270,9 +239,17 @@ class Worker:
             if known is not None and self.policy.on_known_board == "fail":
                 raise KnownBoardError(f"{known.describe()}; not flashed because [identity] "
                                       "on_known_board = \"fail\"")
-            if self._registration is None:
-                self._registered_as = (identity.mac, thing)
-                self._registration = asyncio.create_task(self._register(identity, thing))
+            if self._beside is None:
+                self._beside = Beside(
+                    job_id=self.job_id, port=self.port, slot=self.slot,
+                    registrar=self.parts.registrar, registry=self.parts.registry,
+                    sink=self.parts.sink, clock=self.parts.clock, retries=self.policy.retries,
+                    retry_delay=self.policy.retry_delay,
+                    timeout=self.policy.timeout(Stage.REGISTER), timings=self.timings)
+                self._beside.start(BoardFacts(
+                    identity=identity, thing_name=thing, station=self.plan.station,
+                    firmware_hash=self.plan.firmware_hash,
+                    firmware_version=self.plan.app_version))
             await self._flash(session, attempt)
             await self._reset(session, attempt)
             if self.plan.boot is not None:
@@ -326,16 +303,34 @@ class Worker:
             await self._timed(Stage.FLASH, lambda: self._write(session, own))
         await self._stage_call(Stage.VERIFY, attempt, lambda: self._verify(session, regions + own))
         if credentials is not None:
-            mac, thing = self._registered_as
-            await self._journal(mac, thing)("on-board", credentials.certificate_id,
-                                            credentials.certificate_arn)
-            self._on_board = True
+            assert self._beside is not None
+            await self._beside.journal()("on-board", credentials.certificate_id,
+                                         credentials.certificate_arn)
+            self._beside.on_board = True
             await self.parts.on_verified(credentials)
+            if self.parts.cloud is not None:
+                await self._cloud(attempt, self.parts.cloud, credentials)
+
+    async def _cloud(self, attempt: int, cloud: CloudCheck,
+                     credentials: DeviceCredentials) -> None:
+        """[verify] cloud: the board's own certificate and key on its broker; a refusal
+        fails the board with the broker's reason (a retry would present the same ones)."""
+        assert self._beside is not None and self._beside.board is not None
+        board = self._beside.board
+        verdict = await self._stage_call(Stage.CLOUD, attempt,
+                                         lambda: cloud.check(credentials, board))
+        await self.parts.sink.emit(CloudChecked(
+            job_id=self.job_id, port=self.port, slot=self.slot, mode=cloud.mode,
+            result=verdict.result, broker=verdict.broker, client_id=verdict.client_id,
+            detail=verdict.detail))
+        if verdict.result == "failed":
+            raise CloudCheckError(f"cloud check ({cloud.mode}) as {verdict.client_id}: "
+                                  f"{verdict.detail}", transient=False)
 
     async def _write(self, session: BoardSession, regions: list[Region]) -> None:
         for region in regions:
-            if self._registration is not None and self._registration.done():
-                await self._wait_registration()  # a failed registration stops the flash now
+            for stage in self._beside.done() if self._beside is not None else ():
+                await self._wait_beside(stage)  # a failed registration stops the flash now
             await session.write(region, self._progress_for(region))
 
     async def _verify(self, session: BoardSession, regions: list[Region]) -> None:
@@ -349,57 +344,23 @@ class Worker:
         return progress
 
     async def _credentials(self) -> DeviceCredentials | None:
-        assert self._registration is not None
+        assert self._beside is not None
         self._stage = Stage.REGISTER
-        return await self._timed(Stage.REGISTER, lambda: self._wait_registration())
-
-    async def _wait_registration(self) -> DeviceCredentials | None:
-        """The registration's own outcome; its failure is final (it did its own retries)."""
-        assert self._registration is not None
-        try:
-            return await asyncio.shield(self._registration)
-        except StationError as e:
-            self._stage = Stage.REGISTER  # noticed between two writes, but it is this stage's
-            raise RegistrationError(str(e), transient=False) from e
-
-    async def _register(self, identity: BoardIdentity, thing: str) -> DeviceCredentials | None:
-        """Runs beside the flash; retried like a stage, but never re-flashes anything."""
-        facts = BoardFacts(identity=identity, thing_name=thing, station=self.plan.station,
-                           firmware_hash=self.plan.firmware_hash)
-        current_board.set((self.job_id, self.port, self.slot))  # this task's own context
-        started = self.parts.clock.monotonic()
-        attempt = 1
-        while True:
-            try:
-                async with asyncio.timeout(self.policy.timeout(Stage.REGISTER)):
-                    credentials = await self.parts.registrar.register(
-                        facts, self._journal(identity.mac, thing))
-                break
-            except TimeoutError:
-                raise RegistrationError(f"registration of {thing} timed out after "
-                                        f"{self.policy.timeout(Stage.REGISTER):g}s") from None
-            except StationError as e:
-                if not e.transient or attempt > self.policy.retries:
-                    raise
-                await self.parts.sink.emit(Retrying(
-                    job_id=self.job_id, port=self.port, slot=self.slot, stage=Stage.REGISTER,
-                    attempt=attempt + 1, reason=str(e)))
-                attempt += 1
-                await self.parts.clock.sleep(self.policy.retry_delay)
-        self.timings["register_cloud"] = self.parts.clock.monotonic() - started
-        await self.parts.sink.emit(Registered(
-            job_id=self.job_id, port=self.port, slot=self.slot, thing_name=thing,
-            certificate_id=credentials.certificate_id if credentials else None,
-            registrar=self.parts.registrar.kind))
+        credentials = await self._timed(Stage.REGISTER,
+                                        lambda: self._wait_beside(Stage.REGISTER))
+        if self._beside.has_registry:  # bounded by its own attempts and the timeout
+            self._stage = Stage.REGISTRY
+            await self._timed(Stage.REGISTRY, lambda: self._wait_beside(Stage.REGISTRY))
         return credentials
 
-    def _journal(self, mac: str, thing: str) -> Journal:
-        async def journal(step: str, certificate_id: str | None,
-                          certificate_arn: str | None) -> None:
-            await self.parts.sink.emit(RegistrationStep(
-                job_id=self.job_id, port=self.port, slot=self.slot, mac=mac, thing_name=thing,
-                step=step, certificate_id=certificate_id, certificate_arn=certificate_arn))
-        return journal
+    async def _wait_beside(self, stage: Stage) -> DeviceCredentials | None:
+        """A step beside the flash: its outcome, or its failure as this stage's."""
+        assert self._beside is not None
+        try:
+            return await self._beside.wait(stage)
+        except StationError:
+            self._stage = stage  # noticed between two writes, but it is this stage's
+            raise
 
     async def _known_elsewhere(self, identity: BoardIdentity) -> BoardHistory | None:
         """Ask the central ledger once per job; record what it said on the board's row."""

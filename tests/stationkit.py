@@ -82,6 +82,7 @@ class AwsLine:
     aws: dict[str, Any] = field(default_factory=dict)  # extra [registrar.aws] keys
     keep_private_keys: bool = True
     env: dict[str, str] = field(default_factory=dict)
+    extra: str = ""  # more TOML: sections after [credentials] (e.g. [registry])
 
     _proc: subprocess.Popen[bytes] | None = None
     _out: Path = Path()
@@ -153,7 +154,7 @@ out_dir = "certs_out"
 partition = "nvs"
 namespace = "station"
 keep_private_keys = {json.dumps(self.keep_private_keys)}
-"""
+{self.extra}"""
         self.config.write_text(text)
         return self.config
 

@@ -446,6 +446,33 @@ CONFIG_CASES: dict[str, tuple[Any, list[str]]] = {
         lambda s: s.set("firmware", "image_checks", "maybe"),
         ["config error", "station.toml: firmware.image_checks: must be \"refuse\" or "
          "\"warn\", not 'maybe'"]),
+    "registry URL without a scheme": (
+        lambda s: s.set("registry", "kind", "bodh").set("registry", "url", "bodh.example.com"),
+        ["config error", "station.toml: registry.url: 'bodh.example.com' has no scheme: write "
+         "https://bodh.example.com (or http:// for a registry on plain HTTP); Bodh's default "
+         "is https"]),
+    "registry template naming an unknown field": (
+        lambda s: s.set("registry", "kind", "http")
+        .set("registry", "url", "https://inventory.example/devices")
+        .set("registry", "body", {"device": {"id": "{thing}", "serial": "{serial}"}}),
+        ["config error", "station.toml: registry.body.device.serial: '{serial}': {serial} is "
+         "not a field the station has (use {thing}, {mac}, {chip}, {station}, "
+         "{certificate_id}, {firmware_version})"]),
+    "registry secret written in station.toml": (
+        lambda s: s.set("registry", "kind", "http")
+        .set("registry", "url", "https://inventory.example/devices")
+        .set("registry.headers", "x-api-key", "k-8f2e61d0c3"),
+        ["config error", "station.toml: registry.headers.x-api-key: secrets never go in "
+         "station.toml: write \"env:NAME\" and set NAME in the station's environment"]),
+    "registry key's environment variable not set": (
+        lambda s: (s.env.pop("BODH_API_KEY", None), s.set("registry", "kind", "bodh")
+                   .set("registry", "url", "https://bodh.example.com")),
+        ["config error", "station.toml: registry.api_key: the environment variable "
+         "BODH_API_KEY is not set; the station reads secrets only from its environment"]),
+    "cloud check without credentials": (
+        lambda s: s.set("registrar", "kind", "none").set("verify", "cloud", "publish"),
+        ["config error", "station.toml: verify.cloud: \"publish\" needs the board's "
+         "credentials, but [registrar] kind is \"none\""]),
     "config file missing": (lambda s: None, ["station.toml: no such file (pass --config PATH)"]),
     "state_dir cannot be made": (_state_dir_under_a_file,
                                  ["state-file/state", "Not a directory"]),

@@ -299,3 +299,35 @@ def test_cut_middle_keeps_the_whole_mac_then_its_last_digits() -> None:
     name = Text("widget-pro-240ac4269e0c")
     assert [cut_middle(name, w, tail=12).plain for w in (30, 17, 13, 8, 1)] == [
         "widget-pro-240ac4269e0c", "widg…240ac4269e0c", "…240ac4269e0c", "…4269e0c", "…"]
+
+
+def test_the_registry_and_cloud_column_and_lines() -> None:
+    """[registry] and [verify] cloud: a column on a line that has them, and log lines."""
+    from station.events import CloudChecked, RegistryStep
+
+    w = at("A1")
+    events = [*start("A1", T0, "240ac4000001"),
+              RegistryStep(**w, mac="240ac4000001", thing_name="dev-240ac4000001",
+                           step="pending", method="POST", url="https://bodh/api/devices",
+                           at=T0 + 2),
+              RegistryStep(**w, mac="240ac4000001", thing_name="dev-240ac4000001",
+                           step="registered", method="POST", url="https://bodh/api/devices",
+                           device_id="d-17", status=201, at=T0 + 3),
+              CloudChecked(**w, mode="publish", result="ok", broker="mq:8883",
+                           client_id="dev-240ac4000001", at=T0 + 9),
+              JobFinished(**w, result=Stage.DONE, at=T0 + 10)]
+    view = StationView(station="line-1", registrar="local-ca", registry="bodh",
+                       cloud="publish", started_at=T0)
+    for event in events:
+        view.apply(event)
+    lines = rendered_lines(view, T0 + 11)
+    assert "registry / cloud" in lines[1] or any("registry / cloud" in x for x in lines[:3])
+    assert "reg ✓ d-17 · mqtt ✓" in row_line(lines, "A1")
+    assert "registry bodh  |  cloud check publish" in "\n".join(lines)
+    plain = StationView(station="line-1", started_at=T0)  # no registry: no column
+    assert not any("registry / cloud" in x for x in rendered_lines(plain, T0))
+    log = headless(events)
+    assert any(x.endswith("registry registered POST https://bodh/api/devices id d-17")
+               for x in log), log
+    assert any(x.endswith("cloud check publish ok as dev-240ac4000001 at mq:8883")
+               for x in log), log

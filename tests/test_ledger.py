@@ -21,6 +21,7 @@ import pytest
 from station.errors import LedgerError
 from station.events import (
     BootChecked,
+    CloudChecked,
     Event,
     Identified,
     JobFinished,
@@ -28,6 +29,7 @@ from station.events import (
     Progress,
     Registered,
     RegistrationStep,
+    RegistryStep,
     Retrying,
     Stage,
     StageChanged,
@@ -335,3 +337,38 @@ def test_a_schema_1_ledger_gains_the_boot_columns_and_records_a_boot(tmp_path: P
     assert (rows["new"]["boot"], rows["new"]["booted_project"], rows["new"]["booted_version"]) \
         == ("ok", "gadget", "2.1.0")
     assert "app_init: App version" in rows["new"]["boot_log"]
+
+
+def test_a_schema_1_ledger_gains_the_registry_and_cloud_columns(tmp_path: Path) -> None:
+    """Schema 5: the device registry's steps (reconcile reads them back), each job's
+    registry outcome and id (an "already" answer keeps the id given before), and the
+    cloud check's verdict; a reconcile's outcome lands on the interrupted job."""
+    schema_1_ledger(tmp_path, """
+    INSERT INTO jobs (job_id, slot, mac, thing_name, started_at)
+        VALUES ('first', 'A1', '240ac4000001', 't1', 1.0);
+    INSERT INTO jobs (job_id, slot, mac, thing_name, started_at)
+        VALUES ('again', 'A1', '240ac4000001', 't1', 2.0);
+    """)
+    where = {"port": "/dev/ttyUSB1", "slot": "A1", "mac": "240ac4000001", "thing_name": "t1",
+             "method": "POST", "url": "https://r/api/devices", "body": '{"device":{"id":"t1"}}'}
+    with Ledger.open(tmp_path) as ledger:
+        async def record() -> None:
+            await ledger.record(RegistryStep(job_id="first", step="pending", **where))
+            await ledger.record(RegistryStep(job_id="reconcile", step="registered",
+                                             device_id="d-1", status=201, **where))
+            await ledger.record(RegistryStep(job_id="again", step="pending", **where))
+            await ledger.record(RegistryStep(job_id="again", step="already", status=422,
+                                             **where))
+            await ledger.record(CloudChecked(job_id="again", port="p", slot="A1",
+                                             mode="publish", result="failed", broker="b:8883",
+                                             client_id="t1", detail="Not authorized"))
+        asyncio.run(record())
+        rows = {r["job_id"]: r for r in ledger.jobs()}
+        steps = ledger.registry_steps()
+    assert set(rows) == {"first", "again"}, "a reconcile is not a job"
+    assert (rows["first"]["registry"], rows["first"]["registry_id"]) == ("registered", "d-1")
+    assert (rows["again"]["registry"], rows["again"]["registry_id"]) == ("already", "d-1")
+    assert (rows["again"]["cloud"], rows["again"]["cloud_detail"]) == \
+        ("failed", "Not authorized")
+    assert [(s.job_id, s.step, s.body) for s in steps][0] == \
+        ("first", "pending", '{"device":{"id":"t1"}}')

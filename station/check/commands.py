@@ -13,9 +13,9 @@ from typing import TextIO
 from station.check.host import HOST_ROOT_ENV, findings
 from station.check.hubs import probe_hubs
 from station.config import Config, writable_folder
-from station.daemon import EXIT_OK, reconcile_journal, state_dir_lock
+from station.daemon import EXIT_OK, reconcile_journal, reconcile_registry, state_dir_lock
 from station.flash import build_plans, firmware_warnings, load_bundles
-from station.identity import CredentialStore, make_registrar, nvs_region
+from station.identity import CredentialStore, make_registrar, make_registry, nvs_region
 from station.ports import scan
 
 LOW_SPACE = 1 << 20
@@ -58,6 +58,15 @@ async def check(config: Config, out: TextIO) -> int:
         print(f"registrar   {registrar.kind}: ready", file=out)
     finally:
         await registrar.close()
+    if config.registry.kind != "none":  # nothing is sent: a probe would register a device
+        print(f"registry    {config.registry.describe()}: told about each board beside the "
+              "registrar; nothing sent now", file=out)
+    cloud = config.verify.cloud
+    if cloud.mode != "off":
+        where = cloud.endpoint or "the endpoint the registrar writes to each board"
+        what = f"and publishes on {cloud.topic!r}" if cloud.mode == "publish" else "(connect)"
+        print(f"cloud check each board's certificate opens an MQTT session at {where} {what}",
+              file=out)
     if config.ledger.central:
         print(f"central     {check_central(config)}", file=out)
     if config.metrics.listen:
@@ -113,6 +122,7 @@ async def reconcile(config: Config, out: TextIO) -> int:
     with state_dir_lock(config.station.state_dir):
         ledger = Ledger.open(config.station.state_dir)
         registrar = make_registrar(config, CredentialStore(config.credentials.out_dir))
+        registry = make_registry(config.registry)
         try:
             for job in ledger.close_interrupted("the station was stopped or crashed"):
                 print(f"job {job}: interrupted, marked failed", file=out)
@@ -120,7 +130,14 @@ async def reconcile(config: Config, out: TextIO) -> int:
             steps = ledger.registration_steps()
             for line in await registrar.reconcile(steps, reconcile_journal(ledger.record)):
                 print(line, file=out)
+            if registry is not None:
+                await registry.start()
+            for line in await reconcile_registry(registry, ledger.registry_steps(),
+                                                 ledger.record):
+                print(line, file=out)
         finally:
             await registrar.close()
+            if registry is not None:
+                await registry.close()
             ledger.close()
     return EXIT_OK

@@ -2,6 +2,7 @@
 
     sections.py   the typed objects the rest of the station reads (`Config` and its sections)
     reader.py     `load`: every table read and checked; an error names file, key and reason
+    registry.py   [registry] (a device registry over HTTP, the Bodh preset) and [verify] cloud
     ports.py      the [ports] section: globs, line rates, slots, hub hosts, slot health
     _table.py     one table's typed getters (reader.py and ports.py)
     folders.py    `writable_folder`: a configured folder proven writable (check, run)
@@ -12,6 +13,7 @@ from station.config.cliargs import at_least, positive, seconds
 from station.config.folders import writable_folder
 from station.config.ports import HealthSection, PortsSection
 from station.config.reader import load, load_record
+from station.config.registry import CloudSection, Header, RegistrySection
 from station.config.sections import (
     AWS_DEFAULT_TPS,
     CHIPS,
@@ -33,9 +35,10 @@ from station.config.sections import (
 )
 
 __all__ = [
-    "AWS_DEFAULT_TPS", "CHIPS", "STAGE_TIMEOUTS", "AwsSection", "Config", "CredentialsSection",
-    "FirmwareSection", "HealthSection", "IdentitySection", "ImageSpec", "LedgerSection",
-    "LocalCaSection", "MetricsSection", "PortsSection", "RecordConfig", "RegistrarSection",
+    "AWS_DEFAULT_TPS", "CHIPS", "STAGE_TIMEOUTS", "AwsSection", "CloudSection", "Config",
+    "CredentialsSection", "FirmwareSection", "HealthSection", "Header", "IdentitySection",
+    "ImageSpec", "LedgerSection", "LocalCaSection", "MetricsSection", "PortsSection",
+    "RecordConfig", "RegistrarSection", "RegistrySection",
     "StationSection", "VerifySection", "WorkerSection", "at_least", "load", "load_record",
     "positive", "seconds", "writable_folder",
 ]

@@ -18,6 +18,7 @@ from typing import Literal, cast
 from station import chips
 from station.config._table import Table
 from station.config.ports import ports_section
+from station.config.registry import cloud_section, registry_section
 from station.config.sections import (
     AWS_DEFAULT_TPS,
     CHIPS,
@@ -68,6 +69,11 @@ def load(path: str | Path) -> Config:
     """Read and validate station.toml; raises ConfigError naming file, key and reason."""
     root = _read(path)
     firmwares = _firmwares(root)
+    registrar = _registrar(root.sub("registrar"))
+    registry = registry_section(root.sub("registry"))
+    if "certificate_id" in registry.fields and registrar.kind == "none":
+        raise ConfigError(str(root.file), "registry", "names {certificate_id}, but [registrar] "
+                          "kind is \"none\": no certificate is made")
     config = Config(
         path=root.file,
         station=_station(root.sub("station")),
@@ -75,11 +81,12 @@ def load(path: str | Path) -> Config:
         firmware=firmwares[0],
         identity=_identity(root.sub("identity")),
         worker=_worker(root.sub("worker")),
-        registrar=_registrar(root.sub("registrar")),
+        registrar=registrar,
         credentials=_credentials(root.sub("credentials")),
         ledger=_ledger(root.sub("ledger")),
         metrics=_metrics(root.sub("metrics")),
-        verify=_verify(root.sub("verify")),
+        verify=_verify(root.sub("verify"), registrar.kind),
+        registry=registry,
         firmwares=firmwares,
     )
     root.done()
@@ -99,7 +106,7 @@ def _station(t: Table) -> StationSection:
     return s
 
 
-def _verify(t: Table) -> VerifySection:
+def _verify(t: Table, registrar_kind: str) -> VerifySection:
     boot = t.get("boot", str, "off")
     if boot not in ("off", "rom", "app"):
         raise t.error("boot", f"must be \"off\", \"rom\" or \"app\", not {boot!r}")
@@ -112,7 +119,8 @@ def _verify(t: Table) -> VerifySection:
         if boot != "app":
             raise t.error("marker", "the app prints it: needs [verify] boot = \"app\"")
     v = VerifySection(boot=cast(Literal["off", "rom", "app"], boot), marker=marker,
-                      boot_timeout=t.number("boot_timeout", 10.0, minimum=0.5))
+                      boot_timeout=t.number("boot_timeout", 10.0, minimum=0.5),
+                      cloud=cloud_section(t, registrar_kind))
     t.done()
     return v
 

@@ -13,6 +13,7 @@ from typing import Literal
 
 from station import chips
 from station.config.ports import PortsSection
+from station.config.registry import CloudSection, RegistrySection
 
 CHIPS = chips.supported()  # every ESP32-family chip of the pinned esptool
 Chip = str  # one of CHIPS: esptool's spelling, "esp32s3"
@@ -153,12 +154,15 @@ class MetricsSection:
 
 @dataclass(frozen=True)
 class VerifySection:
-    """[verify]: the boot check after the reset (station/flash/bootcheck.py)."""
+    """[verify]: the boot check after the reset (station/flash/bootcheck.py) and the
+    credentials' proof on the broker (station/identity/cloudcheck.py)."""
 
     boot: Literal["off", "rom", "app"] = "off"
     marker: str | None = None
     """A regex the app must print after its app_init lines (e.g. "SELFTEST: PASS")."""
     boot_timeout: float = 10.0
+    cloud: CloudSection = field(default_factory=CloudSection)
+    """[verify] cloud: the board's own MQTT session before it leaves (config/registry.py)."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,8 @@ class Config:
     ledger: LedgerSection = field(default_factory=LedgerSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     verify: VerifySection = field(default_factory=VerifySection)
+    registry: RegistrySection = field(default_factory=RegistrySection)
+    """[registry]: a device registry over HTTP, beside the registrar (config/registry.py)."""
     firmwares: tuple[FirmwareSection, ...] = ()
     """One per chip with [[firmware]]; `firmware` is the first (the only one with a
     single [firmware] table)."""

@@ -76,6 +76,16 @@ def app_description(chip: str, image: bytes) -> AppDescription | None:
     return None
 
 
+def app_of(bundle: FirmwareBundle) -> tuple[int | None, AppDescription | None]:
+    """(the app partition's offset, the description of the app written there): the
+    factory app, else the first app partition."""
+    apps = [p for p in bundle.partitions if p.type == 0]
+    app = next((p for p in apps if p.subtype == 0), apps[0] if apps else None)
+    image = next((r.data for r in bundle.regions if app and r.offset == app.offset), None)
+    return (app.offset if app else None,
+            app_description(bundle.chip, image) if image else None)
+
+
 def _text(b: bytes) -> str:
     return b.split(b"\0", 1)[0].decode("ascii", "replace")
 
@@ -126,11 +136,8 @@ class BootCheck:
     @classmethod
     def for_bundle(cls, bundle: FirmwareBundle, level: str, marker: str | None,
                    timeout: float) -> BootCheck:
-        apps = [p for p in bundle.partitions if p.type == 0]
-        app = next((p for p in apps if p.subtype == 0), apps[0] if apps else None)
-        image = next((r.data for r in bundle.regions if app and r.offset == app.offset), None)
-        return cls(level=level, app_offset=app.offset if app else None,
-                   app=app_description(bundle.chip, image) if image else None,
+        offset, app = app_of(bundle)
+        return cls(level=level, app_offset=offset, app=app,
                    marker=re.compile(marker) if marker else None, timeout=timeout)
 
     def complete(self, text: str) -> bool:

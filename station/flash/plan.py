@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from station.config import Config
 from station.errors import FirmwareError, WrongChipError
-from station.flash.bootcheck import BootCheck
+from station.flash.bootcheck import BootCheck, app_of
 from station.flash.firmware import FirmwareBundle, load_firmware
 from station.parts import BoardIdentity, BootJudge, DeviceCredentials, Region
 
@@ -37,6 +37,8 @@ class Plan:
     """Builds the per-board data partition; None when the registrar makes no credentials."""
     boot: BootJudge | None = None
     """[verify] boot: what the board must print after the reset (bootcheck.py)."""
+    app_version: str = ""
+    """The app's version (its esp_app_desc_t), "" if unknown: [registry] {firmware_version}."""
 
     @property
     def flash_end(self) -> int:
@@ -108,9 +110,11 @@ def build_plan(config: Config, bundle: FirmwareBundle,
     verify = config.verify
     boot = None if verify.boot == "off" else \
         BootCheck.for_bundle(bundle, verify.boot, verify.marker, verify.boot_timeout)
+    _, app = app_of(bundle)
     return Plan(chip=bundle.chip, regions=bundle.regions,
                 firmware_hash=bundle.sha256, station=config.station.name,
-                thing_name=thing_name, credentials_region=credentials_region, boot=boot)
+                thing_name=thing_name, credentials_region=credentials_region, boot=boot,
+                app_version=app.version if app else "")
 
 
 def load_bundles(config: Config) -> tuple[FirmwareBundle, ...]:

@@ -37,8 +37,8 @@ from psycopg.rows import dict_row
 from station.errors import CentralError, CentralUnreachableError
 from station.parts import BoardHistory
 
-SCHEMA_VERSION = 4  # 2: slot_flags and runs (station/fleet/_slots.py); 3: line rates;
-# 4: the boot check (station/flash/bootcheck.py)
+SCHEMA_VERSION = 5  # 2: slot_flags and runs (station/fleet/_slots.py); 3: line rates;
+# 4: the boot check (station/flash/bootcheck.py); 5: the device registry, the cloud check
 LOCK_ID = 0x5747_4E01  # pg_advisory_xact_lock key for migrations ("STN" + 1)
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -95,12 +95,20 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN booted_version text",
         "ALTER TABLE jobs ADD COLUMN boot_log text",
     ),
+    5: (  # [registry]: the registry's answer and id; [verify] cloud: the broker's verdict
+        "ALTER TABLE jobs ADD COLUMN registry text",
+        "ALTER TABLE jobs ADD COLUMN registry_id text",
+        "ALTER TABLE jobs ADD COLUMN cloud text",
+        "ALTER TABLE jobs ADD COLUMN cloud_detail text",
+        "CREATE INDEX jobs_registry_id ON jobs (registry_id)",
+    ),
 }
 
 JOB_COLUMNS = ("job_id", "port", "slot", "mac", "chip", "thing_name", "firmware_hash",
                "registrar", "certificate_id", "stage", "result", "failed_stage", "error",
                "started_at", "finished_at", "timings", "baud", "baud_steps", "boot",
-               "booted_project", "booted_version", "boot_log")
+               "booted_project", "booted_version", "boot_log", "registry", "registry_id",
+               "cloud", "cloud_detail")
 """The local ledger's job columns that are shipped (station is the row's own key)."""
 
 

@@ -29,7 +29,8 @@ def _console_text(renderable: Any) -> str:
     return out.getvalue()
 
 
-def _jobs_table(title: str, rows: list[dict[str, Any]]) -> Any:
+def _jobs_table(title: str, rows: list[dict[str, Any]], registry: bool = False) -> Any:
+    """`registry`: a column with each job's device registry outcome and id ([registry])."""
     from collections import Counter
 
     from rich.table import Table
@@ -39,15 +40,19 @@ def _jobs_table(title: str, rows: list[dict[str, Any]]) -> Any:
     caption = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + \
         f", total {len(rows)}; " + ", ".join(f"{s} {n}" for s, n in sorted(per_station.items()))
     table = Table(title=title, caption=caption)
-    for column in ("station", "slot", "mac", "thing", "result", "error", "finished", "s"):
+    registry = registry and any(r.get("registry") for r in rows)
+    for column in ("station", "slot", "mac", "thing", "result", "error", "finished", "s",
+                   *(("registry",) if registry else ())):
         table.add_column(column, overflow="fold")
     for r in rows:
         error = r["error"] or ""
         if r["failed_stage"] and r["result"] != "done":
             error = f"at {r['failed_stage']}: {error}" if error else f"at {r['failed_stage']}"
+        extra = (" ".join(p for p in (r.get("registry"), r.get("registry_id")) if p),) \
+            if registry else ()
         table.add_row(r["station"], r["slot"], r["mac"] or "", r["thing_name"] or "",
                       r["result"], error, r["finished"],
-                      "" if r["seconds"] is None else f"{r['seconds']:.1f}")
+                      "" if r["seconds"] is None else f"{r['seconds']:.1f}", *extra)
     return table
 
 
@@ -86,7 +91,7 @@ def export_board(conninfo: str, mac_text: str, fmt: Format, timeout: float = 10.
     from rich.console import Group
     from rich.table import Table
 
-    parts: list[Any] = [_jobs_table(f"board {mac}", jobs)]
+    parts: list[Any] = [_jobs_table(f"board {mac}", jobs, registry=True)]
     if steps:
         reg = Table(title="registration steps")
         for column in ("at", "station", "thing", "step", "certificate"):

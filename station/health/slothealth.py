@@ -33,6 +33,8 @@ HINTS: dict[Stage, str] = {
     Stage.IDENTIFY: "check the cable; a board that answers but cannot be read may sit "
                     "in a bad socket",
     Stage.REGISTER: "check the registrar (cloud or CA): the slot itself is rarely the cause",
+    Stage.REGISTRY: "check the device registry ([registry]): the slot is not the cause",
+    Stage.CLOUD: "check the broker, its policy and CA ([verify] cloud): not the slot",
     Stage.FLASH: "check the cable and the hub's power supply",
     Stage.VERIFY: "check power: the hub's supply or the cable's voltage drop",
     Stage.RESET: "check the reset lines: the bridge's DTR/RTS or the board's auto-reset",

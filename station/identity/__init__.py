@@ -2,10 +2,14 @@
 on the board.
 
     registrar/      how a board becomes known: "none", "local-ca", "aws-iot" (its own face)
+    registry.py     [registry]: each board made known to a device registry over HTTP
+    registry_http.py  that registry's request and answer, as plain data
+    cloudcheck.py   [verify] cloud: the board's own credentials on its MQTT broker
     credentials.py  certs_out/ (keys 0600 in 0700 folders) and the credentials' NVS image
     nvs.py          a reader of ESP-IDF NVS partitions (tests, the soak's checker)
 """
 
+from station.identity.cloudcheck import CloudCheck, CloudVerdict, make_cloud_check
 from station.identity.credentials import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
@@ -29,10 +33,20 @@ from station.identity.registrar import (
     make_registrar,
     same_public_key,
 )
+from station.identity.registry import (
+    HttpRegistry,
+    RegistryJournal,
+    RegistryNote,
+    RegistryOutcome,
+    make_registry,
+    pending_without_registry,
+)
 
 __all__ = [
     "CERTIFICATE_FILE", "CRASH_ENV", "PRIVATE_KEY_FILE", "PUBLIC_KEY_FILE", "RECORD_FILE",
-    "BoardFacts", "CredentialStore", "Journal", "NoRegistrar", "NvsFormatError", "Registrar",
-    "RegistrationRecord", "certificate_key_matches", "crash_point", "journaled",
-    "key_pair_matches", "make_registrar", "nvs_region", "read_nvs", "same_public_key",
+    "BoardFacts", "CloudCheck", "CloudVerdict", "CredentialStore", "HttpRegistry", "Journal",
+    "NoRegistrar", "NvsFormatError", "Registrar", "RegistrationRecord", "RegistryJournal",
+    "RegistryNote", "RegistryOutcome", "certificate_key_matches", "crash_point", "journaled",
+    "key_pair_matches", "make_cloud_check", "make_registrar", "make_registry", "nvs_region",
+    "pending_without_registry", "read_nvs", "same_public_key",
 ]

@@ -13,6 +13,7 @@ from typing import Any
 
 from station.events import (
     BootChecked,
+    CloudChecked,
     Event,
     Identified,
     JobFinished,
@@ -20,6 +21,7 @@ from station.events import (
     LineRate,
     Registered,
     RegistrationStep,
+    RegistryStep,
     SlotCleared,
     SlotFlagged,
     Stage,
@@ -27,8 +29,8 @@ from station.events import (
 from station.record._slots import SCHEMA_2, write_slot_event
 from station.record.eventlog import event_fields
 
-SCHEMA_VERSION = 4  # 2: slot_flags and runs (_slots.py); 3: line rates;
-# 4: the boot check (flash/bootcheck.py)
+SCHEMA_VERSION = 5  # 2: slot_flags and runs (_slots.py); 3: line rates;
+# 4: the boot check (flash/bootcheck.py); 5: the device registry and the cloud check
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
@@ -61,6 +63,17 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN booted_project TEXT",
         "ALTER TABLE jobs ADD COLUMN booted_version TEXT",
         "ALTER TABLE jobs ADD COLUMN boot_log TEXT"),
+    # [registry]: each request journaled before it leaves and after its answer
+    # (identity/registry.py); the job's outcome and the registry's id; [verify] cloud
+    5: ("""CREATE TABLE IF NOT EXISTS registry_steps (
+            job_id TEXT NOT NULL, port TEXT, slot TEXT, at REAL NOT NULL, mac TEXT NOT NULL,
+            thing_name TEXT NOT NULL, step TEXT NOT NULL, method TEXT, url TEXT, body TEXT,
+            device_id TEXT, status INTEGER, detail TEXT)""",
+        "CREATE INDEX IF NOT EXISTS registry_steps_thing ON registry_steps (thing_name)",
+        "ALTER TABLE jobs ADD COLUMN registry TEXT",
+        "ALTER TABLE jobs ADD COLUMN registry_id TEXT",
+        "ALTER TABLE jobs ADD COLUMN cloud TEXT",
+        "ALTER TABLE jobs ADD COLUMN cloud_detail TEXT"),
 }
 
 
@@ -99,7 +112,7 @@ def write_event(conn: sqlite3.Connection, event: Event) -> None:
     conn.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
                   (event.job_id, event.at, type(event).__name__, stage, attempt,
                    json.dumps(fields, sort_keys=True) if fields else None))
-    if not isinstance(event, RegistrationStep | JobStarted):
+    if not isinstance(event, RegistrationStep | RegistryStep | JobStarted):
         # A job row even if its JobStarted was never recorded: no final result is lost.
         conn.execute("INSERT INTO jobs (job_id, port, slot, stage, started_at) VALUES "
                      "(?, ?, ?, ?, ?) ON CONFLICT (job_id) DO NOTHING",
@@ -130,6 +143,11 @@ def write_event(conn: sqlite3.Connection, event: Event) -> None:
         # The job shows its certificate from the moment it exists, not only once done.
         conn.execute("UPDATE jobs SET certificate_id = coalesce(?, certificate_id) "
                      "WHERE job_id = ?", (event.certificate_id, event.job_id))
+    elif isinstance(event, RegistryStep):
+        _write_registry_step(conn, event)
+    elif isinstance(event, CloudChecked):
+        conn.execute("UPDATE jobs SET cloud = ?, cloud_detail = ? WHERE job_id = ?",
+                     (event.result, event.detail or None, event.job_id))
     elif isinstance(event, JobFinished):
         conn.execute(
             """UPDATE jobs SET result = ?, error = ?, failed_stage = ?, finished_at = ?,
@@ -149,6 +167,37 @@ def write_event(conn: sqlite3.Connection, event: Event) -> None:
     elif stage is not None:  # StageChanged, Retrying: where the job is now
         conn.execute("UPDATE jobs SET stage = ? WHERE job_id = ? AND result IS NULL",
                      (stage, event.job_id))
+
+
+def _write_registry_step(conn: sqlite3.Connection, event: RegistryStep) -> None:
+    """The step, and the outcome on its job's row (an "already" answer without an id
+    keeps the id the registry gave this thing before). A reconcile's outcome also lands
+    on the interrupted jobs that left the request pending."""
+    conn.execute("INSERT INTO registry_steps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (event.job_id, event.port, event.slot, event.at, event.mac,
+                  event.thing_name, event.step, event.method, event.url, event.body,
+                  event.device_id, event.status, event.detail or None))
+    known = None
+    if event.step in ("registered", "already"):
+        row = conn.execute("SELECT device_id FROM registry_steps WHERE thing_name = ? AND "
+                           "device_id IS NOT NULL ORDER BY rowid DESC LIMIT 1",
+                           (event.thing_name,)).fetchone()
+        known = row[0] if row else None
+    conn.execute("UPDATE jobs SET registry = ?, registry_id = coalesce(?, registry_id) "
+                 "WHERE job_id = ?", (event.step, known, event.job_id))
+    if event.job_id == "reconcile":
+        conn.execute("UPDATE jobs SET registry = ?, registry_id = coalesce(?, registry_id) "
+                     "WHERE thing_name = ? AND registry = 'pending'",
+                     (event.step, known, event.thing_name))
+
+
+def registry_steps(conn: sqlite3.Connection) -> list[RegistryStep]:
+    rows = conn.execute("SELECT job_id, port, slot, at, mac, thing_name, step, method, url, "
+                        "body, device_id, status, detail FROM registry_steps ORDER BY rowid")
+    return [RegistryStep(job_id=r[0], port=r[1] or "", slot=r[2] or "", at=r[3], mac=r[4],
+                         thing_name=r[5], step=r[6], method=r[7] or "", url=r[8] or "",
+                         body=r[9] or "", device_id=r[10], status=r[11], detail=r[12] or "")
+            for r in rows]
 
 
 def close_interrupted(conn: sqlite3.Connection, reason: str, now: float) -> list[str]:

@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from station.errors import LedgerError, LedgerLockedError
-from station.events import Event, Progress, RegistrationStep, SlotFlagged, Throttled
+from station.events import (
+    Event,
+    Progress,
+    RegistrationStep,
+    RegistryStep,
+    SlotFlagged,
+    Throttled,
+)
 from station.record import _tables as tables
 from station.record._slots import all_flags, close_flag, open_flags, run_started, run_stopped
 from station.record.export import export_csv, export_row, table
@@ -322,6 +329,10 @@ class Ledger:
 
     async def registration_steps_async(self) -> list[RegistrationStep]:
         return await self._acall(tables.registration_steps)
+
+    def registry_steps(self) -> list[RegistryStep]:
+        """Every device registry step in order ([registry]), for its reconcile."""
+        return self._call(tables.registry_steps)
 
     def jobs(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Jobs oldest first (the last `limit` of them); `timings` decoded to a dict."""

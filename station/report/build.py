@@ -76,11 +76,29 @@ def summary_rows(stats: Stats) -> list[tuple[str, str, str]]:
          _num(s.boards_per_hour)),
         ("median_seconds", "median time per board done (s)", _num(s.median_seconds)),
         ("throttles", "registrar throttles", str(s.throttles)),
+        *_check_rows(s.checks),
         ("restarts", "station restarts (after a crash or kill)",
          f"{s.restarts} ({s.unclean_restarts})"),
         ("first_start", "first board started", stamp(s.first_start) or "-"),
         ("last_end", "last board ended", stamp(s.last_end) or "-"),
     ]
+
+
+CHECK_ROWS = (
+    ("registry", "device registry: registered / already had it / failed",
+     ("registered", "already", "failed")),
+    ("cloud", "cloud check on the broker: ok / failed / skipped", ("ok", "failed", "skipped")),
+)
+
+
+def _check_rows(checks: dict[str, int]) -> list[tuple[str, str, str]]:
+    """A row for [registry] and one for [verify] cloud, on a line that has them."""
+    rows = []
+    for key, label, outcomes in CHECK_ROWS:
+        counts = [checks.get(f"{key} {o}", 0) for o in outcomes]
+        if any(counts):
+            rows.append((key, label, " / ".join(str(n) for n in counts)))
+    return rows
 
 
 def _window_text(window: Window) -> str:

@@ -26,7 +26,7 @@ import psycopg
 from psycopg import IsolationLevel
 
 from station.fleet import central
-from station.report.data import FlagRow, JobRow, RunRow, Window
+from station.report.data import FlagRow, JobRow, RunRow, Window, check_counts
 
 
 class CentralSource:
@@ -111,6 +111,14 @@ class CentralSource:
         rows = self._query("events", "SELECT count(*) FROM events WHERE kind = 'Throttled' "  # noqa: S608
                            f"AND {where}", params)
         return int(rows[0][0]) if rows else 0
+
+    def checks(self, window: Window) -> dict[str, int]:
+        where, params = _where(window, "at")
+        rows = self._query("events", "SELECT kind, coalesce(detail->>'step', "  # noqa: S608
+                           "detail->>'result'), count(*) FROM events WHERE kind IN "
+                           f"('RegistryStep', 'CloudChecked') AND {where} GROUP BY 1, 2",
+                           params)
+        return check_counts(rows)
 
 
 def _where(window: Window, time_column: str) -> tuple[str, list[Any]]:

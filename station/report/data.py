@@ -92,6 +92,10 @@ class ReportSource(Protocol):
     def throttles(self, window: Window) -> int:
         """Times a board waited because the cloud throttled the station."""
 
+    def checks(self, window: Window) -> dict[str, int]:
+        """Outcomes of the device registry's requests and of the cloud checks, by name:
+        "registry registered", "registry already", "registry failed", "cloud ok", ..."""
+
 
 def _where(window: Window, time_column: str, station_column: str = "station",
            ) -> tuple[str, list[Any]]:
@@ -185,6 +189,27 @@ class SqliteLedgerSource:
             row = conn.execute("SELECT count(*) FROM events e LEFT JOIN jobs j USING (job_id) "
                                f"WHERE e.kind = 'Throttled' AND {where}", params).fetchone()
         return int(row[0])
+
+
+    def checks(self, window: Window) -> dict[str, int]:
+        where, params = _where(window, "e.at", "j.station")
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT e.kind, coalesce(json_extract(e.detail, '$.step'), "
+                "json_extract(e.detail, '$.result')), count(*) FROM events e LEFT JOIN jobs j "
+                f"USING (job_id) WHERE e.kind IN ('RegistryStep', 'CloudChecked') AND {where} "
+                "GROUP BY 1, 2", params).fetchall()
+        return check_counts(rows)
+
+
+CHECK_NAMES = {"RegistryStep": "registry", "CloudChecked": "cloud"}
+
+
+def check_counts(rows: list[tuple[Any, ...]]) -> dict[str, int]:
+    """(event kind, step or result, count) -> {"registry registered": n, ...}; a request's
+    "pending" row is not an outcome."""
+    return {f"{CHECK_NAMES[kind]} {what}": int(n) for kind, what, n in rows
+            if what and what != "pending"}
 
 
 class _NoTable(Exception):

@@ -52,6 +52,7 @@ class Summary:
     boards_per_hour: float | None = None
     median_seconds: float | None = None
     throttles: int = 0
+    checks: dict[str, int] = field(default_factory=dict)  # [registry], [verify] cloud
     starts: int = 0
     restarts: int = 0
     unclean_restarts: int = 0
@@ -186,6 +187,7 @@ def compute(source: ReportSource, window: Window) -> Stats:
     if durations:
         s.median_seconds = statistics.median(durations)
     s.throttles = source.throttles(window)
+    s.checks = source.checks(window)
     s.starts, s.restarts, s.unclean_restarts = _restarts(source.runs(window), window)
 
     stats = Stats(window=window, source=source.describe(), summary=s, flags=flags)

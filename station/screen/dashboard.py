@@ -94,6 +94,22 @@ def baud_text(row: BoardRow) -> Text:
     return Text(str(line.baud))
 
 
+def registry_cloud_text(row: BoardRow) -> Text:
+    """[registry] and [verify] cloud: "reg ✓ 1042 · mqtt ✓", what is pending, what failed."""
+    marks = {"registered": ("✓", "green"), "already": ("✓ had it", "green"),
+             "pending": ("…", "yellow"), "failed": ("✗", "red"), "ok": ("✓", "green"),
+             "skipped": ("skipped", "cyan")}
+    text = Text()
+    if row.registry:
+        mark, style = marks.get(row.registry, (row.registry, ""))
+        text.append(f"reg {mark}" + (f" {row.registry_id}" if row.registry_id else ""),
+                    style=style)
+    if row.cloud:
+        mark, style = marks.get(row.cloud, (row.cloud, ""))
+        text.append(" · " if row.registry else "").append(f"mqtt {mark}", style=style)
+    return text
+
+
 BAR_WIDTH = 10
 
 
@@ -128,6 +144,7 @@ def short_port(port: str, width: int = 18) -> str:
 
 NAME = "MAC / thing"
 RESULT = "progress / result"
+REGISTRY = "registry / cloud"
 RESULT_WANT = 36
 """Cells the last column gets before any other column drops or shortens: a bar with its
 percent and bytes (29), `booted <project> <version>`; a longer error is cut at its end."""
@@ -137,13 +154,14 @@ NAME_LEAST = 8  # "…" and the MAC's last 7 digits
 COLUMNS: dict[str, dict[str, Any]] = {
     "slot": {}, "port": {}, "chip": {}, NAME: {}, "stage": {},
     "elapsed": {"justify": "right"}, "speed": {"justify": "right"},
-    "baud": {"justify": "right"}, RESULT: {"ratio": 1, "max_width": RESULT_WANT},
+    "baud": {"justify": "right"}, REGISTRY: {"max_width": 24},
+    RESULT: {"ratio": 1, "max_width": RESULT_WANT},
 }
 """The columns, left to right (a column's max_width bounds what it asks for, not what it
 gets: the last column takes all the width the others leave)."""
 
 GIVE_WAY: tuple[str | int, ...] = ("port", "speed", "baud", NAME_WHOLE_MAC, "elapsed",
-                                   NAME_LEAST)
+                                   REGISTRY, NAME_LEAST)
 """What gives way, in this order, while the table is wider than the terminal: a column
 name drops that column, a number shortens MAC / thing in the middle to that many cells.
 slot, chip, stage and progress / result never give way (at 80 columns all four are
@@ -177,6 +195,8 @@ def _cells(view: StationView, now: float) -> list[dict[str, RenderableType]]:
             "baud": baud_text(row),
             RESULT: Choice(*results),
         })
+        if view.registry or view.cloud:  # the column only on a line that has them
+            rows[-1][REGISTRY] = registry_cloud_text(row)
     return rows
 
 
@@ -208,7 +228,9 @@ class FittedTable:
 
     def table(self, console: Console, options: ConsoleOptions) -> Table:
         unbounded = options.update_width(UNBOUNDED)
-        shown, name_width = list(COLUMNS), None
+        shown = [c for c in COLUMNS if c != REGISTRY or
+                 any(REGISTRY in row for row in self.rows)]
+        name_width = None
         table = _table(self.rows, shown, None)
         name_want = max([Measurement.get(console, unbounded, row[NAME]).maximum
                          for row in self.rows] + [len(NAME)])
@@ -217,6 +239,8 @@ class FittedTable:
             if over <= 0:
                 break
             if isinstance(step, str):
+                if step not in shown:  # a column this line does not have
+                    continue
                 shown.remove(step)
             else:
                 name_width = max(step, (name_width or name_want) - over)
@@ -264,7 +288,10 @@ def footer(view: StationView, now: float) -> Group:
     lines: list[RenderableType] = [
         Packed([counts, f"{per_hour} boards/h"]),
         Packed([f"station {view.station}", f"up {duration(uptime)}",
-                f"registrar {view.registrar}", f"firmware {view.firmware or '-'}"]),
+                f"registrar {view.registrar}",
+                *([f"registry {view.registry}"] if view.registry else []),
+                *([f"cloud check {view.cloud}"] if view.cloud else []),
+                f"firmware {view.firmware or '-'}"]),
     ]
     if view.central_line is not None:  # replication lag, or why the central ledger waits
         line, ok = view.central_line

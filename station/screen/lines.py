@@ -12,6 +12,7 @@ from typing import IO
 from station.events import (
     BootChecked,
     ButtonsNeeded,
+    CloudChecked,
     Event,
     HubStatus,
     Identified,
@@ -22,6 +23,7 @@ from station.events import (
     Progress,
     Registered,
     RegistrationStep,
+    RegistryStep,
     Retrying,
     SlotCleared,
     SlotFlagged,
@@ -50,7 +52,7 @@ def format_event(event: Event, view: StationView) -> str | None:
     row = view.rows.get(event.slot)
     if row is not None and row.job_id != event.job_id:
         row = None
-    mac = event.mac if isinstance(event, Identified | RegistrationStep) else \
+    mac = event.mac if isinstance(event, Identified | RegistrationStep | RegistryStep) else \
         (row.mac if row and row.mac else "-")
     head = f"{iso(event.at)} {event.slot} {event.port} {mac}"
     if isinstance(event, Progress):
@@ -92,6 +94,14 @@ def format_event(event: Event, view: StationView) -> str | None:
     if isinstance(event, RegistrationStep):
         cert = f" {event.certificate_id}" if event.certificate_id else ""
         return f"{head} registration {event.step}{cert}"
+    if isinstance(event, RegistryStep):
+        said = f" ({one_line(event.detail)})" if event.detail and event.step == "failed" else ""
+        device = f" id {event.device_id}" if event.device_id else ""
+        return f"{head} registry {event.step} {event.method} {event.url}{device}{said}"
+    if isinstance(event, CloudChecked):
+        why = f" ({one_line(event.detail)})" if event.detail else ""
+        return f"{head} cloud check {event.mode} {event.result} as {event.client_id} at " \
+               f"{event.broker}{why}"
     if isinstance(event, Registered):
         return f"{head} registered {event.thing_name} ({event.registrar})"
     if isinstance(event, SlotFlagged):

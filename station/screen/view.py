@@ -20,6 +20,7 @@ from typing import Protocol
 from station.events import (
     BootChecked,
     ButtonsNeeded,
+    CloudChecked,
     Event,
     HubStatus,
     Identified,
@@ -29,6 +30,7 @@ from station.events import (
     LineRate,
     Progress,
     Registered,
+    RegistryStep,
     Retrying,
     SlotCleared,
     SlotFlagged,
@@ -67,6 +69,9 @@ class BoardRow:
     known: str = ""  # "provisioned by line-2 on ..." (the central ledger)
     booted: str = ""  # "blinky 2.0.1": what the board said it runs ([verify] boot)
     buttons: bool = False  # waiting for a person to press BOOT + EN
+    registry: str = ""  # [registry]: "pending", "registered", "already", "failed"
+    registry_id: str = ""  # the id in the registry's answer
+    cloud: str = ""  # [verify] cloud: "ok", "failed", "skipped"
     region: str = ""
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
     prev_done: int | None = None  # the current region's bytes before the last Progress
@@ -113,6 +118,8 @@ class StationView:
     station: str = "station"
     firmware: str = ""
     registrar: str = "none"
+    registry: str = ""  # [registry] kind ("" = none): the dashboard's registry / cloud column
+    cloud: str = ""  # [verify] cloud mode ("" = off)
     started_at: float = field(default_factory=time.time)
     rows: dict[str, BoardRow] = field(default_factory=dict)
     results: Counter[str] = field(default_factory=Counter)
@@ -178,6 +185,11 @@ class StationView:
             row.line = event
             if event.stepped_from is not None:
                 row.stepped.append(f"{event.stepped_from}->{event.baud}: {event.reason}")
+        elif isinstance(event, RegistryStep):
+            row.registry = event.step
+            row.registry_id = event.device_id or row.registry_id
+        elif isinstance(event, CloudChecked):
+            row.cloud = event.result
         elif isinstance(event, Registered):
             row.thing, row.throttled = event.thing_name, False
         elif isinstance(event, JobFinished):
@@ -191,7 +203,8 @@ class StationView:
         line = self.central(time.time()) if self.central is not None else self.central_line
         with self._lock:
             return StationView(station=self.station, firmware=self.firmware,
-                               registrar=self.registrar, started_at=self.started_at,
+                               registrar=self.registrar, registry=self.registry,
+                               cloud=self.cloud, started_at=self.started_at,
                                rows={k: r.copy() for k, r in self.rows.items()},
                                results=Counter(self.results), flags=dict(self.flags),
                                clear_key=self.clear_key, central_line=line,

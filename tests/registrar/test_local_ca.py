@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import getpass
-import shutil
 import socket
 import ssl
 import stat
-import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,9 +25,9 @@ from station.config import (
 )
 from station.errors import RegistrationError
 from station.identity import PRIVATE_KEY_FILE, CredentialStore, make_registrar
-from station.identity.registrar.local_ca import LocalCa, LocalCaRegistrar
+from station.identity.registrar.local_ca import LocalCaRegistrar
 from station.parts import DeviceCredentials
-from tests.registrar.awsproxy import free_port
+from tests.mqttkit import mosquitto
 from tests.registrar.conftest import MemoryJournal, board
 
 TIMEOUT = 10.0
@@ -98,56 +92,6 @@ def test_make_registrar_kinds(tmp_path: Path) -> None:
 # -- Mosquitto -----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def mosquitto(tmp_path: Path, ca: LocalCa) -> Iterator[int]:
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
-                                        if Path("/usr/sbin/mosquitto").exists() else None)
-    if exe is None:
-        pytest.skip("mosquitto is not installed (Debian: apt-get install mosquitto)")
-    cert_pem, key_pem = ca.server_certificate(["127.0.0.1", "localhost"])
-    (tmp_path / "ca.crt").write_text(ca.pem)
-    (tmp_path / "server.crt").write_text(cert_pem)
-    (tmp_path / "server.key").write_text(key_pem)
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"""
-user {getpass.getuser()}
-persistence false
-log_dest stderr
-listener {port} 127.0.0.1
-cafile {tmp_path / 'ca.crt'}
-certfile {tmp_path / 'server.crt'}
-keyfile {tmp_path / 'server.key'}
-require_certificate true
-use_identity_as_username true
-allow_anonymous false
-""")
-    log = (tmp_path / "mosquitto.log").open("wb")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"mosquitto did not listen: {log.name}")
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.05)
-                raise RuntimeError(f"mosquitto exited: {(tmp_path / 'mosquitto.log').read_text()}")
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=TIMEOUT)
-        log.close()
-
-
 def mqtt_connect(port: str | int, ca_file: Path, cert: Path, key: Path, client_id: str) -> int:
     """TLS with client auth, MQTT 3.1.1 CONNECT; returns CONNACK's return code."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
@@ -173,7 +117,8 @@ def mqtt_connect(port: str | int, ca_file: Path, cert: Path, key: Path, client_i
 def test_mosquitto_accepts_our_certificate_and_refuses_another_ca(tmp_path: Path) -> None:
     registrar, creds = register(tmp_path / "ca", tmp_path / "out")
     folder = tmp_path / "out" / creds.thing_name
-    with mosquitto(tmp_path, registrar.ca) as port:
+    with mosquitto(tmp_path, registrar.ca) as broker:
+        port = broker.port
         assert mqtt_connect(port, tmp_path / "ca.crt", folder / "certificate.pem.crt",
                             folder / PRIVATE_KEY_FILE, creds.thing_name) == 0
         # a certificate from another CA for the same name is refused in the handshake

@@ -25,6 +25,8 @@ class BoardFacts:
     thing_name: str
     station: str
     firmware_hash: str
+    certificate_id: str | None = None  # the registrar's, for the registry's {certificate_id}
+    firmware_version: str = ""  # the app's version (esp_app_desc), for {firmware_version}
 
 
 class Registrar(Protocol):
