@@ -34,6 +34,7 @@ from station.parts import DeviceCredentials
 from station.ports import RateNote, RemotePorts, SlotMemory
 from station.record import EventLog, Ledger
 from station.screen import HeadlessLog, LiveDashboard, StationView, read_keys
+from station.security import LineSecurity, secure_line
 from station.worker import current_board
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ async def assemble(config: Config, options: Options,
         registrar = make_registrar(config, store, throttled_reporter(bus))
         plans = build_plans(config, bundles,
                             None if registrar.kind == "none" else nvs_region)
+        security = await asyncio.to_thread(secure_line, config, bundles)
         if registrar.kind != "none":  # fail now, not at every board's credentials
             await asyncio.to_thread(writable_folder, config.credentials.out_dir,
                                     "credentials.out_dir", config)
@@ -151,6 +153,8 @@ async def assemble(config: Config, options: Options,
                               registrar=registrar, bus=bus, already_done=already_done,
                               on_verified=verified, registration_steps=steps,
                               options=options, parked=guard.parked, remote=remote)
+            if security is not None:
+                station.security = LineSecurity(security, ledger.security_journal_async)
             guard.on_cleared.append(station.slot_cleared)
             await guard.restore()
             run_id = await asyncio.to_thread(ledger.run_started, config.station.name,

@@ -24,7 +24,7 @@ from station.errors import StateDirBusyError
 from station.events import Event, Identified, JobFinished, RegistrationStep, Stage, StageChanged
 from station.flash import Plans
 from station.identity import Journal, Registrar
-from station.parts import DeviceCredentials, Flasher, KnownBoardLookup
+from station.parts import BoardSecurity, DeviceCredentials, Flasher, KnownBoardLookup
 from station.ports import (
     PortInfo,
     PortWatcher,
@@ -146,6 +146,7 @@ class Station:
     """A flagged slot with `[ports] park_unhealthy` (station/health/slotpark.py): take no board."""
     known_board: KnownBoardLookup | None = None
     port_mac: Callable[[str], str | None] = field(default=lambda port: _port_mac(port))
+    security: BoardSecurity | None = None  # [security]: station/security's LineSecurity
     """A port's MAC known without opening it (ports/usb.py: a USB-Serial/JTAG's serial number)."""
     remote: RemotePorts | None = None
     """[ports] remote: rfc2217:// ports, a second source of "present / gone"."""
@@ -281,7 +282,8 @@ class Station:
         return Parts(flasher=self.flasher, registrar=self.registrar, sink=self.bus,
                      clock=self.clock, already_done=self.already_done,
                      on_verified=self.on_verified, port_present=self._present,
-                     known_board=self.known_board, port_mac=self.port_mac)
+                     known_board=self.known_board, port_mac=self.port_mac,
+                     security=self.security)
 
     def _present(self, port: str) -> bool:
         if is_remote(port):

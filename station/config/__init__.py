@@ -5,6 +5,7 @@
     ports.py      the [ports] section: globs, line rates, slots, hub hosts, slot health
     _table.py     one table's typed getters (reader.py and ports.py)
     folders.py    `writable_folder`: a configured folder proven writable (check, run)
+    security.py   the [security] section: flash encryption, secure boot, lock-down
     cliargs.py    checked numbers for command-line options, as strict as the config's
 """
 
@@ -31,11 +32,12 @@ from station.config.sections import (
     VerifySection,
     WorkerSection,
 )
+from station.config.security import SecuritySection
 
 __all__ = [
     "AWS_DEFAULT_TPS", "CHIPS", "STAGE_TIMEOUTS", "AwsSection", "Config", "CredentialsSection",
     "FirmwareSection", "HealthSection", "IdentitySection", "ImageSpec", "LedgerSection",
     "LocalCaSection", "MetricsSection", "PortsSection", "RecordConfig", "RegistrarSection",
-    "StationSection", "VerifySection", "WorkerSection", "at_least", "load", "load_record",
-    "positive", "seconds", "writable_folder",
+    "SecuritySection", "StationSection", "VerifySection", "WorkerSection", "at_least", "load",
+    "load_record", "positive", "seconds", "writable_folder",
 ]

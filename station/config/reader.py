@@ -40,6 +40,7 @@ from station.config.sections import (
     VerifySection,
     WorkerSection,
 )
+from station.config.security import security_section
 from station.errors import ConfigError
 
 
@@ -80,6 +81,7 @@ def load(path: str | Path) -> Config:
         ledger=_ledger(root.sub("ledger")),
         metrics=_metrics(root.sub("metrics")),
         verify=_verify(root.sub("verify")),
+        security=security_section(root.sub("security")),
         firmwares=firmwares,
     )
     root.done()

@@ -20,6 +20,7 @@ from station.events import (
     LineRate,
     Registered,
     RegistrationStep,
+    SecurityStep,
     SlotCleared,
     SlotFlagged,
     Stage,
@@ -27,8 +28,8 @@ from station.events import (
 from station.record._slots import SCHEMA_2, write_slot_event
 from station.record.eventlog import event_fields
 
-SCHEMA_VERSION = 4  # 2: slot_flags and runs (_slots.py); 3: line rates;
-# 4: the boot check (flash/bootcheck.py)
+SCHEMA_VERSION = 5  # 2: slot_flags and runs (_slots.py); 3: line rates;
+# 4: the boot check (flash/bootcheck.py); 5: the security journal (station/security)
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
@@ -61,6 +62,16 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN booted_project TEXT",
         "ALTER TABLE jobs ADD COLUMN booted_version TEXT",
         "ALTER TABLE jobs ADD COLUMN boot_log TEXT"),
+    # [security]: each eFuse batch before and after; the board's state on its job row
+    5: ("""CREATE TABLE IF NOT EXISTS security (
+            job_id TEXT NOT NULL, at REAL NOT NULL, mac TEXT NOT NULL, step TEXT NOT NULL,
+            phase TEXT NOT NULL, fingerprint TEXT, digest TEXT, detail TEXT)""",
+        "CREATE INDEX IF NOT EXISTS security_mac ON security (mac)",
+        "ALTER TABLE jobs ADD COLUMN security TEXT",
+        "ALTER TABLE jobs ADD COLUMN key_fingerprint TEXT",
+        "ALTER TABLE jobs ADD COLUMN signing_digest TEXT",
+        "ALTER TABLE jobs ADD COLUMN efuses TEXT",
+        "ALTER TABLE jobs ADD COLUMN lockdown INTEGER"),
 }
 
 
@@ -141,6 +152,8 @@ def write_event(conn: sqlite3.Connection, event: Event) -> None:
         conn.execute("UPDATE jobs SET boot = ?, booted_project = ?, booted_version = ?, "
                      "boot_log = ? WHERE job_id = ?",
                      (event.result, event.project, event.version, event.tail, event.job_id))
+    elif isinstance(event, SecurityStep):
+        write_security_step(conn, event)
     elif isinstance(event, LineRate):
         note = _line_rate_note(event)
         conn.execute("UPDATE jobs SET baud = ?, baud_steps = CASE WHEN ? IS NULL THEN "
@@ -149,6 +162,27 @@ def write_event(conn: sqlite3.Connection, event: Event) -> None:
     elif stage is not None:  # StageChanged, Retrying: where the job is now
         conn.execute("UPDATE jobs SET stage = ? WHERE job_id = ? AND result IS NULL",
                      (stage, event.job_id))
+
+
+def write_security_step(conn: sqlite3.Connection, event: SecurityStep) -> None:
+    """The journal line, and the job row's security state: mode, key fingerprint,
+    digest, the batches done (and the one under way or failed), lock-down done."""
+    conn.execute("INSERT INTO security VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 (event.job_id, event.at, event.mac, event.step, event.phase,
+                  event.fingerprint, event.digest, event.detail))
+    note = f"{event.step} {event.phase}" if event.phase != "after" else event.step
+    conn.execute(
+        "UPDATE jobs SET security = ?, key_fingerprint = coalesce(?, key_fingerprint), "
+        "signing_digest = coalesce(?, signing_digest), efuses = CASE WHEN efuses IS NULL "
+        "OR efuses = '' THEN ? ELSE efuses || ', ' || ? END, lockdown = CASE WHEN ? "
+        "THEN 1 ELSE coalesce(lockdown, 0) END WHERE job_id = ?",
+        (event.mode, event.fingerprint, event.digest, note, note,
+         event.step == "lockdown" and event.phase == "after", event.job_id))
+
+
+def security_journal(conn: sqlite3.Connection, mac: str) -> list[dict[str, Any]]:
+    """Every security step this station journaled for `mac`, oldest first."""
+    return _dicts(conn.execute("SELECT * FROM security WHERE mac = ? ORDER BY rowid", (mac,)))
 
 
 def close_interrupted(conn: sqlite3.Connection, reason: str, now: float) -> list[str]:
