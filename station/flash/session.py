@@ -197,9 +197,10 @@ class EsptoolSession(Connection):
         if esp.secure_download_mode:
             # The ROM answers no register read in secure download mode: no MAC, no eFuses
             raise FlashError(f"{self.port}: the board is in secure download mode (locked): "
-                             "its MAC cannot be read; a board this station locked is in "
-                             "the ledger as done, any other was locked by another line",
-                             transient=False)
+                             "the ROM gives no MAC or eFuses over UART, so the station "
+                             "cannot tell whose it is; a board this line locked is in the "
+                             "ledger (its last job reached lockdown), any other was locked "
+                             "by another line", transient=False)
         # A READ_REG reply carries no checksum and esptool drops the ESP32's MAC CRC: one
         # flipped bit on a noisy line names another board, which would then be registered
         # and flashed as that thing (the soak saw it). Two reads must agree.
@@ -234,6 +235,8 @@ class EsptoolSession(Connection):
                 report(0)
 
     def _verify_blocking(self, region: Region) -> None:
+        if not region.md5:  # encrypted by the chip with a key the host does not know
+            return
         md5 = self.esp.flash_md5sum(region.offset, len(region.data))
         if md5 != region.md5:
             empty = md5 == _erased_md5(len(region.data))

@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,17 @@ class Keys:
 
     def __repr__(self) -> str:  # never a key in a log or traceback
         return f"Keys({len(self.by_mac)} held)"
+
+
+CRASH_ENV = "STATION_TEST_CRASH_AFTER"
+"""The registrar's test hook (identity's CRASH_ENV), for the security journal:
+"security:<step>:<phase>" SIGKILLs the station right after that line is durable."""
+
+
+def crash_point(step: str) -> None:
+    if os.environ.get(CRASH_ENV) == step:
+        log.critical("test hook: SIGKILL after %s", step)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _md5(offset: int, size: int) -> Callable[[Any], str]:
@@ -97,6 +109,7 @@ class BoardLock:
         self.resume_blocks: list[str] = []  # key block burned, BLOCK0 part not
         self.key_burned = False
         self.images_done = False  # verified earlier with this key (journal + flash MD5s)
+        self.chip_only = False  # our key is burned but lost: the chip encrypts, unverified
 
     # -- deciding where the board stands ---------------------------------------------
 
@@ -148,10 +161,19 @@ class BoardLock:
         if held is not None and key_fingerprint(held) in ours:
             self._use(held)
             return
+        self.fingerprint = next(e["fingerprint"] for e in reversed(self.past)
+                                if e["step"] == "key" and e["fingerprint"])
         if await self._images_on_flash(session):
             self.images_done = True
-            self.fingerprint = next(e["fingerprint"] for e in reversed(self.past)
-                                    if e["step"] == "key" and e["fingerprint"])
+            return
+        manual = state.values.get("DIS_DOWNLOAD_MANUAL_ENCRYPT") or \
+            state.values.get("DISABLE_DL_ENCRYPT")
+        if not manual and not state.values.get(self.plan.counter or "", 0):
+            # the key died with the last run, but the chip can still encrypt with it
+            # (esptool's --encrypt): the boot check is then the proof, not an MD5
+            self.chip_only = True
+            log.warning("%s: the station's key for this board was lost with the last stop; "
+                        "the chip encrypts its images with its own key", mac)
             return
         raise SecurityError(f"{mac}: the flash-encryption key this station burned (fingerprint"
                             f" {sorted(ours)[-1]}) is read-protected and was lost with the "
@@ -184,9 +206,9 @@ class BoardLock:
             r = secured.get(region.offset, region)
             if r.offset not in self.firmware.encrypted:
                 out.append(r)
-            elif self.key is not None:
-                cipher = self.firmware.encrypt_for(self.key, r)
+            elif self.key is not None or self.chip_only:
                 plain = r.data + b"\xff" * (-len(r.data) % 16)
+                cipher = None if self.key is None else self.firmware.encrypt_for(self.key, r)
                 out.append(encrypted_region(r.name, r.offset, plain, cipher, CHIP_ENCRYPTS))
             elif not self.images_done:  # decide() never lets this happen
                 raise SecurityError(f"{self.identity.mac}: no key for {r.name}", rework=True)
@@ -207,10 +229,10 @@ class BoardLock:
     async def after_verify(self, session: BoardSession, written: Sequence[Region]) -> None:
         """The images are verified: journal their MD5s, drop the key, burn the rest."""
         if self.plan.step("key") is not None and not self.images_done:
-            md5s = {str(r.offset): [len(r.data) + (-len(r.data) % 16) if r.encrypted
-                                    else len(r.data), r.md5]
-                    for r in written if r.offset in self.firmware.encrypted}
-            await self._journal("images", "after", json.dumps(md5s, sort_keys=True))
+            md5s = {str(r.offset): [len(r.data), r.md5]
+                    for r in written if r.offset in self.firmware.encrypted and r.md5}
+            await self._journal("images", "after", json.dumps(md5s, sort_keys=True)
+                                if not self.chip_only else "{}")
             self.images_done = True
         self.line.keys.by_mac.pop(self.identity.mac, None)
         self.key = None
@@ -258,6 +280,7 @@ class BoardLock:
                            self.fingerprint if step in ("key", "images")
                            else None, self.firmware.digest if step == "secure_boot" else None,
                            detail)
+        crash_point(f"security:{step}:{phase}")
 
     async def _batch(self, session: BoardSession, step: Step,
                      work: Callable[[Any], list[str]]) -> None:

@@ -230,14 +230,15 @@ def key_fingerprint(key: bytes) -> str:
     return hashlib.sha256(b"station flash-encryption key v1" + key).hexdigest()[:16]
 
 
-def encrypted_region(name: str, offset: int, plaintext: bytes, ciphertext: bytes,
+def encrypted_region(name: str, offset: int, plaintext: bytes, ciphertext: bytes | None,
                      chip_encrypts: bool) -> Region:
     """How an encrypted region goes to the board. `chip_encrypts`: compressed
     plaintext on the wire, the chip encrypts with its burned key (esptool's --encrypt);
     else the host's ciphertext, which does not compress. Either way the flash must read
-    back as `ciphertext`."""
-    md5 = hashlib.md5(ciphertext).hexdigest()
-    if chip_encrypts:
+    back as `ciphertext`; None: the key is not known here (the chip's alone), nothing to
+    compare (md5 "")."""
+    md5 = hashlib.md5(ciphertext).hexdigest() if ciphertext is not None else ""
+    if chip_encrypts or ciphertext is None:
         return Region(name=name, offset=offset, data=plaintext,
                       compressed=zlib.compress(plaintext, 9), md5=md5, encrypted=True)
     return Region(name=name, offset=offset, data=ciphertext,

@@ -147,14 +147,15 @@ def chip_plan(chip: str, security: SecuritySection) -> ChipPlan:
                                 f"{', '.join(p for p in sorted(purposes) if 'XTS' in p)}): "
                                 "set [security] xts_aes = 128")
         if security.key == "host":
-            steps.append(Step("key", (Burn("key", key_purpose),),
-                              "the key can never be read or changed"))
+            key_burns = [Burn("key", key_purpose)]
+            if esp32:  # the hardware tweaks the key by it from the first encrypted write
+                key_burns.append(Burn("efuse", _need(chip, "FLASH_CRYPT_CONFIG", "key tweak"),
+                                      0xF))
+            steps.append(Step("key", tuple(key_burns), "the key can never be read or changed"))
         counter = _need(chip, "FLASH_CRYPT_CNT" if esp32 else "SPI_BOOT_CRYPT_CNT",
                         "the flash-encryption counter")
         full = (1 << (7 if esp32 else 3)) - 1
         burns = [Burn("efuse", counter, full if fe == "release" else 1)]
-        if esp32:
-            burns.insert(0, Burn("efuse", _need(chip, "FLASH_CRYPT_CONFIG", "key tweak"), 0xF))
         if security.key == "host":
             steps.append(Step("encrypt", tuple(burns),
                               "the chip reads its flash through the key; plaintext images "

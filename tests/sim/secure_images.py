@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 from station.demo.firmware import esp_image, layout, partition_table
-
 from station.sim.boot_security import APP_FE, BOOTLOADER_FE, BOOTLOADER_SB
 
 from .boot_images import app_desc, elf_sha256
