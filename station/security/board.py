@@ -138,6 +138,12 @@ class BoardLock:
         blocks = state.fe_key()
         if self.plan.step("key") is None:
             return
+        for half in state.half_burned():  # pulled between its block and BLOCK0
+            key = fuses.key_file_bytes(half, self.plan.chip)
+            if key_fingerprint(key) in ours and not blocks:
+                self._use(key)
+                self.key_burned, self.resume_blocks = True, [half.name]
+                return
         if not blocks:
             if state.values.get(self.plan.counter or "", 0) or digests \
                     or state.values.get("SECURE_BOOT_EN") or state.values.get("ABS_DONE_1"):

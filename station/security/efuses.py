@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from esptool.util import FatalError
+from esptool.util import FatalError, UnsupportedCommandError
 
 from station.security.plan import Burn, ChipPlan, Step
 
@@ -75,6 +76,12 @@ class ChipState:
             return [k for k in self.keys if k.name == "BLOCK1" and (any(k.data)
                                                                     or not k.readable)]
         return self.key_blocks(XTS_PURPOSES)
+
+    def half_burned(self) -> list[KeyBlock]:
+        """Key blocks with bits but no purpose, still readable: a key whose BLOCK0 part
+        (purpose, protection) never came (the sequence checks whose it is)."""
+        return [k for k in self.keys if k.name.startswith("BLOCK_KEY") and k.purpose == "USER"
+                and k.readable and any(k.data)]
 
     def digests(self) -> list[bytes]:
         if self.chip == "esp32":
@@ -199,8 +206,33 @@ def burn(esp: Any, plan: ChipPlan, step: Step, state: ChipState, *, key: bytes |
         cmds.write_protect_efuse(protect)
         done += [f"write-protect {n}" for n in protect]
     if done:
-        cmds.burn_all(check_batch_mode=True)
+        _burn_all(cmds, esp, done)
     return done
+
+
+class _Latched(FatalError):
+    """The ROM refused a read after the last program: secure download mode is on."""
+
+
+def _burn_all(cmds: Any, esp: Any, done: list[str]) -> None:
+    """burn_all, without espefuse's way out of secure download mode: on the ROM (a chip
+    whose stub esptool disables, e.g. the C3 with secure boot) the READ command after
+    the postponed BLOCK0 program latches the mode, the next register read is refused,
+    and espefuse would reconnect on the port by its name and `sys.exit(0)`. Here the
+    refusal ends the batch, and GET_SECURITY_INFO (which the mode allows) proves it."""
+    def no_reconnect(_esp: Any) -> Any:
+        refused = sys.exc_info()[1]  # what the ROM answered the read after the burn
+        if isinstance(refused, UnsupportedCommandError):  # "not supported in SDM"
+            raise _Latched(str(refused))
+        raise FatalError(f"the chip stopped answering after the burn ({refused})")
+
+    cmds.efuses.reconnect_chip = no_reconnect
+    try:
+        cmds.burn_all(check_batch_mode=True)
+    except _Latched:
+        done.append("(secure download mode on: the ROM gives no eFuses any more)")
+    except SystemExit as e:  # espefuse's other exits must never end the station
+        raise FatalError(f"espefuse stopped ({e.code})") from None
 
 
 def _protect_key(cmds: Any, plan: ChipPlan, blocks: Sequence[str]) -> None:
@@ -212,8 +244,14 @@ def _protect_key(cmds: Any, plan: ChipPlan, blocks: Sequence[str]) -> None:
     assert plan.key_purpose is not None
     purposes = ["XTS_AES_256_KEY_1", "XTS_AES_256_KEY_2"] \
         if plan.key_purpose == "XTS_AES_256_KEY" else [plan.key_purpose]
-    pairs = {f"KEY_PURPOSE_{b[-1]}": p for b, p in zip(blocks, purposes, strict=False)}
+    numbers = {row[0]: row[1] for row in cmds.efuses["KEY_PURPOSE_0"].KEY_PURPOSES}
+    pairs = {f"KEY_PURPOSE_{b[-1]}": str(numbers[p])
+             for b, p in zip(blocks, purposes, strict=False)}
     cmds.burn_efuse(pairs)
+    # espefuse read-protects a key block only once its purpose reads as one that
+    # needs it (`need_rd_protect` of the *burned* purpose): the purpose goes first
+    cmds.burn_all(check_batch_mode=True)
+    cmds.use_batch_mode()
     cmds.read_protect_efuse(list(blocks))
     cmds.write_protect_efuse([*blocks, *pairs])
 
