@@ -48,6 +48,7 @@ from station.parts import DeviceCredentials
 from station.ports import RateNote, RemotePorts, SlotMemory
 from station.record import EventLog, Ledger
 from station.screen import HeadlessLog, LiveDashboard, StationView, read_keys
+from station.security import LineSecurity, secure_line
 from station.worker import current_board
 
 if TYPE_CHECKING:
@@ -121,6 +122,7 @@ async def assemble(config: Config, options: Options,
         registrar = make_registrar(config, store, throttled_reporter(bus))
         plans = build_plans(config, bundles,
                             None if registrar.kind == "none" else nvs_region)
+        security = await asyncio.to_thread(secure_line, config, bundles)
         if registrar.kind != "none":  # fail now, not at every board's credentials
             await asyncio.to_thread(writable_folder, config.credentials.out_dir,
                                     "credentials.out_dir", config)
@@ -171,6 +173,8 @@ async def assemble(config: Config, options: Options,
                               registry=make_registry(config.registry, throttled_reporter(bus)),
                               registry_steps=registry_steps,
                               cloud=make_cloud_check(config.verify.cloud))
+            if security is not None:
+                station.security = LineSecurity(security, ledger.security_journal_async)
             guard.on_cleared.append(station.slot_cleared)
             await guard.restore()
             run_id = await asyncio.to_thread(ledger.run_started, config.station.name,

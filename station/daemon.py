@@ -40,7 +40,7 @@ from station.identity import (
     RegistryJournal,
     pending_without_registry,
 )
-from station.parts import DeviceCredentials, Flasher, KnownBoardLookup
+from station.parts import BoardSecurity, DeviceCredentials, Flasher, KnownBoardLookup
 from station.ports import (
     PortInfo,
     PortWatcher,
@@ -179,6 +179,7 @@ class Station:
     """A flagged slot with `[ports] park_unhealthy` (station/health/slotpark.py): take no board."""
     known_board: KnownBoardLookup | None = None
     port_mac: Callable[[str], str | None] = field(default=lambda port: _port_mac(port))
+    security: BoardSecurity | None = None  # [security]: station/security's LineSecurity
     """A port's MAC known without opening it (ports/usb.py: a USB-Serial/JTAG's serial number)."""
     remote: RemotePorts | None = None
     """[ports] remote: rfc2217:// ports, a second source of "present / gone"."""
@@ -339,7 +340,8 @@ class Station:
                      clock=self.clock, already_done=self.already_done,
                      on_verified=self.on_verified, port_present=self._present,
                      known_board=self.known_board, port_mac=self.port_mac,
-                     registry=self.registry, cloud=self.cloud)
+                     registry=self.registry, cloud=self.cloud,
+                     security=self.security)
 
     def _present(self, port: str) -> bool:
         if is_remote(port):

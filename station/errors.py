@@ -122,3 +122,13 @@ class CentralUnreachableError(CentralError):
 
 class KnownBoardError(StationError):
     """[identity] on_known_board = "fail" and another station provisioned the board."""
+
+
+class SecurityError(StationError):
+    """A board cannot be locked as configured: it is locked by another line, or its
+    eFuses say a sequence started here cannot be finished. Never retried: an eFuse
+    step is not something to try again blindly."""
+
+    def __init__(self, message: str, *, rework: bool = False) -> None:
+        super().__init__(("needs rework: " if rework else "") + message, transient=False)
+        self.rework = rework

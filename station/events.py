@@ -23,6 +23,7 @@ class Stage(enum.StrEnum):
     # registrar's (identity/registry.py)
     FLASH = "flash"
     VERIFY = "verify"
+    SECURE = "secure"  # [security]: eFuse batches after the verify (station/security)
     RESET = "reset"
     CLOUD = "cloud"  # [verify] cloud: its credentials on its broker (identity/cloudcheck.py)
     BOOT = "boot"  # [verify] boot: the boot story read after the reset (flash/bootcheck.py)
@@ -187,6 +188,20 @@ class BootChecked(Event):
     version: str | None
     detail: str
     tail: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecurityStep(Event):
+    """One line of a board's security journal ([security], station/security): written
+    before each eFuse batch and after it (or its failure). Hashes only, never a key."""
+
+    mac: str
+    step: str  # key, images, encrypt, secure_boot, lockdown
+    phase: str  # before, after, failed
+    mode: str  # [security] as a phrase: "flash encryption release (host key), ..."
+    fingerprint: str | None = None  # a hash naming the flash-encryption key
+    digest: str | None = None  # the signing key's public digest, as burned
+    detail: str = ""  # what is burned; for "images", the ciphertext MD5s by offset
 
 
 @dataclass(frozen=True, kw_only=True)

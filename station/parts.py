@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,9 @@ class Region:
     data: bytes
     compressed: bytes = field(repr=False)
     md5: str
+    encrypted: bool = False
+    """Written with esptool's --encrypt: the chip encrypts `data` with its burned key, and
+    `md5` is that of the ciphertext the flash then holds (station/security)."""
 
     @classmethod
     def build(cls, name: str, offset: int, raw: bytes) -> Region:
@@ -142,6 +147,10 @@ class BoardSession(Protocol):
     async def close(self) -> None:
         """Release the port; safe to call twice and from a cancelled worker."""
 
+    async def on_loader(self, what: str, fn: Callable[[Any], T]) -> T:
+        """Run the blocking `fn(loader)` on the session's thread with its connected
+        loader (station/security's eFuse work); errors as `write`'s, naming `what`."""
+
 
 class Flasher(Protocol):
     """Opens boards; the daemon's only way to reach a serial port."""
@@ -170,3 +179,34 @@ class BoardHistory:
 KnownBoardLookup = Callable[[str], Awaitable[BoardHistory | None]]
 """mac -> the board's history on other stations, or None (unknown, or not asked: the
 central ledger is not configured or not reachable; a board never waits on it)."""
+
+
+SecurityJournal = Callable[[str, str, str, str | None, str | None, str], Awaitable[None]]
+"""(step, phase "before"/"after"/"failed", mode, key fingerprint, signing key digest,
+detail):
+one line of a board's security journal, durable before the call returns."""
+
+
+class BoardLock(Protocol):
+    """One board's security sequence (station/security), as the worker drives it."""
+
+    def regions(self, regions: Sequence[Region]) -> list[Region]:
+        """The plan's images as this board gets them (signed, encrypted)."""
+
+    async def before_write(self, session: BoardSession) -> None:
+        """Burn what must be burned before anything is written (the key)."""
+
+    async def after_verify(self, session: BoardSession, written: Sequence[Region]) -> None:
+        """The images are verified: burn the rest (counter, secure boot, lock-down)."""
+
+    def boot_problem(self, text: str) -> str | None:
+        """What the boot story lacks of the board's new state, or None."""
+
+
+class BoardSecurity(Protocol):
+    """The station's security part: decides each board's sequence from its eFuses."""
+
+    async def survey(self, session: BoardSession, identity: BoardIdentity,
+                     journal: SecurityJournal) -> BoardLock:
+        """Read the eFuses; SecurityError if the board is locked elsewhere or cannot
+        be finished."""

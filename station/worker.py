@@ -40,6 +40,7 @@ from station.events import (
     KnownBoard,
     Progress,
     Retrying,
+    SecurityStep,
     Stage,
     StageChanged,
 )
@@ -48,6 +49,8 @@ from station.identity import BoardFacts, CloudCheck, HttpRegistry, Registrar
 from station.parts import (
     BoardHistory,
     BoardIdentity,
+    BoardLock,
+    BoardSecurity,
     BoardSession,
     BootJudge,
     Clock,
@@ -55,6 +58,7 @@ from station.parts import (
     Flasher,
     KnownBoardLookup,
     Region,
+    SecurityJournal,
     SystemClock,
 )
 
@@ -105,6 +109,8 @@ class Parts:
     serial number): a board done with this firmware is then skipped untouched."""
     registry: HttpRegistry | None = None  # [registry]: told beside the registrar
     cloud: CloudCheck | None = None  # [verify] cloud: the credentials tried on the broker
+    security: BoardSecurity | None = None
+    """[security]: reads the board's eFuses and runs its locking sequence."""
 
 
 async def _to_the_end(work: Awaitable[None]) -> None:
@@ -250,15 +256,19 @@ class Worker:
                     identity=identity, thing_name=thing, station=self.plan.station,
                     firmware_hash=self.plan.firmware_hash,
                     firmware_version=self.plan.app_version))
-            await self._flash(session, attempt)
+            lock = None if self.parts.security is None else await self._stage_call(
+                Stage.SECURE, attempt, lambda: self.parts.security.survey(  # type: ignore
+                    session, identity, self._security_journal(identity.mac)))
+            await self._flash(session, attempt, lock)
             await self._reset(session, attempt)
             if self.plan.boot is not None:
-                await self._boot(session, attempt, self.plan.boot)
+                await self._boot(session, attempt, self.plan.boot, lock)
             return Stage.DONE
         finally:
             await asyncio.shield(session.close())
 
-    async def _boot(self, session: BoardSession, attempt: int, check: BootJudge) -> None:
+    async def _boot(self, session: BoardSession, attempt: int, check: BootJudge,
+                    lock: BoardLock | None) -> None:
         """[verify] boot: the story the board told since the reset, judged; the verdict
         and the last lines go to the ledger. A wrong boot is not retried: the flash is
         verified, so writing it again would boot the same way."""
@@ -270,12 +280,14 @@ class Worker:
                 project=None, version=None, detail=NO_CONSOLE, tail=""))
             return
         verdict = check.judge(text)
+        problem = None if not verdict.ok or lock is None else lock.boot_problem(text)
+        ok, detail = verdict.ok and problem is None, problem or verdict.detail
         await self.parts.sink.emit(BootChecked(
-            job_id=self.job_id, port=self.port, slot=self.slot,
-            result="ok" if verdict.ok else "failed", project=verdict.project,
-            version=verdict.version, detail=verdict.detail, tail=verdict.tail))
-        if not verdict.ok:
-            raise BootError(f"{self.port}: boot check: {verdict.detail}", transient=False)
+            job_id=self.job_id, port=self.port, slot=self.slot, result="ok" if ok else
+            "failed", project=verdict.project, version=verdict.version, detail=detail,
+            tail=verdict.tail))
+        if not ok:
+            raise BootError(f"{self.port}: boot check: {detail}", transient=False)
 
     async def _reset(self, session: BoardSession, attempt: int) -> None:
         """A board that vanishes while being reset was reset: native-USB boards drop off
@@ -291,9 +303,12 @@ class Worker:
             log.info("%s: the port went away during the reset (%s): the board restarted",
                      self.port, e)
 
-    async def _flash(self, session: BoardSession, attempt: int) -> None:
-        """Common images first (registration runs meanwhile), then the board's own data."""
-        regions = list(self.plan.regions)
+    async def _flash(self, session: BoardSession, attempt: int, lock: BoardLock | None) -> None:
+        """Common images first (registration runs meanwhile), then the board's own data;
+        with [security], the key before them and the other eFuses once they verify."""
+        regions = list(self.plan.regions) if lock is None else lock.regions(self.plan.regions)
+        if lock is not None:
+            await self._timed(Stage.SECURE, lambda: lock.before_write(session))
         await self._stage_call(Stage.FLASH, attempt, lambda: self._write(session, regions))
         credentials = await self._credentials()
         own: list[Region] = []
@@ -310,6 +325,9 @@ class Worker:
             await self.parts.on_verified(credentials)
             if self.parts.cloud is not None:
                 await self._cloud(attempt, self.parts.cloud, credentials)
+        if lock is not None:
+            await self._stage_call(Stage.SECURE, attempt,
+                                   lambda: lock.after_verify(session, regions + own))
 
     async def _cloud(self, attempt: int, cloud: CloudCheck,
                      credentials: DeviceCredentials) -> None:
@@ -326,6 +344,15 @@ class Worker:
         if verdict.result == "failed":
             raise CloudCheckError(f"cloud check ({cloud.mode}) as {verdict.client_id}: "
                                   f"{verdict.detail}", transient=False)
+
+    def _security_journal(self, mac: str) -> SecurityJournal:
+        async def journal(step: str, phase: str, mode: str, fingerprint: str | None,
+                          digest: str | None, detail: str) -> None:
+            await self.parts.sink.emit(SecurityStep(
+                job_id=self.job_id, port=self.port, slot=self.slot, mac=mac, step=step,
+                phase=phase, mode=mode, fingerprint=fingerprint, digest=digest,
+                detail=detail))
+        return journal
 
     async def _write(self, session: BoardSession, regions: list[Region]) -> None:
         for region in regions:

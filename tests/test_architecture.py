@@ -45,7 +45,7 @@ BREAKS = {
         "station.worker -> station.screen (l."),
     "flash imports identity": (
         "flash/plan.py", "from station.identity import nvs_region  # probe",
-        "flash and identity meet only in the worker (security joins them when it exists) "
+        "flash, identity and security meet only in the worker "
         "BROKEN", "station.flash.plan -> station.identity (l."),
     "a port module knows the simulator": (
         "ports/hotplug.py", "import station.sim  # probe",

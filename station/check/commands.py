@@ -17,6 +17,7 @@ from station.daemon import EXIT_OK, reconcile_journal, reconcile_registry, state
 from station.flash import build_plans, firmware_warnings, load_bundles
 from station.identity import CredentialStore, make_registrar, make_registry, nvs_region
 from station.ports import scan
+from station.security import secure_line
 
 LOW_SPACE = 1 << 20
 
@@ -46,6 +47,9 @@ async def check(config: Config, out: TextIO) -> int:
         print(f"credentials NVS partition '{part.label}' at 0x{part.offset:x} "
               f"({part.size} B) of the {bundle.chip} firmware, namespace "
               f"'{config.credentials.namespace}'", file=out)
+    security = secure_line(config, bundles)
+    for line in security.lines() if security is not None else ["security    off"]:
+        print(line, file=out)
     state_free = writable_folder(config.station.state_dir, "station.state_dir", config)
     print(f"state       {config.station.state_dir} (writable, {_space(state_free)})",
           file=out)

@@ -6,6 +6,7 @@
     ports.py      the [ports] section: globs, line rates, slots, hub hosts, slot health
     _table.py     one table's typed getters (reader.py and ports.py)
     folders.py    `writable_folder`: a configured folder proven writable (check, run)
+    security.py   the [security] section: flash encryption, secure boot, lock-down
     cliargs.py    checked numbers for command-line options, as strict as the config's
 """
 
@@ -33,12 +34,13 @@ from station.config.sections import (
     VerifySection,
     WorkerSection,
 )
+from station.config.security import SecuritySection
 
 __all__ = [
     "AWS_DEFAULT_TPS", "CHIPS", "STAGE_TIMEOUTS", "AwsSection", "CloudSection", "Config",
     "CredentialsSection", "FirmwareSection", "HealthSection", "Header", "IdentitySection",
     "ImageSpec", "LedgerSection", "LocalCaSection", "MetricsSection", "PortsSection",
-    "RecordConfig", "RegistrarSection", "RegistrySection",
+    "RecordConfig", "RegistrarSection", "RegistrySection", "SecuritySection",
     "StationSection", "VerifySection", "WorkerSection", "at_least", "load", "load_record",
     "positive", "seconds", "writable_folder",
 ]

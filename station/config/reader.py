@@ -41,6 +41,7 @@ from station.config.sections import (
     VerifySection,
     WorkerSection,
 )
+from station.config.security import security_section
 from station.errors import ConfigError
 
 
@@ -87,6 +88,7 @@ def load(path: str | Path) -> Config:
         metrics=_metrics(root.sub("metrics")),
         verify=_verify(root.sub("verify"), registrar.kind),
         registry=registry,
+        security=security_section(root.sub("security")),
         firmwares=firmwares,
     )
     root.done()

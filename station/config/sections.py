@@ -14,6 +14,7 @@ from typing import Literal
 from station import chips
 from station.config.ports import PortsSection
 from station.config.registry import CloudSection, RegistrySection
+from station.config.security import SecuritySection
 
 CHIPS = chips.supported()  # every ESP32-family chip of the pinned esptool
 Chip = str  # one of CHIPS: esptool's spelling, "esp32s3"
@@ -26,6 +27,7 @@ STAGE_TIMEOUTS = {
     "register": 180.0,
     "flash": 900.0,
     "verify": 120.0,
+    "secure": 120.0,
     "reset": 15.0,
 }
 # AWS IoT Core's documented default quotas (requests per second) for the calls we make.
@@ -180,6 +182,7 @@ class Config:
     verify: VerifySection = field(default_factory=VerifySection)
     registry: RegistrySection = field(default_factory=RegistrySection)
     """[registry]: a device registry over HTTP, beside the registrar (config/registry.py)."""
+    security: SecuritySection = field(default_factory=SecuritySection)
     firmwares: tuple[FirmwareSection, ...] = ()
     """One per chip with [[firmware]]; `firmware` is the first (the only one with a
     single [firmware] table)."""

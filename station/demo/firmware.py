@@ -29,6 +29,7 @@ from station.flash import (
     SEGMENT_HEADER,
     xor_checksum,
 )
+from station.security.images import APP_FE, BOOTLOADER_FE, BOOTLOADER_SB
 
 PARTITION_TABLE_OFFSET = 0x8000
 APP_OFFSET = 0x10000
@@ -139,12 +140,13 @@ def _app_desc(rng: random.Random, chip: str) -> bytes:
 
 
 def esp_image(chip: str, entry: int, segments: list[tuple[int, bytes]],
-              flash_size_code: int = 2) -> bytes:
+              flash_size_code: int = 2, min_rev_full: int = 0) -> bytes:
     """An ESP image: header, extended header, segments, checksum, appended SHA256."""
     chip_layout = layout(chip)
     out = bytearray(IMAGE_HEADER.pack(0xE9, len(segments), 2,  # 2: DIO
                                       (flash_size_code << 4) | chip_layout.flash_freq, entry))
-    out += EXTENDED_HEADER.pack(0xEE, 0, 0, 0, chips.facts(chip).image_chip_id, 0, 0,
+    out += EXTENDED_HEADER.pack(0xEE, 0, 0, 0, chips.facts(chip).image_chip_id,
+                                min_rev_full // 100, min_rev_full,
                                 chip_layout.max_rev_full,
                                 b"\0" * 4, 1)
     state = 0xEF
@@ -166,11 +168,14 @@ def partition_table(rows: list[tuple[str, int, int, int, int]]) -> bytes:
 
 
 def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500_000,
-                       seed: int = 1, log_colors: bool = False) -> Path:
+                       seed: int = 1, log_colors: bool = False, secure: bool = False) -> Path:
     """Write a demo ESP-IDF build into `out_dir`; returns its flasher_args.json.
 
     `log_colors`: built with CONFIG_LOG_COLORS=y (ESP-IDF's default up to v5.3): the log
-    formats in both images carry ANSI colour codes, so the board's lines come coloured."""
+    formats in both images carry ANSI colour codes, so the board's lines come coloured.
+    `secure`: built with flash encryption and secure boot v2 (the bootloader and app
+    carry ESP-IDF's log strings of those features, station/security/images.py; an ESP32
+    build asks for silicon v3.0, CONFIG_ESP32_REV_MIN_3), unsigned."""
     if chip not in chips.supported():
         raise ValueError(f"unknown chip {chip!r} (one of {', '.join(chips.supported())})")
     if not 0x4000 <= app_size <= FLASH_SIZE - APP_OFFSET:
@@ -179,10 +184,13 @@ def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500
     rng = random.Random(f"station-demo:{chip}:{seed}")
 
     formats = COLORED_LOG_FORMATS if log_colors else b""
+    boot_strings = formats + (BOOTLOADER_FE + b"\0" + BOOTLOADER_SB + b"\0" if secure else b"")
     boot_segments = [(addr, _code(rng, size)) for addr, size in chip_layout.boot_segments]
     first_addr, first = boot_segments[0]
-    boot_segments[0] = (first_addr, formats + first[len(formats):])
-    boot = esp_image(chip, chip_layout.boot_entry, boot_segments)
+    boot_segments[0] = (first_addr, boot_strings + first[len(boot_strings):])
+    boot = esp_image(chip, chip_layout.boot_entry, boot_segments,
+                     min_rev_full=300 if secure and chip == "esp32" else 0)
+    formats += APP_FE + b"\0" if secure else b""
 
     overhead = IMAGE_HEADER.size + EXTENDED_HEADER.size + 4 * SEGMENT_HEADER.size + 16 + 32
     body = app_size - overhead

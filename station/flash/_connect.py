@@ -320,7 +320,9 @@ class Connection:
         self.rate = rate
         # esptool does not check that the bridge followed: one register read, with a
         # timeout a working line never needs, tells a garbling line in milliseconds.
-        self.esp.read_reg(self.esp.EFUSE_RD_REG_BASE, timeout=PROBE_TIMEOUT)
+        # (Secure download mode refuses register reads: the next command tells then.)
+        if not self.esp.secure_download_mode:
+            self.esp.read_reg(self.esp.EFUSE_RD_REG_BASE, timeout=PROBE_TIMEOUT)
 
     def _close_blocking(self) -> None:
         links = self.flasher.links

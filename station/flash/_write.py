@@ -90,12 +90,13 @@ def write_region(esp: Any, region: Region, report: Callable[[int], None], port: 
     if deflate:
         # Sizes come from the shared cache: one inflate per image, not per board.
         sizes = _inflated_sizes(region.compressed, block)
-        esp.flash_defl_begin(size, len(region.compressed), region.offset)
+        esp.flash_defl_begin(size, len(region.compressed), region.offset,
+                             encrypted_write=region.encrypted)
         view = memoryview(region.compressed)
         op = esp.ESP_CMDS["FLASH_DEFL_DATA"]
     else:  # incompressible data goes raw, as write_flash does
         sizes = tuple(min(block, size - i) for i in range(0, size, block))
-        esp.flash_begin(size, region.offset)
+        esp.flash_begin(size, region.offset, encrypted_write=region.encrypted)
         view = memoryview(region.data)
         op = esp.ESP_CMDS["FLASH_DATA"]
     for seq, inflated in enumerate(sizes):

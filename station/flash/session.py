@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import serial
 from esptool.cmds import detect_flash_size, reset_chip
@@ -194,6 +194,13 @@ class EsptoolSession(Connection):
 
     def _identify_blocking(self) -> BoardIdentity:
         esp = self.esp
+        if esp.secure_download_mode:
+            # The ROM answers no register read in secure download mode: no MAC, no eFuses
+            raise FlashError(f"{self.port}: the board is in secure download mode (locked): "
+                             "the ROM gives no MAC or eFuses over UART, so the station "
+                             "cannot tell whose it is; a board this line locked is in the "
+                             "ledger (its last job reached lockdown), any other was locked "
+                             "by another line", transient=False)
         # A READ_REG reply carries no checksum and esptool drops the ESP32's MAC CRC: one
         # flipped bit on a noisy line names another board, which would then be registered
         # and flashed as that thing (the soak saw it). Two reads must agree.
@@ -228,6 +235,8 @@ class EsptoolSession(Connection):
                 report(0)
 
     def _verify_blocking(self, region: Region) -> None:
+        if not region.md5:  # encrypted by the chip with a key the host does not know
+            return
         md5 = self.esp.flash_md5sum(region.offset, len(region.data))
         if md5 != region.md5:
             empty = md5 == _erased_md5(len(region.data))
@@ -294,6 +303,9 @@ class EsptoolSession(Connection):
 
     async def console(self, timeout: float, enough: Callable[[str], bool]) -> str | None:
         return await self.call("boot", lambda: self._console_blocking(timeout, enough))
+
+    async def on_loader(self, what: str, fn: Callable[[Any], T]) -> T:
+        return await self.call(what, lambda: fn(self.esp))
 
     def _console_blocking(self, timeout: float, enough: Callable[[str], bool]) -> str | None:
         """Read the console until `enough(text)` or the deadline; the text as read."""

@@ -22,6 +22,7 @@ from station.events import (
     Registered,
     RegistrationStep,
     RegistryStep,
+    SecurityStep,
     SlotCleared,
     SlotFlagged,
     Stage,
@@ -29,8 +30,9 @@ from station.events import (
 from station.record._slots import SCHEMA_2, write_slot_event
 from station.record.eventlog import event_fields
 
-SCHEMA_VERSION = 5  # 2: slot_flags and runs (_slots.py); 3: line rates;
-# 4: the boot check (flash/bootcheck.py); 5: the device registry and the cloud check
+SCHEMA_VERSION = 6  # 2: slot_flags and runs (_slots.py); 3: line rates;
+# 4: the boot check (flash/bootcheck.py); 5: the device registry and the cloud check;
+# 6: the security journal (station/security)
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
@@ -74,6 +76,16 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN registry_id TEXT",
         "ALTER TABLE jobs ADD COLUMN cloud TEXT",
         "ALTER TABLE jobs ADD COLUMN cloud_detail TEXT"),
+    # [security]: each eFuse batch before and after; the board's state on its job row
+    6: ("""CREATE TABLE IF NOT EXISTS security (
+            job_id TEXT NOT NULL, at REAL NOT NULL, mac TEXT NOT NULL, step TEXT NOT NULL,
+            phase TEXT NOT NULL, fingerprint TEXT, digest TEXT, detail TEXT)""",
+        "CREATE INDEX IF NOT EXISTS security_mac ON security (mac)",
+        "ALTER TABLE jobs ADD COLUMN security TEXT",
+        "ALTER TABLE jobs ADD COLUMN key_fingerprint TEXT",
+        "ALTER TABLE jobs ADD COLUMN signing_digest TEXT",
+        "ALTER TABLE jobs ADD COLUMN efuses TEXT",
+        "ALTER TABLE jobs ADD COLUMN lockdown INTEGER"),
 }
 
 
@@ -159,6 +171,8 @@ def write_event(conn: sqlite3.Connection, event: Event) -> None:
         conn.execute("UPDATE jobs SET boot = ?, booted_project = ?, booted_version = ?, "
                      "boot_log = ? WHERE job_id = ?",
                      (event.result, event.project, event.version, event.tail, event.job_id))
+    elif isinstance(event, SecurityStep):
+        write_security_step(conn, event)
     elif isinstance(event, LineRate):
         note = _line_rate_note(event)
         conn.execute("UPDATE jobs SET baud = ?, baud_steps = CASE WHEN ? IS NULL THEN "
@@ -198,6 +212,27 @@ def registry_steps(conn: sqlite3.Connection) -> list[RegistryStep]:
                          thing_name=r[5], step=r[6], method=r[7] or "", url=r[8] or "",
                          body=r[9] or "", device_id=r[10], status=r[11], detail=r[12] or "")
             for r in rows]
+
+
+def write_security_step(conn: sqlite3.Connection, event: SecurityStep) -> None:
+    """The journal line, and the job row's security state: mode, key fingerprint,
+    digest, the batches done (and the one under way or failed), lock-down done."""
+    conn.execute("INSERT INTO security VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 (event.job_id, event.at, event.mac, event.step, event.phase,
+                  event.fingerprint, event.digest, event.detail))
+    note = f"{event.step} {event.phase}" if event.phase != "after" else event.step
+    conn.execute(
+        "UPDATE jobs SET security = ?, key_fingerprint = coalesce(?, key_fingerprint), "
+        "signing_digest = coalesce(?, signing_digest), efuses = CASE WHEN efuses IS NULL "
+        "OR efuses = '' THEN ? ELSE efuses || ', ' || ? END, lockdown = CASE WHEN ? "
+        "THEN 1 ELSE coalesce(lockdown, 0) END WHERE job_id = ?",
+        (event.mode, event.fingerprint, event.digest, note, note,
+         event.step == "lockdown" and event.phase == "after", event.job_id))
+
+
+def security_journal(conn: sqlite3.Connection, mac: str) -> list[dict[str, Any]]:
+    """Every security step this station journaled for `mac`, oldest first."""
+    return _dicts(conn.execute("SELECT * FROM security WHERE mac = ? ORDER BY rowid", (mac,)))
 
 
 def close_interrupted(conn: sqlite3.Connection, reason: str, now: float) -> list[str]:

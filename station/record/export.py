@@ -17,7 +17,8 @@ EXPORT_COLUMNS = ("job_id", "slot", "port", "mac", "chip", "thing_name", "result
                   "failed_stage", "error", "started", "finished", "seconds", "certificate_id",
                   "registrar", "firmware_hash", "station", "timings", "baud", "baud_steps",
                   "boot", "booted_project", "booted_version", "boot_log", "registry",
-                  "registry_id", "cloud", "cloud_detail")
+                  "registry_id", "cloud", "cloud_detail", "security",
+                  "key_fingerprint", "signing_digest", "efuses", "lockdown")
 
 
 def export_row(job: dict[str, Any]) -> dict[str, Any]:

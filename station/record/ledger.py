@@ -323,6 +323,10 @@ class Ledger:
     async def done_with_async(self, mac: str, firmware_hash: str) -> bool:
         return await self._acall(lambda conn: tables.done_with(conn, mac, firmware_hash))
 
+    async def security_journal_async(self, mac: str) -> list[dict[str, Any]]:
+        """This station's security steps for one board, oldest first (station/security)."""
+        return await self._acall(lambda conn: tables.security_journal(conn, mac))
+
     def registration_steps(self) -> list[RegistrationStep]:
         """Every registration breadcrumb in order, as events, for the registrar's reconcile."""
         return self._call(tables.registration_steps)

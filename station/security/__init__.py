@@ -1,0 +1,20 @@
+"""Locking boards: flash encryption, secure boot v2 and the release-mode eFuses.
+
+    plan.py    the per-chip plan: which eFuses, in which batches and order (espefuse's
+               tables), what each makes impossible; `station check` prints it
+    images.py  the firmware for locked boards: checked and signed at start, encrypted
+               per board (espsecure)
+    setup.py   [security] at start: plans and secured firmware, or a refusal
+    efuses.py  a board's eFuses through espefuse's library on the open session
+    board.py   one board's sequence, journaled and resumable (`LineSecurity`)
+"""
+
+from station.security.board import BoardLock, LineSecurity
+from station.security.images import SecuredFirmware, key_fingerprint
+from station.security.plan import ChipPlan, PlanError, chip_plan
+from station.security.setup import FirmwareFacts, StationSecurity, secure_line
+
+__all__ = [
+    "BoardLock", "ChipPlan", "FirmwareFacts", "LineSecurity", "PlanError", "SecuredFirmware",
+    "StationSecurity", "chip_plan", "key_fingerprint", "secure_line",
+]

@@ -1,0 +1,105 @@
+"""[security] at start: the per-chip plans and the secured firmware, or a refusal.
+
+Everything that would brick a board or leave it open is refused here, before the first
+board, with the file, the key and the fix: a purpose or field the chip lacks (from
+espefuse's tables), images not built for the features, unsigned images where the
+station may not sign, credentials that would sit in plain NVS on an encrypted board,
+a lock-down nothing would prove (no boot check).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from station.config import Config
+from station.errors import ConfigError
+from station.parts import Region
+from station.security.images import PartitionRow, SecuredFirmware, secure_firmware
+from station.security.plan import ChipPlan, PlanError, chip_plan
+
+
+class FirmwareFacts(Protocol):
+    """One chip's firmware as the wiring hands it over (flash/'s FirmwareBundle)."""
+
+    @property
+    def chip(self) -> str: ...
+
+    @property
+    def regions(self) -> tuple[Region, ...]: ...
+
+    @property
+    def partitions(self) -> Sequence[PartitionRow]: ...
+
+    @property
+    def source(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class StationSecurity:
+    """The plans and secured images of every chip the station has firmware for."""
+
+    plans: dict[str, ChipPlan]
+    firmware: dict[str, SecuredFirmware]
+    mode: str  # "release+sbv2+lockdown" ...
+    signing_key_pem: bytes | None
+
+    def lines(self) -> list[str]:
+        out = [f"security    {self.mode}"]
+        for chip, plan in self.plans.items():
+            fw = self.firmware[chip]
+            enc = ", ".join(f"0x{o:x}" for o in sorted(fw.encrypted)) or "none"
+            out += [f"            {line}" for line in plan.lines()]
+            out.append(f"            {chip}: encrypted at {enc}"
+                       + (f"; signing key digest {fw.digest[:16]}" if fw.digest else ""))
+        return out
+
+
+def describe_mode(config: Config) -> str:
+    s = config.security
+    parts = []
+    if s.flash_encryption != "off":
+        parts.append(f"flash encryption {s.flash_encryption} ({s.key} key"
+                     + (f", AES-{s.xts_aes}-XTS" if s.xts_aes != 128 else "") + ")")
+    if s.secure_boot != "off":
+        parts.append("secure boot v2")
+    if s.lockdown:
+        parts.append("lock-down")
+    return ", ".join(parts) or "off"
+
+
+def secure_line(config: Config, firmwares: Sequence[FirmwareFacts]) -> StationSecurity | None:
+    """The station's security, checked; None when [security] is off."""
+    s = config.security
+    if not s.enabled:
+        return None
+    path = str(config.path)
+    if s.key == "device":
+        raise ConfigError(path, "security.key", "\"device\" (the bootloader makes the key "
+                          "on first boot) is not supported by this station yet: use "
+                          "\"host\"")
+    if config.verify.boot != "app":
+        raise ConfigError(path, "verify.boot", "a locked board must prove it boots in the "
+                          "mode it was locked in (release mode, secure boot): set "
+                          "[verify] boot = \"app\"")
+    if s.flash_encryption != "off" and config.registrar.kind != "none":
+        raise ConfigError(path, "security.flash_encryption", "the credentials would be "
+                          f"written to the plain NVS partition '{config.credentials.partition}'"
+                          ", which flash encryption does not cover (NVS has its own "
+                          "encryption, not supported by this station yet): use registrar "
+                          "kind \"none\" on an encrypted line, or flash_encryption = \"off\"")
+    plans: dict[str, ChipPlan] = {}
+    secured: dict[str, SecuredFirmware] = {}
+    cache = config.station.state_dir / "signed"
+    for fw in firmwares:
+        try:
+            plans[fw.chip] = chip_plan(fw.chip, s)
+        except PlanError as e:
+            raise ConfigError(path, "security", str(e)) from None
+        secured[fw.chip] = secure_firmware(s, fw.chip, fw.regions, fw.partitions, fw.source,
+                                           Path(cache))
+    pem = s.signing_key.read_bytes() if s.signing_key is not None else None
+    return StationSecurity(plans=plans, firmware=secured, mode=describe_mode(config),
+                           signing_key_pem=pem)

@@ -1,0 +1,163 @@
+"""A line that locks boards ([security]), on virtual boards with reset lines, for the
+security tests: builds made for flash encryption and secure boot (station.demo), a
+signing key from the real espsecure, station.toml with [[firmware]] per chip, and what
+a person checks afterwards (the ledger, each board's eFuse file through `espefuse
+--virt`, its flash dump decrypted by `espsecure decrypt-flash-data`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from station.demo import make_demo_firmware
+from station.sim import PluggedBoard, Rig
+from station.sim.efuse import EfuseArray, efuse_path
+from station.sim.flash_crypto import chip_cipher
+from station.sim.pty_lines import relay_env
+from tests.test_bad_inputs import Result, toml_value
+
+CHIPS = ("esp32s3", "esp32c3", "esp32c6", "esp32")
+APP_SIZE = 0x8000
+"""Small apps: the virtual boot story decrypts an app through a 64 KB peek of its header
+(station/sim/boot_security.py `_span`), so larger apps boot as noise there."""
+RUN_TIMEOUT = 300.0
+TOOL_TIMEOUT = 60.0
+
+
+def tool(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m espsecure|espefuse args`, output merged."""
+    return subprocess.run([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=TOOL_TIMEOUT,
+                          check=False,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"})
+
+
+def signing_key(path: Path) -> Path:
+    made = tool("espsecure", "generate-signing-key", "--version", "2", "--scheme", "rsa3072",
+                str(path))
+    assert made.returncode == 0, made.stdout
+    return path
+
+
+@dataclass
+class SecureLine:
+    """One station locking boards: its config, state, rig folder and builds."""
+
+    root: Path
+    builds: dict[str, Path]  # chip -> flasher_args.json
+    key: Path
+    security: dict[str, Any] = field(default_factory=lambda: {
+        "flash_encryption": "release", "secure_boot": "v2", "signing_key": "sb.pem",
+        "lockdown": True})
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.env = relay_env(self.root / "pty-lines.sock")
+
+    @property
+    def hub(self) -> Path:
+        return self.root / "hub"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    def rig(self, seed: int = 41) -> Rig:
+        return Rig(self.hub, seed=seed, throttle=False, flash_timing=False,
+                   pty_lines=self.root / "pty-lines.sock")
+
+    def write(self) -> Path:
+        sections: dict[str, dict[str, Any]] = {
+            "station": {"name": "line-1", "state_dir": "state"},
+            "ports": {"watch": [str(self.hub / "pci-*")], "rescan_interval": 0.2,
+                      "reenumerate_window": 0},
+            "verify": {"boot": "app", "boot_timeout": 5.0},
+            "worker": {"retry_delay": 0.05},
+            "security": self.security, **self.extra}
+        text = "".join(f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n"
+                                                for k, v in table.items()) + "\n"
+                       for name, table in sections.items())
+        for chip, build in self.builds.items():
+            text += f"[[firmware]]\nchip = \"{chip}\"\nflasher_args = {toml_value(build)}\n\n"
+        path = self.root / "station.toml"
+        path.write_text(text)
+        return path
+
+    def cli(self, *args: str, env: dict[str, str] | None = None,
+            timeout: float = TOOL_TIMEOUT) -> Result:
+        config = self.write()
+        out, err = self.root / "out.txt", self.root / "err.txt"
+        with out.open("wb") as o, err.open("wb") as e:
+            proc = subprocess.run([sys.executable, "-m", "station", *args, "--config",
+                                   str(config)], cwd=self.root, env={**self.env, **(env or {})},
+                                  stdin=subprocess.DEVNULL, stdout=o, stderr=e,
+                                  timeout=timeout, check=False)
+        return Result(proc.returncode, out.read_text(errors="replace"),
+                      err.read_text(errors="replace"))
+
+    def run(self, boards: int, env: dict[str, str] | None = None) -> Result:
+        return self.cli("run", "--headless", "--exit-after", str(boards), env=env,
+                        timeout=RUN_TIMEOUT)
+
+    def ledger(self) -> list[dict[str, Any]]:
+        result = self.cli("ledger", "--format", "json")
+        assert result.code == 0, result
+        rows: list[dict[str, Any]] = json.loads(result.stdout)
+        return rows
+
+    def journal(self, mac: str) -> list[tuple[str, str]]:
+        import sqlite3
+
+        conn = sqlite3.connect(self.state / "ledger.sqlite3")
+        try:
+            return [(s, p) for s, p in conn.execute(
+                "SELECT step, phase FROM security WHERE mac = ? ORDER BY rowid", (mac,))]
+        finally:
+            conn.close()
+
+
+def make_line(root: Path, chips: tuple[str, ...] = CHIPS) -> SecureLine:
+    builds = {chip: make_demo_firmware(root / "build" / chip, chip=chip, app_size=APP_SIZE,
+                                       secure=True) for chip in chips}
+    return SecureLine(root, builds, signing_key(root / "sb.pem"))
+
+
+def mac_of(board: PluggedBoard) -> str:
+    return board.mac.replace(":", "")
+
+
+def efuse_file(rig: Rig, board: PluggedBoard) -> Path:
+    return efuse_path(rig.directory, bytes.fromhex(mac_of(board)))
+
+
+def virt_summary(chip: str, efuses: Path, out: Path) -> dict[str, Any]:
+    """What `espefuse --virt --path-efuse-file` shows of a board's eFuse file."""
+    result = tool("espefuse", "--virt", "--chip", chip, "--path-efuse-file", str(efuses),
+                  "summary", "--format", "json", "--file", str(out))
+    assert result.returncode == 0, result.stdout
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
+
+
+def burned_key_file(chip: str, efuses: Path, out: Path) -> Path:
+    """The key in the chip's fuses (read-protected: only the virtual chip keeps it, in
+    its `.keys` file), as a key file for espsecure."""
+    out.write_bytes(chip_cipher(EfuseArray(chip, efuses)).key_file)
+    return out
+
+
+def decrypt(chip: str, key: Path, data: bytes, address: int, tmp: Path) -> bytes:
+    """`espsecure decrypt-flash-data` of `data` read at `address`."""
+    src, dst = tmp / "cipher.bin", tmp / "plain.bin"
+    src.write_bytes(data)
+    scheme = ["--flash-crypt-conf", "0xF"] if chip == "esp32" else ["--aes-xts"]
+    result = tool("espsecure", "decrypt-flash-data", *scheme, "--keyfile", str(key),
+                  "--address", hex(address), "--output", str(dst), str(src))
+    assert result.returncode == 0, result.stdout
+    return dst.read_bytes()
