@@ -70,9 +70,9 @@ def _jobs_table(title: str, rows: list[dict[str, Any]], registry: bool = False) 
         error = r["error"] or ""
         if r["failed_stage"] and r["result"] != "done":
             error = f"at {r['failed_stage']}: {error}" if error else f"at {r['failed_stage']}"
-        extra = (" ".join(p for p in (r.get("registry"), r.get("registry_id")) if p),) \
-            if registry else ()
-        extra += (security_text(r),) if security else ()
+        extra: list[str] = [" ".join(p for p in (r.get("registry"), r.get("registry_id"))
+                                     if p)] if registry else []
+        extra += [security_text(r)] if security else []
         table.add_row(r["station"], r["slot"], r["mac"] or "", r["thing_name"] or "",
                       r["result"], error, r["finished"],
                       "" if r["seconds"] is None else f"{r['seconds']:.1f}", *extra)
