@@ -33,6 +33,9 @@ class SecuritySection:
     signing_key: Path | None = None
     """The secure boot v2 signing key (PEM, RSA-3072 or ECDSA); images unsigned at start
     are signed with it, signed ones are checked against it."""
+    hsm_config: Path | None = None
+    """Instead of signing_key: espsecure's [hsm_config] file for a PKCS#11 token (an HSM;
+    SoftHSM2 in tests) that holds the signing key; the key never leaves the token."""
     sign_images: bool = True
     """False: the images must come signed (by the build); an unsigned one is refused."""
     lockdown: bool = False
@@ -51,6 +54,7 @@ def security_section(t: Table) -> SecuritySection:
         raise t.error("xts_aes", f"must be 128 or 256, not {xts}")
     sb = cast(SecureBoot, t.choice("secure_boot", ("off", "v2"), "off"))
     signing_key = t.path("signing_key", Path()) if "signing_key" in t.data else None
+    hsm_config = t.path("hsm_config", Path()) if "hsm_config" in t.data else None
     sign_images = t.get("sign_images", bool, True)
     lockdown = t.get("lockdown", bool, False)
     t.done()
@@ -68,16 +72,33 @@ def security_section(t: Table) -> SecuritySection:
     if xts != 128 and fe == "off":
         raise t.error("xts_aes", "a flash-encryption key size: set flash_encryption too")
     if sb == "v2":
-        if signing_key is None:
+        if signing_key is not None and hsm_config is not None:
+            raise t.error("hsm_config", "given with signing_key: the images are signed by "
+                          "one or the other; remove one")
+        if hsm_config is not None:
+            _check_readable(t, "hsm_config", hsm_config)
+        elif signing_key is None:
             raise t.error("signing_key", "secure_boot = \"v2\" needs the signing key "
-                          "(espsecure generate-signing-key --version 2 --scheme rsa3072 KEY)")
-        _check_signing_key(t, signing_key)
-    elif signing_key is not None:
-        raise t.error("signing_key", "given but secure_boot is \"off\": set secure_boot = "
+                          "(espsecure generate-signing-key --version 2 --scheme rsa3072 KEY)"
+                          ", or hsm_config for a key in an HSM")
+        else:
+            _check_signing_key(t, signing_key)
+    elif signing_key is not None or hsm_config is not None:
+        name = "signing_key" if signing_key is not None else "hsm_config"
+        raise t.error(name, "given but secure_boot is \"off\": set secure_boot = "
                       "\"v2\" or remove the key")
     return SecuritySection(flash_encryption=fe, key=key, xts_aes=xts, secure_boot=sb,
-                           signing_key=signing_key, sign_images=sign_images,
-                           lockdown=lockdown)
+                           signing_key=signing_key, hsm_config=hsm_config,
+                           sign_images=sign_images, lockdown=lockdown)
+
+
+def _check_readable(t: Table, name: str, path: Path) -> None:
+    if not path.is_file():
+        raise t.error(name, f"{path}: no such file")
+    try:
+        path.read_bytes()
+    except OSError as e:
+        raise t.error(name, f"{path}: cannot be read ({e.strerror})") from None
 
 
 def _check_signing_key(t: Table, path: Path) -> None:

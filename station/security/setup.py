@@ -19,6 +19,7 @@ from station.errors import ConfigError
 from station.parts import Region
 from station.security.images import PartitionRow, SecuredFirmware, secure_firmware
 from station.security.plan import ChipPlan, PlanError, chip_plan
+from station.security.signer import signer_for
 
 
 class FirmwareFacts(Protocol):
@@ -44,7 +45,7 @@ class StationSecurity:
     plans: dict[str, ChipPlan]
     firmware: dict[str, SecuredFirmware]
     mode: str  # "release+sbv2+lockdown" ...
-    signing_key_pem: bytes | None
+    signing_key_pem: bytes | None  # the signing key's public part (its digest is burned)
 
     def lines(self) -> list[str]:
         out = [f"security    {self.mode}"]
@@ -64,7 +65,7 @@ def describe_mode(config: Config) -> str:
         parts.append(f"flash encryption {s.flash_encryption} ({s.key} key"
                      + (f", AES-{s.xts_aes}-XTS" if s.xts_aes != 128 else "") + ")")
     if s.secure_boot != "off":
-        parts.append("secure boot v2")
+        parts.append("secure boot v2" + (" (HSM)" if s.hsm_config is not None else ""))
     if s.lockdown:
         parts.append("lock-down")
     return ", ".join(parts) or "off"
@@ -93,13 +94,15 @@ def secure_line(config: Config, firmwares: Sequence[FirmwareFacts]) -> StationSe
     plans: dict[str, ChipPlan] = {}
     secured: dict[str, SecuredFirmware] = {}
     cache = config.station.state_dir / "signed"
+    signer = None
+    if s.secure_boot == "v2":  # a token that refuses its PIN is refused here
+        signer = signer_for(s.signing_key, s.hsm_config, path)
     for fw in firmwares:
         try:
             plans[fw.chip] = chip_plan(fw.chip, s)
         except PlanError as e:
             raise ConfigError(path, "security", str(e)) from None
         secured[fw.chip] = secure_firmware(s, fw.chip, fw.regions, fw.partitions, fw.source,
-                                           Path(cache))
-    pem = s.signing_key.read_bytes() if s.signing_key is not None else None
+                                           Path(cache), signer)
     return StationSecurity(plans=plans, firmware=secured, mode=describe_mode(config),
-                           signing_key_pem=pem)
+                           signing_key_pem=signer.public_pem if signer else None)
