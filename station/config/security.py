@@ -62,7 +62,13 @@ def security_section(t: Table) -> SecuritySection:
         raise t.error("lockdown", "lock-down burns the release-mode eFuses, which development "
                       "mode exists to leave open: set flash_encryption = \"release\" or "
                       "lockdown = false")
-    if fe == "release" and not lockdown:
+    if key == "device" and (lockdown or sb != "off"):
+        raise t.error("key", "\"device\": the bootloader makes the key and encrypts on first "
+                      "boot, and burns the release-mode eFuses itself (a build for release "
+                      "mode); this station does not add secure boot or its own lock-down "
+                      "to it: set secure_boot = \"off\" and lockdown = false, or key = "
+                      "\"host\"")
+    if fe == "release" and not lockdown and key == "host":
         raise t.error("flash_encryption", "\"release\" without lockdown = true leaves the "
                       "download mode able to read and write plaintext (the app reports "
                       "DEVELOPMENT mode): set lockdown = true, or use \"development\"")

@@ -79,13 +79,16 @@ def result_text(row: BoardRow) -> Text:
                     style="yellow")
     if row.stepped:
         return Text(one_line(f"stepped down {row.stepped[-1]}"), style="yellow")
+    if row.securing == "first_boot before":  # key = "device"
+        return Text("first boot: the chip encrypts its flash", style="bold yellow")
     if row.securing:
         return Text(f"eFuses: {row.securing}", style="bold yellow")
     return Text(mark)
 
 
 SECURITY_MARKS = (("lockdown", "locked"), ("secure_boot", "secure boot"),
-                  ("encrypt", "encrypted"), ("images", "key burned"), ("key", "key burned"))
+                  ("encrypt", "encrypted"), ("first_boot", "encrypted"),
+                  ("images", "key burned"), ("key", "key burned"))
 """[security]: the furthest eFuse batch a board's row has seen done, as a word."""
 
 

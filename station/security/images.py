@@ -47,6 +47,10 @@ log = logging.getLogger("station.security")
 BOOTLOADER_FE = b"flash encryption is enabled (%d plaintext flashes left)"
 BOOTLOADER_SB = b"secure boot v2 is already enabled, continuing.."
 APP_FE = b"Flash encryption mode is DEVELOPMENT (not secure)"
+BOOTLOADER_RELEASE = b"Setting CRYPT_CNT for permanent encryption"
+"""In a bootloader built for release mode only (CONFIG_SECURE_FLASH_ENCRYPTION_MODE_RELEASE,
+`flash_encrypt.c` `esp_flash_encrypt_enable`): with key = "device" the bootloader itself
+sets the counter, so its mode is the build's."""
 SECTOR = 0x1000
 SIG_MAGIC = 0xE7
 ALIGN = 16  # encrypted writes go in 16-byte blocks (esptool FLASH_ENCRYPTED_WRITE_ALIGN)
@@ -152,6 +156,16 @@ def secure_firmware(security: SecuritySection, chip: str, regions: Sequence[Regi
                             "CONFIG_SECURE_FLASH_ENC_ENABLED: its \"flash encryption is "
                             "enabled\" log string is missing); rebuild it with flash "
                             "encryption on")
+    if fe and security.key == "device":
+        release = BOOTLOADER_RELEASE in boot.data
+        if release != (security.flash_encryption == "release"):
+            built = "release" if release else "development"
+            raise FirmwareError(source, "security.flash_encryption",
+                                f"with key = \"device\" the bootloader sets the mode on first "
+                                f"boot, and {boot.name} is built for {built} mode "
+                                f"(CONFIG_SECURE_FLASH_ENCRYPTION_MODE_"
+                                f"{'RELEASE' if release else 'DEVELOPMENT'}); set "
+                                f"flash_encryption = \"{built}\" or rebuild it")
     if fe and not all(APP_FE in r.data for r in app_regions):
         raise FirmwareError(source, "security.flash_encryption",
                             "the app is not built for flash encryption (no CONFIG_SECURE_"
@@ -191,7 +205,7 @@ def secure_firmware(security: SecuritySection, chip: str, regions: Sequence[Regi
                             f", past the next image at 0x{table_at:x}: move the partition "
                             "table (CONFIG_PARTITION_TABLE_OFFSET)")
     encrypted: set[int] = set()
-    if fe:
+    if fe and security.key == "host":  # key = "device": plaintext, the chip encrypts
         encrypted.add(boot_at)
         encrypted.update(r.offset for r in regions if r.data[:2] == b"\xaa\x50")
         for p in partitions:
