@@ -217,6 +217,6 @@ class BoardSecurity(Protocol):
     """The station's security part: decides each board's sequence from its eFuses."""
 
     async def survey(self, session: BoardSession, identity: BoardIdentity,
-                     journal: SecurityJournal) -> BoardLock:
+                     journal: SecurityJournal, thing: str = "") -> BoardLock:
         """Read the eFuses; SecurityError if the board is locked elsewhere or cannot
         be finished."""

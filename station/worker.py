@@ -258,7 +258,7 @@ class Worker:
                     firmware_version=self.plan.app_version))
             lock = None if self.parts.security is None else await self._stage_call(
                 Stage.SECURE, attempt, lambda: self.parts.security.survey(  # type: ignore
-                    session, identity, self._security_journal(identity.mac)))
+                    session, identity, self._security_journal(identity.mac), thing))
             await self._flash(session, attempt, lock)
             await self._reset(session, attempt)
             if self.plan.boot is not None:

@@ -36,6 +36,9 @@ class SecuritySection:
     hsm_config: Path | None = None
     """Instead of signing_key: espsecure's [hsm_config] file for a PKCS#11 token (an HSM;
     SoftHSM2 in tests) that holds the signing key; the key never leaves the token."""
+    escrow_public_key: Path | None = None
+    """key = "host": each board's key is kept only wrapped to this RSA public key (RSA-OAEP),
+    in the board's certs_out folder, for failure analysis of returned units."""
     sign_images: bool = True
     """False: the images must come signed (by the build); an unsigned one is refused."""
     lockdown: bool = False
@@ -55,6 +58,7 @@ def security_section(t: Table) -> SecuritySection:
     sb = cast(SecureBoot, t.choice("secure_boot", ("off", "v2"), "off"))
     signing_key = t.path("signing_key", Path()) if "signing_key" in t.data else None
     hsm_config = t.path("hsm_config", Path()) if "hsm_config" in t.data else None
+    escrow = t.path("escrow_public_key", Path()) if "escrow_public_key" in t.data else None
     sign_images = t.get("sign_images", bool, True)
     lockdown = t.get("lockdown", bool, False)
     t.done()
@@ -75,6 +79,12 @@ def security_section(t: Table) -> SecuritySection:
     if key == "device" and fe == "off":
         raise t.error("key", "\"device\" is a flash-encryption key source: set "
                       "flash_encryption too")
+    if escrow is not None:
+        if fe == "off" or key != "host":
+            raise t.error("escrow_public_key", "escrows the host-made flash-encryption key: "
+                          "needs flash_encryption on and key = \"host\"")
+        _check_readable(t, "escrow_public_key", escrow)
+        _check_escrow_key(t, escrow)
     if xts != 128 and fe == "off":
         raise t.error("xts_aes", "a flash-encryption key size: set flash_encryption too")
     if sb == "v2":
@@ -95,6 +105,7 @@ def security_section(t: Table) -> SecuritySection:
                       "\"v2\" or remove the key")
     return SecuritySection(flash_encryption=fe, key=key, xts_aes=xts, secure_boot=sb,
                            signing_key=signing_key, hsm_config=hsm_config,
+                           escrow_public_key=escrow,
                            sign_images=sign_images, lockdown=lockdown)
 
 
@@ -134,3 +145,20 @@ def _check_signing_key(t: Table, path: Path) -> None:
         return
     raise t.error("signing_key", f"{path}: {type(key).__name__} is not a secure boot v2 "
                   "scheme (RSA-3072, ECDSA P-192/P-256/P-384)")
+
+
+def _check_escrow_key(t: Table, path: Path) -> None:
+    """An RSA public key of 2048 bits or more (RSA-OAEP wraps the 32- or 64-byte key)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(path.read_bytes())
+    except (ValueError, TypeError) as e:
+        raise t.error("escrow_public_key", f"{path}: not a PEM public key ({e}); export "
+                      "one with openssl rsa -pubout") from None
+    if not isinstance(key, rsa.RSAPublicKey) or key.key_size < 2048:
+        what = f"RSA-{key.key_size}" if isinstance(key, rsa.RSAPublicKey) else \
+            type(key).__name__
+        raise t.error("escrow_public_key", f"{path}: {what}; the escrow takes an RSA public "
+                      "key of 2048 bits or more (RSA-OAEP)")

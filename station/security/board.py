@@ -30,11 +30,13 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from station.errors import SecurityError
 from station.parts import BoardIdentity, BoardSession, Region, SecurityJournal
 from station.security import efuses as fuses
+from station.security.escrow import write_escrow
 from station.security.images import SecuredFirmware, encrypted_region, key_fingerprint
 from station.security.plan import SB_REVISION_ESP32, STEPS, ChipPlan, Step
 from station.security.setup import StationSecurity
@@ -84,19 +86,22 @@ def _md5(offset: int, size: int) -> Callable[[Any], str]:
 class LineSecurity:
     """The station's security part: one per station, shared by every worker."""
 
-    def __init__(self, security: StationSecurity, history: History) -> None:
+    def __init__(self, security: StationSecurity, history: History,
+                 escrow_dir: Path | None = None) -> None:
         self.security = security
         self.history = history
         self.keys = Keys()
+        self.escrow_dir = escrow_dir  # certs_out: each board's folder gets its escrow
 
     async def survey(self, session: BoardSession, identity: BoardIdentity,
-                     journal: SecurityJournal) -> BoardLock:
+                     journal: SecurityJournal, thing: str = "") -> BoardLock:
         plan = self.security.plans[identity.chip]
         firmware = self.security.firmware[identity.chip]
         state = await session.on_loader("read eFuses",
                                         lambda esp: fuses.read_state(esp, plan))
         past = await self.history(identity.mac)
         lock = BoardLock(self, plan, firmware, identity, journal, state, past)
+        lock.thing = thing or identity.mac
         await lock.decide(session)
         return lock
 
@@ -115,6 +120,7 @@ class BoardLock:
         self.key_burned = False
         self.images_done = False  # verified earlier with this key (journal + flash MD5s)
         self.chip_only = False  # our key is burned but lost: the chip encrypts, unverified
+        self.thing = identity.mac  # the board's certs_out folder (escrow_public_key)
 
     # -- deciding where the board stands ---------------------------------------------
 
@@ -255,6 +261,15 @@ class BoardLock:
         if step is None or (self.key_burned and not self.resume_blocks):
             return
         key, blocks, state = self.key, self.resume_blocks, self.state
+        escrow = self.line.security.escrow_pem
+        if escrow is not None and key is not None and not self.key_burned and \
+                self.line.escrow_dir is not None:  # a fresh key: kept wrapped before its burn
+            facts = {"mac": self.identity.mac, "chip": self.plan.chip,
+                     "fingerprint": self.fingerprint, "purpose": self.plan.key_purpose}
+            path = await asyncio.to_thread(write_escrow, self.line.escrow_dir, self.thing,
+                                           facts, escrow, key)
+            log.info("%s: the flash-encryption key is escrowed (wrapped) in %s",
+                     self.identity.mac, path)
 
         def work(esp: Any) -> list[str]:
             return fuses.burn(esp, self.plan, step, state, key=key, resume_key_blocks=blocks)

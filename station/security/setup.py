@@ -46,6 +46,7 @@ class StationSecurity:
     firmware: dict[str, SecuredFirmware]
     mode: str  # "release+sbv2+lockdown" ...
     signing_key_pem: bytes | None  # the signing key's public part (its digest is burned)
+    escrow_pem: bytes | None = None  # [security] escrow_public_key: wraps each host key
 
     def lines(self) -> list[str]:
         out = [f"security    {self.mode}"]
@@ -103,7 +104,9 @@ def secure_line(config: Config, firmwares: Sequence[FirmwareFacts]) -> StationSe
     if s.key == "device":
         _first_boot_time(config, secured.values())
     return StationSecurity(plans=plans, firmware=secured, mode=describe_mode(config),
-                           signing_key_pem=signer.public_pem if signer else None)
+                           signing_key_pem=signer.public_pem if signer else None,
+                           escrow_pem=s.escrow_public_key.read_bytes()
+                           if s.escrow_public_key is not None else None)
 
 
 FIRST_BOOT_S_PER_MB = 15.0
