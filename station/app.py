@@ -174,7 +174,8 @@ async def assemble(config: Config, options: Options,
                               registry_steps=registry_steps,
                               cloud=make_cloud_check(config.verify.cloud))
             if security is not None:
-                station.security = LineSecurity(security, ledger.security_journal_async)
+                station.security = LineSecurity(security, ledger.security_journal_async,
+                                                escrow_dir=config.credentials.out_dir)
             guard.on_cleared.append(station.slot_cleared)
             await guard.restore()
             run_id = await asyncio.to_thread(ledger.run_started, config.station.name,

@@ -199,14 +199,24 @@ class BoardLock(Protocol):
     async def after_verify(self, session: BoardSession, written: Sequence[Region]) -> None:
         """The images are verified: burn the rest (counter, secure boot, lock-down)."""
 
+    def boot_complete(self, complete: Callable[[str], bool]) -> Callable[[str], bool]:
+        """When the boot story is told: key = "device" waits through the first boot
+        (the chip encrypts its flash and resets) for the second one."""
+
+    def boot_story(self, text: str) -> str:
+        """The boot to judge the firmware by (key = "device": the second)."""
+
     def boot_problem(self, text: str) -> str | None:
         """What the boot story lacks of the board's new state, or None."""
+
+    async def after_boot(self, text: str) -> None:
+        """The boot check passed: journal what only the boot shows (the first boot)."""
 
 
 class BoardSecurity(Protocol):
     """The station's security part: decides each board's sequence from its eFuses."""
 
     async def survey(self, session: BoardSession, identity: BoardIdentity,
-                     journal: SecurityJournal) -> BoardLock:
+                     journal: SecurityJournal, thing: str = "") -> BoardLock:
         """Read the eFuses; SecurityError if the board is locked elsewhere or cannot
         be finished."""

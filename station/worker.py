@@ -258,7 +258,7 @@ class Worker:
                     firmware_version=self.plan.app_version))
             lock = None if self.parts.security is None else await self._stage_call(
                 Stage.SECURE, attempt, lambda: self.parts.security.survey(  # type: ignore
-                    session, identity, self._security_journal(identity.mac)))
+                    session, identity, self._security_journal(identity.mac), thing))
             await self._flash(session, attempt, lock)
             await self._reset(session, attempt)
             if self.plan.boot is not None:
@@ -272,14 +272,15 @@ class Worker:
         """[verify] boot: the story the board told since the reset, judged; the verdict
         and the last lines go to the ledger. A wrong boot is not retried: the flash is
         verified, so writing it again would boot the same way."""
+        complete = check.complete if lock is None else lock.boot_complete(check.complete)
         text = await self._stage_call(Stage.BOOT, attempt,
-                                      lambda: session.console(check.timeout, check.complete))
+                                      lambda: session.console(check.timeout, complete))
         if text is None:
             await self.parts.sink.emit(BootChecked(
                 job_id=self.job_id, port=self.port, slot=self.slot, result="skipped",
                 project=None, version=None, detail=NO_CONSOLE, tail=""))
             return
-        verdict = check.judge(text)
+        verdict = check.judge(text if lock is None else lock.boot_story(text))
         problem = None if not verdict.ok or lock is None else lock.boot_problem(text)
         ok, detail = verdict.ok and problem is None, problem or verdict.detail
         await self.parts.sink.emit(BootChecked(
@@ -288,6 +289,8 @@ class Worker:
             tail=verdict.tail))
         if not ok:
             raise BootError(f"{self.port}: boot check: {detail}", transient=False)
+        if lock is not None:
+            await lock.after_boot(text)
 
     async def _reset(self, session: BoardSession, attempt: int) -> None:
         """A board that vanishes while being reset was reset: native-USB boards drop off

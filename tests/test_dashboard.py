@@ -331,3 +331,57 @@ def test_the_registry_and_cloud_column_and_lines() -> None:
                for x in log), log
     assert any(x.endswith("cloud check publish ok as dev-240ac4000001 at mq:8883")
                for x in log), log
+
+
+def test_the_security_mark_in_the_result_and_the_journal_lines() -> None:
+    """[security]: a board locked shows "locked" before what it booted (at 80 columns too);
+    one failed after its key shows how far its irreversible steps went; one burning its
+    eFuses says which batch; the headless lines name each batch, the key by its hash."""
+    from station.events import SecurityStep
+
+    mode = "flash encryption release (host key), secure boot v2, lock-down"
+
+    def steps(slot: str, t: float, *done: str, under_way: str = "") -> list[Event]:
+        w, mac = at(slot), f"240ac40000{slot[1:]:0>2}"
+        out: list[Event] = []
+        for n, step in enumerate(done):
+            fp = "3f1c0a77e2d9b410" if step == "key" else None
+            out += [SecurityStep(**w, mac=mac, step=step, phase="before", mode=mode,
+                                 fingerprint=fp, detail="XTS_AES_128_KEY", at=t + n),
+                    SecurityStep(**w, mac=mac, step=step, phase="after", mode=mode,
+                                 fingerprint=fp, detail="BLOCK_KEY0", at=t + n + 0.5)]
+        if under_way:
+            out.append(SecurityStep(**w, mac=mac, step=under_way, phase="before", mode=mode,
+                                    detail="DIS_PAD_JTAG", at=t + 9))
+        return out
+
+    all_steps = ("key", "images", "encrypt", "secure_boot", "lockdown")
+    events = [*start("A1", T0, "240ac4000001"),
+              StageChanged(**at("A1"), stage=Stage.SECURE, at=T0 + 3),
+              *steps("A1", T0 + 3, *all_steps),
+              BootChecked(**at("A1"), result="ok", project="demo", version="1.0",
+                          detail="", tail="", at=T0 + 20),
+              JobFinished(**at("A1"), result=Stage.DONE, at=T0 + 21),
+              *start("A2", T0, "240ac4000002"),
+              *steps("A2", T0 + 3, "key"),
+              JobFinished(**at("A2"), result=Stage.FAILED, failed_stage=Stage.FLASH,
+                          error="the port went away", at=T0 + 8),
+              *start("A3", T0, "240ac4000003"),
+              StageChanged(**at("A3"), stage=Stage.SECURE, at=T0 + 3),
+              *steps("A3", T0 + 3, *all_steps[:4], under_way="lockdown")]
+    view = StationView(station="line-1", started_at=T0)
+    for event in events:
+        view.apply(event)
+    for width in (140, 80):
+        lines = rendered_lines(view, T0 + 22, width)
+        assert max(len(line) for line in lines) <= width
+        assert "locked · booted demo 1.0" in row_line(lines, "A1"), lines
+        assert "key burned · at flash: the port went away" in row_line(lines, "A2"), lines
+        assert "eFuses: lockdown before" in row_line(lines, "A3"), lines
+        assert "secure" in row_line(lines, "A3").split()
+    log = headless(events)
+    assert any(x.endswith("240ac4000001 security key after key 3f1c0a77e2d9b410: "
+                          "BLOCK_KEY0") for x in log), log
+    assert any(x.endswith("240ac4000003 security lockdown before: DIS_PAD_JTAG")
+               for x in log), log
+    assert not any("SecurityStep" in x for x in log)

@@ -29,7 +29,7 @@ from station.flash import (
     SEGMENT_HEADER,
     xor_checksum,
 )
-from station.security.images import APP_FE, BOOTLOADER_FE, BOOTLOADER_SB
+from station.security.images import APP_FE, BOOTLOADER_FE, BOOTLOADER_RELEASE, BOOTLOADER_SB
 
 PARTITION_TABLE_OFFSET = 0x8000
 APP_OFFSET = 0x10000
@@ -168,14 +168,17 @@ def partition_table(rows: list[tuple[str, int, int, int, int]]) -> bytes:
 
 
 def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500_000,
-                       seed: int = 1, log_colors: bool = False, secure: bool = False) -> Path:
+                       seed: int = 1, log_colors: bool = False, secure: bool = False,
+                       device_key: bool = False) -> Path:
     """Write a demo ESP-IDF build into `out_dir`; returns its flasher_args.json.
 
     `log_colors`: built with CONFIG_LOG_COLORS=y (ESP-IDF's default up to v5.3): the log
     formats in both images carry ANSI colour codes, so the board's lines come coloured.
     `secure`: built with flash encryption and secure boot v2 (the bootloader and app
     carry ESP-IDF's log strings of those features, station/security/images.py; an ESP32
-    build asks for silicon v3.0, CONFIG_ESP32_REV_MIN_3), unsigned."""
+    build asks for silicon v3.0, CONFIG_ESP32_REV_MIN_3), unsigned. `device_key`: built
+    for release-mode flash encryption only, the bootloader making the key on first boot
+    (its release-mode string, no secure boot)."""
     if chip not in chips.supported():
         raise ValueError(f"unknown chip {chip!r} (one of {', '.join(chips.supported())})")
     if not 0x4000 <= app_size <= FLASH_SIZE - APP_OFFSET:
@@ -185,12 +188,13 @@ def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500
 
     formats = COLORED_LOG_FORMATS if log_colors else b""
     boot_strings = formats + (BOOTLOADER_FE + b"\0" + BOOTLOADER_SB + b"\0" if secure else b"")
+    boot_strings += BOOTLOADER_FE + b"\0" + BOOTLOADER_RELEASE + b"\0" if device_key else b""
     boot_segments = [(addr, _code(rng, size)) for addr, size in chip_layout.boot_segments]
     first_addr, first = boot_segments[0]
     boot_segments[0] = (first_addr, boot_strings + first[len(boot_strings):])
     boot = esp_image(chip, chip_layout.boot_entry, boot_segments,
                      min_rev_full=300 if secure and chip == "esp32" else 0)
-    formats += APP_FE + b"\0" if secure else b""
+    formats += APP_FE + b"\0" if secure or device_key else b""
 
     overhead = IMAGE_HEADER.size + EXTENDED_HEADER.size + 4 * SEGMENT_HEADER.size + 16 + 32
     body = app_size - overhead

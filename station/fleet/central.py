@@ -37,8 +37,9 @@ from psycopg.rows import dict_row
 from station.errors import CentralError, CentralUnreachableError
 from station.parts import BoardHistory
 
-SCHEMA_VERSION = 5  # 2: slot_flags and runs (station/fleet/_slots.py); 3: line rates;
-# 4: the boot check (station/flash/bootcheck.py); 5: the device registry, the cloud check
+SCHEMA_VERSION = 6  # 2: slot_flags and runs (station/fleet/_slots.py); 3: line rates;
+# 4: the boot check (station/flash/bootcheck.py); 5: the device registry, the cloud check;
+# 6: each board's security state (station/security)
 LOCK_ID = 0x5747_4E01  # pg_advisory_xact_lock key for migrations ("STN" + 1)
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -102,13 +103,23 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN cloud_detail text",
         "CREATE INDEX jobs_registry_id ON jobs (registry_id)",
     ),
+    6: (  # [security]: mode, the key's hash (never the key), the signing key's digest,
+        # the eFuse batches done, lock-down done (the local ledger's schema 6 columns)
+        "ALTER TABLE jobs ADD COLUMN security text",
+        "ALTER TABLE jobs ADD COLUMN key_fingerprint text",
+        "ALTER TABLE jobs ADD COLUMN signing_digest text",
+        "ALTER TABLE jobs ADD COLUMN efuses text",
+        "ALTER TABLE jobs ADD COLUMN lockdown integer",
+        "CREATE INDEX jobs_key_fingerprint ON jobs (key_fingerprint)",
+    ),
 }
 
 JOB_COLUMNS = ("job_id", "port", "slot", "mac", "chip", "thing_name", "firmware_hash",
                "registrar", "certificate_id", "stage", "result", "failed_stage", "error",
                "started_at", "finished_at", "timings", "baud", "baud_steps", "boot",
                "booted_project", "booted_version", "boot_log", "registry", "registry_id",
-               "cloud", "cloud_detail")
+               "cloud", "cloud_detail", "security", "key_fingerprint", "signing_digest",
+               "efuses", "lockdown")
 """The local ledger's job columns that are shipped (station is the row's own key)."""
 
 

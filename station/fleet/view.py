@@ -29,8 +29,29 @@ def _console_text(renderable: Any) -> str:
     return out.getvalue()
 
 
+def security_text(row: dict[str, Any]) -> str:
+    """[security] of one job: its mode, whether the lock-down is done, the eFuse batches
+    it saw, the key's hash and the signing key's digest (never a key)."""
+    if not row.get("security"):
+        return ""
+    # the ledger keeps every journal line ("key before, key, ..."): the batches done,
+    # and the one under way or failed where the job stopped in it
+    lines = (row.get("efuses") or "").split(", ")
+    shown = list(dict.fromkeys(x for x in lines if x and " " not in x))
+    if " " in lines[-1]:
+        shown.append(lines[-1])
+    parts = [row["security"], "LOCKED" if row.get("lockdown") else "not locked down",
+             f"eFuses: {', '.join(shown) or 'none'}"]
+    if row.get("key_fingerprint"):
+        parts.append(f"key {row['key_fingerprint']}")
+    if row.get("signing_digest"):
+        parts.append(f"signing digest {row['signing_digest'][:16]}")
+    return "; ".join(parts)
+
+
 def _jobs_table(title: str, rows: list[dict[str, Any]], registry: bool = False) -> Any:
-    """`registry`: a column with each job's device registry outcome and id ([registry])."""
+    """`registry`: a column with each job's device registry outcome and id ([registry])
+    and one with its security state ([security]), where any job has them."""
     from collections import Counter
 
     from rich.table import Table
@@ -40,16 +61,18 @@ def _jobs_table(title: str, rows: list[dict[str, Any]], registry: bool = False) 
     caption = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + \
         f", total {len(rows)}; " + ", ".join(f"{s} {n}" for s, n in sorted(per_station.items()))
     table = Table(title=title, caption=caption)
+    security = registry and any(r.get("security") for r in rows)
     registry = registry and any(r.get("registry") for r in rows)
     for column in ("station", "slot", "mac", "thing", "result", "error", "finished", "s",
-                   *(("registry",) if registry else ())):
+                   *(("registry",) if registry else ()), *(("security",) if security else ())):
         table.add_column(column, overflow="fold")
     for r in rows:
         error = r["error"] or ""
         if r["failed_stage"] and r["result"] != "done":
             error = f"at {r['failed_stage']}: {error}" if error else f"at {r['failed_stage']}"
-        extra = (" ".join(p for p in (r.get("registry"), r.get("registry_id")) if p),) \
-            if registry else ()
+        extra: list[str] = [" ".join(p for p in (r.get("registry"), r.get("registry_id"))
+                                     if p)] if registry else []
+        extra += [security_text(r)] if security else []
         table.add_row(r["station"], r["slot"], r["mac"] or "", r["thing_name"] or "",
                       r["result"], error, r["finished"],
                       "" if r["seconds"] is None else f"{r['seconds']:.1f}", *extra)

@@ -77,6 +77,8 @@ def summary_rows(stats: Stats) -> list[tuple[str, str, str]]:
         ("median_seconds", "median time per board done (s)", _num(s.median_seconds)),
         ("throttles", "registrar throttles", str(s.throttles)),
         *_check_rows(s.checks),
+        *[(f"security: {mode}", f"locked boards ({mode}): done / lock-down burned / failed",
+           " / ".join(str(n) for n in counts)) for mode, counts in s.security.items()],
         ("restarts", "station restarts (after a crash or kill)",
          f"{s.restarts} ({s.unclean_restarts})"),
         ("first_start", "first board started", stamp(s.first_start) or "-"),

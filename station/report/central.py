@@ -38,6 +38,7 @@ class CentralSource:
         self.where = central.describe(conninfo)
         self._conn: psycopg.Connection | None = None
         self._tables: set[str] = set()
+        self._security = False
 
     def describe(self) -> str:
         return f"central {self.where}"
@@ -74,21 +75,29 @@ class CentralSource:
                     "SELECT table_name FROM information_schema.tables WHERE table_schema = "
                     "current_schema() AND table_name IN ('jobs', 'events', 'slot_flags', "
                     "'runs')").fetchall()
+                columns = conn.execute(  # a schema before 6 has no security columns
+                    "SELECT column_name FROM information_schema.columns WHERE table_schema "
+                    "= current_schema() AND table_name = 'jobs' AND column_name = "
+                    "'security'").fetchall()
             except psycopg.Error as e:
                 conn.close()
                 raise central.as_error(e, self.where) from None
             self._conn, self._tables = conn, {r[0] for r in rows}
+            self._security = bool(columns)
         return self._conn
 
     def jobs(self, window: Window) -> list[JobRow]:
         where, params = _where(window, "started_at")
+        self._connection()
+        security = "security, lockdown" if self._security else "NULL, NULL"
         rows = self._query("jobs", "SELECT job_id, station, slot, port, result, failed_stage, "
-                           "error, started_at, finished_at, timings, mac FROM jobs WHERE "  # noqa: S608
-                           f"{where} ORDER BY started_at, station, job_id", params)
+                           f"error, started_at, finished_at, timings, mac, {security} FROM "  # noqa: S608
+                           f"jobs WHERE {where} ORDER BY started_at, station, job_id", params)
         return [JobRow(job_id=r[0], station=r[1], slot=r[2] or "", port=r[3] or "",
                        result=r[4], failed_stage=r[5], error=r[6],
                        started_at=_epoch(r[7]), finished_at=central.epoch(r[8]),
-                       timings=r[9] or {}, mac=r[10] or None) for r in rows]
+                       timings=r[9] or {}, mac=r[10] or None, security=r[11] or None,
+                       lockdown=bool(r[12])) for r in rows]
 
     def flags(self, window: Window) -> list[FlagRow]:
         where, params = _where(window, "flagged_at")

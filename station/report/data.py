@@ -51,6 +51,8 @@ class JobRow:
     started_at: float
     finished_at: float | None
     timings: dict[str, float] = field(default_factory=dict)
+    security: str | None = None  # [security]: the mode the board was locked in
+    lockdown: bool = False  # [security]: the lock-down batch is burned
 
 
 @dataclass(frozen=True)
@@ -148,14 +150,16 @@ class SqliteLedgerSource:
         with self._conn() as conn:
             columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
             mac = "mac" if "mac" in columns else "NULL"  # a ledger from before MACs
+            # a ledger from before schema 6 has no security columns
+            security = "security, lockdown" if "security" in columns else "NULL, NULL"
             rows = conn.execute(
                 "SELECT job_id, station, slot, port, result, failed_stage, error, started_at, "
-                f"finished_at, timings, {mac} FROM jobs WHERE {where} "
+                f"finished_at, timings, {mac}, {security} FROM jobs WHERE {where} "
                 "ORDER BY started_at, rowid", params).fetchall()
         return [JobRow(job_id=r[0], station=r[1] or "", slot=r[2] or "", port=r[3] or "",
                        result=r[4], failed_stage=r[5], error=r[6], started_at=r[7],
                        finished_at=r[8], timings=json.loads(r[9]) if r[9] else {},
-                       mac=r[10] or None)
+                       mac=r[10] or None, security=r[11] or None, lockdown=bool(r[12]))
                 for r in rows]
 
     def flags(self, window: Window) -> list[FlagRow]:

@@ -53,6 +53,9 @@ class Summary:
     median_seconds: float | None = None
     throttles: int = 0
     checks: dict[str, int] = field(default_factory=dict)  # [registry], [verify] cloud
+    security: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    """[security] mode -> boards done, boards whose lock-down is burned, boards failed
+    (never done) with that mode."""
     starts: int = 0
     restarts: int = 0
     unclean_restarts: int = 0
@@ -188,6 +191,7 @@ def compute(source: ReportSource, window: Window) -> Stats:
         s.median_seconds = statistics.median(durations)
     s.throttles = source.throttles(window)
     s.checks = source.checks(window)
+    s.security = _security(jobs)
     s.starts, s.restarts, s.unclean_restarts = _restarts(source.runs(window), window)
 
     stats = Stats(window=window, source=source.describe(), summary=s, flags=flags)
@@ -206,6 +210,18 @@ def compute(source: ReportSource, window: Window) -> Stats:
         {f.station for f in flags if f.station}  # "": a job whose start was not recorded
     stats.slots = _slots(stats, jobs, flags)
     return stats
+
+
+def _security(jobs: list[JobRow]) -> dict[str, tuple[int, int, int]]:
+    """Boards (MACs) per [security] mode: done, locked down, failed and never done."""
+    out = {}
+    for mode in sorted({j.security for j in jobs if j.security}):
+        mine = [j for j in jobs if j.security == mode and j.mac]
+        done = {j.mac for j in mine if j.result == "done"}
+        locked = {j.mac for j in mine if j.lockdown}
+        failed = {j.mac for j in mine if j.result == "failed"} - done
+        out[mode] = (len(done), len(locked), len(failed))
+    return out
 
 
 def _timeline(stats: Stats, ended: list[JobRow]) -> None:

@@ -56,11 +56,14 @@ def result_text(row: BoardRow) -> Text:
     The stage column already says `done` or `failed`: the result says what follows it
     (what the board booted, where and why it failed), so it fits beside the stage at 80
     columns."""
+    mark = security_mark(row)
     if row.stage == Stage.DONE:
-        return Text(f"booted {row.booted}" if row.booted else "done", style="green")
+        return Text(f"{mark} · " if mark else "", style="bold green").append(
+            f"booted {row.booted}" if row.booted else "done", style="green")
     if row.stage == Stage.FAILED:
         where = f"at {row.failed_stage.value}: " if row.failed_stage else ""
-        return Text(one_line(f"{where}{row.error or 'no reason given'}"), style="red")
+        return Text(f"{mark} · " if mark else "", style="bold yellow").append(
+            one_line(f"{where}{row.error or 'no reason given'}"), style="red")
     if row.stage == Stage.REMOVED:
         where = f" during {row.failed_stage.value}" if row.failed_stage else ""
         return Text(f"removed{where}", style="yellow")
@@ -76,7 +79,23 @@ def result_text(row: BoardRow) -> Text:
                     style="yellow")
     if row.stepped:
         return Text(one_line(f"stepped down {row.stepped[-1]}"), style="yellow")
-    return Text("")
+    if row.securing == "first_boot before":  # key = "device"
+        return Text("first boot: the chip encrypts its flash", style="bold yellow")
+    if row.securing:
+        return Text(f"eFuses: {row.securing}", style="bold yellow")
+    return Text(mark)
+
+
+SECURITY_MARKS = (("lockdown", "locked"), ("secure_boot", "secure boot"),
+                  ("encrypt", "encrypted"), ("first_boot", "encrypted"),
+                  ("images", "key burned"), ("key", "key burned"))
+"""[security]: the furthest eFuse batch a board's row has seen done, as a word."""
+
+
+def security_mark(row: BoardRow) -> str:
+    """"locked" on a board that left the line locked; on a failed one, how far its
+    irreversible steps went (a board with its key burned needs rework, not a new key)."""
+    return next((word for step, word in SECURITY_MARKS if step in row.security), "")
 
 
 def baud_text(row: BoardRow) -> Text:

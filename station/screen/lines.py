@@ -25,6 +25,7 @@ from station.events import (
     RegistrationStep,
     RegistryStep,
     Retrying,
+    SecurityStep,
     SlotCleared,
     SlotFlagged,
     Stage,
@@ -52,7 +53,8 @@ def format_event(event: Event, view: StationView) -> str | None:
     row = view.rows.get(event.slot)
     if row is not None and row.job_id != event.job_id:
         row = None
-    mac = event.mac if isinstance(event, Identified | RegistrationStep | RegistryStep) else \
+    mac = event.mac if isinstance(event, Identified | RegistrationStep | RegistryStep |
+                                  SecurityStep) else \
         (row.mac if row and row.mac else "-")
     head = f"{iso(event.at)} {event.slot} {event.port} {mac}"
     if isinstance(event, Progress):
@@ -102,6 +104,11 @@ def format_event(event: Event, view: StationView) -> str | None:
         why = f" ({one_line(event.detail)})" if event.detail else ""
         return f"{head} cloud check {event.mode} {event.result} as {event.client_id} at " \
                f"{event.broker}{why}"
+    if isinstance(event, SecurityStep):  # hashes and field names only, never a key
+        what = f": {one_line(event.detail)}" if event.detail and event.step != "images" \
+            else ""
+        key = f" key {event.fingerprint}" if event.fingerprint and event.step == "key" else ""
+        return f"{head} security {event.step} {event.phase}{key}{what}"
     if isinstance(event, Registered):
         return f"{head} registered {event.thing_name} ({event.registrar})"
     if isinstance(event, SlotFlagged):

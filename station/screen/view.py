@@ -32,6 +32,7 @@ from station.events import (
     Registered,
     RegistryStep,
     Retrying,
+    SecurityStep,
     SlotCleared,
     SlotFlagged,
     Stage,
@@ -72,6 +73,8 @@ class BoardRow:
     registry: str = ""  # [registry]: "pending", "registered", "already", "failed"
     registry_id: str = ""  # the id in the registry's answer
     cloud: str = ""  # [verify] cloud: "ok", "failed", "skipped"
+    security: list[str] = field(default_factory=list)  # [security]: the eFuse batches done
+    securing: str = ""  # [security]: the batch under way ("key before"), or failed
     region: str = ""
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
     prev_done: int | None = None  # the current region's bytes before the last Progress
@@ -103,7 +106,8 @@ class BoardRow:
         """Cheap private copy: speed needs only the window's first and last sample."""
         ends = [self.samples[0], self.samples[-1]] if self.samples else []
         return dataclasses.replace(self, regions=dict(self.regions),
-                                   samples=deque(ends, maxlen=256), stepped=list(self.stepped))
+                                   samples=deque(ends, maxlen=256), stepped=list(self.stepped),
+                                   security=list(self.security))
 
     def elapsed(self, now: float) -> float | None:
         if self.started_at is None:
@@ -190,6 +194,10 @@ class StationView:
             row.registry_id = event.device_id or row.registry_id
         elif isinstance(event, CloudChecked):
             row.cloud = event.result
+        elif isinstance(event, SecurityStep):
+            if event.phase == "after" and event.step not in row.security:
+                row.security.append(event.step)
+            row.securing = "" if event.phase == "after" else f"{event.step} {event.phase}"
         elif isinstance(event, Registered):
             row.thing, row.throttled = event.thing_name, False
         elif isinstance(event, JobFinished):

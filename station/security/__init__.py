@@ -4,6 +4,8 @@
                tables), what each makes impossible; `station check` prints it
     images.py  the firmware for locked boards: checked and signed at start, encrypted
                per board (espsecure)
+    signer.py  who signs for secure boot v2: a key file or a PKCS#11 token (espsecure)
+    escrow.py  escrow_public_key: each host key kept only wrapped (RSA-OAEP)
     setup.py   [security] at start: plans and secured firmware, or a refusal
     efuses.py  a board's eFuses through espefuse's library on the open session
     board.py   one board's sequence, journaled and resumable (`LineSecurity`)

@@ -30,11 +30,13 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from station.errors import SecurityError
 from station.parts import BoardIdentity, BoardSession, Region, SecurityJournal
 from station.security import efuses as fuses
+from station.security.escrow import write_escrow
 from station.security.images import SecuredFirmware, encrypted_region, key_fingerprint
 from station.security.plan import SB_REVISION_ESP32, STEPS, ChipPlan, Step
 from station.security.setup import StationSecurity
@@ -59,6 +61,11 @@ class Keys:
         return f"Keys({len(self.by_mac)} held)"
 
 
+FIRST_BOOT_DONE = "Flash encryption completed"
+"""key = "device": the bootloader's line once it encrypted the flash (flash_encrypt.c);
+it resets the chip, and the second boot runs the app."""
+FIRST_BOOT_STARTED = "flash encryption key"  # "Generating new ..." / "Using pre-loaded ..."
+
 CRASH_ENV = "STATION_TEST_CRASH_AFTER"
 """The registrar's test hook (identity's CRASH_ENV), for the security journal:
 "security:<step>:<phase>" SIGKILLs the station right after that line is durable."""
@@ -79,19 +86,22 @@ def _md5(offset: int, size: int) -> Callable[[Any], str]:
 class LineSecurity:
     """The station's security part: one per station, shared by every worker."""
 
-    def __init__(self, security: StationSecurity, history: History) -> None:
+    def __init__(self, security: StationSecurity, history: History,
+                 escrow_dir: Path | None = None) -> None:
         self.security = security
         self.history = history
         self.keys = Keys()
+        self.escrow_dir = escrow_dir  # certs_out: each board's folder gets its escrow
 
     async def survey(self, session: BoardSession, identity: BoardIdentity,
-                     journal: SecurityJournal) -> BoardLock:
+                     journal: SecurityJournal, thing: str = "") -> BoardLock:
         plan = self.security.plans[identity.chip]
         firmware = self.security.firmware[identity.chip]
         state = await session.on_loader("read eFuses",
                                         lambda esp: fuses.read_state(esp, plan))
         past = await self.history(identity.mac)
         lock = BoardLock(self, plan, firmware, identity, journal, state, past)
+        lock.thing = thing or identity.mac
         await lock.decide(session)
         return lock
 
@@ -110,6 +120,7 @@ class BoardLock:
         self.key_burned = False
         self.images_done = False  # verified earlier with this key (journal + flash MD5s)
         self.chip_only = False  # our key is burned but lost: the chip encrypts, unverified
+        self.thing = identity.mac  # the board's certs_out folder (escrow_public_key)
 
     # -- deciding where the board stands ---------------------------------------------
 
@@ -136,6 +147,9 @@ class BoardLock:
             raise self._elsewhere("a different secure boot digest is burned")
         ours = self._fingerprints()
         blocks = state.fe_key()
+        if self.device:
+            self._decide_device(blocks)
+            return
         if self.plan.step("key") is None:
             return
         for half in state.half_burned():  # pulled between its block and BLOCK0
@@ -186,6 +200,27 @@ class BoardLock:
                             "last stop before the images were written with it; the board "
                             "cannot be finished", rework=True)
 
+    @property
+    def device(self) -> bool:
+        """key = "device": the bootloader makes the key and encrypts on first boot."""
+        return self.plan.mode != "off" and self.plan.step("key") is None
+
+    def _decide_device(self, blocks: list[fuses.KeyBlock]) -> None:
+        """Only a blank chip can take plaintext for its own first boot: one with a key
+        or a counter was encrypted by a first boot already (ours: stopped or reset
+        during it, needs rework; else another line's)."""
+        counter = self.state.values.get(self.plan.counter or "", 0)
+        if not blocks and not counter:
+            return
+        what = f"a flash-encryption key in {blocks[0].name}" if blocks else \
+            f"{self.plan.counter} = {counter:#x}"
+        if any(e["step"] == "first_boot" for e in self.past):
+            raise SecurityError(f"{self.identity.mac}: {what}: its first boot encrypted (or "
+                                "began encrypting) the flash after this station's last "
+                                "attempt; plaintext can no longer be written to it",
+                                rework=True)
+        raise self._elsewhere(what)
+
     def _use(self, key: bytes) -> None:
         self.key = key
         self.fingerprint = key_fingerprint(key)
@@ -226,6 +261,15 @@ class BoardLock:
         if step is None or (self.key_burned and not self.resume_blocks):
             return
         key, blocks, state = self.key, self.resume_blocks, self.state
+        escrow = self.line.security.escrow_pem
+        if escrow is not None and key is not None and not self.key_burned and \
+                self.line.escrow_dir is not None:  # a fresh key: kept wrapped before its burn
+            facts = {"mac": self.identity.mac, "chip": self.plan.chip,
+                     "fingerprint": self.fingerprint, "purpose": self.plan.key_purpose}
+            path = await asyncio.to_thread(write_escrow, self.line.escrow_dir, self.thing,
+                                           facts, escrow, key)
+            log.info("%s: the flash-encryption key is escrowed (wrapped) in %s",
+                     self.identity.mac, path)
 
         def work(esp: Any) -> list[str]:
             return fuses.burn(esp, self.plan, step, state, key=key, resume_key_blocks=blocks)
@@ -240,6 +284,9 @@ class BoardLock:
             await self._journal("images", "after", json.dumps(md5s, sort_keys=True)
                                 if not self.chip_only else "{}")
             self.images_done = True
+        if self.device:  # journaled before the reset that starts the first boot
+            await self._journal("first_boot", "before", "plaintext verified; the bootloader "
+                                "makes the key and encrypts on this boot")
         self.line.keys.by_mac.pop(self.identity.mac, None)
         self.key = None
         self.state = await session.on_loader("read eFuses",
@@ -263,8 +310,33 @@ class BoardLock:
             return True
         return bool(self.state.missing(step))
 
+    def boot_complete(self, complete: Callable[[str], bool]) -> Callable[[str], bool]:
+        if not self.device:
+            return complete
+
+        def told(text: str) -> bool:
+            if FIRST_BOOT_DONE in text:  # the second boot, judged as any boot
+                return complete(text.split(FIRST_BOOT_DONE, 1)[1])
+            if FIRST_BOOT_STARTED in text:  # encrypting: wait, unless it loops
+                return text.count("rst:0x") >= 3
+            return complete(text)
+        return told
+
+    def boot_story(self, text: str) -> str:
+        return text.split(FIRST_BOOT_DONE, 1)[1] if self.device and \
+            FIRST_BOOT_DONE in text else text
+
+    async def after_boot(self, text: str) -> None:
+        if self.device:
+            await self._journal("first_boot", "after", "the chip made its key and encrypted "
+                                "its flash; the second boot: " + self.plan.mode)
+
     def boot_problem(self, text: str) -> str | None:
         """What the boot story must show of the board's new state."""
+        if self.device and FIRST_BOOT_DONE not in text:
+            return f"expected the first boot to encrypt the flash (\"{FIRST_BOOT_DONE}\") " \
+                "and the board to boot again"
+        text = self.boot_story(text)
         wants = []
         if self.plan.mode == "release":
             wants.append("Flash encryption mode is RELEASE")

@@ -23,7 +23,6 @@ flash must show (esptool itself skips the verify of encrypted writes).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import logging
@@ -36,18 +35,22 @@ from pathlib import Path
 from typing import Protocol
 
 import espsecure  # type: ignore[import-untyped]
-from esptool.util import FatalError
 
 from station import chips
 from station.config import SecuritySection
 from station.errors import FirmwareError
 from station.parts import Region
+from station.security.signer import Signer, SignError
 
 log = logging.getLogger("station.security")
 
 BOOTLOADER_FE = b"flash encryption is enabled (%d plaintext flashes left)"
 BOOTLOADER_SB = b"secure boot v2 is already enabled, continuing.."
 APP_FE = b"Flash encryption mode is DEVELOPMENT (not secure)"
+BOOTLOADER_RELEASE = b"Setting CRYPT_CNT for permanent encryption"
+"""In a bootloader built for release mode only (CONFIG_SECURE_FLASH_ENCRYPTION_MODE_RELEASE,
+`flash_encrypt.c` `esp_flash_encrypt_enable`): with key = "device" the bootloader itself
+sets the counter, so its mode is the build's."""
 SECTOR = 0x1000
 SIG_MAGIC = 0xE7
 ALIGN = 16  # encrypted writes go in 16-byte blocks (esptool FLASH_ENCRYPTED_WRITE_ALIGN)
@@ -101,25 +104,18 @@ def _is_signed(data: bytes) -> bool:
     return len(data) >= SECTOR and len(data) % SECTOR == 0 and data[-SECTOR] == SIG_MAGIC
 
 
-def _public_digest(key: Path) -> str:
-    with key.open("rb") as f:
-        return bytes(espsecure._digest_sbv2_public_key(f)).hex()
+def _check_signature(name: str, data: bytes, signer: Signer, where: str) -> None:
+    try:
+        signer.verify(data)
+    except SignError as e:
+        raise FirmwareError(where, signer.key, f"{name} is signed, but not with "
+                            f"{signer.what}: {e}; sign it with this key or configure the key "
+                            "it was signed with") from None
 
 
-def _check_signature(name: str, data: bytes, key: Path, where: str) -> None:
-    with key.open("rb") as f, contextlib.redirect_stdout(io.StringIO()):
-        try:
-            espsecure.verify_signature_v2(False, None, f, io.BytesIO(data))
-        except FatalError as e:
-            raise FirmwareError(where, "security.signing_key",
-                                f"{name} is signed, but not with {key.name}: {e}; "
-                                "sign it with this key or configure the key it was signed "
-                                "with") from None
-
-
-def _sign(name: str, data: bytes, key: Path, cache: Path, where: str) -> bytes:
+def _sign(name: str, data: bytes, signer: Signer, cache: Path, where: str) -> bytes:
     """Sign once per (image, key): the signature is randomised, the cache keeps it."""
-    tag = hashlib.sha256(data + _public_digest(key).encode()).hexdigest()[:24]
+    tag = hashlib.sha256(data + signer.digest.encode()).hexdigest()[:24]
     cached = cache / f"{tag}.bin"
     if cached.exists():
         return cached.read_bytes()
@@ -128,13 +124,10 @@ def _sign(name: str, data: bytes, key: Path, cache: Path, where: str) -> bytes:
         src, out = Path(tmp) / name.replace("/", "_"), Path(tmp) / "signed.bin"
         src.write_bytes(data)
         try:
-            with src.open("rb") as datafile, key.open("rb") as keyfile, \
-                    contextlib.redirect_stdout(io.StringIO()):  # espsecure's progress
-                espsecure.sign_data("2", [keyfile], str(out), False, False, None, [], [],
-                                    datafile)
-        except FatalError as e:
-            raise FirmwareError(where, "security.signing_key",
-                                f"signing {name} failed: {e}") from None
+            signer.sign(src, out)
+        except SignError as e:
+            raise FirmwareError(where, signer.key, f"signing {name} with {signer.what} "
+                                f"failed: {e}") from None
         signed = out.read_bytes()
         out.replace(cached)
     return signed
@@ -142,7 +135,7 @@ def _sign(name: str, data: bytes, key: Path, cache: Path, where: str) -> bytes:
 
 def secure_firmware(security: SecuritySection, chip: str, regions: Sequence[Region],
                     partitions: Sequence[PartitionRow], source: str,
-                    cache: Path) -> SecuredFirmware:
+                    cache: Path, signer: Signer | None) -> SecuredFirmware:
     """Check (and sign) one chip's images for [security]; FirmwareError names the fix."""
     boot_at = chips.facts(chip).bootloader_offset
     boot = next((r for r in regions if r.offset == boot_at), None)
@@ -163,6 +156,16 @@ def secure_firmware(security: SecuritySection, chip: str, regions: Sequence[Regi
                             "CONFIG_SECURE_FLASH_ENC_ENABLED: its \"flash encryption is "
                             "enabled\" log string is missing); rebuild it with flash "
                             "encryption on")
+    if fe and security.key == "device":
+        release = BOOTLOADER_RELEASE in boot.data
+        if release != (security.flash_encryption == "release"):
+            built = "release" if release else "development"
+            raise FirmwareError(source, "security.flash_encryption",
+                                f"with key = \"device\" the bootloader sets the mode on first "
+                                f"boot, and {boot.name} is built for {built} mode "
+                                f"(CONFIG_SECURE_FLASH_ENCRYPTION_MODE_"
+                                f"{'RELEASE' if release else 'DEVELOPMENT'}); set "
+                                f"flash_encryption = \"{built}\" or rebuild it")
     if fe and not all(APP_FE in r.data for r in app_regions):
         raise FirmwareError(source, "security.flash_encryption",
                             "the app is not built for flash encryption (no CONFIG_SECURE_"
@@ -170,8 +173,7 @@ def secure_firmware(security: SecuritySection, chip: str, regions: Sequence[Regi
     digest = None
     signed: dict[int, bytes] = {}
     if security.secure_boot == "v2":
-        assert security.signing_key is not None
-        key = security.signing_key
+        assert signer is not None
         if BOOTLOADER_SB not in boot.data:
             raise FirmwareError(source, "security.secure_boot",
                                 f"{boot.name} is not built for secure boot v2 (no "
@@ -179,10 +181,10 @@ def secure_firmware(security: SecuritySection, chip: str, regions: Sequence[Regi
                                 "would never boot again")
         if chip == "esp32":
             _esp32_revision(boot, source)
-        digest = _public_digest(key)
+        digest = signer.digest
         for r in [boot, *app_regions]:
             if _is_signed(r.data):
-                _check_signature(r.name, r.data, key, source)
+                _check_signature(r.name, r.data, signer, source)
                 signed[r.offset] = r.data
             elif not security.sign_images:
                 raise FirmwareError(source, "security.sign_images",
@@ -190,7 +192,7 @@ def secure_firmware(security: SecuritySection, chip: str, regions: Sequence[Regi
                                     "sign_images = false: sign it with espsecure sign-data "
                                     "--version 2, or let the station sign it")
             else:
-                signed[r.offset] = _sign(r.name, r.data, key, cache, source)
+                signed[r.offset] = _sign(r.name, r.data, signer, cache, source)
     out = []
     for r in regions:
         data = signed.get(r.offset)
@@ -203,7 +205,7 @@ def secure_firmware(security: SecuritySection, chip: str, regions: Sequence[Regi
                             f", past the next image at 0x{table_at:x}: move the partition "
                             "table (CONFIG_PARTITION_TABLE_OFFSET)")
     encrypted: set[int] = set()
-    if fe:
+    if fe and security.key == "host":  # key = "device": plaintext, the chip encrypts
         encrypted.add(boot_at)
         encrypted.update(r.offset for r in regions if r.data[:2] == b"\xaa\x50")
         for p in partitions:

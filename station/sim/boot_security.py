@@ -209,8 +209,10 @@ class BootSecurity:
     def release_mode(self) -> bool:
         """``esp_get_flash_encryption_mode``: counter maxed or write-protected, and the
         download-mode eFuses of the chip (ESP32: DISABLE_DL_ENCRYPT/DECRYPT/CACHE; later:
-        DIS_DOWNLOAD_MANUAL_ENCRYPT and whichever of SPI_DOWNLOAD_MSPI_DIS,
-        DIS_DOWNLOAD_ICACHE, DIS_DOWNLOAD_DCACHE the chip has)."""
+        DIS_DOWNLOAD_MANUAL_ENCRYPT and whichever of DIS_DOWNLOAD_ICACHE,
+        DIS_DOWNLOAD_DCACHE the chip has; SPI_DOWNLOAD_MSPI_DIS only on the P4:
+        ESP-IDF v5.5 ``bootloader_support/src/flash_encrypt.c``, `#if
+        CONFIG_IDF_TARGET_ESP32P4`, so a C6 is in release mode without it)."""
         e = self.efuses
         locked = (e.write_protected(e.crypt_cnt_name)
                   or e.crypt_cnt == (1 << e.crypt_cnt_bits) - 1)
@@ -219,9 +221,9 @@ class BootSecurity:
         if e.chip == "esp32":
             names = ["DISABLE_DL_CACHE", "DISABLE_DL_ENCRYPT", "DISABLE_DL_DECRYPT"]
         else:
-            names = ["DIS_DOWNLOAD_MANUAL_ENCRYPT"] + [
-                n for n in ("SPI_DOWNLOAD_MSPI_DIS", "DIS_DOWNLOAD_ICACHE",
-                            "DIS_DOWNLOAD_DCACHE") if e.has(n)]
+            cache = ("SPI_DOWNLOAD_MSPI_DIS",) if e.chip == "esp32p4" else \
+                ("DIS_DOWNLOAD_ICACHE", "DIS_DOWNLOAD_DCACHE")
+            names = ["DIS_DOWNLOAD_MANUAL_ENCRYPT"] + [n for n in cache if e.has(n)]
         return all(e.field(n) for n in names)
 
 
