@@ -11,6 +11,23 @@ the stub and change the rate, attach the flash.
   goes on. Each step is a `RateNote`, reported after the thread's call returns.
 - A board whose reset sequence never reaches download mode (no auto-reset circuit) is
   asked for BOOT + EN on its row, where [ports] ask_buttons says so.
+
+What a connect costs, and what is left of it (issue #23, esptool 5.6's source):
+- Chip detection: esptool's detect_chip asks GET_SECURITY_INFO first; the classic
+  ESP32's ROM refuses it and esptool drains each refusal for 0.2 s, twice (loader.py
+  `drain_input_buffer`, `get_security_info`'s 20- then 12-byte tries): 0.4 s. A slot
+  whose chip is known to be an ESP32 (its last board, or the only chip the station has
+  firmware for) is connected with esptool's ESP32 class and checked by its magic
+  register, as detect_chip does after the refusal; another chip there is detected by
+  esptool on the synced ROM, without a second reset.
+- The stub travels at the line rate only where esp-flasher-stub keeps the ROM's UART
+  (FAST_STUB_CHIPS); elsewhere at 115200 (0.5-0.8 s: the one cost left on those chips).
+- A rate that failed once makes the session try each lower rate on the ROM first (a
+  CHANGE_BAUDRATE, a register read, and back to 115200 for the stub): a rung costs a
+  probe timeout and a reset, not a stub upload each.
+- Kept as esptool has them: change_baud's 50 ms wait for the bytes of the switch, and
+  attach_flash's XMC boot-up and flash connection checks (a few SPI commands, each a
+  dozen register round trips).
 """
 
 from __future__ import annotations
@@ -67,10 +84,14 @@ STUB_GREETING_TIMEOUT = 0.5
 # chip is known connects with that chip's class and checks the magic register instead.
 MAGIC_ONLY_CHIPS = frozenset({"esp32"})
 RECONNECT_PAUSE = 0.1  # after closing a port before reopening it: a pty's only reset
-# Chips whose esp-flasher-stub keeps the UART as the ROM left it (src/main.c raises clocks
-# and resets the divider to the ROM's init rate only on ESP32, -S2, -S3, -P4, -S31, -H21,
-# -H4, -C6; transport.c attaches to the ROM-initialised UART): on these the ROM changes
-# the rate first and the stub travels at it. Elsewhere the stub goes at 115200.
+# Chips whose esp-flasher-stub keeps UART0 as the ROM left it: on these the ROM changes
+# the rate first and the stub travels at it. esptool 5.6 ships esp-flasher-stub v1.4.1
+# (targets/stub_flasher/2/README.md); its src/main.c at v1.1.0 (the newest release we
+# could read) raises the clocks and resets the divider to the ROM's stored rate
+# (stub_lib_uart_rominit_get_baudrate(): UartDev.baud_rate) on ESP32, -S2 and -P4, and a
+# later main.c (read before, not re-checked against v1.4.1) also on -S3, -C6, -S31, -H21
+# and -H4. Whether the ROM's CHANGE_BAUDRATE updates UartDev.baud_rate is in the closed
+# ROM, so those chips keep the safe path: the stub at 115200, then the change.
 FAST_STUB_CHIPS = frozenset({"esp32c2", "esp32c3", "esp32c5", "esp32c61", "esp32h2"})
 _fast_stub_failed: set[str] = set()  # chips whose stub did not start at a fast rate
 # Connect failures that mean "something answers, but it is not an ESP bootloader".
