@@ -121,6 +121,24 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def run(ctx: common.Context, rates: tuple[int, ...] = RATES,
+        station: bool = True) -> dict[str, Any]:
+    """Part of `run_all` (its 1- and 16-board runs at 2 Mbaud are the baud matrix's)."""
+    import station as package
+
+    print(f"  station from {Path(package.__file__).parent}", flush=True)
+    print("  connect per chip ...", flush=True)
+    result: dict[str, Any] = {"station_package": str(Path(package.__file__).parent),
+                              "per_chip": per_chip(ctx.root, rates)}
+    if STEP_FROM in rates:
+        print("  step-down ...", flush=True)
+        result["step_down"] = step_down(ctx.root, result["per_chip"])
+    if station:
+        result["station"] = station_runs(ctx)
+    result["targets"] = targets(result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="station benchmark: connect per chip")
     parser.add_argument("--rates", default=",".join(map(str, RATES)))
@@ -129,20 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = parser.parse_args(argv)
     rates = tuple(int(r) for r in args.rates.split(","))
-    import station
-
     load = common.loadavg()
     with common.context("connect", args.keep) as ctx:
-        print(f"  station from {Path(station.__file__).parent}", flush=True)
-        print("  connect per chip ...", flush=True)
-        result: dict[str, Any] = {"station_package": str(Path(station.__file__).parent),
-                                  "per_chip": per_chip(ctx.root, rates)}
-        if STEP_FROM in rates:
-            print("  step-down ...", flush=True)
-            result["step_down"] = step_down(ctx.root, result["per_chip"])
-        if not args.no_station:
-            result["station"] = station_runs(ctx)
-        result["targets"] = targets(result)
+        result = run(ctx, rates, station=not args.no_station)
         out = {"machine": common.machine(), "loadavg_start": load, "connect": result,
                "loadavg_end": common.loadavg()}
     path = common.write_json(out, args.name)
