@@ -1,9 +1,10 @@
 """`make bench`: every benchmark in one session, one table, one JSON.
 
-Runs scaling, efficiency, peers, host, registration, the baud matrix and connect sharing the firmware and the
-station runs (the 16-board run serves four of them), projects boards per hour for 16
-ports, prints the targets table and writes benchmarks/results/latest.json (copy it to
-benchmarks/latest-results.json to publish the figures).
+Runs scaling, efficiency, peers, host, registration, the baud matrix and connect per chip
+sharing the firmware and the station runs (the 16-board run serves four of them),
+projects boards per hour for 16 ports, prints the targets table and writes
+benchmarks/results/latest.json (copy it to benchmarks/latest-results.json to publish the
+figures).
 """
 
 from __future__ import annotations
