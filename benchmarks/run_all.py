@@ -1,9 +1,10 @@
 """`make bench`: every benchmark in one session, one table, one JSON.
 
-Runs scaling, efficiency, peers, host, registration and the baud matrix sharing the firmware and the
-station runs (the 16-board run serves four of them), projects boards per hour for 16
-ports, prints the targets table and writes benchmarks/results/latest.json (copy it to
-benchmarks/latest-results.json to publish the figures).
+Runs scaling, efficiency, peers, host, registration, the baud matrix and connect per chip
+sharing the firmware and the station runs (the 16-board run serves four of them),
+projects boards per hour for 16 ports, prints the targets table and writes
+benchmarks/results/latest.json (copy it to benchmarks/latest-results.json to publish the
+figures).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import baud
 import common
+import connect
 import efficiency
 import flashmodel
 import host
@@ -30,6 +32,7 @@ BENCHMARKS: tuple[tuple[str, Callable[[common.Context], dict[str, Any]]], ...] =
     ("host", host.run),
     ("registration", registration.run),
     ("baud", baud.run),  # issue #11: the baud matrix, esp-batch-flash, the mixed rig
+    ("connect", connect.run),  # issue #23: connect per chip, the step-down per rung
 )
 PORTS = 16
 

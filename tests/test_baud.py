@@ -311,17 +311,3 @@ def test_the_dashboard_shows_the_rate_the_step_and_the_slots_memory() -> None:
     console = Console(width=160, color_system=None, force_terminal=True, record=True)
     console.print(render(view, 122.0))
     assert "921600 slot↓" in console.export_text()
-
-
-@pytest.mark.parametrize(("chip", "stub_at_rom_rate"), [("esp32c3", False), ("esp32", True)])
-def test_the_stub_travels_fast_only_where_the_stub_keeps_the_roms_uart(
-        rig: Rig, chip: str, stub_at_rom_rate: bool) -> None:
-    """esp-flasher-stub leaves the ESP32-C3's UART as the ROM set it, so the ROM takes the
-    new rate first and the ~6 KB stub goes at 2 Mbaud; the ESP32's stub resets the
-    divider to the ROM's init rate, so there the stub goes at 115200, then the change."""
-    board = rig.plug(chip=chip, usb="bridge", bridge="cp2102n")
-    open_and_close(EsptoolFlasher(baud=2_000_000), board.port)
-    live = rig.board(board)
-    assert live.baud_changes == [2_000_000]
-    at_rom_rate = live.link.traffic[115_200]
-    assert (at_rom_rate > 6000) is stub_at_rom_rate, dict(live.link.traffic)

@@ -11,6 +11,23 @@ the stub and change the rate, attach the flash.
   goes on. Each step is a `RateNote`, reported after the thread's call returns.
 - A board whose reset sequence never reaches download mode (no auto-reset circuit) is
   asked for BOOT + EN on its row, where [ports] ask_buttons says so.
+
+What a connect costs, and what is left of it (issue #23, esptool 5.6's source):
+- Chip detection: esptool's detect_chip asks GET_SECURITY_INFO first; the classic
+  ESP32's ROM refuses it and esptool drains each refusal for 0.2 s, twice (loader.py
+  `drain_input_buffer`, `get_security_info`'s 20- then 12-byte tries): 0.4 s. A slot
+  whose chip is known to be an ESP32 (its last board, or the only chip the station has
+  firmware for) is connected with esptool's ESP32 class and checked by its magic
+  register, as detect_chip does after the refusal; another chip there is detected by
+  esptool on the synced ROM, without a second reset.
+- The stub travels at the line rate only where esp-flasher-stub keeps the ROM's UART
+  (FAST_STUB_CHIPS); elsewhere at 115200 (0.5-0.8 s: the one cost left on those chips).
+- A rate that failed once makes the session try each lower rate on the ROM first (a
+  CHANGE_BAUDRATE, a register read, and back to 115200 for the stub): a rung costs a
+  probe timeout and a reset, not a stub upload each.
+- Kept as esptool has them: change_baud's 50 ms wait for the bytes of the switch, and
+  attach_flash's XMC boot-up and flash connection checks (a few SPI commands, each a
+  dozen register round trips).
 """
 
 from __future__ import annotations
@@ -25,7 +42,8 @@ from typing import Any, Protocol
 
 import serial
 from esptool.cmds import attach_flash, detect_chip, detect_flash_size, run_stub
-from esptool.loader import DEFAULT_TIMEOUT
+from esptool.loader import DEFAULT_TIMEOUT, ESPLoader
+from esptool.targets import CHIP_DEFS
 from esptool.util import FatalError, flash_size_bytes
 
 from station.errors import NotAnEspError, PortError
@@ -52,12 +70,28 @@ ROM_BAUD = 115200
 # esptool's words when its reset sequence did not bring the ROM's download mode up: a
 # silent line, or the ROM's SPI-boot banner ("Wrong boot mode detected (0x13)")
 NO_DOWNLOAD_SIGNS = ("No serial data received", "Wrong boot mode detected")
-PROBE_TIMEOUT = 0.5  # a register read after a baud change takes milliseconds when it works
+# A register read after a baud change takes milliseconds when the line works (a USB
+# bridge adds 1-16 ms: FTDI's latency timer); a remote port adds the network and the relay.
+PROBE_TIMEOUT = 0.5  # remote ports
+LOCAL_PROBE_TIMEOUT = 0.2  # local ports
+# esp-flasher-stub sends OHAI right after its start-up (src/main.c): a fast-rate stub that
+# has not greeted within this is not coming (its UART is at another rate)
+STUB_GREETING_TIMEOUT = 0.5
+# Chips esptool tells only by the magic register, whose ROM lacks GET_SECURITY_INFO:
+# cmds.detect_chip asks for it first ("cmd not supported on ESP8266 and ESP32") and the
+# ROM's refusal costs a 0.2 s drain per try, two tries (loader.command,
+# drain_input_buffer; loader.get_security_info tries 20 then 12 bytes). A slot whose
+# chip is known connects with that chip's class and checks the magic register instead.
+MAGIC_ONLY_CHIPS = frozenset({"esp32"})
 RECONNECT_PAUSE = 0.1  # after closing a port before reopening it: a pty's only reset
-# Chips whose esp-flasher-stub keeps the UART as the ROM left it (src/main.c raises clocks
-# and resets the divider to the ROM's init rate only on ESP32, -S2, -S3, -P4, -S31, -H21,
-# -H4, -C6; transport.c attaches to the ROM-initialised UART): on these the ROM changes
-# the rate first and the stub travels at it. Elsewhere the stub goes at 115200.
+# Chips whose esp-flasher-stub keeps UART0 as the ROM left it: on these the ROM changes
+# the rate first and the stub travels at it. esptool 5.6 ships esp-flasher-stub v1.4.1
+# (targets/stub_flasher/2/README.md); its src/main.c at v1.1.0 (the newest release we
+# could read) raises the clocks and resets the divider to the ROM's stored rate
+# (stub_lib_uart_rominit_get_baudrate(): UartDev.baud_rate) on ESP32, -S2 and -P4, and a
+# later main.c (read before, not re-checked against v1.4.1) also on -S3, -C6, -S31, -H21
+# and -H4. Whether the ROM's CHANGE_BAUDRATE updates UartDev.baud_rate is in the closed
+# ROM, so those chips keep the safe path: the stub at 115200, then the change.
 FAST_STUB_CHIPS = frozenset({"esp32c2", "esp32c3", "esp32c5", "esp32c61", "esp32h2"})
 _fast_stub_failed: set[str] = set()  # chips whose stub did not start at a fast rate
 # Connect failures that mean "something answers, but it is not an ESP bootloader".
@@ -84,6 +118,7 @@ class ConnectOptions(Protocol):
     chips: tuple[str, ...]
     trace: bool
     connect_attempts: int
+    known_chips: dict[str, str]  # slot -> the chip its last board was
     on_buttons: Callable[[str, bool], None] | None
     buttons_timeout: float
     ask_buttons: str
@@ -102,6 +137,7 @@ class Connection:
         self._serial: LocalPort | RemotePort | None = None
         self._step = "open"  # how far connect got, for its error message
         self._baud_unconfirmed = False  # changed the baud, no reply at the new one yet
+        self._rom_probe = False  # the line failed once: try each rate on the ROM first
         self.rate: int | None = None  # the line rate in use; None: native USB
         self._slot = port
         self._adapter_name = ""
@@ -138,6 +174,9 @@ class Connection:
         port.port = self.port
         port.baudrate = ROM_BAUD
         port.exclusive = True  # two sessions on one port would corrupt each other
+        # esptool restores this after every command; its bare reads (the stub's OHAI)
+        # use it, and pyserial's default (None) would wait forever for a silent stub
+        port.timeout = DEFAULT_TIMEOUT
         try:
             port.open()
         except serial.SerialException as e:
@@ -252,6 +291,7 @@ class Connection:
         lower = next_lower(rate)
         if lower is None:
             return None
+        self._rom_probe = True
         what = f"no reply after {where}" if where.startswith("the change") else \
             f"{where} failed at {rate} baud"
         reason = f"{what} ({first_line(e)})"
@@ -272,31 +312,31 @@ class Connection:
     def _connect_at(self, rate: int | None) -> int | None:
         """Connect, load the stub and change to `rate`; returns the rate in use."""
         opts = self.flasher
-        port = self._open_port()
-        self._serial = port
+        self._serial = self._open_port()
         self._step = "chip detection"
-        esp = detect_chip(port, ROM_BAUD, trace_enabled=opts.trace,
-                          connect_mode=self._connect_mode,
-                          connect_attempts=opts.connect_attempts)
-        self.esp = esp
+        esp = self.esp = self._detect()
         chip = chip_name(esp)
+        opts.known_chips[self._slot] = chip
         if opts.chips and chip not in opts.chips:
             log.info("%s: %s board, firmware is for %s: not loading the stub", self.port, chip,
                      ", ".join(opts.chips))
             return ROM_BAUD if rate is not None else None
         changed = rate is not None and rate != ROM_BAUD
+        fast = chip in FAST_STUB_CHIPS and chip not in _fast_stub_failed
         self._step = "the stub upload"
-        if changed and chip in FAST_STUB_CHIPS and chip not in _fast_stub_failed:
+        if changed and (fast or self._rom_probe):
             assert rate is not None
-            self._change_and_probe(rate)  # on the ROM: the stub then travels at `rate`
-            self._step = "the stub upload"
-            try:
-                esp = self.esp = run_stub(esp)
-            except FatalError as e:
-                log.warning("%s: the %s stub did not start at %d baud (%s); loading it at "
-                            "%d from now on", self.port, chip, rate, first_line(e), ROM_BAUD)
-                _fast_stub_failed.add(chip)
-                raise _StubAtRateFailed() from e
+            # On the ROM: a line that fails at `rate` costs no stub upload. The stub then
+            # travels at `rate` where it keeps the ROM's UART, else back at 115200.
+            self._change_and_probe(rate)
+            if not fast:
+                self._step = f"the change back to {ROM_BAUD} baud"
+                esp.change_baud(ROM_BAUD)
+                self._baud_unconfirmed, self.rate = False, ROM_BAUD
+        self._step = "the stub upload"
+        if changed and fast:
+            assert rate is not None
+            esp = self.esp = self._fast_stub(esp, chip, rate)
         else:
             esp = self.esp = run_stub(esp)
             if changed:
@@ -313,6 +353,55 @@ class Connection:
                   rate)
         return rate
 
+    def _fast_stub(self, esp: Any, chip: str, rate: int) -> Any:
+        """The stub at `rate` (the ROM already changed to it); a stub that does not greet
+        there makes this chip take the 115200 path for the rest of the run."""
+        port = self._serial
+        local = port is not None and not is_remote(self.port)
+        if local:
+            assert port is not None
+            port.timeout = STUB_GREETING_TIMEOUT  # the OHAI wait (run_stub's bare read)
+        try:
+            return run_stub(esp)
+        except FatalError as e:
+            log.warning("%s: the %s stub did not start at %d baud (%s); loading it at "
+                        "%d from now on", self.port, chip, rate, first_line(e), ROM_BAUD)
+            _fast_stub_failed.add(chip)
+            raise _StubAtRateFailed() from e
+        finally:
+            if local:
+                assert port is not None
+                port.timeout = DEFAULT_TIMEOUT
+
+    def _detect(self) -> Any:
+        """The ROM's loader: esptool's detect_chip, or, on a slot whose chip is known and
+        answers only by its magic register, that chip's class checked by the register
+        (no GET_SECURITY_INFO and its drain, see MAGIC_ONLY_CHIPS)."""
+        opts = self.flasher
+        expected = opts.known_chips.get(self._slot) or \
+            (opts.chips[0] if len(opts.chips) == 1 else None)
+        mode = self._connect_mode
+        if expected in MAGIC_ONLY_CHIPS:
+            cls = CHIP_DEFS[expected]
+            esp = cls(self._serial, ROM_BAUD, trace_enabled=opts.trace)
+            esp.USES_RFC2217 = is_remote(self.port)  # as detect_chip: no input flush
+            esp.connect(mode, opts.connect_attempts, detecting=True)
+            try:
+                magic = esp.read_reg(ESPLoader.CHIP_DETECT_MAGIC_REG_ADDR)
+            except FatalError:  # a chip in secure download mode: not a classic ESP32
+                magic = None
+            if magic == cls.MAGIC_VALUE:
+                if esp.sync_stub_detected and cls.STUB_CLASS is not None:
+                    esp = cls.STUB_CLASS(esp)  # as detect_chip's check_if_stub
+                    esp.sync_stub_detected = True
+                esp._post_connect()
+                return esp
+            log.info("%s: not the %s this slot had (magic %s): detecting the chip",
+                     self.port, expected, None if magic is None else f"{magic:#x}")
+            mode = "no-reset"  # the ROM is in download mode and synced: no second reset
+        return detect_chip(self._serial, ROM_BAUD, trace_enabled=opts.trace, connect_mode=mode,
+                           connect_attempts=opts.connect_attempts)
+
     def _change_and_probe(self, rate: int) -> None:
         self._step = f"the change to {rate} baud"
         self.esp.change_baud(rate)
@@ -322,7 +411,8 @@ class Connection:
         # timeout a working line never needs, tells a garbling line in milliseconds.
         # (Secure download mode refuses register reads: the next command tells then.)
         if not self.esp.secure_download_mode:
-            self.esp.read_reg(self.esp.EFUSE_RD_REG_BASE, timeout=PROBE_TIMEOUT)
+            self.esp.read_reg(self.esp.EFUSE_RD_REG_BASE, timeout=PROBE_TIMEOUT
+                              if is_remote(self.port) else LOCAL_PROBE_TIMEOUT)
 
     def _close_blocking(self) -> None:
         links = self.flasher.links

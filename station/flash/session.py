@@ -111,6 +111,7 @@ class EsptoolFlasher:
         self.native = native  # sysfs VID:PID (ports/usb.py); tests may stand in for sysfs
         self.chips = chips or ((chip,) if chip else ())
         self.connect_attempts = connect_attempts
+        self.known_chips: dict[str, str] = {}  # slot -> its last board's chip (_connect.py)
         self.trace = trace
         self.progress_interval = progress_interval
         quiet_esptool()

@@ -49,6 +49,18 @@ _FIELDS: dict[str, dict[str, int]] = {"esp32h4": {"get_temp": 1}}
 _UART_MEASURED_XTAL_MHZ = {"esp32c5": 48}
 DEFAULT_XTAL_MHZ = 40
 
+# esp-flasher-stub's start-up per chip (esptool 5.6 ships v1.4.1, targets/stub_flasher/2/
+# README.md). Its src/main.c (v1.1.0, the newest release in our mirror) raises the clocks
+# on ESP32, -S2 and -P4 and then reprograms UART0's divider for the ROM's stored rate
+# (stub_lib_uart_rominit_get_baudrate(): UartDev.baud_rate, esp-stub-lib src/uart.c);
+# every other chip keeps the UART as the ROM left it (transport.c attaches to it). Later
+# releases extend the clock raise to -S3, -C6, -S31, -H21 and -H4 (read by an earlier
+# session in the newer main.c; v1.4.1's source is not in the mirror to re-check): those
+# are modelled as reprogramming too, the conservative reading. That the ROM's
+# CHANGE_BAUDRATE leaves UartDev.baud_rate at 115200 is an assumption (closed ROM).
+STUB_RESETS_UART = frozenset({"esp32", "esp32s2", "esp32p4", "esp32s3", "esp32c6",
+                              "esp32s31", "esp32h21", "esp32h4"})
+
 # ESP32 CHANGE_BAUDRATE correction (targets/esp32.py, get_rom_cal_crystal_freq):
 #   rom_freq = cali_val * 15625 * ck8m / 40;  rate sent = baud * rom_freq // 40 MHz.
 # cali_val * ck8m = 102400 makes rom_freq exactly 40 MHz, so the rate the ROM receives
@@ -119,6 +131,7 @@ class ChipSpec:
     mac_ext: bool  # IEEE 802.15.4 chips: read_mac also has an EUI-64 extension word
     static_regs: dict[int, int] = field(default_factory=dict)
     revision: str | None = None  # chosen by the plug; None: _REVISIONS
+    stub_resets_uart: bool = False  # the flasher stub reprograms UART0 (STUB_RESETS_UART)
 
     def registers(self, mac: bytes) -> dict[int, int]:
         """The board's register values at reset: eFuses (with ``mac``) and friends.
@@ -324,6 +337,7 @@ def chip_spec(name: str, revision: str | None = None) -> ChipSpec:
         mac_ext=probe(cls, {}).read_mac("MAC_EXT") is not None,
         static_regs=regs,
         revision=revision,
+        stub_resets_uart=name in STUB_RESETS_UART,
     )
 
 

@@ -37,6 +37,18 @@ SDM_ALLOWED = frozenset({SYNC, SPI_ATTACH, SPI_SET_PARAMS, CHANGE_BAUDRATE, FLAS
 # (loader.command). Which opcode the ROM puts there is not published; 0 is ours.
 SDM_REFUSAL_OPCODE = 0x00
 SDM_REFUSAL_REPEATS = 8
+# The classic ESP32's ROM answers a command it does not implement (GET_SECURITY_INFO,
+# cmds.detect_chip: "cmd not supported on ESP8266 and ESP32") the same repeated way:
+# esptool-js#263/#264 ("fix devkitc security info": "the ROM repeats unsupported command
+# responses multiple times and flushing alone is insufficient", on an ESP32 DevKitC).
+# esptool 5.6 then drains 0.2 s per refusal, twice in get_security_info (20-, then
+# 12-byte attempt). Later ROMs implement GET_SECURITY_INFO; their refusals of unknown
+# commands are not modelled this way (no source).
+REPEATS_UNSUPPORTED = frozenset({"esp32"})
+
+
+class Unsupported(Exception):  # noqa: N818 (a refusal, not an error of ours)
+    """A command the ROM does not implement, refused as SDM refuses (repeated)."""
 
 
 class CommandError(Exception):

@@ -15,7 +15,10 @@ owns the master side. Three Linux pty facts shape this module:
   than registered with the event loop (which would spin on the permanent POLLHUP).
 
 A bridge's baud limit (``max_baud``, see :mod:`station.sim.bridge`) is applied here: above
-it, what crosses the link in either direction is garbled.
+it, what crosses the link in either direction is garbled. So is a rate mismatch: the chip's
+UART (``uart_baud``, set by the board) and the host's port at rates more than
+``UART_TOLERANCE`` apart sample each other's bits wrong, as two real UARTs do (a 10-bit
+frame survives about half a bit of drift over its length, ~5% between the two ends).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ _OSPEED_OFFSET = 40  # c_iflag..c_lflag (16) + c_line (1) + c_cc[19] + c_ispeed 
 BITS_PER_BYTE = 10
 ROM_BAUD = 115200
 OPEN_POLL_INTERVAL_S = 0.005
+UART_TOLERANCE = 0.03  # relative rate error between the two UARTs that still reads right
 _WRITE_PIECE = 1024  # throttled writes go out in pieces, so the host sees a stream
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,9 @@ class PtyLink:
         self.throttle = throttle
         self.corrupt_rate = corrupt_rate
         self.max_baud = max_baud  # a bridge above this rate garbles both directions
+        # The chip's UART rate, kept by the board; None: it follows the host's (a board
+        # that does not say). Native USB has no UART rate to miss.
+        self.uart_baud: int | None = None
         # Native USB ignores the baud rate: its throughput is the USB device's own.
         self.usb_bytes_per_s = usb_bytes_per_s
         self._rng = rng or random.Random(0)
@@ -96,8 +103,12 @@ class PtyLink:
         return BITS_PER_BYTE / baud
 
     def over_limit(self, baud: int) -> bool:
-        """True when the host drives the bridge faster than it can clock."""
-        return self.max_baud is not None and baud > self.max_baud
+        """True when the host drives the bridge faster than it can clock, or the chip's
+        UART runs at another rate than the host's port (native USB has no such rate)."""
+        if self.max_baud is not None and baud > self.max_baud:
+            return True
+        return self.usb_bytes_per_s is None and self.uart_baud is not None and \
+            abs(self.uart_baud - baud) > UART_TOLERANCE * baud
 
     @property
     def closed(self) -> bool:
