@@ -39,10 +39,10 @@ from station.health import SlotGuard, SlotHealth
 from station.identity import (
     CredentialStore,
     Registrar,
+    credentials_image,
     make_cloud_check,
     make_registrar,
     make_registry,
-    nvs_region,
 )
 from station.parts import DeviceCredentials
 from station.ports import RateNote, RemotePorts, SlotMemory
@@ -121,7 +121,7 @@ async def assemble(config: Config, options: Options,
         bus = Bus()
         registrar = make_registrar(config, store, throttled_reporter(bus))
         plans = build_plans(config, bundles,
-                            None if registrar.kind == "none" else nvs_region)
+                            None if registrar.kind == "none" else credentials_image)
         security = await asyncio.to_thread(secure_line, config, bundles)
         if registrar.kind != "none":  # fail now, not at every board's credentials
             await asyncio.to_thread(writable_folder, config.credentials.out_dir,

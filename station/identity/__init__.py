@@ -7,6 +7,8 @@ on the board.
     cloudcheck.py   [verify] cloud: the board's own credentials on its MQTT broker
     credentials.py  certs_out/ (keys 0600 in 0700 folders) and the credentials' NVS image
     nvs.py          a reader of ESP-IDF NVS partitions (tests, the soak's checker)
+    securecert.py   the esp_secure_cert partition (esp-secure-cert-tool) and its reader;
+                    `credentials_image` picks NVS or it per chip
 """
 
 from station.identity.cloudcheck import CloudCheck, CloudVerdict, make_cloud_check
@@ -41,6 +43,13 @@ from station.identity.registry import (
     make_registry,
     pending_without_registry,
 )
+from station.identity.securecert import (
+    SecureCertFormatError,
+    Tlv,
+    credentials_image,
+    read_secure_cert,
+    secure_cert_region,
+)
 
 __all__ = [
     "CERTIFICATE_FILE", "CRASH_ENV", "PRIVATE_KEY_FILE", "PUBLIC_KEY_FILE", "RECORD_FILE",
@@ -48,5 +57,6 @@ __all__ = [
     "NoRegistrar", "NvsFormatError", "Registrar", "RegistrationRecord", "RegistryJournal",
     "RegistryNote", "RegistryOutcome", "certificate_key_matches", "crash_point", "journaled",
     "key_pair_matches", "make_cloud_check", "make_registrar", "make_registry", "nvs_region",
-    "pending_without_registry", "read_nvs", "same_public_key",
+    "pending_without_registry", "read_nvs", "same_public_key", "SecureCertFormatError", "Tlv",
+    "credentials_image", "read_secure_cert", "secure_cert_region",
 ]
