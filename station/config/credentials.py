@@ -75,11 +75,12 @@ def check_credentials(file: Path, credentials: CredentialsSection,
                       firmwares: Sequence[FirmwareSection], registrar: RegistrarSection,
                       explicit_keep: bool) -> None:
     """What needs several sections: DS on each entry's chip, a key the station makes."""
-    uses_ds = False
+    uses_ds = ""
     for f in firmwares:
         own = f.credentials is not None
         board = f.credentials or credentials.board
-        uses_ds |= board.ds
+        if board.ds and not uses_ds:
+            uses_ds = f"{f.key}.credentials.ds" if own else "credentials.ds"
         have = chips.ds_chips() if board.ds else ()
         if board.ds and f.chip not in have:
             key = f"{f.key}.credentials.ds" if own else "credentials.ds"
@@ -99,3 +100,5 @@ def check_credentials(file: Path, credentials: CredentialsSection,
                           "private key exists only as the board's DS ciphertext; certs_out "
                           "keeps the certificate and the public key: remove "
                           "keep_private_keys")
+    raise ConfigError(str(file), uses_ds, "the Digital Signature flow (HMAC key burn, DS "
+                      "ciphertext) is not built in this station yet: set ds = false")
