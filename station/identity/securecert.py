@@ -100,7 +100,7 @@ def read_secure_cert(image: bytes) -> list[Tlv]:
 
 
 @contextlib.contextmanager
-def _pipe_path(data: bytes) -> Iterator[str]:
+def pipe_path(data: bytes) -> Iterator[str]:
     """A path that reads `data` once, through a pipe: a secret handed to a library that
     wants a file name, without a file."""
     r, w = os.pipe()
@@ -132,7 +132,7 @@ def secure_cert_image(creds: DeviceCredentials, size: int) -> bytes:
             (where / "ca.pem").write_text(creds.ca_pem)
             ca = str(where / "ca.pem")
         out = where / "esp_secure_cert.bin"
-        with _pipe_path(creds.private_key_pem.encode()) as key_path:
+        with pipe_path(creds.private_key_pem.encode()) as key_path:
             key = tlv_format.tlv_priv_key_t(
                 tlv_format.tlv_priv_key_type_t.ESP_SECURE_CERT_DEFAULT_FORMAT_KEY,
                 key_path, None)
