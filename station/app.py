@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from station.config import Config, writable_folder
 from station.daemon import Bus, Options, Station, state_dir_lock
+from station.dsboard import DsStep
 from station.events import (
     ButtonsNeeded,
     Event,
@@ -175,6 +176,8 @@ async def assemble(config: Config, options: Options,
                               cloud=make_cloud_check(config.verify.cloud))
             if security is not None:
                 station.security = LineSecurity(security, ledger.security_journal_async)
+            if any(p.ds_block for p in plans.by_chip.values()):
+                station.ds = DsStep(store, ledger.security_journal_async)
             guard.on_cleared.append(station.slot_cleared)
             await guard.restore()
             run_id = await asyncio.to_thread(ledger.run_started, config.station.name,

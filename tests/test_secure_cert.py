@@ -12,6 +12,7 @@ key, and the NVS partition must stay erased.
 from __future__ import annotations
 
 import json
+import sqlite3
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,3 +151,125 @@ def test_reader_refuses_a_damaged_tlv() -> None:
         read_secure_cert(image)
     with pytest.raises(SecureCertFormatError, match="no TLV"):
         read_secure_cert(b"\xff" * 0x2000)
+
+
+# -- ds = true -------------------------------------------------------------------------
+
+DS_CHIPS = ("esp32s3", "esp32c3")
+
+
+@pytest.fixture(scope="module")
+def ds_builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fw-ds")
+    return {chip: make_demo_firmware(root / chip, chip=chip, app_size=0x4000, seed=i,
+                                     secure_cert=True)
+            for i, chip in enumerate(("esp32", *DS_CHIPS))}
+
+
+def write_ds_config(root: Path, builds: dict[str, Path]) -> Path:
+    """DS for the S3 and C3 entries; the ESP32 entry (no DS peripheral) keeps a plain key
+    in its own esp_secure_cert partition: a mixed line."""
+    entries = "".join(
+        f'[[firmware]]\nchip = "{chip}"\nflasher_args = {json.dumps(str(p))}\n'
+        + ('credentials = { format = "esp_secure_cert" }\n' if chip == "esp32" else "") + "\n"
+        for chip, p in builds.items())
+    config = root / "station.toml"
+    config.write_text(f"""\
+[station]
+name = "ds-line"
+state_dir = "state"
+[ports]
+watch = ["{root / 'rig' / 'pci-*'}"]
+rescan_interval = 0.2
+{entries}[identity]
+thing_name = "t-{{mac}}"
+[registrar]
+kind = "local-ca"
+[registrar.local_ca]
+dir = "ca"
+[credentials]
+out_dir = "certs_out"
+format = "esp_secure_cert"
+ds = true
+""")
+    return config
+
+
+def security_steps(state: Path, mac: str) -> list[dict[str, str]]:
+    conn = sqlite3.connect(f"{(state / 'ledger.sqlite3').resolve().as_uri()}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM security WHERE mac = ? "
+                                              "ORDER BY rowid", (mac,))]
+    finally:
+        conn.close()
+
+
+def every_file(root: Path) -> Iterator[Path]:
+    return (p for p in root.rglob("*") if p.is_file())
+
+
+def test_with_ds_the_key_exists_only_as_the_chips_ciphertext(tmp_path: Path, rig: Rig,
+                                                             ds_builds: dict[str, Path]) -> None:
+    from cryptography import x509
+
+    from station.identity.ds import DsData
+    from station.sim.efuse import EfuseArray, efuse_path
+    from tests.test_ds import chip_decrypts
+
+    config = write_ds_config(tmp_path, ds_builds)
+    bundles = {chip: load_firmware(FirmwareSection(chip=chip, flasher_args=p, images=()))
+               for chip, p in ds_builds.items()}
+    line = Line(root=tmp_path, rig=rig, config=config, bundle=bundles["esp32s3"])
+    line.start("--exit-after", "6")
+    chips = ("esp32s3", "esp32c3", "esp32", "esp32s3", "esp32c3", "esp32")
+    boards = [rig.plug(chip=chip, index=i) for i, chip in enumerate(chips)]
+    try:
+        assert line.wait() == EXIT_OK, line.output()[-3000:]
+    finally:
+        if line.proc is not None and line.proc.poll() is None:
+            line.proc.kill()
+    jobs = {j["mac"]: j for j in line.jobs()}
+    secrets: list[bytes] = []  # every private key and HMAC key, in the forms they could take
+    for board in boards:
+        mac = board.mac.replace(":", "")
+        job = jobs[mac]
+        assert job["result"] == "done", job
+        part = bundles[board.chip].partition("esp_secure_cert")
+        image = rig.flash(board)[part.offset:part.end]
+        tlvs = {t.name: t for t in read_secure_cert(image)}
+        folder = tmp_path / "certs_out" / job["thing_name"]
+        cert_pem = (folder / "certificate.pem.crt").read_text()
+        assert tlvs["DEV_CERT"].text() == cert_pem
+        assert tlvs["CA_CERT"].text() == (tmp_path / "ca" / "ca.crt").read_text()
+        if board.chip == "esp32":
+            assert "PRIV_KEY" in tlvs and "DS_DATA" not in tlvs
+            continue
+        assert sorted(tlvs) == ["CA_CERT", "DEV_CERT", "DS_CONTEXT", "DS_DATA"]  # no key
+        assert tlvs["DS_CONTEXT"].data == struct.pack("<IBBH", 0, 5, 0, 2048)
+        assert not (folder / "private.pem.key").exists()
+        # the chip's side: the HMAC key in BLOCK_KEY5 (block 9), read-protected, DS purpose
+        efuses = EfuseArray(board.chip, efuse_path(rig.directory, bytes.fromhex(mac)))
+        assert efuses.blocks_with_purpose("HMAC_DOWN_DIGITAL_SIGNATURE") == [9]
+        assert not efuses.readable(9)
+        hmac_key = efuses.block_bytes(9)
+        saved = DsData.from_json((folder / "ds_data.json").read_bytes())
+        data = tlvs["DS_DATA"].data
+        on_flash = DsData(ciphertext=data[20:], iv=data[4:20], rsa_bits=2048, key_id=5,
+                          hmac_fingerprint=saved.hmac_fingerprint)
+        assert on_flash == saved
+        d, n = chip_decrypts(on_flash, hmac_key, board.chip)
+        public = x509.load_pem_x509_certificate(cert_pem.encode()).public_key()
+        assert n == public.public_numbers().n  # type: ignore[union-attr]
+        secrets += [hmac_key, hmac_key.hex().encode(), d.to_bytes(256, "big"),
+                    d.to_bytes(256, "little"), f"{d:x}".encode()]
+        steps = [(s["step"], s["phase"], s["detail"]) for s in security_steps(line.state, mac)]
+        assert steps[0] == ("ds_key", "before", "BLOCK_KEY5 HMAC_DOWN_DIGITAL_SIGNATURE")
+        assert steps[1][:2] == ("ds_key", "after") and "BLOCK_KEY5" in steps[1][2]
+    assert len(secrets) == 4 * 5
+    for path in every_file(tmp_path):
+        if path.is_relative_to(rig.directory) and path.name.startswith("efuse-"):
+            continue  # the chip's fuses: where the HMAC key belongs
+        content = path.read_bytes()
+        for secret in secrets:
+            assert secret not in content, f"a key in the clear in {path}"

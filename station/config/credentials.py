@@ -100,5 +100,6 @@ def check_credentials(file: Path, credentials: CredentialsSection,
                           "private key exists only as the board's DS ciphertext; certs_out "
                           "keeps the certificate and the public key: remove "
                           "keep_private_keys")
-    raise ConfigError(str(file), uses_ds, "the Digital Signature flow (HMAC key burn, DS "
-                      "ciphertext) is not built in this station yet: set ds = false")
+    if registrar.kind == "aws-iot":
+        raise ConfigError(str(file), uses_ds, "ds = true is built for [registrar] kind = "
+                          "\"local-ca\" so far; with AWS IoT set ds = false")

@@ -46,6 +46,11 @@ class Plan:
     """[verify] boot: what the board must print after the reset (bootcheck.py)."""
     app_version: str = ""
     """The app's version (its esp_app_desc_t), "" if unknown: [registry] {firmware_version}."""
+    ds_block: str | None = None
+    """[credentials] ds: the eFuse key block of the board's HMAC key; the credentials
+    partition is then made by the DS step (station/dsboard.py), not credentials_region."""
+    credentials_at: tuple[int, int] | None = None
+    """(offset, size) of the credentials partition, when the registrar makes credentials."""
 
     @property
     def flash_end(self) -> int:
@@ -97,10 +102,12 @@ def build_plan(config: Config, bundle: FirmwareBundle,
     `credentials`: how credentials become that partition; None when the registrar makes
     none (kind "none")."""
     credentials_region: Callable[[DeviceCredentials], Region] | None = None
+    board = config.credentials_for(bundle.chip)
+    at: tuple[int, int] | None = None
     if credentials is not None:
-        board = config.credentials_for(bundle.chip)
         image = credentials(board, bundle.chip)
         part = credentials_partition(config, bundle)
+        at = (part.offset, part.size)
         namespace = config.credentials.namespace
 
         def credentials_region(creds: DeviceCredentials) -> Region:
@@ -116,7 +123,8 @@ def build_plan(config: Config, bundle: FirmwareBundle,
     return Plan(chip=bundle.chip, regions=bundle.regions,
                 firmware_hash=bundle.sha256, station=config.station.name,
                 thing_name=thing_name, credentials_region=credentials_region, boot=boot,
-                app_version=app.version if app else "")
+                app_version=app.version if app else "", credentials_at=at,
+                ds_block=board.efuse_key_block if board.ds and at else None)
 
 
 def credentials_partition(config: Config, bundle: FirmwareBundle) -> Partition:
