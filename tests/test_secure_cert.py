@@ -273,3 +273,55 @@ def test_with_ds_the_key_exists_only_as_the_chips_ciphertext(tmp_path: Path, rig
         content = path.read_bytes()
         for secret in secrets:
             assert secret not in content, f"a key in the clear in {path}"
+
+
+def _run(line: Line, env: dict[str, str] | None = None) -> int:
+    line.start("--exit-after", "1", env=env)
+    try:
+        return line.wait()
+    finally:
+        if line.proc is not None and line.proc.poll() is None:
+            line.proc.kill()
+
+
+@pytest.mark.parametrize("point", ["ds_key:after", "ds_key:before"])
+def test_a_station_killed_around_the_hmac_burn_never_burns_a_second_key(
+        tmp_path: Path, rig: Rig, ds_builds: dict[str, Path], point: str) -> None:
+    """SIGKILL right after the burn's journal line ("after": the key is in the fuses, the
+    partition not yet written) or right before the burn ("before": the ciphertext is
+    saved, its HMAC key dies with the process): the board ends done with one HMAC key."""
+    from cryptography import x509
+
+    from station.identity.ds import DsData
+    from station.sim.efuse import EfuseArray, efuse_path
+    from tests.test_ds import chip_decrypts
+
+    config = write_ds_config(tmp_path, {"esp32c3": ds_builds["esp32c3"]})
+    bundle = load_firmware(FirmwareSection(chip="esp32c3", flasher_args=ds_builds["esp32c3"],
+                                           images=()))
+    line = Line(root=tmp_path, rig=rig, config=config, bundle=bundle)
+    board = rig.plug(chip="esp32c3", index=0)
+    mac = board.mac.replace(":", "")
+    assert _run(line, {"STATION_TEST_CRASH_AFTER": point}) == -9, line.output()[-2000:]
+    journal = [(s["step"], s["phase"]) for s in security_steps(line.state, mac)]
+    assert journal[-1] == tuple(point.split(":")), journal
+    code = _run(line)
+    if point == "ds_key:before":  # the saved ciphertext is void: cleared, plug again
+        assert code != EXIT_OK
+        assert "DS ciphertext from an interrupted run whose HMAC key was never burned: " \
+               "removed; plug the board again" in line.jobs()[-1]["error"]
+        code = _run(line)
+    assert code == EXIT_OK, line.output()[-3000:]
+    job = line.jobs()[-1]
+    assert job["result"] == "done", job
+    burns = [s for s in security_steps(line.state, mac) if s["phase"] == "after"]
+    assert len(burns) == 1, burns  # one HMAC key, whatever the crash point
+    efuses = EfuseArray("esp32c3", efuse_path(rig.directory, bytes.fromhex(mac)))
+    assert efuses.blocks_with_purpose("HMAC_DOWN_DIGITAL_SIGNATURE") == [9]
+    part = bundle.partition("esp_secure_cert")
+    tlvs = {t.name: t for t in read_secure_cert(rig.flash(board)[part.offset:part.end])}
+    data = tlvs["DS_DATA"].data
+    _, n = chip_decrypts(DsData(ciphertext=data[20:], iv=data[4:20], rsa_bits=2048, key_id=5,
+                                hmac_fingerprint=""), efuses.block_bytes(9), "esp32c3")
+    cert = x509.load_pem_x509_certificate(tlvs["DEV_CERT"].text().encode())
+    assert n == cert.public_key().public_numbers().n  # type: ignore[union-attr]
