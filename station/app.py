@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from station.config import Config, writable_folder
 from station.daemon import Bus, Options, Station, state_dir_lock
+from station.dsboard import DsStep
 from station.events import (
     ButtonsNeeded,
     Event,
@@ -39,10 +40,10 @@ from station.health import SlotGuard, SlotHealth
 from station.identity import (
     CredentialStore,
     Registrar,
+    credentials_image,
     make_cloud_check,
     make_registrar,
     make_registry,
-    nvs_region,
 )
 from station.parts import DeviceCredentials
 from station.ports import RateNote, RemotePorts, SlotMemory
@@ -121,7 +122,7 @@ async def assemble(config: Config, options: Options,
         bus = Bus()
         registrar = make_registrar(config, store, throttled_reporter(bus))
         plans = build_plans(config, bundles,
-                            None if registrar.kind == "none" else nvs_region)
+                            None if registrar.kind == "none" else credentials_image)
         security = await asyncio.to_thread(secure_line, config, bundles)
         if registrar.kind != "none":  # fail now, not at every board's credentials
             await asyncio.to_thread(writable_folder, config.credentials.out_dir,
@@ -176,6 +177,8 @@ async def assemble(config: Config, options: Options,
             if security is not None:
                 station.security = LineSecurity(security, ledger.security_journal_async,
                                                 escrow_dir=config.credentials.out_dir)
+            if any(p.ds_block for p in plans.by_chip.values()):
+                station.ds = DsStep(store, ledger.security_journal_async)
             guard.on_cleared.append(station.slot_cleared)
             await guard.restore()
             run_id = await asyncio.to_thread(ledger.run_started, config.station.name,

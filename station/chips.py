@@ -85,3 +85,33 @@ def unsupported_reason(name: str) -> str:
         difflib.get_close_matches(key, supported(), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"{name!r} is not an ESP32-family chip esptool knows{hint} (one of {choices})"
+
+
+DS_PURPOSE = "HMAC_DOWN_DIGITAL_SIGNATURE"
+
+
+@cache
+def ds_chips() -> tuple[str, ...]:
+    """The chips whose private key can live as Digital Signature ciphertext: espefuse
+    knows the eFuse key purpose HMAC_DOWN_DIGITAL_SIGNATURE for them (its per-chip
+    `EfuseKeyPurposeField.KEY_PURPOSES`), and esp-secure-cert-tool can make the RSA DS
+    parameters for them (`configure_ds.supported_targets_rsa_ds`). Both must hold: a chip
+    with the purpose but no DS parameters in the tool (ESP32-H21, -H4) cannot be
+    provisioned this way; classic ESP32 and ESP32-C2 have neither."""
+    import importlib
+    import warnings
+
+    from esp_secure_cert.configure_ds import supported_targets_rsa_ds
+
+    found: list[str] = []
+    for name in supported():
+        try:
+            with warnings.catch_warnings():  # espefuse's cli_util imports click's old parser
+                warnings.simplefilter("ignore", DeprecationWarning)
+                fields = importlib.import_module(f"espefuse.efuse.{name}.fields")
+        except ImportError:
+            continue
+        purposes = getattr(getattr(fields, "EfuseKeyPurposeField", None), "KEY_PURPOSES", ())
+        if any(p[0] == DS_PURPOSE for p in purposes) and name in supported_targets_rsa_ds:
+            found.append(name)
+    return tuple(found)

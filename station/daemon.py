@@ -40,7 +40,7 @@ from station.identity import (
     RegistryJournal,
     pending_without_registry,
 )
-from station.parts import BoardSecurity, DeviceCredentials, Flasher, KnownBoardLookup
+from station.parts import BoardDs, BoardSecurity, DeviceCredentials, Flasher, KnownBoardLookup
 from station.ports import (
     PortInfo,
     PortWatcher,
@@ -181,6 +181,7 @@ class Station:
     port_mac: Callable[[str], str | None] = field(default=lambda port: _port_mac(port))
     security: BoardSecurity | None = None  # [security]: station/security's LineSecurity
     """A port's MAC known without opening it (ports/usb.py: a USB-Serial/JTAG's serial number)."""
+    ds: BoardDs | None = None  # [credentials] ds: station/dsboard.py's DsStep
     remote: RemotePorts | None = None
     """[ports] remote: rfc2217:// ports, a second source of "present / gone"."""
     registry: HttpRegistry | None = None
@@ -341,7 +342,7 @@ class Station:
                      on_verified=self.on_verified, port_present=self._present,
                      known_board=self.known_board, port_mac=self.port_mac,
                      registry=self.registry, cloud=self.cloud,
-                     security=self.security)
+                     security=self.security, ds=self.ds)
 
     def _present(self, port: str) -> bool:
         if is_remote(port):

@@ -213,6 +213,17 @@ class BoardLock(Protocol):
         """The boot check passed: journal what only the boot shows (the first boot)."""
 
 
+class BoardDs(Protocol):
+    """[credentials] ds: the board's HMAC key burned, its key made DS ciphertext
+    (station/dsboard.py)."""
+
+    async def region(self, session: BoardSession, identity: BoardIdentity,
+                     creds: DeviceCredentials, block: str, at: tuple[int, int],
+                     journal: SecurityJournal) -> tuple[Region, DeviceCredentials]:
+        """The board's esp_secure_cert partition and its credentials without a key."""
+        ...
+
+
 class BoardSecurity(Protocol):
     """The station's security part: decides each board's sequence from its eFuses."""
 

@@ -47,6 +47,7 @@ from station.events import (
 from station.flash import Plan, Plans
 from station.identity import BoardFacts, CloudCheck, HttpRegistry, Registrar
 from station.parts import (
+    BoardDs,
     BoardHistory,
     BoardIdentity,
     BoardLock,
@@ -111,6 +112,8 @@ class Parts:
     cloud: CloudCheck | None = None  # [verify] cloud: the credentials tried on the broker
     security: BoardSecurity | None = None
     """[security]: reads the board's eFuses and runs its locking sequence."""
+    ds: BoardDs | None = None
+    """[credentials] ds: burns the HMAC key, makes the DS partition (dsboard.py)."""
 
 
 async def _to_the_end(work: Awaitable[None]) -> None:
@@ -255,7 +258,7 @@ class Worker:
                 self._beside.start(BoardFacts(
                     identity=identity, thing_name=thing, station=self.plan.station,
                     firmware_hash=self.plan.firmware_hash,
-                    firmware_version=self.plan.app_version))
+                    firmware_version=self.plan.app_version, ds=self.plan.ds_block is not None))
             lock = None if self.parts.security is None else await self._stage_call(
                 Stage.SECURE, attempt, lambda: self.parts.security.survey(  # type: ignore
                     session, identity, self._security_journal(identity.mac), thing))
@@ -315,7 +318,11 @@ class Worker:
         await self._stage_call(Stage.FLASH, attempt, lambda: self._write(session, regions))
         credentials = await self._credentials()
         own: list[Region] = []
-        if credentials is not None and self.plan.credentials_region is not None:
+        if credentials is not None and self.plan.ds_block is not None:
+            credentials, own = await self._ds(credentials, session)
+            self._stage = Stage.FLASH
+            await self._timed(Stage.FLASH, lambda: self._write(session, own))
+        elif credentials is not None and self.plan.credentials_region is not None:
             own = [self.plan.credentials_region(credentials)]
             self._stage = Stage.FLASH
             await self._timed(Stage.FLASH, lambda: self._write(session, own))
@@ -331,6 +338,18 @@ class Worker:
         if lock is not None:
             await self._stage_call(Stage.SECURE, attempt,
                                    lambda: lock.after_verify(session, regions + own))
+
+    async def _ds(self, creds: DeviceCredentials, session: BoardSession
+                  ) -> tuple[DeviceCredentials, list[Region]]:
+        """[credentials] ds: the HMAC key burned (or found), the DS partition made."""
+        ds, block, at = self.parts.ds, self.plan.ds_block, self.plan.credentials_at
+        assert ds is not None and block is not None and at is not None
+        assert self._beside is not None and self._beside.board is not None
+        identity = self._beside.board.identity
+        self._stage = Stage.SECURE
+        region, creds = await self._timed(Stage.SECURE, lambda: ds.region(
+            session, identity, creds, block, at, self._security_journal(identity.mac)))
+        return creds, [region]
 
     async def _cloud(self, attempt: int, cloud: CloudCheck,
                      credentials: DeviceCredentials) -> None:

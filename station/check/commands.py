@@ -15,7 +15,7 @@ from station.check.hubs import probe_hubs
 from station.config import Config, writable_folder
 from station.daemon import EXIT_OK, reconcile_journal, reconcile_registry, state_dir_lock
 from station.flash import build_plans, firmware_warnings, load_bundles
-from station.identity import CredentialStore, make_registrar, make_registry, nvs_region
+from station.identity import CredentialStore, credentials_image, make_registrar, make_registry
 from station.ports import scan
 from station.security import secure_line
 
@@ -40,13 +40,17 @@ async def check(config: Config, out: TextIO) -> int:
         print(f"firmware    warning: {line}", file=out)
     registrar = make_registrar(config, CredentialStore(config.credentials.out_dir))
     plans = build_plans(config, bundles,
-                        None if registrar.kind == "none" else nvs_region)
+                        None if registrar.kind == "none" else credentials_image)
     registers = any(p.credentials_region is not None for p in plans.by_chip.values())
     for bundle in bundles if registers else ():
-        part = bundle.partition(config.credentials.partition)
-        print(f"credentials NVS partition '{part.label}' at 0x{part.offset:x} "
-              f"({part.size} B) of the {bundle.chip} firmware, namespace "
-              f"'{config.credentials.namespace}'", file=out)
+        part = bundle.partition(config.partition_for(bundle.chip))
+        board = config.credentials_for(bundle.chip)
+        what = f"namespace '{config.credentials.namespace}'" if board.format == "nvs" else \
+            ("TLV, private key as DS ciphertext, HMAC key in "
+             f"{board.efuse_key_block}" if board.ds else "TLV, private key in it")
+        kind = "NVS" if board.format == "nvs" else "esp_secure_cert"
+        print(f"credentials {kind} partition '{part.label}' at 0x{part.offset:x} "
+              f"({part.size} B) of the {bundle.chip} firmware, {what}", file=out)
     security = secure_line(config, bundles)
     for line in security.lines() if security is not None else ["security    off"]:
         print(line, file=out)

@@ -18,8 +18,10 @@ from station.config.registry import CloudSection, Header, RegistrySection
 from station.config.sections import (
     AWS_DEFAULT_TPS,
     CHIPS,
+    SECURE_CERT_LABEL,
     STAGE_TIMEOUTS,
     AwsSection,
+    BoardCredentials,
     Config,
     CredentialsSection,
     FirmwareSection,
@@ -37,7 +39,8 @@ from station.config.sections import (
 from station.config.security import SecuritySection
 
 __all__ = [
-    "AWS_DEFAULT_TPS", "CHIPS", "STAGE_TIMEOUTS", "AwsSection", "CloudSection", "Config",
+    "AWS_DEFAULT_TPS", "CHIPS", "SECURE_CERT_LABEL", "STAGE_TIMEOUTS", "AwsSection",
+    "BoardCredentials", "CloudSection", "Config",
     "CredentialsSection", "FirmwareSection", "HealthSection", "Header", "IdentitySection",
     "ImageSpec", "LedgerSection", "LocalCaSection", "MetricsSection", "PortsSection",
     "RecordConfig", "RegistrarSection", "RegistrySection", "SecuritySection",

@@ -17,6 +17,11 @@ from typing import Literal, cast
 
 from station import chips
 from station.config._table import Table
+from station.config.credentials import (
+    board_credentials,
+    check_credentials,
+    credentials_section,
+)
 from station.config.ports import ports_section
 from station.config.registry import cloud_section, registry_section
 from station.config.sections import (
@@ -25,7 +30,6 @@ from station.config.sections import (
     STAGE_TIMEOUTS,
     AwsSection,
     Config,
-    CredentialsSection,
     FirmwareSection,
     IdentitySection,
     ImageSpec,
@@ -75,6 +79,9 @@ def load(path: str | Path) -> Config:
     if "certificate_id" in registry.fields and registrar.kind == "none":
         raise ConfigError(str(root.file), "registry", "names {certificate_id}, but [registrar] "
                           "kind is \"none\": no certificate is made")
+    credentials = credentials_section(root.sub("credentials"))
+    check_credentials(root.file, credentials, firmwares, registrar,
+                      "keep_private_keys" in root.data.get("credentials", {}))
     config = Config(
         path=root.file,
         station=_station(root.sub("station")),
@@ -83,7 +90,7 @@ def load(path: str | Path) -> Config:
         identity=_identity(root.sub("identity")),
         worker=_worker(root.sub("worker")),
         registrar=registrar,
-        credentials=_credentials(root.sub("credentials")),
+        credentials=credentials,
         ledger=_ledger(root.sub("ledger")),
         metrics=_metrics(root.sub("metrics")),
         verify=_verify(root.sub("verify"), registrar.kind),
@@ -180,8 +187,17 @@ def _firmware(t: Table, prefix: str = "firmware") -> FirmwareSection:
     image_checks = t.get("image_checks", str, "refuse")
     if image_checks not in ("refuse", "warn"):
         raise t.error("image_checks", f"must be \"refuse\" or \"warn\", not {image_checks!r}")
+    own = None
+    if "credentials" in t.data:
+        sub = t.sub("credentials")
+        own = board_credentials(sub)
+        sub.done()
+    if own is not None and prefix == "firmware":
+        raise t.error("credentials", "a single [firmware] takes [credentials] format, ds and "
+                      "efuse_key_block; per-chip credentials are for [[firmware]] entries")
     f = FirmwareSection(chip=chip, flasher_args=flasher_args, images=tuple(images), key=prefix,
-                        image_checks=cast(Literal["refuse", "warn"], image_checks))
+                        image_checks=cast(Literal["refuse", "warn"], image_checks),
+                        credentials=own)
     t.done()
     return f
 
@@ -301,19 +317,6 @@ def _check_region(t: Table, region: str) -> None:
     raise t.error("region", f"{region!r} is not an AWS region with IoT Core{hint} (a region "
                             "newer than this boto3 needs `pip install -U boto3`, or set "
                             "endpoint_url)")
-
-
-def _credentials(t: Table) -> CredentialsSection:
-    c = CredentialsSection(
-        out_dir=t.path("out_dir", Path("certs_out")),
-        partition=t.get("partition", str, "nvs"),
-        namespace=t.get("namespace", str, "station"),
-        keep_private_keys=t.get("keep_private_keys", bool, True),
-    )
-    if not 1 <= len(c.namespace) <= 15:
-        raise t.error("namespace", "NVS namespaces are 1 to 15 characters")
-    t.done()
-    return c
 
 
 # -- [ledger] and [metrics] (issue 12: central ledger, Prometheus) ------------------------

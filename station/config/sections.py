@@ -78,6 +78,8 @@ class FirmwareSection:
     image_checks: Literal["refuse", "warn"] = "refuse"
     """A bad image's content: refused at start, or a warning and flashed as given
     (station/flash/firmware.py); what cannot be flashed is refused either way."""
+    credentials: BoardCredentials | None = None
+    """This chip's own credentials format on a mixed line; None: [credentials]'."""
 
 
 @dataclass(frozen=True)
@@ -127,12 +129,38 @@ class RegistrarSection:
     local_ca: LocalCaSection = field(default_factory=LocalCaSection)
 
 
+CredentialsFormat = Literal["nvs", "esp_secure_cert"]
+SECURE_CERT_LABEL = "esp_secure_cert"
+"""The label esp_secure_cert_mgr finds its partition by (ESP_SECURE_CERT_PARTITION_NAME)."""
+KEY_BLOCKS = tuple(f"BLOCK_KEY{i}" for i in range(6))
+
+
+@dataclass(frozen=True)
+class BoardCredentials:
+    """How one chip's boards hold their credentials: [credentials], or a [[firmware]]
+    entry's `credentials = { ... }` on a mixed line."""
+
+    format: CredentialsFormat = "nvs"
+    ds: bool = False
+    """esp_secure_cert only: the private key stored as Digital Signature ciphertext."""
+    efuse_key_block: str = "BLOCK_KEY5"
+    """With ds: the eFuse key block of the board's HMAC key (BLOCK_KEY5 holds no XTS key,
+    so [security] never wants it for flash encryption)."""
+
+    @property
+    def key_id(self) -> int:
+        """esp_secure_cert's efuse_key_id: BLOCK_KEYn -> n."""
+        return int(self.efuse_key_block.removeprefix("BLOCK_KEY"))
+
+
 @dataclass(frozen=True)
 class CredentialsSection:
     out_dir: Path = Path("certs_out")
     partition: str = "nvs"
     namespace: str = "station"
     keep_private_keys: bool = True
+    board: BoardCredentials = field(default_factory=BoardCredentials)
+    """format, ds, efuse_key_block of every chip without its own in [[firmware]]."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +218,19 @@ class Config:
     def __post_init__(self) -> None:
         if not self.firmwares:
             object.__setattr__(self, "firmwares", (self.firmware,))
+
+    def credentials_for(self, chip: str) -> BoardCredentials:
+        """How boards of `chip` hold their credentials."""
+        for f in self.firmwares:
+            if f.chip == chip and f.credentials is not None:
+                return f.credentials
+        return self.credentials.board
+
+    def partition_for(self, chip: str) -> str:
+        """The label of the partition that gets `chip`'s credentials."""
+        if self.credentials_for(chip).format == "esp_secure_cert":
+            return SECURE_CERT_LABEL
+        return self.credentials.partition
 
     def slot_for(self, location: str | None, port: str) -> str:
         """The operator's label for a port: by USB location, then by path, else the name."""

@@ -159,9 +159,12 @@ def esp_image(chip: str, entry: int, segments: list[tuple[int, bytes]],
     return bytes(out)
 
 
-def partition_table(rows: list[tuple[str, int, int, int, int]]) -> bytes:
-    """(label, type, subtype, offset, size) rows -> partition-table.bin with its MD5 row."""
-    body = b"".join(PARTITION_ENTRY.pack(b"\xaa\x50", t, st, off, size, label.encode(), 0)
+def partition_table(rows: list[tuple[str, int, int, int, int]],
+                    encrypted: tuple[str, ...] = ()) -> bytes:
+    """(label, type, subtype, offset, size) rows -> partition-table.bin with its MD5 row;
+    the partitions named in `encrypted` carry the `encrypted` flag (bit 0)."""
+    body = b"".join(PARTITION_ENTRY.pack(b"\xaa\x50", t, st, off, size, label.encode(),
+                                         1 if label in encrypted else 0)
                     for label, t, st, off, size in rows)
     table = body + PARTITION_MD5_MAGIC + hashlib.md5(body).digest()
     return table.ljust(PARTITION_TABLE_MAX, b"\xff")
@@ -169,7 +172,7 @@ def partition_table(rows: list[tuple[str, int, int, int, int]]) -> bytes:
 
 def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500_000,
                        seed: int = 1, log_colors: bool = False, secure: bool = False,
-                       device_key: bool = False) -> Path:
+                       device_key: bool = False, secure_cert: bool = False) -> Path:
     """Write a demo ESP-IDF build into `out_dir`; returns its flasher_args.json.
 
     `log_colors`: built with CONFIG_LOG_COLORS=y (ESP-IDF's default up to v5.3): the log
@@ -178,7 +181,10 @@ def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500
     carry ESP-IDF's log strings of those features, station/security/images.py; an ESP32
     build asks for silicon v3.0, CONFIG_ESP32_REV_MIN_3), unsigned. `device_key`: built
     for release-mode flash encryption only, the bootloader making the key on first boot
-    (its release-mode string, no secure boot)."""
+    (its release-mode string, no secure boot).
+    `secure_cert`: the
+    table has esp_secure_cert_mgr's example row `esp_secure_cert, 0x3F, , 0xD000, 0x2000,
+    encrypted` (nvs shrinks to 0x4000 to make room)."""
     if chip not in chips.supported():
         raise ValueError(f"unknown chip {chip!r} (one of {', '.join(chips.supported())})")
     if not 0x4000 <= app_size <= FLASH_SIZE - APP_OFFSET:
@@ -209,9 +215,16 @@ def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500
         (chip_layout.irom, _code(rng, irom)),
     ])
     factory = max(0x100000, -(-len(app) // 0x10000) * 0x10000)
-    table = partition_table([("nvs", 1, 0x02, 0x9000, 0x6000),
-                             ("phy_init", 1, 0x01, 0xF000, 0x1000),
-                             ("factory", 0, 0x00, APP_OFFSET, factory)])
+    if secure_cert:
+        table = partition_table([("nvs", 1, 0x02, 0x9000, 0x4000),
+                                 ("esp_secure_cert", 0x3F, 0x00, 0xD000, 0x2000),
+                                 ("phy_init", 1, 0x01, 0xF000, 0x1000),
+                                 ("factory", 0, 0x00, APP_OFFSET, factory)],
+                                encrypted=("esp_secure_cert",))
+    else:
+        table = partition_table([("nvs", 1, 0x02, 0x9000, 0x6000),
+                                 ("phy_init", 1, 0x01, 0xF000, 0x1000),
+                                 ("factory", 0, 0x00, APP_OFFSET, factory)])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     boot_at = chips.facts(chip).bootloader_offset

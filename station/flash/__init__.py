@@ -24,6 +24,7 @@ from station.flash.firmware import (
 )
 from station.flash.plan import (
     CredentialsImage,
+    CredentialsMaker,
     Plan,
     Plans,
     build_plans,
@@ -34,7 +35,8 @@ from station.flash.session import EsptoolFlasher, EsptoolSession
 
 __all__ = [
     "EXTENDED_HEADER", "IMAGE_HEADER", "PARTITION_ENTRY", "PARTITION_MD5_MAGIC",
-    "PARTITION_TABLE_MAX", "SEGMENT_HEADER", "BootCheck", "CredentialsImage", "EsptoolFlasher",
+    "PARTITION_TABLE_MAX", "SEGMENT_HEADER", "BootCheck", "CredentialsImage", "CredentialsMaker",
+    "EsptoolFlasher",
     "EsptoolSession", "FirmwareBundle", "Plan", "Plans", "build_plans", "firmware_warnings",
     "load_bundles", "load_firmware", "xor_checksum",
 ]

@@ -5,7 +5,7 @@ only once connected, so the worker is handed `Plans` (one `Plan` per chip) and p
 A plan is plain data and two callables: no esptool, no config, no cloud. `build_plans`
 makes them at start from the config and the firmware bundles (`load_bundles`); the
 credentials partition's image comes from whoever wires the station (identity's
-`nvs_region`), so flash/ never imports identity/.
+`credentials_image`: NVS or esp_secure_cert), so flash/ never imports identity/.
 """
 
 from __future__ import annotations
@@ -13,15 +13,22 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from station.config import Config
+from station.config import BoardCredentials, Config
 from station.errors import FirmwareError, WrongChipError
 from station.flash.bootcheck import BootCheck, app_of
-from station.flash.firmware import FirmwareBundle, load_firmware
+from station.flash.firmware import FirmwareBundle, Partition, load_firmware
 from station.parts import BoardIdentity, BootJudge, DeviceCredentials, Region
 
 CredentialsImage = Callable[[DeviceCredentials, int, int, str], Region]
 """(credentials, partition offset, partition size, NVS namespace) -> the board's data
-partition with them (identity's `nvs_region`)."""
+partition with them (identity's `nvs_region`, `secure_cert_region`)."""
+CredentialsMaker = Callable[[BoardCredentials, str], CredentialsImage]
+"""(a chip's credentials format, the chip) -> how its boards' credentials partition is
+made (identity's `credentials_image`)."""
+SECURE_CERT_MIN = 0x2000
+"""esp-secure-cert-tool lays the TLV partition out in 0x2000 bytes (tlv_format.py)."""
+SECURE_CERT_ROW = "esp_secure_cert, 0x3F, , 0xD000, 0x2000, encrypted"
+"""The row esp_secure_cert_mgr's examples add to partitions.csv."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,11 @@ class Plan:
     """[verify] boot: what the board must print after the reset (bootcheck.py)."""
     app_version: str = ""
     """The app's version (its esp_app_desc_t), "" if unknown: [registry] {firmware_version}."""
+    ds_block: str | None = None
+    """[credentials] ds: the eFuse key block of the board's HMAC key; the credentials
+    partition is then made by the DS step (station/dsboard.py), not credentials_region."""
+    credentials_at: tuple[int, int] | None = None
+    """(offset, size) of the credentials partition, when the registrar makes credentials."""
 
     @property
     def flash_end(self) -> int:
@@ -85,20 +97,17 @@ class Plans:
 
 
 def build_plan(config: Config, bundle: FirmwareBundle,
-               credentials: CredentialsImage | None) -> Plan:
+               credentials: CredentialsMaker | None) -> Plan:
     """The per-board recipe; the credentials partition is located once, from the table.
     `credentials`: how credentials become that partition; None when the registrar makes
     none (kind "none")."""
     credentials_region: Callable[[DeviceCredentials], Region] | None = None
+    board = config.credentials_for(bundle.chip)
+    at: tuple[int, int] | None = None
     if credentials is not None:
-        image = credentials
-        label = config.credentials.partition
-        try:
-            part = bundle.partition(label)
-        except FirmwareError as e:
-            which = "" if len(config.firmwares) == 1 else f" in the {bundle.chip} firmware"
-            raise FirmwareError(str(config.path), "credentials.partition",
-                                e.reason + which) from None
+        image = credentials(board, bundle.chip)
+        part = credentials_partition(config, bundle)
+        at = (part.offset, part.size)
         namespace = config.credentials.namespace
 
         def credentials_region(creds: DeviceCredentials) -> Region:
@@ -114,7 +123,32 @@ def build_plan(config: Config, bundle: FirmwareBundle,
     return Plan(chip=bundle.chip, regions=bundle.regions,
                 firmware_hash=bundle.sha256, station=config.station.name,
                 thing_name=thing_name, credentials_region=credentials_region, boot=boot,
-                app_version=app.version if app else "")
+                app_version=app.version if app else "", credentials_at=at,
+                ds_block=board.efuse_key_block if board.ds and at else None)
+
+
+def credentials_partition(config: Config, bundle: FirmwareBundle) -> Partition:
+    """The partition of `bundle`'s table that gets its boards' credentials; a table
+    without it (or one too small for esp_secure_cert) is refused naming the fix."""
+    board = config.credentials_for(bundle.chip)
+    label = config.partition_for(bundle.chip)
+    own = next((f for f in config.firmwares if f.chip == bundle.chip
+                and f.credentials is not None), None)
+    key = f"{own.key}.credentials.format" if own else (
+        "credentials.format" if board.format == "esp_secure_cert" else "credentials.partition")
+    which = "" if len(config.firmwares) == 1 else f" in the {bundle.chip} firmware"
+    try:
+        part = bundle.partition(label)
+    except FirmwareError as e:
+        fix = "" if board.format == "nvs" else (
+            f"; add the row \"{SECURE_CERT_ROW}\" to the build's partitions.csv (as "
+            "esp_secure_cert_mgr's examples do) and rebuild, or set format = \"nvs\"")
+        raise FirmwareError(str(config.path), key, e.reason + which + fix) from None
+    if board.format == "esp_secure_cert" and part.size < SECURE_CERT_MIN:
+        raise FirmwareError(str(config.path), key, f"the esp_secure_cert partition{which} is "
+                            f"0x{part.size:x} bytes; esp-secure-cert-tool writes 0x"
+                            f"{SECURE_CERT_MIN:x}: make it at least that in partitions.csv")
+    return part
 
 
 def load_bundles(config: Config) -> tuple[FirmwareBundle, ...]:
@@ -133,6 +167,6 @@ def firmware_warnings(config: Config, bundles: Sequence[FirmwareBundle]) -> list
 
 
 def build_plans(config: Config, bundles: Sequence[FirmwareBundle],
-                credentials: CredentialsImage | None) -> Plans:
+                credentials: CredentialsMaker | None) -> Plans:
     """One plan per chip: the worker picks the board's by the chip it finds."""
     return Plans({b.chip: build_plan(config, b, credentials) for b in bundles})

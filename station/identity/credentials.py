@@ -43,6 +43,9 @@ CERTIFICATE_FILE = "certificate.pem.crt"
 PRIVATE_KEY_FILE = "private.pem.key"
 PUBLIC_KEY_FILE = "public.pem.key"
 RECORD_FILE = "registration.json"
+DS_FILE = "ds_data.json"
+"""[credentials] ds: the key as the board's DS ciphertext (identity/ds.py), in place of
+private.pem.key: usable only by the chip whose eFuse holds the HMAC key."""
 
 _fsync = aiofiles.os.wrap(os.fsync)
 _chmod = aiofiles.os.wrap(os.chmod)
@@ -106,6 +109,23 @@ class CredentialStore:
         folder = await self._folder(thing_name)
         await self._write(folder / PRIVATE_KEY_FILE, private_key_pem.encode(), secret=True)
         await self._write(folder / PUBLIC_KEY_FILE, public_key_pem.encode(), secret=False)
+
+    async def write_public_key(self, thing_name: str, public_key_pem: str) -> None:
+        """A DS board's key pair, of which only the public half ever reaches a disk."""
+        folder = await self._folder(thing_name)
+        await self._write(folder / PUBLIC_KEY_FILE, public_key_pem.encode(), secret=False)
+
+    async def write_ds(self, thing_name: str, ds_json: bytes) -> None:
+        """The DS ciphertext (durable before the HMAC key is burned: identity/ds.py)."""
+        folder = await self._folder(thing_name)
+        await self._write(folder / DS_FILE, ds_json, secret=True)
+
+    async def read_ds(self, thing_name: str) -> bytes | None:
+        return await self._read(self.folder(thing_name) / DS_FILE)
+
+    async def remove_ds(self, thing_name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            await aiofiles.os.remove(self.folder(thing_name) / DS_FILE)
 
     async def write_certificate(self, thing_name: str, certificate_pem: str) -> None:
         folder = await self._folder(thing_name)

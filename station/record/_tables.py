@@ -221,6 +221,11 @@ def write_security_step(conn: sqlite3.Connection, event: SecurityStep) -> None:
                  (event.job_id, event.at, event.mac, event.step, event.phase,
                   event.fingerprint, event.digest, event.detail))
     note = f"{event.step} {event.phase}" if event.phase != "after" else event.step
+    if event.step == "ds_key":  # [credentials] ds: its HMAC key is not [security]'s key
+        conn.execute("UPDATE jobs SET efuses = CASE WHEN efuses IS NULL OR efuses = '' THEN ? "
+                     "ELSE efuses || ', ' || ? END WHERE job_id = ?",
+                     (note, note, event.job_id))
+        return
     conn.execute(
         "UPDATE jobs SET security = ?, key_fingerprint = coalesce(?, key_fingerprint), "
         "signing_digest = coalesce(?, signing_digest), efuses = CASE WHEN efuses IS NULL "

@@ -9,14 +9,17 @@
     setup.py   [security] at start: plans and secured firmware, or a refusal
     efuses.py  a board's eFuses through espefuse's library on the open session
     board.py   one board's sequence, journaled and resumable (`LineSecurity`)
+    dskey.py   the Digital Signature HMAC key block ([credentials] ds): read, burn
 """
 
 from station.security.board import BoardLock, LineSecurity
+from station.security.dskey import DS_PURPOSE, DsBlock, burn_ds_key, read_ds_block
 from station.security.images import SecuredFirmware, key_fingerprint
 from station.security.plan import ChipPlan, PlanError, chip_plan
 from station.security.setup import FirmwareFacts, StationSecurity, secure_line
 
 __all__ = [
-    "BoardLock", "ChipPlan", "FirmwareFacts", "LineSecurity", "PlanError", "SecuredFirmware",
-    "StationSecurity", "chip_plan", "key_fingerprint", "secure_line",
+    "DS_PURPOSE", "BoardLock", "ChipPlan", "DsBlock", "FirmwareFacts", "LineSecurity",
+    "PlanError", "SecuredFirmware", "StationSecurity", "burn_ds_key", "chip_plan",
+    "key_fingerprint", "read_ds_block", "secure_line",
 ]

@@ -27,6 +27,9 @@ class BoardFacts:
     firmware_hash: str
     certificate_id: str | None = None  # the registrar's, for the registry's {certificate_id}
     firmware_version: str = ""  # the app's version (esp_app_desc), for {firmware_version}
+    ds: bool = False
+    """[credentials] ds for this board's chip: an RSA key whose private half is never
+    written (it becomes DS ciphertext, identity/ds.py); certs_out keeps the public key."""
 
 
 class Registrar(Protocol):

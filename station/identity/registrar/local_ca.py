@@ -24,7 +24,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from station.config import LocalCaSection
@@ -33,9 +33,11 @@ from station.events import RegistrationStep
 from station.identity.credentials import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
+    PUBLIC_KEY_FILE,
     CredentialStore,
     RegistrationRecord,
 )
+from station.identity.ds import new_ds_key
 from station.identity.registrar.base import BoardFacts, Journal, journaled
 from station.identity.registrar.keys import private_key_pem, public_key_pem, same_public_key
 from station.parts import DeviceCredentials
@@ -120,7 +122,8 @@ class LocalCa:
         log.info("local CA created in %s", folder)
         return cls(key, cert)
 
-    def sign(self, subject: str, public_key: ec.EllipticCurvePublicKey, days: int, *,
+    def sign(self, subject: str, public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+             days: int, *,
              server_names: Sequence[str] = ()) -> x509.Certificate:
         """A leaf certificate: a client one (CN = thing name) or, with names, a server one."""
         now = dt.datetime.now(dt.UTC)
@@ -203,13 +206,18 @@ class LocalCaRegistrar:
     async def register(self, board: BoardFacts, journal: Journal) -> DeviceCredentials:
         journal = journaled(journal)
         thing = board.thing_name
-        held = await self._held(thing)
+        held = await (self._held_ds(thing) if board.ds else self._held(thing))
         if held is not None:
             log.info("%s: reusing its certificate from the local CA", thing)
             return held
-        key = ec.generate_private_key(ec.SECP256R1())
+        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = \
+            new_ds_key() if board.ds else ec.generate_private_key(ec.SECP256R1())
         key_pem, pub_pem = private_key_pem(key), public_key_pem(key.public_key())
-        await self.store.write_key(thing, key_pem, pub_pem)
+        if board.ds:  # the private half stays in memory until it is DS ciphertext
+            await self.store.write_public_key(thing, pub_pem)
+            await self.store.remove_ds(thing)  # an older key's ciphertext
+        else:
+            await self.store.write_key(thing, key_pem, pub_pem)
         await journal("key-written", None, None)
         cert = self.ca.sign(thing, key.public_key(), self.section.validity_days)
         cert_id = f"{cert.serial_number:x}"
@@ -227,6 +235,26 @@ class LocalCaRegistrar:
                                  private_key_pem=key_pem, public_key_pem=pub_pem,
                                  endpoint=self.section.endpoint, ca_pem=self.ca.pem,
                                  certificate_id=cert_id)
+
+    async def _held_ds(self, thing: str) -> DeviceCredentials | None:
+        """A DS board's stored certificate, if our CA issued it for the public key whose
+        DS ciphertext certs_out keeps (the private key exists only on the board)."""
+        cert_pem = await self.store.read_text(thing, CERTIFICATE_FILE)
+        pub_pem = await self.store.read_text(thing, PUBLIC_KEY_FILE)
+        record = await self.store.read_record(thing)
+        if cert_pem is None or pub_pem is None or record is None or \
+                await self.store.read_ds(thing) is None:
+            return None
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem.encode())
+            public = serialization.load_pem_public_key(pub_pem.encode())
+        except ValueError:
+            return None
+        if not (self.ca.issued(cert) and same_public_key(cert.public_key(), public)):
+            return None
+        return DeviceCredentials(thing_name=thing, certificate_pem=cert_pem, private_key_pem="",
+                                 public_key_pem=pub_pem, endpoint=self.section.endpoint,
+                                 ca_pem=self.ca.pem, certificate_id=record.certificate_id)
 
     async def _held(self, thing: str) -> DeviceCredentials | None:
         """This board's stored credentials, if our CA issued them and the key matches."""

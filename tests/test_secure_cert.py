@@ -1,0 +1,327 @@
+"""[credentials] format = "esp_secure_cert" (issue 21): the credentials in Espressif's
+esp_secure_cert partition, made by esp-secure-cert-tool, instead of NVS.
+
+The real `station run` with the local CA on virtual boards of two chips; each board's flash
+dump is read back at the esp_secure_cert partition's offset and parsed twice: with the
+station's reader (esp_secure_cert_mgr's TLV format, `docs/format.md`) and with the tool's
+own parser functions (`esp_secure_cert.tlv_parser`: header, CRC check). The partition must
+hold exactly the device certificate certs_out has, the CA's certificate and the private
+key, and the NVS partition must stay erased.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from esp_secure_cert import tlv_parser
+
+from station.config import FirmwareSection
+from station.daemon import EXIT_OK
+from station.demo import make_demo_firmware
+from station.flash import FirmwareBundle, load_firmware
+from station.identity import read_secure_cert
+from station.sim import Rig
+from tests.test_station import Line
+
+pytestmark = pytest.mark.timeout(300)
+
+CHIPS = ("esp32", "esp32s3")
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fw")
+    return {chip: make_demo_firmware(root / chip, chip=chip, app_size=0x4000, seed=i,
+                                     secure_cert=True)
+            for i, chip in enumerate(CHIPS)}
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    rig = Rig(tmp_path / "rig", seed=21, throttle=False, flash_timing=False)
+    yield rig
+    rig.close()
+
+
+def write_config(root: Path, builds: dict[str, Path]) -> Path:
+    entries = "".join(f'[[firmware]]\nchip = "{chip}"\nflasher_args = {json.dumps(str(p))}\n\n'
+                      for chip, p in builds.items())
+    config = root / "station.toml"
+    config.write_text(f"""\
+[station]
+name = "secure-cert-line"
+state_dir = "state"
+[ports]
+watch = ["{root / 'rig' / 'pci-*'}"]
+rescan_interval = 0.2
+{entries}[identity]
+thing_name = "t-{{mac}}"
+[registrar]
+kind = "local-ca"
+[registrar.local_ca]
+dir = "ca"
+[credentials]
+out_dir = "certs_out"
+format = "esp_secure_cert"
+""")
+    return config
+
+
+def tool_parse(image: bytes) -> dict[int, bytes]:
+    """The partition as esp-secure-cert-tool's parser reads it: type -> data, every CRC
+    checked with its `verify_tlv_integrity`."""
+    found: dict[int, bytes] = {}
+    offset = 0
+    while offset < len(image):
+        header, size = tlv_parser.parse_tlv_header(image, offset)
+        if header["magic"] != tlv_parser.ESP_SECURE_CERT_TLV_MAGIC:
+            break
+        total = tlv_parser.get_tlv_total_length(header)
+        footer, _ = tlv_parser.parse_tlv_footer(image, offset + total - 4)
+        ok, _ = tlv_parser.verify_tlv_integrity(header, image[offset:offset + total], footer)
+        assert ok, f"CRC of the TLV at 0x{offset:x}"
+        found[header["type"]] = image[offset + size:offset + size + header["length"]]
+        offset += total
+    return found
+
+
+def same_key(a: str, b: str) -> bool:
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    ka, kb = load_pem_private_key(a.encode(), None), load_pem_private_key(b.encode(), None)
+    return bool(ka.private_numbers() == kb.private_numbers())  # type: ignore[union-attr]
+
+
+def test_the_station_writes_esp_secure_cert_partitions(tmp_path: Path, rig: Rig,
+                                                       builds: dict[str, Path]) -> None:
+    config = write_config(tmp_path, builds)
+    bundles: dict[str, FirmwareBundle] = {
+        chip: load_firmware(FirmwareSection(chip=chip, flasher_args=p, images=()))
+        for chip, p in builds.items()}
+    line = Line(root=tmp_path, rig=rig, config=config, bundle=bundles["esp32"])
+    line.start("--exit-after", "4")
+    boards = [rig.plug(chip=CHIPS[i % 2], index=i) for i in range(4)]
+    try:
+        assert line.wait() == EXIT_OK, line.output()[-3000:]
+    finally:
+        if line.proc is not None and line.proc.poll() is None:
+            line.proc.kill()
+    jobs = {j["mac"]: j for j in line.jobs()}
+    ca = (tmp_path / "ca" / "ca.crt").read_text()
+    for board in boards:
+        job = jobs[board.mac.replace(":", "")]
+        assert job["result"] == "done", job
+        bundle = bundles[board.chip]
+        part = bundle.partition("esp_secure_cert")
+        assert (part.offset, part.size, part.type) == (0xD000, 0x2000, 0x3F)
+        flash = rig.flash(board)
+        image = flash[part.offset:part.end]
+        folder = tmp_path / "certs_out" / job["thing_name"]
+        cert = (folder / "certificate.pem.crt").read_text()
+        key = (folder / "private.pem.key").read_text()
+
+        tlvs = {t.name: t for t in read_secure_cert(image)}
+        assert sorted(tlvs) == ["CA_CERT", "DEV_CERT", "PRIV_KEY"]
+        assert tlvs["DEV_CERT"].text() == cert
+        assert tlvs["CA_CERT"].text() == ca
+        # the tool re-encodes the key as "traditional OpenSSL" PEM (SEC1 for EC), NUL-ended
+        assert same_key(tlvs["PRIV_KEY"].text(), key)
+        assert tlvs["PRIV_KEY"].flags == 0  # a plain key, not HMAC- or DS-wrapped
+
+        by_tool = tool_parse(image)
+        assert by_tool == {0: ca.encode() + b"\0", 1: cert.encode() + b"\0",
+                           2: tlvs["PRIV_KEY"].data}
+        nvs = bundle.partition("nvs")
+        assert flash[nvs.offset:nvs.end] == b"\xff" * nvs.size  # no credentials in NVS
+    assert "PRIVATE KEY" not in line.output()
+
+
+def test_reader_refuses_a_damaged_tlv() -> None:
+    from station.identity import SecureCertFormatError
+
+    body = b"x" * 5 + b"\0" * 11
+    header = struct.pack("<IB3xBBH", 0xBA5EBA11, 0, 1, 0, 5)
+    image = header + body + struct.pack("<I", 0) + b"\xff" * 64
+    with pytest.raises(SecureCertFormatError, match="DEV_CERT at 0x0: bad CRC"):
+        read_secure_cert(image)
+    with pytest.raises(SecureCertFormatError, match="no TLV"):
+        read_secure_cert(b"\xff" * 0x2000)
+
+
+# -- ds = true -------------------------------------------------------------------------
+
+DS_CHIPS = ("esp32s3", "esp32c3")
+
+
+@pytest.fixture(scope="module")
+def ds_builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fw-ds")
+    return {chip: make_demo_firmware(root / chip, chip=chip, app_size=0x4000, seed=i,
+                                     secure_cert=True)
+            for i, chip in enumerate(("esp32", *DS_CHIPS))}
+
+
+def write_ds_config(root: Path, builds: dict[str, Path]) -> Path:
+    """DS for the S3 and C3 entries; the ESP32 entry (no DS peripheral) keeps a plain key
+    in its own esp_secure_cert partition: a mixed line."""
+    entries = "".join(
+        f'[[firmware]]\nchip = "{chip}"\nflasher_args = {json.dumps(str(p))}\n'
+        + ('credentials = { format = "esp_secure_cert" }\n' if chip == "esp32" else "") + "\n"
+        for chip, p in builds.items())
+    config = root / "station.toml"
+    config.write_text(f"""\
+[station]
+name = "ds-line"
+state_dir = "state"
+[ports]
+watch = ["{root / 'rig' / 'pci-*'}"]
+rescan_interval = 0.2
+{entries}[identity]
+thing_name = "t-{{mac}}"
+[registrar]
+kind = "local-ca"
+[registrar.local_ca]
+dir = "ca"
+[credentials]
+out_dir = "certs_out"
+format = "esp_secure_cert"
+ds = true
+""")
+    return config
+
+
+def security_steps(state: Path, mac: str) -> list[dict[str, str]]:
+    conn = sqlite3.connect(f"{(state / 'ledger.sqlite3').resolve().as_uri()}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM security WHERE mac = ? "
+                                              "ORDER BY rowid", (mac,))]
+    finally:
+        conn.close()
+
+
+def every_file(root: Path) -> Iterator[Path]:
+    return (p for p in root.rglob("*") if p.is_file())
+
+
+def test_with_ds_the_key_exists_only_as_the_chips_ciphertext(tmp_path: Path, rig: Rig,
+                                                             ds_builds: dict[str, Path]) -> None:
+    from cryptography import x509
+
+    from station.identity.ds import DsData
+    from station.sim.efuse import EfuseArray, efuse_path
+    from tests.test_ds import chip_decrypts
+
+    config = write_ds_config(tmp_path, ds_builds)
+    bundles = {chip: load_firmware(FirmwareSection(chip=chip, flasher_args=p, images=()))
+               for chip, p in ds_builds.items()}
+    line = Line(root=tmp_path, rig=rig, config=config, bundle=bundles["esp32s3"])
+    line.start("--exit-after", "6")
+    chips = ("esp32s3", "esp32c3", "esp32", "esp32s3", "esp32c3", "esp32")
+    boards = [rig.plug(chip=chip, index=i) for i, chip in enumerate(chips)]
+    try:
+        assert line.wait() == EXIT_OK, line.output()[-3000:]
+    finally:
+        if line.proc is not None and line.proc.poll() is None:
+            line.proc.kill()
+    jobs = {j["mac"]: j for j in line.jobs()}
+    secrets: list[bytes] = []  # every private key and HMAC key, in the forms they could take
+    for board in boards:
+        mac = board.mac.replace(":", "")
+        job = jobs[mac]
+        assert job["result"] == "done", job
+        part = bundles[board.chip].partition("esp_secure_cert")
+        image = rig.flash(board)[part.offset:part.end]
+        tlvs = {t.name: t for t in read_secure_cert(image)}
+        folder = tmp_path / "certs_out" / job["thing_name"]
+        cert_pem = (folder / "certificate.pem.crt").read_text()
+        assert tlvs["DEV_CERT"].text() == cert_pem
+        assert tlvs["CA_CERT"].text() == (tmp_path / "ca" / "ca.crt").read_text()
+        if board.chip == "esp32":
+            assert "PRIV_KEY" in tlvs and "DS_DATA" not in tlvs
+            continue
+        assert sorted(tlvs) == ["CA_CERT", "DEV_CERT", "DS_CONTEXT", "DS_DATA"]  # no key
+        assert tlvs["DS_CONTEXT"].data == struct.pack("<IBBH", 0, 5, 0, 2048)
+        assert not (folder / "private.pem.key").exists()
+        # the chip's side: the HMAC key in BLOCK_KEY5 (block 9), read-protected, DS purpose
+        efuses = EfuseArray(board.chip, efuse_path(rig.directory, bytes.fromhex(mac)))
+        assert efuses.blocks_with_purpose("HMAC_DOWN_DIGITAL_SIGNATURE") == [9]
+        assert not efuses.readable(9)
+        hmac_key = efuses.block_bytes(9)
+        saved = DsData.from_json((folder / "ds_data.json").read_bytes())
+        data = tlvs["DS_DATA"].data
+        on_flash = DsData(ciphertext=data[20:], iv=data[4:20], rsa_bits=2048, key_id=5,
+                          hmac_fingerprint=saved.hmac_fingerprint)
+        assert on_flash == saved
+        d, n = chip_decrypts(on_flash, hmac_key, board.chip)
+        public = x509.load_pem_x509_certificate(cert_pem.encode()).public_key()
+        assert n == public.public_numbers().n  # type: ignore[union-attr]
+        secrets += [hmac_key, hmac_key.hex().encode(), d.to_bytes(256, "big"),
+                    d.to_bytes(256, "little"), f"{d:x}".encode()]
+        steps = [(s["step"], s["phase"], s["detail"]) for s in security_steps(line.state, mac)]
+        assert steps[0] == ("ds_key", "before", "BLOCK_KEY5 HMAC_DOWN_DIGITAL_SIGNATURE")
+        assert steps[1][:2] == ("ds_key", "after") and "BLOCK_KEY5" in steps[1][2]
+    assert len(secrets) == 4 * 5
+    for path in every_file(tmp_path):
+        if path.is_relative_to(rig.directory) and path.name.startswith("efuse-"):
+            continue  # the chip's fuses: where the HMAC key belongs
+        content = path.read_bytes()
+        for secret in secrets:
+            assert secret not in content, f"a key in the clear in {path}"
+
+
+def _run(line: Line, env: dict[str, str] | None = None) -> int:
+    line.start("--exit-after", "1", env=env)
+    try:
+        return line.wait()
+    finally:
+        if line.proc is not None and line.proc.poll() is None:
+            line.proc.kill()
+
+
+@pytest.mark.parametrize("point", ["ds_key:after", "ds_key:before"])
+def test_a_station_killed_around_the_hmac_burn_never_burns_a_second_key(
+        tmp_path: Path, rig: Rig, ds_builds: dict[str, Path], point: str) -> None:
+    """SIGKILL right after the burn's journal line ("after": the key is in the fuses, the
+    partition not yet written) or right before the burn ("before": the ciphertext is
+    saved, its HMAC key dies with the process): the board ends done with one HMAC key."""
+    from cryptography import x509
+
+    from station.identity.ds import DsData
+    from station.sim.efuse import EfuseArray, efuse_path
+    from tests.test_ds import chip_decrypts
+
+    config = write_ds_config(tmp_path, {"esp32c3": ds_builds["esp32c3"]})
+    bundle = load_firmware(FirmwareSection(chip="esp32c3", flasher_args=ds_builds["esp32c3"],
+                                           images=()))
+    line = Line(root=tmp_path, rig=rig, config=config, bundle=bundle)
+    board = rig.plug(chip="esp32c3", index=0)
+    mac = board.mac.replace(":", "")
+    assert _run(line, {"STATION_TEST_CRASH_AFTER": point}) == -9, line.output()[-2000:]
+    journal = [(s["step"], s["phase"]) for s in security_steps(line.state, mac)]
+    assert journal[-1] == tuple(point.split(":")), journal
+    code = _run(line)
+    if point == "ds_key:before":  # the saved ciphertext is void: cleared, plug again
+        assert code != EXIT_OK
+        assert "DS ciphertext from an interrupted run whose HMAC key was never burned: " \
+               "removed; plug the board again" in line.jobs()[-1]["error"]
+        code = _run(line)
+    assert code == EXIT_OK, line.output()[-3000:]
+    job = line.jobs()[-1]
+    assert job["result"] == "done", job
+    burns = [s for s in security_steps(line.state, mac) if s["phase"] == "after"]
+    assert len(burns) == 1, burns  # one HMAC key, whatever the crash point
+    efuses = EfuseArray("esp32c3", efuse_path(rig.directory, bytes.fromhex(mac)))
+    assert efuses.blocks_with_purpose("HMAC_DOWN_DIGITAL_SIGNATURE") == [9]
+    part = bundle.partition("esp_secure_cert")
+    tlvs = {t.name: t for t in read_secure_cert(rig.flash(board)[part.offset:part.end])}
+    data = tlvs["DS_DATA"].data
+    _, n = chip_decrypts(DsData(ciphertext=data[20:], iv=data[4:20], rsa_bits=2048, key_id=5,
+                                hmac_fingerprint=""), efuses.block_bytes(9), "esp32c3")
+    cert = x509.load_pem_x509_certificate(tlvs["DEV_CERT"].text().encode())
+    assert n == cert.public_key().public_numbers().n  # type: ignore[union-attr]
