@@ -48,13 +48,16 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     rig.close()
 
 
-def write_config(root: Path, builds: dict[str, Path]) -> Path:
-    entries = "".join(f'[[firmware]]\nchip = "{chip}"\nflasher_args = {json.dumps(str(p))}\n\n'
-                      for chip, p in builds.items())
+def write_config(root: Path, builds: dict[str, Path], *, name: str = "secure-cert-line",
+                 entry: dict[str, str] | None = None, credentials: str = "") -> Path:
+    """A local-CA line writing esp_secure_cert partitions; `entry` adds a line to one
+    chip's [[firmware]] entry, `credentials` lines to [credentials]."""
+    entries = "".join(f'[[firmware]]\nchip = "{chip}"\nflasher_args = {json.dumps(str(p))}\n'
+                      + (entry or {}).get(chip, "") + "\n" for chip, p in builds.items())
     config = root / "station.toml"
     config.write_text(f"""\
 [station]
-name = "secure-cert-line"
+name = "{name}"
 state_dir = "state"
 [ports]
 watch = ["{root / 'rig' / 'pci-*'}"]
@@ -68,7 +71,7 @@ dir = "ca"
 [credentials]
 out_dir = "certs_out"
 format = "esp_secure_cert"
-""")
+{credentials}""")
     return config
 
 
@@ -169,30 +172,8 @@ def ds_builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def write_ds_config(root: Path, builds: dict[str, Path]) -> Path:
     """DS for the S3 and C3 entries; the ESP32 entry (no DS peripheral) keeps a plain key
     in its own esp_secure_cert partition: a mixed line."""
-    entries = "".join(
-        f'[[firmware]]\nchip = "{chip}"\nflasher_args = {json.dumps(str(p))}\n'
-        + ('credentials = { format = "esp_secure_cert" }\n' if chip == "esp32" else "") + "\n"
-        for chip, p in builds.items())
-    config = root / "station.toml"
-    config.write_text(f"""\
-[station]
-name = "ds-line"
-state_dir = "state"
-[ports]
-watch = ["{root / 'rig' / 'pci-*'}"]
-rescan_interval = 0.2
-{entries}[identity]
-thing_name = "t-{{mac}}"
-[registrar]
-kind = "local-ca"
-[registrar.local_ca]
-dir = "ca"
-[credentials]
-out_dir = "certs_out"
-format = "esp_secure_cert"
-ds = true
-""")
-    return config
+    return write_config(root, builds, name="ds-line", credentials="ds = true\n",
+                        entry={"esp32": 'credentials = { format = "esp_secure_cert" }\n'})
 
 
 def security_steps(state: Path, mac: str) -> list[dict[str, str]]:
