@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.timeout(600),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 LIB = Path("/usr/lib/softhsm/libsofthsm2.so")
-PIN = "4721"
+PIN = "hsm-pin-Qx7w"  # not a run of digits: job ids and timestamps never contain it
 KEYGEN = """
 import sys, pkcs11
 from cryptography.hazmat.primitives import serialization
