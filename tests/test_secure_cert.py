@@ -48,10 +48,15 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     rig.close()
 
 
+LOCAL_CA = '[registrar]\nkind = "local-ca"\n[registrar.local_ca]\ndir = "ca"\n'
+
+
 def write_config(root: Path, builds: dict[str, Path], *, name: str = "secure-cert-line",
-                 entry: dict[str, str] | None = None, credentials: str = "") -> Path:
-    """A local-CA line writing esp_secure_cert partitions; `entry` adds a line to one
-    chip's [[firmware]] entry, `credentials` lines to [credentials]."""
+                 entry: dict[str, str] | None = None, credentials: str = "",
+                 registrar: str = LOCAL_CA) -> Path:
+    """A line writing esp_secure_cert partitions (the local CA's unless `registrar` says
+    otherwise); `entry` adds a line to one chip's [[firmware]] entry, `credentials` lines
+    to [credentials]."""
     entries = "".join(f'[[firmware]]\nchip = "{chip}"\nflasher_args = {json.dumps(str(p))}\n'
                       + (entry or {}).get(chip, "") + "\n" for chip, p in builds.items())
     config = root / "station.toml"
@@ -64,11 +69,7 @@ watch = ["{root / 'rig' / 'pci-*'}"]
 rescan_interval = 0.2
 {entries}[identity]
 thing_name = "t-{{mac}}"
-[registrar]
-kind = "local-ca"
-[registrar.local_ca]
-dir = "ca"
-[credentials]
+{registrar}[credentials]
 out_dir = "certs_out"
 format = "esp_secure_cert"
 {credentials}""")
