@@ -33,6 +33,7 @@ from station.errors import (
 from station.events import (
     BootChecked,
     CloudChecked,
+    CredentialsOnBoard,
     EventSink,
     Identified,
     JobFinished,
@@ -331,6 +332,9 @@ class Worker:
             assert self._beside is not None
             await self._beside.journal()("on-board", credentials.certificate_id,
                                          credentials.certificate_arn)
+            await self.parts.sink.emit(CredentialsOnBoard(
+                job_id=self.job_id, port=self.port, slot=self.slot,
+                format=self.plan.credentials_format, key_block=self.plan.ds_block))
             self._beside.on_board = True
             await self.parts.on_verified(credentials)
             if self.parts.cloud is not None:
