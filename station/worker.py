@@ -249,6 +249,10 @@ class Worker:
             if known is not None and self.policy.on_known_board == "fail":
                 raise KnownBoardError(f"{known.describe()}; not flashed because [identity] "
                                       "on_known_board = \"fail\"")
+            ds, block = self.parts.ds, self.plan.ds_block
+            if ds is not None and block is not None:  # before the cloud or the board is touched
+                await self._stage_call(Stage.SECURE, attempt,
+                                       lambda: ds.check(session, identity, block))
             if self._beside is None:
                 self._beside = Beside(
                     job_id=self.job_id, port=self.port, slot=self.slot,
