@@ -201,3 +201,23 @@ def test_a_key_block_used_for_another_purpose_fails_the_board_untouched(
         assert job["credentials"] is None
     finally:
         rig.close()
+
+
+def test_an_encrypted_line_needs_the_partition_flagged_encrypted(
+        tmp_path: Path, builds: dict[str, Path]) -> None:
+    """[security] flash encryption covers credentials in an esp_secure_cert partition
+    flagged `encrypted` (the station writes it encrypted); plain NVS, or the partition
+    without the flag, would leave the key in the clear: refused at start."""
+    build = make_demo_firmware(tmp_path / "fw", chip="esp32c3", app_size=0x4000,
+                               secure=True, secure_cert=True)
+    firmware = (f'[firmware]\nchip = "esp32c3"\nflasher_args = {json.dumps(str(build))}\n'
+                '[security]\nflash_encryption = "development"\n[verify]\nboot = "app"\n')
+    refused(check(tmp_path, firmware, ""), "security.flash_encryption",
+            "written to the plain NVS partition 'nvs', which flash encryption does not cover")
+    table = build.parent / "partition_table" / "partition-table.bin"
+    table.write_bytes(partition_table(
+        [("nvs", 1, 0x02, 0x9000, 0x4000), ("esp_secure_cert", 0x3F, 0, 0xD000, 0x2000),
+         ("phy_init", 1, 0x01, 0xF000, 0x1000), ("factory", 0, 0, 0x10000, 0x100000)]))
+    refused(check(tmp_path, firmware, 'format = "esp_secure_cert"'), "credentials.format",
+            "esp32c3: the esp_secure_cert partition is not flagged encrypted, so flash "
+            "encryption would leave it in the clear")
