@@ -20,8 +20,15 @@ from station.daemon import EXIT_OK
 from station.demo import make_demo_firmware
 from station.identity import SecureCertFormatError, read_secure_cert
 from station.sim.efuse import EfuseArray
-from tests.securekit import APP_SIZE, SecureLine, burned_key_file, decrypt, efuse_file, \
-    mac_of, signing_key
+from tests.securekit import (
+    APP_SIZE,
+    SecureLine,
+    burned_key_file,
+    decrypt,
+    efuse_file,
+    mac_of,
+    signing_key,
+)
 
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -50,6 +57,9 @@ def test_the_partition_is_written_encrypted_on_a_locked_board(tmp_path: Path) ->
         assert (row["result"], row["boot"], row["lockdown"]) == ("done", "ok", 1), row
         assert (row["credentials"], row["efuse_key_block"]) == ("esp_secure_cert",
                                                                 "BLOCK_KEY5"), row
+        # the app read it through the chip's decryption and signed with its DS key
+        assert "Successfully obtained and verified the contents of esp_secure_cert " \
+               "partition" in row["boot_log"], row["boot_log"]
         stored = flashes[board.mac][AT:AT + SIZE]
         with pytest.raises(SecureCertFormatError):
             read_secure_cert(stored)  # ciphertext: no TLV magic in the clear
