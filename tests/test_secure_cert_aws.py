@@ -1,5 +1,6 @@
 """[credentials] ds = true with AWS IoT (issue 21): the CSR flow with the key never in the
-clear, on a line of 16 boards (ESP32-S3, -C3 and -C6 mixed).
+clear, on a line of 16 boards (ESP32-S3, -C3 and -C6 mixed), and a station killed right
+before and right after a board's HMAC key burn.
 
 The real `station run` registers DS boards with AWS IoT on a moto server, through the test
 proxy that answers CreateCertificateFromCsr as AWS does, with a certificate for the CSR's
@@ -25,7 +26,7 @@ from station.config import FirmwareSection
 from station.daemon import EXIT_OK
 from station.demo import make_demo_firmware
 from station.flash import FirmwareBundle, load_firmware
-from station.identity import read_secure_cert
+from station.identity import CRASH_ENV, read_secure_cert
 from station.identity.ds import DsData
 from station.sim import Rig
 from station.sim.efuse import EfuseArray, efuse_path
@@ -161,3 +162,56 @@ def test_sixteen_ds_boards_register_with_aws_iot_by_csr(
         tmp_path: Path, rig: Rig, proxy: AwsProxy, builds: dict[str, Path]) -> None:
     """The whole flow on a line of 16 boards, S3, C3 and C6 mixed, in parallel."""
     run_ds_line(tmp_path, rig, proxy, builds, [DS_CHIPS[i % 3] for i in range(16)])
+
+
+def _once(line: Line, env: dict[str, str]) -> int:
+    line.start("--exit-after", "1", env=env)
+    try:
+        return line.wait()
+    finally:
+        if line.proc is not None and line.proc.poll() is None:
+            line.proc.kill()
+
+
+@pytest.mark.parametrize("point", ["ds_key:after", "ds_key:before"])
+def test_a_station_killed_around_the_burn_finishes_the_aws_board_with_one_hmac_key(
+        tmp_path: Path, rig: Rig, proxy: AwsProxy, builds: dict[str, Path],
+        point: str) -> None:
+    """SIGKILL right after the burn: the next run reuses AWS's certificate (certs_out
+    holds its public key and the ciphertext) and writes the partition from the saved
+    ciphertext. Right before it: the ciphertext is void, the board asks to be plugged
+    again, and the next run retires that certificate and makes a new key. Either way one
+    HMAC key, the board's certificate ACTIVE on its thing and no other one."""
+    config = write_config(tmp_path, {"esp32c3": builds["esp32c3"]}, name="ds-aws-crash",
+                          credentials="ds = true\n", registrar=aws_registrar(proxy.url))
+    bundle = load_firmware(FirmwareSection(chip="esp32c3", flasher_args=builds["esp32c3"],
+                                           images=()))
+    line = Line(root=tmp_path, rig=rig, config=config, bundle=bundle)
+    board = rig.plug(chip="esp32c3", index=0)
+    mac = board.mac.replace(":", "")
+    env = aws_env(tmp_path)
+    assert _once(line, {**env, CRASH_ENV: point}) == -9, line.output()[-2000:]
+    code = _once(line, env)
+    if point == "ds_key:before":
+        assert code != EXIT_OK
+        assert "plug the board again" in line.jobs()[-1]["error"]
+        code = _once(line, env)
+    assert code == EXIT_OK, line.output()[-3000:]
+    job = line.jobs()[-1]
+    assert job["result"] == "done", job
+    assert len(proxy.csrs) == (1 if point == "ds_key:after" else 2)
+    burns = [s for s in security_steps(line.state, mac) if s["phase"] == "after"]
+    assert len(burns) == 1, burns
+    efuses = EfuseArray("esp32c3", efuse_path(rig.directory, bytes.fromhex(mac)))
+    part = bundle.partition("esp_secure_cert")
+    tlvs = {t.name: t for t in read_secure_cert(rig.flash(board)[part.offset:part.end])}
+    data = tlvs["DS_DATA"].data
+    _, n = chip_decrypts(DsData(ciphertext=data[20:], iv=data[4:20], rsa_bits=2048,
+                                key_id=5, hmac_fingerprint=""), efuses.block_bytes(9),
+                         "esp32c3")
+    cert = x509.load_pem_x509_certificate(tlvs["DEV_CERT"].text().encode())
+    assert n == cert.public_key().public_numbers().n  # type: ignore[union-attr]
+    with aws_client(proxy.url) as aws:
+        assert aws.principals(job["thing_name"]) == [job["certificate_id"]]
+        assert list(aws.active()) == [job["certificate_id"]]
+        assert aws.certificate_pem(job["certificate_id"]) == tlvs["DEV_CERT"].text()
