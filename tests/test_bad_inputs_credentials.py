@@ -207,7 +207,8 @@ def test_an_encrypted_line_needs_the_partition_flagged_encrypted(
         tmp_path: Path, builds: dict[str, Path]) -> None:
     """[security] flash encryption covers credentials in an esp_secure_cert partition
     flagged `encrypted` (the station writes it encrypted); plain NVS, or the partition
-    without the flag, would leave the key in the clear: refused at start."""
+    without the flag, would leave the key in the clear: refused at start. So is a DS key
+    block that the flash-encryption key, burned first, could take."""
     build = make_demo_firmware(tmp_path / "fw", chip="esp32c3", app_size=0x4000,
                                secure=True, secure_cert=True)
     firmware = (f'[firmware]\nchip = "esp32c3"\nflasher_args = {json.dumps(str(build))}\n'
@@ -221,3 +222,8 @@ def test_an_encrypted_line_needs_the_partition_flagged_encrypted(
     refused(check(tmp_path, firmware, 'format = "esp_secure_cert"'), "credentials.format",
             "esp32c3: the esp_secure_cert partition is not flagged encrypted, so flash "
             "encryption would leave it in the clear")
+    refused(check(tmp_path, firmware, 'format = "esp_secure_cert"\nds = true\n'
+                                      'efuse_key_block = "BLOCK_KEY0"'),
+            "credentials.efuse_key_block", "esp32c3: the flash-encryption key is burned "
+            "before the DS key, into the first free key block from BLOCK_KEY0 (two with "
+            'AES-256), so BLOCK_KEY0 may be taken: set efuse_key_block = "BLOCK_KEY5"')

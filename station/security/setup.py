@@ -112,6 +112,11 @@ def secure_line(config: Config, firmwares: Sequence[FirmwareFacts]) -> StationSe
                            if s.escrow_public_key is not None else None)
 
 
+DS_SAFE_BLOCK = "BLOCK_KEY5"
+"""The one key block an XTS key never takes (efuses.py `free_key_block(skip_last)`): the
+DS key's block beside host-made flash encryption."""
+
+
 def _credentials_encrypted(config: Config, fw: FirmwareFacts, path: str) -> None:
     """Credentials on an encrypted board go where flash encryption covers them: the
     esp_secure_cert partition flagged `encrypted` (esp_secure_cert_mgr's own row), which
@@ -123,6 +128,13 @@ def _credentials_encrypted(config: Config, fw: FirmwareFacts, path: str) -> None
                           "encryption, not supported by this station yet): set [credentials] "
                           "format = \"esp_secure_cert\" (its partition is flagged encrypted), "
                           "use registrar kind \"none\", or flash_encryption = \"off\"")
+    board = config.credentials_for(fw.chip)
+    if board.ds and config.security.key == "host" and board.efuse_key_block != DS_SAFE_BLOCK:
+        raise ConfigError(path, "credentials.efuse_key_block", f"{fw.chip}: the flash-"
+                          "encryption key is burned before the DS key, into the first free "
+                          f"key block from BLOCK_KEY0 (two with AES-256), so "
+                          f"{board.efuse_key_block} may be taken: set efuse_key_block = "
+                          f"\"{DS_SAFE_BLOCK}\" (an XTS key never goes there)")
     part = next((p for p in fw.partitions if p.label == SECURE_CERT_LABEL), None)
     if part is not None and not part.flags & PART_ENCRYPTED:
         raise ConfigError(path, "credentials.format", f"{fw.chip}: the esp_secure_cert "
