@@ -33,7 +33,7 @@ def test_the_security_state_reaches_the_central_ledger_board_and_report(
         result = line.run(len(boards))
         keys = [burned_key_file(CHIP, efuse_file(rig, b), tmp_path / f"{mac_of(b)}.key")
                 for b in boards]
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     local = {r["mac"]: r for r in line.ledger()}
 
     with psycopg.connect(central_db, password=PASSWORD) as conn:
