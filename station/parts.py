@@ -223,6 +223,11 @@ class BoardDs(Protocol):
         """The board's esp_secure_cert partition and its credentials without a key."""
         ...
 
+    async def check(self, session: BoardSession, identity: BoardIdentity, block: str) -> None:
+        """Before anything is written or burned: SecurityError if `block` is used for
+        anything but a DS key (the board stays untouched)."""
+        ...
+
 
 class BoardSecurity(Protocol):
     """The station's security part: decides each board's sequence from its eFuses."""

@@ -3,7 +3,8 @@
 Everything that would brick a board or leave it open is refused here, before the first
 board, with the file, the key and the fix: a purpose or field the chip lacks (from
 espefuse's tables), images not built for the features, unsigned images where the
-station may not sign, credentials that would sit in plain NVS on an encrypted board,
+station may not sign, credentials that would sit in plain NVS (or an esp_secure_cert
+partition not flagged encrypted) on an encrypted board,
 a lock-down nothing would prove (no boot check).
 """
 
@@ -14,10 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from station.config import Config
+from station.config import SECURE_CERT_LABEL, Config
 from station.errors import ConfigError
 from station.parts import Region
-from station.security.images import PartitionRow, SecuredFirmware, secure_firmware
+from station.security.images import (
+    PART_ENCRYPTED,
+    PartitionRow,
+    SecuredFirmware,
+    secure_firmware,
+)
 from station.security.plan import ChipPlan, PlanError, chip_plan
 from station.security.signer import signer_for
 
@@ -83,11 +89,8 @@ def secure_line(config: Config, firmwares: Sequence[FirmwareFacts]) -> StationSe
                           "mode it was locked in (release mode, secure boot): set "
                           "[verify] boot = \"app\"")
     if s.flash_encryption != "off" and config.registrar.kind != "none":
-        raise ConfigError(path, "security.flash_encryption", "the credentials would be "
-                          f"written to the plain NVS partition '{config.credentials.partition}'"
-                          ", which flash encryption does not cover (NVS has its own "
-                          "encryption, not supported by this station yet): use registrar "
-                          "kind \"none\" on an encrypted line, or flash_encryption = \"off\"")
+        for fw in firmwares:
+            _credentials_encrypted(config, fw, path)
     plans: dict[str, ChipPlan] = {}
     secured: dict[str, SecuredFirmware] = {}
     cache = config.station.state_dir / "signed"
@@ -107,6 +110,38 @@ def secure_line(config: Config, firmwares: Sequence[FirmwareFacts]) -> StationSe
                            signing_key_pem=signer.public_pem if signer else None,
                            escrow_pem=s.escrow_public_key.read_bytes()
                            if s.escrow_public_key is not None else None)
+
+
+DS_SAFE_BLOCK = "BLOCK_KEY5"
+"""The one key block an XTS key never takes (efuses.py `free_key_block(skip_last)`): the
+DS key's block beside host-made flash encryption."""
+
+
+def _credentials_encrypted(config: Config, fw: FirmwareFacts, path: str) -> None:
+    """Credentials on an encrypted board go where flash encryption covers them: the
+    esp_secure_cert partition flagged `encrypted` (esp_secure_cert_mgr's own row), which
+    the station writes encrypted with the board's key; never plain NVS."""
+    if config.credentials_for(fw.chip).format == "nvs":
+        raise ConfigError(path, "security.flash_encryption", "the credentials would be "
+                          f"written to the plain NVS partition '{config.partition_for(fw.chip)}'"
+                          ", which flash encryption does not cover (NVS has its own "
+                          "encryption, not supported by this station yet): set [credentials] "
+                          "format = \"esp_secure_cert\" (its partition is flagged encrypted), "
+                          "use registrar kind \"none\", or flash_encryption = \"off\"")
+    board = config.credentials_for(fw.chip)
+    if board.ds and config.security.key == "host" and board.efuse_key_block != DS_SAFE_BLOCK:
+        raise ConfigError(path, "credentials.efuse_key_block", f"{fw.chip}: the flash-"
+                          "encryption key is burned before the DS key, into the first free "
+                          f"key block from BLOCK_KEY0 (two with AES-256), so "
+                          f"{board.efuse_key_block} may be taken: set efuse_key_block = "
+                          f"\"{DS_SAFE_BLOCK}\" (an XTS key never goes there)")
+    part = next((p for p in fw.partitions if p.label == SECURE_CERT_LABEL), None)
+    if part is not None and not part.flags & PART_ENCRYPTED:
+        raise ConfigError(path, "credentials.format", f"{fw.chip}: the esp_secure_cert "
+                          "partition is not flagged encrypted, so flash encryption would "
+                          "leave it in the clear: end its row in partitions.csv with "
+                          "\"encrypted\" (\"esp_secure_cert, 0x3F, , 0xD000, 0x2000, "
+                          "encrypted\") and rebuild")
 
 
 FIRST_BOOT_S_PER_MB = 15.0
