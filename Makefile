@@ -26,7 +26,7 @@ lint: $(STAMP)
 TEST_WORKERS ?= 3
 
 test: lint
-	$(BIN)/pytest -n $(TEST_WORKERS) -m "not timing" --durations=15
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal -m "not timing" --durations=15
 	$(BIN)/pytest -m timing
 
 bench: $(STAMP)

@@ -87,6 +87,7 @@ OUTAGE_S = 60.0
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_postgresql_away_for_a_minute_then_a_station_killed_while_shipping(
         make_line: Callable[..., CentralLine], pg: Cluster) -> None:  # noqa: F811
     import time

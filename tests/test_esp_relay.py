@@ -158,6 +158,7 @@ def test_a_relay_killed_mid_flash_ends_that_board_removed_only(site: Site) -> No
 
 
 @pytest.mark.parallel
+@pytest.mark.long(cpu=True)
 def test_sixteen_boards_behind_esptools_relay_boot_the_app_and_stay_done(
         site: Site, relayed: RelayedRig) -> None:
     served = [relayed.plug(app_line="SELFTEST: PASS") for _ in range(16)]

@@ -98,6 +98,7 @@ def stop(line: Line) -> None:
 
 
 @pytest.mark.parallel
+@pytest.mark.long(cpu=True)
 def test_sixteen_native_usb_boards_reenumerate_and_are_done_once(line: Line) -> None:
     line.start()
     boards = [line.rig.plug(chip=JTAG_CHIPS[i % 4], usb="jtag", index=i) for i in range(12)]

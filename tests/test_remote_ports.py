@@ -160,6 +160,7 @@ def test_a_board_without_auto_reset_asks_for_boot_en_and_finishes_once_pressed(
 
 
 @pytest.mark.parallel
+@pytest.mark.long(cpu=True)
 def test_sixteen_boards_over_rfc2217_boot_the_app_and_stay_done(site: Site) -> None:
     with Rig(site.hub, seed=16, throttle=False, flash_timing=False, rfc2217_base=0) as rig:
         boards = [rig.plug(chip="esp32", app_line="SELFTEST: PASS") for _ in range(16)]

@@ -53,6 +53,7 @@ def _images(line: SecureLine, chip: str) -> dict[int, bytes]:
     return out
 
 
+@pytest.mark.long(cpu=True)
 def test_sixteen_boards_of_four_chips_leave_locked(line: SecureLine, tmp_path: Path) -> None:
     with line.rig() as rig:
         boards = [rig.plug(chip=chip) for chip in CHIPS for _ in range(4)]

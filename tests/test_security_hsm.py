@@ -75,6 +75,7 @@ def token(tmp_path: Path) -> Token:
     return Token(env={"SOFTHSM2_CONF": str(conf)}, slot=slot, public_pem=public)
 
 
+@pytest.mark.long(cpu=True)
 def test_images_signed_in_the_hsm_lock_boards(tmp_path: Path, token: Token) -> None:
     chips = ("esp32c3", "esp32s3")
     line = make_line(tmp_path, chips=chips)

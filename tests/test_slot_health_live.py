@@ -60,6 +60,7 @@ def jobs_since(state: Path, at: float) -> dict[str, list[str | None]]:
     return out
 
 
+@pytest.mark.long
 def test_a_slot_that_keeps_failing_is_flagged_parked_and_cleared(
         tmp_path: Path, tmux: Tmux) -> None:
     firmware = make_demo_firmware(tmp_path / "fw", chip="esp32", app_size=64_000)

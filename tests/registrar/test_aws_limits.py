@@ -40,6 +40,7 @@ async def run_boards(registrar: AwsIotRegistrar, n: int = BOARDS) -> list[Any]:
         await registrar.close()
 
 
+@pytest.mark.long
 def test_throttled_server_all_boards_succeed(moto: str, iot: Any, tmp_path: Path) -> None:
     seen: list[str] = []
     with AwsProxy(moto, throttle_share=0.3) as proxy:

@@ -40,6 +40,7 @@ def firmware(tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.slow  # ~50 s: pyserial's RFC 2217 client waits 50 ms per setting change
+@pytest.mark.long
 def test_esptool_flashes_and_the_board_boots_over_rfc2217(rig: Rig, firmware: list[str]) -> None:
     board = rig.plug(chip="esp32", app_line="SELFTEST: PASS")
     assert board.rfc2217 is not None and board.rfc2217.startswith("rfc2217://127.0.0.1:")
