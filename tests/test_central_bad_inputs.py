@@ -89,11 +89,12 @@ def test_a_schema_newer_than_the_station_is_one_line(tmp_path: Path, firmware: P
     ok = line.command("check")
     assert ok.returncode == 0, ok.stderr
     assert f"ready (created, version {central.SCHEMA_VERSION})" in ok.stdout
-    pg.sql("INSERT INTO station_schema (version, applied_by) VALUES (7, 'line-from-2027')",
-           database=central_db.rsplit("/", 1)[-1])
+    newer = central.SCHEMA_VERSION + 1
+    pg.sql(f"INSERT INTO station_schema (version, applied_by) VALUES ({newer}, "
+           "'line-from-2027')", database=central_db.rsplit("/", 1)[-1])
     text = one_line(line)
     assert text.startswith("station: central ledger: [ledger] central 127.0.0.1:"), text
-    assert ("its schema is version 7, newer than this station's "
+    assert (f"its schema is version {newer}, newer than this station's "
             f"{central.SCHEMA_VERSION}; upgrade this station") in text
 
 

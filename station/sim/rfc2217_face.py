@@ -182,7 +182,12 @@ class Rfc2217Face:
         return f"rfc2217://{HOST}:{self.port}"
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, HOST, self.requested_port)
+        """Listen; a taken port is a ValueError naming it (the rig's user chose it)."""
+        try:
+            self._server = await asyncio.start_server(self._serve, HOST, self.requested_port)
+        except OSError as e:
+            raise ValueError(f"{self._name}: cannot listen on TCP port "
+                             f"{self.requested_port}: {e.strerror}") from None
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:

@@ -16,7 +16,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import fcntl
 import logging
 import os
 import random
@@ -32,6 +31,7 @@ from .chips import ChipSpec, chip_spec
 from .efuse import EfuseArray, efuse_path
 from .faults import Faults
 from .flash import Flash, FlashTiming
+from .hub_port import hold_port, link_port
 from .plugged import MacAllocator, PluggedBoard, by_path_name, fill_flash, format_mac, parse_size
 from .pty_lines import PtyLinesListener
 from .pty_link import OPEN_POLL_INTERVAL_S, PtyLink
@@ -261,11 +261,9 @@ class Rig:
         return self._slots[index].board
 
     def await_host_close(self, board: PluggedBoard | int, timeout: float = 5.0) -> None:
-        """Return once the board has seen the host close its port (and, without reset
-        lines, reset as that close makes it). A host that closes and opens the port
-        again before the board notices gets no reset: the board polls the pty's hang-up,
-        and a loaded machine may not schedule it in between (docs/virtual-boards.md).
-        Tests that open one port twice in a row wait here in between."""
+        """Return once the board saw the host close its port (without reset lines, its
+        reset): a close and reopen faster than the board notices is no reset (a pty
+        model limit, docs/virtual-boards.md). For tests that reopen a port at once."""
         live = self.board(board)
 
         async def seen() -> None:
@@ -377,17 +375,16 @@ class Rig:
             slot.face = Rfc2217Face(rfc2217_port, pty, lines, name=f"board {index}")
             try:
                 await slot.face.start()
-            except OSError as e:
+            except ValueError:
                 self._slots.pop(index)
                 task.cancel()
                 link.close()
-                raise ValueError(f"board {index}: cannot listen on TCP port "
-                                 f"{rfc2217_port}: {e.strerror}") from None
+                raise
             info = slot.info = dataclasses.replace(info, rfc2217=slot.face.url)
             extra = {"rfc2217": info.rfc2217, "reset_circuit": info.reset_circuit,
                      "app_line": info.app_line, "en_cap_uf": info.en_cap_uf}
         self._hold_if_busy(slot)
-        self._link_port(port, link.slave_path)
+        link_port(port, link.slave_path)
         log.info("plugged %s %s at %s -> %s", chip, info.mac, port, link.slave_path)
         self._emit({"event": "plugged", "index": index, "port": info.port, "pty": info.pty,
                     "mac": info.mac, "chip": chip, **usb.describe(), "preloaded": preloaded,
@@ -410,25 +407,16 @@ class Rig:
                        max_baud=usb.max_baud, usb_bytes_per_s=usb.bytes_per_s)
 
     def _hold_if_busy(self, slot: _Slot) -> None:
-        """Fault ``busy``: open the port and take the exclusive lock pyserial uses."""
+        """Fault ``busy``: another process holds the port (pyserial's exclusive lock)."""
         self._release(slot)
         if slot.info.faults.busy:
-            fd = os.open(slot.link.slave_path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            slot.holder = fd
+            slot.holder = hold_port(slot.link.slave_path)
 
     @staticmethod
     def _release(slot: _Slot) -> None:
         if slot.holder is not None:
             os.close(slot.holder)
             slot.holder = None
-
-    def _link_port(self, port: Path, target: str) -> None:
-        tmp = self.directory / f".{port.name}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        os.symlink(target, tmp)
-        os.rename(tmp, port)  # atomic, like udev: watchers see a complete link
 
     async def _board_reset(self, index: int, kind: str) -> None:
         """A board saw a reset: count it; a native-USB board drops off and comes back."""
@@ -461,7 +449,7 @@ class Rig:
         slot.reenumerations += 1
         self._hold_if_busy(slot)  # whoever held the old node grabs the new one too
         slot.info = dataclasses.replace(info, pty=link.slave_path)
-        self._link_port(Path(info.port), link.slave_path)
+        link_port(Path(info.port), link.slave_path)
         log.info("re-enumerated %s at %s -> %s", info.mac, info.port, link.slave_path)
         self._emit({"event": "reenumerated", "index": index, "port": info.port,
                     "mac": info.mac, "pty": link.slave_path, "old_pty": info.pty,
