@@ -190,6 +190,11 @@ one line of a board's security journal, durable before the call returns."""
 class BoardLock(Protocol):
     """One board's security sequence (station/security), as the worker drives it."""
 
+    @property
+    def nvs_keys(self) -> bytes | None:
+        """The board's NVS encryption keys (its nvs_keys partition holds them, flash-
+        encrypted) that its NVS credentials are encrypted with; None: plain NVS."""
+
     def regions(self, regions: Sequence[Region]) -> list[Region]:
         """The plan's images as this board gets them (signed, encrypted)."""
 

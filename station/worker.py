@@ -323,7 +323,8 @@ class Worker:
             self._stage = Stage.FLASH
             await self._timed(Stage.FLASH, lambda: self._write(session, own))
         elif credentials is not None and self.plan.credentials_region is not None:
-            own = [self.plan.credentials_region(credentials)]
+            own = [self.plan.credentials_region(credentials,
+                                                None if lock is None else lock.nvs_keys)]
             self._stage = Stage.FLASH
             await self._timed(Stage.FLASH, lambda: self._write(session, own))
         await self._stage_call(Stage.VERIFY, attempt, lambda: self._verify(session, regions + own))

@@ -36,6 +36,7 @@ from typing import Any
 from station.errors import SecurityError
 from station.parts import BoardIdentity, BoardSession, Region, SecurityJournal
 from station.security import efuses as fuses
+from station.security import nvskeys
 from station.security.escrow import write_escrow
 from station.security.images import SecuredFirmware, encrypted_region, key_fingerprint
 from station.security.plan import SB_REVISION_ESP32, STEPS, ChipPlan, Step
@@ -56,9 +57,12 @@ class Keys:
     """Host keys between their burn and the verify of the images written with them."""
 
     by_mac: dict[str, bytes] = field(default_factory=dict)
+    nvs_by_mac: dict[str, bytes] = field(default_factory=dict)
+    """NVS encryption keys (nvskeys.py), from the write of the board's nvs_keys partition
+    until its boot check passed: a retry rewrites its credentials with the same keys."""
 
     def __repr__(self) -> str:  # never a key in a log or traceback
-        return f"Keys({len(self.by_mac)} held)"
+        return f"Keys({len(self.by_mac)} held, {len(self.nvs_by_mac)} NVS)"
 
 
 FIRST_BOOT_DONE = "Flash encryption completed"
@@ -121,6 +125,7 @@ class BoardLock:
         self.images_done = False  # verified earlier with this key (journal + flash MD5s)
         self.chip_only = False  # our key is burned but lost: the chip encrypts, unverified
         self.thing = identity.mac  # the board's certs_out folder (escrow_public_key)
+        self._nvs_keys: bytes | None = None
 
     # -- deciding where the board stands ---------------------------------------------
 
@@ -186,9 +191,7 @@ class BoardLock:
         if await self._images_on_flash(session):
             self.images_done = True
             return
-        manual = state.values.get("DIS_DOWNLOAD_MANUAL_ENCRYPT") or \
-            state.values.get("DISABLE_DL_ENCRYPT")
-        if not manual and not state.values.get(self.plan.counter or "", 0):
+        if self._chip_can_encrypt():
             # the key died with the last run, but the chip can still encrypt with it
             # (esptool's --encrypt): the boot check is then the proof, not an MD5
             self.chip_only = True
@@ -242,8 +245,11 @@ class BoardLock:
     def regions(self, regions: Sequence[Region]) -> list[Region]:
         """The plan's images as this board gets them: signed, encrypted with its key."""
         secured = {r.offset: r for r in self.firmware.regions}
+        keys_at = self.firmware.nvs_keys_at
         out = []
         for region in regions:
+            if keys_at is not None and region.offset == keys_at[0]:
+                continue  # the board's own keys go there (below)
             r = secured.get(region.offset, region)
             if r.offset not in self.firmware.encrypted:
                 out.append(r)
@@ -253,7 +259,42 @@ class BoardLock:
                 out.append(encrypted_region(r.name, r.offset, plain, cipher, CHIP_ENCRYPTS))
             elif not self.images_done:  # decide() never lets this happen
                 raise SecurityError(f"{self.identity.mac}: no key for {r.name}", rework=True)
+        if keys_at is not None:
+            out.extend(self._nvs_keys_region(*keys_at))
         return out
+
+    @property
+    def nvs_keys(self) -> bytes | None:
+        return self._nvs_keys
+
+    def _nvs_keys_region(self, offset: int, size: int) -> list[Region]:
+        """The board's nvs_keys partition, flash-encrypted as the other encrypted
+        partitions are (nvskeys.py); [] when it is on the flash already, verified."""
+        mac = self.identity.mac
+        held = self.line.keys.nvs_by_mac.get(mac)
+        keys = held or nvskeys.fresh_keys()
+        self._nvs_keys = self.line.keys.nvs_by_mac[mac] = keys
+        plain = nvskeys.keys_region(keys, offset, size)
+        if self.device:  # the bootloader encrypts it on the first boot (encrypt_partition)
+            return [plain]
+        if self.key is not None or self.chip_only:
+            cipher = None if self.key is None else self.firmware.encrypt_for(self.key, plain)
+            return [encrypted_region(plain.name, offset, plain.data, cipher, CHIP_ENCRYPTS)]
+        if held is not None and self.images_done:
+            return []  # written and verified with these keys (the journal's MD5)
+        if self._chip_can_encrypt():  # the keys died with the last run: fresh ones
+            log.warning("%s: the NVS keys written with the images were lost with the last "
+                        "stop; the chip encrypts a fresh nvs_keys partition", mac)
+            return [encrypted_region(plain.name, offset, plain.data, None, True)]
+        raise SecurityError(f"{mac}: the NVS encryption keys on the board were lost with the "
+                            "last stop and the chip no longer encrypts writes: its "
+                            "credentials cannot be written readable", rework=True)
+
+    def _chip_can_encrypt(self) -> bool:
+        """esptool's --encrypt still works: manual encryption allowed, counter unset."""
+        values = self.state.values
+        return not (values.get("DIS_DOWNLOAD_MANUAL_ENCRYPT") or
+                    values.get("DISABLE_DL_ENCRYPT") or values.get(self.plan.counter or "", 0))
 
     async def before_write(self, session: BoardSession) -> None:
         """Burn the key (or finish its protection) before anything is written with it."""
@@ -311,22 +352,30 @@ class BoardLock:
         return bool(self.state.missing(step))
 
     def boot_complete(self, complete: Callable[[str], bool]) -> Callable[[str], bool]:
-        if not self.device:
-            return complete
+        """The app prints its mode after its own information lines (`esp_flash_encryption_
+        init_checks` runs after `app_init`), so the story is told once those lines are
+        there too: judged earlier, a slow console's story lacks them (or a boot loop)."""
+        wants = self._wants()
+
+        def app_told(text: str) -> bool:
+            return complete(text) and (all(w in text for w in wants)
+                                       or text.count("rst:0x") >= 2)
 
         def told(text: str) -> bool:
             if FIRST_BOOT_DONE in text:  # the second boot, judged as any boot
-                return complete(text.split(FIRST_BOOT_DONE, 1)[1])
+                return app_told(text.split(FIRST_BOOT_DONE, 1)[1])
             if FIRST_BOOT_STARTED in text:  # encrypting: wait, unless it loops
                 return text.count("rst:0x") >= 3
-            return complete(text)
-        return told
+            return app_told(text)
+        return told if self.device else app_told
 
     def boot_story(self, text: str) -> str:
         return text.split(FIRST_BOOT_DONE, 1)[1] if self.device and \
             FIRST_BOOT_DONE in text else text
 
     async def after_boot(self, text: str) -> None:
+        self.line.keys.nvs_by_mac.pop(self.identity.mac, None)  # done: the board has them
+        self._nvs_keys = None
         if self.device:
             await self._journal("first_boot", "after", "the chip made its key and encrypted "
                                 "its flash; the second boot: " + self.plan.mode)
@@ -337,6 +386,11 @@ class BoardLock:
             return f"expected the first boot to encrypt the flash (\"{FIRST_BOOT_DONE}\") " \
                 "and the board to boot again"
         text = self.boot_story(text)
+        missing = [w for w in self._wants() if w not in text]
+        return f"expected \"{missing[0]}\" in the boot story" if missing else None
+
+    def _wants(self) -> list[str]:
+        """What the boot story must show of the board's new state."""
         wants = []
         if self.plan.mode == "release":
             wants.append("Flash encryption mode is RELEASE")
@@ -344,8 +398,7 @@ class BoardLock:
             wants.append("Flash encryption mode is DEVELOPMENT")
         if self.plan.digest_purpose:
             wants.append("secure boot v2 is already enabled")
-        missing = [w for w in wants if w not in text]
-        return f"expected \"{missing[0]}\" in the boot story" if missing else None
+        return wants
 
     def summary(self) -> Mapping[str, Any]:
         return {"mode": self.line.security.mode, "fingerprint": self.fingerprint,

@@ -3,7 +3,8 @@
 Everything that would brick a board or leave it open is refused here, before the first
 board, with the file, the key and the fix: a purpose or field the chip lacks (from
 espefuse's tables), images not built for the features, unsigned images where the
-station may not sign, credentials that would sit in plain NVS on an encrypted board,
+station may not sign, credentials that would sit in plain NVS on an encrypted board (a
+table without the nvs_keys partition NVS encryption needs),
 a lock-down nothing would prove (no boot check).
 """
 
@@ -18,6 +19,7 @@ from station.config import Config
 from station.errors import ConfigError
 from station.parts import Region
 from station.security.images import PartitionRow, SecuredFirmware, secure_firmware
+from station.security.nvskeys import NVS_KEYS_PAGE, NVS_KEYS_ROW, nvs_keys_partition
 from station.security.plan import ChipPlan, PlanError, chip_plan
 from station.security.signer import signer_for
 
@@ -56,6 +58,9 @@ class StationSecurity:
             out += [f"            {line}" for line in plan.lines()]
             out.append(f"            {chip}: encrypted at {enc}"
                        + (f"; signing key digest {fw.digest[:16]}" if fw.digest else ""))
+            if fw.nvs_keys_at is not None:
+                out.append(f"            {chip}: NVS credentials encrypted, keys in nvs_keys "
+                           f"at 0x{fw.nvs_keys_at[0]:x} (a pair per board, flash-encrypted)")
         return out
 
 
@@ -82,12 +87,6 @@ def secure_line(config: Config, firmwares: Sequence[FirmwareFacts]) -> StationSe
         raise ConfigError(path, "verify.boot", "a locked board must prove it boots in the "
                           "mode it was locked in (release mode, secure boot): set "
                           "[verify] boot = \"app\"")
-    if s.flash_encryption != "off" and config.registrar.kind != "none":
-        raise ConfigError(path, "security.flash_encryption", "the credentials would be "
-                          f"written to the plain NVS partition '{config.credentials.partition}'"
-                          ", which flash encryption does not cover (NVS has its own "
-                          "encryption, not supported by this station yet): use registrar "
-                          "kind \"none\" on an encrypted line, or flash_encryption = \"off\"")
     plans: dict[str, ChipPlan] = {}
     secured: dict[str, SecuredFirmware] = {}
     cache = config.station.state_dir / "signed"
@@ -100,13 +99,42 @@ def secure_line(config: Config, firmwares: Sequence[FirmwareFacts]) -> StationSe
         except PlanError as e:
             raise ConfigError(path, "security", str(e)) from None
         secured[fw.chip] = secure_firmware(s, fw.chip, fw.regions, fw.partitions, fw.source,
-                                           Path(cache), signer)
+                                           Path(cache), signer, _nvs_keys_at(config, fw))
     if s.key == "device":
         _first_boot_time(config, secured.values())
     return StationSecurity(plans=plans, firmware=secured, mode=describe_mode(config),
                            signing_key_pem=signer.public_pem if signer else None,
                            escrow_pem=s.escrow_public_key.read_bytes()
                            if s.escrow_public_key is not None else None)
+
+
+def _nvs_keys_at(config: Config, fw: FirmwareFacts) -> tuple[int, int] | None:
+    """Where the board's NVS encryption keys go, when its credentials go to NVS on an
+    encrypted line (security/nvskeys.py); a table without an nvs_keys partition is
+    refused: plain NVS would leave the private key readable on a locked board."""
+    if config.security.flash_encryption == "off" or config.registrar.kind == "none":
+        return None
+    path, board = str(config.path), config.credentials_for(fw.chip)
+    which = "" if len(config.firmwares) == 1 else f" ({fw.chip})"
+    if board.format != "nvs":
+        raise ConfigError(path, "credentials.format", f"the esp_secure_cert partition{which} "
+                          "is written after the images, outside flash encryption, which this "
+                          "station does not do for it yet: on an encrypted line set format = "
+                          "\"nvs\" (NVS encryption, with an nvs_keys partition)")
+    part = nvs_keys_partition(fw.partitions)
+    table = f"the partition table of {fw.source}{which}"
+    if part is None:
+        raise ConfigError(path, "security.flash_encryption", f"{table} has no nvs_keys "
+                          "partition: the credentials go to NVS, which flash encryption does "
+                          "not cover, and NVS encryption keeps its keys in one; add the row "
+                          f"\"{NVS_KEYS_ROW}\" to the build's partitions.csv (ESP-IDF's NVS "
+                          "encryption, flash-encryption-based scheme) and rebuild, or set "
+                          "[registrar] kind = \"none\"")
+    if part.size < NVS_KEYS_PAGE:
+        raise ConfigError(path, "security.flash_encryption", f"{table}: the nvs_keys "
+                          f"partition is 0x{part.size:x} bytes; it must be at least "
+                          f"0x{NVS_KEYS_PAGE:x} (4 KB) in partitions.csv")
+    return part.offset, part.size
 
 
 FIRST_BOOT_S_PER_MB = 15.0
