@@ -101,10 +101,11 @@ class LineSecurity:
                      journal: SecurityJournal, thing: str = "") -> BoardLock:
         plan = self.security.plans[identity.chip]
         firmware = self.security.firmware[identity.chip]
+        view = fuses.Efuses()  # read once here, kept current by this board's batches
         state = await session.on_loader("read eFuses",
-                                        lambda esp: fuses.read_state(esp, plan))
+                                        lambda esp: fuses.read_state(esp, plan, view))
         past = await self.history(identity.mac)
-        lock = BoardLock(self, plan, firmware, identity, journal, state, past)
+        lock = BoardLock(self, plan, firmware, identity, journal, state, past, view)
         lock.thing = thing or identity.mac
         await lock.decide(session)
         return lock
@@ -115,8 +116,10 @@ class BoardLock:
 
     def __init__(self, line: LineSecurity, plan: ChipPlan, firmware: SecuredFirmware,
                  identity: BoardIdentity, journal: SecurityJournal,
-                 state: fuses.ChipState, past: list[dict[str, Any]]) -> None:
+                 state: fuses.ChipState, past: list[dict[str, Any]],
+                 view: fuses.Efuses | None = None) -> None:
         self.line, self.plan, self.firmware = line, plan, firmware
+        self.view = view or fuses.Efuses()
         self.identity, self.journal, self.state, self.past = identity, journal, state, past
         self.key: bytes | None = None
         self.fingerprint: str | None = None
@@ -313,7 +316,8 @@ class BoardLock:
                      self.identity.mac, path)
 
         def work(esp: Any) -> list[str]:
-            return fuses.burn(esp, self.plan, step, state, key=key, resume_key_blocks=blocks)
+            return fuses.burn(esp, self.plan, step, state, key=key, resume_key_blocks=blocks,
+                              view=self.view)
         await self._batch(session, step, work)
         self.key_burned = True
 
@@ -330,8 +334,8 @@ class BoardLock:
                                 "makes the key and encrypts on this boot")
         self.line.keys.by_mac.pop(self.identity.mac, None)
         self.key = None
-        self.state = await session.on_loader("read eFuses",
-                                             lambda esp: fuses.read_state(esp, self.plan))
+        self.state = await session.on_loader(
+            "read eFuses", lambda esp: fuses.read_state(esp, self.plan, self.view))
         pem = self.line.security.signing_key_pem
         for name in STEPS[1:]:
             step = self.plan.step(name)
@@ -343,7 +347,7 @@ class BoardLock:
         state = self.state
 
         def work(esp: Any) -> list[str]:
-            return fuses.burn(esp, self.plan, step, state, signing_key_pem=pem)
+            return fuses.burn(esp, self.plan, step, state, signing_key_pem=pem, view=self.view)
         return work
 
     def _missing(self, step: Step) -> bool:
