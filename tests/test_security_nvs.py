@@ -112,3 +112,44 @@ def test_station_check_names_the_nvs_keys_partition(line: SecureLine) -> None:
     assert result.code == EXIT_OK, result
     for chip in CHIPS:
         assert f"{chip}: NVS credentials encrypted, keys in nvs_keys at 0x" in result.stdout
+
+
+def _credentials_readable(line: SecureLine, board_chip: str, flash: bytes, efuses: Path,
+                          thing: str, tmp_path: Path) -> None:
+    """The board's nvs_keys open its NVS credentials, which are certs_out's."""
+    bundle = load_firmware(FirmwareSection(chip=board_chip, flasher_args=line.builds[board_chip],
+                                           images=()))
+    nvs, keys_part = bundle.partition("nvs"), bundle.partition("nvs_key")
+    key = burned_key_file(board_chip, efuses, tmp_path / "fe.key")
+    xts = decrypt(board_chip, key, flash[keys_part.offset:keys_part.end], keys_part.offset,
+                  tmp_path)[:64]
+    values = read_nvs(nvs_decrypt(flash[nvs.offset:nvs.end], xts, tmp_path))["station"]
+    cert = (line.root / "certs_out" / thing / "certificate.pem.crt").read_text()
+    assert values["cert"] == cert.encode() + b"\0"
+
+
+@pytest.mark.parametrize(("point", "outcome"), [("images:after", "done"),
+                                                ("encrypt:after", "rework")])
+def test_a_station_killed_after_the_images_never_leaves_unreadable_credentials(
+        tmp_path: Path, point: str, outcome: str) -> None:
+    """The NVS keys live in memory only. Killed after the images (and credentials) were
+    verified, before the counter: the chip still encrypts, so a fresh nvs_keys partition
+    and the credentials under it finish the board. Killed after the counter: the board
+    needs rework, with the reason, and is never reported done."""
+    line = make_line(tmp_path, chips=("esp32c3",), nvs_keys=True)
+    line.extra = {"identity": {"thing_name": "t-{mac}"},
+                  "registrar": {"kind": "local-ca"}, "registrar.local_ca": {"dir": "ca"}}
+    with line.rig() as rig:
+        board = rig.plug(chip="esp32c3")
+        killed = line.run(1, env={"STATION_TEST_CRASH_AFTER": f"security:{point}"})
+        assert killed.code == -9, killed
+        again = line.run(1)
+        flash, efuses = rig.flash(board), efuse_file(rig, board)
+    last = line.ledger()[-1]
+    if outcome == "done":
+        assert again.code == EXIT_OK, again
+        assert (last["result"], last["boot"], last["lockdown"]) == ("done", "ok", 1), last
+        _credentials_readable(line, "esp32c3", flash, efuses, f"t-{mac_of(board)}", tmp_path)
+    else:
+        assert last["result"] == "failed", last
+        assert "NVS encryption keys on the board were lost" in last["error"], last
