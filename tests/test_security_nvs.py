@@ -153,3 +153,32 @@ def test_a_station_killed_after_the_images_never_leaves_unreadable_credentials(
     else:
         assert last["result"] == "failed", last
         assert "NVS encryption keys on the board were lost" in last["error"], last
+
+
+def test_with_a_key_the_chip_makes_its_first_boot_encrypts_the_nvs_keys(
+        tmp_path: Path) -> None:
+    """key = "device": the station writes the nvs_keys partition in plaintext, as the
+    build's other images, and the first boot encrypts it with the key only the chip
+    holds (ESP-IDF `encrypt_partition`: nvs_keys unconditionally)."""
+    from station.demo import make_demo_firmware
+
+    chip = "esp32c3"
+    build = make_demo_firmware(tmp_path / "build", chip=chip, app_size=0x8000,
+                               device_key=True, nvs_keys=True)
+    line = SecureLine(tmp_path, {chip: build}, tmp_path / "unused.pem")
+    line.security = {"flash_encryption": "release", "key": "device"}
+    line.extra = {"identity": {"thing_name": "t-{mac}"},
+                  "registrar": {"kind": "local-ca"}, "registrar.local_ca": {"dir": "ca"}}
+    with line.rig() as rig:
+        board = rig.plug(chip=chip)
+        result = line.run(1)
+        flash, efuses = rig.flash(board), efuse_file(rig, board)
+    assert result.code == EXIT_OK, result
+    row = line.ledger()[-1]
+    assert (row["result"], row["boot"]) == ("done", "ok"), row
+    keys_part = load_firmware(FirmwareSection(chip=chip, flasher_args=build, images=())
+                              ).partition("nvs_key")
+    plain = flash[keys_part.offset:keys_part.offset + 68]
+    assert zlib.crc32(plain[:64], 0xFFFFFFFF) & 0xFFFFFFFF != \
+        struct.unpack_from("<I", plain, 64)[0]  # not the plaintext layout: encrypted
+    _credentials_readable(line, chip, flash, efuses, f"t-{mac_of(board)}", tmp_path)
