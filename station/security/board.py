@@ -285,7 +285,7 @@ class BoardLock:
             return [encrypted_region(plain.name, offset, plain.data, cipher, CHIP_ENCRYPTS)]
         if held is not None and self.images_done:
             return []  # written and verified with these keys (the journal's MD5)
-        if self._chip_can_encrypt():  # the keys died with the last run: fresh ones
+        if self._manual_encrypt():  # the keys died with the last run: fresh ones
             log.warning("%s: the NVS keys written with the images were lost with the last "
                         "stop; the chip encrypts a fresh nvs_keys partition", mac)
             return [encrypted_region(plain.name, offset, plain.data, None, True)]
@@ -293,11 +293,17 @@ class BoardLock:
                             "last stop and the chip no longer encrypts writes: its "
                             "credentials cannot be written readable", rework=True)
 
-    def _chip_can_encrypt(self) -> bool:
-        """esptool's --encrypt still works: manual encryption allowed, counter unset."""
+    def _manual_encrypt(self) -> bool:
+        """esptool's --encrypt still works: DIS_DOWNLOAD_MANUAL_ENCRYPT (ESP32:
+        DISABLE_DL_ENCRYPT) unburned, whatever the counter (esptool `write_flash`)."""
         values = self.state.values
         return not (values.get("DIS_DOWNLOAD_MANUAL_ENCRYPT") or
-                    values.get("DISABLE_DL_ENCRYPT") or values.get(self.plan.counter or "", 0))
+                    values.get("DISABLE_DL_ENCRYPT"))
+
+    def _chip_can_encrypt(self) -> bool:
+        """The chip may finish the images with its own key: manual encryption allowed
+        and the counter unset (the boot check is then the proof of the key)."""
+        return self._manual_encrypt() and not self.state.values.get(self.plan.counter or "", 0)
 
     async def before_write(self, session: BoardSession) -> None:
         """Burn the key (or finish its protection) before anything is written with it."""

@@ -22,7 +22,8 @@ by esp-idf-nvs-partition-gen with the encryption on (identity's `nvs_region`).
 The keys are held per MAC while this station runs, so a retry rewrites the credentials
 with the keys already on the board; a station stopped after the images were verified
 has lost them: the chip then encrypts a fresh keys partition while it still allows
-manual encryption, else the board needs rework.
+manual encryption (until the lock-down; esptool checks DIS_DOWNLOAD_MANUAL_ENCRYPT, not
+the counter), else the board needs rework.
 """
 
 from __future__ import annotations
