@@ -7,7 +7,8 @@ the registrar has certified the key (the certificate is signed while the key is 
 whole) and before the credentials are written. Why the order:
 
 1. read the key block (the chip is the truth): free, this station's DS key (journal),
-   or anything else (refused, untouched);
+   or anything else (refused, untouched: `check` reads it before the worker writes or
+   burns anything, so a block used for another purpose fails the board as it came);
 2. a fresh HMAC key (os.urandom), the ciphertext made from it and the RSA key, and the
    ciphertext made durable in certs_out (`ds_data.json`) *before* the burn, so a board
    whose key was burned can always be finished without any key in the clear;
@@ -36,7 +37,7 @@ from typing import Any
 from station.errors import CredentialsError, SecurityError
 from station.identity import CredentialStore, DsData, crash_point, ds_partition, wrap_key
 from station.parts import BoardIdentity, BoardSession, DeviceCredentials, Region, SecurityJournal
-from station.security import DS_PURPOSE, burn_ds_key, read_ds_block
+from station.security import DS_PURPOSE, DsBlock, burn_ds_key, read_ds_block
 
 log = logging.getLogger("station.ds")
 STEP = "ds_key"
@@ -49,6 +50,10 @@ class DsStep:
     def __init__(self, store: CredentialStore, history: History) -> None:
         self.store = store
         self.history = history
+
+    async def check(self, session: BoardSession, identity: BoardIdentity, block: str) -> None:
+        state = await session.on_loader("read eFuses", lambda esp: read_ds_block(esp, block))
+        _refuse_other_use(identity.mac, state)
 
     async def region(self, session: BoardSession, identity: BoardIdentity,
                      creds: DeviceCredentials, block: str, at: tuple[int, int],
@@ -75,10 +80,7 @@ class DsStep:
             log.info("%s: %s holds its DS key (fingerprint %s): partition from the saved "
                      "ciphertext", mac, block, ds.hmac_fingerprint)
         elif not state.free:
-            protected = "" if state.readable else ", read-protected"
-            raise SecurityError(f"{mac}: {block} is already used ({state.purpose}{protected})"
-                                "; set [credentials] efuse_key_block to a free key block; "
-                                "untouched")
+            _refuse_other_use(mac, state)
         elif not creds.private_key_pem:
             await self.store.remove_ds(thing)
             raise CredentialsError(f"{thing}: DS ciphertext from an interrupted run whose HMAC "
@@ -111,3 +113,15 @@ class DsStep:
         crash_point("ds_key:after")
         log.info("%s: DS key burned: %s", identity.mac, ", ".join(done))
         return ds
+
+
+def _refuse_other_use(mac: str, state: DsBlock) -> None:
+    """A block that is neither free nor a DS key: another purpose, or bits set that a
+    burn would collide with (espefuse refuses a key over a written block)."""
+    if state.free or state.holds_ds_key:
+        return
+    protected = "" if state.readable else ", read-protected"
+    used = f"purpose {state.purpose}{protected}" if state.purpose != "USER" or \
+        not state.readable else "purpose USER, bits already written"
+    raise SecurityError(f"{mac}: {state.name} is already used ({used}); set [credentials] "
+                        "efuse_key_block to a free key block; untouched")

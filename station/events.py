@@ -191,6 +191,16 @@ class BootChecked(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class CredentialsOnBoard(Event):
+    """The board's credentials are written and verified on its flash: in which format
+    ([credentials] format: "nvs" or "esp_secure_cert") and, with ds = true, which eFuse
+    key block holds the HMAC key that unlocks its DS ciphertext (else None)."""
+
+    format: str
+    key_block: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class SecurityStep(Event):
     """One line of a board's security journal ([security], station/security): written
     before each eFuse batch and after it (or its failure). Hashes only, never a key."""

@@ -195,8 +195,9 @@ class BoardLock(Protocol):
         """The board's NVS encryption keys (its nvs_keys partition holds them, flash-
         encrypted) that its NVS credentials are encrypted with; None: plain NVS."""
 
-    def regions(self, regions: Sequence[Region]) -> list[Region]:
-        """The plan's images as this board gets them (signed, encrypted)."""
+    def regions(self, regions: Sequence[Region], own: bool = False) -> list[Region]:
+        """The plan's images as this board gets them (signed, encrypted; its nvs_keys
+        partition added); `own`: the board's own data partitions, nothing added."""
 
     async def before_write(self, session: BoardSession) -> None:
         """Burn what must be burned before anything is written (the key)."""
@@ -226,6 +227,11 @@ class BoardDs(Protocol):
                      creds: DeviceCredentials, block: str, at: tuple[int, int],
                      journal: SecurityJournal) -> tuple[Region, DeviceCredentials]:
         """The board's esp_secure_cert partition and its credentials without a key."""
+        ...
+
+    async def check(self, session: BoardSession, identity: BoardIdentity, block: str) -> None:
+        """Before anything is written or burned: SecurityError if `block` is used for
+        anything but a DS key (the board stays untouched)."""
         ...
 
 

@@ -33,6 +33,7 @@ from station.errors import (
 from station.events import (
     BootChecked,
     CloudChecked,
+    CredentialsOnBoard,
     EventSink,
     Identified,
     JobFinished,
@@ -248,6 +249,10 @@ class Worker:
             if known is not None and self.policy.on_known_board == "fail":
                 raise KnownBoardError(f"{known.describe()}; not flashed because [identity] "
                                       "on_known_board = \"fail\"")
+            ds, block = self.parts.ds, self.plan.ds_block
+            if ds is not None and block is not None:  # before the cloud or the board is touched
+                await self._stage_call(Stage.SECURE, attempt,
+                                       lambda: ds.check(session, identity, block))
             if self._beside is None:
                 self._beside = Beside(
                     job_id=self.job_id, port=self.port, slot=self.slot,
@@ -320,11 +325,11 @@ class Worker:
         own: list[Region] = []
         if credentials is not None and self.plan.ds_block is not None:
             credentials, own = await self._ds(credentials, session)
-            self._stage = Stage.FLASH
-            await self._timed(Stage.FLASH, lambda: self._write(session, own))
         elif credentials is not None and self.plan.credentials_region is not None:
             own = [self.plan.credentials_region(credentials,
                                                 None if lock is None else lock.nvs_keys)]
+        if own:  # an esp_secure_cert partition is flagged encrypted: [security] encrypts it
+            own = own if lock is None else lock.regions(own, own=True)
             self._stage = Stage.FLASH
             await self._timed(Stage.FLASH, lambda: self._write(session, own))
         await self._stage_call(Stage.VERIFY, attempt, lambda: self._verify(session, regions + own))
@@ -332,6 +337,9 @@ class Worker:
             assert self._beside is not None
             await self._beside.journal()("on-board", credentials.certificate_id,
                                          credentials.certificate_arn)
+            await self.parts.sink.emit(CredentialsOnBoard(
+                job_id=self.job_id, port=self.port, slot=self.slot,
+                format=self.plan.credentials_format, key_block=self.plan.ds_block))
             self._beside.on_board = True
             await self.parts.on_verified(credentials)
             if self.parts.cloud is not None:

@@ -218,7 +218,7 @@ def sixteen_boot_and_stay_done(site: Site, rig: Rig, boards: list[PluggedBoard],
         assert [rig.resets(b) for b in boards] == resets
     finally:
         result = station.stop()
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     jobs = site.ledger()
     assert len(jobs) == len(boards), jobs
     assert {(j["result"], j["boot"], j["booted_project"], j["booted_version"])

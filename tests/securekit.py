@@ -107,7 +107,7 @@ class SecureLine:
 
     def ledger(self) -> list[dict[str, Any]]:
         result = self.cli("ledger", "--format", "json")
-        assert result.code == 0, result
+        assert result.code == 0, str(result)
         rows: list[dict[str, Any]] = json.loads(result.stdout)
         return rows
 

@@ -193,7 +193,7 @@ class Site:
     def ledger(self) -> list[dict[str, Any]]:
         """`station ledger --format json`: what the user gets in the morning."""
         result = self.cli("ledger", "--format", "json")
-        assert result.code == EXIT_OK, result
+        assert result.code == EXIT_OK, str(result)
         rows: list[dict[str, Any]] = json.loads(result.stdout)
         return rows
 
@@ -496,7 +496,7 @@ def test_a_config_or_firmware_mistake_is_one_line_naming_it(site: Site, command:
     else:
         args = ("check",)
     result = site.cli(*args, "--config", str(site.config), prefix=prefix, config=False)
-    assert result.code == EXIT_CONFIG, result
+    assert result.code == EXIT_CONFIG, str(result)
     line = result.complaint()
     for text in expected:
         assert text in line, result
@@ -515,7 +515,7 @@ def test_a_corrupt_ledger_is_named_kept_and_not_touched(site: Site) -> None:
     before = sha256(ledger)
     for args in (("run", "--headless", "--exit-after", "1"), ("ledger",), ("reconcile",)):
         result = site.cli(*args)
-        assert result.code == EXIT_CONFIG, result
+        assert result.code == EXIT_CONFIG, str(result)
         line = result.complaint()
         assert f"ledger: {ledger}: corrupt (file is not a database)" in line, result
         assert f"mv {ledger} {ledger}.corrupt" in line, result
@@ -531,7 +531,7 @@ def test_a_ledger_locked_by_another_process_is_exit_4_and_loses_nothing(site: Si
         holder.execute("BEGIN IMMEDIATE")  # e.g. a sqlite3 shell left mid-transaction
         holder.execute("UPDATE jobs SET slot = slot")
         result = site.run(1)  # waits its busy timeout (5 s) for the write lock
-        assert result.code == EXIT_BUSY, result
+        assert result.code == EXIT_BUSY, str(result)
         line = result.complaint()
         assert f"ledger: {site.state / 'ledger.sqlite3'}: locked by another process" in line
         assert "stop the other station or tool using it" in line
@@ -566,7 +566,7 @@ def test_a_second_station_on_the_same_state_dir_exits_4_and_the_first_carries_on
         second_board = rig.plug(chip="esp32")
         first.wait_line(second_board.port, "done")
         result = first.finish()
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     rows = site.rows_by_port()
     assert {rows[b.port]["result"] for b in (first_board, second_board)} == {"done"}
     assert len(rows) == 2  # the refused station recorded nothing
@@ -607,7 +607,7 @@ def test_a_bad_count_on_the_command_line_is_refused_before_anything_starts(
         args = (*args, "--dir", str(workdir))
     # A station that wrongly started would wait for boards: the timeout fails the test.
     result = site.cli(*args, config=False, timeout=20.0)
-    assert result.code == EXIT_CONFIG, result
+    assert result.code == EXIT_CONFIG, str(result)
     assert expected in result.stderr.splitlines()[-1], result
     assert result.stdout == "", result
     assert sha256(site.state / "ledger.sqlite3") == before

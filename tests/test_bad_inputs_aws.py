@@ -133,7 +133,7 @@ def test_a_creating_call_denied_fails_the_boards_naming_it_and_leaves_no_certifi
     with AwsProxy(moto, deny={"CreateCertificateFromCsr": "AccessDeniedException"}) as proxy:
         site.set("registrar.aws", "endpoint_url", proxy.url)
         result = site.run(len(boards))
-    assert result.code == EXIT_BOARDS_FAILED, result
+    assert result.code == EXIT_BOARDS_FAILED, str(result)
     rows = site.rows_by_port()
     for board in boards:
         row = rows[board.port]

@@ -149,7 +149,7 @@ def test_a_bad_port_fails_alone_and_the_other_slots_are_served(site: Site, rig: 
         port = bad if isinstance(bad, str) else bad.port
         prefix = unprivileged() if case == "port permission denied" else ()
         result = site.run(GOOD_BOARDS + 1, prefix=prefix)
-    assert result.code == EXIT_BOARDS_FAILED, result
+    assert result.code == EXIT_BOARDS_FAILED, str(result)
     rows = site.rows_by_port()
     assert sorted(rows) == sorted([port, *(b.port for b in good)]), rows
     for board in good:
@@ -254,7 +254,7 @@ def test_a_full_certs_out_disk_stops_the_station_at_start_and_keeps_what_was_wri
         # space freed: the same boards go through
         filler.unlink()
         result = site.run(len(boards))
-        assert result.code == EXIT_OK, result
+        assert result.code == EXIT_OK, str(result)
     site.assert_history_kept()
     results = [row["result"] for row in site.ledger() if row["job_id"] != EARLIER_JOB]
     assert sorted(results) == ["done"] * 3
@@ -270,7 +270,7 @@ def test_a_full_state_disk_stops_the_station_at_start_naming_the_ledger(
         rig.unplug(first)
         rig.plug(chip="esp32")
         result = site.run(1)
-        assert result.code == EXIT_CONFIG, result
+        assert result.code == EXIT_CONFIG, str(result)
         line = result.complaint()
         ledger = site.state / "ledger.sqlite3"
         assert f"ledger: {ledger}: cannot be opened or written" in line, result

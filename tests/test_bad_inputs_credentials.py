@@ -152,3 +152,80 @@ def test_a_table_without_the_partition_is_refused_naming_the_row_to_add(
     refused(check(tmp_path, firmware, 'format = "esp_secure_cert"'), "credentials.format",
             "the esp_secure_cert partition is 0x1000 bytes; esp-secure-cert-tool writes "
             "0x2000: make it at least that in partitions.csv")
+
+
+def test_a_key_block_used_for_another_purpose_fails_the_board_untouched(
+        tmp_path: Path, builds: dict[str, Path]) -> None:
+    """The one case of this file found on the board, not at start: BLOCK_KEY4 of an S3
+    already holds a flash-encryption key (burned here by espefuse over the board's port,
+    as a earlier line would have). The real `station run` fails the board naming the
+    block and its purpose before it writes, burns or registers anything."""
+    from station.config import FirmwareSection
+    from station.daemon import EXIT_OK
+    from station.flash import load_firmware
+    from station.sim import Rig
+    from tests.securekit import efuse_file, mac_of, tool
+    from tests.test_secure_cert import security_steps, write_config
+    from tests.test_station import Line
+
+    config = write_config(tmp_path, {"esp32s3": builds["esp32s3"]}, name="block-line",
+                          credentials='ds = true\nefuse_key_block = "BLOCK_KEY4"\n')
+    bundle = load_firmware(FirmwareSection(chip="esp32s3", flasher_args=builds["esp32s3"],
+                                           images=()))
+    rig = Rig(tmp_path / "rig", seed=2103, throttle=False, flash_timing=False)
+    try:
+        board = rig.plug(chip="esp32s3", index=0)
+        (tmp_path / "xts.bin").write_bytes(bytes(range(32)))
+        burned = tool("espefuse", "--port", board.port, "--chip", "esp32s3",
+                      "--do-not-confirm", "burn-key", "BLOCK_KEY4", str(tmp_path / "xts.bin"),
+                      "XTS_AES_128_KEY")
+        assert burned.returncode == 0, burned.stdout
+        flash, fuses = rig.flash(board), efuse_file(rig, board).read_bytes()
+        line = Line(root=tmp_path, rig=rig, config=config, bundle=bundle)
+        line.start("--exit-after", "1")
+        try:
+            assert line.wait() != EXIT_OK, line.output()[-3000:]
+        finally:
+            if line.proc is not None and line.proc.poll() is None:
+                line.proc.kill()
+        [job] = line.jobs()
+        assert (job["result"], job["failed_stage"]) == ("failed", "secure"), job
+        assert job["error"] == (f"{mac_of(board)}: BLOCK_KEY4 is already used (purpose "
+                                "XTS_AES_128_KEY, read-protected); set [credentials] "
+                                "efuse_key_block to a free key block; untouched"), job
+        assert rig.flash(board) == flash  # not a byte written
+        assert efuse_file(rig, board).read_bytes() == fuses  # not a bit burned
+        assert security_steps(line.state, mac_of(board)) == []
+        assert not (tmp_path / "certs_out").exists() or \
+            not any((tmp_path / "certs_out").iterdir())  # nothing registered
+        assert job["credentials"] is None
+    finally:
+        rig.close()
+
+
+def test_an_encrypted_line_needs_the_partition_flagged_encrypted(
+        tmp_path: Path, builds: dict[str, Path]) -> None:
+    """[security] flash encryption covers credentials in an esp_secure_cert partition
+    flagged `encrypted` (the station writes it encrypted); NVS without the nvs_keys
+    partition NVS encryption needs, or the partition without the flag, would leave the key
+    in the clear: refused at start. So is a DS key
+    block that the flash-encryption key, burned first, could take."""
+    build = make_demo_firmware(tmp_path / "fw", chip="esp32c3", app_size=0x4000,
+                               secure=True, secure_cert=True)
+    firmware = (f'[firmware]\nchip = "esp32c3"\nflasher_args = {json.dumps(str(build))}\n'
+                '[security]\nflash_encryption = "development"\n[verify]\nboot = "app"\n')
+    refused(check(tmp_path, firmware, ""), "security.flash_encryption",
+            "has no nvs_keys partition: the credentials go to NVS, which flash encryption "
+            "does not cover")
+    table = build.parent / "partition_table" / "partition-table.bin"
+    table.write_bytes(partition_table(
+        [("nvs", 1, 0x02, 0x9000, 0x4000), ("esp_secure_cert", 0x3F, 0, 0xD000, 0x2000),
+         ("phy_init", 1, 0x01, 0xF000, 0x1000), ("factory", 0, 0, 0x10000, 0x100000)]))
+    refused(check(tmp_path, firmware, 'format = "esp_secure_cert"'), "credentials.format",
+            "esp32c3: the esp_secure_cert partition is not flagged encrypted, so flash "
+            "encryption would leave it in the clear")
+    refused(check(tmp_path, firmware, 'format = "esp_secure_cert"\nds = true\n'
+                                      'efuse_key_block = "BLOCK_KEY0"'),
+            "credentials.efuse_key_block", "esp32c3: the flash-encryption key is burned "
+            "before the DS key, into the first free key block from BLOCK_KEY0 (two with "
+            'AES-256), so BLOCK_KEY0 may be taken: set efuse_key_block = "BLOCK_KEY5"')

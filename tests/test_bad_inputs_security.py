@@ -47,7 +47,7 @@ def test_a_security_config_that_would_brick_or_leave_boards_open_is_refused(
         words: str) -> None:
     line = _line(built, tmp_path, **change)
     result = line.cli("check")
-    assert result.code == EXIT_CONFIG, result
+    assert result.code == EXIT_CONFIG, str(result)
     line_out = result.complaint()
     # the config's keys name station.toml; image problems name the build's file
     assert f": {key}" in line_out and words in line_out, line_out
@@ -71,7 +71,7 @@ def test_a_build_without_the_features_is_refused(built: SecureLine, tmp_path: Pa
     line = _line(built, tmp_path)
     line.builds = {"esp32c3": plain}
     result = line.cli("check")
-    assert result.code == EXIT_CONFIG, result
+    assert result.code == EXIT_CONFIG, str(result)
     assert "is not built for flash encryption" in result.complaint()
 
 
@@ -101,16 +101,3 @@ def test_nvs_credentials_on_an_encrypted_line_need_an_nvs_keys_partition(
         in complaint, complaint
     assert "\"nvs_key, data, nvs_keys, , 0x1000, encrypted\"" in complaint, complaint
 
-
-def test_esp_secure_cert_credentials_on_an_encrypted_line_are_refused(
-        built: SecureLine, tmp_path: Path) -> None:
-    line = _line(built, tmp_path)
-    line.builds = {"esp32c3": make_demo_firmware(tmp_path / "build", chip="esp32c3",
-                                                 app_size=0x8000, secure=True,
-                                                 secure_cert=True)}
-    line.extra = {**LOCAL_CA, "credentials": {"format": "esp_secure_cert"}}
-    result = line.cli("check")
-    assert result.code == EXIT_CONFIG, result
-    complaint = result.complaint()
-    assert ": credentials.format: " in complaint and "outside flash encryption" in complaint \
-        and "format = \"nvs\"" in complaint, complaint

@@ -94,7 +94,7 @@ def test_wrong_images_flash_verify_and_fail_the_boot_check_in_the_boards_words(
         line.set("ports", "remote", [b.rfc2217 for b in boards.values()])
         result = line.run(len(boards))
         flashes = {chip: rig.flash(board) for chip, board in boards.items()}
-    assert result.code == EXIT_BOARDS_FAILED, result
+    assert result.code == EXIT_BOARDS_FAILED, str(result)
 
     # one warning each at start, in the words `refuse` would have used
     warned = [w for w in result.stderr.splitlines() if "image_checks" in w]
@@ -146,7 +146,7 @@ def test_by_default_the_same_images_are_refused_at_start_naming_the_file(
     build = builds[chip]
     line.entries = [{"chip": chip, "images": build.images}]
     result = line.run(1)
-    assert result.code == EXIT_CONFIG, result
+    assert result.code == EXIT_CONFIG, str(result)
     complaint = result.complaint()
     assert f"firmware error: {build.bad}: firmware[0].{build.key}: {REFUSED[chip]}" \
         in complaint, result
@@ -162,7 +162,7 @@ def test_check_lists_the_warnings_and_that_nothing_proves_the_boot_without_a_boo
     line.entries = [{"chip": "esp32", "images": builds["esp32"].images,
                      "image_checks": "warn"}]
     result = line.check()
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     warnings = [w for w in result.stdout.splitlines() if w.startswith("firmware    warning: ")]
     assert warnings == [
         f"firmware    warning: {builds['esp32'].bad}: firmware[0].images[0].offset: a "
@@ -190,7 +190,7 @@ def test_boards_that_log_in_colour_boot_and_are_recorded_plain(
         site.set("ports", "watch", [str(site.hub / "none-*")])
         site.set("ports", "remote", [b.rfc2217 for b in boards])
         result = site.run(len(boards))
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     rows = site.rows_by_port()
     for board in boards:
         row = rows[board.rfc2217]

@@ -103,7 +103,7 @@ def test_publish_sixteen_boards_sixteen_messages_from_sixteen_client_ids(
     subscriber = Subscriber(broker, ca, site.root)
     try:
         result = site.run(len(boards))
-        assert result.code == 0, result
+        assert result.code == 0, str(result)
     finally:
         subscriber.close()
     things = sorted(thing(b) for b in boards)
@@ -151,7 +151,7 @@ def test_a_revoked_certificate_fails_the_board_with_the_brokers_reason(
                    verbose=True) as broker:
         use_broker(site, broker, "connect")
         result = site.cli("run", "--headless", "--exit-after", "1", "--reflash")
-        assert result.code == 3, result
+        assert result.code == 3, str(result)
         assert "certificate verify failed" in broker.log()  # what Mosquitto itself says
     row = site.ledger()[-1]
     assert (row["result"], row["failed_stage"], row["cloud"]) == ("failed", "cloud", "failed")
@@ -191,7 +191,7 @@ def test_the_brokers_refusals_fail_the_board_naming_them(
     with mosquitto(tmp_path / "broker", broker_ca, acl=ACL) as broker:
         use_broker(site, broker, **verify)
         result = site.run(1)
-    assert result.code == 3, result
+    assert result.code == 3, str(result)
     [row] = site.ledger()
     assert (row["failed_stage"], row["cloud"]) == ("cloud", "failed"), row
     assert expected in row["error"], row

@@ -75,6 +75,8 @@ def read(lines: list[str]) -> Screen:
     ends = dict(zip(screen.header, [starts[n] for n in screen.header[1:]] + [None],
                     strict=True))
     end = at + 2  # the header, its rule
+    if not any(line.startswith("done ") for line in lines[end:]):
+        return Screen(screen.text)  # caught mid-paint: the frame ends with its footer
     for line in lines[at + 2:]:
         if not line.strip() or line.startswith(("done ", "! slot")):
             break  # the footer

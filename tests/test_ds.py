@@ -12,8 +12,6 @@ size); the chip refuses to sign when MD != SHA256(Y || M || Rb || M' || length |
 from __future__ import annotations
 
 import datetime
-import hashlib
-import hmac
 import os
 import struct
 
@@ -21,13 +19,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.x509.oid import NameOID
-from esp_secure_cert.configure_ds import supported_key_size_rsa
 
 from station.identity import read_secure_cert
 from station.identity.ds import DsData, ds_partition, new_ds_key, wrap_key
 from station.identity.registrar.keys import private_key_pem
+from station.sim.secure_cert_app import DsError, ds_decrypt
 
 
 def self_signed(key: rsa.RSAPrivateKey) -> str:
@@ -44,18 +41,14 @@ class WrongKey(AssertionError):
 
 
 def chip_decrypts(ds: DsData, hmac_key: bytes, chip: str) -> tuple[int, int]:
-    """(d, n) as the chip recovers them; WrongKey where the chip's digest check fails."""
-    width = max(supported_key_size_rsa[chip]) // 8
-    aes = hmac.new(hmac_key, b"\xff" * 32, hashlib.sha256).digest()
-    dec = Cipher(algorithms.AES(aes), modes.CBC(ds.iv)).decryptor()
-    p = dec.update(ds.ciphertext) + dec.finalize()
-    y, m, rb = p[:width], p[width:2 * width], p[2 * width:3 * width]
-    md, tail = p[3 * width:3 * width + 32], p[3 * width + 32:3 * width + 40]
-    if hashlib.sha256(y + m + rb + tail + ds.iv).digest() != md:
-        raise WrongKey("MD mismatch: the chip reports ESP_ERR_HW_CRYPTO_DS_INVALID_DIGEST")
-    _, length = struct.unpack("<II", tail)
-    assert length == ds.rsa_bits // 32 - 1
-    return int.from_bytes(y, "little"), int.from_bytes(m, "little")
+    """(d, n) as the chip recovers them (the virtual chip's DS peripheral,
+    station/sim/secure_cert_app.py); WrongKey where the chip's digest check fails."""
+    try:
+        d, n, words = ds_decrypt(chip, hmac_key, ds.iv, ds.ciphertext)
+    except DsError as e:
+        raise WrongKey(f"MD mismatch: the chip reports {e}") from None
+    assert words == ds.rsa_bits // 32 - 1
+    return d, n
 
 
 @pytest.mark.parametrize("chip", ["esp32s3", "esp32c3", "esp32c6"])

@@ -100,7 +100,7 @@ def test_a_missing_self_test_marker_fails_that_board_only_behind_the_relay(
     site.set("verify", "boot", "app").set("verify", "marker", "SELFTEST: PASS")
     site.set("verify", "boot_timeout", 3.0)  # the failing board waits for it in vain
     result = site.run(2)
-    assert result.code == EXIT_BOARDS_FAILED, result
+    assert result.code == EXIT_BOARDS_FAILED, str(result)
     rows = site.rows_by_port()
     assert (rows[good.url]["result"], rows[good.url]["boot"]) == ("done", "ok"), rows
     row = rows[silent.url]
@@ -115,7 +115,7 @@ def test_a_partition_table_pointing_elsewhere_fails_the_boot_check_behind_the_re
     relayed.serve()
     site.set("verify", "boot", "app").set("verify", "boot_timeout", 3.0)
     result = site.run(1)
-    assert result.code == EXIT_BOARDS_FAILED, result
+    assert result.code == EXIT_BOARDS_FAILED, str(result)
     row = site.rows_by_port()[relay.url]
     assert (row["result"], row["failed_stage"], row["boot"]) == ("failed", "boot", "failed")
     assert "verify" in row["timings"], row  # the MD5s matched: the flash is as written
@@ -129,7 +129,7 @@ def test_a_board_without_auto_reset_behind_the_relay_finishes_once_pressed(
     site.set("ports", "buttons_timeout", 60)
     result = done_after_buttons(site, relay.url,
                                 lambda: relayed.rig.press_boot_en(relay.board))
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     assert site.rows_by_port()[relay.url]["result"] == "done"
 
 
@@ -150,7 +150,7 @@ def test_a_relay_killed_mid_flash_ends_that_board_removed_only(site: Site) -> No
             result = station.stop()
     finally:
         relayed.close()
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     assert "removed during flash" in removed, result
     rows = site.rows_by_port()
     assert rows[dropped.url]["result"] == "removed", rows
@@ -169,5 +169,5 @@ def test_station_check_finds_esptools_relay_serving(site: Site, relayed: Relayed
     relay = relayed.plug()
     relayed.serve()
     result = site.check()
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     assert f"{relay.url}: ok (RFC 2217 in " in result.stdout, result

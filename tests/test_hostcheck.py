@@ -115,12 +115,12 @@ def test_station_check_warns_with_the_fixes_and_still_passes(tmp_path: Path,
     site = Site(tmp_path, firmware)
     site.env[HOST_ROOT_ENV] = str(host)
     result = site.check()
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     warnings = [line for line in result.stdout.splitlines() if "host" in line]
     assert len(warnings) == 3, result
     assert all(" warning: " in w and "; fix: " in w for w in warnings), result
     # and on this machine, whatever it runs or lacks, check passes
     del site.env[HOST_ROOT_ENV]
     result = site.check()
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     assert any(line.startswith("host ") for line in result.stdout.splitlines()), result

@@ -60,7 +60,7 @@ def test_check_names_each_unreachable_hub_and_never_hangs(site: Site, silent_url
         finally:
             holder.close()
     print(f"station check with 4 hubs: {took:.2f} s", *hubs_of(result.stdout), sep="\n")
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     hubs = hubs_of(result.stdout)
     assert len(hubs) == 4, (result, took)
     assert hubs[0].startswith(f"hub         {live.rfc2217}: ok (RFC 2217 in "), hubs

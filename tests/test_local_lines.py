@@ -42,7 +42,7 @@ def test_local_bridges_reset_by_their_lines_boot_what_they_were_given(site: Site
         site.set("verify", "boot", "app").set("verify", "marker", "SELFTEST: PASS")
         result = site.run(len(boards))
         modes = [rig.boot_modes(b) for b in boards]
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     rows = site.rows_by_port()
     for board, latched in zip(boards, modes, strict=True):
         row = rows[board.port]
@@ -57,7 +57,7 @@ def test_a_local_board_without_auto_reset_fails_at_connect_by_default(site: Site
     with wired_rig(site, seed=32) as rig:
         board = rig.plug(chip="esp32", reset_circuit="none")
         result = site.run(1)
-    assert result.code == EXIT_BOARDS_FAILED, result
+    assert result.code == EXIT_BOARDS_FAILED, str(result)
     row = site.rows_by_port()[board.port]
     assert (row["result"], row["failed_stage"]) == ("failed", "connect"), row
     assert "press BOOT + EN" not in result.stdout, result
@@ -69,5 +69,5 @@ def test_a_line_of_boards_without_auto_reset_asks_for_buttons_on_local_ports(
         board = rig.plug(chip="esp32", reset_circuit="none", en_cap_uf=1.0)
         site.set("ports", "ask_buttons", "all").set("ports", "buttons_timeout", 60)
         result = done_after_buttons(site, board.port, lambda: rig.press_boot_en(board))
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     assert site.rows_by_port()[board.port]["result"] == "done"

@@ -75,7 +75,7 @@ def test_through_a_proxy_dropping_half_the_connections_nothing_is_lost_or_double
     with bodh(KEY) as server, DroppingProxy(server.port) as proxy:
         use_bodh(site, proxy.url, attempts=12)
         result = site.run(len(boards))
-        assert result.code == 0, result
+        assert result.code == 0, str(result)
     assert server.created == Counter({thing(b): 1 for b in boards}), "lost or doubled"
     assert proxy.counts["refused"] >= 2 and proxy.counts["lost"] >= 2, proxy.counts
     rows = site.ledger()
@@ -96,7 +96,7 @@ def test_a_wrong_key_fails_the_board_at_the_registry_naming_the_variable(
     with bodh("another-key") as server:
         use_bodh(site, server.url)
         result = site.run(1)
-    assert result.code == 3, result
+    assert result.code == 3, str(result)
     [row] = site.ledger()
     assert (row["result"], row["failed_stage"], row["registry"]) == \
         ("failed", "registry", "failed"), row
@@ -166,7 +166,7 @@ def test_https_with_the_test_ca_and_check_names_the_variable_not_the_key(
                "$BODH_API_KEY)" in checked.stdout, checked
         assert server.posts == {}, "check sent a request"
         result = site.run(len(boards))
-        assert result.code == 0, result
+        assert result.code == 0, str(result)
     assert server.created == Counter({thing(b): 1 for b in boards})
     rows = site.ledger()
     assert {(r["registry"], r["registry_id"] == r["thing_name"]) for r in rows} == \
@@ -193,7 +193,7 @@ def test_kind_http_templates_wait_for_the_certificate_and_keep_the_registrys_id(
         site.set("registry", "id_field", "data.uuid")
         site.set("registry.headers", "x-api-key", "env:INVENTORY_KEY")
         result = site.run(1)
-        assert result.code == 0, result
+        assert result.code == 0, str(result)
     [row] = site.ledger()
     sent = server.bodies[thing(board)]["device"]
     assert sent == {"id": thing(board), "mac": thing(board),

@@ -36,7 +36,7 @@ def test_an_unreachable_hub_host_shows_and_local_ports_keep_flashing(site: Site,
     assert f"{dead}  (hub host unreachable: 127.0.0.1:" in ports.stdout, ports
     boards = [rig.plug(chip="esp32") for _ in range(2)]
     result = site.run(len(boards))
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     assert f"hub {dead}: down (127.0.0.1:" in result.stdout, result
     rows = site.rows_by_port()
     assert sorted(rows) == sorted(b.port for b in boards), rows
@@ -58,7 +58,7 @@ def test_boards_over_rfc2217_are_done_and_their_connections_stay_open(site: Site
             held = [bool(r._clients) for r in relays]
         finally:
             result = station.stop()
-        assert result.code == EXIT_OK, result
+        assert result.code == EXIT_OK, str(result)
         assert done == {"H1", "H2"}, result
         assert held == [True, True], result
         rows = site.rows_by_port()
@@ -92,7 +92,7 @@ def test_a_hub_host_dropping_mid_flash_ends_that_board_removed_only(site: Site) 
         finally:
             for relay in relays:
                 relay.close()
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     assert "removed during flash" in removed, result
     rows = site.rows_by_port()
     assert rows[relays[0].url]["result"] == "removed", rows
@@ -112,7 +112,7 @@ def test_boards_over_rfc2217_boot_what_they_were_given_and_a_missing_marker_fail
         site.set("verify", "boot", "app").set("verify", "marker", "SELFTEST: PASS")
         site.set("verify", "boot_timeout", 3.0)  # the failing board waits for it in vain
         result = site.run(len(boards))
-    assert result.code == EXIT_BOARDS_FAILED, result
+    assert result.code == EXIT_BOARDS_FAILED, str(result)
     rows = site.rows_by_port()
     for board in good:
         row = rows[board.rfc2217]
@@ -136,7 +136,7 @@ def test_a_partition_table_pointing_elsewhere_verifies_then_fails_the_boot_check
         site.set("ports", "remote", [board.rfc2217])
         site.set("verify", "boot", "app").set("verify", "boot_timeout", 3.0)
         result = site.run(1)
-    assert result.code == EXIT_BOARDS_FAILED, result
+    assert result.code == EXIT_BOARDS_FAILED, str(result)
     row = site.rows_by_port()[board.rfc2217]
     assert (row["result"], row["failed_stage"], row["boot"]) == ("failed", "boot", "failed")
     assert "verify" in row["timings"], row  # the MD5s matched: the flash is as written
@@ -155,7 +155,7 @@ def test_a_board_without_auto_reset_asks_for_boot_en_and_finishes_once_pressed(
         site.set("ports", "buttons_timeout", 60)
         assert board.rfc2217 is not None
         result = done_after_buttons(site, board.rfc2217, lambda: rig.press_boot_en(board))
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     assert site.rows_by_port()[board.rfc2217]["result"] == "done"
 
 

@@ -66,7 +66,7 @@ def test_boards_that_failed_at_connect_are_replaced_and_the_new_ones_are_done(
             print(f"both replacements done {time.monotonic() - plugged:.2f} s after the last plug")
         finally:
             result = station.stop()
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     assert done == {"H1", "H2"}, result
     assert "no answer from an ESP bootloader" in failed["H1"], failed
     assert "nobody pressed BOOT + EN within 1 s" in failed["H2"], failed

@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from esp_secure_cert import tlv_parser
 
@@ -26,6 +29,7 @@ from station.demo import make_demo_firmware
 from station.flash import FirmwareBundle, load_firmware
 from station.identity import read_secure_cert
 from station.sim import Rig
+from tests.pgkit import PASSWORD, central_db, pg, pg_env  # noqa: F401  (fixtures)
 from tests.test_station import Line
 
 pytestmark = pytest.mark.timeout(300)
@@ -48,10 +52,15 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     rig.close()
 
 
+LOCAL_CA = '[registrar]\nkind = "local-ca"\n[registrar.local_ca]\ndir = "ca"\n'
+
+
 def write_config(root: Path, builds: dict[str, Path], *, name: str = "secure-cert-line",
-                 entry: dict[str, str] | None = None, credentials: str = "") -> Path:
-    """A local-CA line writing esp_secure_cert partitions; `entry` adds a line to one
-    chip's [[firmware]] entry, `credentials` lines to [credentials]."""
+                 entry: dict[str, str] | None = None, credentials: str = "",
+                 registrar: str = LOCAL_CA) -> Path:
+    """A line writing esp_secure_cert partitions (the local CA's unless `registrar` says
+    otherwise); `entry` adds a line to one chip's [[firmware]] entry, `credentials` lines
+    to [credentials]."""
     entries = "".join(f'[[firmware]]\nchip = "{chip}"\nflasher_args = {json.dumps(str(p))}\n'
                       + (entry or {}).get(chip, "") + "\n" for chip, p in builds.items())
     config = root / "station.toml"
@@ -64,11 +73,7 @@ watch = ["{root / 'rig' / 'pci-*'}"]
 rescan_interval = 0.2
 {entries}[identity]
 thing_name = "t-{{mac}}"
-[registrar]
-kind = "local-ca"
-[registrar.local_ca]
-dir = "ca"
-[credentials]
+{registrar}[credentials]
 out_dir = "certs_out"
 format = "esp_secure_cert"
 {credentials}""")
@@ -135,6 +140,7 @@ def test_the_station_writes_esp_secure_cert_partitions(tmp_path: Path, rig: Rig,
         # the tool re-encodes the key as "traditional OpenSSL" PEM (SEC1 for EC), NUL-ended
         assert same_key(tlvs["PRIV_KEY"].text(), key)
         assert tlvs["PRIV_KEY"].flags == 0  # a plain key, not HMAC- or DS-wrapped
+        assert (job["credentials"], job["efuse_key_block"]) == ("esp_secure_cert", None)
 
         by_tool = tool_parse(image)
         assert by_tool == {0: ca.encode() + b"\0", 1: cert.encode() + b"\0",
@@ -169,10 +175,11 @@ def ds_builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             for i, chip in enumerate(("esp32", *DS_CHIPS))}
 
 
-def write_ds_config(root: Path, builds: dict[str, Path]) -> Path:
+def write_ds_config(root: Path, builds: dict[str, Path], more: str = "") -> Path:
     """DS for the S3 and C3 entries; the ESP32 entry (no DS peripheral) keeps a plain key
-    in its own esp_secure_cert partition: a mixed line."""
-    return write_config(root, builds, name="ds-line", credentials="ds = true\n",
+    in its own esp_secure_cert partition: a mixed line. `more`: sections after
+    [credentials]."""
+    return write_config(root, builds, name="ds-line", credentials="ds = true\n" + more,
                         entry={"esp32": 'credentials = { format = "esp_secure_cert" }\n'})
 
 
@@ -190,19 +197,21 @@ def every_file(root: Path) -> Iterator[Path]:
     return (p for p in root.rglob("*") if p.is_file())
 
 
-def test_with_ds_the_key_exists_only_as_the_chips_ciphertext(tmp_path: Path, rig: Rig,
-                                                             ds_builds: dict[str, Path]) -> None:
+def test_with_ds_the_key_exists_only_as_the_chips_ciphertext(
+        tmp_path: Path, rig: Rig, ds_builds: dict[str, Path], central_db: str) -> None:  # noqa: F811
+    """... and the ledgers (local, central) and `station board MAC` say which format and
+    key block each board has."""
     from cryptography import x509
 
     from station.identity.ds import DsData
     from station.sim.efuse import EfuseArray, efuse_path
     from tests.test_ds import chip_decrypts
 
-    config = write_ds_config(tmp_path, ds_builds)
+    config = write_ds_config(tmp_path, ds_builds, f'[ledger]\ncentral = "{central_db}"\n')
     bundles = {chip: load_firmware(FirmwareSection(chip=chip, flasher_args=p, images=()))
                for chip, p in ds_builds.items()}
     line = Line(root=tmp_path, rig=rig, config=config, bundle=bundles["esp32s3"])
-    line.start("--exit-after", "6")
+    line.start("--exit-after", "6", env=pg_env())
     chips = ("esp32s3", "esp32c3", "esp32", "esp32s3", "esp32c3", "esp32")
     boards = [rig.plug(chip=chip, index=i) for i, chip in enumerate(chips)]
     try:
@@ -225,7 +234,10 @@ def test_with_ds_the_key_exists_only_as_the_chips_ciphertext(tmp_path: Path, rig
         assert tlvs["CA_CERT"].text() == (tmp_path / "ca" / "ca.crt").read_text()
         if board.chip == "esp32":
             assert "PRIV_KEY" in tlvs and "DS_DATA" not in tlvs
+            assert (job["credentials"], job["efuse_key_block"]) == ("esp_secure_cert", None)
             continue
+        assert (job["credentials"], job["efuse_key_block"]) == ("esp_secure_cert",
+                                                                 "BLOCK_KEY5")
         assert sorted(tlvs) == ["CA_CERT", "DEV_CERT", "DS_CONTEXT", "DS_DATA"]  # no key
         assert tlvs["DS_CONTEXT"].data == struct.pack("<IBBH", 0, 5, 0, 2048)
         assert not (folder / "private.pem.key").exists()
@@ -248,6 +260,19 @@ def test_with_ds_the_key_exists_only_as_the_chips_ciphertext(tmp_path: Path, rig
         assert steps[0] == ("ds_key", "before", "BLOCK_KEY5 HMAC_DOWN_DIGITAL_SIGNATURE")
         assert steps[1][:2] == ("ds_key", "after") and "BLOCK_KEY5" in steps[1][2]
     assert len(secrets) == 4 * 5
+    with psycopg.connect(central_db, password=PASSWORD) as conn:
+        assert conn.execute("SELECT max(version) FROM station_schema").fetchone() == (7,)
+        shipped = dict(conn.execute("SELECT mac, credentials || ' ' || coalesce("
+                                    "efuse_key_block, '-') FROM jobs").fetchall())
+    for board in boards:
+        ds = "BLOCK_KEY5" if board.chip != "esp32" else "-"
+        assert shipped[board.mac.replace(":", "")] == f"esp_secure_cert {ds}", shipped
+    for board, shown in ((boards[0], "esp_secure_cert, DS key in BLOCK_KEY5"),
+                         (boards[2], "esp_secure_cert")):
+        out = subprocess.run([sys.executable, "-m", "station", "board", board.mac, "--config",
+                              str(config)], capture_output=True, text=True, timeout=60,
+                             env={**pg_env(), "COLUMNS": "400"}, check=True).stdout
+        assert "credentials" in out and f"│ {shown} │" in out, out
     for path in every_file(tmp_path):
         if path.is_relative_to(rig.directory) and path.name.startswith("efuse-"):
             continue  # the chip's fuses: where the HMAC key belongs

@@ -59,7 +59,7 @@ def test_sixteen_boards_of_four_chips_leave_locked(line: SecureLine, tmp_path: P
         result = line.run(len(boards))
         flashes = {b.mac: rig.flash(b) for b in boards}
         files = {b.mac: efuse_file(rig, b) for b in boards}
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     rows = {r["mac"]: r for r in line.ledger()}
     fingerprints = set()
     for board in boards:
@@ -106,7 +106,7 @@ def test_sixteen_boards_of_four_chips_leave_locked(line: SecureLine, tmp_path: P
 
 def test_station_check_prints_the_plan(line: SecureLine) -> None:
     result = line.cli("check")
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     assert "security    flash encryption release (host key), secure boot v2, lock-down" \
         in result.stdout
     for chip in CHIPS:

@@ -43,7 +43,7 @@ def test_four_boards_encrypt_themselves_on_first_boot(tmp_path: Path) -> None:
         result = line.run(len(boards))
         flashes = {b.mac: rig.flash(b) for b in boards}
         files = {b.mac: efuse_file(rig, b) for b in boards}
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     rows = {r["mac"]: r for r in line.ledger()}
     for board in boards:
         row = rows[mac_of(board)]

@@ -36,7 +36,7 @@ def test_the_key_is_escrowed_wrapped_and_opens_the_flash_dump(tmp_path: Path) ->
         result = line.run(len(boards))
         flashes = {b.mac: rig.flash(b) for b in boards}
         files = {b.mac: efuse_file(rig, b) for b in boards}
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     rows = {r["mac"]: r for r in line.ledger()}
     everything = b""
     for path in (tmp_path / "certs_out").rglob("*"):
@@ -76,7 +76,7 @@ def test_an_escrow_key_that_cannot_wrap_is_refused(tmp_path: Path) -> None:
                                                  .SubjectPublicKeyInfo))
     line.security["escrow_public_key"] = str(small)
     result = line.cli("check")
-    assert result.code == EXIT_CONFIG, result
+    assert result.code == EXIT_CONFIG, str(result)
     assert ": security.escrow_public_key: " in result.complaint() and "RSA-1024" in \
         result.complaint(), result
     line.security["escrow_public_key"] = "missing.pem"

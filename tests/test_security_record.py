@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from station.daemon import EXIT_OK
+from station.fleet import central
 from tests.pgkit import PASSWORD, central_db, pg, pg_env  # noqa: F401  (fixtures)
 from tests.securekit import burned_key_file, efuse_file, mac_of, make_line
 
@@ -32,11 +33,12 @@ def test_the_security_state_reaches_the_central_ledger_board_and_report(
         result = line.run(len(boards))
         keys = [burned_key_file(CHIP, efuse_file(rig, b), tmp_path / f"{mac_of(b)}.key")
                 for b in boards]
-    assert result.code == EXIT_OK, result
+    assert result.code == EXIT_OK, str(result)
     local = {r["mac"]: r for r in line.ledger()}
 
     with psycopg.connect(central_db, password=PASSWORD) as conn:
-        assert conn.execute("SELECT max(version) FROM station_schema").fetchone() == (6,)
+        assert conn.execute("SELECT max(version) FROM station_schema").fetchone() == \
+            (central.SCHEMA_VERSION,)
         shipped = {r[0]: r[1:] for r in conn.execute(
             "SELECT mac, security, key_fingerprint, signing_digest, efuses, lockdown "
             "FROM jobs WHERE station = 'line-1'")}

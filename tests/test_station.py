@@ -188,6 +188,7 @@ def test_sixteen_boards_plugged_at_staggered_times_are_all_flashed(
     for job in jobs:  # seconds per stage, for the operator and the benchmarks
         assert {"connect", "identify", "flash", "verify", "reset"} <= set(job["timings"])
         assert job["timings"]["flash"] > 0
+        assert (job["credentials"], job["efuse_key_block"]) == ("nvs", None)  # the ledger's
     for board in boards:
         line.assert_flashed(board, f"t-{mac_hex(board)}")
 

@@ -100,6 +100,3 @@ def check_credentials(file: Path, credentials: CredentialsSection,
                           "private key exists only as the board's DS ciphertext; certs_out "
                           "keeps the certificate and the public key: remove "
                           "keep_private_keys")
-    if registrar.kind == "aws-iot":
-        raise ConfigError(str(file), uses_ds, "ds = true is built for [registrar] kind = "
-                          "\"local-ca\" so far; with AWS IoT set ds = false")

@@ -29,6 +29,7 @@ from station.flash import (
     SEGMENT_HEADER,
     xor_checksum,
 )
+from station.flash.bootcheck import SECURE_CERT_OK
 from station.security.images import APP_FE, BOOTLOADER_FE, BOOTLOADER_RELEASE, BOOTLOADER_SB
 
 PARTITION_TABLE_OFFSET = 0x8000
@@ -205,6 +206,7 @@ def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500
     boot = esp_image(chip, chip_layout.boot_entry, boot_segments,
                      min_rev_full=300 if secure and chip == "esp32" else 0)
     formats += APP_FE + b"\0" if secure or device_key else b""
+    formats += SECURE_CERT_OK.encode() + b"\0" if secure_cert else b""  # reads its credentials
 
     overhead = IMAGE_HEADER.size + EXTENDED_HEADER.size + 4 * SEGMENT_HEADER.size + 16 + 32
     body = app_size - overhead

@@ -15,6 +15,12 @@ What is checked, in the order the board prints it:
   digits before v5.2, 9 since: any prefix of 9 or more must match), compared with the
   `esp_app_desc_t` of the app image we wrote (parsed from its first DROM segment with
   esptool's own image loader); then `[verify] marker`, if set.
+- an app that reads its credentials with esp_secure_cert_mgr and says so (its image holds
+  the format string of esp_secure_cert_mgr's example, `examples/esp_secure_cert_app/main/
+  app_main.c`: ESP-IDF compiles log formats into the app) must also print that it read
+  them: `Successfully obtained and verified the contents of esp_secure_cert partition`;
+  its `Failed to obtain and verify ...` (a missing, erased or unreadable partition, a DS
+  key that does not sign) fails the check with the lines before it.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ _TAG = r"(?:app_init|cpu_start)"
 _PROJECT = re.compile(_TAG + r": Project name:\s+(\S.*?)\s*$", re.M)
 _VERSION = re.compile(_TAG + r": App version:\s+(\S.*?)\s*$", re.M)
 _SHA = re.compile(_TAG + r": ELF file SHA256:\s+([0-9a-f]+)", re.M)
+SECURE_CERT_OK = "Successfully obtained and verified the contents of esp_secure_cert partition"
+SECURE_CERT_FAILED = "Failed to obtain and verify the contents of the esp_secure_cert partition"
 _LOADED = re.compile(r"Loaded app from partition at offset 0x([0-9a-fA-F]+)")
 _BOOTLOADER = re.compile(r"2nd stage bootloader")
 _DOWNLOAD = re.compile(r"boot:0x[0-9a-f]+ \(DOWNLOAD")
@@ -132,13 +140,16 @@ class BootCheck:
     app: AppDescription | None
     marker: re.Pattern[str] | None
     timeout: float
+    reads_secure_cert: bool = False  # the app prints whether it read esp_secure_cert
 
     @classmethod
     def for_bundle(cls, bundle: FirmwareBundle, level: str, marker: str | None,
                    timeout: float) -> BootCheck:
         offset, app = app_of(bundle)
+        image = next((r.data for r in bundle.regions if r.offset == offset), b"")
         return cls(level=level, app_offset=offset, app=app,
-                   marker=re.compile(marker) if marker else None, timeout=timeout)
+                   marker=re.compile(marker) if marker else None, timeout=timeout,
+                   reads_secure_cert=SECURE_CERT_OK.encode() in image)
 
     def complete(self, text: str) -> bool:
         """The story is told (or the board started over: a boot loop): judge it now."""
@@ -148,6 +159,9 @@ class BootCheck:
         if self.level == "rom":
             return bool(_BOOTLOADER.search(text))
         if not (_SHA.search(text) and _VERSION.search(text) and _PROJECT.search(text)):
+            return False
+        if self.reads_secure_cert and SECURE_CERT_OK not in text \
+                and SECURE_CERT_FAILED not in text:
             return False
         if self.marker is None:
             return True
@@ -192,6 +206,9 @@ class BootCheck:
             if len(sha) < 9 or not self.app.elf_sha256.startswith(sha):
                 return f"expected ELF SHA256 {self.app.elf_sha256[:16]}...; the board " \
                        f"printed {sha or 'none'}"
+        if self.reads_secure_cert and SECURE_CERT_OK not in text:
+            return "expected the app to read its esp_secure_cert partition (\"" + \
+                SECURE_CERT_OK + f"\"); the board printed {_last(text)}"
         if self.marker is not None:
             after = text.split("ELF file SHA256", 1)[-1]
             if not self.marker.search(after):

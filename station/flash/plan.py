@@ -53,6 +53,8 @@ class Plan:
     partition is then made by the DS step (station/dsboard.py), not credentials_region."""
     credentials_at: tuple[int, int] | None = None
     """(offset, size) of the credentials partition, when the registrar makes credentials."""
+    credentials_format: str = ""
+    """[credentials] format for this chip ("nvs", "esp_secure_cert"), for the ledger."""
 
     @property
     def flash_end(self) -> int:
@@ -126,7 +128,8 @@ def build_plan(config: Config, bundle: FirmwareBundle,
                 firmware_hash=bundle.sha256, station=config.station.name,
                 thing_name=thing_name, credentials_region=credentials_region, boot=boot,
                 app_version=app.version if app else "", credentials_at=at,
-                ds_block=board.efuse_key_block if board.ds and at else None)
+                ds_block=board.efuse_key_block if board.ds and at else None,
+                credentials_format=board.format if at else "")
 
 
 def credentials_partition(config: Config, bundle: FirmwareBundle) -> Partition:

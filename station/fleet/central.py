@@ -37,9 +37,10 @@ from psycopg.rows import dict_row
 from station.errors import CentralError, CentralUnreachableError
 from station.parts import BoardHistory
 
-SCHEMA_VERSION = 6  # 2: slot_flags and runs (station/fleet/_slots.py); 3: line rates;
+SCHEMA_VERSION = 7  # 2: slot_flags and runs (station/fleet/_slots.py); 3: line rates;
 # 4: the boot check (station/flash/bootcheck.py); 5: the device registry, the cloud check;
-# 6: each board's security state (station/security)
+# 6: each board's security state (station/security); 7: its credentials' format and
+# eFuse key block ([credentials], the local ledger's schema 7 columns)
 LOCK_ID = 0x5747_4E01  # pg_advisory_xact_lock key for migrations ("STN" + 1)
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -112,6 +113,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN lockdown integer",
         "CREATE INDEX jobs_key_fingerprint ON jobs (key_fingerprint)",
     ),
+    7: (  # [credentials]: "nvs" or "esp_secure_cert"; with ds = true the HMAC key's block
+        "ALTER TABLE jobs ADD COLUMN credentials text",
+        "ALTER TABLE jobs ADD COLUMN efuse_key_block text",
+    ),
 }
 
 JOB_COLUMNS = ("job_id", "port", "slot", "mac", "chip", "thing_name", "firmware_hash",
@@ -119,7 +124,7 @@ JOB_COLUMNS = ("job_id", "port", "slot", "mac", "chip", "thing_name", "firmware_
                "started_at", "finished_at", "timings", "baud", "baud_steps", "boot",
                "booted_project", "booted_version", "boot_log", "registry", "registry_id",
                "cloud", "cloud_detail", "security", "key_fingerprint", "signing_digest",
-               "efuses", "lockdown")
+               "efuses", "lockdown", "credentials", "efuse_key_block")
 """The local ledger's job columns that are shipped (station is the row's own key)."""
 
 

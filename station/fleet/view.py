@@ -49,9 +49,19 @@ def security_text(row: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def credentials_text(row: dict[str, Any]) -> str:
+    """[credentials] of one job: the format its credentials are in on the board and, with
+    the DS peripheral, the eFuse key block holding the HMAC key ("" before they are)."""
+    if not row.get("credentials"):
+        return ""
+    block = row.get("efuse_key_block")
+    return f"{row['credentials']}, DS key in {block}" if block else str(row["credentials"])
+
+
 def _jobs_table(title: str, rows: list[dict[str, Any]], registry: bool = False) -> Any:
-    """`registry`: a column with each job's device registry outcome and id ([registry])
-    and one with its security state ([security]), where any job has them."""
+    """`registry`: a column with each job's device registry outcome and id ([registry]),
+    one with its credentials' format and key block ([credentials]) and one with its
+    security state ([security]), where any job has them."""
     from collections import Counter
 
     from rich.table import Table
@@ -62,9 +72,12 @@ def _jobs_table(title: str, rows: list[dict[str, Any]], registry: bool = False) 
         f", total {len(rows)}; " + ", ".join(f"{s} {n}" for s, n in sorted(per_station.items()))
     table = Table(title=title, caption=caption)
     security = registry and any(r.get("security") for r in rows)
+    credentials = registry and any(r.get("credentials") for r in rows)
     registry = registry and any(r.get("registry") for r in rows)
     for column in ("station", "slot", "mac", "thing", "result", "error", "finished", "s",
-                   *(("registry",) if registry else ()), *(("security",) if security else ())):
+                   *(("registry",) if registry else ()),
+                   *(("credentials",) if credentials else ()),
+                   *(("security",) if security else ())):
         table.add_column(column, overflow="fold")
     for r in rows:
         error = r["error"] or ""
@@ -72,6 +85,7 @@ def _jobs_table(title: str, rows: list[dict[str, Any]], registry: bool = False) 
             error = f"at {r['failed_stage']}: {error}" if error else f"at {r['failed_stage']}"
         extra: list[str] = [" ".join(p for p in (r.get("registry"), r.get("registry_id"))
                                      if p)] if registry else []
+        extra += [credentials_text(r)] if credentials else []
         extra += [security_text(r)] if security else []
         table.add_row(r["station"], r["slot"], r["mac"] or "", r["thing_name"] or "",
                       r["result"], error, r["finished"],

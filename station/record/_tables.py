@@ -14,6 +14,7 @@ from typing import Any
 from station.events import (
     BootChecked,
     CloudChecked,
+    CredentialsOnBoard,
     Event,
     Identified,
     JobFinished,
@@ -30,9 +31,9 @@ from station.events import (
 from station.record._slots import SCHEMA_2, write_slot_event
 from station.record.eventlog import event_fields
 
-SCHEMA_VERSION = 6  # 2: slot_flags and runs (_slots.py); 3: line rates;
+SCHEMA_VERSION = 7  # 2: slot_flags and runs (_slots.py); 3: line rates;
 # 4: the boot check (flash/bootcheck.py); 5: the device registry and the cloud check;
-# 6: the security journal (station/security)
+# 6: the security journal (station/security); 7: the credentials' format and key block
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
@@ -86,6 +87,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN signing_digest TEXT",
         "ALTER TABLE jobs ADD COLUMN efuses TEXT",
         "ALTER TABLE jobs ADD COLUMN lockdown INTEGER"),
+    # [credentials]: the format the board's credentials are in, and with ds = true the
+    # eFuse key block of its HMAC key (a CredentialsOnBoard event, once verified)
+    7: ("ALTER TABLE jobs ADD COLUMN credentials TEXT",
+        "ALTER TABLE jobs ADD COLUMN efuse_key_block TEXT"),
 }
 
 
@@ -173,6 +178,9 @@ def write_event(conn: sqlite3.Connection, event: Event) -> None:
                      (event.result, event.project, event.version, event.tail, event.job_id))
     elif isinstance(event, SecurityStep):
         write_security_step(conn, event)
+    elif isinstance(event, CredentialsOnBoard):
+        conn.execute("UPDATE jobs SET credentials = ?, efuse_key_block = ? WHERE job_id = ?",
+                     (event.format, event.key_block, event.job_id))
     elif isinstance(event, LineRate):
         note = _line_rate_note(event)
         conn.execute("UPDATE jobs SET baud = ?, baud_steps = CASE WHEN ? IS NULL THEN "

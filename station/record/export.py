@@ -18,7 +18,8 @@ EXPORT_COLUMNS = ("job_id", "slot", "port", "mac", "chip", "thing_name", "result
                   "registrar", "firmware_hash", "station", "timings", "baud", "baud_steps",
                   "boot", "booted_project", "booted_version", "boot_log", "registry",
                   "registry_id", "cloud", "cloud_detail", "security",
-                  "key_fingerprint", "signing_digest", "efuses", "lockdown")
+                  "key_fingerprint", "signing_digest", "efuses", "lockdown", "credentials",
+                  "efuse_key_block")
 
 
 def export_row(job: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from station.events import (
     BootChecked,
     ButtonsNeeded,
     CloudChecked,
+    CredentialsOnBoard,
     Event,
     HubStatus,
     Identified,
@@ -111,6 +112,9 @@ def format_event(event: Event, view: StationView) -> str | None:
         return f"{head} security {event.step} {event.phase}{key}{what}"
     if isinstance(event, Registered):
         return f"{head} registered {event.thing_name} ({event.registrar})"
+    if isinstance(event, CredentialsOnBoard):
+        block = f", DS key in {event.key_block}" if event.key_block else ""
+        return f"{head} credentials on the board ({event.format}{block})"
     if isinstance(event, SlotFlagged):
         parked = f"; parked until cleared (station slot clear {event.slot})" \
             if event.parked else ""

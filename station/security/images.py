@@ -18,7 +18,9 @@ bootloader, the partition table, every app partition, otadata (v5.5
 `esp_partition/partition.c`) and partitions flagged `encrypted`; NVS is never flash-
 encrypted (it has its own scheme). The ciphertext is espsecure's
 `encrypt_flash_data` with the board's key at the region's address; its MD5 is what the
-flash must show (esptool itself skips the verify of encrypted writes).
+flash must show (esptool itself skips the verify of encrypted writes). A board's own
+esp_secure_cert partition (flagged `encrypted` in esp_secure_cert_mgr's row, read through
+`esp_partition_read`, which decrypts) is encrypted the same way; NVS credentials are not.
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ class PartitionRow(Protocol):
 
     @property
     def flags(self) -> int: ...
+
+    @property
+    def label(self) -> str: ...
 
 
 def _encrypted_partition(p: PartitionRow) -> bool:
@@ -217,6 +222,8 @@ def secure_firmware(security: SecuritySection, chip: str, regions: Sequence[Regi
             if _encrypted_partition(p):
                 encrypted.update(r.offset for r in regions
                                  if p.offset <= r.offset < p.offset + p.size)
+                encrypted.add(p.offset)  # what the station writes there per board later:
+                # the esp_secure_cert partition (flagged encrypted), nvs_keys; never NVS
         if nvs_keys_at is not None:
             encrypted.add(nvs_keys_at[0])
     return SecuredFirmware(chip=chip, regions=tuple(out), encrypted=frozenset(encrypted),

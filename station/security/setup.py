@@ -3,8 +3,9 @@
 Everything that would brick a board or leave it open is refused here, before the first
 board, with the file, the key and the fix: a purpose or field the chip lacks (from
 espefuse's tables), images not built for the features, unsigned images where the
-station may not sign, credentials that would sit in plain NVS on an encrypted board (a
-table without the nvs_keys partition NVS encryption needs),
+station may not sign, credentials that would sit in plain NVS (a table without the
+nvs_keys partition NVS encryption needs) or in an esp_secure_cert partition not flagged
+encrypted on an encrypted board,
 a lock-down nothing would prove (no boot check).
 """
 
@@ -15,10 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from station.config import Config
+from station.config import SECURE_CERT_LABEL, Config
 from station.errors import ConfigError
 from station.parts import Region
-from station.security.images import PartitionRow, SecuredFirmware, secure_firmware
+from station.security.images import (
+    PART_ENCRYPTED,
+    PartitionRow,
+    SecuredFirmware,
+    secure_firmware,
+)
 from station.security.nvskeys import NVS_KEYS_PAGE, NVS_KEYS_ROW, nvs_keys_partition
 from station.security.plan import ChipPlan, PlanError, chip_plan
 from station.security.signer import signer_for
@@ -87,6 +93,9 @@ def secure_line(config: Config, firmwares: Sequence[FirmwareFacts]) -> StationSe
         raise ConfigError(path, "verify.boot", "a locked board must prove it boots in the "
                           "mode it was locked in (release mode, secure boot): set "
                           "[verify] boot = \"app\"")
+    if s.flash_encryption != "off" and config.registrar.kind != "none":
+        for fw in firmwares:
+            _credentials_encrypted(config, fw, path)
     plans: dict[str, ChipPlan] = {}
     secured: dict[str, SecuredFirmware] = {}
     cache = config.station.state_dir / "signed"
@@ -117,10 +126,7 @@ def _nvs_keys_at(config: Config, fw: FirmwareFacts) -> tuple[int, int] | None:
     path, board = str(config.path), config.credentials_for(fw.chip)
     which = "" if len(config.firmwares) == 1 else f" ({fw.chip})"
     if board.format != "nvs":
-        raise ConfigError(path, "credentials.format", f"the esp_secure_cert partition{which} "
-                          "is written after the images, outside flash encryption, which this "
-                          "station does not do for it yet: on an encrypted line set format = "
-                          "\"nvs\" (NVS encryption, with an nvs_keys partition)")
+        return None  # esp_secure_cert: flagged encrypted, written encrypted (below)
     part = nvs_keys_partition(fw.partitions)
     table = f"the partition table of {fw.source}{which}"
     if part is None:
@@ -135,6 +141,34 @@ def _nvs_keys_at(config: Config, fw: FirmwareFacts) -> tuple[int, int] | None:
                           f"partition is 0x{part.size:x} bytes; it must be at least "
                           f"0x{NVS_KEYS_PAGE:x} (4 KB) in partitions.csv")
     return part.offset, part.size
+
+
+DS_SAFE_BLOCK = "BLOCK_KEY5"
+"""The one key block an XTS key never takes (efuses.py `free_key_block(skip_last)`): the
+DS key's block beside host-made flash encryption."""
+
+
+def _credentials_encrypted(config: Config, fw: FirmwareFacts, path: str) -> None:
+    """Credentials on an encrypted board go where flash encryption covers them: the
+    esp_secure_cert partition flagged `encrypted` (esp_secure_cert_mgr's own row), which
+    the station writes encrypted with the board's key; NVS only with NVS encryption
+    (`_nvs_keys_at`), never plain."""
+    board = config.credentials_for(fw.chip)
+    if board.format == "nvs":
+        return  # _nvs_keys_at refuses a table without nvs_keys
+    if board.ds and config.security.key == "host" and board.efuse_key_block != DS_SAFE_BLOCK:
+        raise ConfigError(path, "credentials.efuse_key_block", f"{fw.chip}: the flash-"
+                          "encryption key is burned before the DS key, into the first free "
+                          f"key block from BLOCK_KEY0 (two with AES-256), so "
+                          f"{board.efuse_key_block} may be taken: set efuse_key_block = "
+                          f"\"{DS_SAFE_BLOCK}\" (an XTS key never goes there)")
+    part = next((p for p in fw.partitions if p.label == SECURE_CERT_LABEL), None)
+    if part is not None and not part.flags & PART_ENCRYPTED:
+        raise ConfigError(path, "credentials.format", f"{fw.chip}: the esp_secure_cert "
+                          "partition is not flagged encrypted, so flash encryption would "
+                          "leave it in the clear: end its row in partitions.csv with "
+                          "\"encrypted\" (\"esp_secure_cert, 0x3F, , 0xD000, 0x2000, "
+                          "encrypted\") and rebuild")
 
 
 FIRST_BOOT_S_PER_MB = 15.0

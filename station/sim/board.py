@@ -77,6 +77,7 @@ class Board(FlashWrites):
         self.stub_uploaded: StubModel | None = None  # which of esptool's stubs ran last
         self.bytes_received = 0
         self.sessions = 0  # host opens seen, for tests and logs
+        self.awaiting_host = False  # between sessions: the last close was seen (and reset)
         self.baud_changes: list[int] = []  # P.CHANGE_BAUDRATE rates received, ever
         self.commands: Counter[int] = Counter()  # requests received per opcode, ever
         self.ram_loads: list[tuple[int, int]] = []  # (address, bytes) per P.MEM_BEGIN, ever
@@ -121,7 +122,9 @@ class Board(FlashWrites):
         the ROM, silently: the next session must find download mode.
         """
         while True:
+            self.awaiting_host = True
             await self.link.wait_host_open()
+            self.awaiting_host = False
             self.sessions += 1
             if not self.sees_lines:
                 self._reset()

@@ -37,6 +37,7 @@ from typing import Any
 from esptool.bin_image import LoadFirmwareImage
 
 from .chips import _REVISIONS, ChipSpec
+from .secure_cert_app import app_lines
 
 APP_DESC_MAGIC = 0xABCD5432
 APP_DESC_OFFSET = 0x20  # image header (24 B) + first segment header (8 B)
@@ -287,6 +288,8 @@ def spi_boot(spec: ChipSpec, flash: bytes, app_line: str | None = None,
         log.i(tag, f"ESP-IDF:          {desc.idf_ver}")
     if security is not None:
         security.app_start(log, flash[app.offset:app.offset + app.size])
+    app_lines(log, spec.name, flash[app.offset:app.offset + app.size], table, flash,
+              security.efuses if security is not None else None)
     lines = out + log.lines
     if app_line:
         lines.append(app_line)

@@ -34,7 +34,7 @@ from .faults import Faults
 from .flash import Flash, FlashTiming
 from .plugged import MacAllocator, PluggedBoard, by_path_name, fill_flash, format_mac, parse_size
 from .pty_lines import PtyLinesListener
-from .pty_link import PtyLink
+from .pty_link import OPEN_POLL_INTERVAL_S, PtyLink
 from .reset_circuit import EN_CAP_UF, ResetCircuitKind, parse_reset_circuit
 from .rfc2217_face import Rfc2217Face
 from .stub_model import StubModel, parse_stub_model
@@ -259,6 +259,19 @@ class Rig:
         """The live board object (protocol state, counters), for white-box tests."""
         index = board if isinstance(board, int) else board.index
         return self._slots[index].board
+
+    def await_host_close(self, board: PluggedBoard | int, timeout: float = 5.0) -> None:
+        """Return once the board has seen the host close its port (and, without reset
+        lines, reset as that close makes it). A host that closes and opens the port
+        again before the board notices gets no reset: the board polls the pty's hang-up,
+        and a loaded machine may not schedule it in between (docs/virtual-boards.md).
+        Tests that open one port twice in a row wait here in between."""
+        live = self.board(board)
+
+        async def seen() -> None:
+            while not live.awaiting_host:
+                await asyncio.sleep(OPEN_POLL_INTERVAL_S)
+        self._call(asyncio.wait_for(seen(), timeout))
 
     @property
     def boards(self) -> list[PluggedBoard]:

@@ -5,7 +5,10 @@ The proxy names each request's IoT operation (from botocore's own service model)
 them, and can misbehave like AWS does: answer a share of calls with ThrottlingException,
 deny chosen actions with AccessDeniedException (or any other error), and drop
 `setAsActive` from CreateCertificateFromCsr so moto creates the certificate INACTIVE as
-AWS does (MOTO-NOTES #2).
+AWS does (MOTO-NOTES #2). With `from_csr`, CreateCertificateFromCsr is answered as AWS
+answers it, with a certificate for the CSR's own key (moto's carries a key of its own,
+MOTO-NOTES #1): the proxy signs one with a CA of its own and registers it in moto
+(RegisterCertificateWithoutCA); `csrs` keeps every CSR it was sent.
 """
 
 from __future__ import annotations
@@ -14,15 +17,20 @@ import http.client
 import json
 import random
 import re
+import tempfile
 import threading
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import botocore.session
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from benchmarks.soak_aws import free_port, moto_server
+from station.identity.registrar.local_ca import LocalCa
 
 __all__ = ["AwsProxy", "free_port", "moto_server", "reset_moto"]
 
@@ -73,7 +81,8 @@ class AwsProxy:
     def __init__(self, target: str, *, throttle_share: float = 0.0, seed: int = 4,
                  deny: dict[str, str] | None = None, drop_set_as_active: bool = True,
                  throttle_only: set[str] | None = None,
-                 deny_if: Callable[[str, str], str | None] | None = None) -> None:
+                 deny_if: Callable[[str, str], str | None] | None = None,
+                 from_csr: bool = False) -> None:
         parsed = urllib.parse.urlsplit(target)
         self.host, self.port_to = str(parsed.hostname), int(parsed.port or 80)
         self.throttle_share = throttle_share
@@ -81,6 +90,10 @@ class AwsProxy:
         self.deny = dict(deny or {})  # operation -> error code
         self.deny_if = deny_if  # (operation, request path) -> error code or None
         self.drop_set_as_active = drop_set_as_active
+        self.from_csr = from_csr
+        self.csrs: list[str] = []
+        self._ca: LocalCa | None = None
+        self._ca_dir = tempfile.TemporaryDirectory(prefix="aws-proxy-ca-")
         self.calls: Counter[str] = Counter()
         self.throttled: Counter[str] = Counter()
         self.order: list[str] = []
@@ -99,6 +112,25 @@ class AwsProxy:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
+        self._ca_dir.cleanup()
+
+    def _issue(self, body: bytes, set_as_active: bool) -> tuple[str, bytes]:
+        """CreateCertificateFromCsr as AWS answers it: a certificate for the CSR's key,
+        registered in moto (RegisterCertificateWithoutCA); returns (path, body) of that
+        call and keeps the certificate to put in the answer."""
+        csr_pem = str(json.loads(body)["certificateSigningRequest"])
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+        assert csr.is_signature_valid, "a CSR whose signature does not verify"
+        with self._lock:
+            self.csrs.append(csr_pem)
+            if self._ca is None:
+                self._ca = LocalCa.open(Path(self._ca_dir.name))
+            ca = self._ca
+        subject = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+        cert = ca.sign(str(subject), csr.public_key(), 365)  # type: ignore[arg-type]
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+        status = "ACTIVE" if set_as_active else "INACTIVE"
+        return pem, json.dumps({"certificatePem": pem, "status": status}).encode()
 
     def _decide(self, op: str, path: str = "") -> str | None:
         with self._lock:
@@ -147,6 +179,12 @@ class AwsProxy:
                     query.pop("setAsActive", None)
                     path = url.path + ("?" + urllib.parse.urlencode(query, doseq=True)
                                        if query else "")
+                issued = ""
+                if op == "CreateCertificateFromCsr" and proxy.from_csr:
+                    active = query.get("setAsActive", ["false"])[0] == "true"
+                    issued, body = proxy._issue(body, active)
+                    path = "/certificate/register-no-ca"
+                    self.headers.replace_header("Content-Length", str(len(body)))
                 conn = http.client.HTTPConnection(proxy.host, proxy.port_to, timeout=60)
                 try:
                     headers = {k: v for k, v in self.headers.items()
@@ -154,6 +192,9 @@ class AwsProxy:
                     conn.request(self.command, path, body=body, headers=headers)
                     reply = conn.getresponse()
                     data = reply.read()
+                    if issued and reply.status == 200:  # the answer AWS would give
+                        data = json.dumps({**json.loads(data),
+                                           "certificatePem": issued}).encode()
                     self.send_response(reply.status)
                     for k, v in reply.getheaders():
                         if k.lower() not in ("transfer-encoding", "connection",

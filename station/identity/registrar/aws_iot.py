@@ -3,6 +3,9 @@
 Per board (docs/registration.md has the why of each step):
 
     key-written     EC P-256 key + CSR made here; the key is on disk before AWS is asked
+                    ([credentials] ds: an RSA-2048 key whose private half stays in memory
+                    until the worker wraps it into the board's DS ciphertext; only the
+                    public key reaches certs_out, the CSR is signed before the wrap)
     cert-created    CreateCertificateFromCsr(setAsActive=False): INACTIVE; id journaled
     policy-attached AttachPolicy(policy, certificate)
     thing-created   DescribeThing, else CreateThing (attributes mac, chip, station, firmware)
@@ -36,6 +39,7 @@ from station.identity.credentials import (
     CredentialStore,
     RegistrationRecord,
 )
+from station.identity.ds import new_ds_key
 from station.identity.registrar._aws_cleanup import Cleanup, cert_naming
 from station.identity.registrar.aws_client import NOT_FOUND, AwsError, IotClient
 from station.identity.registrar.base import BoardFacts, Journal, journaled
@@ -182,7 +186,7 @@ class AwsIotRegistrar(Cleanup):
             attached = [p for p in await self._principals(thing) if ":cert/" in p]
             for arn in attached:
                 cid = _cert_id(arn)
-                if held is None and await self._holds(thing, record, cid):
+                if held is None and await self._holds(thing, record, cid, board.ds):
                     held = (cid, arn)
                 elif self._station_made(record, thing_info, cid):
                     log.info("%s: replacing certificate %s (the station lacks its key)",
@@ -199,24 +203,35 @@ class AwsIotRegistrar(Cleanup):
             # made by an attempt that failed before attaching it (a retry after an error):
             # finish it if the key is here, else clean it before making another
             pending, pending_arn = record.certificate_id, record.certificate_arn
-            if pending_arn and await self._holds(thing, record, pending):
+            if pending_arn and await self._holds(thing, record, pending, board.ds):
                 held = (pending, pending_arn)
             else:
                 await self._retire(thing, pending, pending_arn, journal)
         if held is not None:
             log.info("%s: reusing certificate %s", thing, held[0][:12])
             return await self._complete(board, held[0], held[1], journal, thing_info)
+        in_memory = ""  # a DS board's private key: never on disk, handed to the worker
         if self.section.key_source == "aws":
             cid, arn = await self._keys_from_aws(board, record, journal)
         else:
-            cid, arn = await self._keys_from_csr(board, record, journal)
-        return await self._complete(board, cid, arn, journal, thing_info)
+            cid, arn, in_memory = await self._keys_from_csr(board, record, journal)
+        return await self._complete(board, cid, arn, journal, thing_info, in_memory)
 
     async def _keys_from_csr(self, board: BoardFacts, record: RegistrationRecord | None,
-                             journal: Journal) -> tuple[str, str]:
+                             journal: Journal) -> tuple[str, str, str]:
+        """The key pair made here, the CSR signed with it. A DS board's RSA key stays in
+        memory (returned): certs_out gets its public half, and loses any ciphertext of an
+        older key, so a crash leaves nothing a later run could mistake for this key's."""
         thing = board.thing_name
-        key = new_key()
-        await self.store.write_key(thing, private_key_pem(key), public_key_pem(key.public_key()))
+        key = new_ds_key() if board.ds else new_key()
+        in_memory = ""
+        if board.ds:
+            in_memory = private_key_pem(key)
+            await self.store.write_public_key(thing, public_key_pem(key.public_key()))
+            await self.store.remove_ds(thing)
+        else:
+            await self.store.write_key(thing, private_key_pem(key),
+                                       public_key_pem(key.public_key()))
         await self._record(board, record, status="pending", certificate_id=None)
         await journal("key-written", None, None)
         reply = await self.iot.call("CreateCertificateFromCsr",
@@ -227,7 +242,7 @@ class AwsIotRegistrar(Cleanup):
         await self.store.write_certificate(thing, str(reply["certificatePem"]))
         await self._record(board, record, status="pending", certificate_id=cid,
                            certificate_arn=arn)
-        return cid, arn
+        return cid, arn, in_memory
 
     async def _keys_from_aws(self, board: BoardFacts, record: RegistrationRecord | None,
                              journal: Journal) -> tuple[str, str]:
@@ -245,8 +260,11 @@ class AwsIotRegistrar(Cleanup):
         return cid, arn
 
     async def _complete(self, board: BoardFacts, cid: str, arn: str, journal: Journal,
-                        thing_info: dict[str, Any] | None) -> DeviceCredentials:
-        """Policy, thing, attachment, group, then (and only then) ACTIVE."""
+                        thing_info: dict[str, Any] | None,
+                        in_memory: str = "") -> DeviceCredentials:
+        """Policy, thing, attachment, group, then (and only then) ACTIVE. A DS board's
+        credentials carry the key made for it now (`in_memory`), or none when its
+        certificate is reused (the key is already the board's ciphertext)."""
         thing = board.thing_name
         await self.iot.call("AttachPolicy", policyName=self.section.policy_name, target=arn)
         await journal("policy-attached", cid, arn)
@@ -264,7 +282,8 @@ class AwsIotRegistrar(Cleanup):
             record = await self.store.read_record(thing)
             await self._record(board, record, status="active", certificate_id=cid,
                                certificate_arn=arn)
-            creds = await self.store.read_credentials(thing)
+            creds = await (self._ds_credentials(thing, in_memory) if board.ds
+                           else self.store.read_credentials(thing))
             if creds is None:
                 raise RegistrationError(f"{thing}: the credentials in "
                                         f"{self.store.folder(thing)} vanished during "
@@ -274,6 +293,18 @@ class AwsIotRegistrar(Cleanup):
             await asyncio.shield(self.release(cert_naming(thing, cid, arn), journal))
             raise
         return creds
+
+    async def _ds_credentials(self, thing: str, private_key: str) -> DeviceCredentials | None:
+        record = await self.store.read_record(thing)
+        cert = await self.store.read_text(thing, CERTIFICATE_FILE)
+        public = await self.store.read_text(thing, PUBLIC_KEY_FILE)
+        if record is None or cert is None or public is None:
+            return None
+        return DeviceCredentials(thing_name=thing, certificate_pem=cert,
+                                 private_key_pem=private_key, public_key_pem=public,
+                                 endpoint=record.endpoint or "",
+                                 certificate_id=record.certificate_id,
+                                 certificate_arn=record.certificate_arn)
 
     async def _ensure_thing(self, board: BoardFacts, info: dict[str, Any] | None) -> None:
         attributes = {
@@ -340,14 +371,21 @@ class AwsIotRegistrar(Cleanup):
             if not token:
                 return principals
 
-    async def _holds(self, thing: str, record: RegistrationRecord | None, cid: str) -> bool:
-        """Whether the station holds the key of certificate `cid` (so it can be reused)."""
+    async def _holds(self, thing: str, record: RegistrationRecord | None, cid: str,
+                     ds: bool = False) -> bool:
+        """Whether the station holds the key of certificate `cid` (so it can be reused).
+        A DS board's key is held as its DS ciphertext (ds_data.json, saved before its
+        HMAC key was burned): the public key and the certificate must be that key's."""
         if record is None or record.certificate_id != cid or record.private_key_dropped:
             return False
-        key = await self.store.read_text(thing, PRIVATE_KEY_FILE)
         public = await self.store.read_text(thing, PUBLIC_KEY_FILE)
         cert = await self.store.read_text(thing, CERTIFICATE_FILE)
-        if key is None or public is None or cert is None or not key_pair_matches(key, public):
+        if ds:
+            held = await self.store.read_ds(thing) is not None
+        else:
+            key = await self.store.read_text(thing, PRIVATE_KEY_FILE)
+            held = key is not None and public is not None and key_pair_matches(key, public)
+        if not held or public is None or cert is None:
             return False
         if certificate_key_matches(cert, public) is False:
             return False  # None: moto's CSR certificates carry a key of moto's own

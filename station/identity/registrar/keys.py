@@ -35,7 +35,7 @@ def same_public_key(a: PublicKeyTypes, b: PublicKeyTypes) -> bool:
     return spki(a) == spki(b)
 
 
-def csr_pem(key: ec.EllipticCurvePrivateKey, common_name: str) -> str:
+def csr_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, common_name: str) -> str:
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
            .sign(key, hashes.SHA256()))
