@@ -99,14 +99,15 @@ class Firmware:
                 "ratio": round(self.compressed / self.size, 3)}
 
 
-def make_firmware(directory: Path) -> Firmware:
-    """The demo build (bootloader, partition table, 1.5 MB app at ~60%), deterministic."""
+def make_firmware(directory: Path, chip: str = CHIP, secure: bool = False) -> Firmware:
+    """The demo build (bootloader, partition table, 1.5 MB app at ~60%), deterministic;
+    `secure`: built for flash encryption and secure boot v2 (station.demo)."""
     from station.config import FirmwareSection
     from station.demo import make_demo_firmware
     from station.flash import load_firmware
 
-    args = make_demo_firmware(directory, chip=CHIP, app_size=APP_SIZE)
-    bundle = load_firmware(FirmwareSection(chip=CHIP, flasher_args=args, images=()))
+    args = make_demo_firmware(directory, chip=chip, app_size=APP_SIZE, secure=secure)
+    bundle = load_firmware(FirmwareSection(chip=chip, flasher_args=args, images=()))
     files = json.loads(args.read_text())["flash_files"]
     images = tuple(Image(name=r.name, offset=r.offset,
                          path=directory / files[f"0x{r.offset:x}"], size=len(r.data),
@@ -118,8 +119,10 @@ def make_firmware(directory: Path) -> Firmware:
 
 
 def write_config(workdir: Path, firmware: Firmware, ports_glob: str, kind: str = "none",
-                 aws: dict[str, Any] | None = None, baud: int | str = BAUD) -> Path:
-    """A station.toml like `station demo` writes, with the registrar under test."""
+                 aws: dict[str, Any] | None = None, baud: int | str = BAUD,
+                 chip: str = CHIP, extra: str = "") -> Path:
+    """A station.toml like `station demo` writes, with the registrar under test; `extra`
+    is appended (more sections: [verify], [security])."""
     registrar = f'[registrar]\nkind = "{kind}"\n'
     if aws:
         registrar += "\n[registrar.aws]\n" + "".join(
@@ -137,7 +140,7 @@ baud = {json.dumps(baud)}
 rescan_interval = 1.0
 
 [firmware]
-chip = "{CHIP}"
+chip = "{chip}"
 flasher_args = {json.dumps(str(firmware.flasher_args))}
 
 [identity]
@@ -148,7 +151,7 @@ thing_name = "bench-{{mac}}"
 out_dir = "certs_out"
 partition = "nvs"
 namespace = "station"
-"""
+{extra}"""
     path = workdir / "station.toml"
     path.write_text(text)
     return path
@@ -201,13 +204,15 @@ class StationRun:
 def run_station(boards: int, firmware: Firmware, workdir: Path, kind: str = "none",
                 aws: dict[str, Any] | None = None, env: dict[str, str] | None = None,
                 timeout: float = 300.0, seed: int = 1, flash_timing: bool = True,
-                baud: int = BAUD, rig_args: Sequence[str] = ()) -> StationRun:
+                baud: int = BAUD, rig_args: Sequence[str] = (), chip: str = CHIP,
+                extra: str = "") -> StationRun:
     """Start the station, wait until it watches, plug `boards` boards, wait for all."""
     if workdir.exists():
         shutil.rmtree(workdir)
     ports = workdir / "ports"
     ports.mkdir(parents=True)
-    config = write_config(workdir, firmware, str(ports / "pci-*"), kind, aws, baud=baud)
+    config = write_config(workdir, firmware, str(ports / "pci-*"), kind, aws, baud=baud,
+                          chip=chip, extra=extra)
     cmd = [sys.executable, "-m", "station", "run", "--config", str(config), "--exit-after",
            str(boards), "--headless"]
     with Processes() as procs:
@@ -223,6 +228,7 @@ def run_station(boards: int, firmware: Firmware, workdir: Path, kind: str = "non
     events = read_events(workdir / "state")
     started = {e["job_id"]: e["at"] for e in events if e["kind"] == "JobStarted"}
     jobs = [{"job_id": e["job_id"], "result": e["result"], "error": e["error"],
+             "started_at": started[e["job_id"]],
              "seconds": e["at"] - started[e["job_id"]], "finished_at": e["at"],
              "timings": e["timings"]} for e in events if e["kind"] == "JobFinished"]
     end = max((j["finished_at"] for j in jobs), default=time.time())

@@ -24,6 +24,7 @@ import host
 import peers
 import registration
 import scaling
+import security
 
 BENCHMARKS: tuple[tuple[str, Callable[[common.Context], dict[str, Any]]], ...] = (
     ("scaling", scaling.run),
@@ -33,6 +34,7 @@ BENCHMARKS: tuple[tuple[str, Callable[[common.Context], dict[str, Any]]], ...] =
     ("registration", registration.run),
     ("baud", baud.run),  # issue #11: the baud matrix, esp-batch-flash, the mixed rig
     ("connect", connect.run),  # issue #23: connect per chip, the step-down per rung
+    ("security", security.run),  # issue #20: what locking adds per board (16 boards, 2 Mbaud)
 )
 PORTS = 16
 

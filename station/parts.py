@@ -190,8 +190,14 @@ one line of a board's security journal, durable before the call returns."""
 class BoardLock(Protocol):
     """One board's security sequence (station/security), as the worker drives it."""
 
-    def regions(self, regions: Sequence[Region]) -> list[Region]:
-        """The plan's images as this board gets them (signed, encrypted)."""
+    @property
+    def nvs_keys(self) -> bytes | None:
+        """The board's NVS encryption keys (its nvs_keys partition holds them, flash-
+        encrypted) that its NVS credentials are encrypted with; None: plain NVS."""
+
+    def regions(self, regions: Sequence[Region], own: bool = False) -> list[Region]:
+        """The plan's images as this board gets them (signed, encrypted; its nvs_keys
+        partition added); `own`: the board's own data partitions, nothing added."""
 
     async def before_write(self, session: BoardSession) -> None:
         """Burn what must be burned before anything is written (the key)."""

@@ -326,9 +326,10 @@ class Worker:
         if credentials is not None and self.plan.ds_block is not None:
             credentials, own = await self._ds(credentials, session)
         elif credentials is not None and self.plan.credentials_region is not None:
-            own = [self.plan.credentials_region(credentials)]
+            own = [self.plan.credentials_region(credentials,
+                                                None if lock is None else lock.nvs_keys)]
         if own:  # an esp_secure_cert partition is flagged encrypted: [security] encrypts it
-            own = own if lock is None else lock.regions(own)
+            own = own if lock is None else lock.regions(own, own=True)
             self._stage = Stage.FLASH
             await self._timed(Stage.FLASH, lambda: self._write(session, own))
         await self._stage_call(Stage.VERIFY, attempt, lambda: self._verify(session, regions + own))

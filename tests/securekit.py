@@ -122,9 +122,10 @@ class SecureLine:
             conn.close()
 
 
-def make_line(root: Path, chips: tuple[str, ...] = CHIPS) -> SecureLine:
+def make_line(root: Path, chips: tuple[str, ...] = CHIPS, nvs_keys: bool = False) -> SecureLine:
+    """`nvs_keys`: the builds' tables have ESP-IDF's nvs_keys partition (NVS encryption)."""
     builds = {chip: make_demo_firmware(root / "build" / chip, chip=chip, app_size=APP_SIZE,
-                                       secure=True) for chip in chips}
+                                       secure=True, nvs_keys=nvs_keys) for chip in chips}
     return SecureLine(root, builds, signing_key(root / "sb.pem"))
 
 

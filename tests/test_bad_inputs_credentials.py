@@ -206,15 +206,17 @@ def test_a_key_block_used_for_another_purpose_fails_the_board_untouched(
 def test_an_encrypted_line_needs_the_partition_flagged_encrypted(
         tmp_path: Path, builds: dict[str, Path]) -> None:
     """[security] flash encryption covers credentials in an esp_secure_cert partition
-    flagged `encrypted` (the station writes it encrypted); plain NVS, or the partition
-    without the flag, would leave the key in the clear: refused at start. So is a DS key
+    flagged `encrypted` (the station writes it encrypted); NVS without the nvs_keys
+    partition NVS encryption needs, or the partition without the flag, would leave the key
+    in the clear: refused at start. So is a DS key
     block that the flash-encryption key, burned first, could take."""
     build = make_demo_firmware(tmp_path / "fw", chip="esp32c3", app_size=0x4000,
                                secure=True, secure_cert=True)
     firmware = (f'[firmware]\nchip = "esp32c3"\nflasher_args = {json.dumps(str(build))}\n'
                 '[security]\nflash_encryption = "development"\n[verify]\nboot = "app"\n')
     refused(check(tmp_path, firmware, ""), "security.flash_encryption",
-            "written to the plain NVS partition 'nvs', which flash encryption does not cover")
+            "has no nvs_keys partition: the credentials go to NVS, which flash encryption "
+            "does not cover")
     table = build.parent / "partition_table" / "partition-table.bin"
     table.write_bytes(partition_table(
         [("nvs", 1, 0x02, 0x9000, 0x4000), ("esp_secure_cert", 0x3F, 0, 0xD000, 0x2000),

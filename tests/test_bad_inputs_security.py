@@ -82,3 +82,22 @@ def test_esp32_secure_boot_needs_a_bootloader_for_v3(tmp_path: Path) -> None:
     result = line.cli("check")
     assert result.code == EXIT_CONFIG
     assert "is not built for secure boot v2" in result.complaint()
+
+
+LOCAL_CA = {"registrar": {"kind": "local-ca"}, "registrar.local_ca": {"dir": "ca"}}
+
+
+def test_nvs_credentials_on_an_encrypted_line_need_an_nvs_keys_partition(
+        built: SecureLine, tmp_path: Path) -> None:
+    """Plain NVS would leave the private key readable on a locked board: a table
+    without the partition NVS encryption keeps its keys in is refused, naming it."""
+    line = _line(built, tmp_path)
+    line.extra = dict(LOCAL_CA)
+    result = line.cli("check")
+    assert result.code == EXIT_CONFIG, result
+    complaint = result.complaint()
+    assert ": security.flash_encryption: " in complaint, complaint
+    assert f"the partition table of {built.builds['esp32c3']} has no nvs_keys partition" \
+        in complaint, complaint
+    assert "\"nvs_key, data, nvs_keys, , 0x1000, encrypted\"" in complaint, complaint
+

@@ -173,7 +173,8 @@ def partition_table(rows: list[tuple[str, int, int, int, int]],
 
 def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500_000,
                        seed: int = 1, log_colors: bool = False, secure: bool = False,
-                       device_key: bool = False, secure_cert: bool = False) -> Path:
+                       device_key: bool = False, secure_cert: bool = False,
+                       nvs_keys: bool = False) -> Path:
     """Write a demo ESP-IDF build into `out_dir`; returns its flasher_args.json.
 
     `log_colors`: built with CONFIG_LOG_COLORS=y (ESP-IDF's default up to v5.3): the log
@@ -185,7 +186,10 @@ def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500
     (its release-mode string, no secure boot).
     `secure_cert`: the
     table has esp_secure_cert_mgr's example row `esp_secure_cert, 0x3F, , 0xD000, 0x2000,
-    encrypted` (nvs shrinks to 0x4000 to make room)."""
+    encrypted` (nvs shrinks to 0x4000 to make room).
+    `nvs_keys`: the table has the NVS-encryption key partition `nvs_key, data, nvs_keys, ,
+    0x1000, encrypted` after the app, where ESP-IDF's `security/flash_encryption` example
+    puts it (the flash-encryption-based scheme of NVS encryption)."""
     if chip not in chips.supported():
         raise ValueError(f"unknown chip {chip!r} (one of {', '.join(chips.supported())})")
     if not 0x4000 <= app_size <= FLASH_SIZE - APP_OFFSET:
@@ -226,7 +230,9 @@ def make_demo_firmware(out_dir: Path, chip: str = "esp32", app_size: int = 1_500
     else:
         table = partition_table([("nvs", 1, 0x02, 0x9000, 0x6000),
                                  ("phy_init", 1, 0x01, 0xF000, 0x1000),
-                                 ("factory", 0, 0x00, APP_OFFSET, factory)])
+                                 ("factory", 0, 0x00, APP_OFFSET, factory)]
+                                + [("nvs_key", 1, 0x04, APP_OFFSET + factory, 0x1000)]
+                                * nvs_keys, encrypted=("nvs_key",))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     boot_at = chips.facts(chip).bootloader_offset

@@ -19,9 +19,10 @@ from station.flash.bootcheck import BootCheck, app_of
 from station.flash.firmware import FirmwareBundle, Partition, load_firmware
 from station.parts import BoardIdentity, BootJudge, DeviceCredentials, Region
 
-CredentialsImage = Callable[[DeviceCredentials, int, int, str], Region]
-"""(credentials, partition offset, partition size, NVS namespace) -> the board's data
-partition with them (identity's `nvs_region`, `secure_cert_region`)."""
+CredentialsImage = Callable[[DeviceCredentials, int, int, str, bytes | None], Region]
+"""(credentials, partition offset, partition size, NVS namespace, NVS encryption keys or
+None) -> the board's data partition with them (identity's `nvs_region`,
+`secure_cert_region`)."""
 CredentialsMaker = Callable[[BoardCredentials, str], CredentialsImage]
 """(a chip's credentials format, the chip) -> how its boards' credentials partition is
 made (identity's `credentials_image`)."""
@@ -40,8 +41,9 @@ class Plan:
     firmware_hash: str
     station: str
     thing_name: Callable[[BoardIdentity], str]
-    credentials_region: Callable[[DeviceCredentials], Region] | None = None
-    """Builds the per-board data partition; None when the registrar makes no credentials."""
+    credentials_region: Callable[[DeviceCredentials, bytes | None], Region] | None = None
+    """Builds the per-board data partition (encrypted with the board's NVS keys when
+    given); None when the registrar makes no credentials."""
     boot: BootJudge | None = None
     """[verify] boot: what the board must print after the reset (bootcheck.py)."""
     app_version: str = ""
@@ -103,7 +105,7 @@ def build_plan(config: Config, bundle: FirmwareBundle,
     """The per-board recipe; the credentials partition is located once, from the table.
     `credentials`: how credentials become that partition; None when the registrar makes
     none (kind "none")."""
-    credentials_region: Callable[[DeviceCredentials], Region] | None = None
+    credentials_region: Callable[[DeviceCredentials, bytes | None], Region] | None = None
     board = config.credentials_for(bundle.chip)
     at: tuple[int, int] | None = None
     if credentials is not None:
@@ -112,8 +114,8 @@ def build_plan(config: Config, bundle: FirmwareBundle,
         at = (part.offset, part.size)
         namespace = config.credentials.namespace
 
-        def credentials_region(creds: DeviceCredentials) -> Region:
-            return image(creds, part.offset, part.size, namespace)
+        def credentials_region(creds: DeviceCredentials, nvs_keys: bytes | None) -> Region:
+            return image(creds, part.offset, part.size, namespace, nvs_keys)
 
     def thing_name(identity: BoardIdentity) -> str:
         return config.identity.thing_for(identity.mac, identity.chip, config.station.name)

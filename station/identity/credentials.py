@@ -286,8 +286,20 @@ def nvs_entries(creds: DeviceCredentials) -> dict[str, tuple[str, str | bytes]]:
     return entries
 
 
-def nvs_image(entries: dict[str, tuple[str, str | bytes]], size: int, namespace: str) -> bytes:
-    """An NVS partition image of `size` bytes with `entries` in `namespace` (format V2)."""
+NVS_KEYS_SIZE = 64
+"""NVS encryption's XTS key pair: the data key then the tweak key, 32 bytes each
+(nvs_flash `nvs_sec_cfg_t`; esp-idf-nvs-partition-gen's `generate_key`)."""
+
+
+def nvs_image(entries: dict[str, tuple[str, str | bytes]], size: int, namespace: str,
+              nvs_keys: bytes | None = None) -> bytes:
+    """An NVS partition image of `size` bytes with `entries` in `namespace` (format V2).
+
+    `nvs_keys`: NVS encryption (ESP-IDF's flash-encryption-based scheme): every entry is
+    XTS-AES ciphertext under these keys, tweaked by its address in the partition, made
+    by the generator's own encryption (`nvs_open(..., is_encrypt=True, key=...)`, what
+    `nvs_partition_gen.py encrypt --inputkey` runs); page headers and state bitmaps stay
+    plain, as nvs_flash reads them."""
     from esp_idf_nvs_partition_gen import nvs_partition_gen as gen
 
     if size % NVS_PAGE or size < 3 * NVS_PAGE:
@@ -305,7 +317,11 @@ def nvs_image(entries: dict[str, tuple[str, str | bytes]], size: int, namespace:
     out = io.BytesIO()
     try:
         # One page is kept empty: NVS needs it to garbage-collect on the board.
-        nvs = gen.nvs_open(out, size - NVS_PAGE, gen.Page.VERSION2)
+        if nvs_keys is not None and len(nvs_keys) != NVS_KEYS_SIZE:
+            raise CredentialsError(f"NVS encryption keys are {NVS_KEYS_SIZE} bytes, not "
+                                   f"{len(nvs_keys)}")
+        nvs = gen.nvs_open(out, size - NVS_PAGE, gen.Page.VERSION2,
+                           is_encrypt=nvs_keys is not None, key=nvs_keys)
         gen.write_entry(nvs, namespace, "namespace", "", "")
         for key, (encoding, value) in entries.items():
             gen.write_entry(nvs, key, "data", encoding, value)
@@ -321,7 +337,8 @@ def nvs_image(entries: dict[str, tuple[str, str | bytes]], size: int, namespace:
 
 
 def nvs_region(creds: DeviceCredentials, partition_offset: int, partition_size: int,
-               namespace: str) -> Region:
-    """The board's credentials partition: the whole partition, so stale pages are erased."""
-    image = nvs_image(nvs_entries(creds), partition_size, namespace)
+               namespace: str, nvs_keys: bytes | None = None) -> Region:
+    """The board's credentials partition: the whole partition, so stale pages are erased;
+    encrypted with `nvs_keys` (the board's nvs_keys partition holds them) when given."""
+    image = nvs_image(nvs_entries(creds), partition_size, namespace, nvs_keys)
     return Region.build("nvs-credentials", partition_offset, image)

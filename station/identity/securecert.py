@@ -41,7 +41,7 @@ from station.errors import CredentialsError
 from station.identity.credentials import nvs_region
 from station.parts import DeviceCredentials, Region
 
-CredentialsImage = Callable[[DeviceCredentials, int, int, str], Region]
+CredentialsImage = Callable[[DeviceCredentials, int, int, str, bytes | None], Region]
 
 tlv_format.print = lambda *args, **kwargs: None  # progress lines on the live table's stdout
 
@@ -148,10 +148,11 @@ def secure_cert_image(creds: DeviceCredentials, size: int) -> bytes:
 
 
 def secure_cert_region(creds: DeviceCredentials, partition_offset: int, partition_size: int,
-                       namespace: str = "") -> Region:
-    """The board's esp_secure_cert partition, whole (stale TLVs erased). `namespace` is
-    NVS's and unused: the signature matches `nvs_region`'s, the plan calls either."""
-    del namespace
+                       namespace: str = "", nvs_keys: bytes | None = None) -> Region:
+    """The board's esp_secure_cert partition, whole (stale TLVs erased). `namespace` and
+    `nvs_keys` are NVS's and unused: the signature matches `nvs_region`'s, the plan calls
+    either."""
+    del namespace, nvs_keys
     image = secure_cert_image(creds, partition_size)
     return Region.build("esp-secure-cert", partition_offset, image)
 
@@ -168,5 +169,5 @@ def credentials_image(board: BoardCredentials, chip: str) -> CredentialsImage:
 
 
 def _made_by_the_ds_step(creds: DeviceCredentials, offset: int, size: int,
-                         namespace: str) -> Region:
+                         namespace: str, nvs_keys: bytes | None = None) -> Region:
     raise CredentialsError("a DS board's partition is made by its DS step (station/dsboard.py)")

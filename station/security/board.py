@@ -36,6 +36,7 @@ from typing import Any
 from station.errors import SecurityError
 from station.parts import BoardIdentity, BoardSession, Region, SecurityJournal
 from station.security import efuses as fuses
+from station.security import nvskeys
 from station.security.escrow import write_escrow
 from station.security.images import SecuredFirmware, encrypted_region, key_fingerprint
 from station.security.plan import SB_REVISION_ESP32, STEPS, ChipPlan, Step
@@ -56,9 +57,12 @@ class Keys:
     """Host keys between their burn and the verify of the images written with them."""
 
     by_mac: dict[str, bytes] = field(default_factory=dict)
+    nvs_by_mac: dict[str, bytes] = field(default_factory=dict)
+    """NVS encryption keys (nvskeys.py), from the write of the board's nvs_keys partition
+    until its boot check passed: a retry rewrites its credentials with the same keys."""
 
     def __repr__(self) -> str:  # never a key in a log or traceback
-        return f"Keys({len(self.by_mac)} held)"
+        return f"Keys({len(self.by_mac)} held, {len(self.nvs_by_mac)} NVS)"
 
 
 FIRST_BOOT_DONE = "Flash encryption completed"
@@ -97,10 +101,11 @@ class LineSecurity:
                      journal: SecurityJournal, thing: str = "") -> BoardLock:
         plan = self.security.plans[identity.chip]
         firmware = self.security.firmware[identity.chip]
+        view = fuses.Efuses()  # read once here, kept current by this board's batches
         state = await session.on_loader("read eFuses",
-                                        lambda esp: fuses.read_state(esp, plan))
+                                        lambda esp: fuses.read_state(esp, plan, view))
         past = await self.history(identity.mac)
-        lock = BoardLock(self, plan, firmware, identity, journal, state, past)
+        lock = BoardLock(self, plan, firmware, identity, journal, state, past, view)
         lock.thing = thing or identity.mac
         await lock.decide(session)
         return lock
@@ -111,8 +116,10 @@ class BoardLock:
 
     def __init__(self, line: LineSecurity, plan: ChipPlan, firmware: SecuredFirmware,
                  identity: BoardIdentity, journal: SecurityJournal,
-                 state: fuses.ChipState, past: list[dict[str, Any]]) -> None:
+                 state: fuses.ChipState, past: list[dict[str, Any]],
+                 view: fuses.Efuses | None = None) -> None:
         self.line, self.plan, self.firmware = line, plan, firmware
+        self.view = view or fuses.Efuses()
         self.identity, self.journal, self.state, self.past = identity, journal, state, past
         self.key: bytes | None = None
         self.fingerprint: str | None = None
@@ -121,6 +128,7 @@ class BoardLock:
         self.images_done = False  # verified earlier with this key (journal + flash MD5s)
         self.chip_only = False  # our key is burned but lost: the chip encrypts, unverified
         self.thing = identity.mac  # the board's certs_out folder (escrow_public_key)
+        self._nvs_keys: bytes | None = None
 
     # -- deciding where the board stands ---------------------------------------------
 
@@ -186,9 +194,7 @@ class BoardLock:
         if await self._images_on_flash(session):
             self.images_done = True
             return
-        manual = state.values.get("DIS_DOWNLOAD_MANUAL_ENCRYPT") or \
-            state.values.get("DISABLE_DL_ENCRYPT")
-        if not manual and not state.values.get(self.plan.counter or "", 0):
+        if self._chip_can_encrypt():
             # the key died with the last run, but the chip can still encrypt with it
             # (esptool's --encrypt): the boot check is then the proof, not an MD5
             self.chip_only = True
@@ -239,11 +245,16 @@ class BoardLock:
 
     # -- what the worker calls ---------------------------------------------------------
 
-    def regions(self, regions: Sequence[Region]) -> list[Region]:
-        """The plan's images as this board gets them: signed, encrypted with its key."""
+    def regions(self, regions: Sequence[Region], own: bool = False) -> list[Region]:
+        """The plan's images as this board gets them: signed, encrypted with its key, and
+        the board's nvs_keys partition; `own`: the board's own data partitions (its
+        credentials), encrypted where flagged, nothing added."""
         secured = {r.offset: r for r in self.firmware.regions}
+        keys_at = self.firmware.nvs_keys_at
         out = []
         for region in regions:
+            if keys_at is not None and region.offset == keys_at[0]:
+                continue  # the board's own keys go there (below)
             r = secured.get(region.offset, region)
             if r.offset not in self.firmware.encrypted:
                 out.append(r)
@@ -253,7 +264,48 @@ class BoardLock:
                 out.append(encrypted_region(r.name, r.offset, plain, cipher, CHIP_ENCRYPTS))
             elif not self.images_done:  # decide() never lets this happen
                 raise SecurityError(f"{self.identity.mac}: no key for {r.name}", rework=True)
+        if keys_at is not None and not own:
+            out.extend(self._nvs_keys_region(*keys_at))
         return out
+
+    @property
+    def nvs_keys(self) -> bytes | None:
+        return self._nvs_keys
+
+    def _nvs_keys_region(self, offset: int, size: int) -> list[Region]:
+        """The board's nvs_keys partition, flash-encrypted as the other encrypted
+        partitions are (nvskeys.py); [] when it is on the flash already, verified."""
+        mac = self.identity.mac
+        held = self.line.keys.nvs_by_mac.get(mac)
+        keys = held or nvskeys.fresh_keys()
+        self._nvs_keys = self.line.keys.nvs_by_mac[mac] = keys
+        plain = nvskeys.keys_region(keys, offset, size)
+        if self.device:  # the bootloader encrypts it on the first boot (encrypt_partition)
+            return [plain]
+        if self.key is not None or self.chip_only:
+            cipher = None if self.key is None else self.firmware.encrypt_for(self.key, plain)
+            return [encrypted_region(plain.name, offset, plain.data, cipher, CHIP_ENCRYPTS)]
+        if held is not None and self.images_done:
+            return []  # written and verified with these keys (the journal's MD5)
+        if self._manual_encrypt():  # the keys died with the last run: fresh ones
+            log.warning("%s: the NVS keys written with the images were lost with the last "
+                        "stop; the chip encrypts a fresh nvs_keys partition", mac)
+            return [encrypted_region(plain.name, offset, plain.data, None, True)]
+        raise SecurityError(f"{mac}: the NVS encryption keys on the board were lost with the "
+                            "last stop and the chip no longer encrypts writes: its "
+                            "credentials cannot be written readable", rework=True)
+
+    def _manual_encrypt(self) -> bool:
+        """esptool's --encrypt still works: DIS_DOWNLOAD_MANUAL_ENCRYPT (ESP32:
+        DISABLE_DL_ENCRYPT) unburned, whatever the counter (esptool `write_flash`)."""
+        values = self.state.values
+        return not (values.get("DIS_DOWNLOAD_MANUAL_ENCRYPT") or
+                    values.get("DISABLE_DL_ENCRYPT"))
+
+    def _chip_can_encrypt(self) -> bool:
+        """The chip may finish the images with its own key: manual encryption allowed
+        and the counter unset (the boot check is then the proof of the key)."""
+        return self._manual_encrypt() and not self.state.values.get(self.plan.counter or "", 0)
 
     async def before_write(self, session: BoardSession) -> None:
         """Burn the key (or finish its protection) before anything is written with it."""
@@ -272,7 +324,8 @@ class BoardLock:
                      self.identity.mac, path)
 
         def work(esp: Any) -> list[str]:
-            return fuses.burn(esp, self.plan, step, state, key=key, resume_key_blocks=blocks)
+            return fuses.burn(esp, self.plan, step, state, key=key, resume_key_blocks=blocks,
+                              view=self.view)
         await self._batch(session, step, work)
         self.key_burned = True
 
@@ -289,8 +342,8 @@ class BoardLock:
                                 "makes the key and encrypts on this boot")
         self.line.keys.by_mac.pop(self.identity.mac, None)
         self.key = None
-        self.state = await session.on_loader("read eFuses",
-                                             lambda esp: fuses.read_state(esp, self.plan))
+        self.state = await session.on_loader(
+            "read eFuses", lambda esp: fuses.read_state(esp, self.plan, self.view))
         pem = self.line.security.signing_key_pem
         for name in STEPS[1:]:
             step = self.plan.step(name)
@@ -302,7 +355,7 @@ class BoardLock:
         state = self.state
 
         def work(esp: Any) -> list[str]:
-            return fuses.burn(esp, self.plan, step, state, signing_key_pem=pem)
+            return fuses.burn(esp, self.plan, step, state, signing_key_pem=pem, view=self.view)
         return work
 
     def _missing(self, step: Step) -> bool:
@@ -333,6 +386,8 @@ class BoardLock:
             FIRST_BOOT_DONE in text else text
 
     async def after_boot(self, text: str) -> None:
+        self.line.keys.nvs_by_mac.pop(self.identity.mac, None)  # done: the board has them
+        self._nvs_keys = None
         if self.device:
             await self._journal("first_boot", "after", "the chip made its key and encrypted "
                                 "its flash; the second boot: " + self.plan.mode)

@@ -95,6 +95,9 @@ class SecuredFirmware:
     regions: tuple[Region, ...]  # signed where secure boot is on; plaintext
     encrypted: frozenset[int]  # offsets of the regions written encrypted
     digest: str | None  # SHA-256 of the signing key's public part, as burned (hex)
+    nvs_keys_at: tuple[int, int] | None = None
+    """(offset, size) of the nvs_keys partition each board gets, when its credentials go
+    to NVS with NVS encryption (security/nvskeys.py); None: no credentials in NVS."""
 
     def encrypt_for(self, key: bytes, region: Region) -> bytes:
         """The region's ciphertext under `key` at its address (espsecure's own code)."""
@@ -140,8 +143,10 @@ def _sign(name: str, data: bytes, signer: Signer, cache: Path, where: str) -> by
 
 def secure_firmware(security: SecuritySection, chip: str, regions: Sequence[Region],
                     partitions: Sequence[PartitionRow], source: str,
-                    cache: Path, signer: Signer | None) -> SecuredFirmware:
-    """Check (and sign) one chip's images for [security]; FirmwareError names the fix."""
+                    cache: Path, signer: Signer | None,
+                    nvs_keys_at: tuple[int, int] | None = None) -> SecuredFirmware:
+    """Check (and sign) one chip's images for [security]; FirmwareError names the fix.
+    `nvs_keys_at`: the nvs_keys partition the boards' NVS keys go to (flash-encrypted)."""
     boot_at = chips.facts(chip).bootloader_offset
     boot = next((r for r in regions if r.offset == boot_at), None)
     apps = {p.offset for p in partitions if p.type == 0}
@@ -218,9 +223,11 @@ def secure_firmware(security: SecuritySection, chip: str, regions: Sequence[Regi
                 encrypted.update(r.offset for r in regions
                                  if p.offset <= r.offset < p.offset + p.size)
                 encrypted.add(p.offset)  # what the station writes there per board later:
-                # the esp_secure_cert partition (flagged encrypted), never NVS
+                # the esp_secure_cert partition (flagged encrypted), nvs_keys; never NVS
+        if nvs_keys_at is not None:
+            encrypted.add(nvs_keys_at[0])
     return SecuredFirmware(chip=chip, regions=tuple(out), encrypted=frozenset(encrypted),
-                           digest=digest)
+                           digest=digest, nvs_keys_at=nvs_keys_at)
 
 
 def _esp32_revision(boot: Region, source: str) -> None:

@@ -3,8 +3,9 @@
 Everything that would brick a board or leave it open is refused here, before the first
 board, with the file, the key and the fix: a purpose or field the chip lacks (from
 espefuse's tables), images not built for the features, unsigned images where the
-station may not sign, credentials that would sit in plain NVS (or an esp_secure_cert
-partition not flagged encrypted) on an encrypted board,
+station may not sign, credentials that would sit in plain NVS (a table without the
+nvs_keys partition NVS encryption needs) or in an esp_secure_cert partition not flagged
+encrypted on an encrypted board,
 a lock-down nothing would prove (no boot check).
 """
 
@@ -24,6 +25,7 @@ from station.security.images import (
     SecuredFirmware,
     secure_firmware,
 )
+from station.security.nvskeys import NVS_KEYS_PAGE, NVS_KEYS_ROW, nvs_keys_partition
 from station.security.plan import ChipPlan, PlanError, chip_plan
 from station.security.signer import signer_for
 
@@ -62,6 +64,9 @@ class StationSecurity:
             out += [f"            {line}" for line in plan.lines()]
             out.append(f"            {chip}: encrypted at {enc}"
                        + (f"; signing key digest {fw.digest[:16]}" if fw.digest else ""))
+            if fw.nvs_keys_at is not None:
+                out.append(f"            {chip}: NVS credentials encrypted, keys in nvs_keys "
+                           f"at 0x{fw.nvs_keys_at[0]:x} (a pair per board, flash-encrypted)")
         return out
 
 
@@ -103,13 +108,39 @@ def secure_line(config: Config, firmwares: Sequence[FirmwareFacts]) -> StationSe
         except PlanError as e:
             raise ConfigError(path, "security", str(e)) from None
         secured[fw.chip] = secure_firmware(s, fw.chip, fw.regions, fw.partitions, fw.source,
-                                           Path(cache), signer)
+                                           Path(cache), signer, _nvs_keys_at(config, fw))
     if s.key == "device":
         _first_boot_time(config, secured.values())
     return StationSecurity(plans=plans, firmware=secured, mode=describe_mode(config),
                            signing_key_pem=signer.public_pem if signer else None,
                            escrow_pem=s.escrow_public_key.read_bytes()
                            if s.escrow_public_key is not None else None)
+
+
+def _nvs_keys_at(config: Config, fw: FirmwareFacts) -> tuple[int, int] | None:
+    """Where the board's NVS encryption keys go, when its credentials go to NVS on an
+    encrypted line (security/nvskeys.py); a table without an nvs_keys partition is
+    refused: plain NVS would leave the private key readable on a locked board."""
+    if config.security.flash_encryption == "off" or config.registrar.kind == "none":
+        return None
+    path, board = str(config.path), config.credentials_for(fw.chip)
+    which = "" if len(config.firmwares) == 1 else f" ({fw.chip})"
+    if board.format != "nvs":
+        return None  # esp_secure_cert: flagged encrypted, written encrypted (below)
+    part = nvs_keys_partition(fw.partitions)
+    table = f"the partition table of {fw.source}{which}"
+    if part is None:
+        raise ConfigError(path, "security.flash_encryption", f"{table} has no nvs_keys "
+                          "partition: the credentials go to NVS, which flash encryption does "
+                          "not cover, and NVS encryption keeps its keys in one; add the row "
+                          f"\"{NVS_KEYS_ROW}\" to the build's partitions.csv (ESP-IDF's NVS "
+                          "encryption, flash-encryption-based scheme) and rebuild, or set "
+                          "[registrar] kind = \"none\"")
+    if part.size < NVS_KEYS_PAGE:
+        raise ConfigError(path, "security.flash_encryption", f"{table}: the nvs_keys "
+                          f"partition is 0x{part.size:x} bytes; it must be at least "
+                          f"0x{NVS_KEYS_PAGE:x} (4 KB) in partitions.csv")
+    return part.offset, part.size
 
 
 DS_SAFE_BLOCK = "BLOCK_KEY5"
@@ -120,15 +151,11 @@ DS key's block beside host-made flash encryption."""
 def _credentials_encrypted(config: Config, fw: FirmwareFacts, path: str) -> None:
     """Credentials on an encrypted board go where flash encryption covers them: the
     esp_secure_cert partition flagged `encrypted` (esp_secure_cert_mgr's own row), which
-    the station writes encrypted with the board's key; never plain NVS."""
-    if config.credentials_for(fw.chip).format == "nvs":
-        raise ConfigError(path, "security.flash_encryption", "the credentials would be "
-                          f"written to the plain NVS partition '{config.partition_for(fw.chip)}'"
-                          ", which flash encryption does not cover (NVS has its own "
-                          "encryption, not supported by this station yet): set [credentials] "
-                          "format = \"esp_secure_cert\" (its partition is flagged encrypted), "
-                          "use registrar kind \"none\", or flash_encryption = \"off\"")
+    the station writes encrypted with the board's key; NVS only with NVS encryption
+    (`_nvs_keys_at`), never plain."""
     board = config.credentials_for(fw.chip)
+    if board.format == "nvs":
+        return  # _nvs_keys_at refuses a table without nvs_keys
     if board.ds and config.security.key == "host" and board.efuse_key_block != DS_SAFE_BLOCK:
         raise ConfigError(path, "credentials.efuse_key_block", f"{fw.chip}: the flash-"
                           "encryption key is burned before the DS key, into the first free "

@@ -64,10 +64,23 @@ APP_PEEK = 0x10000  # decrypted first to learn an app image's length
 
 def _span(flash: bytes, start: int, limit: int, chip: str, cipher: FlashCipher) -> int:
     """How much of an image at ``start`` the bootloader reads: image, padding to 4 KB
-    and a signature sector (what fits the partition)."""
-    head = cipher.decrypt(start, flash[start:start + min(APP_PEEK, limit)])
+    and a signature sector (what fits the partition). Like the bootloader
+    (``esp_image_format.c`` ``process_segments``), it reads each segment's header
+    through the cache, decrypted, to find the next: the first 64 KB are decrypted at
+    once, segment headers beyond them one by one (an app of any size)."""
+    limit = min(limit, len(flash) - start) // 16 * 16
+    view = bytearray(cipher.decrypt(start, flash[start:start + min(APP_PEEK, limit)]))
+    view += flash[start + len(view):start + limit]
+    pos, count = 24, view[1] if view else 0  # image header + extended header
+    for _ in range(count):
+        if pos + 8 > limit:
+            break
+        if pos + 8 > APP_PEEK:  # decrypt the 16-byte blocks holding this header
+            lo, hi = pos // 16 * 16, -(-(pos + 8) // 16) * 16
+            view[lo:hi] = cipher.decrypt(start + lo, bytes(flash[start + lo:start + hi]))
+        pos += 8 + struct.unpack_from("<I", view, pos + 4)[0]
     try:
-        image = LoadFirmwareImage(chip, head + bytes(APP_PEEK))
+        image = LoadFirmwareImage(chip, bytes(view) + bytes(APP_PEEK))
         end = sb.signature_sector_at(0, sb.image_length(image)) + sb.SECTOR
     except Exception:
         end = APP_PEEK
