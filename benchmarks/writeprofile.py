@@ -6,10 +6,12 @@ connects at the rate and writes the demo firmware for that chip region by region
 worker does, with every FLASH_DEFL_DATA round trip stamped on the host:
 
 - `line_s`: the block's frame and its 12-byte ACK on the wire (10 bits per byte);
-- `wait_s`: the rest of the round trip: the stub not yet free to take the block (the
-  flash still programming the previous one: the stub's ACK waits, esp-flasher-stub and
-  the legacy stub both ACK a block only once the previous one is written), plus the
-  host's and the rig's own turnaround;
+- `wait_s`: the rest of the round trip, split into `flash_lag_s`, the stub not yet free
+  to take the block because the flash still programs the previous one (esp-flasher-stub
+  ACKs a block, then inflates and writes it before it reads the next command: one block
+  in flight, `handle_command` / `s_flash_defl_data_post_process`; the previous block's
+  programming time from the sim's FlashTiming, counted from its ACK), and
+  `turnaround_s`, the rest: the host's and the rig's own latency per round trip;
 - begin / finish: FLASH_DEFL_BEGIN (first erase step) and FLASH_DEFL_END (the last
   block's programming);
 - `modelled_flash_s`: the same blocks on the sim's flash model with an infinitely fast
@@ -67,19 +69,30 @@ def profile(chip: str, baud: int, root: Path) -> dict[str, Any]:
     from station.config import FirmwareSection
     from station.demo import make_demo_firmware
     from station.flash import EsptoolFlasher, load_firmware
+    from station.sim.flash import FlashTiming
 
     args = make_demo_firmware(root / f"fw-{chip}", chip=chip, app_size=common.APP_SIZE)
     bundle = load_firmware(FirmwareSection(chip=chip, flasher_args=args, images=()))
     blocks: list[dict[str, float]] = []
     original = write_mod._command
 
+    timing = FlashTiming()
+    inflater: list[Any] = [None]  # the region's stream, as the stub inflates it
+
     def stamped(esp: Any, op: int, payload: bytes, chk: int, timeout: float,
                 what: str) -> None:
-        started = time.perf_counter()
+        sent = time.perf_counter()
         original(esp, op, payload, chk, timeout, what)
-        took = time.perf_counter() - started
-        line = flashmodel.line_seconds(_frame_bytes(payload) + ACK, baud)
-        blocks.append({"rtt_s": took, "line_s": line, "wait_s": took - line})
+        acked = time.perf_counter()
+        frame = flashmodel.line_seconds(_frame_bytes(payload), baud)
+        ack = flashmodel.line_seconds(ACK, baud)
+        # the stub took the previous block when its ACK left, and programs it meanwhile
+        busy = blocks[-1]["busy"] if blocks else 0.0
+        lag = max(0.0, busy - (sent + frame))
+        inflated = len(inflater[0].decompress(payload[16:]))
+        blocks.append({"rtt_s": acked - sent, "line_s": frame + ack,
+                       "wait_s": acked - sent - frame - ack, "flash_s": lag,
+                       "busy": acked - ack + timing.program(inflated)})
 
     write_mod._command = stamped  # type: ignore[assignment]
     out: dict[str, Any] = {"chip": chip, "baud": baud, "regions": []}
@@ -97,6 +110,7 @@ def profile(chip: str, baud: int, root: Path) -> dict[str, Any]:
             cpu0, w0 = time.process_time(), time.perf_counter()
             for region in bundle.regions:
                 del blocks[:]
+                inflater[0] = zlib.decompressobj()
                 calls: dict[str, float] = {}
                 for name in ("flash_defl_begin", "flash_defl_finish"):
                     fn = getattr(esp, name)
@@ -123,6 +137,8 @@ def profile(chip: str, baud: int, root: Path) -> dict[str, Any]:
                     "floor_s": round(flashmodel.line_seconds(len(region.compressed), baud), 3),
                     "line_s": round(sum(b["line_s"] for b in blocks), 3),
                     "wait_s": round(sum(waits), 3),
+                    "flash_lag_s": round(sum(b["flash_s"] for b in blocks), 3),
+                    "turnaround_s": round(sum(b["wait_s"] - b["flash_s"] for b in blocks), 3),
                     "wait_median_ms": round(1e3 * waits[n // 2], 2) if n else 0.0,
                     "wait_max_ms": round(1e3 * waits[-1], 2) if n else 0.0,
                     "begin_s": round(calls.get("flash_defl_begin", 0.0), 3),
