@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -331,3 +332,23 @@ def test_security_info_comes_from_the_efuses(fast_rig: Rig, tmp_path: Path, chip
     assert "Flash Encryption: Enabled" in out
     assert "SPI Boot Crypt Count (SPI_BOOT_CRYPT_CNT): 0x1" in out
     assert ("Chip ID: 9" in out) == (chip == "esp32s3")  # the S2's reply has no chip id
+
+
+def test_boards_of_one_chip_keep_their_own_efuses_and_plug_without_reparsing(
+        fast_rig: Rig, tmp_path: Path) -> None:
+    """The eFuse table is parsed once per chip (issue #23: 40-140 ms of the rig's CPU per
+    plug stalled every board on the hub): each board still has eFuses of its own."""
+    first, second = fast_rig.plug(chip="esp32s3"), fast_rig.plug(chip="esp32s3")
+    key = tmp_path / "key.bin"
+    key.write_bytes(os.urandom(32))
+    burn = espefuse(first.port, "burn-key", "BLOCK_KEY0", str(key), "XTS_AES_128_KEY")
+    assert burn.returncode == 0, burn.output
+    assert summary(first.port, tmp_path / "a.json")["BLOCK_KEY0"]["readable"] is False
+    other = summary(second.port, tmp_path / "b.json")
+    assert other["KEY_PURPOSE_0"]["value"] == "USER"
+    assert other["BLOCK_KEY0"]["readable"] is True
+    # A new board's eFuses cost the rig milliseconds of CPU, not a YAML parse (~0.1 s).
+    started = time.process_time()
+    for _ in range(8):
+        EfuseArray("esp32s3")
+    assert time.process_time() - started < 0.3
