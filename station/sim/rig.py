@@ -95,6 +95,7 @@ class Rig:
         self._macs = MacAllocator(seed)
         self._slots: dict[int, _Slot] = {}
         self._unplugged_macs: dict[int, str] = {}
+        self._pulls: dict[int, asyncio.Event] = {}  # unplugs in flight, by hub port
         self._next_index = 0
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -150,6 +151,9 @@ class Rig:
         gap = self.reenumerate_gap if reenumerate_gap is None else reenumerate_gap
         model = self.stub_model if stub_model is None else parse_stub_model(stub_model)
         size = parse_size(flash_size) if isinstance(flash_size, str) else flash_size
+        # A board pulled by a fault is still being put away (flash dumped, MAC freed)
+        # when the station already saw it go: plugging it back must wait for that.
+        self._call(self._pulls_finished())
         with self._lock:
             if index is None:
                 index = self._next_index
@@ -456,10 +460,22 @@ class Rig:
                     "vid_pid": slot.usb.describe()["app_vid_pid"],
                     "count": slot.reenumerations})
 
+    async def _pulls_finished(self) -> None:
+        for pull in list(self._pulls.values()):
+            await pull.wait()
+
     async def _unplug(self, index: int, reason: str) -> None:
         slot = self._slots.pop(index, None)
         if slot is None:
             return
+        pull = self._pulls[index] = asyncio.Event()
+        try:
+            await self._put_away(slot, index, reason)
+        finally:
+            del self._pulls[index]
+            pull.set()
+
+    async def _put_away(self, slot: _Slot, index: int, reason: str) -> None:
         self._unplugged_macs[index] = slot.info.mac.replace(":", "")
         if slot.face is not None:
             await slot.face.close()  # the station sees the far end close
