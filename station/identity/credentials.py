@@ -185,11 +185,17 @@ class CredentialStore:
         raw = await self._read(self.folder(thing_name) / name)
         return raw.decode() if raw is not None else None
 
-    async def read_credentials(self, thing_name: str) -> DeviceCredentials | None:
-        """The stored credentials of a thing, if the station holds all of them."""
+    async def read_credentials(self, thing_name: str,
+                               private_key: str | None = None) -> DeviceCredentials | None:
+        """The stored credentials of a thing, if the station holds all of them.
+
+        ``private_key`` stands in for the key file of a DS board, whose key is never
+        stored in the clear: its certs_out folder keeps the certificate and public key.
+        """
         record = await self.read_record(thing_name)
         cert = await self.read_text(thing_name, CERTIFICATE_FILE)
-        key = await self.read_text(thing_name, PRIVATE_KEY_FILE)
+        key = private_key if private_key is not None else await self.read_text(
+            thing_name, PRIVATE_KEY_FILE)
         public = await self.read_text(thing_name, PUBLIC_KEY_FILE)
         if record is None or cert is None or key is None or public is None:
             return None

@@ -282,8 +282,8 @@ class AwsIotRegistrar(Cleanup):
             record = await self.store.read_record(thing)
             await self._record(board, record, status="active", certificate_id=cid,
                                certificate_arn=arn)
-            creds = await (self._ds_credentials(thing, in_memory) if board.ds
-                           else self.store.read_credentials(thing))
+            creds = await self.store.read_credentials(
+                thing, private_key=in_memory if board.ds else None)
             if creds is None:
                 raise RegistrationError(f"{thing}: the credentials in "
                                         f"{self.store.folder(thing)} vanished during "
@@ -293,18 +293,6 @@ class AwsIotRegistrar(Cleanup):
             await asyncio.shield(self.release(cert_naming(thing, cid, arn), journal))
             raise
         return creds
-
-    async def _ds_credentials(self, thing: str, private_key: str) -> DeviceCredentials | None:
-        record = await self.store.read_record(thing)
-        cert = await self.store.read_text(thing, CERTIFICATE_FILE)
-        public = await self.store.read_text(thing, PUBLIC_KEY_FILE)
-        if record is None or cert is None or public is None:
-            return None
-        return DeviceCredentials(thing_name=thing, certificate_pem=cert,
-                                 private_key_pem=private_key, public_key_pem=public,
-                                 endpoint=record.endpoint or "",
-                                 certificate_id=record.certificate_id,
-                                 certificate_arn=record.certificate_arn)
 
     async def _ensure_thing(self, board: BoardFacts, info: dict[str, Any] | None) -> None:
         attributes = {
