@@ -15,12 +15,15 @@ board's bootloader encrypts the partition on its first boot.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
 
 from station.daemon import EXIT_OK
 from station.demo import make_demo_firmware
-from station.identity import SecureCertFormatError, read_secure_cert
+from station.identity import CRASH_ENV, SecureCertFormatError, read_secure_cert
+from station.identity.ds import DsData
 from station.sim.efuse import EfuseArray
 from tests.securekit import (
     APP_SIZE,
@@ -31,12 +34,19 @@ from tests.securekit import (
     mac_of,
     signing_key,
 )
+from tests.test_ds import chip_decrypts
 
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 CHIPS = ("esp32c3", "esp32s3")
+CHIP = "esp32c3"
+"""The crash test's chip: a restarted S3 with secure boot cannot be reconnected by the
+virtual S3 (tests/test_security_crash.py)."""
 AT, SIZE = 0xD000, 0x2000
+DS_LOCAL_CA: dict[str, dict[str, Any]] = {
+    "registrar": {"kind": "local-ca"}, "registrar.local_ca": {"dir": "ca"},
+    "credentials": {"out_dir": "certs_out", "format": "esp_secure_cert", "ds": True}}
 
 
 @pytest.mark.parametrize("key", ["host", "device"])
@@ -55,9 +65,7 @@ def test_the_partition_is_written_encrypted_on_a_locked_board(tmp_path: Path,
     line = SecureLine(tmp_path, builds, signing_key(tmp_path / "sb.pem"))
     if device:
         line.security = {"flash_encryption": "release", "key": "device"}
-    line.extra = {"registrar": {"kind": "local-ca"}, "registrar.local_ca": {"dir": "ca"},
-                  "credentials": {"out_dir": "certs_out", "format": "esp_secure_cert",
-                                  "ds": True}}
+    line.extra = DS_LOCAL_CA
     with line.rig() as rig:
         boards = [rig.plug(chip=chip) for chip in chips]
         result = line.run(len(boards))
@@ -86,3 +94,55 @@ def test_the_partition_is_written_encrypted_on_a_locked_board(tmp_path: Path,
         efuses = EfuseArray(board.chip, files[board.mac])
         assert efuses.blocks_with_purpose("HMAC_DOWN_DIGITAL_SIGNATURE") == [9]
         assert efuses.blocks_with_purpose("XTS_AES_128_KEY") == [4]  # BLOCK_KEY0
+
+
+@pytest.mark.parametrize("point", ["ds_key:after", "ds_key:before"])
+def test_a_locked_line_killed_around_the_hmac_burn_writes_one_key_encrypted(
+        tmp_path: Path, point: str) -> None:
+    """SIGKILL right after the HMAC key's burn (the flash-encryption key and the images
+    are in, the partition is not) or right before it: the restarted station finishes the
+    board locked, with one HMAC key (killed before the burn: after one "plug the board
+    again"), and the partition on flash is ciphertext under the board's flash-encryption
+    key that decrypts to the certificate and the DS data of that HMAC key."""
+    builds = {CHIP: make_demo_firmware(tmp_path / "build" / CHIP, chip=CHIP,
+                                       app_size=APP_SIZE, secure=True, secure_cert=True)}
+    line = SecureLine(tmp_path, builds, signing_key(tmp_path / "sb.pem"))
+    line.extra = DS_LOCAL_CA
+    with line.rig() as rig:
+        board = rig.plug(chip=CHIP)
+        killed = line.run(1, env={CRASH_ENV: point})
+        assert killed.code == -9, killed
+        assert line.journal(mac_of(board))[-1] == tuple(point.split(":"))
+        again = line.run(1)
+        if point == "ds_key:before":
+            assert again.code != EXIT_OK, again
+            assert "plug the board again" in line.ledger()[-1]["error"]
+            again = line.run(1)
+        flash, files = rig.flash(board), efuse_file(rig, board)
+    assert again.code == EXIT_OK, again
+    rows = line.ledger()
+    assert len(rows) == (2 if point == "ds_key:after" else 3), rows
+    assert rows[0]["result"] == "failed" and "station stopped during" in rows[0]["error"]
+    last = rows[-1]
+    assert (last["result"], last["boot"], last["lockdown"]) == ("done", "ok", 1), last
+    assert (last["credentials"], last["efuse_key_block"]) == ("esp_secure_cert",
+                                                              "BLOCK_KEY5"), last
+    journal = line.journal(mac_of(board))
+    assert journal.count(("ds_key", "after")) == 1, journal  # one HMAC key burned
+    assert journal.count(("key", "after")) == 1, journal  # one flash-encryption key
+    efuses = EfuseArray(CHIP, files)
+    assert efuses.blocks_with_purpose("HMAC_DOWN_DIGITAL_SIGNATURE") == [9]
+    assert efuses.blocks_with_purpose("XTS_AES_128_KEY") == [4]
+    stored = flash[AT:AT + SIZE]
+    with pytest.raises(SecureCertFormatError):
+        read_secure_cert(stored)  # ciphertext: no TLV magic in the clear
+    key = burned_key_file(CHIP, files, tmp_path / "fe.key")
+    tlvs = {t.name: t for t in read_secure_cert(decrypt(CHIP, key, stored, AT, tmp_path))}
+    assert sorted(tlvs) == ["CA_CERT", "DEV_CERT", "DS_CONTEXT", "DS_DATA"]
+    cert = (tmp_path / "certs_out" / last["thing_name"] / "certificate.pem.crt").read_text()
+    assert tlvs["DEV_CERT"].text() == cert
+    data = tlvs["DS_DATA"].data
+    _, n = chip_decrypts(DsData(ciphertext=data[20:], iv=data[4:20], rsa_bits=2048,
+                                key_id=5, hmac_fingerprint=""), efuses.block_bytes(9), CHIP)
+    public = x509.load_pem_x509_certificate(cert.encode()).public_key()
+    assert n == public.public_numbers().n  # type: ignore[union-attr]
