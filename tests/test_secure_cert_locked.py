@@ -27,17 +27,16 @@ from station.identity.ds import DsData
 from station.sim.efuse import EfuseArray
 from tests.securekit import (
     APP_SIZE,
+    MARKS,
     SecureLine,
-    burned_key_file,
-    decrypt,
+    decrypt_with_fuses,
     efuse_file,
     mac_of,
     signing_key,
 )
 from tests.test_ds import chip_decrypts
 
-pytestmark = [pytest.mark.timeout(600),
-              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = MARKS
 
 CHIPS = ("esp32c3", "esp32s3")
 CHIP = "esp32c3"
@@ -66,13 +65,9 @@ def test_the_partition_is_written_encrypted_on_a_locked_board(tmp_path: Path,
     if device:
         line.security = {"flash_encryption": "release", "key": "device"}
     line.extra = DS_LOCAL_CA
-    with line.rig() as rig:
-        boards = [rig.plug(chip=chip) for chip in chips]
-        result = line.run(len(boards))
-        flashes = {b.mac: rig.flash(b) for b in boards}
-        files = {b.mac: efuse_file(rig, b) for b in boards}
+    result, boards, flashes, files = line.plug_and_run(chips)
     assert result.code == EXIT_OK, result
-    rows = {r["mac"]: r for r in line.ledger()}
+    rows = line.rows()
     for board in boards:
         row = rows[mac_of(board)]
         assert (row["result"], row["boot"]) == ("done", "ok"), row
@@ -85,9 +80,8 @@ def test_the_partition_is_written_encrypted_on_a_locked_board(tmp_path: Path,
         stored = flashes[board.mac][AT:AT + SIZE]
         with pytest.raises(SecureCertFormatError):
             read_secure_cert(stored)  # ciphertext: no TLV magic in the clear
-        key = burned_key_file(board.chip, files[board.mac], tmp_path / f"{board.mac}.key")
-        tlvs = {t.name: t for t in read_secure_cert(decrypt(board.chip, key, stored, AT,
-                                                            tmp_path))}
+        plain = decrypt_with_fuses(board.chip, files[board.mac], stored, AT, tmp_path)
+        tlvs = {t.name: t for t in read_secure_cert(plain)}
         assert sorted(tlvs) == ["CA_CERT", "DEV_CERT", "DS_CONTEXT", "DS_DATA"]
         cert = (tmp_path / "certs_out" / row["thing_name"] / "certificate.pem.crt").read_text()
         assert tlvs["DEV_CERT"].text() == cert
@@ -136,8 +130,8 @@ def test_a_locked_line_killed_around_the_hmac_burn_writes_one_key_encrypted(
     stored = flash[AT:AT + SIZE]
     with pytest.raises(SecureCertFormatError):
         read_secure_cert(stored)  # ciphertext: no TLV magic in the clear
-    key = burned_key_file(CHIP, files, tmp_path / "fe.key")
-    tlvs = {t.name: t for t in read_secure_cert(decrypt(CHIP, key, stored, AT, tmp_path))}
+    tlvs = {t.name: t for t in read_secure_cert(decrypt_with_fuses(CHIP, files, stored, AT,
+                                                                   tmp_path))}
     assert sorted(tlvs) == ["CA_CERT", "DEV_CERT", "DS_CONTEXT", "DS_DATA"]
     cert = (tmp_path / "certs_out" / last["thing_name"] / "certificate.pem.crt").read_text()
     assert tlvs["DEV_CERT"].text() == cert
