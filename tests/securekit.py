@@ -157,11 +157,14 @@ def make_line(root: Path, chips: tuple[str, ...] = CHIPS, nvs_keys: bool = False
     return SecureLine(root, builds, signing_key(root / "sb.pem"))
 
 
-def device_line(root: Path, chips: tuple[str, ...] = CHIPS) -> SecureLine:
+def device_line(root: Path, chips: tuple[str, ...] = CHIPS, secure_cert: bool = False
+                ) -> SecureLine:
     """key = "device": builds made for it, the bootloader makes the key and encrypts the
-    flash on the board's first boot; no secure boot, so no signing key."""
+    flash on the board's first boot; no secure boot, so no signing key. `secure_cert`:
+    the builds' tables have an esp_secure_cert partition."""
     builds = {chip: make_demo_firmware(root / "build" / chip, chip=chip, app_size=APP_SIZE,
-                                       device_key=True) for chip in chips}
+                                       device_key=True, secure_cert=secure_cert)
+              for chip in chips}
     line = SecureLine(root, builds, root / "unused.pem")
     line.security = {"flash_encryption": "release", "key": "device"}
     return line

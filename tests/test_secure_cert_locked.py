@@ -10,6 +10,11 @@ the board's eFuses (tests/securekit.py) turns it into the TLVs: the certificate 
 has and the DS data, no key. The boot check passes: the virtual app reads it through the
 chip's decryption and signs with its DS key. The same with key = "device", where the
 board's bootloader encrypts the partition on its first boot.
+
+A station killed around the HMAC key's burn on such a line: with the host key the
+restarted station finishes the board with one HMAC key and the partition encrypted;
+with key = "device" the board encrypts itself when the restarted station connects (its
+first boot, the partition still blank) and the station says it needs rework.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from tests.securekit import (
     MARKS,
     SecureLine,
     decrypt_with_fuses,
+    device_line,
     efuse_file,
     mac_of,
     signing_key,
@@ -140,3 +146,33 @@ def test_a_locked_line_killed_around_the_hmac_burn_writes_one_key_encrypted(
                                 key_id=5, hmac_fingerprint=""), efuses.block_bytes(9), CHIP)
     public = x509.load_pem_x509_certificate(cert.encode()).public_key()
     assert n == public.public_numbers().n  # type: ignore[union-attr]
+
+
+def test_a_device_key_board_that_booted_after_the_hmac_burn_needs_rework(
+        tmp_path: Path) -> None:
+    """key = "device", SIGKILL right after the HMAC key's burn: the flash holds the
+    plaintext images, the partition is still blank. The restarted station's connect
+    boots the board from flash first (esptool's first reset attempt releases GPIO0
+    before the slow EN of a 10 uF devkit wakes the chip), and that first boot makes the
+    flash-encryption key, encrypts the flash and turns plaintext writes off (release
+    mode): the partition can no longer be written. The station says "needs rework" and
+    why, not "locked by another line" (it journaled the DS key's burn), and burns
+    nothing: one HMAC key."""
+    line = device_line(tmp_path, chips=(CHIP,), secure_cert=True)
+    line.extra = DS_LOCAL_CA
+    with line.rig() as rig:
+        board = rig.plug(chip=CHIP)
+        assert line.run(1, env={CRASH_ENV: "ds_key:after"}).code == -9
+        again = line.run(1)
+        console = rig.console(board)
+        files = efuse_file(rig, board)
+    assert again.code != EXIT_OK, again
+    assert "Flash encryption completed" in console  # the board's own first boot
+    last = line.ledger()[-1]
+    assert last["result"] == "failed", last
+    assert last["error"].startswith(f"needs rework: {mac_of(board)}: a flash-encryption key "
+                                    "in BLOCK_KEY0: its first boot encrypted"), last
+    assert line.journal(mac_of(board)) == [("ds_key", "before"), ("ds_key", "after")]
+    efuses = EfuseArray(CHIP, files)
+    assert efuses.blocks_with_purpose("HMAC_DOWN_DIGITAL_SIGNATURE") == [9]  # one HMAC key
+    assert efuses.blocks_with_purpose("XTS_AES_128_KEY") == [4]  # the chip's own

@@ -213,14 +213,16 @@ class BoardLock:
 
     def _decide_device(self, blocks: list[fuses.KeyBlock]) -> None:
         """Only a blank chip can take plaintext for its own first boot: one with a key
-        or a counter was encrypted by a first boot already (ours: stopped or reset
-        during it, needs rework; else another line's)."""
+        or a counter was encrypted by a first boot already. Ours (this station journaled
+        a step for it: its first boot, or a DS key burned before it) booted while or
+        after this station stopped, and its release-mode bootloader turned off plaintext
+        writes: needs rework. Else another line's."""
         counter = self.state.values.get(self.plan.counter or "", 0)
         if not blocks and not counter:
             return
         what = f"a flash-encryption key in {blocks[0].name}" if blocks else \
             f"{self.plan.counter} = {counter:#x}"
-        if any(e["step"] == "first_boot" for e in self.past):
+        if self.past:
             raise SecurityError(f"{self.identity.mac}: {what}: its first boot encrypted (or "
                                 "began encrypting) the flash after this station's last "
                                 "attempt; plaintext can no longer be written to it",
