@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from station import chips
 from station.errors import SecurityError
 from station.parts import BoardIdentity, BoardSession, Region, SecurityJournal
 from station.security import efuses as fuses
@@ -308,6 +309,19 @@ class BoardLock:
         """The chip may finish the images with its own key: manual encryption allowed
         and the counter unset (the boot check is then the proof of the key)."""
         return self._manual_encrypt() and not self.state.values.get(self.plan.counter or "", 0)
+
+    def write_last(self, regions: Sequence[Region]) -> tuple[list[Region], list[Region]]:
+        """key = "device": the bootloader goes last, after the board's own data. Once it
+        is on the flash, any reset that wakes the chip with GPIO0 high boots it (esptool's
+        first reset attempt does on a devkit with a slow EN: the station's next connect
+        after a stop or a retry), and that first boot encrypts the flash for good, before
+        the credentials are on it; a board stopped without its bootloader boots nothing
+        and is finished on the next attempt."""
+        if not self.device:
+            return list(regions), []
+        boot_at = chips.facts(self.plan.chip).bootloader_offset
+        return ([r for r in regions if r.offset != boot_at],
+                [r for r in regions if r.offset == boot_at])
 
     async def before_write(self, session: BoardSession) -> None:
         """Burn the key (or finish its protection) before anything is written with it."""
