@@ -296,6 +296,7 @@ def test_a_station_killed_around_the_hmac_burn_never_burns_a_second_key(
     assert n == cert.public_key().public_numbers().n  # type: ignore[union-attr]
 
 
+@pytest.mark.long(cpu=True)  # 16 boards at once
 def test_sixteen_ds_boards_get_their_keys_from_the_local_ca(
         tmp_path: Path, rig: Rig, sixteen_builds: dict[str, Path]) -> None:
     """The whole DS flow on a line of 16 boards, S3, C3 and C6 mixed, in parallel, with

@@ -64,6 +64,7 @@ builds = builds_fixture("fw-ds-aws", DS_CHIPS)
 rig = rig_fixture(2104)
 
 
+@pytest.mark.long(cpu=True)  # 16 boards at once
 def test_sixteen_ds_boards_register_with_aws_iot_by_csr(
         tmp_path: Path, rig: Rig, proxy: AwsProxy, builds: dict[str, Path]) -> None:
     """The whole flow on a line of 16 boards, S3, C3 and C6 mixed, in parallel; and on
