@@ -199,6 +199,11 @@ class BoardLock(Protocol):
         """The plan's images as this board gets them (signed, encrypted; its nvs_keys
         partition added); `own`: the board's own data partitions, nothing added."""
 
+    def write_last(self, regions: Sequence[Region]) -> tuple[list[Region], list[Region]]:
+        """`regions` split into those written first and those written after the board's
+        own data (key = "device": the bootloader, so a board stopped before it boots
+        nothing)."""
+
     async def before_write(self, session: BoardSession) -> None:
         """Burn what must be burned before anything is written (the key)."""
 

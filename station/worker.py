@@ -318,9 +318,10 @@ class Worker:
         """Common images first (registration runs meanwhile), then the board's own data;
         with [security], the key before them and the other eFuses once they verify."""
         regions = list(self.plan.regions) if lock is None else lock.regions(self.plan.regions)
+        first, last = (regions, []) if lock is None else lock.write_last(regions)
         if lock is not None:
             await self._timed(Stage.SECURE, lambda: lock.before_write(session))
-        await self._stage_call(Stage.FLASH, attempt, lambda: self._write(session, regions))
+        await self._stage_call(Stage.FLASH, attempt, lambda: self._write(session, first))
         credentials = await self._credentials()
         own: list[Region] = []
         if credentials is not None and self.plan.ds_block is not None:
@@ -330,8 +331,9 @@ class Worker:
                                                 None if lock is None else lock.nvs_keys)]
         if own:  # an esp_secure_cert partition is flagged encrypted: [security] encrypts it
             own = own if lock is None else lock.regions(own, own=True)
+        if own or last:
             self._stage = Stage.FLASH
-            await self._timed(Stage.FLASH, lambda: self._write(session, own))
+            await self._timed(Stage.FLASH, lambda: self._write(session, own + last))
         await self._stage_call(Stage.VERIFY, attempt, lambda: self._verify(session, regions + own))
         if credentials is not None:
             assert self._beside is not None

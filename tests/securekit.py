@@ -12,7 +12,9 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import pytest
 
 from station.demo import make_demo_firmware
 from station.sim import PluggedBoard, Rig
@@ -26,6 +28,9 @@ APP_SIZE = 0x8000
 """Small apps: the virtual boot story decrypts an app through a 64 KB peek of its header
 (station/sim/boot_security.py `_span`), so larger apps boot as noise there."""
 RUN_TIMEOUT = 300.0
+MARKS = [pytest.mark.timeout(600), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+"""A locking module's `pytestmark`: runs of several `station run`s with espsecure and
+espefuse inside, whose imports warn of deprecations that are not ours."""
 TOOL_TIMEOUT = 60.0
 
 
@@ -42,6 +47,16 @@ def signing_key(path: Path) -> Path:
                 str(path))
     assert made.returncode == 0, made.stdout
     return path
+
+
+class Ran(NamedTuple):
+    """One `station run` over boards plugged at once, and what is left of them once the
+    rig is gone: each board's flash dump and eFuse file, by `board.mac`."""
+
+    result: Result
+    boards: list[PluggedBoard]
+    flashes: dict[str, bytes]
+    files: dict[str, Path]
 
 
 @dataclass
@@ -105,6 +120,19 @@ class SecureLine:
         return self.cli("run", "--headless", "--exit-after", str(boards), env=env,
                         timeout=RUN_TIMEOUT)
 
+    def plug_and_run(self, chips: list[str] | tuple[str, ...]) -> Ran:
+        """A board of each of `chips` plugged into a fresh rig, one `station run` for them
+        all."""
+        with self.rig() as rig:
+            boards = [rig.plug(chip=chip) for chip in chips]
+            result = self.run(len(boards))
+            return Ran(result, boards, {b.mac: rig.flash(b) for b in boards},
+                       {b.mac: efuse_file(rig, b) for b in boards})
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """The ledger's rows by MAC (hex, no colons)."""
+        return {r["mac"]: r for r in self.ledger()}
+
     def ledger(self) -> list[dict[str, Any]]:
         result = self.cli("ledger", "--format", "json")
         assert result.code == 0, str(result)
@@ -129,6 +157,19 @@ def make_line(root: Path, chips: tuple[str, ...] = CHIPS, nvs_keys: bool = False
     return SecureLine(root, builds, signing_key(root / "sb.pem"))
 
 
+def device_line(root: Path, chips: tuple[str, ...] = CHIPS, secure_cert: bool = False
+                ) -> SecureLine:
+    """key = "device": builds made for it, the bootloader makes the key and encrypts the
+    flash on the board's first boot; no secure boot, so no signing key. `secure_cert`:
+    the builds' tables have an esp_secure_cert partition."""
+    builds = {chip: make_demo_firmware(root / "build" / chip, chip=chip, app_size=APP_SIZE,
+                                       device_key=True, secure_cert=secure_cert)
+              for chip in chips}
+    line = SecureLine(root, builds, root / "unused.pem")
+    line.security = {"flash_encryption": "release", "key": "device"}
+    return line
+
+
 def mac_of(board: PluggedBoard) -> str:
     return board.mac.replace(":", "")
 
@@ -146,11 +187,23 @@ def virt_summary(chip: str, efuses: Path, out: Path) -> dict[str, Any]:
     return data
 
 
+def burned_key(chip: str, efuses: Path) -> bytes:
+    """The flash-encryption key in the chip's fuses (read-protected: only the virtual chip
+    keeps it, in its `.keys` file), as espsecure's key file holds it."""
+    return chip_cipher(EfuseArray(chip, efuses)).key_file
+
+
 def burned_key_file(chip: str, efuses: Path, out: Path) -> Path:
-    """The key in the chip's fuses (read-protected: only the virtual chip keeps it, in
-    its `.keys` file), as a key file for espsecure."""
-    out.write_bytes(chip_cipher(EfuseArray(chip, efuses)).key_file)
+    """`burned_key` as a key file for espsecure."""
+    out.write_bytes(burned_key(chip, efuses))
     return out
+
+
+def decrypt_with_fuses(chip: str, efuses: Path, data: bytes, address: int, tmp: Path
+                       ) -> bytes:
+    """`data` read at `address` decrypted with the key burned in the board's eFuse file:
+    what the chip's flash decryption gives the app."""
+    return decrypt(chip, burned_key_file(chip, efuses, tmp / "burned.key"), data, address, tmp)
 
 
 def decrypt(chip: str, key: Path, data: bytes, address: int, tmp: Path) -> bytes:

@@ -40,6 +40,19 @@ COMMAND_TIMEOUT = 60.0
 """`station check`, `station ledger`, `station reconcile`."""
 
 
+def aws_registrar(endpoint: str, more: str = "") -> str:
+    """[registrar] for AWS IoT at `endpoint` (moto or a proxy in front of it); `more`:
+    lines for [registrar.aws]."""
+    return f"""[registrar]
+kind = "aws-iot"
+[registrar.aws]
+region = "{REGION}"
+endpoint_url = "{endpoint}"
+policy_name = "station-device"
+policy_document = {json.dumps(str(POLICY))}
+{more}"""
+
+
 def aws_env(home: Path, *, credentials: bool = True) -> dict[str, str]:
     """The station's environment: dummy credentials (or none), nothing from the host's AWS."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != CRASH_ENV}

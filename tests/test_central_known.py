@@ -27,7 +27,7 @@ from station.sim import PluggedBoard
 from tests.centralkit import CentralLine, central_lines, mac_hex
 from tests.pgkit import Cluster, central_db, pg, pg_env  # noqa: F401  (fixtures)
 from tests.registrar.awsproxy import AwsProxy, moto_server, reset_moto
-from tests.stationkit import POLICY, REGION, aws_client, aws_env
+from tests.stationkit import aws_client, aws_env, aws_registrar
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -106,17 +106,6 @@ def test_each_on_known_board_policy_does_what_it_says(
 def moto_url() -> Iterator[str]:
     with moto_server() as url:
         yield url
-
-
-def aws_registrar(endpoint: str) -> str:
-    return f"""[registrar]
-kind = "aws-iot"
-[registrar.aws]
-region = "{REGION}"
-endpoint_url = "{endpoint}"
-policy_name = "station-device"
-policy_document = {json.dumps(str(POLICY))}
-"""
 
 
 def test_a_board_reworked_on_another_station_keeps_its_thing_and_gets_a_held_certificate(

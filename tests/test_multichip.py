@@ -82,11 +82,7 @@ def test_a_mixed_rig_gets_each_chip_its_own_firmware(tmp_path: Path, rig: Rig,
     line.start("--exit-after", "17")
     boards = [rig.plug(chip=CHIPS[i % len(CHIPS)], index=i) for i in range(16)]
     odd = rig.plug(chip=NO_FIRMWARE, index=16)
-    try:
-        assert line.wait() == EXIT_BOARDS_FAILED, line.output()[-3000:]
-    finally:
-        if line.proc is not None and line.proc.poll() is None:
-            line.proc.kill()
+    assert line.finish() == EXIT_BOARDS_FAILED, line.output()[-3000:]
     jobs = {j["mac"]: j for j in line.jobs()}
     assert len(jobs) == 17
     for board in boards:

@@ -7,16 +7,18 @@ station's reader (esp_secure_cert_mgr's TLV format, `docs/format.md`) and with t
 own parser functions (`esp_secure_cert.tlv_parser`: header, CRC check). The partition must
 hold exactly the device certificate certs_out has, the CA's certificate and the private
 key, and the NVS partition must stay erased.
+
+With `ds = true` (S3, C3, C6): the key exists only as DS ciphertext for the board's HMAC
+key, on a mixed line, on a line of 16 boards (tests/dskit.py holds the checks it shares
+with the AWS IoT line), and across a station killed around the HMAC key's burn.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -25,32 +27,25 @@ from esp_secure_cert import tlv_parser
 
 from station.config import FirmwareSection
 from station.daemon import EXIT_OK
-from station.demo import make_demo_firmware
 from station.flash import FirmwareBundle, load_firmware
 from station.identity import read_secure_cert
 from station.sim import Rig
+from tests.dskit import (
+    DS_CHIPS,
+    builds_fixture,
+    every_file,
+    rig_fixture,
+    run_ds_line,
+    security_steps,
+)
 from tests.pgkit import PASSWORD, central_db, pg, pg_env  # noqa: F401  (fixtures)
 from tests.test_station import Line
 
 pytestmark = pytest.mark.timeout(300)
 
 CHIPS = ("esp32", "esp32s3")
-
-
-@pytest.fixture(scope="module")
-def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("fw")
-    return {chip: make_demo_firmware(root / chip, chip=chip, app_size=0x4000, seed=i,
-                                     secure_cert=True)
-            for i, chip in enumerate(CHIPS)}
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    rig = Rig(tmp_path / "rig", seed=21, throttle=False, flash_timing=False)
-    yield rig
-    rig.close()
-
+builds = builds_fixture("fw", CHIPS)
+rig = rig_fixture(21)
 
 LOCAL_CA = '[registrar]\nkind = "local-ca"\n[registrar.local_ca]\ndir = "ca"\n'
 
@@ -114,11 +109,7 @@ def test_the_station_writes_esp_secure_cert_partitions(tmp_path: Path, rig: Rig,
     line = Line(root=tmp_path, rig=rig, config=config, bundle=bundles["esp32"])
     line.start("--exit-after", "4")
     boards = [rig.plug(chip=CHIPS[i % 2], index=i) for i in range(4)]
-    try:
-        assert line.wait() == EXIT_OK, line.output()[-3000:]
-    finally:
-        if line.proc is not None and line.proc.poll() is None:
-            line.proc.kill()
+    assert line.finish() == EXIT_OK, line.output()[-3000:]
     jobs = {j["mac"]: j for j in line.jobs()}
     ca = (tmp_path / "ca" / "ca.crt").read_text()
     for board in boards:
@@ -164,15 +155,9 @@ def test_reader_refuses_a_damaged_tlv() -> None:
 
 # -- ds = true -------------------------------------------------------------------------
 
-DS_CHIPS = ("esp32s3", "esp32c3")
-
-
-@pytest.fixture(scope="module")
-def ds_builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("fw-ds")
-    return {chip: make_demo_firmware(root / chip, chip=chip, app_size=0x4000, seed=i,
-                                     secure_cert=True)
-            for i, chip in enumerate(("esp32", *DS_CHIPS))}
+ds_builds = builds_fixture("fw-ds", ("esp32", "esp32s3", "esp32c3"))
+"""A mixed line: DS on the S3 and the C3, a plain key on the ESP32 (no DS peripheral)."""
+sixteen_builds = builds_fixture("fw-ds16", DS_CHIPS)
 
 
 def write_ds_config(root: Path, builds: dict[str, Path], more: str = "") -> Path:
@@ -181,20 +166,6 @@ def write_ds_config(root: Path, builds: dict[str, Path], more: str = "") -> Path
     [credentials]."""
     return write_config(root, builds, name="ds-line", credentials="ds = true\n" + more,
                         entry={"esp32": 'credentials = { format = "esp_secure_cert" }\n'})
-
-
-def security_steps(state: Path, mac: str) -> list[dict[str, str]]:
-    conn = sqlite3.connect(f"{(state / 'ledger.sqlite3').resolve().as_uri()}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM security WHERE mac = ? "
-                                              "ORDER BY rowid", (mac,))]
-    finally:
-        conn.close()
-
-
-def every_file(root: Path) -> Iterator[Path]:
-    return (p for p in root.rglob("*") if p.is_file())
 
 
 def test_with_ds_the_key_exists_only_as_the_chips_ciphertext(
@@ -214,11 +185,7 @@ def test_with_ds_the_key_exists_only_as_the_chips_ciphertext(
     line.start("--exit-after", "6", env=pg_env())
     chips = ("esp32s3", "esp32c3", "esp32", "esp32s3", "esp32c3", "esp32")
     boards = [rig.plug(chip=chip, index=i) for i, chip in enumerate(chips)]
-    try:
-        assert line.wait() == EXIT_OK, line.output()[-3000:]
-    finally:
-        if line.proc is not None and line.proc.poll() is None:
-            line.proc.kill()
+    assert line.finish() == EXIT_OK, line.output()[-3000:]
     jobs = {j["mac"]: j for j in line.jobs()}
     secrets: list[bytes] = []  # every private key and HMAC key, in the forms they could take
     for board in boards:
@@ -283,11 +250,7 @@ def test_with_ds_the_key_exists_only_as_the_chips_ciphertext(
 
 def _run(line: Line, env: dict[str, str] | None = None) -> int:
     line.start("--exit-after", "1", env=env)
-    try:
-        return line.wait()
-    finally:
-        if line.proc is not None and line.proc.poll() is None:
-            line.proc.kill()
+    return line.finish()
 
 
 @pytest.mark.parametrize("point", ["ds_key:after", "ds_key:before"])
@@ -331,3 +294,23 @@ def test_a_station_killed_around_the_hmac_burn_never_burns_a_second_key(
                                 hmac_fingerprint=""), efuses.block_bytes(9), "esp32c3")
     cert = x509.load_pem_x509_certificate(tlvs["DEV_CERT"].text().encode())
     assert n == cert.public_key().public_numbers().n  # type: ignore[union-attr]
+
+
+@pytest.mark.long(cpu=True)  # 16 boards at once
+def test_sixteen_ds_boards_get_their_keys_from_the_local_ca(
+        tmp_path: Path, rig: Rig, sixteen_builds: dict[str, Path]) -> None:
+    """The whole DS flow on a line of 16 boards, S3, C3 and C6 mixed, in parallel, with
+    the local CA: the checks of the AWS line (tests/dskit.py `run_ds_line`), and the CA's
+    certificate in each partition and the CA's signature on each board's certificate."""
+    from cryptography import x509
+
+    ca = tmp_path / "ca" / "ca.crt"
+    config = write_config(tmp_path, sixteen_builds, name="ds-local-ca-line",
+                          credentials="ds = true\n")
+    boards = run_ds_line(tmp_path, rig, config, sixteen_builds,
+                         [DS_CHIPS[i % 3] for i in range(16)], ca=ca)
+    issuer = x509.load_pem_x509_certificate(ca.read_bytes())
+    for board in boards:
+        x509.load_pem_x509_certificate(board.cert_pem.encode()).verify_directly_issued_by(
+            issuer)
+    assert len({board.n for board in boards}) == 16  # a key of its own per board

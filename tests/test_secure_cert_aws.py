@@ -10,12 +10,12 @@ carries the key the board's DS ciphertext decrypts to (with the HMAC key read fr
 board's eFuses, as the chip would); AWS's certificate is in the partition, ACTIVE and on
 its thing; certs_out keeps the certificate, the public key and the ciphertext, no private
 key; and no private or HMAC key is in any file the station wrote (logs, ledger, certs_out,
-state).
+state). All but the AWS side are tests/dskit.py's `run_ds_line`, which the local CA's
+16-board line (tests/test_secure_cert.py) shares.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,21 +24,27 @@ from cryptography import x509
 
 from station.config import FirmwareSection
 from station.daemon import EXIT_OK
-from station.demo import make_demo_firmware
-from station.flash import FirmwareBundle, load_firmware
+from station.flash import load_firmware
 from station.identity import CRASH_ENV, read_secure_cert
 from station.identity.ds import DsData
 from station.sim import Rig
 from station.sim.efuse import EfuseArray, efuse_path
+from tests.dskit import (
+    DS_CHIPS,
+    builds_fixture,
+    rig_fixture,
+    run_ds_line,
+    security_steps,
+)
 from tests.registrar.awsproxy import AwsProxy, moto_server, reset_moto
-from tests.stationkit import POLICY, REGION, aws_client, aws_env
+from tests.stationkit import aws_client, aws_env, aws_registrar
 from tests.test_ds import chip_decrypts
-from tests.test_secure_cert import every_file, security_steps, write_config
+from tests.test_secure_cert import write_config
 from tests.test_station import Line
 
 pytestmark = pytest.mark.timeout(300)
 
-DS_CHIPS = ("esp32s3", "esp32c3", "esp32c6")
+CSR = 'key_source = "csr"\nmax_attempts = 10\n'
 
 
 @pytest.fixture(scope="module")
@@ -54,123 +60,35 @@ def proxy(moto_url: str) -> Iterator[AwsProxy]:
         yield p
 
 
-@pytest.fixture(scope="module")
-def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("fw-ds-aws")
-    return {chip: make_demo_firmware(root / chip, chip=chip, app_size=0x4000, seed=i,
-                                     secure_cert=True)
-            for i, chip in enumerate(DS_CHIPS)}
+builds = builds_fixture("fw-ds-aws", DS_CHIPS)
+rig = rig_fixture(2104)
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    rig = Rig(tmp_path / "rig", seed=2104, throttle=False, flash_timing=False)
-    yield rig
-    rig.close()
-
-
-def aws_registrar(endpoint: str) -> str:
-    return f"""[registrar]
-kind = "aws-iot"
-[registrar.aws]
-region = "{REGION}"
-endpoint_url = "{endpoint}"
-policy_name = "station-device"
-policy_document = "{POLICY}"
-key_source = "csr"
-max_attempts = 10
-"""
-
-
-def public_n(pem: bytes) -> int:
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-    return load_pem_public_key(pem).public_numbers().n  # type: ignore[union-attr]
-
-
-def run_ds_line(tmp_path: Path, rig: Rig, proxy: AwsProxy, builds: dict[str, Path],
-                chips: list[str]) -> None:
-    """`station run` on DS boards of `chips` with AWS IoT, then every check of the module
-    docstring on each board."""
+@pytest.mark.long(cpu=True)  # 16 boards at once
+def test_sixteen_ds_boards_register_with_aws_iot_by_csr(
+        tmp_path: Path, rig: Rig, proxy: AwsProxy, builds: dict[str, Path]) -> None:
+    """The whole flow on a line of 16 boards, S3, C3 and C6 mixed, in parallel; and on
+    AWS's side, per board: the CSR verifies and carries the key of the board's DS
+    ciphertext, AWS's certificate is ACTIVE on its thing and is the one in the partition."""
+    chips = [DS_CHIPS[i % 3] for i in range(16)]
     config = write_config(tmp_path, builds, name="ds-aws-line", credentials="ds = true\n",
-                          registrar=aws_registrar(proxy.url))
-    bundles: dict[str, FirmwareBundle] = {
-        chip: load_firmware(FirmwareSection(chip=chip, flasher_args=p, images=()))
-        for chip, p in builds.items()}
-    line = Line(root=tmp_path, rig=rig, config=config, bundle=bundles[chips[0]])
-    line.start("--exit-after", str(len(chips)), env=aws_env(tmp_path))
-    boards = [rig.plug(chip=chip, index=i) for i, chip in enumerate(chips)]
-    try:
-        assert line.wait() == EXIT_OK, line.output()[-3000:]
-    finally:
-        if line.proc is not None and line.proc.poll() is None:
-            line.proc.kill()
-    jobs = {j["mac"]: j for j in line.jobs()}
+                          registrar=aws_registrar(proxy.url, CSR))
+    boards = run_ds_line(tmp_path, rig, config, builds, chips, env=aws_env(tmp_path))
     csrs = {x509.load_pem_x509_csr(c.encode()).public_key().public_numbers().n: c  # type: ignore[union-attr]
             for c in proxy.csrs}
     assert len(csrs) == len(chips) == proxy.calls["CreateCertificateFromCsr"]
-    secrets: list[bytes] = []
     with aws_client(proxy.url) as aws:
         active = aws.active()
         for board in boards:
-            mac = board.mac.replace(":", "")
-            job = jobs[mac]
-            assert job["result"] == "done", job
-            thing = job["thing_name"]
-            folder = tmp_path / "certs_out" / thing
-            assert sorted(p.name for p in folder.iterdir()) == [
-                "certificate.pem.crt", "ds_data.json", "public.pem.key", "registration.json"]
-            cert_pem = (folder / "certificate.pem.crt").read_text()
-            cid = job["certificate_id"]
+            thing, cid = board.job["thing_name"], board.job["certificate_id"]
             assert cid in active and aws.principals(thing) == [cid]
-            assert aws.certificate_pem(cid) == cert_pem  # AWS's certificate, as issued
-
-            part = bundles[board.chip].partition("esp_secure_cert")
-            tlvs = {t.name: t for t in read_secure_cert(rig.flash(board)[part.offset:part.end])}
-            assert sorted(tlvs) == ["DEV_CERT", "DS_CONTEXT", "DS_DATA"]  # no key
-            assert tlvs["DEV_CERT"].text() == cert_pem
-            assert tlvs["DS_CONTEXT"].data == struct.pack("<IBBH", 0, 5, 0, 2048)
-
-            efuses = EfuseArray(board.chip, efuse_path(rig.directory, bytes.fromhex(mac)))
-            assert efuses.blocks_with_purpose("HMAC_DOWN_DIGITAL_SIGNATURE") == [9]
-            assert not efuses.readable(9)
-            hmac_key = efuses.block_bytes(9)
-            data = tlvs["DS_DATA"].data
-            saved = DsData.from_json((folder / "ds_data.json").read_bytes())
-            assert DsData(ciphertext=data[20:], iv=data[4:20], rsa_bits=2048, key_id=5,
-                          hmac_fingerprint=saved.hmac_fingerprint) == saved
-            d, n = chip_decrypts(saved, hmac_key, board.chip)
-            # one key: the CSR's, the certificate's, certs_out's public key, the ciphertext's
-            cert = x509.load_pem_x509_certificate(cert_pem.encode())
-            assert n == cert.public_key().public_numbers().n  # type: ignore[union-attr]
-            assert n == public_n((folder / "public.pem.key").read_bytes())
-            assert n in csrs  # the CSR was signed with it (the proxy verified the signature)
-            secrets += [hmac_key, hmac_key.hex().encode(), d.to_bytes(256, "big"),
-                        d.to_bytes(256, "little"), f"{d:x}".encode()]
-            steps = [(s["step"], s["phase"]) for s in security_steps(line.state, mac)]
-            assert steps[:2] == [("ds_key", "before"), ("ds_key", "after")]
-    for path in every_file(tmp_path):
-        if path.is_relative_to(rig.directory) and path.name.startswith("efuse-"):
-            continue  # the chip's fuses: where the HMAC key belongs
-        content = path.read_bytes()
-        assert b"PRIVATE KEY" not in content, path
-        for secret in secrets:
-            assert secret not in content, f"a key in the clear in {path}"
-
-
-def test_sixteen_ds_boards_register_with_aws_iot_by_csr(
-        tmp_path: Path, rig: Rig, proxy: AwsProxy, builds: dict[str, Path]) -> None:
-    """The whole flow on a line of 16 boards, S3, C3 and C6 mixed, in parallel."""
-    run_ds_line(tmp_path, rig, proxy, builds, [DS_CHIPS[i % 3] for i in range(16)])
+            assert aws.certificate_pem(cid) == board.cert_pem  # AWS's certificate, as issued
+            assert board.n in csrs  # the CSR was signed with it (the proxy verified it)
 
 
 def _once(line: Line, env: dict[str, str]) -> int:
     line.start("--exit-after", "1", env=env)
-    try:
-        return line.wait()
-    finally:
-        if line.proc is not None and line.proc.poll() is None:
-            line.proc.kill()
+    return line.finish()
 
 
 @pytest.mark.parametrize("point", ["ds_key:after", "ds_key:before"])
@@ -183,7 +101,7 @@ def test_a_station_killed_around_the_burn_finishes_the_aws_board_with_one_hmac_k
     again, and the next run retires that certificate and makes a new key. Either way one
     HMAC key, the board's certificate ACTIVE on its thing and no other one."""
     config = write_config(tmp_path, {"esp32c3": builds["esp32c3"]}, name="ds-aws-crash",
-                          credentials="ds = true\n", registrar=aws_registrar(proxy.url))
+                          credentials="ds = true\n", registrar=aws_registrar(proxy.url, CSR))
     bundle = load_firmware(FirmwareSection(chip="esp32c3", flasher_args=builds["esp32c3"],
                                            images=()))
     line = Line(root=tmp_path, rig=rig, config=config, bundle=bundle)

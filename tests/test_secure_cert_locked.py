@@ -10,33 +10,48 @@ the board's eFuses (tests/securekit.py) turns it into the TLVs: the certificate 
 has and the DS data, no key. The boot check passes: the virtual app reads it through the
 chip's decryption and signs with its DS key. The same with key = "device", where the
 board's bootloader encrypts the partition on its first boot.
+
+A station killed around the HMAC key's burn on such a line: with the host key the
+restarted station finishes the board with one HMAC key and the partition encrypted;
+with key = "device" too, the board's first boot encrypting the partition the restarted
+station wrote (the bootloader written last, so the restart's connect boots nothing).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
 
 from station.daemon import EXIT_OK
 from station.demo import make_demo_firmware
-from station.identity import SecureCertFormatError, read_secure_cert
+from station.identity import CRASH_ENV, SecureCertFormatError, read_secure_cert
+from station.identity.ds import DsData
 from station.sim.efuse import EfuseArray
 from tests.securekit import (
     APP_SIZE,
+    MARKS,
     SecureLine,
-    burned_key_file,
-    decrypt,
+    decrypt_with_fuses,
+    device_line,
     efuse_file,
     mac_of,
     signing_key,
 )
+from tests.test_ds import chip_decrypts
 
-pytestmark = [pytest.mark.timeout(600),
-              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = MARKS
 
 CHIPS = ("esp32c3", "esp32s3")
+CHIP = "esp32c3"
+"""The crash test's chip: a restarted S3 with secure boot cannot be reconnected by the
+virtual S3 (tests/test_security_crash.py)."""
 AT, SIZE = 0xD000, 0x2000
+DS_LOCAL_CA: dict[str, dict[str, Any]] = {
+    "registrar": {"kind": "local-ca"}, "registrar.local_ca": {"dir": "ca"},
+    "credentials": {"out_dir": "certs_out", "format": "esp_secure_cert", "ds": True}}
 
 
 @pytest.mark.parametrize("key", ["host", "device"])
@@ -55,16 +70,10 @@ def test_the_partition_is_written_encrypted_on_a_locked_board(tmp_path: Path,
     line = SecureLine(tmp_path, builds, signing_key(tmp_path / "sb.pem"))
     if device:
         line.security = {"flash_encryption": "release", "key": "device"}
-    line.extra = {"registrar": {"kind": "local-ca"}, "registrar.local_ca": {"dir": "ca"},
-                  "credentials": {"out_dir": "certs_out", "format": "esp_secure_cert",
-                                  "ds": True}}
-    with line.rig() as rig:
-        boards = [rig.plug(chip=chip) for chip in chips]
-        result = line.run(len(boards))
-        flashes = {b.mac: rig.flash(b) for b in boards}
-        files = {b.mac: efuse_file(rig, b) for b in boards}
+    line.extra = DS_LOCAL_CA
+    result, boards, flashes, files = line.plug_and_run(chips)
     assert result.code == EXIT_OK, result
-    rows = {r["mac"]: r for r in line.ledger()}
+    rows = line.rows()
     for board in boards:
         row = rows[mac_of(board)]
         assert (row["result"], row["boot"]) == ("done", "ok"), row
@@ -77,12 +86,96 @@ def test_the_partition_is_written_encrypted_on_a_locked_board(tmp_path: Path,
         stored = flashes[board.mac][AT:AT + SIZE]
         with pytest.raises(SecureCertFormatError):
             read_secure_cert(stored)  # ciphertext: no TLV magic in the clear
-        key = burned_key_file(board.chip, files[board.mac], tmp_path / f"{board.mac}.key")
-        tlvs = {t.name: t for t in read_secure_cert(decrypt(board.chip, key, stored, AT,
-                                                            tmp_path))}
+        plain = decrypt_with_fuses(board.chip, files[board.mac], stored, AT, tmp_path)
+        tlvs = {t.name: t for t in read_secure_cert(plain)}
         assert sorted(tlvs) == ["CA_CERT", "DEV_CERT", "DS_CONTEXT", "DS_DATA"]
         cert = (tmp_path / "certs_out" / row["thing_name"] / "certificate.pem.crt").read_text()
         assert tlvs["DEV_CERT"].text() == cert
         efuses = EfuseArray(board.chip, files[board.mac])
         assert efuses.blocks_with_purpose("HMAC_DOWN_DIGITAL_SIGNATURE") == [9]
         assert efuses.blocks_with_purpose("XTS_AES_128_KEY") == [4]  # BLOCK_KEY0
+
+
+@pytest.mark.parametrize("point", ["ds_key:after", "ds_key:before"])
+def test_a_locked_line_killed_around_the_hmac_burn_writes_one_key_encrypted(
+        tmp_path: Path, point: str) -> None:
+    """SIGKILL right after the HMAC key's burn (the flash-encryption key and the images
+    are in, the partition is not) or right before it: the restarted station finishes the
+    board locked, with one HMAC key (killed before the burn: after one "plug the board
+    again"), and the partition on flash is ciphertext under the board's flash-encryption
+    key that decrypts to the certificate and the DS data of that HMAC key."""
+    builds = {CHIP: make_demo_firmware(tmp_path / "build" / CHIP, chip=CHIP,
+                                       app_size=APP_SIZE, secure=True, secure_cert=True)}
+    line = SecureLine(tmp_path, builds, signing_key(tmp_path / "sb.pem"))
+    line.extra = DS_LOCAL_CA
+    with line.rig() as rig:
+        board = rig.plug(chip=CHIP)
+        killed = line.run(1, env={CRASH_ENV: point})
+        assert killed.code == -9, killed
+        assert line.journal(mac_of(board))[-1] == tuple(point.split(":"))
+        again = line.run(1)
+        if point == "ds_key:before":
+            assert again.code != EXIT_OK, again
+            assert "plug the board again" in line.ledger()[-1]["error"]
+            again = line.run(1)
+        flash, files = rig.flash(board), efuse_file(rig, board)
+    assert again.code == EXIT_OK, again
+    rows = line.ledger()
+    assert len(rows) == (2 if point == "ds_key:after" else 3), rows
+    assert rows[0]["result"] == "failed" and "station stopped during" in rows[0]["error"]
+    last = rows[-1]
+    assert (last["result"], last["boot"], last["lockdown"]) == ("done", "ok", 1), last
+    assert (last["credentials"], last["efuse_key_block"]) == ("esp_secure_cert",
+                                                              "BLOCK_KEY5"), last
+    journal = line.journal(mac_of(board))
+    assert journal.count(("ds_key", "after")) == 1, journal  # one HMAC key burned
+    assert journal.count(("key", "after")) == 1, journal  # one flash-encryption key
+    _partition_holds_its_credentials(flash, files, last, tmp_path)
+
+
+def _partition_holds_its_credentials(flash: bytes, files: Path, row: dict[str, Any],
+                                     tmp_path: Path) -> None:
+    """One HMAC key (BLOCK_KEY5) and one flash-encryption key (BLOCK_KEY0); the partition
+    is ciphertext that the flash-encryption key turns into the certificate certs_out has
+    and DS data that the HMAC key turns into that certificate's key."""
+    efuses = EfuseArray(CHIP, files)
+    assert efuses.blocks_with_purpose("HMAC_DOWN_DIGITAL_SIGNATURE") == [9]
+    assert efuses.blocks_with_purpose("XTS_AES_128_KEY") == [4]
+    stored = flash[AT:AT + SIZE]
+    with pytest.raises(SecureCertFormatError):
+        read_secure_cert(stored)  # ciphertext: no TLV magic in the clear
+    tlvs = {t.name: t for t in read_secure_cert(decrypt_with_fuses(CHIP, files, stored, AT,
+                                                                   tmp_path))}
+    assert sorted(tlvs) == ["CA_CERT", "DEV_CERT", "DS_CONTEXT", "DS_DATA"]
+    cert = (tmp_path / "certs_out" / row["thing_name"] / "certificate.pem.crt").read_text()
+    assert tlvs["DEV_CERT"].text() == cert
+    data = tlvs["DS_DATA"].data
+    _, n = chip_decrypts(DsData(ciphertext=data[20:], iv=data[4:20], rsa_bits=2048,
+                                key_id=5, hmac_fingerprint=""), efuses.block_bytes(9), CHIP)
+    public = x509.load_pem_x509_certificate(cert.encode()).public_key()
+    assert n == public.public_numbers().n  # type: ignore[union-attr]
+
+
+def test_a_device_key_board_killed_after_the_hmac_burn_is_finished_by_its_first_boot(
+        tmp_path: Path) -> None:
+    """key = "device", SIGKILL right after the HMAC key's burn. The restarted station's
+    connect wakes the chip from flash first (esptool's first reset attempt releases GPIO0
+    before the slow EN of a 10 uF devkit), so a bootloader on the flash would run its
+    first boot now and encrypt the flash for good with the partition still blank: the
+    station writes the bootloader last, after the partition. The board boots nothing,
+    the station finishes it with its one HMAC key, and its first boot encrypts the
+    partition, which decrypts with the key the chip made to the certificate and the DS
+    data."""
+    line = device_line(tmp_path, chips=(CHIP,), secure_cert=True)
+    line.extra = DS_LOCAL_CA
+    with line.rig() as rig:
+        board = rig.plug(chip=CHIP)
+        assert line.run(1, env={CRASH_ENV: "ds_key:after"}).code == -9
+        again = line.run(1)
+        flash, files = rig.flash(board), efuse_file(rig, board)
+    assert again.code == EXIT_OK, again
+    last = line.ledger()[-1]
+    assert (last["result"], last["boot"]) == ("done", "ok"), last
+    assert line.journal(mac_of(board)) == [("ds_key", "before"), ("ds_key", "after"),
+                                           ("first_boot", "before"), ("first_boot", "after")]
+    _partition_holds_its_credentials(flash, files, last, tmp_path)

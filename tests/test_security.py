@@ -12,17 +12,16 @@ import pytest
 from station.daemon import EXIT_OK
 from tests.securekit import (
     CHIPS,
+    MARKS,
     SecureLine,
-    burned_key_file,
-    decrypt,
-    efuse_file,
+    burned_key,
+    decrypt_with_fuses,
     mac_of,
     make_line,
     virt_summary,
 )
 
-pytestmark = [pytest.mark.timeout(600),
-              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = MARKS
 
 BOOT_AT = {"esp32": 0x1000}
 
@@ -55,13 +54,9 @@ def _images(line: SecureLine, chip: str) -> dict[int, bytes]:
 
 @pytest.mark.long(cpu=True)
 def test_sixteen_boards_of_four_chips_leave_locked(line: SecureLine, tmp_path: Path) -> None:
-    with line.rig() as rig:
-        boards = [rig.plug(chip=chip) for chip in CHIPS for _ in range(4)]
-        result = line.run(len(boards))
-        flashes = {b.mac: rig.flash(b) for b in boards}
-        files = {b.mac: efuse_file(rig, b) for b in boards}
+    result, boards, flashes, files = line.plug_and_run([c for c in CHIPS for _ in range(4)])
     assert result.code == EXIT_OK, str(result)
-    rows = {r["mac"]: r for r in line.ledger()}
+    rows = line.rows()
     fingerprints = set()
     for board in boards:
         row = rows[mac_of(board)]
@@ -74,11 +69,11 @@ def test_sixteen_boards_of_four_chips_leave_locked(line: SecureLine, tmp_path: P
 
         # the flash is ciphertext; the key in the fuses turns it back into the firmware
         chip, flash = board.chip, flashes[board.mac]
-        key = burned_key_file(chip, files[board.mac], tmp_path / f"{board.mac}.key")
         for offset, image in _images(line, chip).items():
             stored = flash[offset:offset + len(image)]
             assert stored != image, (chip, offset)
-            assert decrypt(chip, key, stored, offset, tmp_path) == image, (chip, offset)
+            assert decrypt_with_fuses(chip, files[board.mac], stored, offset, tmp_path) == \
+                image, (chip, offset)
 
         # espefuse reads the planned fields burned and protected
         fuses = virt_summary(chip, files[board.mac], tmp_path / "summary.json")
@@ -101,7 +96,7 @@ def test_sixteen_boards_of_four_chips_leave_locked(line: SecureLine, tmp_path: P
     assert len(fingerprints) == len(boards)  # a key per board
     log = (line.state / "station.log").read_text() + (line.state / "events.jsonl").read_text()
     for board in boards:  # no key material anywhere: the fuses' key never in a log
-        key = (tmp_path / f"{board.mac}.key").read_bytes()
+        key = burned_key(board.chip, files[board.mac])
         assert key.hex() not in log and key[::-1].hex() not in log
 
 

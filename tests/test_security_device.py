@@ -8,43 +8,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from station.daemon import EXIT_CONFIG, EXIT_OK
-from station.demo import make_demo_firmware
 from tests.securekit import (
-    APP_SIZE,
     CHIPS,
-    SecureLine,
-    burned_key_file,
-    decrypt,
-    efuse_file,
+    MARKS,
+    burned_key,
+    decrypt_with_fuses,
+    device_line,
     mac_of,
     virt_summary,
 )
 
-pytestmark = [pytest.mark.timeout(600),
-              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = MARKS
 APP_AT = 0x10000
-
-
-def device_line(root: Path, chips: tuple[str, ...] = CHIPS) -> SecureLine:
-    builds = {chip: make_demo_firmware(root / "build" / chip, chip=chip, app_size=APP_SIZE,
-                                       device_key=True) for chip in chips}
-    line = SecureLine(root, builds, root / "unused.pem")
-    line.security = {"flash_encryption": "release", "key": "device"}
-    return line
 
 
 def test_four_boards_encrypt_themselves_on_first_boot(tmp_path: Path) -> None:
     line = device_line(tmp_path)
-    with line.rig() as rig:
-        boards = [rig.plug(chip=chip) for chip in CHIPS]
-        result = line.run(len(boards))
-        flashes = {b.mac: rig.flash(b) for b in boards}
-        files = {b.mac: efuse_file(rig, b) for b in boards}
+    result, boards, flashes, files = line.plug_and_run(CHIPS)
     assert result.code == EXIT_OK, str(result)
-    rows = {r["mac"]: r for r in line.ledger()}
+    rows = line.rows()
     for board in boards:
         row = rows[mac_of(board)]
         assert (row["result"], row["boot"]) == ("done", "ok"), row
@@ -66,11 +49,11 @@ def test_four_boards_encrypt_themselves_on_first_boot(tmp_path: Path) -> None:
         app = (line.builds[chip].parent / "app.bin").read_bytes()
         stored = flashes[board.mac][APP_AT:APP_AT + len(app) + (-len(app) % 16)]
         assert stored[:len(app)] != app
-        key = burned_key_file(chip, files[board.mac], tmp_path / f"{mac_of(board)}.key")
-        assert decrypt(chip, key, stored, APP_AT, tmp_path)[:len(app)] == app, chip
+        assert decrypt_with_fuses(chip, files[board.mac], stored, APP_AT,
+                                  tmp_path)[:len(app)] == app, chip
     log = (line.state / "station.log").read_text() + (line.state / "events.jsonl").read_text()
     for board in boards:
-        assert (tmp_path / f"{mac_of(board)}.key").read_bytes().hex() not in log
+        assert burned_key(board.chip, files[board.mac]).hex() not in log
 
 
 def test_device_key_refusals(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from station.daemon import EXIT_CONFIG, EXIT_OK
-from tests.securekit import burned_key_file, decrypt, efuse_file, mac_of, make_line
+from tests.securekit import burned_key_file, decrypt, mac_of, make_line
 
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -31,13 +31,9 @@ def test_the_key_is_escrowed_wrapped_and_opens_the_flash_dump(tmp_path: Path) ->
     line = make_line(tmp_path, chips=CHIPS)
     line.security["escrow_public_key"] = str(public)
     line.extra["credentials"] = {"out_dir": "certs_out"}
-    with line.rig() as rig:
-        boards = [rig.plug(chip=chip) for chip in CHIPS for _ in range(2)]
-        result = line.run(len(boards))
-        flashes = {b.mac: rig.flash(b) for b in boards}
-        files = {b.mac: efuse_file(rig, b) for b in boards}
+    result, boards, flashes, files = line.plug_and_run([c for c in CHIPS for _ in range(2)])
     assert result.code == EXIT_OK, str(result)
-    rows = {r["mac"]: r for r in line.ledger()}
+    rows = line.rows()
     everything = b""
     for path in (tmp_path / "certs_out").rglob("*"):
         everything += path.read_bytes() if path.is_file() else b""

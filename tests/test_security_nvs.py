@@ -26,17 +26,16 @@ from station.flash import load_firmware
 from station.identity import read_nvs
 from tests.securekit import (
     CHIPS,
+    MARKS,
     SecureLine,
-    burned_key_file,
-    decrypt,
+    decrypt_with_fuses,
     efuse_file,
     mac_of,
     make_line,
 )
 from tests.test_secure_cert import same_key
 
-pytestmark = [pytest.mark.timeout(600),
-              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = MARKS
 
 
 @pytest.fixture
@@ -60,13 +59,9 @@ def nvs_decrypt(image: bytes, keys: bytes, tmp: Path) -> bytes:
 
 def test_a_locked_boards_credentials_are_nvs_encrypted(line: SecureLine,
                                                        tmp_path: Path) -> None:
-    with line.rig() as rig:
-        boards = [rig.plug(chip=chip) for chip in CHIPS]
-        result = line.run(len(boards))
-        flashes = {b.mac: rig.flash(b) for b in boards}
-        files = {b.mac: efuse_file(rig, b) for b in boards}
+    result, boards, flashes, files = line.plug_and_run(CHIPS)
     assert result.code == EXIT_OK, result
-    rows = {r["mac"]: r for r in line.ledger()}
+    rows = line.rows()
     all_keys = set()
     for board in boards:
         row = rows[mac_of(board)]
@@ -84,8 +79,8 @@ def test_a_locked_boards_credentials_are_nvs_encrypted(line: SecureLine,
         assert stored_keys[:64] != b"\xff" * 64
 
         # the fuses' key opens the nvs_keys partition: data key, tweak key, CRC32
-        key = burned_key_file(board.chip, files[board.mac], tmp_path / f"{board.mac}.key")
-        plain_keys = decrypt(board.chip, key, stored_keys, keys_part.offset, tmp_path)
+        plain_keys = decrypt_with_fuses(board.chip, files[board.mac], stored_keys,
+                                        keys_part.offset, tmp_path)
         xts = plain_keys[:64]
         assert struct.unpack_from("<I", plain_keys, 64)[0] == \
             zlib.crc32(xts, 0xFFFFFFFF) & 0xFFFFFFFF
@@ -120,9 +115,8 @@ def _credentials_readable(line: SecureLine, board_chip: str, flash: bytes, efuse
     bundle = load_firmware(FirmwareSection(chip=board_chip, flasher_args=line.builds[board_chip],
                                            images=()))
     nvs, keys_part = bundle.partition("nvs"), bundle.partition("nvs_key")
-    key = burned_key_file(board_chip, efuses, tmp_path / "fe.key")
-    xts = decrypt(board_chip, key, flash[keys_part.offset:keys_part.end], keys_part.offset,
-                  tmp_path)[:64]
+    xts = decrypt_with_fuses(board_chip, efuses, flash[keys_part.offset:keys_part.end],
+                             keys_part.offset, tmp_path)[:64]
     values = read_nvs(nvs_decrypt(flash[nvs.offset:nvs.end], xts, tmp_path))["station"]
     cert = (line.root / "certs_out" / thing / "certificate.pem.crt").read_text()
     assert values["cert"] == cert.encode() + b"\0"

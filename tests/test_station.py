@@ -68,6 +68,15 @@ class Line:
             self.proc.wait(timeout=10)
             pytest.fail(f"station did not exit within {timeout}s:\n{self.output()[-3000:]}")
 
+    def finish(self, timeout: float = RUN_TIMEOUT) -> int:
+        """`wait`, and no station left running whatever happens (a test stopped mid-wait
+        must not leave it holding the rig's ports)."""
+        try:
+            return self.wait(timeout)
+        finally:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.kill()
+
     def output(self) -> str:
         path = self.root / "station.out"
         return path.read_text(errors="replace") if path.exists() else ""

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from station import chips
 from station.errors import SecurityError
 from station.parts import BoardIdentity, BoardSession, Region, SecurityJournal
 from station.security import efuses as fuses
@@ -213,14 +214,16 @@ class BoardLock:
 
     def _decide_device(self, blocks: list[fuses.KeyBlock]) -> None:
         """Only a blank chip can take plaintext for its own first boot: one with a key
-        or a counter was encrypted by a first boot already (ours: stopped or reset
-        during it, needs rework; else another line's)."""
+        or a counter was encrypted by a first boot already. Ours (this station journaled
+        a step for it: its first boot, or a DS key burned before it) booted while or
+        after this station stopped, and its release-mode bootloader turned off plaintext
+        writes: needs rework. Else another line's."""
         counter = self.state.values.get(self.plan.counter or "", 0)
         if not blocks and not counter:
             return
         what = f"a flash-encryption key in {blocks[0].name}" if blocks else \
             f"{self.plan.counter} = {counter:#x}"
-        if any(e["step"] == "first_boot" for e in self.past):
+        if self.past:
             raise SecurityError(f"{self.identity.mac}: {what}: its first boot encrypted (or "
                                 "began encrypting) the flash after this station's last "
                                 "attempt; plaintext can no longer be written to it",
@@ -306,6 +309,19 @@ class BoardLock:
         """The chip may finish the images with its own key: manual encryption allowed
         and the counter unset (the boot check is then the proof of the key)."""
         return self._manual_encrypt() and not self.state.values.get(self.plan.counter or "", 0)
+
+    def write_last(self, regions: Sequence[Region]) -> tuple[list[Region], list[Region]]:
+        """key = "device": the bootloader goes last, after the board's own data. Once it
+        is on the flash, any reset that wakes the chip with GPIO0 high boots it (esptool's
+        first reset attempt does on a devkit with a slow EN: the station's next connect
+        after a stop or a retry), and that first boot encrypts the flash for good, before
+        the credentials are on it; a board stopped without its bootloader boots nothing
+        and is finished on the next attempt."""
+        if not self.device:
+            return list(regions), []
+        boot_at = chips.facts(self.plan.chip).bootloader_offset
+        return ([r for r in regions if r.offset != boot_at],
+                [r for r in regions if r.offset == boot_at])
 
     async def before_write(self, session: BoardSession) -> None:
         """Burn the key (or finish its protection) before anything is written with it."""
