@@ -21,7 +21,6 @@ import os
 import random
 import threading
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,14 +30,15 @@ from .chips import ChipSpec, chip_spec
 from .efuse import EfuseArray, efuse_path
 from .faults import Faults
 from .flash import Flash, FlashTiming
-from .hub_port import hold_port, link_port
+from .hub_port import link_port
 from .plugged import MacAllocator, PluggedBoard, by_path_name, fill_flash, format_mac, parse_size
 from .pty_lines import PtyLinesListener
 from .pty_link import OPEN_POLL_INTERVAL_S, PtyLink
 from .reset_circuit import EN_CAP_UF, ResetCircuitKind, parse_reset_circuit
 from .rfc2217_face import Rfc2217Face
+from .slot import HubSlot, reenumerate
 from .stub_model import StubModel, parse_stub_model
-from .usb import DEFAULT_REENUMERATE_GAP, UsbLink, draw_gap, usb_link
+from .usb import DEFAULT_REENUMERATE_GAP, UsbLink, usb_link
 
 DEFAULT_FLASH_SIZE = 4 * 1024 * 1024
 CALL_TIMEOUT_S = 30.0
@@ -46,21 +46,6 @@ CALL_TIMEOUT_S = 30.0
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 EventCallback = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class _Slot:
-    info: PluggedBoard
-    board: Board
-    link: PtyLink
-    task: asyncio.Task[None]
-    usb: UsbLink
-    gap: float | tuple[float, float]
-    gap_rng: random.Random
-    reenumerations: int = 0
-    holder: int | None = None  # fd of the "other program" holding a busy port
-    face: Rfc2217Face | None = None
-    console: BootConsole | None = None
 
 
 class Rig:
@@ -93,7 +78,7 @@ class Rig:
         self.flash_timing = flash_timing
         self._on_event = on_event
         self._macs = MacAllocator(seed)
-        self._slots: dict[int, _Slot] = {}
+        self._slots: dict[int, HubSlot] = {}
         self._unplugged_macs: dict[int, str] = {}
         self._pulls: dict[int, asyncio.Event] = {}  # unplugs in flight, by hub port
         self._next_index = 0
@@ -353,7 +338,7 @@ class Rig:
                       on_reset=on_reset, stub_model=stub_model, efuses=efuses)
         task = asyncio.get_running_loop().create_task(board.run(), name=f"board-{index}")
         gap_rng = random.Random(f"usb-gap-{self.seed}-{index}")
-        slot = self._slots[index] = _Slot(info, board, link, task, usb, gap, gap_rng)
+        slot = self._slots[index] = HubSlot(info, board, link, task, usb, gap, gap_rng)
         extra: dict[str, Any] = {}
         # native USB's own reset logic is not modelled; a bridge's DTR/RTS reach the
         # board through its RFC 2217 face or from a relay on its pty
@@ -387,7 +372,7 @@ class Rig:
             info = slot.info = dataclasses.replace(info, rfc2217=slot.face.url)
             extra = {"rfc2217": info.rfc2217, "reset_circuit": info.reset_circuit,
                      "app_line": info.app_line, "en_cap_uf": info.en_cap_uf}
-        self._hold_if_busy(slot)
+        slot.hold_if_busy()
         link_port(port, link.slave_path)
         log.info("plugged %s %s at %s -> %s", chip, info.mac, port, link.slave_path)
         self._emit({"event": "plugged", "index": index, "port": info.port, "pty": info.pty,
@@ -398,29 +383,17 @@ class Rig:
     async def _start_listener(self, listener: PtyLinesListener) -> None:
         listener.start()
 
-    def _pty_lines_changed(self, pty: str, dtr: bool, rts: bool) -> None:
+    def _pty_lines_changed(self, pty: str, dtr: bool, rts: bool, at: float | None) -> None:
         """A relay set DTR/RTS on ``pty``: to the circuit of the board behind it."""
         for slot in self._slots.values():
             if slot.link.slave_path == pty and not slot.link.closed:
                 if slot.console is not None:
-                    slot.console.set_lines(dtr, rts)
+                    slot.console.set_lines(dtr, rts, at)
                 return
 
     def _new_link(self, faults: Faults, rng: random.Random, usb: UsbLink) -> PtyLink:
         return PtyLink(throttle=self.throttle, corrupt_rate=faults.corrupt, rng=rng,
                        max_baud=usb.max_baud, usb_bytes_per_s=usb.bytes_per_s)
-
-    def _hold_if_busy(self, slot: _Slot) -> None:
-        """Fault ``busy``: another process holds the port (pyserial's exclusive lock)."""
-        self._release(slot)
-        if slot.info.faults.busy:
-            slot.holder = hold_port(slot.link.slave_path)
-
-    @staticmethod
-    def _release(slot: _Slot) -> None:
-        if slot.holder is not None:
-            os.close(slot.holder)
-            slot.holder = None
 
     async def _board_reset(self, index: int, kind: str) -> None:
         """A board saw a reset: count it; a native-USB board drops off and comes back."""
@@ -432,33 +405,8 @@ class Rig:
                     "kind": kind, "count": len(slot.board.resets), "usb": slot.usb.kind})
         if not slot.usb.native:
             return
-        # The USB device is gone: the node and its by-path link vanish, the host's
-        # next I/O on the old node fails.
-        # The new node is allocated before the old one is released, so the kernel
-        # cannot hand out the same pty number: a re-enumerated board is a new node.
         rng = random.Random(self.seed * 1_000_003 + index + 7919 * (slot.reenumerations + 1))
-        link = self._new_link(info.faults, rng, slot.usb)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(info.port)
-        slot.link.close()
-        gap = draw_gap(slot.gap, slot.gap_rng)
-        self._emit({"event": "disconnected", "index": index, "port": info.port,
-                    "mac": info.mac, "pty": info.pty, "gap": round(gap, 3)})
-        try:
-            await asyncio.sleep(gap)
-        except asyncio.CancelledError:
-            link.close()  # unplugged while off the bus
-            raise
-        slot.link = slot.board.link = link
-        slot.reenumerations += 1
-        self._hold_if_busy(slot)  # whoever held the old node grabs the new one too
-        slot.info = dataclasses.replace(info, pty=link.slave_path)
-        link_port(Path(info.port), link.slave_path)
-        log.info("re-enumerated %s at %s -> %s", info.mac, info.port, link.slave_path)
-        self._emit({"event": "reenumerated", "index": index, "port": info.port,
-                    "mac": info.mac, "pty": link.slave_path, "old_pty": info.pty,
-                    "vid_pid": slot.usb.describe()["app_vid_pid"],
-                    "count": slot.reenumerations})
+        await reenumerate(slot, index, self._new_link(info.faults, rng, slot.usb), self._emit)
 
     async def _pulls_finished(self) -> None:
         for pull in list(self._pulls.values()):
@@ -475,7 +423,7 @@ class Rig:
             del self._pulls[index]
             pull.set()
 
-    async def _put_away(self, slot: _Slot, index: int, reason: str) -> None:
+    async def _put_away(self, slot: HubSlot, index: int, reason: str) -> None:
         self._unplugged_macs[index] = slot.info.mac.replace(":", "")
         if slot.face is not None:
             await slot.face.close()  # the station sees the far end close
@@ -483,7 +431,7 @@ class Rig:
             slot.console.circuit.cancel()
         slot.task.cancel()
         await asyncio.gather(slot.task, return_exceptions=True)
-        self._release(slot)
+        slot.release()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(slot.info.port)
         slot.link.close()
