@@ -53,8 +53,8 @@ class BootConsole:
         # the watchdog reset is counted by the board itself
         board.on_chip_reset = lambda: self._boot(self.circuit.io0_low, count=False)
 
-    def set_lines(self, dtr: bool, rts: bool) -> None:
-        self.circuit.set_lines(dtr, rts)
+    def set_lines(self, dtr: bool, rts: bool, at: float | None = None) -> None:
+        self.circuit.set_lines(dtr, rts, at)
 
     def power_on(self) -> None:
         """Plugged in: the chip boots from flash (GPIO0 pulled high), unheard."""

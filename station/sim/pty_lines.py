@@ -33,7 +33,7 @@ SITE_DIR = Path(__file__).parent / "pty_lines_site"
 ENV = "STATION_SIM_PTY_LINES"  # the same name as in pty_lines_site/sitecustomize.py
 
 log = logging.getLogger(__name__)
-Route = Callable[[str, bool, bool], None]  # pty path, DTR, RTS
+Route = Callable[[str, bool, bool, float | None], None]  # pty, DTR, RTS, when set
 
 
 def relay_env(socket_path: str | os.PathLike[str],
@@ -98,7 +98,8 @@ class PtyLinesListener:
             try:
                 message = json.loads(data)
                 pty, dtr, rts = str(message["pty"]), bool(message["dtr"]), bool(message["rts"])
+                at = float(message["at"]) if "at" in message else None
             except (ValueError, KeyError, TypeError):
                 log.warning("pty lines: dropped a malformed message %r", data[:80])
                 continue
-            self._route(pty, dtr, rts)
+            self._route(pty, dtr, rts, at)

@@ -96,13 +96,21 @@ class AutoReset:
     def io0_low(self) -> bool:
         return self._lines_io0_low or self._button_boot
 
-    def set_lines(self, dtr: bool, rts: bool) -> None:
-        """The host changed DTR and/or RTS (one RFC 2217 SET_CONTROL)."""
+    def set_lines(self, dtr: bool, rts: bool, at: float | None = None) -> None:
+        """The host changed DTR and/or RTS (one RFC 2217 SET_CONTROL).
+
+        ``at`` is when the host set them (the loop's clock, ``time.monotonic``); None:
+        now. A chip that was due to wake before ``at`` woke with the straps it had then,
+        however late this change is heard (the rig's loop is not the chip's clock).
+        """
         if self.kind == "none":
             return
+        if self._wake is not None and at is not None and self._wake.when() <= at:
+            self.cancel()
+            self._wake_up()
         self._lines_en_low = rts and not dtr
         self._lines_io0_low = dtr and not rts
-        self._update()
+        self._update(at)
 
     async def press_boot_en(self) -> None:
         """A person holds BOOT, taps EN, then lets BOOT go: download mode."""
@@ -129,7 +137,7 @@ class AutoReset:
             self._wake.cancel()
             self._wake = None
 
-    def _update(self) -> None:
+    def _update(self, at: float | None = None) -> None:
         if self.en_low:
             self.cancel()  # the capacitor discharges: any pending wake is off
             if not self.in_reset:
@@ -137,7 +145,8 @@ class AutoReset:
                 self._hold()
         elif self.in_reset and self._wake is None:
             loop = asyncio.get_running_loop()
-            self._wake = loop.call_later(self.delay_s, self._wake_up)
+            released = loop.time() if at is None else min(at, loop.time())
+            self._wake = loop.call_at(released + self.delay_s, self._wake_up)
 
     def _wake_up(self) -> None:
         self._wake = None

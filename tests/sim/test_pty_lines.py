@@ -9,11 +9,13 @@ held low for 50 ms after EN is released (`UnixTightReset`), 0.55 s with `--r0`.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 import struct
 import termios
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -165,3 +167,27 @@ def test_line_changes_reach_the_circuit_in_the_order_they_were_set(
     assert not writer.is_alive() and not releaser.is_alive()
     assert site._lines[pty] == 0, site._lines  # the driver holds both lines off
     assert delivered[-1] == site._lines[pty], delivered  # and so does the circuit: EN up
+
+
+@pytest.mark.parametrize(("en_cap_uf", "latched"), [(1.0, "download"), (10.0, "flash")])
+def test_the_circuit_keeps_the_hosts_timing_when_the_rig_hears_the_lines_late(
+        tmp_path: Path, en_cap_uf: float, latched: str) -> None:
+    """A busy rig reads a whole reset sequence at once, after it happened: the chip still
+    wakes on the host's clock (issue #25: under load a 1 uF board missed esptool's 50 ms
+    GPIO0 hold because "GPIO0 released" was read before the 14 ms wake's timer ran)."""
+    wakes = Wakes()
+    lines = tmp_path / "lines.sock"
+    with Rig(tmp_path, seed=3, throttle=False, flash_timing=False, on_event=wakes,
+             pty_lines=lines) as rig:
+        board = rig.plug(chip="esp32", en_cap_uf=en_cap_uf)
+        busy = threading.Event()  # the rig's loop is held up until the sequence is sent
+        rig._loop.call_soon_threadsafe(busy.wait, WAKE_TIMEOUT_S)
+        start = time.monotonic() - 1.0  # UnixTightReset, one second ago
+        steps = [(False, True, 0.0), (True, False, 0.1), (False, False, 0.15)]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            for dtr, rts, after in steps:
+                sock.sendto(json.dumps({"pty": board.pty, "dtr": dtr, "rts": rts,
+                                        "at": start + after}).encode(), str(lines))
+        busy.set()
+        wakes.wait(1)
+        assert rig.boot_modes(board) == [latched]

@@ -41,6 +41,7 @@ import socket
 import struct
 import termios
 import threading
+import time
 from typing import Any
 
 ENV = "STATION_SIM_PTY_LINES"
@@ -61,8 +62,11 @@ def _pty_of(fd: Any) -> str | None:
 
 
 def _send(target: str, pty: str, bits: int) -> None:
+    # stamped with the moment the host set them (CLOCK_MONOTONIC is one clock for every
+    # process): the circuit acts at that moment however late the rig reads the datagram
     message = json.dumps({"pty": pty, "dtr": bool(bits & termios.TIOCM_DTR),
-                          "rts": bool(bits & termios.TIOCM_RTS)}).encode()
+                          "rts": bool(bits & termios.TIOCM_RTS),
+                          "at": time.monotonic()}).encode()
     # no rig listening: the lines reach no circuit, like unwired pins
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, \
             contextlib.suppress(OSError):
