@@ -29,10 +29,27 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 START_TIMEOUT = 30.0
 UPSTREAM_TIMEOUT = 60.0
+REGION = "eu-west-1"
+POLICY = Path(__file__).resolve().parents[1] / "config" / "aws-iot-policy.json"
+
+
+def registrar_toml(endpoint: str, policy_name: str, more: str = "") -> str:
+    """[registrar] for AWS IoT at ``endpoint`` (moto, or a proxy in front of it), the
+    repository's device policy; ``more``: lines for [registrar.aws]. One text for the
+    soak's station and the tests' lines."""
+    return f"""[registrar]
+kind = "aws-iot"
+[registrar.aws]
+region = "{REGION}"
+endpoint_url = "{endpoint}"
+policy_name = "{policy_name}"
+policy_document = {json.dumps(str(POLICY))}
+{more}"""
 
 
 def free_port() -> int:

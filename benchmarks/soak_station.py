@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.soak_plan import ROOT, SoakConfig
+from benchmarks.soak_aws import REGION, registrar_toml
+from benchmarks.soak_plan import SoakConfig
 
 STOP_TIMEOUT = 120.0
-REGION = "eu-west-1"
-POLICY = ROOT / "config" / "aws-iot-policy.json"
 PORT_LINE = re.compile(r"port (added|removed): (\S+)")
 
 
@@ -206,16 +205,8 @@ drain_timeout = 60.0
 [worker.timeouts]
 {timeouts}
 
-[registrar]
-kind = "aws-iot"
-
-[registrar.aws]
-region = "{REGION}"
-endpoint_url = "{proxy_url}"
-policy_name = "soak-device"
-policy_document = {json.dumps(str(POLICY))}
-thing_group = "soak-lot"
-max_attempts = 10
+{registrar_toml(proxy_url, "soak-device", 'thing_group = "soak-lot"' + chr(10) +
+                'max_attempts = 10')}
 
 [credentials]
 out_dir = "certs_out"

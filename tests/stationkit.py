@@ -23,14 +23,12 @@ from typing import Any
 
 import boto3
 
+from benchmarks.soak_aws import POLICY, REGION, registrar_toml
 from station.flash import FirmwareBundle
 from station.identity import CRASH_ENV
 from station.sim import PluggedBoard, Rig
 from tests.registrar.awsproxy import AwsProxy
 
-ROOT = Path(__file__).resolve().parents[1]
-POLICY = ROOT / "config" / "aws-iot-policy.json"
-REGION = "eu-west-1"
 STATION = "line-1"
 THING_TEMPLATE = "line1-{mac}"
 GROUP = "lot-42"
@@ -41,16 +39,8 @@ COMMAND_TIMEOUT = 60.0
 
 
 def aws_registrar(endpoint: str, more: str = "") -> str:
-    """[registrar] for AWS IoT at `endpoint` (moto or a proxy in front of it); `more`:
-    lines for [registrar.aws]."""
-    return f"""[registrar]
-kind = "aws-iot"
-[registrar.aws]
-region = "{REGION}"
-endpoint_url = "{endpoint}"
-policy_name = "station-device"
-policy_document = {json.dumps(str(POLICY))}
-{more}"""
+    """[registrar] for AWS IoT at `endpoint`; `more`: lines for [registrar.aws]."""
+    return registrar_toml(endpoint, "station-device", more)
 
 
 def aws_env(home: Path, *, credentials: bool = True) -> dict[str, str]:
