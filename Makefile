@@ -23,17 +23,18 @@ lint: $(STAMP)
 
 # The suite runs in parallel (most tests wait on virtual serial lines, not on the CPU);
 # the few that time the virtual line against its model run alone afterwards.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 
 test: lint
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal -m "not timing" --durations=15
-	$(BIN)/pytest -m timing
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal -m "not timing and not soak" --durations=15
+	$(BIN)/pytest -m "timing and not soak"
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'  # esp-batch-flash, a peer the baud matrix runs
 	$(BIN)/python benchmarks/run_all.py
 
 soak: $(STAMP)
+	$(BIN)/pytest -m soak
 	$(BIN)/python benchmarks/soak.py --boards 500
 
 clean:

@@ -33,8 +33,9 @@ from benchmarks.soak_plan import SIM_FAULTS, SoakConfig
 from station.config import load
 from station.flash import load_firmware
 
-# A night in miniature: its faults land at times, so it runs alone (marker timing)
-pytestmark = [pytest.mark.slow, pytest.mark.timing, pytest.mark.timeout(420)]
+# A night in miniature: its faults land at times, so it runs alone, in `make soak`
+# (marker soak); the checker's own tests without it run with the suite.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,7 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path
     return report, work
 
 
+@pytest.mark.soak
 def test_small_soak_ends_with_no_violation_and_every_fault_free_board_done(
         soak: tuple[dict[str, Any], Path]) -> None:
     report, _ = soak
@@ -65,6 +67,7 @@ def test_small_soak_ends_with_no_violation_and_every_fault_free_board_done(
     assert boards["fault_free_done"] == boards["fault_free"]
 
 
+@pytest.mark.soak
 def test_small_soak_injected_every_kind_of_fault(soak: tuple[dict[str, Any], Path]) -> None:
     report, _ = soak
     injected = report["faults_injected"]
@@ -99,6 +102,7 @@ def _audit(work: Path, dumps: Path, certs_out: Path, plugs: list[Plug]) -> list[
     return [f"{v.kind}:{v.subject}:{v.detail}" for v in found]
 
 
+@pytest.mark.soak
 def test_the_checker_finds_what_a_bad_night_would_leave(
         soak: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
     _, work = soak
@@ -187,6 +191,7 @@ def test_rss_growth_is_measured_within_one_process() -> None:
     assert "not judged" in summary["processes"][-1]["note"]
 
 
+@pytest.mark.soak
 def test_registration_rows_name_every_certificate_in_the_ledger(
         soak: tuple[dict[str, Any], Path]) -> None:
     _, work = soak
