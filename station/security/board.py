@@ -364,7 +364,8 @@ class BoardLock:
         """key = "device": the plaintext is on the flash and verified; from this line on,
         a board found encrypted by its own first boot is finished by its boot check."""
         if self.device and written:
-            await self._journal(*first_boot.PLAINTEXT, first_boot.md5s(written))
+            await self._journal(*first_boot.PLAINTEXT, first_boot.md5s(
+                written, self.firmware.nvs_keys_at))
 
     async def after_verify(self, session: BoardSession, written: Sequence[Region]) -> None:
         """The images are verified: journal their MD5s, drop the key, burn the rest."""

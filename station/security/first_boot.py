@@ -33,9 +33,12 @@ PLAINTEXT = ("plaintext", "after")
 Journal = Sequence[dict[str, Any]]
 
 
-def md5s(written: Sequence[Region]) -> str:
-    """The detail of the plaintext line: {offset: [size, MD5]} of every region written."""
-    return json.dumps({str(r.offset): [len(r.data), r.md5] for r in written}, sort_keys=True)
+def md5s(written: Sequence[Region], nvs_keys_at: tuple[int, int] | None) -> str:
+    """The detail of the plaintext line: {offset: [size, MD5]} of every region written but
+    the nvs_keys partition (its plaintext is key material: not even its hash is kept)."""
+    skip = nvs_keys_at[0] if nvs_keys_at else None
+    return json.dumps({str(r.offset): [len(r.data), r.md5] for r in written
+                       if r.offset != skip}, sort_keys=True)
 
 
 def verified(past: Journal) -> bool:
