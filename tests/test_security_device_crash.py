@@ -16,10 +16,19 @@ from pathlib import Path
 import pytest
 
 from station.daemon import EXIT_OK
+from station.demo import make_demo_firmware
 from station.identity import CRASH_ENV
 from station.sim import Rig
 from station.sim.efuse import EfuseArray
-from tests.securekit import MARKS, SecureLine, decrypt_with_fuses, device_line, efuse_file, mac_of
+from tests.securekit import (
+    APP_SIZE,
+    MARKS,
+    SecureLine,
+    decrypt_with_fuses,
+    device_line,
+    efuse_file,
+    mac_of,
+)
 from tests.test_secure_cert_locked import DS_LOCAL_CA, _partition_holds_its_credentials
 
 pytestmark = MARKS
@@ -111,3 +120,23 @@ def test_a_first_boot_cut_short_by_the_restarts_connect_needs_rework(tmp_path: P
     assert "invalid header" in last["error"], last
     assert not {"flash", "verify"} & set(last["timings"]), last["timings"]
     assert line.journal(mac_of(board)) == [PLAINTEXT, BEFORE]
+
+
+def test_a_self_encrypted_board_with_other_firmware_is_refused(tmp_path: Path) -> None:
+    """Killed after its first boot, then the line changes its firmware: the board holds
+    ciphertext of the old build and cannot take plaintext of the new one: refused with
+    the reason, nothing written (its boot is not taken for the new build's)."""
+    line = device_line(tmp_path, chips=(CHIP,))
+    with line.rig() as rig:
+        board = rig.plug(chip=CHIP)
+        assert line.run(1, env={CRASH_ENV: "security:first_boot:after"}).code == -9
+        at_kill = rig.flash(board)
+        line.builds[CHIP] = make_demo_firmware(tmp_path / "build2", chip=CHIP,
+                                               app_size=APP_SIZE, device_key=True, seed=7)
+        again = line.run(1)
+        flash = rig.flash(board)
+    assert again.code != EXIT_OK
+    last = line.ledger()[-1]
+    assert last["result"] == "failed", last
+    assert "its first boot encrypted other firmware than this line's" in last["error"], last
+    assert flash == at_kill
