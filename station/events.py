@@ -211,7 +211,7 @@ class SecurityStep(Event):
     mode: str  # [security] as a phrase: "flash encryption release (host key), ..."
     fingerprint: str | None = None  # a hash naming the flash-encryption key
     digest: str | None = None  # the signing key's public digest, as burned
-    detail: str = ""  # what is burned; for "images", the ciphertext MD5s by offset
+    detail: str = ""  # what is burned; "images"/"plaintext": the MD5s by offset
 
 
 @dataclass(frozen=True, kw_only=True)

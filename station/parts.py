@@ -207,6 +207,10 @@ class BoardLock(Protocol):
     async def before_write(self, session: BoardSession) -> None:
         """Burn what must be burned before anything is written (the key)."""
 
+    async def verified(self, written: Sequence[Region]) -> None:
+        """Right after the verify of `written`: journal what it proves (key = "device":
+        the plaintext the first boot encrypts is whole)."""
+
     async def after_verify(self, session: BoardSession, written: Sequence[Region]) -> None:
         """The images are verified: burn the rest (counter, secure boot, lock-down)."""
 
@@ -222,6 +226,10 @@ class BoardLock(Protocol):
 
     async def after_boot(self, text: str) -> None:
         """The boot check passed: journal what only the boot shows (the first boot)."""
+
+    def boot_failure(self, detail: str) -> Exception | None:
+        """The error a failed boot check is for this board (a board that cannot be
+        written again: needs rework), or None for the usual boot error."""
 
 
 class BoardDs(Protocol):

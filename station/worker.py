@@ -295,6 +295,9 @@ class Worker:
             job_id=self.job_id, port=self.port, slot=self.slot, result="ok" if ok else
             "failed", project=verdict.project, version=verdict.version, detail=detail,
             tail=verdict.tail))
+        failure = None if ok or lock is None else lock.boot_failure(detail or "")
+        if failure is not None:
+            raise failure
         if not ok:
             raise BootError(f"{self.port}: boot check: {detail}", transient=False)
         if lock is not None:
@@ -321,7 +324,8 @@ class Worker:
         first, last = (regions, []) if lock is None else lock.write_last(regions)
         if lock is not None:
             await self._timed(Stage.SECURE, lambda: lock.before_write(session))
-        await self._stage_call(Stage.FLASH, attempt, lambda: self._write(session, first))
+        if first:  # none: the board holds them already (a device-key board's first boot)
+            await self._stage_call(Stage.FLASH, attempt, lambda: self._write(session, first))
         credentials = await self._credentials()
         own: list[Region] = []
         if credentials is not None and self.plan.ds_block is not None:
@@ -334,7 +338,11 @@ class Worker:
         if own or last:
             self._stage = Stage.FLASH
             await self._timed(Stage.FLASH, lambda: self._write(session, own + last))
-        await self._stage_call(Stage.VERIFY, attempt, lambda: self._verify(session, regions + own))
+        if regions or own:
+            await self._stage_call(Stage.VERIFY, attempt,
+                                   lambda: self._verify(session, regions + own))
+            if lock is not None:
+                await lock.verified(regions + own)
         if credentials is not None:
             assert self._beside is not None
             await self._beside.journal()("on-board", credentials.certificate_id,

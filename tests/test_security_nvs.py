@@ -13,6 +13,7 @@ the certificate, the right private key, the thing name.
 from __future__ import annotations
 
 import argparse
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -24,6 +25,7 @@ from station.config import FirmwareSection
 from station.daemon import EXIT_OK
 from station.flash import load_firmware
 from station.identity import read_nvs
+from tests.dskit import security_steps
 from tests.securekit import (
     CHIPS,
     MARKS,
@@ -172,4 +174,8 @@ def test_with_a_key_the_chip_makes_its_first_boot_encrypts_the_nvs_keys(
     plain = flash[keys_part.offset:keys_part.offset + 68]
     assert zlib.crc32(plain[:64], 0xFFFFFFFF) & 0xFFFFFFFF != \
         struct.unpack_from("<I", plain, 64)[0]  # not the plaintext layout: encrypted
+    verified = [s for s in security_steps(line.state, mac_of(board))
+                if s["step"] == "plaintext"]  # its MD5s, but not of the plaintext keys
+    assert len(verified) == 1 and str(0x10000) in json.loads(verified[0]["detail"])
+    assert str(keys_part.offset) not in json.loads(verified[0]["detail"])
     _credentials_readable(line, chip, flash, efuses, f"t-{mac_of(board)}", tmp_path)

@@ -106,8 +106,8 @@ def format_event(event: Event, view: StationView) -> str | None:
         return f"{head} cloud check {event.mode} {event.result} as {event.client_id} at " \
                f"{event.broker}{why}"
     if isinstance(event, SecurityStep):  # hashes and field names only, never a key
-        what = f": {one_line(event.detail)}" if event.detail and event.step != "images" \
-            else ""
+        what = f": {one_line(event.detail)}" if event.detail and \
+            event.step not in ("images", "plaintext") else ""  # MD5s: the ledger has them
         key = f" key {event.fingerprint}" if event.fingerprint and event.step == "key" else ""
         return f"{head} security {event.step} {event.phase}{key}{what}"
     if isinstance(event, Registered):

@@ -37,7 +37,7 @@ from station import chips
 from station.errors import SecurityError
 from station.parts import BoardIdentity, BoardSession, Region, SecurityJournal
 from station.security import efuses as fuses
-from station.security import nvskeys
+from station.security import first_boot, nvskeys
 from station.security.escrow import write_escrow
 from station.security.images import SecuredFirmware, encrypted_region, key_fingerprint
 from station.security.plan import SB_REVISION_ESP32, STEPS, ChipPlan, Step
@@ -128,6 +128,10 @@ class BoardLock:
         self.key_burned = False
         self.images_done = False  # verified earlier with this key (journal + flash MD5s)
         self.chip_only = False  # our key is burned but lost: the chip encrypts, unverified
+        self.on_flash = False
+        """key = "device": the plaintext this station verified was encrypted since by the
+        chip's own first boot (a restart's connect woke it): nothing is written, the boot
+        check is the proof (first_boot.py)."""
         self.thing = identity.mac  # the board's certs_out folder (escrow_public_key)
         self._nvs_keys: bytes | None = None
 
@@ -214,20 +218,28 @@ class BoardLock:
 
     def _decide_device(self, blocks: list[fuses.KeyBlock]) -> None:
         """Only a blank chip can take plaintext for its own first boot: one with a key
-        or a counter was encrypted by a first boot already. Ours (this station journaled
-        a step for it: its first boot, or a DS key burned before it) booted while or
-        after this station stopped, and its release-mode bootloader turned off plaintext
-        writes: needs rework. Else another line's."""
+        or a counter was encrypted by a first boot already. Ours, whose plaintext this
+        station verified (journaled), encrypted it on a boot while or after the station
+        stopped: nothing is written, the boot check is the proof. Ours without that line
+        (a DS key burned, the plaintext perhaps incomplete) cannot take plaintext any
+        more: needs rework. Else another line's."""
         counter = self.state.values.get(self.plan.counter or "", 0)
         if not blocks and not counter:
             return
         what = f"a flash-encryption key in {blocks[0].name}" if blocks else \
             f"{self.plan.counter} = {counter:#x}"
+        if first_boot.verified(self.past) and not any(b.readable for b in blocks):
+            first_boot.same_firmware(self.identity.mac, self.past, self.firmware)
+            self.on_flash = True
+            log.warning("%s: %s: the chip encrypted the plaintext this station verified on "
+                        "a boot after the station's last stop; nothing is written, its boot "
+                        "check decides", self.identity.mac, what)
+            return
         if self.past:
             raise SecurityError(f"{self.identity.mac}: {what}: its first boot encrypted (or "
-                                "began encrypting) the flash after this station's last "
-                                "attempt; plaintext can no longer be written to it",
-                                rework=True)
+                                "began encrypting) the flash before this station verified "
+                                "the plaintext it wrote; plaintext can no longer be written "
+                                "to it", rework=True)
         raise self._elsewhere(what)
 
     def _use(self, key: bytes) -> None:
@@ -251,7 +263,10 @@ class BoardLock:
     def regions(self, regions: Sequence[Region], own: bool = False) -> list[Region]:
         """The plan's images as this board gets them: signed, encrypted with its key, and
         the board's nvs_keys partition; `own`: the board's own data partitions (its
-        credentials), encrypted where flagged, nothing added."""
+        credentials), encrypted where flagged, nothing added. None on a board whose own
+        first boot encrypted what it holds (`on_flash`)."""
+        if self.on_flash:
+            return []
         secured = {r.offset: r for r in self.firmware.regions}
         keys_at = self.firmware.nvs_keys_at
         out = []
@@ -345,6 +360,13 @@ class BoardLock:
         await self._batch(session, step, work)
         self.key_burned = True
 
+    async def verified(self, written: Sequence[Region]) -> None:
+        """key = "device": the plaintext is on the flash and verified; from this line on,
+        a board found encrypted by its own first boot is finished by its boot check."""
+        if self.device and written:
+            await self._journal(*first_boot.PLAINTEXT, first_boot.md5s(
+                written, self.firmware.nvs_keys_at))
+
     async def after_verify(self, session: BoardSession, written: Sequence[Region]) -> None:
         """The images are verified: journal their MD5s, drop the key, burn the rest."""
         if self.plan.step("key") is not None and not self.images_done:
@@ -353,7 +375,7 @@ class BoardLock:
             await self._journal("images", "after", json.dumps(md5s, sort_keys=True)
                                 if not self.chip_only else "{}")
             self.images_done = True
-        if self.device:  # journaled before the reset that starts the first boot
+        if self.device and not (self.on_flash and first_boot.journaled(self.past)):
             await self._journal("first_boot", "before", "plaintext verified; the bootloader "
                                 "makes the key and encrypts on this boot")
         self.line.keys.by_mac.pop(self.identity.mac, None)
@@ -405,12 +427,23 @@ class BoardLock:
         self.line.keys.nvs_by_mac.pop(self.identity.mac, None)  # done: the board has them
         self._nvs_keys = None
         if self.device:
-            await self._journal("first_boot", "after", "the chip made its key and encrypted "
-                                "its flash; the second boot: " + self.plan.mode)
+            await self._journal("first_boot", "after", (
+                "the chip encrypted its flash on a boot after the station's last stop; this "
+                "boot: " if self.on_flash else "the chip made its key and encrypted its "
+                "flash; the second boot: ") + self.plan.mode)
+
+    def boot_failure(self, detail: str) -> Exception | None:
+        """A failed boot check of a board found encrypted by its own first boot: its
+        plaintext can no longer be written, so it needs rework, not another attempt."""
+        if not self.on_flash:
+            return None
+        return SecurityError(f"{self.identity.mac}: boot check: {detail}; its flash was "
+                             "encrypted by its own first boot after the station's last stop "
+                             "and plaintext can no longer be written to it", rework=True)
 
     def boot_problem(self, text: str) -> str | None:
         """What the boot story must show of the board's new state."""
-        if self.device and FIRST_BOOT_DONE not in text:
+        if self.device and FIRST_BOOT_DONE not in text and not self.on_flash:
             return f"expected the first boot to encrypt the flash (\"{FIRST_BOOT_DONE}\") " \
                 "and the board to boot again"
         missing = self._unseen(self.boot_story(text))

@@ -1,0 +1,69 @@
+"""key = "device": what this station's journal says of a board's plaintext and first boot.
+
+The bootloader makes the key and encrypts the flash on the board's first boot, and any
+reset that wakes the chip from flash starts it: the restarted station's own connect does
+(esptool's first reset attempt misses download mode on a devkit with a slow EN). So a
+station stopped once the plaintext was on the flash finds, on its next connect, a chip
+that encrypted itself. Whether that chip can be finished depends on one journal line:
+
+- ("plaintext", "after"), durable right after the plaintext's verify, with its MD5s by
+  offset: everything the first boot encrypts was whole. Such a board is not written again
+  (it cannot be: plaintext no longer reads right) and is not rework: its boot check
+  (release mode, the app's project/version/marker, on DS lines esp_secure_cert_mgr's
+  lines) is the proof; it fails the board "needs rework" with the boot's reason.
+- No such line (stopped before the verify, or while writing): the plaintext may be
+  incomplete, so an encrypted chip "needs rework" (board.py `_decide_device`).
+
+A `first_boot` line is written after that verify too, so it counts as well (journals
+from before the plaintext line existed).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from station.errors import SecurityError
+from station.parts import Region
+from station.security.images import SecuredFirmware
+
+PLAINTEXT = ("plaintext", "after")
+"""The journal line: the plaintext written for the first boot is verified on the flash."""
+Journal = Sequence[dict[str, Any]]
+
+
+def md5s(written: Sequence[Region], nvs_keys_at: tuple[int, int] | None) -> str:
+    """The detail of the plaintext line: {offset: [size, MD5]} of every region written but
+    the nvs_keys partition (its plaintext is key material: not even its hash is kept)."""
+    skip = nvs_keys_at[0] if nvs_keys_at else None
+    return json.dumps({str(r.offset): [len(r.data), r.md5] for r in written
+                       if r.offset != skip}, sort_keys=True)
+
+
+def verified(past: Journal) -> bool:
+    """This station verified the board's plaintext (a line after the verify)."""
+    return any((e["step"], e["phase"]) == PLAINTEXT or e["step"] == "first_boot"
+               for e in past)
+
+
+def journaled(past: Journal) -> bool:
+    """The first boot's "before" line is in the journal already."""
+    return any((e["step"], e["phase"]) == ("first_boot", "before") for e in past)
+
+
+def same_firmware(mac: str, past: Journal, firmware: SecuredFirmware) -> None:
+    """The last verified plaintext is this line's firmware (its MD5s at the firmware's
+    offsets; the board's own data differs per board); else the board is refused, as a
+    locked board cannot be reflashed in plaintext."""
+    lines = [e for e in past if (e["step"], e["phase"]) == PLAINTEXT]
+    if not lines:
+        return  # a journal from before the line: the boot check's version decides
+    on_flash: dict[str, list[Any]] = json.loads(lines[-1]["detail"] or "{}")
+    skip = firmware.nvs_keys_at[0] if firmware.nvs_keys_at else None
+    for region in firmware.regions:
+        if region.offset != skip and on_flash.get(str(region.offset)) != \
+                [len(region.data), region.md5]:
+            raise SecurityError(f"{mac}: its first boot encrypted other firmware than this "
+                                f"line's ({region.name} at {region.offset:#x} differs); a "
+                                "locked board cannot be reflashed in plaintext")

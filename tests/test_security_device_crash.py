@@ -1,0 +1,142 @@
+"""key = "device" lines whose station is SIGKILLed once the plaintext is on the flash.
+
+The restarted station's connect wakes the chip from flash first (esptool's first reset
+attempt misses download mode on a devkit with a 10 uF EN), so a board whose bootloader
+is on the flash runs its first boot then and encrypts itself with a key only it has. If
+this station had verified that plaintext (its "plaintext after" journal line), the board
+is good: the restarted station writes nothing (it could not: plaintext no longer reads
+right), runs the boot check as the proof and finishes the board with its one key. A
+first boot cut short by that connect leaves a board that boots nothing: "needs rework"
+with the boot's reason. Real `station run`s over virtual boards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from station.daemon import EXIT_OK
+from station.demo import make_demo_firmware
+from station.identity import CRASH_ENV
+from station.sim import Rig
+from station.sim.efuse import EfuseArray
+from tests.securekit import (
+    APP_SIZE,
+    MARKS,
+    SecureLine,
+    decrypt_with_fuses,
+    device_line,
+    efuse_file,
+    mac_of,
+)
+from tests.test_secure_cert_locked import DS_LOCAL_CA, _partition_holds_its_credentials
+
+pytestmark = MARKS
+CHIP = "esp32c3"
+APP_AT = 0x10000
+PLAINTEXT, BEFORE, AFTER = ("plaintext", "after"), ("first_boot", "before"), \
+    ("first_boot", "after")
+
+
+def _finished_with_its_one_key(line: SecureLine, flash: bytes, files: Path,
+                               tmp_path: Path) -> dict[str, object]:
+    """The restarted run's row: done, boot ok in release mode, nothing written (no flash
+    or verify time); one flash-encryption key, under which the app decrypts."""
+    rows = line.ledger()
+    assert len(rows) == 2, rows
+    assert rows[0]["result"] == "failed" and "station stopped during" in rows[0]["error"]
+    last = rows[-1]
+    assert (last["result"], last["boot"]) == ("done", "ok"), last
+    assert "Flash encryption mode is RELEASE" in last["boot_log"]
+    assert not {"flash", "verify"} & set(last["timings"]), last["timings"]
+    assert EfuseArray(CHIP, files).blocks_with_purpose("XTS_AES_128_KEY") == [4]
+    app = (line.builds[CHIP].parent / "app.bin").read_bytes()
+    stored = flash[APP_AT:APP_AT + len(app) + (-len(app) % 16)]
+    assert stored[:len(app)] != app
+    assert decrypt_with_fuses(CHIP, files, stored, APP_AT, tmp_path)[:len(app)] == app
+    return last
+
+
+@pytest.mark.parametrize("point", ["plaintext:after", "first_boot:before",
+                                   "first_boot:after"])
+def test_a_device_key_board_killed_after_its_verified_plaintext_is_finished_by_its_boot(
+        tmp_path: Path, point: str) -> None:
+    line = device_line(tmp_path, chips=(CHIP,))
+    with line.rig() as rig:
+        board = rig.plug(chip=CHIP)
+        killed = line.run(1, env={CRASH_ENV: f"security:{point}"})
+        assert killed.code == -9, killed
+        assert line.journal(mac_of(board))[-1] == tuple(point.split(":"))
+        at_kill = rig.flash(board)
+        again = line.run(1)
+        flash, files = rig.flash(board), efuse_file(rig, board)
+    assert again.code == EXIT_OK, again
+    _finished_with_its_one_key(line, flash, files, tmp_path)
+    journal = line.journal(mac_of(board))
+    if point == "first_boot:after":  # done but for its record: the boot is checked again
+        assert journal == [PLAINTEXT, BEFORE, AFTER, AFTER], journal
+        assert flash == at_kill  # the ciphertext its first boot made, untouched
+    else:  # the restart's connect woke the chip: it encrypted itself then
+        assert journal == [PLAINTEXT, BEFORE, AFTER], journal
+        assert flash != at_kill
+
+
+def test_a_ds_device_key_board_killed_after_its_verified_plaintext_is_finished(
+        tmp_path: Path) -> None:
+    """The same on a DS line: the HMAC key burned, the esp_secure_cert partition written
+    and verified; the board's first boot encrypts it at the restart's connect, and the
+    boot check sees the app find its credentials with its one HMAC key."""
+    line = device_line(tmp_path, chips=(CHIP,), secure_cert=True)
+    line.extra = DS_LOCAL_CA
+    with line.rig() as rig:
+        board = rig.plug(chip=CHIP)
+        assert line.run(1, env={CRASH_ENV: "security:plaintext:after"}).code == -9
+        again = line.run(1)
+        flash, files = rig.flash(board), efuse_file(rig, board)
+    assert again.code == EXIT_OK, again
+    last = _finished_with_its_one_key(line, flash, files, tmp_path)
+    assert "Successfully obtained and verified the contents of esp_secure_cert " \
+           "partition" in str(last["boot_log"])
+    assert line.journal(mac_of(board)) == [("ds_key", "before"), ("ds_key", "after"),
+                                           PLAINTEXT, BEFORE, AFTER]
+    _partition_holds_its_credentials(flash, files, last, tmp_path)
+
+
+def test_a_first_boot_cut_short_by_the_restarts_connect_needs_rework(tmp_path: Path) -> None:
+    """With the flash's real timing the first boot takes about a second, and esptool's
+    second reset attempt cuts it short: the bootloader is ciphertext, the counter unset,
+    the ROM reads noise. The boot check says so and the board needs rework (never
+    rewritten: its key is burned)."""
+    line = device_line(tmp_path, chips=(CHIP,))
+    with Rig(line.hub, seed=41, throttle=False, flash_timing=True,
+             pty_lines=line.root / "pty-lines.sock") as rig:
+        board = rig.plug(chip=CHIP)
+        assert line.run(1, env={CRASH_ENV: "security:plaintext:after"}).code == -9
+        again = line.run(1)
+    assert again.code != EXIT_OK
+    last = line.ledger()[-1]
+    assert (last["result"], last["boot"]) == ("failed", "failed"), last
+    assert last["error"].startswith(f"needs rework: {mac_of(board)}: boot check: "), last
+    assert "invalid header" in last["error"], last
+    assert not {"flash", "verify"} & set(last["timings"]), last["timings"]
+    assert line.journal(mac_of(board)) == [PLAINTEXT, BEFORE]
+
+
+def test_a_self_encrypted_board_with_other_firmware_is_refused(tmp_path: Path) -> None:
+    """Killed after its first boot, then the line changes its firmware: the board holds
+    ciphertext of the old build and cannot take plaintext of the new one: refused with
+    the reason, nothing written (its boot is not taken for the new build's)."""
+    line = device_line(tmp_path, chips=(CHIP,))
+    with line.rig() as rig:
+        board = rig.plug(chip=CHIP)
+        assert line.run(1, env={CRASH_ENV: "security:first_boot:after"}).code == -9
+        at_kill = rig.flash(board)
+        line.builds[CHIP] = make_demo_firmware(tmp_path / "build2", chip=CHIP,
+                                               app_size=APP_SIZE, device_key=True, seed=7)
+        again = line.run(1)
+        flash = rig.flash(board)
+    assert again.code != EXIT_OK
+    last = line.ledger()[-1]
+    assert last["result"] == "failed", last
+    assert "its first boot encrypted other firmware than this line's" in last["error"], last
+    assert flash == at_kill
