@@ -29,6 +29,7 @@ from station.daemon import EXIT_OK
 from station.demo import make_demo_firmware
 from station.identity import CRASH_ENV, SecureCertFormatError, read_secure_cert
 from station.identity.ds import DsData
+from station.sim import PluggedBoard
 from station.sim.efuse import EfuseArray
 from tests.securekit import (
     APP_SIZE,
@@ -156,6 +157,21 @@ def _partition_holds_its_credentials(flash: bytes, files: Path, row: dict[str, A
     assert n == public.public_numbers().n  # type: ignore[union-attr]
 
 
+def ds_device_board_killed_at(point: str, tmp_path: Path
+                              ) -> tuple[SecureLine, PluggedBoard, bytes, Path]:
+    """A DS line with key = "device" (local CA) whose station is SIGKILLed at `point`,
+    then run again to its end (exit 0): the line, the board, its flash and eFuse file."""
+    line = device_line(tmp_path, chips=(CHIP,), secure_cert=True)
+    line.extra = DS_LOCAL_CA
+    with line.rig() as rig:
+        board = rig.plug(chip=CHIP)
+        assert line.run(1, env={CRASH_ENV: point}).code == -9
+        again = line.run(1)
+        flash, files = rig.flash(board), efuse_file(rig, board)
+    assert again.code == EXIT_OK, again
+    return line, board, flash, files
+
+
 def test_a_device_key_board_killed_after_the_hmac_burn_is_finished_by_its_first_boot(
         tmp_path: Path) -> None:
     """key = "device", SIGKILL right after the HMAC key's burn. The restarted station's
@@ -166,14 +182,7 @@ def test_a_device_key_board_killed_after_the_hmac_burn_is_finished_by_its_first_
     the station finishes it with its one HMAC key, and its first boot encrypts the
     partition, which decrypts with the key the chip made to the certificate and the DS
     data."""
-    line = device_line(tmp_path, chips=(CHIP,), secure_cert=True)
-    line.extra = DS_LOCAL_CA
-    with line.rig() as rig:
-        board = rig.plug(chip=CHIP)
-        assert line.run(1, env={CRASH_ENV: "ds_key:after"}).code == -9
-        again = line.run(1)
-        flash, files = rig.flash(board), efuse_file(rig, board)
-    assert again.code == EXIT_OK, again
+    line, board, flash, files = ds_device_board_killed_at("ds_key:after", tmp_path)
     last = line.ledger()[-1]
     assert (last["result"], last["boot"]) == ("done", "ok"), last
     assert line.journal(mac_of(board)) == [("ds_key", "before"), ("ds_key", "after"),

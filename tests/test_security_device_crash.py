@@ -29,7 +29,10 @@ from tests.securekit import (
     efuse_file,
     mac_of,
 )
-from tests.test_secure_cert_locked import DS_LOCAL_CA, _partition_holds_its_credentials
+from tests.test_secure_cert_locked import (
+    _partition_holds_its_credentials,
+    ds_device_board_killed_at,
+)
 
 pytestmark = MARKS
 CHIP = "esp32c3"
@@ -86,14 +89,8 @@ def test_a_ds_device_key_board_killed_after_its_verified_plaintext_is_finished(
     """The same on a DS line: the HMAC key burned, the esp_secure_cert partition written
     and verified; the board's first boot encrypts it at the restart's connect, and the
     boot check sees the app find its credentials with its one HMAC key."""
-    line = device_line(tmp_path, chips=(CHIP,), secure_cert=True)
-    line.extra = DS_LOCAL_CA
-    with line.rig() as rig:
-        board = rig.plug(chip=CHIP)
-        assert line.run(1, env={CRASH_ENV: "security:plaintext:after"}).code == -9
-        again = line.run(1)
-        flash, files = rig.flash(board), efuse_file(rig, board)
-    assert again.code == EXIT_OK, again
+    line, board, flash, files = ds_device_board_killed_at("security:plaintext:after",
+                                                          tmp_path)
     last = _finished_with_its_one_key(line, flash, files, tmp_path)
     assert "Successfully obtained and verified the contents of esp_secure_cert " \
            "partition" in str(last["boot_log"])
