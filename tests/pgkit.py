@@ -11,7 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import pytest
 
@@ -69,9 +69,12 @@ def central_db(pg: Cluster) -> Iterator[str]:
     yield pg.url(pg.new_database())
 
 
-def pg_env(password: str = PASSWORD) -> dict[str, str]:
-    """The station's environment for PostgreSQL: the password, no service or pass file."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+def pg_env(password: str = PASSWORD, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The station's environment for PostgreSQL: the password, no service or pass file.
+    `base`: the environment to start from (default this process's), e.g. a relay's, whose
+    PYTHONPATH must survive."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if not k.startswith("PG")}
     env.update(PGPASSWORD=password, PGPASSFILE="/nonexistent", PGSERVICEFILE="/nonexistent",
                PGCONNECT_TIMEOUT="3")
     return env

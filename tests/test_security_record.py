@@ -27,7 +27,7 @@ def test_the_security_state_reaches_the_central_ledger_board_and_report(
         tmp_path: Path, central_db: str) -> None:  # noqa: F811
     line = make_line(tmp_path, chips=(CHIP,))
     line.extra["ledger"] = {"central": central_db}
-    line.env.update(pg_env())
+    line.env = pg_env(base=line.env)  # keeps the pty lines' PYTHONPATH
     with line.rig() as rig:
         boards = [rig.plug(chip=CHIP) for _ in range(2)]
         result = line.run(len(boards))
