@@ -19,7 +19,10 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import random
+import re
+import select
 import socket
 import subprocess
 import sys
@@ -60,29 +63,28 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def moto_server(log_path: str | None = None) -> Iterator[str]:
-    """`python -m moto.server` on a free loopback port; yields its URL; always stopped."""
-    port = free_port()
-    out: Any = subprocess.DEVNULL
-    if log_path is not None:
-        out = open(log_path, "ab")  # noqa: SIM115 - closed in finally
+    """`python -m moto.server` on a loopback port of its own choosing; yields its URL;
+    always stopped. The server binds port 0 and we read the port from its "Running on"
+    line: a port picked here and bound there could be taken in between (another server,
+    or a client's ephemeral port, even this function's own readiness probe connecting to
+    itself), leaving a test talking to nobody."""
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=out, stderr=subprocess.STDOUT,
+                             "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    assert proc.stdout is not None
+    log = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115
+    drain: threading.Thread | None = None
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"moto server did not listen on {port} in {START_TIMEOUT}s")
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.05)  # the pause between tries; also notices an exit
-                raise RuntimeError(f"moto server exited with {proc.returncode}")
-        yield url
+        try:
+            port = _listening_port(proc, log)
+        except BaseException:
+            if log is not None:
+                log.close()
+            raise
+        # keep reading its request log, or the server blocks on a full pipe
+        drain = threading.Thread(target=_drain, args=(proc.stdout, log), daemon=True)
+        drain.start()
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         try:
@@ -90,8 +92,41 @@ def moto_server(log_path: str | None = None) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
-        if out is not subprocess.DEVNULL:
-            out.close()
+        if drain is not None:
+            drain.join(timeout=10)  # the pipe's end: the server has exited
+        proc.stdout.close()
+
+
+def _listening_port(proc: subprocess.Popen[bytes], log: Any) -> int:
+    """The port in the server's "Running on http://127.0.0.1:PORT" line (read from the
+    pipe's descriptor: a buffered readline could hold that line where select cannot see it)."""
+    assert proc.stdout is not None
+    fd, seen = proc.stdout.fileno(), b""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([fd], [], [], max(0.0, left))
+        if not ready:
+            raise TimeoutError(f"moto server did not say where it listens in {START_TIMEOUT}s")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise RuntimeError(f"moto server exited with {proc.wait(timeout=10)}")
+        if log is not None:
+            log.write(chunk)
+        seen += chunk
+        found = re.search(rb"Running on http://127\.0\.0\.1:(\d+)", seen)
+        if found:
+            return int(found.group(1))
+
+
+def _drain(stream: Any, log: Any) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        for line in stream:
+            if log is not None:
+                log.write(line)
+                log.flush()
+    if log is not None:
+        log.close()
 
 
 def operation(method: str, path: str) -> str:
@@ -125,8 +160,7 @@ class FaultyProxy:
         self.injected: Counter[str] = Counter()  # throttled, 5xx_before, 5xx_after, dropped
         self._random = random.Random(seed)
         self._lock = threading.Lock()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = 0  # the first up() takes a free port; later ones listen there again
         self._down = False
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -139,6 +173,10 @@ class FaultyProxy:
 
     def __exit__(self, *_: object) -> None:
         self._stop_listening()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def is_down(self) -> bool:
@@ -160,6 +198,7 @@ class FaultyProxy:
                     raise
                 time.sleep(0.05)  # the port is still being released: retry to a deadline
         self._server = server
+        self.port = server.server_address[1]
         self._thread = threading.Thread(target=server.serve_forever, name="soak-aws-proxy",
                                         daemon=True)
         self._thread.start()
