@@ -25,7 +25,11 @@ lint: $(STAMP)
 # the few that time the virtual line against its model run alone afterwards.
 TEST_WORKERS ?= 4
 
+# Every `station` a test starts is a new interpreter. Where PYTHONDONTWRITEBYTECODE is set
+# (as on the machines we test on) nothing caches our own sources' bytecode, and each start would
+# compile ~100 modules again (0.17 CPU-s of a 0.58 s `station check`): compile them once.
 test: lint
+	$(BIN)/python -m compileall -q station tests benchmarks
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal -m "not timing and not soak" --durations=15
 	$(BIN)/pytest -m "timing and not soak"
 
