@@ -39,7 +39,7 @@ def firmware(tmp_path: Path) -> list[str]:
     return args
 
 
-@pytest.mark.slow  # ~50 s: pyserial's RFC 2217 client waits 50 ms per setting change
+@pytest.mark.slow  # pyserial's RFC 2217 client waits 50 ms per setting change
 @pytest.mark.long
 def test_esptool_flashes_and_the_board_boots_over_rfc2217(rig: Rig, firmware: list[str]) -> None:
     board = rig.plug(chip="esp32", app_line="SELFTEST: PASS")
@@ -62,9 +62,11 @@ def test_esptool_flashes_and_the_board_boots_over_rfc2217(rig: Rig, firmware: li
     assert f"cpu_start: ELF file SHA256:  {sha[:16]}..." in story
     assert story.rstrip().endswith("SELFTEST: PASS")
     assert rig.resets(board) == ["en", "en"]  # into download mode, then the hard reset
-    check = esptool(board.rfc2217, "verify-flash", *firmware)
-    assert check.returncode == 0, check.output
-    assert check.output.count("Verification successful (digest matched)") == 3, check.output
+    # a second client session resets into download mode and boots the app again (one
+    # short command: every command pays pyserial's waits, a verify-flash took ~25 s)
+    again = esptool(board.rfc2217, "read-mac")
+    assert again.returncode == 0, again.output
+    assert f"MAC:                {board.mac}" in again.output
     assert rig.resets(board) == ["en"] * 4
     assert rig.console(board).count("cpu_start: Project name:     blinky") == 2
 
