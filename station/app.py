@@ -140,6 +140,7 @@ async def assemble(config: Config, options: Options,
             interrupted = ledger.close_interrupted("the station was stopped or crashed")
             for job in interrupted:
                 log.warning("job %s was interrupted by the last stop; marked failed", job)
+            in_first_boot = ledger.caught_in_first_boot(interrupted)
             guard = SlotGuard(SlotHealth(config.ports.health, config.station.name,
                                          park=config.ports.park_unhealthy),
                               emit=bus.emit, open_flags=ledger.open_flags_async,
@@ -175,7 +176,8 @@ async def assemble(config: Config, options: Options,
                                                      buttons_timeout=config.ports
                                                      .buttons_timeout,
                                                      ask_buttons=config.ports.ask_buttons,
-                                                     first_boot_wait=first_boot_wait(config)),
+                                                     first_boot_wait=first_boot_wait(config),
+                                                     first_boot_slots=in_first_boot),
                               registrar=registrar, bus=bus, already_done=already_done,
                               on_verified=verified, registration_steps=steps,
                               options=options, parked=guard.parked, remote=remote,

@@ -113,3 +113,12 @@ def test_a_flash_boot_without_a_pass_is_reset_again_at_once() -> None:
     with pytest.raises(FatalError, match=r"Wrong boot mode detected \(0x8\)"):
         guarded(console, attempts=2)
     assert resets(console) == ["reset 0.55", "reset 0.05"]
+
+
+def test_a_board_the_last_stop_caught_in_its_first_boot_is_not_reset_while_silent() -> None:
+    """Silence proves nothing inside a region: with `under_way` (the job's last journal
+    line was "first_boot before") the guard waits for the pass's last line."""
+    console = Console([*SILENCE, *SILENCE, DONE], [[DOWNLOAD]])
+    guard = FirstBootGuard(console, "/dev/ttyUSB0", 5.0, remote=False)
+    guard.reset_into_download([Reset(console, 0.55)], 4, under_way=True)
+    assert console.events == [DONE.decode(), "reset 0.55", DOWNLOAD.decode()]

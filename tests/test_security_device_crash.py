@@ -10,6 +10,8 @@ finishes the board with its one key. Real `station run`s over virtual boards."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from station.demo import make_demo_firmware
 from station.identity import CRASH_ENV
 from station.sim import Rig
 from station.sim.efuse import EfuseArray
+from tests.registrykit import wait_until
 from tests.securekit import (
     APP_SIZE,
     MARKS,
@@ -117,6 +120,40 @@ def test_a_restarts_connect_never_cuts_the_first_boot_short(tmp_path: Path) -> N
     assert again.code == EXIT_OK, again
     _finished_with_its_one_key(line, flash, files, tmp_path)
     assert flash != at_kill
+    assert line.journal(mac_of(board)) == [PLAINTEXT, BEFORE, AFTER]
+
+
+def test_a_station_killed_during_the_first_boot_waits_it_out_on_restart(
+        tmp_path: Path) -> None:
+    """SIGKILL while the board's first boot rewrites a 512 KB app (about 7 s with the
+    flash's real timing). The restarted station finds the board silent inside the app's
+    region, which listening cannot tell from a board at rest; its job's last journal line,
+    "first_boot before", says a pass may be running, so no reset comes until it prints
+    "Flash encryption completed" (within the boot timeout). The board is finished: done,
+    boot ok, its one key, nothing written."""
+    line = device_line(tmp_path, chips=(CHIP,))
+    line.builds[CHIP] = make_demo_firmware(tmp_path / "build-big", chip=CHIP,
+                                           app_size=0x80000, device_key=True)
+    line.extra = {"verify": {"boot": "app", "boot_timeout": 30.0}}
+    with Rig(line.hub, seed=42, throttle=False, flash_timing=True,
+             pty_lines=line.root / "pty-lines.sock") as rig:
+        board = rig.plug(chip=CHIP)
+        station = subprocess.Popen(
+            [sys.executable, "-m", "station", "run", "--headless", "--exit-after", "1",
+             "--config", str(line.write())], cwd=line.root, env=line.env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:  # the pass is inside the app's region
+            wait_until("first boot at the app", lambda: f"Encrypting partition 2 at offset "
+                       f"{APP_AT:#x}" in rig.console(board) or station.poll() is not None,
+                       timeout=120)
+        finally:
+            station.kill()
+            station.wait(timeout=30)
+        assert station.returncode == -9
+        again = line.run(1)
+        flash, files = rig.flash(board), efuse_file(rig, board)
+    assert again.code == EXIT_OK, again
+    _finished_with_its_one_key(line, flash, files, tmp_path)
     assert line.journal(mac_of(board)) == [PLAINTEXT, BEFORE, AFTER]
 
 

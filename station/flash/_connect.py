@@ -124,6 +124,7 @@ class ConnectOptions(Protocol):
     buttons_timeout: float
     ask_buttons: str
     first_boot_wait: float | None  # key = "device" lines: see first_boot_guard.py
+    first_boot_slots: set[str]  # slots the last stop caught in a first boot (once each)
 
 
 class Connection:
@@ -387,9 +388,12 @@ class Connection:
                 self.native is None:  # (the chip's own USB reset always enters download)
             # a key = "device" line: our resets, never one that cuts a first boot short
             loader = ESPLoader(self._serial, ROM_BAUD, trace_enabled=opts.trace)
+            caught = opts.first_boot_slots & set(self.keys)
+            opts.first_boot_slots -= caught
             FirstBootGuard(self._serial, self.port, opts.first_boot_wait,
                            is_remote(self.port)).reset_into_download(
-                loader._construct_reset_strategy_sequence(mode), opts.connect_attempts)
+                loader._construct_reset_strategy_sequence(mode), opts.connect_attempts,
+                under_way=bool(caught))
             mode = "no-reset"
         if expected in MAGIC_ONLY_CHIPS:
             cls = CHIP_DEFS[expected]

@@ -81,11 +81,15 @@ class FirstBootGuard:
         self.remote = remote  # RFC 2217: no input flush (esptool: "might block")
 
     def reset_into_download(self, strategies: Sequence[Callable[[], None]],
-                            attempts: int) -> None:
+                            attempts: int, under_way: bool = False) -> None:
         """Reset until the ROM says it waits for download, or until a reset whose console
         says nothing readable (esptool's syncs then decide); a board that booted from flash
-        is left alone until any first-boot pass it runs has ended."""
-        self._settle("")  # listen before the first reset
+        is left alone until any first-boot pass it runs has ended. `under_way`: the last
+        stop caught this board in its first boot (`wait_out`)."""
+        if under_way:
+            self.wait_out()
+        else:
+            self._settle("")  # listen before the first reset
         order = sorted(strategies, key=lambda s: -float(getattr(s, "reset_delay", 0.0)))
         mode = ""
         for _, reset in zip(range(max(1, attempts)), itertools.cycle(order)):
@@ -102,6 +106,19 @@ class FirstBootGuard:
             self._settle(text)
         raise FatalError(f"Failed to connect to ESP: Wrong boot mode detected ({mode})! "
                          "The chip needs to be in download mode.")
+
+    def wait_out(self) -> None:
+        """The last stop came during this board's first boot (its job's last journal line
+        is "first_boot before"): the pass may be running, silent inside a region, so
+        silence proves nothing. No reset until it prints "Flash encryption completed" (or
+        an error), or until `wait_s` has passed: the boot timeout covers a whole pass, and
+        this one began before the station did."""
+        log.warning("%s: the last stop came during this board's first boot; waiting up to "
+                    "%g s for its encryption pass before any reset", self.name, self.wait_s)
+        text, deadline = "", time.monotonic() + self.wait_s
+        while time.monotonic() < deadline and COMPLETED not in text \
+                and not FAILED.search(text):
+            text += self._read(READ_SLICE)
 
     def _read(self, seconds: float) -> str:
         port, deadline, data = self.port, time.monotonic() + seconds, bytearray()
