@@ -33,11 +33,13 @@ So on such a line the connect owns the resets:
   ~15 s per MB: station/security/setup.py). A pass that does not end in time is reported,
   not reset.
 
-What this cannot hear: a pass that printed its lines before the port was opened and is
-now silent inside a large region (ESP-IDF logs nothing while a region is rewritten: 1 MB
-takes 11-14 s in its sample logs). Closing the port is not a reset: Linux lowers DTR and
-RTS together on close (`tty_port_shutdown` with HUPCL), which the circuit ignores, so a
-killed station leaves the board running whatever it ran.
+What listening cannot hear: a pass that printed its lines before the port was opened
+and is now silent inside a large region (ESP-IDF logs nothing while a region is
+rewritten: 1 MB takes 11-14 s in its sample logs). The ledger knows of those: a board
+whose job the last stop interrupted after "first_boot before" is waited out
+(`under_way`, `wait_out`) whatever the console says. Closing the port is not a reset:
+Linux lowers DTR and RTS together on close (`tty_port_shutdown` with HUPCL), which the
+circuit ignores, so a killed station leaves the board running whatever it ran.
 """
 
 from __future__ import annotations
