@@ -109,6 +109,13 @@ class Assembly:
     bundles: tuple[FirmwareBundle, ...] = ()
 
 
+def first_boot_wait(config: Config) -> float | None:
+    """key = "device": the bootloader encrypts the flash on a board's first boot, which a
+    reset must not cut short; connecting waits up to the boot timeout for such a pass
+    (station/flash/first_boot_guard.py), which [security] requires to cover it."""
+    return config.verify.boot_timeout if config.security.key == "device" else None
+
+
 @contextlib.asynccontextmanager
 async def assemble(config: Config, options: Options,
                    displays: Sequence[Callable[[Event], None]] = ()) -> AsyncIterator[Assembly]:
@@ -133,6 +140,7 @@ async def assemble(config: Config, options: Options,
             interrupted = ledger.close_interrupted("the station was stopped or crashed")
             for job in interrupted:
                 log.warning("job %s was interrupted by the last stop; marked failed", job)
+            in_first_boot = ledger.caught_in_first_boot(interrupted)
             guard = SlotGuard(SlotHealth(config.ports.health, config.station.name,
                                          park=config.ports.park_unhealthy),
                               emit=bus.emit, open_flags=ledger.open_flags_async,
@@ -167,7 +175,9 @@ async def assemble(config: Config, options: Options,
                                                      on_buttons=buttons_reporter(bus),
                                                      buttons_timeout=config.ports
                                                      .buttons_timeout,
-                                                     ask_buttons=config.ports.ask_buttons),
+                                                     ask_buttons=config.ports.ask_buttons,
+                                                     first_boot_wait=first_boot_wait(config),
+                                                     first_boot_slots=in_first_boot),
                               registrar=registrar, bus=bus, already_done=already_done,
                               on_verified=verified, registration_steps=steps,
                               options=options, parked=guard.parked, remote=remote,

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from benchmarks.soak_aws import POLICY, REGION
 from station.config import FirmwareSection
 from station.daemon import EXIT_OK
 from station.flash import load_firmware
@@ -37,6 +38,7 @@ from tests.dskit import (
     security_steps,
 )
 from tests.registrar.awsproxy import AwsProxy, moto_server, reset_moto
+from tests.securekit import decrypt_with_fuses, device_line, efuse_file
 from tests.stationkit import aws_client, aws_env, aws_registrar
 from tests.test_ds import chip_decrypts
 from tests.test_secure_cert import write_config
@@ -133,3 +135,45 @@ def test_a_station_killed_around_the_burn_finishes_the_aws_board_with_one_hmac_k
         assert aws.principals(job["thing_name"]) == [job["certificate_id"]]
         assert list(aws.active()) == [job["certificate_id"]]
         assert aws.certificate_pem(job["certificate_id"]) == tlvs["DEV_CERT"].text()
+
+
+def test_a_device_key_aws_board_killed_after_its_verified_plaintext_has_one_certificate(
+        tmp_path: Path, proxy: AwsProxy) -> None:
+    """key = "device" on a DS line registered with AWS IoT by CSR, with the flash's real
+    timing: SIGKILL once the plaintext (the partition with AWS's certificate) is
+    verified. The restarted station's connect does not wake the chip (first_boot_guard.py),
+    nothing is written again and no new CSR is sent; its own reset runs the first boot.
+    The board ends done with one HMAC key, one flash-encryption key and one certificate,
+    ACTIVE on its thing: the one in its partition."""
+    line = device_line(tmp_path, chips=("esp32c3",), secure_cert=True)
+    line.extra = {"registrar": {"kind": "aws-iot"},
+                  "registrar.aws": {"region": REGION, "endpoint_url": proxy.url,
+                                    "policy_name": "station-device",
+                                    "policy_document": str(POLICY), "key_source": "csr",
+                                    "max_attempts": 10},
+                  "credentials": {"out_dir": "certs_out", "format": "esp_secure_cert",
+                                  "ds": True}}
+    env = aws_env(tmp_path)
+    with Rig(line.hub, seed=43, throttle=False, flash_timing=True,
+             pty_lines=line.root / "pty-lines.sock") as rig:
+        board = rig.plug(chip="esp32c3")
+        assert line.run(1, env={**env, CRASH_ENV: "security:plaintext:after"}).code == -9
+        again = line.run(1, env=env)
+        flash, files = rig.flash(board), efuse_file(rig, board)
+    assert again.code == EXIT_OK, again
+    last = line.ledger()[-1]
+    assert (last["result"], last["boot"]) == ("done", "ok"), last
+    assert not {"flash", "verify"} & set(last["timings"]), last["timings"]
+    efuses = EfuseArray("esp32c3", files)
+    assert len(efuses.blocks_with_purpose("XTS_AES_128_KEY")) == 1
+    assert len(efuses.blocks_with_purpose("HMAC_DOWN_DIGITAL_SIGNATURE")) == 1
+    assert len(proxy.csrs) == 1 == proxy.calls["CreateCertificateFromCsr"]
+    part = load_firmware(FirmwareSection(chip="esp32c3", flasher_args=line.builds["esp32c3"],
+                                         images=())).partition("esp_secure_cert")
+    stored = flash[part.offset:part.end]
+    plain = decrypt_with_fuses("esp32c3", files, stored, part.offset, tmp_path)
+    cert = {t.name: t for t in read_secure_cert(plain)}["DEV_CERT"].text()
+    with aws_client(proxy.url) as aws:
+        assert list(aws.active()) == [last["certificate_id"]]
+        assert aws.principals(last["thing_name"]) == [last["certificate_id"]]
+        assert aws.certificate_pem(last["certificate_id"]) == cert

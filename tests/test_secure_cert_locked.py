@@ -174,14 +174,13 @@ def ds_device_board_killed_at(point: str, tmp_path: Path
 
 def test_a_device_key_board_killed_after_the_hmac_burn_is_finished_by_its_first_boot(
         tmp_path: Path) -> None:
-    """key = "device", SIGKILL right after the HMAC key's burn. The restarted station's
-    connect wakes the chip from flash first (esptool's first reset attempt releases GPIO0
-    before the slow EN of a 10 uF devkit), so a bootloader on the flash would run its
-    first boot now and encrypt the flash for good with the partition still blank: the
-    station writes the bootloader last, after the partition. The board boots nothing,
-    the station finishes it with its one HMAC key, and its first boot encrypts the
-    partition, which decrypts with the key the chip made to the certificate and the DS
-    data."""
+    """key = "device", SIGKILL right after the HMAC key's burn. Any wake with GPIO0 high
+    (a finger on EN, a devkit whose EN is slower than the connect's reset) would run the
+    first boot of a bootloader on the flash and encrypt the flash for good with the
+    partition still blank: the station writes the bootloader last, after the partition.
+    The board boots nothing, the station finishes it with its one HMAC key, and its
+    first boot encrypts the partition, which decrypts with the key the chip made to the
+    certificate and the DS data."""
     line, board, flash, files = ds_device_board_killed_at("ds_key:after", tmp_path)
     last = line.ledger()[-1]
     assert (last["result"], last["boot"]) == ("done", "ok"), last

@@ -47,6 +47,7 @@ from esptool.targets import CHIP_DEFS
 from esptool.util import FatalError, flash_size_bytes
 
 from station.errors import NotAnEspError, PortError
+from station.flash.first_boot_guard import FirstBootGuard
 from station.ports import (
     Adapter,
     BaudSettings,
@@ -122,6 +123,8 @@ class ConnectOptions(Protocol):
     on_buttons: Callable[[str, bool], None] | None
     buttons_timeout: float
     ask_buttons: str
+    first_boot_wait: float | None  # key = "device" lines: see first_boot_guard.py
+    first_boot_slots: set[str]  # slots the last stop caught in a first boot (once each)
 
 
 class Connection:
@@ -381,6 +384,17 @@ class Connection:
         expected = opts.known_chips.get(self._slot) or \
             (opts.chips[0] if len(opts.chips) == 1 else None)
         mode = self._connect_mode
+        if mode == "default-reset" and opts.first_boot_wait is not None and \
+                self.native is None:  # (the chip's own USB reset always enters download)
+            # a key = "device" line: our resets, never one that cuts a first boot short
+            loader = ESPLoader(self._serial, ROM_BAUD, trace_enabled=opts.trace)
+            caught = opts.first_boot_slots & set(self.keys)
+            opts.first_boot_slots -= caught
+            FirstBootGuard(self._serial, self.port, opts.first_boot_wait,
+                           is_remote(self.port)).reset_into_download(
+                loader._construct_reset_strategy_sequence(mode), opts.connect_attempts,
+                under_way=bool(caught))
+            mode = "no-reset"
         if expected in MAGIC_ONLY_CHIPS:
             cls = CHIP_DEFS[expected]
             esp = cls(self._serial, ROM_BAUD, trace_enabled=opts.trace)

@@ -31,7 +31,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -84,6 +84,10 @@ class EsptoolFlasher:
     `chip` / `chips`: the chip(s) the station has firmware for; a board of another chip
     still opens (so `identify()` can name it) but gets no stub, and `write()` refuses it.
     `connect_attempts`: esptool's reset+sync attempts (~0.8 s each when nothing answers).
+    `first_boot_wait`: on a key = "device" line, how long a first boot's encryption pass
+    may run before connecting gives up waiting for it (first_boot_guard.py); None: no
+    such line, esptool's own resets. `first_boot_slots`: slots (or ports) whose board the
+    last stop caught in its first boot; their first connect waits the pass out.
     """
 
     def __init__(self, baud: int = 921600, chip: str | None = None, connect_attempts: int = 4,
@@ -97,8 +101,11 @@ class EsptoolFlasher:
                  links: RemoteLinks | None = None,
                  on_buttons: Callable[[str, bool], None] | None = None,
                  buttons_timeout: float = BUTTONS_TIMEOUT,
-                 ask_buttons: str = "remote") -> None:
+                 ask_buttons: str = "remote", first_boot_wait: float | None = None,
+                 first_boot_slots: Collection[str] = ()) -> None:
         self.baud = baud
+        self.first_boot_wait = first_boot_wait  # key = "device": [verify] boot_timeout
+        self.first_boot_slots = set(first_boot_slots)
         self.on_buttons = on_buttons  # (port, waiting): "press BOOT + EN" on its row
         self.buttons_timeout = buttons_timeout
         self.ask_buttons = ask_buttons  # on which ports ([ports] ask_buttons)

@@ -262,6 +262,21 @@ def close_interrupted(conn: sqlite3.Connection, reason: str, now: float) -> list
     return [job_id for job_id, _ in open_jobs]
 
 
+def caught_in_first_boot(conn: sqlite3.Connection, job_ids: list[str]) -> list[str]:
+    """The slots and ports of `job_ids` whose last security line is ("first_boot",
+    "before"): the station journals it right before the reset that starts a key =
+    "device" board's first boot, and "after" once its boot check passed."""
+    caught: list[str] = []
+    for job_id in job_ids:
+        last = conn.execute("SELECT step, phase FROM security WHERE job_id = ? ORDER BY "
+                            "rowid DESC LIMIT 1", (job_id,)).fetchone()
+        if last is not None and tuple(last) == ("first_boot", "before"):
+            row = conn.execute("SELECT slot, port FROM jobs WHERE job_id = ?",
+                               (job_id,)).fetchone()
+            caught += [key for key in (row or ()) if key]
+    return caught
+
+
 def done_with(conn: sqlite3.Connection, mac: str, firmware_hash: str) -> bool:
     row = conn.execute("SELECT 1 FROM jobs WHERE mac = ? AND firmware_hash = ? AND "
                        "result = ? LIMIT 1", (mac, firmware_hash, Stage.DONE.value))

@@ -314,6 +314,10 @@ class Ledger:
         """At start: give every job without a final result `failed`; returns their ids."""
         return self._call(lambda conn: tables.close_interrupted(conn, reason, time.time()), True)
 
+    def caught_in_first_boot(self, job_ids: list[str]) -> list[str]:
+        """Slots and ports of interrupted jobs stopped during a board's first boot."""
+        return self._call(lambda conn: tables.caught_in_first_boot(conn, job_ids))
+
     # -- reads ------------------------------------------------------------------------
 
     def done_with(self, mac: str, firmware_hash: str) -> bool:

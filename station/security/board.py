@@ -161,7 +161,7 @@ class BoardLock:
         ours = self._fingerprints()
         blocks = state.fe_key()
         if self.device:
-            self._decide_device(blocks)
+            await self._decide_device(blocks, session)
             return
         if self.plan.step("key") is None:
             return
@@ -216,7 +216,7 @@ class BoardLock:
         """key = "device": the bootloader makes the key and encrypts on first boot."""
         return self.plan.mode != "off" and self.plan.step("key") is None
 
-    def _decide_device(self, blocks: list[fuses.KeyBlock]) -> None:
+    async def _decide_device(self, blocks: list[fuses.KeyBlock], session: BoardSession) -> None:
         """Only a blank chip can take plaintext for its own first boot: one with a key
         or a counter was encrypted by a first boot already. Ours, whose plaintext this
         station verified (journaled), encrypted it on a boot while or after the station
@@ -224,7 +224,13 @@ class BoardLock:
         (a DS key burned, the plaintext perhaps incomplete) cannot take plaintext any
         more: needs rework. Else another line's."""
         counter = self.state.values.get(self.plan.counter or "", 0)
-        if not blocks and not counter:
+        if not blocks and not counter:  # blank: its verified plaintext may be there still
+            self.on_flash = await first_boot.still_plaintext(
+                self.past, self.firmware, lambda at, size: session.on_loader(
+                    "read back the plaintext", _md5(at, size)))
+            if self.on_flash:
+                log.info("%s: the plaintext this station verified is on the flash still; "
+                         "nothing is written, its first boot comes next", self.identity.mac)
             return
         what = f"a flash-encryption key in {blocks[0].name}" if blocks else \
             f"{self.plan.counter} = {counter:#x}"
@@ -428,18 +434,19 @@ class BoardLock:
         self._nvs_keys = None
         if self.device:
             await self._journal("first_boot", "after", (
-                "the chip encrypted its flash on a boot after the station's last stop; this "
-                "boot: " if self.on_flash else "the chip made its key and encrypted its "
-                "flash; the second boot: ") + self.plan.mode)
+                "the plaintext verified before the station's last stop, encrypted by the "
+                "chip's first boot; this boot: " if self.on_flash else "the chip made its "
+                "key and encrypted its flash; the second boot: ") + self.plan.mode)
 
     def boot_failure(self, detail: str) -> Exception | None:
         """A failed boot check of a board found encrypted by its own first boot: its
         plaintext can no longer be written, so it needs rework, not another attempt."""
         if not self.on_flash:
             return None
-        return SecurityError(f"{self.identity.mac}: boot check: {detail}; its flash was "
-                             "encrypted by its own first boot after the station's last stop "
-                             "and plaintext can no longer be written to it", rework=True)
+        return SecurityError(f"{self.identity.mac}: boot check: {detail}; its flash, "
+                             "verified before the station's last stop, was given to its own "
+                             "first boot and plaintext can no longer be written to it",
+                             rework=True)
 
     def boot_problem(self, text: str) -> str | None:
         """What the boot story must show of the board's new state."""

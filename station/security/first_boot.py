@@ -13,6 +13,11 @@ that encrypted itself. Whether that chip can be finished depends on one journal 
   lines) is the proof; it fails the board "needs rework" with the boot's reason.
 - No such line (stopped before the verify, or while writing): the plaintext may be
   incomplete, so an encrypted chip "needs rework" (board.py `_decide_device`).
+- A chip still blank (no key, no counter) with that line: the stop came before any
+  first boot, and the restart's connect did not start one (its resets enter download
+  mode first and never cut a pass short: station/flash/first_boot_guard.py). If the
+  flash still holds that plaintext (the line's MD5s, read back by the stub), nothing is
+  written again: the station's own reset after it starts the first boot (`still_plaintext`).
 
 A `first_boot` line is written after that verify too, so it counts as well (journals
 from before the plaintext line existed).
@@ -21,7 +26,7 @@ from before the plaintext line existed).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from station.errors import SecurityError
@@ -67,3 +72,21 @@ def same_firmware(mac: str, past: Journal, firmware: SecuredFirmware) -> None:
             raise SecurityError(f"{mac}: its first boot encrypted other firmware than this "
                                 f"line's ({region.name} at {region.offset:#x} differs); a "
                                 "locked board cannot be reflashed in plaintext")
+
+
+async def still_plaintext(past: Journal, firmware: SecuredFirmware,
+                          md5_at: Callable[[int, int], Awaitable[str]]) -> bool:
+    """The plaintext this station verified last, of this line's firmware, is on the flash
+    as it was verified (the journal's MD5s by offset, board's own data included)."""
+    lines = [e for e in past if (e["step"], e["phase"]) == PLAINTEXT]
+    if not lines:
+        return False
+    try:
+        same_firmware("", past, firmware)
+    except SecurityError:
+        return False  # the line changed firmware: a blank chip just takes the new one
+    on_flash: dict[str, list[Any]] = json.loads(lines[-1]["detail"] or "{}")
+    for offset, (size, md5) in on_flash.items():
+        if await md5_at(int(offset), int(size)) != md5:
+            return False
+    return bool(on_flash)
