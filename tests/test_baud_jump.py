@@ -72,6 +72,17 @@ def test_a_rate_above_every_bridge_the_port_may_be_is_beyond_it() -> None:
     assert not beyond(3_000_000, UNKNOWN)
 
 
+@pytest.mark.parametrize(("vid", "pid", "product", "name"), [
+    (0x0403, 0x6010, "Dual RS232-HS", "ft2232"),  # an ESP-Prog's FT2232HL
+    (0x0403, 0x6015, "FT231X USB UART", "ft231x"),
+])
+def test_ftdi_bridges_past_the_ft232r_are_named_and_carry_3_mbaud(
+        vid: int, pid: int, product: str, name: str) -> None:
+    adapter = classify(port_info(vid, pid, product))
+    assert adapter.bridge is not None and adapter.bridge.name == name
+    assert adapter.tops == (3_000_000,) and not beyond(3_000_000, adapter)
+
+
 # -- on a virtual board --------------------------------------------------------------------
 
 
