@@ -7,12 +7,18 @@ line rate, on every chip the sim offers, and what a baud step-down costs.
   `[firmware] chip = ...` station) connects to each board twice at each rate: the
   slot's first board and a later one. Sequential, one board at a time.
 - Step-down: the same on CP2102 bridges (921600 at most) asked for 3 Mbaud, a fresh
-  flasher each time (no slot memory): 3 rungs (3M -> 2M -> 1.5M -> 921600). The cost is
-  that connect minus the CP2102N connect at 3 Mbaud of the same chip.
+  flasher each time (no slot memory), twice per chip: the port as a real rig's sysfs
+  names it (10c4:ea60 from the rig's plugged event, the CP2102's product string "CP2102
+  USB to UART Bridge Controller", handed to the flasher's `adapter=` seam: the station
+  then knows the bridge's top, issue #23) and as the pty is (no USB device: an unknown
+  adapter, 3 rungs 3M -> 2M -> 1.5M -> 921600). The cost is that connect minus a calm
+  connect of the same board at 921600 (the rate it ends at; earlier tables took the
+  CP2102N connect at 3 Mbaud, kept in the JSON as `calm_3m_cp2102n_s`).
 - One station run (`station run`, 1 and 16 ESP32 boards at 2 Mbaud, the 1.5 MB demo app
   of BENCHMARKS.md): per board against the line-rate floor, T(16)/T(1), stage means.
 
-Run alone: `python benchmarks/connect.py [--rates 921600,2000000,3000000] [--no-station]`.
+Run alone: `python benchmarks/connect.py [--rates 921600,2000000,3000000] [--no-station]
+[--step-only] [--station-at 921600,3000000 [--station-only]]`.
 It measures whatever `station` package Python imports (PYTHONPATH may point at another
 checkout to measure the code before a change with the same script).
 """
@@ -78,20 +84,49 @@ def per_chip(root: Path, rates: tuple[int, ...]) -> dict[str, Any]:
     return out
 
 
-def step_down(root: Path, calm: dict[str, Any]) -> dict[str, Any]:
+def _sysfs_adapter(event: dict[str, Any]) -> Any:
+    """What pyserial's sysfs reader gives the station for this bridge on a real rig: the
+    VID:PID the rig reports and the chip's own product string."""
+    from serial.tools.list_ports_common import ListPortInfo
+
+    from station.ports.baud import classify
+
+    info = ListPortInfo(event["port"], skip_link_detection=True)
+    vid, pid = (int(x, 16) for x in event["vid_pid"].split(":"))
+    info.vid, info.pid = vid, pid
+    info.product = f"{event['bridge'].upper()} USB to UART Bridge Controller"
+    return classify(info)
+
+
+def _always(adapter: Any) -> Any:
+    return lambda _port: adapter
+
+
+def step_down(root: Path, calm: dict[str, Any] | None) -> dict[str, Any]:
     from station.flash import EsptoolFlasher
 
     out: dict[str, Any] = {}
     with processes.Processes() as procs:
-        ports = _rig(procs, STEP_CHIPS, root / "steps", "cp2102")
-        for chip, port in zip(STEP_CHIPS, ports, strict=True):
-            stepped = _connect_s(EsptoolFlasher(baud=STEP_FROM, chips=(chip,)), port)
-            base = calm[chip][str(STEP_FROM)]["first_s"]
-            out[chip] = {"stepped_s": round(stepped, 3), "calm_s": base,
-                         "cost_s": round(stepped - base, 3),
-                         "per_rung_s": round((stepped - base) / STEP_RUNGS, 3)}
-            print(f"    {chip}: {stepped:.2f}s on a CP2102 from {STEP_FROM} "
-                  f"(+{stepped - base:.2f}s)", flush=True)
+        rig = processes.Rig(procs, len(STEP_CHIPS), root / "steps",
+                            extra_args=["--chip", ",".join(STEP_CHIPS), "--bridge", "cp2102"])
+        plugged = sorted(rig.wait_plugged(), key=lambda e: e["index"])
+        for chip, event in zip(STEP_CHIPS, plugged, strict=True):
+            assert event["chip"] == chip and event["bridge"] == "cp2102", event
+            port, sysfs = event["port"], _sysfs_adapter(event)
+            base = _connect_s(EsptoolFlasher(baud=921_600, chips=(chip,)), port)
+            named = _connect_s(EsptoolFlasher(baud=STEP_FROM, chips=(chip,),
+                                              adapter=_always(sysfs)), port)
+            unknown = _connect_s(EsptoolFlasher(baud=STEP_FROM, chips=(chip,)), port)
+            out[chip] = {"calm_921600_s": round(base, 3),
+                         "named_s": round(named, 3), "named_cost_s": round(named - base, 3),
+                         "unknown_s": round(unknown, 3),
+                         "unknown_cost_s": round(unknown - base, 3),
+                         "unknown_per_rung_s": round((unknown - base) / STEP_RUNGS, 3)}
+            if calm is not None:
+                out[chip]["calm_3m_cp2102n_s"] = calm[chip][str(STEP_FROM)]["first_s"]
+            print(f"    {chip}: calm {base:.2f}s at 921600; from {STEP_FROM}: "
+                  f"{named:.2f}s (+{named - base:.2f}) as sysfs names a CP2102, "
+                  f"{unknown:.2f}s (+{unknown - base:.2f}) unknown adapter", flush=True)
     return out
 
 
@@ -104,11 +139,14 @@ def station_runs(ctx: common.Context, baud: int = 2_000_000) -> dict[str, Any]:
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []  # the per-chip connects are a table, not targets (the issue's is per board)
+    runs = [result["station"]] if result.get("station") else []
+    runs += list(result.get("station_at", {}).values())
     for chip, s in result.get("step_down", {}).items():
-        rows.append(common.target(f"{chip}: a step-down rung costs", s["per_rung_s"], 1.0,
-                                  "<=", "s", note=f"{STEP_RUNGS} rungs: +{s['cost_s']:.2f}s"))
-    st = result.get("station")
-    if st:
+        rows.append(common.target(f"{chip}: a CP2102 step-down (sysfs names it)",
+                                  s["named_cost_s"], 1.0, "<=", "s"))
+        rows.append(common.target(f"{chip}: a step-down, unknown adapter", s["unknown_cost_s"],
+                                  1.0, "<=", "s", note=f"{STEP_RUNGS} rungs"))
+    for st in runs:
         one, many = st["runs"][1], st["runs"][16]
         rows.append(common.target(f"per board at {st['baud']} Bd <= floor + 1.0 s (1 board)",
                                   one["per_board_s"]["mean"], st["floor_s"] + 1.0, "<=", "s",
@@ -122,19 +160,24 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run(ctx: common.Context, rates: tuple[int, ...] = RATES,
-        station: bool = True) -> dict[str, Any]:
+        station: bool = True, chips: bool = True, steps: bool = True,
+        station_rates: tuple[int, ...] = ()) -> dict[str, Any]:
     """Part of `run_all` (its 1- and 16-board runs at 2 Mbaud are the baud matrix's)."""
     import station as package
 
     print(f"  station from {Path(package.__file__).parent}", flush=True)
-    print("  connect per chip ...", flush=True)
-    result: dict[str, Any] = {"station_package": str(Path(package.__file__).parent),
-                              "per_chip": per_chip(ctx.root, rates)}
-    if STEP_FROM in rates:
+    result: dict[str, Any] = {"station_package": str(Path(package.__file__).parent)}
+    if chips:
+        print("  connect per chip ...", flush=True)
+        result["per_chip"] = per_chip(ctx.root, rates)
+    if steps and (STEP_FROM in rates or not chips):
         print("  step-down ...", flush=True)
-        result["step_down"] = step_down(ctx.root, result["per_chip"])
+        result["step_down"] = step_down(ctx.root, result.get("per_chip"))
     if station:
         result["station"] = station_runs(ctx)
+    for baud in station_rates:  # the per-board rows at other rates (1 and 16 boards)
+        print(f"  station at {baud} ...", flush=True)
+        result.setdefault("station_at", {})[str(baud)] = station_runs(ctx, baud)
     result["targets"] = targets(result)
     return result
 
@@ -143,13 +186,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="station benchmark: connect per chip")
     parser.add_argument("--rates", default=",".join(map(str, RATES)))
     parser.add_argument("--no-station", action="store_true", help="connects only")
+    parser.add_argument("--step-only", action="store_true",
+                        help="the step-down rows alone (no per-chip table, no station run)")
+    parser.add_argument("--station-at", default="",
+                        help="station runs (1 and 16 boards) at these rates too, e.g. "
+                             "921600,3000000")
+    parser.add_argument("--station-only", action="store_true",
+                        help="the --station-at runs alone")
     parser.add_argument("--name", default="connect", help="results/<name>.json")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = parser.parse_args(argv)
     rates = tuple(int(r) for r in args.rates.split(","))
+    station_rates = tuple(int(r) for r in args.station_at.split(",") if r)
     load = common.loadavg()
     with common.context("connect", args.keep) as ctx:
-        result = run(ctx, rates, station=not args.no_station)
+        only = args.step_only or args.station_only
+        result = run(ctx, rates, station=not (args.no_station or only),
+                     chips=not only, steps=not args.station_only,
+                     station_rates=station_rates)
         out = {"machine": common.machine(), "loadavg_start": load, "connect": result,
                "loadavg_end": common.loadavg()}
     path = common.write_json(out, args.name)

@@ -387,7 +387,7 @@ CONFIG_CASES: dict[str, tuple[Any, list[str]]] = {
         lambda s: s.set("ports.baud_by_adapter", "cp2012", 921600),
         ["config error", "station.toml: ports.baud_by_adapter.cp2012: neither a VID:PID like "
          "\"10c4:ea60\" nor a known adapter (cp2102, cp2104, cp2102n, ch340, ch343, ch9102, "
-         "ft232r, or other)"]),
+         "ft232r, ft2232, ft231x, or other)"]),
     "missing firmware": (lambda s: _firmware_images(s, app=s.root / "nope" / "app.bin"),
                          ["station.toml: firmware.images[2].file:", "nope/app.bin: no such file"]),
     "missing flasher_args": (lambda s: s.set("firmware", "flasher_args", s.root / "build.json"),

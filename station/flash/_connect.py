@@ -24,7 +24,10 @@ What a connect costs, and what is left of it (issue #23, esptool 5.6's source):
   (FAST_STUB_CHIPS); elsewhere at 115200 (0.5-0.8 s: the one cost left on those chips).
 - A rate that failed once makes the session try each lower rate on the ROM first (a
   CHANGE_BAUDRATE, a register read, and back to 115200 for the stub): a rung costs a
-  probe timeout and a reset, not a stub upload each.
+  probe timeout and a reset, not a stub upload each. A rate the port's bridge cannot
+  carry by its data sheet (sysfs VID:PID and product, ports/baud.py) is tried on the ROM
+  from the start, and its failure jumps straight to the bridge's top rate: a CP2102
+  asked for 3 Mbaud pays one failed probe, not a stub and three rungs.
 - Kept as esptool has them: change_baud's 50 ms wait for the bytes of the switch, and
   attach_flash's XMC boot-up and flash connection checks (a few SPI commands, each a
   dozen register round trips).
@@ -58,11 +61,12 @@ from station.ports import (
     RemotePort,
     SlotMemory,
     Step,
+    beyond,
     first_line,
     is_remote,
-    next_lower,
     open_error,
     points_at_line,
+    rung_after,
 )
 
 log = logging.getLogger("station.flasher")
@@ -143,6 +147,7 @@ class Connection:
         self._rom_probe = False  # the line failed once: try each rate on the ROM first
         self.rate: int | None = None  # the line rate in use; None: native USB
         self._slot = port
+        self._adapter = Adapter()  # sysfs facts of the port (connect_blocking)
         self._adapter_name = ""
         self._notes: list[RateNote] = []  # to report once the thread's call returns
         self.native: NativeUsb | None = None
@@ -206,7 +211,7 @@ class Connection:
         """Connect at the port's rate (ports/baud.py), stepping down while the line fails."""
         opts = self.flasher
         self.native = opts.native(self.port)
-        adapter = opts.adapter(self.port)
+        adapter = self._adapter = opts.adapter(self.port)
         self._slot = self.keys[0]
         self._adapter_name = adapter.describe()
         rate, why = opts.line.rate_for(adapter, self.keys)
@@ -215,6 +220,8 @@ class Connection:
             rate, self._adapter_name = None, f"native USB {self.native.kind}"
         elif rate is not None:
             rate, earlier = opts.memory.limit(self._slot, rate)
+            # above the bridge's data sheet: tried on the ROM, where failing costs no stub
+            self._rom_probe = beyond(rate, adapter)
         try:
             self._connect_laddered(rate)
         except FatalError as e:
@@ -291,13 +298,15 @@ class Connection:
             return None
         if not points_at_line(str(e)) or not os.path.exists(self.port):
             return None  # not the line's fault, or the board was pulled: nothing to remember
-        lower = next_lower(rate)
+        lower = rung_after(rate, self._adapter)
         if lower is None:
             return None
         self._rom_probe = True
         what = f"no reply after {where}" if where.startswith("the change") else \
             f"{where} failed at {rate} baud"
         reason = f"{what} ({first_line(e)})"
+        if beyond(rate, self._adapter):  # the jump's why, in the ledger's step
+            reason += f"; {self._adapter_name} carries {self._adapter.tops[-1]} at most"
         step = Step(slot=self._slot, from_baud=rate, to_baud=lower, reason=reason)
         self.flasher.memory.remember(step)
         self._notes.append(RateNote(baud=lower, adapter=self._adapter_name, stepped_from=rate,

@@ -18,8 +18,10 @@ from station.ports.baud import (
     SlotMemory,
     Step,
     adapter_key_error,
+    beyond,
     next_lower,
     points_at_line,
+    rung_after,
 )
 from station.ports.hotplug import PortInfo, PortWatcher, scan
 from station.ports.reenumeration import Reenumerations
@@ -38,8 +40,8 @@ from station.ports.usb import NativeUsb, bridge_vid, native_usb, usb_adapter
 __all__ = [
     "MAX_BRIDGE_BAUD", "PROBE_TIMEOUT", "ROM_BAUD", "Adapter", "BaudSettings", "LocalPort",
     "NativeUsb", "PortInfo", "PortWatcher", "RateNote", "Reenumerations", "RemoteLinks",
-    "RemotePort", "RemotePorts", "SlotMemory", "Step", "adapter_key_error", "bridge_vid",
-    "first_line", "host_port", "is_remote", "native_usb", "next_lower", "open_error",
-    "points_at_line", "probe_all", "quiet_esptool", "remote_url_problem", "scan",
+    "RemotePort", "RemotePorts", "SlotMemory", "Step", "adapter_key_error", "beyond",
+    "bridge_vid", "first_line", "host_port", "is_remote", "native_usb", "next_lower", "open_error",
+    "points_at_line", "probe_all", "quiet_esptool", "remote_url_problem", "rung_after", "scan",
     "set_port_tag", "usb_adapter",
 ]

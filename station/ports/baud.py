@@ -9,11 +9,24 @@ Why it looks like this:
   2 Mbaud, CP2102N and FT232R 3 Mbaud, CH343/CH9102 6 Mbaud, CH340 unreliable above
   460800. CP2102, CP2102N and CP2104 share 10c4:ea60: only the product string tells them
   apart, and an unreadable one gets the slowest of them.
+- Sources of the tops (issue #23): Silicon Labs' CP2102/9 data sheet "300 bps to 1 Mbps"
+  (the highest standard rate below is 921600), CP2104 "300 bps to 2 Mbps" (section 6.1),
+  CP2102N "up to 3 Mbaud"; Linux drivers/usb/serial/cp210x.c `cp210x_init_max_speed`
+  clamps the same way (CP2102/2103 1000000, CP2104 2000000, CP2102N 3000000), so a
+  CP2102 asked for 3 Mbaud runs at 1 Mbaud while the chip runs at 3: nothing gets
+  through. FTDI's FT232R and FT231X data sheets: "up to 3 Mbaud"; FT2232D 3 Mbaud (its
+  id 0403:6010 is shared with the 12-Mbaud FT2232H: the lower is kept); WCH's CH343
+  6 Mbaud.
 - Native USB-Serial/JTAG and USB-OTG ignore the baud rate (esptool#779): no change.
 - esptool's `change_baud` never checks that the bridge followed (loader.py), and a
   cable or a hub can be worse than the bridge's data sheet. So every rate is tried, not
   trusted: a line that fails after a baud change steps down the ladder and the board
   goes on; the slot remembers (a bad cable stays bad) until the station restarts.
+- A failure the table explains is not walked rung by rung (issue #23): a CP2102 that
+  failed at 3 Mbaud goes straight to 921600, one failure instead of three (`rung_after`),
+  and a rate the table says the adapter cannot carry is tried on the ROM, before the
+  stub (`beyond`: a failure there costs no stub upload). A failure the table does not
+  explain (an unknown adapter, or a rate its bridge carries: a cable) walks the ladder.
 - The ladder ends at the ROM's own 115200: a board that fails there fails as before
   (retries, then `failed`), so a mute board is never stepped down forever.
 
@@ -64,6 +77,8 @@ BRIDGES: dict[str, Bridge] = {b.name: b for b in (
     Bridge("ch343", 0x1A86, 0x55D3, 6_000_000),
     Bridge("ch9102", 0x1A86, 0x55D4, 6_000_000),
     Bridge("ft232r", 0x0403, 0x6001, 3_000_000),
+    Bridge("ft2232", 0x0403, 0x6010, 3_000_000),  # FT2232D 3M; FT2232H (same id) 12M
+    Bridge("ft231x", 0x0403, 0x6015, 3_000_000),  # FT230X/FT231X share the id, both 3M
 )}
 
 
@@ -75,6 +90,16 @@ class Adapter:
     pid: int | None = None
     product: str | None = None
     bridge: Bridge | None = None
+    # every bridge the port may be: several where they share the USB id and the product
+    # string does not say which (`bridge` is then the slowest of them)
+    candidates: tuple[Bridge, ...] = ()
+
+    @property
+    def tops(self) -> tuple[int, ...]:
+        """The top rates the port's bridge may have (data sheets), lowest first; () when
+        the adapter is not in the table."""
+        bridges = self.candidates or ((self.bridge,) if self.bridge is not None else ())
+        return tuple(sorted({b.max_baud for b in bridges}))
 
     @property
     def native(self) -> bool:
@@ -110,7 +135,8 @@ def classify(info: Any) -> Adapter:
         bridge = same_id[0]
     else:  # several chips share the id and the product is unknown: the slowest is safe
         bridge = min(same_id, key=lambda b: b.max_baud) if same_id else None
-    return Adapter(vid=vid, pid=pid, product=product, bridge=bridge)
+    candidates = (bridge,) if named and bridge is not None else tuple(same_id)
+    return Adapter(vid=vid, pid=pid, product=product, bridge=bridge, candidates=candidates)
 
 
 def adapter_key_error(key: str) -> str | None:
@@ -125,6 +151,30 @@ def adapter_key_error(key: str) -> str | None:
 def next_lower(rate: int) -> int | None:
     """The next ladder rate below `rate`; None at the ROM's rate (the ladder's end)."""
     return next((r for r in LADDER if r < rate), None)
+
+
+def beyond(rate: int, adapter: Adapter) -> bool:
+    """Whether `rate` is above every top the adapter may have: its data sheet says it
+    cannot carry it. Still tried (a table can be wrong, the configured rate is the
+    user's), but where a failure is cheap: on the ROM, before the stub."""
+    tops = adapter.tops
+    return bool(tops) and rate > tops[-1]
+
+
+def rung_after(rate: int, adapter: Adapter) -> int | None:
+    """The rate to try after a line failure at `rate`; None at the ladder's end.
+
+    Where the adapter's table entry explains the failure (some bridge it may be tops out
+    below `rate`), the highest ladder rate within the fastest such top: one step, however
+    many rungs it skips. Otherwise (an unknown adapter, or one whose bridge carries `rate`:
+    a cable or a hub) the next rung down."""
+    lower = next_lower(rate)
+    if lower is None:
+        return None
+    below = [top for top in adapter.tops if top < rate]
+    if not below:
+        return lower
+    return max(r for r in LADDER if r <= max(below[-1], ROM_BAUD))
 
 
 LINE_SIGNS = ("Timed out", "timed out", "Invalid head of packet", "Invalid SLIP escape",
