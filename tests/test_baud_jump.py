@@ -9,7 +9,6 @@ itself never learns that the port is virtual.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from station.ports import Adapter, RateNote, beyond, rung_after
 from station.ports.baud import classify
 from station.sim import Rig
 from station.sim import protocol as P
+from tests.test_baud import open_and_close
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -90,13 +90,6 @@ def test_ftdi_bridges_past_the_ft232r_are_named_and_carry_3_mbaud(
 def rig(tmp_path: Path) -> Iterator[Rig]:
     with Rig(tmp_path / "hub", seed=23, throttle=False, flash_timing=False) as r:
         yield r
-
-
-def open_and_close(flasher: EsptoolFlasher, port: str) -> None:
-    async def go() -> None:
-        session = await asyncio.wait_for(flasher.open(port), 60)
-        await session.close()
-    asyncio.run(go())
 
 
 @pytest.mark.parametrize("chip", ["esp32", "esp32c3"])
