@@ -97,7 +97,8 @@ class Loader:
     UART_DATE_REG_ADDR = 0x6000007C
     ESP_CMDS = {"WRITE_REG": WRITE_REG}
 
-    def __init__(self) -> None:
+    def __init__(self, stub: bool = True) -> None:
+        self.IS_STUB = stub
         self.sent: list[tuple[str, Any]] = []
         self.registers: dict[int, int] = {}
 
@@ -141,6 +142,16 @@ def test_writes_go_together_in_order_before_anything_else() -> None:
                    (Loader.UART_DATE_REG_ADDR, 0, 0, 1000)]),
         ("read", 0x18),
         ("write", [(0x1C, 3, 0xF, 0)]), ("security", 0)]
+
+
+def test_on_a_rom_loader_each_write_goes_alone_as_espefuse_sends_it() -> None:
+    esp = Loader(stub=False)
+    link = EfuseLink(esp)
+    link.write_reg(0x10, 1)
+    link.write_reg(0x14, 2, delay_after_us=1000)
+    assert esp.sent == [
+        ("write", [(0x10, 1, 0xFFFFFFFF, 0)]),
+        ("write", [(0x14, 2, 0xFFFFFFFF, 0), (Loader.UART_DATE_REG_ADDR, 0, 0, 1000)])]
 
 
 def test_status_registers_are_read_once_between_writes_and_others_every_time() -> None:

@@ -7,16 +7,18 @@ espefuse programs a block with one serial command per register access (espefuse
 program on an ESP32-C3, each a full request and answer on the serial line. Everything
 espefuse asks of the chip still reaches it, in its order; two things change how:
 
-- **Writes travel together.** Consecutive `write_reg` calls go as one WRITE_REG
-  command whose payload holds each write as the 16-byte entry esptool would have sent
-  alone (`loader.py` `write_reg`: address, value, mask, delay). The ROM and both stubs
-  run every entry of a WRITE_REG in order: esptool itself relies on it for
-  `delay_after_us` (a second entry, `loader.py` lines 1015-1026), esp-flasher-stub's
-  `s_write_reg` loops over the entries, and the legacy stub's `handle_write_reg` takes
-  "multiple write operations in a sequence". Pending writes go out before any other
-  command (a read, or anything else asked of the loader), so the chip sees the same
-  sequence; espefuse only ever reads after the writes that matter (it polls the
-  command register after triggering a program or a read: `wait_efuse_idle`).
+- **Writes travel together, on the stub.** Consecutive `write_reg` calls go as one
+  WRITE_REG command whose payload holds each write as the 16-byte entry esptool would
+  have sent alone (`loader.py` `write_reg`: address, value, mask, delay). The stubs run
+  every entry in order: esp-flasher-stub's `s_write_reg` loops over them, the legacy
+  stub's `handle_write_reg` takes "multiple write operations in a sequence". Pending
+  writes go out before any other command (a read, or anything else asked of the
+  loader), so the chip sees the same sequence; espefuse only ever reads after the
+  writes that matter (it polls the command register after triggering a program or a
+  read: `wait_efuse_idle`). On a ROM loader (a chip whose stub esptool refuses, e.g.
+  under secure boot) each write goes alone, as espefuse sends it: esptool's own
+  two-entry writes (`delay_after_us`, `loader.py` lines 1015-1026) are all that is
+  known to work there.
 - **A status register is read once per controller command.** The eFuse read
   registers and the error registers (`REGS.ERRORS`, the same list espefuse's
   `check-error` and its emulator read) change only when the controller reloads the
@@ -63,6 +65,7 @@ class EfuseLink:
         """Registers kept between writes (`keep`); none until espefuse's view exists."""
         self._seen: dict[int, int] = {}
         self._writes: list[bytes] = []
+        self._together = bool(getattr(esp, "IS_STUB", False))
         self._crystal: int | None = None
         self._revision: int | None = None
 
@@ -98,7 +101,7 @@ class EfuseLink:
         if delay_after_us > 0:  # esptool's own way: a dummy write that carries the delay
             self._writes.append(struct.pack(WRITE_ENTRY, self.esp.UART_DATE_REG_ADDR, 0, 0,
                                             delay_after_us))
-        if len(self._writes) >= MAX_WRITES:
+        if not self._together or len(self._writes) >= MAX_WRITES:
             self.flush()
 
     def update_reg(self, addr: int, mask: int, new_val: int) -> int:
