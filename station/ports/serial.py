@@ -145,7 +145,29 @@ class _Abortable:
 
 
 class LocalPort(_Abortable, serial.Serial):
-    """A local port (a device node)."""
+    """A local port (a device node).
+
+    esptool sets the port's timeout before a command and back after it whenever the
+    two differ (`loader.py` `command`: every READ_REG of an eFuse burn), and pyserial's
+    POSIX port answers each change with a full `_reconfigure_port`: flock (the port is
+    exclusive), tcgetattr, the termios arithmetic, though its reads and writes take
+    their timeouts from select() and the termios settings do not depend on them
+    (`serialposix.py`: "timeout is done via select"). Only a change of what termios
+    holds reaches the device here; opening still configures everything."""
+
+    _line: tuple[object, ...] | None = None
+
+    def open(self) -> None:
+        self._line = None
+        super().open()
+
+    def _reconfigure_port(self, force_update: bool = False) -> None:
+        line = (self._baudrate, self._bytesize, self._parity, self._stopbits,
+                self._xonxoff, self._rtscts, self._inter_byte_timeout, self._exclusive,
+                self._rs485_mode)
+        if force_update or line != self._line:
+            super()._reconfigure_port(force_update)
+            self._line = line
 
 
 class RemotePort(_Abortable, rfc2217.Serial):

@@ -26,6 +26,7 @@ from typing import Any
 
 from esptool.util import FatalError, UnsupportedCommandError
 
+from station.security.efuse_link import EfuseLink
 from station.security.plan import Burn, ChipPlan, Step
 
 log = logging.getLogger("station.security")
@@ -34,12 +35,21 @@ DIGEST_PURPOSES = ("SECURE_BOOT_DIGEST0", "SECURE_BOOT_DIGEST1", "SECURE_BOOT_DI
 
 
 def _commands(esp: Any, batch: bool) -> Any:
+    """espefuse's commands on the session's loader, through an `EfuseLink` (the same
+    register accesses in fewer round trips: efuse_link.py)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import espefuse  # type: ignore[import-untyped]
-    cmds = espefuse.init_commands(esp=esp, do_not_confirm=True, batch_mode=batch)
+    link = EfuseLink(esp)
+    cmds = espefuse.init_commands(esp=link, do_not_confirm=True, batch_mode=batch)
     cmds.efuses.postpone = True  # protections and mode switches last, as the CLI does
+    link.keep(cmds.efuses)
     return cmds
+
+
+def _link(cmds: Any) -> EfuseLink:
+    link: EfuseLink = cmds.esp
+    return link
 
 
 class Efuses:
@@ -151,7 +161,8 @@ def read_state(esp: Any, plan: ChipPlan, view: Efuses | None = None) -> ChipStat
     or burned on this loader)."""
     cmds = view.commands(esp, batch=False) if view is not None else _commands(esp, False)
     efuses = cmds.efuses
-    state = ChipState(chip=plan.chip, revision=int(esp.get_chip_revision()))
+    # asked once per loader (the link keeps it): the silicon does not change
+    state = ChipState(chip=plan.chip, revision=_link(cmds).get_chip_revision())
     names = {b.name for s in plan.steps for b in s.burns if b.kind in ("efuse",
                                                                         "write_protect")}
     names.update(("SECURE_BOOT_EN", "ABS_DONE_1", "ENABLE_SECURITY_DOWNLOAD",
@@ -197,15 +208,16 @@ def burn(esp: Any, plan: ChipPlan, step: Step, state: ChipState, *, key: bytes |
     `resume_key_blocks`: key blocks already holding this station's key (a board pulled
     between the key block and BLOCK0): only their purpose and protections are burned.
     """
-    if view is None:
-        return _burn(esp, plan, step, state, _commands(esp, batch=True), key,
-                     signing_key_pem, resume_key_blocks)
+    cmds = _commands(esp, batch=True) if view is None else view.commands(esp, batch=True)
     try:
-        return _burn(esp, plan, step, state, view.commands(esp, batch=True), key,
-                     signing_key_pem, resume_key_blocks)
+        done = _burn(esp, plan, step, state, cmds, key, signing_key_pem, resume_key_blocks)
     except BaseException:
-        view.forget()  # half-queued or half-burned: read the chip afresh next time
+        _link(cmds).flush_quietly()  # what espefuse wrote before it stopped goes out
+        if view is not None:
+            view.forget()  # half-queued or half-burned: read the chip afresh next time
         raise
+    _link(cmds).flush()
+    return done
 
 
 def _burn(esp: Any, plan: ChipPlan, step: Step, state: ChipState, cmds: Any,
