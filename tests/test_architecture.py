@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,19 @@ def test_every_package_names_its_face(package: str) -> None:
         "does not import"
     assert ast.get_docstring(ast.parse(init.read_text())), f"station/{package}: say what " \
         "happens here"
+
+
+def test_run_imports_neither_the_simulator_nor_aws_nor_http() -> None:
+    """Every `station` process pays its imports: `run` with a config that is not AWS's
+    loads neither the simulator (only `station sim` needs it), nor botocore / boto3, nor
+    httpx (only a [registry] needs it)."""
+    probe = ("import sys\n"
+             "from station.cli import main\n"
+             "main(['run', '--config', '/nonexistent/station.toml'])\n"
+             "import station.app, station.check.commands\n"
+             "print(sorted({m.split('.')[0] + ('.sim' if m.startswith('station.sim') else '')"
+             " for m in sys.modules if m.startswith(('station.sim', 'boto', 'httpx'))}))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                          text=True, timeout=LINT_TIMEOUT, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

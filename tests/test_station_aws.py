@@ -163,6 +163,15 @@ def test_sixteen_boards_get_things_certificates_and_credentials_on_flash(
         assert result.returncode == 0, result
         check_sixteen(station, aws, boards)
     assert proxy.calls["CreateCertificateFromCsr"] == BOARDS
+    # AWS quotas: each start-up check once a run, nothing asked twice per board
+    start = {"DescribeEndpoint": 1, "DescribeThing": 1, "ListThingPrincipals": 1,
+             "DescribeCertificate": 1, "GetPolicy": 1, "CreatePolicy": 1,
+             "DescribeThingGroup": 1, "CreateThingGroup": 1}
+    per_board = ["DescribeThing", "CreateCertificateFromCsr", "AttachPolicy", "CreateThing",
+                 "AttachThingPrincipal", "AddThingToThingGroup", "UpdateCertificate"]
+    budget = {api: start.get(api, 0) + BOARDS * per_board.count(api)
+              for api in {*start, *per_board}}
+    assert dict(proxy.calls) == budget
 
 
 def check_sixteen(station: AwsLine, aws: Aws, boards: list[PluggedBoard]) -> None:

@@ -8,6 +8,7 @@
     folders.py    `writable_folder`: a configured folder proven writable (check, run)
     security.py   the [security] section: flash encryption, secure boot, lock-down
     cliargs.py    checked numbers for command-line options, as strict as the config's
+    botocore_data.py  one botocore model loader per process (region check, IoT client)
 """
 
 from station.config.cliargs import at_least, positive, seconds

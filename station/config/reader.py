@@ -305,9 +305,9 @@ def _check_region(t: Table, region: str) -> None:
     of silence, then "cannot reach iot.eu-wset-1..."); botocore knows IoT's regions."""
     import difflib
 
-    import botocore.session
+    from station.config.botocore_data import aws_session
 
-    session = botocore.session.get_session()
+    session = aws_session()  # its loader is the registrar client's too
     known = {r for partition in session.get_available_partitions()
              for r in session.get_available_regions("iot", partition_name=partition)}
     if not known or region in known:

@@ -184,3 +184,17 @@ def test_existing_policy_with_another_document(moto: str, iot: Any, tmp_path: Pa
         start(aws_section(moto), tmp_path)
     start(aws_section(moto, policy_name="station-device-v2"), tmp_path)
     start(replace(aws_section(moto), policy_name="station-device-v2"), tmp_path)  # twice: ok
+
+
+def test_two_problems_at_start_name_the_first_check_and_create_nothing(
+        proxy: AwsProxy, tmp_path: Path) -> None:
+    """The start's read-only checks go out together; the error is still the first
+    check's, and nothing is created while any check fails."""
+    proxy.deny["ListThingPrincipals"] = "AccessDeniedException"
+    proxy.deny["DescribeThingGroup"] = "AccessDeniedException"
+    for _ in range(3):
+        with pytest.raises(RegistrationError, match=r"denied iot:ListThingPrincipals "):
+            start(aws_section(proxy.url), tmp_path)
+    assert proxy.calls["DescribeThingGroup"] >= 1, "the group was not checked"
+    created = [op for op in proxy.calls if op.startswith("Create")]
+    assert created == [], created

@@ -131,23 +131,28 @@ class IotClient:
         self._client = await self._loop.run_in_executor(self._executor, self._make_client)
 
     def _make_client(self) -> Any:
-        import boto3
+        """The one client of the run, on botocore's session (boto3 adds nothing a client
+        needs) and the process's shared model loader (botocore_data.py)."""
         import botocore.config
         import botocore.exceptions
 
+        from station.config.botocore_data import aws_session
+
+        session = aws_session(self.profile)
         try:
-            session = boto3.session.Session(profile_name=self.profile or None)
+            credentials = session.get_credentials()
         except botocore.exceptions.ProfileNotFound:
             raise RegistrationError(f"AWS profile {self.profile!r} ([registrar.aws] profile) "
                                     "is not in ~/.aws/config or ~/.aws/credentials") from None
-        if session.get_credentials() is None:
+        if credentials is None:
             raise RegistrationError(f"no AWS credentials found: {CREDENTIALS_HELP}")
         config = botocore.config.Config(
             retries={"mode": self.retry_mode, "max_attempts": self.max_attempts},
             max_pool_connections=MAX_THREADS, connect_timeout=10, read_timeout=30)
         try:
-            client = session.client("iot", region_name=self.region,
-                                    endpoint_url=self.endpoint_url or None, config=config)
+            client = session.create_client("iot", region_name=self.region,
+                                           endpoint_url=self.endpoint_url or None,
+                                           config=config)
         except botocore.exceptions.InvalidRegionError:
             raise RegistrationError(f"[registrar.aws] region {self.region!r} is not an AWS "
                                     "region name (like eu-west-1)") from None

@@ -26,7 +26,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +60,27 @@ ATTRIBUTE_VALUE = re.compile(r"[^a-zA-Z0-9_.,@/:#=\[\]-]")
 ATTRIBUTE_MAX = 800
 
 
+PROBES: tuple[tuple[str, dict[str, str]], ...] = (
+    ("DescribeThing", {"thingName": "station-permission-probe"}),
+    ("ListThingPrincipals", {"thingName": "station-permission-probe"}),
+    ("DescribeCertificate", {"certificateId": "0" * 64}),
+)
+"""The actions every board needs, checked at start on names that cannot exist."""
+
+
 def attribute_value(value: str) -> str:
     """AWS thing attribute values allow [a-zA-Z0-9_.,@/:#=[]-], at most 800 characters."""
     return ATTRIBUTE_VALUE.sub("_", value)[:ATTRIBUTE_MAX]
+
+
+async def _in_order(*calls: Awaitable[Any]) -> list[Any]:
+    """Run `calls` together; their results, or the first failure in the order given (so
+    a start with two problems always names the same one first)."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 def _cert_id(arn: str) -> str:
@@ -89,52 +107,65 @@ class AwsIotRegistrar(Cleanup):
     # -- start ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Credentials, region and endpoint, permissions, policy, thing type and group."""
+        """Credentials, region and endpoint, permissions, policy, thing type and group.
+
+        DescribeEndpoint goes first and alone: it is the one call that proves the
+        credentials, so bad ones give one clear error. The read-only checks after it are
+        independent and go out together (one round trip to AWS instead of five, which is
+        most of a station's start on a real link); their errors are raised in the order
+        below, so the first problem named is always the same one. Nothing is created
+        unless every check passed, as before.
+        """
         document = load_policy(self.section.policy_document)
         await self.iot.open()
         reply = await self.iot.call("DescribeEndpoint", endpointType="iot:Data-ATS")
         self.endpoint = str(reply["endpointAddress"])
-        await self._probe_permissions()
-        await self._ensure_policy(document, self.section.policy_document)
-        if self.section.thing_type:
-            await self._ensure("DescribeThingType", "CreateThingType", "thingTypeName",
-                               self.section.thing_type)
-        if self.section.thing_group:
-            await self._ensure("DescribeThingGroup", "CreateThingGroup", "thingGroupName",
-                               self.section.thing_group)
+        kinds = [("DescribeThingType", "CreateThingType", "thingTypeName",
+                  self.section.thing_type),
+                 ("DescribeThingGroup", "CreateThingGroup", "thingGroupName",
+                  self.section.thing_group)]
+        kinds = [k for k in kinds if k[3]]
+        found = await _in_order(*(self._probe(api, **params) for api, params in PROBES),
+                                self._existing("GetPolicy", "policyName",
+                                               self.section.policy_name),
+                                *(self._existing(d, key, name) for d, _, key, name in kinds))
+        policy, there = found[len(PROBES)], found[len(PROBES) + 1:]
+        await _in_order(self._ensure_policy(document, self.section.policy_document, policy),
+                        *(self._create(c, key, name)
+                          for (_, c, key, name), have in zip(kinds, there, strict=True)
+                          if have is None))
         log.info("AWS IoT ready: endpoint %s, policy %s", self.endpoint,
                  self.section.policy_name)
 
-    async def _probe_permissions(self) -> None:
-        """Read-only calls on names that do not exist: AccessDenied names a missing action.
-
-        The creating calls cannot be probed without creating something; a missing one
-        fails the first board with the action named.
-        """
-        probe = "station-permission-probe"
-        for api, params in (("DescribeThing", {"thingName": probe}),
-                            ("ListThingPrincipals", {"thingName": probe}),
-                            ("DescribeCertificate", {"certificateId": "0" * 64})):
-            try:
-                await self.iot.call(api, **params)
-            except AwsError as e:
-                if e.code in (NOT_FOUND, "InvalidRequestException"):
-                    continue
+    async def _probe(self, api: str, **params: Any) -> None:
+        """A read-only call on a name that does not exist (PROBES): AccessDenied names a
+        missing action. The creating calls cannot be probed without creating something;
+        a missing one fails the first board with the action named."""
+        try:
+            await self.iot.call(api, **params)
+        except AwsError as e:
+            if e.code not in (NOT_FOUND, "InvalidRequestException"):
                 raise
 
-    async def _ensure_policy(self, document: dict[str, Any], path: Path) -> None:
-        """Create the policy from the document, or check AWS's copy says the same.
+    async def _existing(self, describe: str, key: str, name: str) -> dict[str, Any] | None:
+        """AWS's answer to `describe` for `name`, or None when there is no such thing."""
+        try:
+            return await self.iot.call(describe, **{key: name})
+        except AwsError as e:
+            if e.code != NOT_FOUND:
+                raise
+            return None
+
+    async def _ensure_policy(self, document: dict[str, Any], path: Path,
+                             reply: dict[str, Any] | None) -> None:
+        """Create the policy from the document, or check AWS's copy (`reply`, GetPolicy's
+        answer) says the same.
 
         An existing policy with another document is an error, not an update: changing it
         changes what every device of the fleet may do, which is a decision for a person.
         """
         name = self.section.policy_name
-        try:
-            reply = await self.iot.call("GetPolicy", policyName=name)
-        except AwsError as e:
-            if e.code != NOT_FOUND:
-                raise
-        else:
+        if reply is not None:
             if not same_policy(str(reply.get("policyDocument", "")), document):
                 raise RegistrationError(
                     f"AWS IoT policy {name!r} exists with a document different from {path}; "
@@ -153,23 +184,19 @@ class AwsIotRegistrar(Cleanup):
                 raise RegistrationError(f"AWS rejected the policy document {path}: "
                                         f"{e}") from None
             if e.code == "ResourceAlreadyExistsException":  # another station, just now
-                return await self._ensure_policy(document, path)
+                return await self._ensure_policy(
+                    document, path, await self._existing("GetPolicy", "policyName", name))
             raise
         self.policy_arn = str(reply.get("policyArn", ""))
         log.info("created AWS IoT policy %s from %s", name, path)
 
-    async def _ensure(self, describe: str, create: str, key: str, name: str) -> None:
+    async def _create(self, create: str, key: str, name: str) -> None:
         try:
-            await self.iot.call(describe, **{key: name})
+            await self.iot.call(create, **{key: name})
         except AwsError as e:
-            if e.code != NOT_FOUND:
+            if e.code != "ResourceAlreadyExistsException":
                 raise
-            try:
-                await self.iot.call(create, **{key: name})
-            except AwsError as e2:
-                if e2.code != "ResourceAlreadyExistsException":
-                    raise
-            log.info("created %s %s", key.removesuffix("Name"), name)
+        log.info("created %s %s", key.removesuffix("Name"), name)
 
     # -- one board --------------------------------------------------------------------
 
