@@ -26,6 +26,8 @@ from typing import Any
 
 from esptool.util import FatalError, UnsupportedCommandError
 
+from station.chips import normalise
+from station.security.efuse_defs import parse_once_for
 from station.security.efuse_link import EfuseLink
 from station.security.plan import Burn, ChipPlan, Step
 
@@ -40,6 +42,7 @@ def _commands(esp: Any, batch: bool) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import espefuse  # type: ignore[import-untyped]
+    parse_once_for(normalise(esp.CHIP_NAME))
     link = EfuseLink(esp)
     cmds = espefuse.init_commands(esp=link, do_not_confirm=True, batch_mode=batch)
     cmds.efuses.postpone = True  # protections and mode switches last, as the CLI does

@@ -14,13 +14,12 @@ Every step is irreversible; `lines()` says so, step by step, for `station check`
 
 from __future__ import annotations
 
-import importlib
-import warnings
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
 
 from station.config import SecuritySection
+from station.security.efuse_defs import espefuse_module
 
 StepName = Literal["key", "encrypt", "secure_boot", "lockdown"]
 STEPS: tuple[StepName, ...] = ("key", "encrypt", "secure_boot", "lockdown")
@@ -37,10 +36,7 @@ class PlanError(ValueError):
 
 
 def _module(name: str) -> Any:
-    """espefuse imports click's OptionParser, which click 8.2 deprecates noisily."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return importlib.import_module(f"espefuse.efuse.{name}")
+    return espefuse_module(f"efuse.{name}")
 
 
 @cache

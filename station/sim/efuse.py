@@ -29,7 +29,6 @@ own burns (the bootloader's, a board locked by another line) are :mod:`.efuse_bu
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from esptool import FatalError
+
+from station.security.efuse_defs import parse_once
 
 from .efuse_burns import ChipBurns, espefuse_module, key_purposes
 from .efuse_timing import pending_bits, program_seconds
@@ -68,35 +69,9 @@ KEY_PURPOSE_SLOTS = 7  # "7x1 byte key_purposes" (esptool docs, serial-protocol.
 def controller_class(chip: str) -> type[Any]:
     """espefuse's emulator class for ``chip``, extended to keep read-protected bits."""
     module = espefuse_module(f"efuse.{chip}.emulate_efuse_controller")
-    _parse_fields_once(module)
+    parse_once(module)  # one parse of the chip's table per rig, not one per board
     base: type[Any] = module.EmulateEfuseController
     return type(f"SiliconEfuses_{chip}", (_KeepsHiddenBits, base), {})
-
-
-def _parse_fields_once(module: Any) -> None:
-    """The emulator's field table, parsed once per chip instead of once per board.
-
-    Every ``EmulateEfuseController()`` builds ``EfuseDefineFields(None)``, which parses
-    the chip's eFuse table (``espefuse/efuse_defs/<chip>.yaml``) with PyYAML's
-    pure-Python loader: 40 ms (ESP32) to 140 ms (ESP32-S3) of CPU per board, during
-    which the rig's event loop serves no board already on the hub (16 boards plugged at
-    once spread over 0.7 s on ESP32, and the first ones' connects waited on it; issue
-    #23). The table is the same for every board of a chip: each controller gets a deep
-    copy of one parsed table (0.5-1.4 ms). Only the emulator module's name is rebound;
-    the station's own espefuse use (``mem_definition``) is untouched.
-    """
-    make = module.EfuseDefineFields
-    if getattr(make, "parsed_once", False):
-        return
-    table = make(None)
-
-    def fields(extend_efuse_table: Any) -> Any:
-        if extend_efuse_table is not None:  # a custom table: as espefuse builds it
-            return make(extend_efuse_table)
-        return copy.deepcopy(table)
-
-    fields.parsed_once = True  # type: ignore[attr-defined]
-    module.EfuseDefineFields = fields
 
 
 class _KeepsHiddenBits:

@@ -9,19 +9,10 @@ taking effect at :meth:`ChipBurns.commit`.
 
 from __future__ import annotations
 
-import importlib
-import warnings
 from functools import cache
-from types import ModuleType
 from typing import Any
 
-
-def espefuse_module(name: str) -> ModuleType:
-    """Import part of espefuse; its package imports ``click.parser.OptionParser``,
-    which click 8.2 deprecates with a warning (nothing the simulator can change)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return importlib.import_module(f"espefuse.{name}")
+from station.security.efuse_defs import espefuse_module
 
 
 @cache
