@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import pytest
 
 from station.demo import make_demo_firmware
+from station.security.efuse_defs import espefuse_module, parse_once
 from station.sim import PluggedBoard, Rig
 from station.sim.efuse import EfuseArray, efuse_path
 from station.sim.flash_crypto import chip_cipher
@@ -43,10 +44,20 @@ def tool(module: str, *args: str) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"})
 
 
+_SIGNING_KEYS: dict[str, bytes] = {}
+
+
 def signing_key(path: Path) -> Path:
-    made = tool("espsecure", "generate-signing-key", "--version", "2", "--scheme", "rsa3072",
-                str(path))
-    assert made.returncode == 0, made.stdout
+    """An RSA-3072 secure boot v2 key made by `espsecure generate-signing-key`, once per
+    file name and test process (a line keeps its signing key for years; each 3072-bit
+    key costs ~0.4 CPU-s to make): "sb.pem" and "other.pem" stay two different keys."""
+    if path.name not in _SIGNING_KEYS:
+        made = tool("espsecure", "generate-signing-key", "--version", "2", "--scheme",
+                    "rsa3072", str(path))
+        assert made.returncode == 0, made.stdout
+        _SIGNING_KEYS[path.name] = path.read_bytes()
+    else:
+        path.write_bytes(_SIGNING_KEYS[path.name])
     return path
 
 
@@ -180,10 +191,20 @@ def efuse_file(rig: Rig, board: PluggedBoard) -> Path:
 
 
 def virt_summary(chip: str, efuses: Path, out: Path) -> dict[str, Any]:
-    """What `espefuse --virt --path-efuse-file` shows of a board's eFuse file."""
-    result = tool("espefuse", "--virt", "--chip", chip, "--path-efuse-file", str(efuses),
-                  "summary", "--format", "json", "--file", str(out))
-    assert result.returncode == 0, result.stdout
+    """What `espefuse --virt --chip CHIP --path-efuse-file EFUSES summary --format json`
+    shows of a board's eFuse file: the library calls its CLI makes, in this process (a
+    CLI start cost ~0.5 CPU-s, 16 in the 16-board test). espefuse's virtual controller
+    reads the file with an `open()` it never closes: its ResourceWarning is not ours."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # espefuse's imports
+        warnings.simplefilter("ignore", ResourceWarning)
+        import espefuse
+
+        for module in ("fields", "emulate_efuse_controller"):  # the table parsed once
+            parse_once(espefuse_module(f"efuse.{chip}.{module}"))
+        commands = espefuse.init_commands(virt=True, chip=chip, virt_efuse_file=str(efuses))
+        with out.open("w") as file:
+            commands.summary(format="json", file=file)
     data: dict[str, Any] = json.loads(out.read_text())
     return data
 
