@@ -119,10 +119,12 @@ class SecureLine:
     def cli(self, *args: str, env: dict[str, str] | None = None,
             timeout: float = TOOL_TIMEOUT) -> Result:
         config = self.write()
+        # a caller's environment (aws_env's copy of ours) keeps the relay's modem lines
+        env = relay_env(self.root / "pty-lines.sock", base={**self.env, **(env or {})})
         out, err = self.root / "out.txt", self.root / "err.txt"
         with out.open("wb") as o, err.open("wb") as e:
             proc = subprocess.run([sys.executable, "-m", "station", *args, "--config",
-                                   str(config)], cwd=self.root, env={**self.env, **(env or {})},
+                                   str(config)], cwd=self.root, env=env,
                                   stdin=subprocess.DEVNULL, stdout=o, stderr=e,
                                   timeout=timeout, check=False)
         return Result(proc.returncode, out.read_text(errors="replace"),

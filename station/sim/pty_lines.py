@@ -40,8 +40,8 @@ def relay_env(socket_path: str | os.PathLike[str],
               base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a relay process whose ptys get modem lines from the rig."""
     env = dict(os.environ if base is None else base)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE_DIR), env.get("PYTHONPATH"))
-                                        if p)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(SITE_DIR)]
+    env["PYTHONPATH"] = os.pathsep.join([str(SITE_DIR), *rest])
     env[ENV] = str(socket_path)
     return env
 
