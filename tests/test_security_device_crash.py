@@ -21,6 +21,7 @@ from station.demo import make_demo_firmware
 from station.identity import CRASH_ENV
 from station.sim import Rig
 from station.sim.efuse import EfuseArray
+from station.worker import WRITTEN
 from tests.registrykit import wait_until
 from tests.securekit import (
     APP_SIZE,
@@ -175,3 +176,43 @@ def test_a_self_encrypted_board_with_other_firmware_is_refused(tmp_path: Path) -
     assert last["result"] == "failed", last
     assert "its first boot encrypted other firmware than this line's" in last["error"], last
     assert flash == at_kill
+
+
+def _one_key_under_which_the_app_decrypts(line: SecureLine, flash: bytes, files: Path,
+                                          tmp_path: Path) -> None:
+    """One flash-encryption key in the board's eFuses (the one its first boot made),
+    and the app in the flash dump is ciphertext that key turns back into the build's."""
+    assert EfuseArray(CHIP, files).blocks_with_purpose("XTS_AES_128_KEY") == [4]
+    app = (line.builds[CHIP].parent / "app.bin").read_bytes()
+    stored = flash[APP_AT:APP_AT + len(app) + (-len(app) % 16)]
+    assert stored[:len(app)] != app
+    assert decrypt_with_fuses(CHIP, files, stored, APP_AT, tmp_path)[:len(app)] == app
+
+
+def test_a_device_key_board_killed_between_its_last_write_and_the_verify_is_finished(
+        tmp_path: Path) -> None:
+    """SIGKILL once the plaintext, bootloader last, is on the flash and before its verify
+    (no "plaintext after" line). Closing the port is not a reset on this circuit
+    (first_boot_guard.py), so the chip sits in its stub, blank: the restarted station
+    cannot take the unverified plaintext for verified, writes it again, verifies it, and
+    the board's first boot finishes it with its one key."""
+    line = device_line(tmp_path, chips=(CHIP,))
+    with line.rig() as rig:
+        board = rig.plug(chip=CHIP)
+        killed = line.run(1, env={CRASH_ENV: WRITTEN})
+        assert killed.code == -9, killed
+        assert PLAINTEXT not in line.journal(mac_of(board))
+        assert rig.boot_modes(board).count("flash") == 0  # no first boot in between
+        again = line.run(1)
+        flash, files = rig.flash(board), efuse_file(rig, board)
+    assert again.code == EXIT_OK, again
+    rows = line.ledger()
+    assert len(rows) == 2, rows
+    assert rows[0]["result"] == "failed" and "station stopped during" in rows[0]["error"]
+    last = rows[-1]
+    assert (last["result"], last["boot"]) == ("done", "ok"), last
+    assert "Flash encryption mode is RELEASE" in last["boot_log"]
+    assert {"flash", "verify"} <= set(last["timings"]), last["timings"]  # written again
+    assert line.journal(mac_of(board))[-3:] == [PLAINTEXT, BEFORE, AFTER]
+    _one_key_under_which_the_app_decrypts(line, flash, files, tmp_path)
+
