@@ -193,3 +193,32 @@ def test_a_device_key_board_killed_after_the_hmac_burn_is_finished_by_its_first_
                                            writing, ("plaintext", "after"),
                                            ("first_boot", "before"), ("first_boot", "after")]
     _partition_holds_its_credentials(flash, files, last, tmp_path)
+
+
+def test_a_device_key_board_killed_before_the_hmac_burn_is_finished_with_one_key(
+        tmp_path: Path) -> None:
+    """key = "device", SIGKILL right before the HMAC key's burn: the images but the
+    bootloader are on the flash, nothing is burned. The restarted station clears the
+    DS ciphertext whose key was never burned and asks for the board again; the next run
+    burns one HMAC key and finishes the board: done, one HMAC key, one flash-encryption
+    key (its first boot's), the partition holding its credentials."""
+    line = device_line(tmp_path, chips=(CHIP,), secure_cert=True)
+    line.extra = DS_LOCAL_CA
+    with line.rig() as rig:
+        board = rig.plug(chip=CHIP)
+        assert line.run(1, env={CRASH_ENV: "ds_key:before"}).code == -9
+        assert line.journal(mac_of(board))[-1] == ("ds_key", "before")
+        again = line.run(1)
+        assert again.code != EXIT_OK, again
+        assert "plug the board again" in line.ledger()[-1]["error"]
+        last_run = line.run(1)
+        flash, files = rig.flash(board), efuse_file(rig, board)
+    assert last_run.code == EXIT_OK, last_run
+    rows = line.ledger()
+    assert len(rows) == 3, rows
+    assert rows[0]["result"] == "failed" and "station stopped during" in rows[0]["error"]
+    last = rows[-1]
+    assert (last["result"], last["boot"]) == ("done", "ok"), last
+    journal = line.journal(mac_of(board))
+    assert journal.count(("ds_key", "after")) == 1, journal  # one HMAC key burned
+    _partition_holds_its_credentials(flash, files, last, tmp_path)
