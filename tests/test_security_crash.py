@@ -12,6 +12,7 @@ from station.daemon import EXIT_OK
 from station.sim import Faults
 from station.sim.efuse import EfuseArray
 from station.worker import WRITTEN
+from tests.dskit import security_steps
 from tests.securekit import (
     SecureLine,
     decrypt_with_fuses,
@@ -78,6 +79,35 @@ def test_a_station_killed_after_each_step_finishes_the_board(
     for offset, image in _images(line, CHIP).items():  # ciphertext under the fuses' key
         stored = flash[offset:offset + len(image)]
         assert stored != image, offset
+        assert decrypt_with_fuses(CHIP, files, stored, offset, tmp_path) == image, offset
+
+
+def test_a_station_killed_after_a_failed_key_burn_finishes_with_the_same_key(
+        line: SecureLine, tmp_path: Path) -> None:
+    """A fuse bit of the key block that never blows (espefuse gives up after its
+    re-burns: the batch fails, journaled "key failed"), SIGKILL right after that line.
+    The restarted station reads the eFuses (the truth), finds the key of its "key
+    before" line there and finishes the board with it, never a second key: every key
+    line names one fingerprint, one XTS key in the fuses, the images decrypting under
+    it."""
+    with line.rig() as rig:
+        board = rig.plug(chip=CHIP, faults=Faults(weak_efuse=4))  # BLOCK_KEY0
+        assert line.run(1, env={CRASH: "security:key:failed"}).code == -9
+        assert line.journal(mac_of(board)) == [("key", "before"), ("key", "failed")]
+        again = line.run(1)
+        files, flash = efuse_file(rig, board), rig.flash(board)
+    assert again.code == EXIT_OK, again
+    rows = line.ledger()
+    assert [r["result"] for r in rows] == ["failed", "done"], rows
+    assert (rows[-1]["boot"], rows[-1]["lockdown"]) == ("ok", 1), rows[-1]
+    keys = {(s["phase"], s["fingerprint"]) for s in security_steps(line.state, mac_of(board))
+            if s["step"] == "key"}
+    assert rows[-1]["key_fingerprint"], rows[-1]
+    assert {fingerprint for _, fingerprint in keys} == {rows[-1]["key_fingerprint"]}, keys
+    assert EfuseArray(CHIP, files).blocks_with_purpose("XTS_AES_128_KEY") == [4]
+    _locked_right(line, files, tmp_path)
+    for offset, image in _images(line, CHIP).items():
+        stored = flash[offset:offset + len(image)]
         assert decrypt_with_fuses(CHIP, files, stored, offset, tmp_path) == image, offset
 
 
