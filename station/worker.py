@@ -46,7 +46,7 @@ from station.events import (
     StageChanged,
 )
 from station.flash import Plan, Plans
-from station.identity import BoardFacts, CloudCheck, HttpRegistry, Registrar
+from station.identity import BoardFacts, CloudCheck, HttpRegistry, Registrar, crash_point
 from station.parts import (
     BoardDs,
     BoardHistory,
@@ -73,6 +73,7 @@ REMOVED = "removed"
 NO_CONSOLE = ("native USB: the port leaves the bus when the chip restarts, so the boot story "
               "is not on it; the flash is verified by MD5")
 """The cancel message the daemon uses when a board's port disappears."""
+WRITTEN = "flash:written"  # crash-test point (CRASH_ENV): all written, none verified yet
 
 
 @dataclass(frozen=True)
@@ -339,6 +340,7 @@ class Worker:
             self._stage = Stage.FLASH
             await self._timed(Stage.FLASH, lambda: self._write(session, own + last))
         if regions or own:
+            crash_point(WRITTEN)
             await self._stage_call(Stage.VERIFY, attempt,
                                    lambda: self._verify(session, regions + own))
             if lock is not None:

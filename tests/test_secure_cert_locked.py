@@ -31,6 +31,7 @@ from station.identity import CRASH_ENV, SecureCertFormatError, read_secure_cert
 from station.identity.ds import DsData
 from station.sim import PluggedBoard
 from station.sim.efuse import EfuseArray
+from station.worker import WRITTEN
 from tests.securekit import (
     APP_SIZE,
     MARKS,
@@ -97,14 +98,16 @@ def test_the_partition_is_written_encrypted_on_a_locked_board(tmp_path: Path,
         assert efuses.blocks_with_purpose("XTS_AES_128_KEY") == [4]  # BLOCK_KEY0
 
 
-@pytest.mark.parametrize("point", ["ds_key:after", "ds_key:before"])
+@pytest.mark.parametrize("point", ["ds_key:after", "ds_key:before", WRITTEN])
 def test_a_locked_line_killed_around_the_hmac_burn_writes_one_key_encrypted(
         tmp_path: Path, point: str) -> None:
     """SIGKILL right after the HMAC key's burn (the flash-encryption key and the images
-    are in, the partition is not) or right before it: the restarted station finishes the
-    board locked, with one HMAC key (killed before the burn: after one "plug the board
-    again"), and the partition on flash is ciphertext under the board's flash-encryption
-    key that decrypts to the certificate and the DS data of that HMAC key."""
+    are in, the partition is not), right before it, or once the partition is written and
+    before its verify (flash:written: the journal's last line is the burn's): the
+    restarted station finishes the board locked, with one HMAC key (killed before the
+    burn: after one "plug the board again"), and the partition on flash is ciphertext
+    under the board's flash-encryption key that decrypts to the certificate and the DS
+    data of that HMAC key."""
     builds = {CHIP: make_demo_firmware(tmp_path / "build" / CHIP, chip=CHIP,
                                        app_size=APP_SIZE, secure=True, secure_cert=True)}
     line = SecureLine(tmp_path, builds, signing_key(tmp_path / "sb.pem"))
@@ -113,7 +116,8 @@ def test_a_locked_line_killed_around_the_hmac_burn_writes_one_key_encrypted(
         board = rig.plug(chip=CHIP)
         killed = line.run(1, env={CRASH_ENV: point})
         assert killed.code == -9, killed
-        assert line.journal(mac_of(board))[-1] == tuple(point.split(":"))
+        last_line = ("ds_key", "after") if point == WRITTEN else tuple(point.split(":"))
+        assert line.journal(mac_of(board))[-1] == last_line
         again = line.run(1)
         if point == "ds_key:before":
             assert again.code != EXIT_OK, again
@@ -122,7 +126,7 @@ def test_a_locked_line_killed_around_the_hmac_burn_writes_one_key_encrypted(
         flash, files = rig.flash(board), efuse_file(rig, board)
     assert again.code == EXIT_OK, again
     rows = line.ledger()
-    assert len(rows) == (2 if point == "ds_key:after" else 3), rows
+    assert len(rows) == (3 if point == "ds_key:before" else 2), rows
     assert rows[0]["result"] == "failed" and "station stopped during" in rows[0]["error"]
     last = rows[-1]
     assert (last["result"], last["boot"], last["lockdown"]) == ("done", "ok", 1), last
@@ -184,7 +188,37 @@ def test_a_device_key_board_killed_after_the_hmac_burn_is_finished_by_its_first_
     line, board, flash, files = ds_device_board_killed_at("ds_key:after", tmp_path)
     last = line.ledger()[-1]
     assert (last["result"], last["boot"]) == ("done", "ok"), last
-    assert line.journal(mac_of(board)) == [("ds_key", "before"), ("ds_key", "after"),
-                                           ("plaintext", "after"), ("first_boot", "before"),
-                                           ("first_boot", "after")]
+    writing = ("plaintext", "before")  # killed, then restarted: written again
+    assert line.journal(mac_of(board)) == [writing, ("ds_key", "before"), ("ds_key", "after"),
+                                           writing, ("plaintext", "after"),
+                                           ("first_boot", "before"), ("first_boot", "after")]
+    _partition_holds_its_credentials(flash, files, last, tmp_path)
+
+
+def test_a_device_key_board_killed_before_the_hmac_burn_is_finished_with_one_key(
+        tmp_path: Path) -> None:
+    """key = "device", SIGKILL right before the HMAC key's burn: the images but the
+    bootloader are on the flash, nothing is burned. The restarted station clears the
+    DS ciphertext whose key was never burned and asks for the board again; the next run
+    burns one HMAC key and finishes the board: done, one HMAC key, one flash-encryption
+    key (its first boot's), the partition holding its credentials."""
+    line = device_line(tmp_path, chips=(CHIP,), secure_cert=True)
+    line.extra = DS_LOCAL_CA
+    with line.rig() as rig:
+        board = rig.plug(chip=CHIP)
+        assert line.run(1, env={CRASH_ENV: "ds_key:before"}).code == -9
+        assert line.journal(mac_of(board))[-1] == ("ds_key", "before")
+        again = line.run(1)
+        assert again.code != EXIT_OK, again
+        assert "plug the board again" in line.ledger()[-1]["error"]
+        last_run = line.run(1)
+        flash, files = rig.flash(board), efuse_file(rig, board)
+    assert last_run.code == EXIT_OK, last_run
+    rows = line.ledger()
+    assert len(rows) == 3, rows
+    assert rows[0]["result"] == "failed" and "station stopped during" in rows[0]["error"]
+    last = rows[-1]
+    assert (last["result"], last["boot"]) == ("done", "ok"), last
+    journal = line.journal(mac_of(board))
+    assert journal.count(("ds_key", "after")) == 1, journal  # one HMAC key burned
     _partition_holds_its_credentials(flash, files, last, tmp_path)

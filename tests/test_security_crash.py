@@ -10,7 +10,18 @@ import pytest
 
 from station.daemon import EXIT_OK
 from station.sim import Faults
-from tests.securekit import SecureLine, efuse_file, mac_of, make_line, virt_summary
+from station.sim.efuse import EfuseArray
+from station.worker import WRITTEN
+from tests.dskit import security_steps
+from tests.securekit import (
+    SecureLine,
+    decrypt_with_fuses,
+    efuse_file,
+    mac_of,
+    make_line,
+    virt_summary,
+)
+from tests.test_security import _images
 
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -36,25 +47,68 @@ def _locked_right(line: SecureLine, rig_efuses: Path, tmp_path: Path) -> None:
     assert fuses["ENABLE_SECURITY_DOWNLOAD"]["value"] is True
 
 
-@pytest.mark.parametrize("point", ["key:before", "key:after", "images:after",
-                                   "encrypt:after", "secure_boot:after", "lockdown:before"])
+CUTS = {f"security:{step}:{phase}": (step, phase) for step, phase in (
+    ("key", "before"), ("key", "after"), ("images", "after"), ("encrypt", "before"),
+    ("encrypt", "after"), ("secure_boot", "before"), ("secure_boot", "after"),
+    ("lockdown", "before"))} | {WRITTEN: ("key", "after")}
+"""Each cut, and the journal's last line when it comes: every line of the sequence but
+the lock-down's "after" (below), and the worker's point between the last write (images
+and credentials, written with the burned key) and their verify, which has no line."""
+
+
+@pytest.mark.parametrize("point", CUTS)
 def test_a_station_killed_after_each_step_finishes_the_board(
         line: SecureLine, tmp_path: Path, point: str) -> None:
     with line.rig() as rig:
         board = rig.plug(chip=CHIP)
-        killed = line.run(1, env={CRASH: f"security:{point}"})
+        killed = line.run(1, env={CRASH: point})
         assert killed.code == -9, killed
         journal = line.journal(mac_of(board))
-        assert journal[-1] == tuple(point.split(":")), journal
+        assert journal[-1] == CUTS[point], journal
         again = line.run(1)
-        files = efuse_file(rig, board)
+        files, flash = efuse_file(rig, board), rig.flash(board)
     assert again.code == EXIT_OK, again
     rows = line.ledger()
+    assert len(rows) == 2, rows  # the killed run's row and the finished one
     assert rows[0]["result"] == "failed" and "station stopped during" in rows[0]["error"]
     assert (rows[-1]["result"], rows[-1]["boot"], rows[-1]["lockdown"]) == ("done", "ok", 1)
-    keys = {e for e in line.journal(mac_of(board)) if e == ("key", "after")}
+    keys = [e for e in line.journal(mac_of(board)) if e == ("key", "after")]
     assert len(keys) == 1  # one key burned, whatever the crash point
+    assert EfuseArray(CHIP, files).blocks_with_purpose("XTS_AES_128_KEY") == [4]
     _locked_right(line, files, tmp_path)
+    for offset, image in _images(line, CHIP).items():  # ciphertext under the fuses' key
+        stored = flash[offset:offset + len(image)]
+        assert stored != image, offset
+        assert decrypt_with_fuses(CHIP, files, stored, offset, tmp_path) == image, offset
+
+
+def test_a_station_killed_after_a_failed_key_burn_finishes_with_the_same_key(
+        line: SecureLine, tmp_path: Path) -> None:
+    """A fuse bit of the key block that never blows (espefuse gives up after its
+    re-burns: the batch fails, journaled "key failed"), SIGKILL right after that line.
+    The restarted station reads the eFuses (the truth), finds the key of its "key
+    before" line there and finishes the board with it, never a second key: every key
+    line names one fingerprint, one XTS key in the fuses, the images decrypting under
+    it."""
+    with line.rig() as rig:
+        board = rig.plug(chip=CHIP, faults=Faults(weak_efuse=4))  # BLOCK_KEY0
+        assert line.run(1, env={CRASH: "security:key:failed"}).code == -9
+        assert line.journal(mac_of(board)) == [("key", "before"), ("key", "failed")]
+        again = line.run(1)
+        files, flash = efuse_file(rig, board), rig.flash(board)
+    assert again.code == EXIT_OK, again
+    rows = line.ledger()
+    assert [r["result"] for r in rows] == ["failed", "done"], rows
+    assert (rows[-1]["boot"], rows[-1]["lockdown"]) == ("ok", 1), rows[-1]
+    keys = {(s["phase"], s["fingerprint"]) for s in security_steps(line.state, mac_of(board))
+            if s["step"] == "key"}
+    assert rows[-1]["key_fingerprint"], rows[-1]
+    assert {fingerprint for _, fingerprint in keys} == {rows[-1]["key_fingerprint"]}, keys
+    assert EfuseArray(CHIP, files).blocks_with_purpose("XTS_AES_128_KEY") == [4]
+    _locked_right(line, files, tmp_path)
+    for offset, image in _images(line, CHIP).items():
+        stored = flash[offset:offset + len(image)]
+        assert decrypt_with_fuses(CHIP, files, stored, offset, tmp_path) == image, offset
 
 
 def test_a_station_killed_after_the_lockdown_leaves_a_locked_board_it_cannot_read(

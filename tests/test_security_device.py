@@ -33,7 +33,8 @@ def test_four_boards_encrypt_themselves_on_first_boot(tmp_path: Path) -> None:
         assert (row["result"], row["boot"]) == ("done", "ok"), row
         assert row["security"] == "flash encryption release (device key)", row
         assert row["key_fingerprint"] is None  # the station never had the key
-        assert line.journal(mac_of(board)) == [("plaintext", "after"),
+        assert line.journal(mac_of(board)) == [("plaintext", "before"),
+                                               ("plaintext", "after"),
                                                ("first_boot", "before"),
                                                ("first_boot", "after")]
         chip = board.chip

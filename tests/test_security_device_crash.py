@@ -21,6 +21,7 @@ from station.demo import make_demo_firmware
 from station.identity import CRASH_ENV
 from station.sim import Rig
 from station.sim.efuse import EfuseArray
+from station.worker import WRITTEN
 from tests.registrykit import wait_until
 from tests.securekit import (
     APP_SIZE,
@@ -39,26 +40,35 @@ from tests.test_secure_cert_locked import (
 pytestmark = MARKS
 CHIP = "esp32c3"
 APP_AT = 0x10000
-PLAINTEXT, BEFORE, AFTER = ("plaintext", "after"), ("first_boot", "before"), \
-    ("first_boot", "after")
+WRITING, PLAINTEXT = ("plaintext", "before"), ("plaintext", "after")
+BEFORE, AFTER = ("first_boot", "before"), ("first_boot", "after")
+
+
+def _one_key_under_which_the_app_decrypts(line: SecureLine, flash: bytes, files: Path,
+                                          tmp_path: Path) -> None:
+    """One flash-encryption key in the board's eFuses (the one its first boot made),
+    and the app in the flash dump is ciphertext that key turns back into the build's."""
+    assert EfuseArray(CHIP, files).blocks_with_purpose("XTS_AES_128_KEY") == [4]
+    app = (line.builds[CHIP].parent / "app.bin").read_bytes()
+    stored = flash[APP_AT:APP_AT + len(app) + (-len(app) % 16)]
+    assert stored[:len(app)] != app
+    assert decrypt_with_fuses(CHIP, files, stored, APP_AT, tmp_path)[:len(app)] == app
 
 
 def _finished_with_its_one_key(line: SecureLine, flash: bytes, files: Path,
-                               tmp_path: Path) -> dict[str, object]:
+                               tmp_path: Path, written: bool = False) -> dict[str, object]:
     """The restarted run's row: done, boot ok in release mode, nothing written (no flash
-    or verify time); one flash-encryption key, under which the app decrypts."""
+    or verify time; `written`: written and verified again); one flash-encryption key,
+    under which the app decrypts."""
     rows = line.ledger()
     assert len(rows) == 2, rows
     assert rows[0]["result"] == "failed" and "station stopped during" in rows[0]["error"]
     last = rows[-1]
     assert (last["result"], last["boot"]) == ("done", "ok"), last
     assert "Flash encryption mode is RELEASE" in last["boot_log"]
-    assert not {"flash", "verify"} & set(last["timings"]), last["timings"]
-    assert EfuseArray(CHIP, files).blocks_with_purpose("XTS_AES_128_KEY") == [4]
-    app = (line.builds[CHIP].parent / "app.bin").read_bytes()
-    stored = flash[APP_AT:APP_AT + len(app) + (-len(app) % 16)]
-    assert stored[:len(app)] != app
-    assert decrypt_with_fuses(CHIP, files, stored, APP_AT, tmp_path)[:len(app)] == app
+    wrote = {"flash", "verify"} & set(last["timings"])
+    assert wrote == ({"flash", "verify"} if written else set()), last["timings"]
+    _one_key_under_which_the_app_decrypts(line, flash, files, tmp_path)
     return last
 
 
@@ -79,10 +89,10 @@ def test_a_device_key_board_killed_after_its_verified_plaintext_is_finished_by_i
     _finished_with_its_one_key(line, flash, files, tmp_path)
     journal = line.journal(mac_of(board))
     if point == "first_boot:after":  # done but for its record: the boot is checked again
-        assert journal == [PLAINTEXT, BEFORE, AFTER, AFTER], journal
+        assert journal == [WRITING, PLAINTEXT, BEFORE, AFTER, AFTER], journal
         assert flash == at_kill  # the ciphertext its first boot made, untouched
     else:  # found blank with its plaintext: the restart's own reset ran its first boot
-        assert journal == [PLAINTEXT, BEFORE, AFTER], journal
+        assert journal == [WRITING, PLAINTEXT, BEFORE, AFTER], journal
         assert flash != at_kill
 
 
@@ -96,8 +106,8 @@ def test_a_ds_device_key_board_killed_after_its_verified_plaintext_is_finished(
     last = _finished_with_its_one_key(line, flash, files, tmp_path)
     assert "Successfully obtained and verified the contents of esp_secure_cert " \
            "partition" in str(last["boot_log"])
-    assert line.journal(mac_of(board)) == [("ds_key", "before"), ("ds_key", "after"),
-                                           PLAINTEXT, BEFORE, AFTER]
+    assert line.journal(mac_of(board)) == [WRITING, ("ds_key", "before"),
+                                           ("ds_key", "after"), PLAINTEXT, BEFORE, AFTER]
     _partition_holds_its_credentials(flash, files, last, tmp_path)
 
 
@@ -120,7 +130,7 @@ def test_a_restarts_connect_never_cuts_the_first_boot_short(tmp_path: Path) -> N
     assert again.code == EXIT_OK, again
     _finished_with_its_one_key(line, flash, files, tmp_path)
     assert flash != at_kill
-    assert line.journal(mac_of(board)) == [PLAINTEXT, BEFORE, AFTER]
+    assert line.journal(mac_of(board)) == [WRITING, PLAINTEXT, BEFORE, AFTER]
 
 
 def test_a_station_killed_during_the_first_boot_waits_it_out_on_restart(
@@ -154,7 +164,7 @@ def test_a_station_killed_during_the_first_boot_waits_it_out_on_restart(
         flash, files = rig.flash(board), efuse_file(rig, board)
     assert again.code == EXIT_OK, again
     _finished_with_its_one_key(line, flash, files, tmp_path)
-    assert line.journal(mac_of(board)) == [PLAINTEXT, BEFORE, AFTER]
+    assert line.journal(mac_of(board)) == [WRITING, PLAINTEXT, BEFORE, AFTER]
 
 
 def test_a_self_encrypted_board_with_other_firmware_is_refused(tmp_path: Path) -> None:
@@ -175,3 +185,71 @@ def test_a_self_encrypted_board_with_other_firmware_is_refused(tmp_path: Path) -
     assert last["result"] == "failed", last
     assert "its first boot encrypted other firmware than this line's" in last["error"], last
     assert flash == at_kill
+
+
+@pytest.mark.parametrize("point", [WRITTEN, "security:plaintext:before"])
+def test_a_device_key_board_killed_before_its_plaintext_is_verified_is_finished(
+        tmp_path: Path, point: str) -> None:
+    """SIGKILL once the plaintext, bootloader last, is on the flash and before its verify
+    (flash:written: no "plaintext after" line), or before the first write. Closing the
+    port is not a reset on this circuit (first_boot_guard.py), so the chip sits in its
+    stub, blank: the restarted station cannot take the unverified plaintext for verified,
+    writes it again, verifies it, and the board's first boot finishes it with its one
+    key."""
+    line = device_line(tmp_path, chips=(CHIP,))
+    with line.rig() as rig:
+        board = rig.plug(chip=CHIP)
+        killed = line.run(1, env={CRASH_ENV: point})
+        assert killed.code == -9, killed
+        assert PLAINTEXT not in line.journal(mac_of(board))
+        assert rig.boot_modes(board).count("flash") == 0  # no first boot in between
+        again = line.run(1)
+        flash, files = rig.flash(board), efuse_file(rig, board)
+    assert again.code == EXIT_OK, again
+    _finished_with_its_one_key(line, flash, files, tmp_path, written=True)
+    assert line.journal(mac_of(board)) == [WRITING, WRITING, PLAINTEXT, BEFORE, AFTER]
+
+
+def test_a_ds_device_key_board_killed_before_its_plaintext_is_verified_is_finished(
+        tmp_path: Path) -> None:
+    """The same cut on a DS line, its HMAC key burned before the partition was written:
+    the restarted station finds that key its own (journal, certs_out), writes the
+    plaintext again with the same DS data, and the board's first boot encrypts it: done,
+    one HMAC key, one flash-encryption key, the partition holding its credentials."""
+    line, board, flash, files = ds_device_board_killed_at(WRITTEN, tmp_path)
+    last = _finished_with_its_one_key(line, flash, files, tmp_path, written=True)
+    assert line.journal(mac_of(board)) == [WRITING, ("ds_key", "before"), ("ds_key", "after"),
+                                           WRITING, PLAINTEXT, BEFORE, AFTER]
+    _partition_holds_its_credentials(flash, files, last, tmp_path)
+
+
+def test_a_board_that_boots_between_the_last_write_and_the_verify_needs_rework(
+        tmp_path: Path) -> None:
+    """Killed between the last write and its verify (flash:written), then the board
+    wakes from flash before the station is back (on a real line the port's close may
+    reset it; here a finger taps EN): its first boot makes its key and encrypts a
+    plaintext this station never verified. It cannot be written again, nor proved
+    whole: the restarted station says "needs rework", names this station's unverified
+    plaintext as the reason (not "another line"), and writes and burns nothing."""
+    line = device_line(tmp_path, chips=(CHIP,))
+    with line.rig() as rig:
+        board = rig.plug(chip=CHIP)
+        assert line.run(1, env={CRASH_ENV: WRITTEN}).code == -9
+        rig.press_en(board)
+        wait_until("the first boot's pass", lambda: "Flash encryption completed"
+                   in rig.console(board), timeout=60)
+        booted, fuses_before = rig.flash(board), efuse_file(rig, board).read_bytes()
+        again = line.run(1)
+        flash, files = rig.flash(board), efuse_file(rig, board)
+        assert files.read_bytes() == fuses_before  # nothing burned by the restart
+    assert again.code != EXIT_OK, again
+    rows = line.ledger()
+    assert len(rows) == 2, rows
+    assert rows[0]["result"] == "failed" and "station stopped during" in rows[0]["error"]
+    last = rows[-1]
+    assert last["result"] == "failed", last
+    assert "needs rework" in last["error"], last
+    assert "before this station verified the plaintext it wrote" in last["error"], last
+    assert "another line" not in last["error"], last
+    assert flash == booted  # nothing written over what its first boot encrypted
+    _one_key_under_which_the_app_decrypts(line, flash, files, tmp_path)

@@ -175,7 +175,7 @@ def test_with_a_key_the_chip_makes_its_first_boot_encrypts_the_nvs_keys(
     assert zlib.crc32(plain[:64], 0xFFFFFFFF) & 0xFFFFFFFF != \
         struct.unpack_from("<I", plain, 64)[0]  # not the plaintext layout: encrypted
     verified = [s for s in security_steps(line.state, mac_of(board))
-                if s["step"] == "plaintext"]  # its MD5s, but not of the plaintext keys
+                if (s["step"], s["phase"]) == ("plaintext", "after")]  # its MD5s, not the keys'
     assert len(verified) == 1 and str(0x10000) in json.loads(verified[0]["detail"])
     assert str(keys_part.offset) not in json.loads(verified[0]["detail"])
     _credentials_readable(line, chip, flash, efuses, f"t-{mac_of(board)}", tmp_path)

@@ -79,13 +79,15 @@ def result_text(row: BoardRow) -> Text:
                     style="yellow")
     if row.stepped:
         return Text(one_line(f"stepped down {row.stepped[-1]}"), style="yellow")
-    if row.securing == "first_boot before":  # key = "device"
-        return Text("first boot: the chip encrypts its flash", style="bold yellow")
+    if row.securing in DEVICE_KEY_WORDS:  # key = "device": no eFuse batch of ours
+        return Text(DEVICE_KEY_WORDS[row.securing], style="bold yellow")
     if row.securing:
         return Text(f"eFuses: {row.securing}", style="bold yellow")
     return Text(mark)
 
 
+DEVICE_KEY_WORDS = {"first_boot before": "first boot: the chip encrypts its flash",
+                    "plaintext before": "writing the plaintext its first boot encrypts"}
 SECURITY_MARKS = (("lockdown", "locked"), ("secure_boot", "secure boot"),
                   ("encrypt", "encrypted"), ("first_boot", "encrypted"),
                   ("images", "key burned"), ("key", "key burned"))

@@ -345,7 +345,11 @@ class BoardLock:
                 [r for r in regions if r.offset == boot_at])
 
     async def before_write(self, session: BoardSession) -> None:
-        """Burn the key (or finish its protection) before anything is written with it."""
+        """Burn the key (or finish its protection) before anything is written with it;
+        key = "device": journal the plaintext's start (first_boot.WRITING says why)."""
+        if self.device and not self.on_flash:
+            await self._journal(*first_boot.WRITING, "the plaintext its first boot encrypts")
+            return
         step = self.plan.step("key")
         if step is None or (self.key_burned and not self.resume_blocks):
             return

@@ -12,7 +12,8 @@ that encrypted itself. Whether that chip can be finished depends on one journal 
   (release mode, the app's project/version/marker, on DS lines esp_secure_cert_mgr's
   lines) is the proof; it fails the board "needs rework" with the boot's reason.
 - No such line (stopped before the verify, or while writing): the plaintext may be
-  incomplete, so an encrypted chip "needs rework" (board.py `_decide_device`).
+  incomplete, so an encrypted chip "needs rework" (board.py `_decide_device`); the
+  ("plaintext", "before") line, journaled before the first write, says it was ours.
 - A chip still blank (no key, no counter) with that line: the stop came before any
   first boot, and the restart's connect did not start one (its resets enter download
   mode first and never cut a pass short: station/flash/first_boot_guard.py). If the
@@ -35,6 +36,12 @@ from station.security.images import SecuredFirmware
 
 PLAINTEXT = ("plaintext", "after")
 """The journal line: the plaintext written for the first boot is verified on the flash."""
+WRITING = ("plaintext", "before")
+"""The journal line before the first plaintext write: from here on the board is this
+station's. Once its bootloader is on the flash, any wake from flash runs its first boot
+(a stop's port close is one on some circuits), so a board found encrypted after a stop
+with this line and no PLAINTEXT line holds this station's unverified plaintext: it needs
+rework, named so; without the line it was taken for "locked by another line"."""
 Journal = Sequence[dict[str, Any]]
 
 
