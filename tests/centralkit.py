@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from station.sim import PluggedBoard, Rig
+from tests.eventlog import event_log
 from tests.pgkit import free_port, pg_env
 
 RUN_TIMEOUT = 240.0
@@ -139,10 +140,7 @@ listen = "127.0.0.1:{self.metrics_port}"
             time.sleep(0.05)  # polling interval of a deadline-bound wait
 
     def events(self) -> list[dict[str, Any]]:
-        path = self.state / "events.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")]
+        return event_log(self.state / "events.jsonl")
 
     def finished(self) -> int:
         return sum(1 for e in self.events() if e["kind"] == "JobFinished")

@@ -27,6 +27,7 @@ from benchmarks.soak_aws import POLICY, REGION, registrar_toml
 from station.flash import FirmwareBundle
 from station.identity import CRASH_ENV
 from station.sim import PluggedBoard, Rig
+from tests.eventlog import event_log
 from tests.registrar.awsproxy import AwsProxy
 
 STATION = "line-1"
@@ -213,13 +214,7 @@ keep_private_keys = {json.dumps(self.keep_private_keys)}
 
     def events(self, kind: str) -> list[dict[str, Any]]:
         """The station's event log (state/events.jsonl) lines of one kind."""
-        path = self.state / "events.jsonl"
-        if not path.exists():
-            return []
-        lines = path.read_text().splitlines()
-        # the last line may be half written while the station runs
-        events = [json.loads(x) for x in lines if x.endswith("}")]
-        return [e for e in events if e["kind"] == kind]
+        return event_log(self.state / "events.jsonl", kind)
 
     def log_count(self, text: str) -> int:
         """How often `text` occurs in the station's log (state/station.log)."""

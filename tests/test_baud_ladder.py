@@ -21,6 +21,7 @@ import pytest
 
 from station.daemon import EXIT_OK
 from station.sim import Rig
+from tests.eventlog import event_log
 from tests.test_bad_inputs import RUN_TIMEOUT, Site
 
 pytestmark = pytest.mark.timeout(240)
@@ -34,10 +35,7 @@ def rig(site: Site) -> Iterator[Rig]:
 
 
 def events(site: Site) -> list[dict[str, Any]]:
-    path = site.state / "events.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return event_log(site.state / "events.jsonl")
 
 
 def wait_for(proc: subprocess.Popen[bytes], what: str, check: Any, timeout: float = 60) -> None:

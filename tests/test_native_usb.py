@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from station.flash import EsptoolFlasher, load_firmware
 from station.parts import Region
 from station.ports import NativeUsb
 from station.sim import Faults, PluggedBoard, Rig
+from tests.eventlog import event_log
 from tests.test_multichip import write_config as multichip_config
 from tests.test_station import Line, load_config
 
@@ -229,8 +229,7 @@ def test_a_done_board_known_by_its_usb_serial_number_is_skipped_without_a_connec
         events = tmp_path / "state" / "events.jsonl"
 
         def logged(kind: str) -> list[dict[str, Any]]:
-            lines = events.read_text().splitlines() if events.exists() else []
-            return [e for e in map(json.loads, lines) if e["kind"] == kind]
+            return event_log(events, kind)
 
         async def until(what: str, check: Callable[[], bool]) -> None:
             deadline = time.monotonic() + 60
@@ -283,8 +282,7 @@ def test_boards_that_vanish_during_their_watchdog_reset_are_done_once(
     events = tmp_path / "state" / "events.jsonl"
 
     def finished_jobs() -> list[dict[str, Any]]:
-        lines = events.read_text().splitlines() if events.exists() else []
-        return [e for e in map(json.loads, lines) if e["kind"] == "JobFinished"]
+        return event_log(events, "JobFinished")
 
     with Rig(tmp_path / "rig", seed=12, throttle=False, flash_timing=False,
              reenumerate_gap=(0.2, 0.6), on_event=seen) as rig:
@@ -312,8 +310,7 @@ def test_the_boot_check_is_skipped_on_native_usb_and_says_why(
     events = tmp_path / "state" / "events.jsonl"
 
     def logged(kind: str) -> list[dict[str, Any]]:
-        lines = events.read_text().splitlines() if events.exists() else []
-        return [e for e in map(json.loads, lines) if e["kind"] == kind]
+        return event_log(events, kind)
 
     with Rig(tmp_path / "rig", seed=13, throttle=False, flash_timing=False,
              reenumerate_gap=0.2) as rig:

@@ -23,6 +23,7 @@ from station.demo import make_demo_firmware
 from station.flash import FirmwareBundle, load_firmware
 from station.identity import read_nvs
 from station.sim import Faults, PluggedBoard, Rig
+from tests.eventlog import event_log
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -82,11 +83,7 @@ class Line:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def events(self) -> list[dict[str, Any]]:
-        path = self.state / "events.jsonl"
-        if not path.exists():
-            return []
-        lines = path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.endswith("}")]
+        return event_log(self.state / "events.jsonl")
 
     def until(self, what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
